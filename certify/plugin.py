@@ -1,0 +1,111 @@
+"""The ``pytest --certify`` plugin (registered through the ``pytest11`` entry point).
+
+Every hook is a line or two that delegates to :class:`esper.certification.session.CertifySession`, kept in
+``config.stash``. Nothing here imports torch: an ordinary ``pytest`` run pays nothing for the plugin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from esper.options import add_pytest_option
+
+if TYPE_CHECKING:
+    from esper.certification.session import CertifySession
+
+SESSION = pytest.StashKey["CertifySession"]()
+PREFIX = "certify-"
+DEFAULT_BUILD_DIR = Path(".esper") / "certify"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("esper-certify", "Esper certification (pytest --certify)")
+    group.addoption("--certify", action="store_true", help="generate and run one certification module per blueprint")
+    for key in ("urza", "blueprints", "budget_profile", "device"):
+        add_pytest_option(group, key, PREFIX)
+    group.addoption(
+        "--certify-build-dir",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help=f"where generated modules and the summary go (default: {DEFAULT_BUILD_DIR} in the project)",
+    )
+    group.addoption(
+        "--certify-recheck",
+        action="store_true",
+        help="run every check again, even for entries already certified with the same content hash",
+    )
+
+
+def _session(config: pytest.Config) -> CertifySession:
+    if SESSION not in config.stash:
+        from esper.certification.session import CertifySession
+        from esper.settings import SettingsError, resolve
+
+        try:
+            settings = resolve(
+                urza=config.getoption("certify_urza"),
+                blueprint_paths=config.getoption("certify_blueprints"),
+                budget_profile=config.getoption("certify_budget_profile"),
+                root=config.rootpath,
+            )
+        except SettingsError as e:
+            raise pytest.UsageError(str(e)) from e
+        build_dir = config.getoption("certify_build_dir") or settings.root / DEFAULT_BUILD_DIR
+        config.stash[SESSION] = CertifySession(
+            settings=settings,
+            build_dir=Path(build_dir).resolve(),
+            enabled=config.getoption("certify"),
+            recheck=config.getoption("certify_recheck"),
+            device=config.getoption("certify_device") or "cpu",
+        )
+    return config.stash[SESSION]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "esper_certify(name): a generated certification test of blueprint NAME")
+    if not config.getoption("certify"):
+        return
+    session = _session(config)
+    session.generate()
+    # Without explicit paths, a certify run runs the certification modules only.
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args[:] = [str(session.build_dir)]
+    elif str(session.build_dir) not in config.args:
+        config.args.append(str(session.build_dir))
+    # Save every run's benchmark JSON where `pytest-benchmark compare` and --benchmark-compare find it.
+    if hasattr(config.option, "benchmark_autosave") and not (
+        config.option.benchmark_save or config.option.benchmark_json
+    ):
+        config.option.benchmark_autosave = True
+
+
+@pytest.fixture(scope="module")
+def certification(request: pytest.FixtureRequest) -> Any:
+    """The :class:`~esper.certification.run.BlueprintCertification` of the requesting generated module."""
+    return _session(request.config).certification(request.module.BLUEPRINT, request.module.SOURCE)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    name = getattr(getattr(item, "module", None), "BLUEPRINT", None)
+    if name and SESSION in item.config.stash and (report.when == "call" or not report.passed):
+        message = call.excinfo.exconly() if call.excinfo else report.longreprtext
+        check = getattr(item, "originalname", item.name).removeprefix("test_")
+        item.config.stash[SESSION].record(name, check, report.outcome, message)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    session = config.stash.get(SESSION, None)
+    if session is None or not (session.runs or session.errors):
+        return
+    path = session.write_summary()
+    terminalreporter.section("Esper certification")
+    terminalreporter.write_line(session.summary_table())
+    terminalreporter.write_line(f"(summary written to {path})")

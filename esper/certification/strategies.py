@@ -1,0 +1,88 @@
+"""Hypothesis strategies over a blueprint's guards: shapes inside the ranges, and input values.
+
+Values are described by a small :class:`~esper.inputs.Regime` (scale, zeros, seed) that hypothesis draws
+and shrinks; :func:`esper.inputs.make_inputs` turns it into tensors with a seeded torch generator. Drawing
+whole tensors element by element through hypothesis would be slow and shrink badly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from esper.inputs import Regime
+
+Ranges = Mapping[str, tuple[int, int]]
+
+PROFILE_ENV = "ESPER_HYPOTHESIS_PROFILE"
+settings.register_profile(
+    "esper-ci",
+    max_examples=20,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "esper-local",
+    max_examples=60,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def hypothesis_settings() -> settings:
+    """``esper-ci`` (derandomized, no deadline) under CI or when chosen by ``ESPER_HYPOTHESIS_PROFILE``;
+    otherwise ``esper-local``, which explores more."""
+    name = os.environ.get(PROFILE_ENV) or ("esper-ci" if os.environ.get("CI") else "esper-local")
+    return settings.get_profile(name)
+
+
+def _largest_prime_between(lo: int, hi: int) -> int | None:
+    for n in range(hi - 1, lo, -1):
+        if n > 2 and all(n % d for d in range(2, int(n**0.5) + 1)):
+            return n
+    return None
+
+
+def edge_sizes(ranges: Ranges) -> list[dict[str, int]]:
+    """Shapes that must always be tried: every dim at its min, every dim at its max, and every dim at a
+    prime strictly inside its range (an odd size where no prime fits), then min/max mixed."""
+    if not ranges:
+        return [{}]
+    out = [{n: lo for n, (lo, _) in ranges.items()}, {n: hi for n, (_, hi) in ranges.items()}]
+    inner = {}
+    for n, (lo, hi) in ranges.items():
+        odd = next((k for k in range(hi - 1, lo, -1) if k % 2), None)
+        inner[n] = _largest_prime_between(lo, hi) or odd or lo
+    out.append(inner)
+    if len(ranges) > 1:
+        names = list(ranges)
+        out.append({n: (ranges[n][0] if i == 0 else ranges[n][1]) for i, n in enumerate(names)})
+    unique: list[dict[str, int]] = []
+    for sizes in out:
+        if sizes not in unique:
+            unique.append(sizes)
+    return unique
+
+
+def sizes(ranges: Ranges) -> st.SearchStrategy[dict[str, int]]:
+    """A size for every dynamic dim, inside its range."""
+    return st.fixed_dictionaries({n: st.integers(lo, hi) for n, (lo, hi) in ranges.items()})
+
+
+def regimes() -> st.SearchStrategy[Regime]:
+    """Normal magnitudes, tiny and large ones, with no, some or all exact zeros."""
+    return st.builds(
+        Regime,
+        scale=st.sampled_from([1.0, 1e-3, 1e3]),
+        zeros=st.sampled_from(["none", "some", "all"]),
+        seed=st.integers(0, 2**31 - 1),
+    )
+
+
+EDGE_REGIMES = (Regime(), Regime(scale=1e3, zeros="some", seed=1), Regime(zeros="all", seed=2))

@@ -1,0 +1,154 @@
+"""The ``esper`` command: a thin mirror of the library (``esper compile`` -> :class:`Tezzeret`, ``esper urza``
+-> :class:`Urza`). Each command resolves settings, calls one library method, and turns library errors into
+clean CLI errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from esper.blueprint import BlueprintError
+from esper.options import click_option
+from esper.settings import Settings, SettingsError, resolve
+
+
+def _settings(urza: Path | None = None, blueprints: Iterable[Path] = (), budget_profile: str | None = None) -> Settings:
+    try:
+        return resolve(urza=urza, blueprint_paths=blueprints, budget_profile=budget_profile)
+    except SettingsError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _open_urza(path: Path, *, readonly: bool) -> Any:
+    from esper.urza import Urza, UrzaError
+
+    try:
+        return Urza(path, readonly=readonly)
+    except UrzaError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--json`` / ``--nl`` / table, shared by every listing command (the command returns rows)."""
+
+    @click.option("--json", "as_json", is_flag=True, help="output a JSON array")
+    @click.option("--nl", is_flag=True, help="output newline-delimited JSON")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, as_json: bool, nl: bool, **kwargs: Any) -> None:
+        rows: list[dict[str, Any]] = fn(*args, **kwargs)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2, default=str))
+        elif nl:
+            for row in rows:
+                click.echo(json.dumps(row, default=str))
+        elif rows:
+            from tabulate import tabulate
+
+            click.echo(tabulate([_flat(r) for r in rows], headers="keys"))
+        else:
+            click.echo("(no entries)")
+
+    return wrapper
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not isinstance(v, dict | list)}
+
+
+@click.group()
+@click.version_option(package_name="esper")
+@click.option("-v", "--verbose", is_flag=True, help="log progress (INFO) to stderr")
+def cli(verbose: bool) -> None:
+    """Esper: compile blueprints ahead of time (Tezzeret), store them (Urza), load them (Kasmina)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@cli.command(name="compile")
+@click.argument("names", nargs=-1)
+@click_option("urza")
+@click_option("blueprints")
+@click_option("device")
+@click.option("--force", is_flag=True, help="compile even when Urza has an entry with the same content hash")
+def compile_cmd(
+    names: tuple[str, ...], urza: Path | None, blueprints: tuple[Path, ...], device: str | None, force: bool
+) -> None:
+    """Compile blueprints (all by default) into Urza with Tezzeret."""
+    from esper.catalog import UnknownBlueprintError, load_catalog, validate_module
+    from esper.tezzeret.compiler import Tezzeret
+
+    settings = _settings(urza, blueprints)
+    catalog = load_catalog(settings.blueprint_paths, strict=False)
+    for err in catalog.errors:
+        click.echo(f"error: {err}", err=True)
+    try:
+        chosen = catalog.select(names)
+        for bp in chosen:
+            validate_module(bp)
+    except (UnknownBlueprintError, BlueprintError) as e:
+        raise click.ClickException(str(e)) from e
+    with _open_urza(settings.urza, readonly=False) as store:
+        tezzeret = Tezzeret(store, device=device or "cpu")
+        for bp in chosen:
+            outcome = tezzeret.compile(bp, force=force)
+            e = outcome.entry
+            what = "reused" if outcome.reused else f"{e.kind} in {outcome.seconds:.1f}s"
+            reason = f" ({e.failure_reason.splitlines()[0]})" if e.failure_reason else ""
+            click.echo(f"{bp.name}: entry #{e.id} {e.status}, {what}{reason}")
+    if catalog.errors:
+        sys.exit(1)
+
+
+@cli.group()
+def urza() -> None:
+    """Inspect the Urza artifact library."""
+
+
+def _summary(entry: Any) -> dict[str, Any]:
+    from esper.evidence import summarize
+
+    return summarize(entry)
+
+
+@urza.command(name="list")
+@click_option("urza")
+@click.option("--blueprint", help="only this blueprint's entries")
+@click.option("--status", type=click.Choice(["compiled", "certified", "rejected", "fallback"]))
+@output_options
+def urza_list(urza: Path | None, blueprint: str | None, status: str | None) -> list[dict[str, Any]]:
+    """List entries, newest first, with their evidence."""
+    with _open_urza(_settings(urza).urza, readonly=True) as store:
+        return [_summary(e) for e in store.entries(blueprint, status=status)]
+
+
+@urza.command(name="show")
+@click.argument("name")
+@click_option("urza")
+@click.option("--json", "as_json", is_flag=True, help="output JSON")
+def urza_show(name: str, urza: Path | None, as_json: bool) -> None:
+    """Show every entry of blueprint NAME (or the entry with id NAME) in full."""
+    from esper.urza import UrzaError
+
+    with _open_urza(_settings(urza).urza, readonly=True) as store:
+        try:
+            entries = [store.get(int(name))] if name.isdigit() else store.entries(name)
+        except UrzaError as e:
+            raise click.ClickException(str(e)) from e
+        if not entries:
+            raise click.ClickException(f"Urza has no entry for {name!r}")
+        full = [e.to_dict() for e in entries]
+    if as_json:
+        click.echo(json.dumps(full, indent=2, default=str))
+        return
+    for row in full:
+        click.echo(json.dumps(row, indent=2, default=str))
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,196 @@
+"""Kasmina: loads certified artifacts from Urza into kernels, without compiling anything.
+
+Everything Kasmina loads is native code, so the order is fixed: choose a certified entry built for this
+process's compatibility key, verify the artifact's size and sha256 against the row, only then load it, and
+pre-warm it once. Any step that fails yields an eager kernel and a WARNING naming the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from esper import compat
+from esper.catalog import Catalog, load_catalog
+from esper.kasmina import telemetry
+from esper.kasmina.kernel import Kernel
+from esper.kasmina.runtime import CompiledPackage, PackageLoadError
+from esper.settings import resolve
+from esper.urza import ArtifactError, Entry, Urza, UrzaError
+from esper.weights import load_state
+
+
+class Unusable(Exception):
+    """Why the compiled path cannot be used: a telemetry reason code and a detail."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def choose_entry(entries: Sequence[Entry], key: compat.CompatKey) -> Entry:
+    """The newest certified compiled entry built for ``key``; :class:`Unusable` says why there is none.
+
+    ``entries`` are one blueprint's, newest first.
+    """
+    certified = [e for e in entries if e.status == "certified" and e.kind == "aoti"]
+    if not certified:
+        if not entries:
+            raise Unusable(telemetry.NO_CERTIFIED_ENTRY, "Urza has no entry for it")
+        latest = entries[0]
+        why = f": {latest.failure_reason}" if latest.failure_reason else ""
+        raise Unusable(
+            telemetry.NO_CERTIFIED_ENTRY, f"no certified entry (newest is #{latest.id}, {latest.status}{why})"
+        )
+    for e in certified:
+        if key.mismatch(e.compat) is None:
+            return e
+    newest = certified[0]
+    raise Unusable(
+        telemetry.INCOMPATIBLE, f"certified entry #{newest.id} is incompatible: {key.mismatch(newest.compat)}"
+    )
+
+
+class Kasmina:
+    """The runtime loader. ``Kasmina(urza_path).load(name)`` returns a :class:`Kernel`.
+
+    ``urza`` defaults to the resolved setting (``ESPER_URZA`` or ``.esper/urza.db``). The catalog (for
+    rebuilding the eager module) is read from ``blueprint_paths`` (default: the project's setting), only
+    when an eager module is first needed.
+    """
+
+    def __init__(
+        self,
+        urza: str | Path | None = None,
+        *,
+        blueprint_paths: Iterable[str | Path] | None = None,
+        catalog: Catalog | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        settings = None
+        if urza is None or (blueprint_paths is None and catalog is None):
+            settings = resolve(urza=urza)
+        self.urza_path = Path(urza) if urza is not None else settings.urza  # type: ignore[union-attr]
+        self._blueprint_paths = (
+            [Path(p) for p in blueprint_paths]
+            if blueprint_paths is not None
+            else list(settings.blueprint_paths)
+            if settings is not None
+            else []
+        )
+        self._catalog = catalog
+        self.device = torch.device(device)
+        self.key = compat.current(self.device)
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = load_catalog(self._blueprint_paths, strict=False)
+        return self._catalog
+
+    def load(self, name: str) -> Kernel:
+        """A kernel for blueprint ``name``: compiled if a usable certified entry exists, else eager."""
+        return self._load(name, lambda entries: choose_entry(entries, self.key))
+
+    def load_entry(self, name: str, entry_id: int) -> Kernel:
+        """A kernel for one specific entry of ``name``, whatever its status (certification tests an entry
+        before it is certified, through exactly the path :meth:`load` uses). Compatibility still applies."""
+
+        def pick(entries: list[Entry]) -> Entry:
+            entry = next((e for e in entries if e.id == entry_id), None)
+            if entry is None or entry.kind != "aoti":
+                raise Unusable(telemetry.NO_CERTIFIED_ENTRY, f"entry #{entry_id} is not a compiled entry of {name!r}")
+            mismatch = self.key.mismatch(entry.compat)
+            if mismatch:
+                raise Unusable(telemetry.INCOMPATIBLE, f"entry #{entry_id} is incompatible: {mismatch}")
+            return entry
+
+        return self._load(name, pick)
+
+    def _load(self, name: str, pick: Callable[[list[Entry]], Entry]) -> Kernel:
+        started = time.perf_counter()
+        entries: list[Entry] = []
+        entry: Entry | None = None
+        try:
+            urza = self._open()
+            try:
+                entries = urza.entries(name)
+                entry = pick(entries)
+                path = self._verified(urza, entry)
+            finally:
+                urza.close()
+            if entry.guards is None:
+                raise Unusable(telemetry.INTEGRITY, f"entry #{entry.id} has no guard schema")
+            package = self._load_package(path)
+            self._prewarm(package, entry)
+        except Unusable as u:
+            telemetry.fallback(name, u.code, u.detail)
+            weights = next((e for e in entries if e.kind == "eager"), None)
+            return Kernel(name, eager_factory=lambda: self._eager_module(name, weights), entry=entry, reason=u.detail)
+        telemetry.loaded(name, entry.id, time.perf_counter() - started)
+        return Kernel(
+            name,
+            eager_factory=lambda: self._eager_module(name, None),
+            package=package,
+            guards=entry.guards,
+            entry=entry,
+            reason=f"certified entry #{entry.id}",
+        )
+
+    def _open(self) -> Urza:
+        try:
+            return Urza(self.urza_path, readonly=True)
+        except UrzaError as e:
+            raise Unusable(telemetry.URZA_UNAVAILABLE, str(e)) from e
+
+    @staticmethod
+    def _verified(urza: Urza, entry: Entry) -> Path:
+        try:
+            return urza.store.verify(entry.checksum, entry.artifact_size)
+        except ArtifactError as e:
+            raise Unusable(telemetry.INTEGRITY, f"entry #{entry.id}: {e}") from e
+
+    def _load_package(self, path: Path) -> CompiledPackage:
+        index = -1 if self.device.type == "cpu" else (self.device.index or 0)
+        try:
+            return CompiledPackage(path, device_index=index)
+        except PackageLoadError as e:
+            raise Unusable(telemetry.LOAD_FAILED, str(e)) from e
+
+    def _prewarm(self, package: CompiledPackage, entry: Entry) -> None:
+        assert entry.guards is not None
+        reps = entry.meta.get("representative") or [{n: lo for n, (lo, _) in entry.guards.dim_ranges().items()}]
+        shapes = entry.guards.shapes(reps[0])
+        args = [
+            torch.zeros(s, dtype=getattr(torch, g.dtype), device=self.device)
+            for s, g in zip(shapes, entry.guards.inputs, strict=True)
+        ]
+        try:
+            package(args)
+        except Exception as e:
+            raise Unusable(telemetry.LOAD_FAILED, f"pre-warm of entry #{entry.id} failed: {e}") from e
+
+    def _eager_module(self, name: str, weights: Entry | None) -> torch.nn.Module:
+        """The builder's module; with a fallback entry's stored weights when it is the same blueprint version.
+
+        Stored weights are read only after the store vouches for them; if it cannot, the builder's own
+        (seeded, so identical for an unchanged blueprint) weights stay.
+        """
+        bp = self.catalog.get(name)
+        module = bp.build().to(self.device).eval()
+        if weights is not None and weights.blueprint_version == bp.version:
+            try:
+                with Urza(self.urza_path, readonly=True) as urza:
+                    state = load_state(urza.store.verify(weights.checksum, weights.artifact_size))
+                module.load_state_dict(state)
+            except (UrzaError, ArtifactError, RuntimeError) as e:
+                telemetry.fallback(
+                    name,
+                    telemetry.INTEGRITY,
+                    f"stored weights of entry #{weights.id} unusable ({e}); using the builder's weights",
+                )
+        return module

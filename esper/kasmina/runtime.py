@@ -1,0 +1,56 @@
+"""The one place that touches torch's private package loader.
+
+torch's public loader for AOT-compiled ``.pt2`` packages imports the whole compiler stack (about a second,
+and a training node must not carry it). The C++ loader underneath, ``torch._C._aoti.AOTIModelPackageLoader``,
+loads the package in milliseconds without it. Its positional signature is
+``(path, model_name, run_single_threaded, num_runners, device_index)``; tests/test_runtime.py pins the
+behaviour this wrapper relies on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+class PackageLoadError(RuntimeError):
+    """The package could not be loaded by the C++ loader."""
+
+
+class CompiledPackage:
+    """A loaded ``.pt2`` package: call it with positional tensors, get the module's output structure back.
+
+    One runner executes one call at a time; calls from several threads are serialized by a lock rather
+    than trusting the runner pool's own locking.
+    """
+
+    def __init__(self, path: str | Path, *, device_index: int = -1, num_runners: int = 1):
+        try:
+            self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, num_runners, device_index)
+        except Exception as e:
+            raise PackageLoadError(f"{type(e).__name__}: {e}") from e
+        _, out_spec = self._loader.get_call_spec()
+        self._out_spec = pytree.treespec_loads(out_spec)
+        self._lock = threading.Lock()
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._loader.get_metadata())
+
+    def constant_names(self) -> list[str]:
+        """Fully qualified names of the package's constants (its weights and buffers)."""
+        return list(self._loader.get_constant_fqns())
+
+    def load_constants(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the package's constants (all of them) without recompiling."""
+        with self._lock:
+            self._loader.load_constants(tensors, False, True)
+
+    def __call__(self, args: Sequence[torch.Tensor]) -> Any:
+        with self._lock:
+            flat = self._loader.run(list(args))
+        return pytree.tree_unflatten(flat, self._out_spec)

@@ -1,0 +1,40 @@
+"""Kasmina's telemetry: one WARNING per distinct fallback, on logger ``esper.kasmina``.
+
+Each record carries ``record.esper`` (a dict: event, blueprint, reason code, detail) for machine consumers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("esper.kasmina")
+
+# Why a kernel (or one call) runs eager. The codes are stable; the detail text is for people.
+NO_CERTIFIED_ENTRY = "no-certified-entry"
+INCOMPATIBLE = "incompatible"
+INTEGRITY = "integrity"
+LOAD_FAILED = "load-failed"
+OUTSIDE_GUARDS = "outside-guards"
+URZA_UNAVAILABLE = "urza-unavailable"
+NEEDS_GRAD = "needs-grad"
+
+
+def fallback(blueprint: str, code: str, detail: str) -> None:
+    """Emit the WARNING that says ``blueprint`` runs eager, and why."""
+    log.warning(
+        "blueprint %r runs eager (%s): %s",
+        blueprint,
+        code,
+        detail,
+        extra={"esper": {"event": "fallback", "blueprint": blueprint, "reason": code, "detail": detail}},
+    )
+
+
+def loaded(blueprint: str, entry_id: int | None, seconds: float) -> None:
+    log.info(
+        "blueprint %r runs compiled (Urza entry #%s, ready in %.1f ms)",
+        blueprint,
+        entry_id,
+        seconds * 1e3,
+        extra={"esper": {"event": "loaded", "blueprint": blueprint, "entry": entry_id, "seconds": seconds}},
+    )

@@ -1,0 +1,107 @@
+"""Option definitions shared by the ``esper`` CLI and the ``pytest --certify`` plugin, so the two never drift.
+
+Each option has one validator that raises a clear error; :func:`click_option` and :func:`add_pytest_option`
+turn a definition into the flag each front end needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from esper.budgets import PROFILES
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"blueprint folder {value!r} does not exist")
+    return path
+
+
+def _urza_path(value: str) -> Path:
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a folder; give the database file (e.g. {value}/urza.db)")
+    return path
+
+
+def _budget_profile(value: str) -> str:
+    if value not in PROFILES:
+        raise argparse.ArgumentTypeError(f"unknown budget profile {value!r} (known: {', '.join(sorted(PROFILES))})")
+    return value
+
+
+def _device(value: str) -> str:
+    if value != "cpu" and not value.startswith("cuda"):
+        raise argparse.ArgumentTypeError(f"device {value!r} must be 'cpu' or 'cuda[:N]'")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    help: str
+    parse: Callable[[str], Any]
+    metavar: str
+    multiple: bool = False
+
+
+OPTIONS = {
+    "urza": Option(
+        "urza",
+        "Urza database path (default: $ESPER_URZA, [tool.esper] urza, .esper/urza.db)",
+        _urza_path,
+        "PATH",
+    ),
+    "blueprints": Option(
+        "blueprints",
+        "an extra blueprint folder (repeatable; added to [tool.esper] blueprint-paths)",
+        _existing_dir,
+        "DIR",
+        multiple=True,
+    ),
+    "budget_profile": Option(
+        "budget-profile",
+        f"budget profile for this machine class ({', '.join(sorted(PROFILES))})",
+        _budget_profile,
+        "NAME",
+    ),
+    "device": Option("device", "device to compile for: cpu or cuda[:N] (default cpu)", _device, "DEVICE"),
+}
+
+
+def click_option(key: str) -> Callable[[Any], Any]:
+    """The ``--NAME`` click option for ``OPTIONS[key]``."""
+    opt = OPTIONS[key]
+
+    def convert(ctx: click.Context | None, param: click.Parameter, value: Any) -> Any:
+        try:
+            if opt.multiple:
+                return tuple(opt.parse(v) for v in value)
+            return None if value is None else opt.parse(value)
+        except argparse.ArgumentTypeError as e:
+            raise click.BadParameter(str(e)) from e
+
+    return click.option(
+        f"--{opt.name}", key, help=opt.help, metavar=opt.metavar, multiple=opt.multiple, callback=convert
+    )
+
+
+def add_pytest_option(group: Any, key: str, prefix: str) -> None:
+    """Add ``--{prefix}{NAME}`` for ``OPTIONS[key]`` to a pytest option group."""
+    opt = OPTIONS[key]
+    group.addoption(
+        f"--{prefix}{opt.name}",
+        dest=f"{prefix.replace('-', '_')}{key}",
+        type=opt.parse,
+        metavar=opt.metavar,
+        help=opt.help,
+        action="append" if opt.multiple else "store",
+        default=[] if opt.multiple else None,
+    )
