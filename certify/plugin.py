@@ -59,7 +59,9 @@ def _session(config: pytest.Config) -> CertifySession:
             settings=settings,
             build_dir=Path(build_dir).resolve(),
             enabled=config.getoption("certify"),
-            recheck=config.getoption("certify_recheck"),
+            # Running a generated module directly means "run these checks": only a --certify run skips
+            # entries certified already with the same content hash.
+            recheck=config.getoption("certify_recheck") or not config.getoption("certify"),
             device=config.getoption("certify_device") or "cpu",
         )
     return config.stash[SESSION]

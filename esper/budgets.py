@@ -26,7 +26,7 @@ class BudgetProfile:
 PROFILES = {
     p.name: p
     for p in (
-        BudgetProfile("cpu-2core", 1.0, 1.25, "2-core x86-64 CPU (CI, the reference class)"),
+        BudgetProfile("cpu-2core", 1.0, 1.5, "2-core x86-64 CPU (CI, the reference class)"),
         BudgetProfile("cpu-workstation", 0.5, 1.25, "8+ core x86-64 CPU"),
         BudgetProfile("cuda", 0.25, 1.25, "one data-centre GPU"),
         BudgetProfile("lenient", 4.0, 2.0, "noisy shared machines: catches only gross regressions"),

@@ -59,7 +59,12 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if not isinstance(v, dict | list)}
+    """Table cells: per-shape dicts become "a/b/c" in representative order."""
+    return {
+        k: "/".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in v.values()) if isinstance(v, dict) else v
+        for k, v in row.items()
+        if not isinstance(v, list)
+    }
 
 
 @click.group()

@@ -14,8 +14,11 @@ from esper.urza.schema import Entry
 
 
 def latency_table(entry: Entry) -> dict[str, dict[str, dict[str, float]]]:
-    """``{label: {"compiled": {"p50_ms", "p95_ms"}, "eager": {...}}}`` from the best available source."""
-    return entry.performance.get("certify") or entry.performance.get("tezzeret") or {}
+    """``{label: {"compiled": {"p50_ms", "p95_ms"}, "eager": {...}}}`` from the best available source, in the
+    blueprint's representative order (JSON columns come back with sorted keys)."""
+    table = entry.performance.get("certify") or entry.performance.get("tezzeret") or {}
+    order = [",".join(f"{k}={v}" for k, v in r.items()) or "static" for r in entry.meta.get("representative", [])]
+    return {label: table[label] for label in sorted(table, key=lambda k: order.index(k) if k in order else len(order))}
 
 
 def _geomean(values: list[float]) -> float | None:

@@ -208,15 +208,13 @@ class BlueprintCertification:
     # -- 5. budgets --------------------------------------------------------------------------------
 
     def figures(self) -> dict[str, budgets.Figures]:
-        out = {}
+        """Figures at every representative shape; fails if a shape lacks either path's measurement."""
+        measured = self._measured()
         for label in self.labels():
-            got = self.latency.get(label, {})
-            if COMPILED not in got or EAGER not in got:
-                missing = [p for p in (COMPILED, EAGER) if p not in got]
+            if label not in measured:
+                missing = [p for p in (COMPILED, EAGER) if p not in self.latency.get(label, {})]
                 pytest.fail(f"latency at {label} was not measured for {missing} (deselected or failed)")
-            c, e = got[COMPILED], got[EAGER]
-            out[label] = budgets.Figures(c["p50_ms"], c["p95_ms"], e["p50_ms"], e["p95_ms"])
-        return out
+        return measured
 
     def check_budgets(self) -> None:
         """Measured figures against the blueprint's budget on this budget profile."""
@@ -236,43 +234,48 @@ class BlueprintCertification:
         missing = [c for c in CHECKS[:-1] if self.outcomes.get(c, Outcome(c, "not run")).outcome != "passed"]
         if missing:
             pytest.fail(f"not certified: checks {missing} did not pass in this session (deselected or skipped)")
-        figures = self.figures()
-        p95_limits, max_ratio = budgets.limits(self.bp.budget, self.profile)
-        performance = {
-            **entry.performance,
-            "certify": {label: {**self.latency[label], "ratio": f.ratio} for label, f in figures.items()},
-        }
-        parity = {
-            **entry.parity,
-            "certify": {
-                "cases": self.parity.cases,
-                "max_abs": self.parity.max_abs,
-                "max_rel": self.parity.max_rel,
-                "tolerance": {"atol": self.bp.tolerance.atol, "rtol": self.bp.tolerance.rtol},
-                "guards_refused": self.guards_refused,
-            },
-        }
-        meta = {
-            **entry.meta,
-            "certification": {
-                "certified_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "budget_profile": self.profile.name,
-                "limits": {"p95_ms": p95_limits, "max_ratio": max_ratio},
-                "context": machine_context(),
-            },
-        }
         with Urza(self.urza_path) as urza:
             self.entry = urza.update(
-                entry.id,
+                entry.id,  # type: ignore[arg-type]
                 status="certified",
-                parity=parity,
-                performance=performance,  # type: ignore[arg-type]
-                meta=meta,
                 failure_reason=None,
                 failed_check=None,
+                **self.evidence(entry, self.figures()),
             )
         self.status = "certified"
         return self.entry
+
+    def evidence(self, entry: Entry, figures: Mapping[str, budgets.Figures]) -> dict[str, Any]:
+        """The entry's parity, performance and meta columns with this session's evidence added."""
+        p95_limits, max_ratio = budgets.limits(self.bp.budget, self.profile)
+        latency = {label: {**self.latency[label], "ratio": f.ratio} for label, f in figures.items()}
+        parity = {
+            "cases": self.parity.cases,
+            "max_abs": self.parity.max_abs,
+            "max_rel": self.parity.max_rel,
+            "tolerance": {"atol": self.bp.tolerance.atol, "rtol": self.bp.tolerance.rtol},
+            "guards_refused": self.guards_refused,
+        }
+        certification = {
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "budget_profile": self.profile.name,
+            "limits": {"p95_ms": p95_limits, "max_ratio": max_ratio},
+            "context": machine_context(),
+        }
+        return {
+            "parity": {**entry.parity, "certify": parity} if self.parity.cases else entry.parity,
+            "performance": {**entry.performance, "certify": latency} if latency else entry.performance,
+            "meta": {**entry.meta, "certification": certification},
+        }
+
+    def _measured(self) -> dict[str, budgets.Figures]:
+        """Figures for the shapes where both paths were measured (what a rejected entry keeps)."""
+        out = {}
+        for label, got in self.latency.items():
+            if COMPILED in got and EAGER in got:
+                c, e = got[COMPILED], got[EAGER]
+                out[label] = budgets.Figures(c["p50_ms"], c["p95_ms"], e["p50_ms"], e["p95_ms"])
+        return out
 
     def record(self, outcome: Outcome) -> None:
         """Note a test's outcome; a failed check rejects the entry at once, with the check and the reason.
@@ -287,10 +290,11 @@ class BlueprintCertification:
             return
         with Urza(self.urza_path) as urza:
             self.entry = urza.update(
-                self.entry.id,
+                self.entry.id,  # type: ignore[arg-type]
                 status="rejected",
-                failed_check=outcome.check,  # type: ignore[arg-type]
+                failed_check=outcome.check,
                 failure_reason=outcome.message[:4000],
+                **self.evidence(self.entry, self._measured()),
             )
         self.status = "rejected"
 

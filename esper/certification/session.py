@@ -112,7 +112,15 @@ class CertifySession:
         for name in sorted(self.runs):
             run = self.runs[name]
             if run.entry is None:
-                rows.append({"blueprint": name, "status": "error", "entry": None})
+                failed = next((o for o in run.outcomes.values() if o.outcome == "failed"), None)
+                rows.append(
+                    {
+                        "blueprint": name,
+                        "status": "error",
+                        "entry": None,
+                        "reason": failed.message if failed else "not compiled",
+                    }
+                )
                 continue
             s = evidence.summarize(run.entry)
             status = run.entry.status + (" (reused)" if run.reused and run.skip_reason else "")
