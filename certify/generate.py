@@ -41,6 +41,7 @@ from esper.inputs import Regime
 BLUEPRINT = {name!r}
 SOURCE = {source!r}
 RANGES = {ranges!r}
+# Always tried: every dim at its min, at its max, at a prime inside its range (then min/max mixed).
 EDGES = {edges!r}
 REPRESENTATIVE = {labels!r}
 

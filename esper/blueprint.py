@@ -180,9 +180,8 @@ class Blueprint:
         dims: dict[str, Dim] = {}
         for i in inputs:
             for d in i.shape:
-                if isinstance(d, Dim):
-                    if dims.setdefault(d.name, d) != d:
-                        raise fail("inputs", f"dim {d.name!r} declared with two ranges: {dims[d.name]!r}, {d!r}")
+                if isinstance(d, Dim) and dims.setdefault(d.name, d) != d:
+                    raise fail("inputs", f"dim {d.name!r} declared with two ranges: {dims[d.name]!r}, {d!r}")
         if not isinstance(self.tolerance, Tolerance):
             raise fail("tolerance", "must be a Tolerance")
         if not isinstance(self.budget, Budget):

@@ -10,7 +10,7 @@ import pytest
 from esper.blueprint import Blueprint, BlueprintError, Budget, Dim, Input, Tolerance
 from esper.catalog import UnknownBlueprintError, load_catalog, load_file, validate_module
 
-GOOD = '''
+GOOD = """
 import torch
 from esper.blueprint import Blueprint, Dim, Input, seeded
 
@@ -23,7 +23,7 @@ def build():
     inputs=(Input("x", "float32", (Dim("batch", 1, 16), {features})),),
     representative=({{"batch": 4}},),
 )
-'''
+"""
 
 
 def write(folder: Path, filename: str, text: str) -> Path:
@@ -86,8 +86,10 @@ def test_other_field_validators(bad: type) -> None:
 
 
 def test_shapes_and_labels() -> None:
-    bp = declare(inputs=(Input("x", "float32", (Dim("batch", 1, 8), Dim("seq", 2, 9), 4)),),
-                 representative=({"batch": 2, "seq": 3},))
+    bp = declare(
+        inputs=(Input("x", "float32", (Dim("batch", 1, 8), Dim("seq", 2, 9), 4)),),
+        representative=({"batch": 2, "seq": 3},),
+    )
     assert bp.shapes({"batch": 5, "seq": 7}) == {"x": (5, 7, 4)}
     assert Blueprint.shape_label({"batch": 5, "seq": 7}) == "batch=5,seq=7"
     assert list(bp.dims) == ["batch", "seq"]
@@ -103,7 +105,7 @@ def test_file_that_raises_names_the_file_and_the_rest_still_load(tmp_path: Path)
     write(tmp_path, "a_good.py", good("alpha"))
     bad = write(tmp_path, "b_bad.py", "raise RuntimeError('boom')\n")
     write(tmp_path, "_helper.py", "raise RuntimeError('never imported')\n")
-    with pytest.raises(BlueprintError, match="b_bad.py.*raised on import: RuntimeError: boom"):
+    with pytest.raises(BlueprintError, match=r"b_bad.py.*raised on import: RuntimeError: boom"):
         load_catalog([tmp_path])
     catalog = load_catalog([tmp_path], strict=False)
     assert list(catalog.blueprints) == ["alpha"]
@@ -142,7 +144,7 @@ def test_dim_not_matching_module_fails_before_compiling(tmp_path: Path) -> None:
 def test_nondeterministic_builder_is_refused(tmp_path: Path) -> None:
     write(tmp_path, "lin.py", good().replace("with seeded(0):\n        return", "if True:\n        return"))
     (bp,) = load_catalog([tmp_path]).blueprints.values()
-    with pytest.raises(BlueprintError, match="field 'build'.*not deterministic"):
+    with pytest.raises(BlueprintError, match=r"field 'build'.*not deterministic"):
         validate_module(bp)
 
 

@@ -11,8 +11,9 @@ from esper.guards import DimGuard, GuardSchema, InputGuard, SchemaVersionError, 
 
 SCHEMA = GuardSchema(
     inputs=(
-        InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=8), DimGuard(name="seq", min=2, max=6),
-                                    DimGuard(size=4))),
+        InputGuard(
+            "x", "float32", (DimGuard(name="batch", min=1, max=8), DimGuard(name="seq", min=2, max=6), DimGuard(size=4))
+        ),
         InputGuard("mask", "bool", (DimGuard(name="batch", min=1, max=8), DimGuard(name="seq", min=2, max=6))),
     )
 )
@@ -22,8 +23,11 @@ CHECK = compile_check(SCHEMA)
 def allowed(x_shape: tuple[int, ...], m_shape: tuple[int, ...]) -> bool:
     """The schema's meaning, written independently of compile_check."""
     return (
-        len(x_shape) == 3 and len(m_shape) == 2
-        and 1 <= x_shape[0] <= 8 and 2 <= x_shape[1] <= 6 and x_shape[2] == 4
+        len(x_shape) == 3
+        and len(m_shape) == 2
+        and 1 <= x_shape[0] <= 8
+        and 2 <= x_shape[1] <= 6
+        and x_shape[2] == 4
         and m_shape == x_shape[:2]
     )
 

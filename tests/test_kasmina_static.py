@@ -16,8 +16,12 @@ KASMINA = Path(esper.kasmina.__file__).parent
 def test_no_kasmina_module_mentions_the_compiler() -> None:
     files = sorted(KASMINA.rglob("*.py"))
     assert files, "Kasmina has no modules?"
-    hits = [f"{f.name}:{n}: {line.strip()}" for f in files
-            for n, line in enumerate(f.read_text().splitlines(), 1) if FORBIDDEN.search(line)]
+    hits = [
+        f"{f.name}:{n}: {line.strip()}"
+        for f in files
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if FORBIDDEN.search(line)
+    ]
     assert hits == []
 
 
@@ -26,8 +30,10 @@ def test_the_static_check_would_catch_a_mention(tmp_path: Path) -> None:
 
 
 def test_importing_kasmina_imports_no_compiler() -> None:
-    code = ("import sys, esper.kasmina; "
-            "print([m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))])")
+    code = (
+        "import sys, esper.kasmina; "
+        "print([m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

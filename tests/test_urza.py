@@ -23,8 +23,15 @@ def make_entry(urza: Urza, tmp_path: Path, *, name: str = "b", content: bytes = 
     src.write_bytes(content)
     checksum, size = urza.store.add(src)
     fields: dict[str, object] = dict(
-        blueprint=name, blueprint_version=1, content_hash="c" * 64, compat=current(), kind="aoti",
-        status="compiled", checksum=checksum, artifact_size=size, guards=GUARDS,
+        blueprint=name,
+        blueprint_version=1,
+        content_hash="c" * 64,
+        compat=current(),
+        kind="aoti",
+        status="compiled",
+        checksum=checksum,
+        artifact_size=size,
+        guards=GUARDS,
         parity={"representative": {"batch=2": {"max_abs": 0.0, "max_rel": 0.0}}},
         meta={"compile_seconds": 1.5},
     )

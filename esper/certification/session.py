@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from certify.generate import GENERATED_PREFIX, render_broken, render_module
 from esper import evidence
 from esper.blueprint import BlueprintError
 from esper.budgets import PROFILES
 from esper.catalog import load_catalog, load_file, validate_module
-from certify.generate import GENERATED_PREFIX, render_broken, render_module
 from esper.certification.run import BlueprintCertification, Outcome
 from esper.settings import Settings
 

@@ -1,0 +1,144 @@
+"""``pytest --certify`` driven through real pytest runs (pytester): what gets certified, rejected or recorded
+as fallback, and what a generated module does when run alone."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from esper.kasmina import EAGER, Kasmina
+from esper.urza import Urza
+
+from .conftest import BROKEN, TINY
+
+pytestmark = pytest.mark.compiles
+
+FAST_BENCH = [
+    "--benchmark-max-time=0.02",
+    "--benchmark-min-rounds=3",
+    "--benchmark-warmup=off",
+    "-p",
+    "no:cacheprovider",
+]
+
+
+PROJECT_FILES = {
+    "tiny_mlp.py": (TINY / "tiny_mlp.py").read_text(),
+    "tiny_odd.py": (TINY / "tiny_odd.py").read_text(),
+    "not_exportable.py": (BROKEN / "not_exportable.py").read_text(),
+    "tiny_over_budget.py": (TINY / "tiny_mlp.py")
+    .read_text()
+    .replace('name="tiny_mlp"', 'name="tiny_over_budget"')
+    .replace("    description=", '    budget=Budget(p95_ms={"batch=4": 1e-6}),\n    description=')
+    .replace("import Blueprint,", "import Blueprint, Budget,"),
+    "raises.py": "raise ImportError('no such dependency')\n",
+}
+
+
+@pytest.fixture(scope="module")
+def urza_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Urza for the module: the first certify run compiles, later runs reuse (as a user's would)."""
+    return tmp_path_factory.mktemp("shared") / "urza.db"
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, urza_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's project: its own pyproject and blueprints folder (good, wrong, over budget, broken)."""
+    pytester.makepyprojecttoml('[tool.esper]\nblueprint-paths = ["bps"]\n')
+    bps = pytester.mkdir("bps")
+    for name, text in PROJECT_FILES.items():
+        (bps / name).write_text(text)
+    monkeypatch.setenv("ESPER_URZA", str(urza_path))
+    return pytester.path
+
+
+@pytest.fixture
+def certify_run(project: Path, pytester: pytest.Pytester) -> pytest.RunResult:
+    # A subprocess: pytester's in-process mode unloads modules between runs, and torch's operator
+    # registrations cannot be imported twice into one process.
+    return pytester.runpytest_subprocess("--certify", *FAST_BENCH)
+
+
+def entries(urza_path: Path, name: str) -> list:  # type: ignore[type-arg]
+    with Urza(urza_path, readonly=True) as urza:
+        return urza.entries(name)
+
+
+def test_good_blueprint_is_certified_with_evidence(certify_run: pytest.RunResult, urza_path: Path) -> None:
+    (entry,) = entries(urza_path, "tiny_mlp")
+    assert entry.status == "certified", certify_run.outlines[-40:]
+    cert = entry.parity["certify"]
+    assert cert["cases"] >= 9 and cert["max_abs"] <= 1e-5 and cert["guards_refused"] >= 5
+    assert set(entry.performance["certify"]) == {"batch=4", "batch=16"}
+    assert entry.meta["certification"]["budget_profile"] == "cpu-2core"
+
+
+def test_wrong_only_off_the_representative_shapes_is_rejected(certify_run: pytest.RunResult, urza_path: Path) -> None:
+    (entry,) = entries(urza_path, "tiny_odd")
+    # Tezzeret's own check at the representative (even) shapes saw nothing wrong ...
+    assert all(v["max_abs"] == 0.0 for v in entry.parity["representative"].values())
+    # ... the hypothesis/edge shapes did.
+    assert (entry.status, entry.failed_check) == ("rejected", "parity")
+    assert "Tensor-likes are not close" in (entry.failure_reason or "")
+    certify_run.stdout.fnmatch_lines(["FAILED .esper/certify/test_certify_tiny_odd.py::test_parity*"])
+
+
+def test_rejected_blueprint_is_served_eagerly_with_a_warning(
+    certify_run: pytest.RunResult, project: Path, urza_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "esper.kasmina")
+    kernel = Kasmina(urza_path, blueprint_paths=[project / "bps"]).load("tiny_odd")
+    assert kernel.route == EAGER
+    (record,) = [r for r in caplog.records if r.name == "esper.kasmina"]
+    assert "no certified entry" in record.getMessage() and "rejected" in record.getMessage()
+
+
+def test_over_budget_is_rejected_with_the_figure(certify_run: pytest.RunResult, urza_path: Path) -> None:
+    (entry,) = entries(urza_path, "tiny_over_budget")
+    assert (entry.status, entry.failed_check) == ("rejected", "budgets")
+    assert re.search(r"batch=4: compiled p95 ms [\d.e-]+ exceeds the limit 1e-06", entry.failure_reason or "")
+    assert "certify" in entry.performance  # the losing figures are kept
+
+
+def test_unexportable_is_fallback_not_certified(certify_run: pytest.RunResult, urza_path: Path) -> None:
+    (entry,) = entries(urza_path, "not_exportable")
+    assert (entry.kind, entry.status) == ("eager", "fallback")
+    certify_run.stdout.fnmatch_lines(["*not_exportable*fallback*"])
+
+
+def test_broken_file_fails_by_name_and_the_rest_still_certify(certify_run: pytest.RunResult) -> None:
+    certify_run.stdout.fnmatch_lines(["FAILED .esper/certify/test_certify_error_raises.py::test_declaration*"])
+    certify_run.stdout.fnmatch_lines(["*raises.py*raised on import: ImportError: no such dependency*"])
+
+
+def test_exit_code_and_summary(certify_run: pytest.RunResult) -> None:
+    assert certify_run.ret == 1
+    certify_run.stdout.fnmatch_lines(["*Esper certification*", "blueprint*status*compile s*parity*entry*"])
+    certify_run.stdout.fnmatch_lines(["tiny_mlp*certified*"])
+
+
+def test_generated_module_is_deterministic_and_reruns_alone(
+    certify_run: pytest.RunResult, project: Path, urza_path: Path, pytester: pytest.Pytester
+) -> None:
+    module = project / ".esper" / "certify" / "test_certify_tiny_mlp.py"
+    text = module.read_text()
+    assert 'BLUEPRINT = "tiny_mlp"' in text.replace("'", '"') and "x: float32[batch(1..32), 8]" in text
+    alone = pytester.runpytest_subprocess(str(module), *FAST_BENCH)
+    assert alone.ret == 0, alone.outlines[-30:]
+    alone.stdout.fnmatch_lines(["*9 passed*"])
+    again = pytester.runpytest_subprocess("--certify", *FAST_BENCH)
+    assert module.read_text() == text
+    # Nothing changed: nothing is compiled again and certified entries are not re-checked.
+    again.stdout.fnmatch_lines(["tiny_mlp*certified (reused)*"])
+    assert len(entries(urza_path, "tiny_mlp")) == 1 and len(entries(urza_path, "tiny_odd")) == 1
+
+
+def test_plain_pytest_does_not_certify(project: Path, pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    assert not (project / ".esper").exists()
+    assert not any("Esper certification" in line for line in result.outlines)

@@ -1,0 +1,80 @@
+"""The ``esper`` CLI mirrors the library: help everywhere, listings as table/JSON/NL, clean errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from esper.cli import cli
+
+from .conftest import TINY
+
+
+def commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(cmd, click.Group):
+            out += commands(cmd, (*prefix, name))
+    return out
+
+
+@pytest.mark.parametrize("path", commands(cli), ids=" ".join)
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].startswith("Usage:") and any(line.strip() for line in lines[2:4]), result.output
+
+
+@pytest.mark.compiles
+def test_list_and_show(compiled_urza: Path) -> None:
+    runner = CliRunner()
+    table = runner.invoke(cli, ["urza", "list", "--urza", str(compiled_urza)])
+    assert table.exit_code == 0 and "tiny_mlp" in table.output and "certified" in table.output
+    rows = json.loads(runner.invoke(cli, ["urza", "list", "--json", "--urza", str(compiled_urza)]).output)
+    assert [(r["blueprint"], r["status"], r["kind"]) for r in rows] == [("tiny_mlp", "certified", "aoti")]
+    assert set(rows[0]["p50_ms"]) == {"batch=4", "batch=16"}
+    nl = runner.invoke(cli, ["urza", "list", "--nl", "--urza", str(compiled_urza)]).output.splitlines()
+    assert json.loads(nl[0]) == rows[0]
+    shown = json.loads(runner.invoke(cli, ["urza", "show", "tiny_mlp", "--json", "--urza", str(compiled_urza)]).output)
+    assert shown[0]["guards"]["inputs"][0]["dims"][0] == {"name": "batch", "min": 1, "max": 32}
+    assert shown[0]["compat"]["device_type"] == "cpu"
+
+
+@pytest.mark.compiles
+def test_compile_reuses_an_unchanged_blueprint(urza_copy: Path) -> None:
+    result = CliRunner().invoke(cli, ["compile", "tiny_mlp", "--blueprints", str(TINY), "--urza", str(urza_copy)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "tiny_mlp: entry #1 certified, reused"
+
+
+def test_unknown_blueprint_and_missing_entry_are_clean_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["compile", "nope", "--blueprints", str(TINY), "--urza", str(tmp_path / "u.db")])
+    assert result.exit_code == 1 and "unknown blueprint 'nope'" in result.output
+    from esper.urza import Urza
+
+    Urza(tmp_path / "u.db").close()
+    result = runner.invoke(cli, ["urza", "show", "nope", "--urza", str(tmp_path / "u.db")])
+    assert result.exit_code == 1 and "Urza has no entry for 'nope'" in result.output
+
+
+def test_corrupt_database_is_a_clean_error_and_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "urza.db"
+    db.write_bytes(b"garbage" * 64)
+    result = CliRunner().invoke(cli, ["urza", "list", "--urza", str(db)])
+    assert result.exit_code == 1 and "not a usable Urza database" in result.output
+    assert "Traceback" not in result.output
+    assert db.read_bytes() == b"garbage" * 64
+
+
+def test_bad_option_values_are_argparse_style_errors(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["urza", "list", "--urza", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder; give the database file" in result.output
+    result = CliRunner().invoke(cli, ["compile", "--blueprints", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in result.output
