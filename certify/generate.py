@@ -7,7 +7,8 @@ regenerating an unchanged blueprint gives the same file byte for byte.
 from __future__ import annotations
 
 from esper.blueprint import Blueprint, BlueprintError, Dim
-from esper.certification.strategies import EDGE_REGIMES, edge_sizes
+from esper.certification.run import MARGIN, candidate_ids, latency_cases
+from esper.certification.strategies import edge_sizes
 
 GENERATED_PREFIX = "test_certify_"
 
@@ -19,58 +20,67 @@ Re-run alone with:  pytest {module_path}
 What is certified
   inputs          {inputs}
   representative  {representative}
+  profiles        {profiles}
+  variants        {variants}
   tolerance       atol={atol:g}, rtol={rtol:g}
   budget          {budget}
 
-Checks, in order. Urza marks the entry `certified` only if all of them pass, `rejected` at the first failure:
-  test_compile    Tezzeret compiles it (or reuses the entry with the same content hash and compatibility key)
+Checks, in order. Each candidate (a shape profile compiled under a variant) that fails a check is marked
+`rejected` in Urza at once; test_publish certifies, per profile, the fastest candidate that passed everything:
+  test_compile    Tezzeret compiles the candidate (or reuses the entry with the same content hash and compatibility key)
   test_parity     compiled (loaded as Kasmina loads it) == eager within tolerance, on hypothesis-drawn shapes
-                  and values, always including the edge shapes below
+                  and values inside the profile, always including its EDGES
   test_guards     inputs just outside each range, of a wrong dtype, rank or fixed dim run eager, never compiled
-  test_latency    pytest-benchmark, compiled and eager, at each representative shape
-  test_budgets    p95 and compiled/eager ratio within the budget profile's limits
-  test_publish    writes the evidence and the `certified` status to Urza in one transaction
+  test_latency    pytest-benchmark, eager and every candidate, at each representative shape
+  test_select     per profile, the fastest candidate wins if it beats eager by {margin:.0%}; otherwise the
+                  profile is certified to run eager (measured, not a fallback)
+  test_budgets    the chosen routes' p95 and compiled/eager ratio within the budget profile's limits
+  test_publish    winners `certified`, losers `rejected` by selection with their figures, eager routes stored
 """
 
 import pytest
-from hypothesis import example, given
 
 from esper.certification import strategies as cs
-from esper.inputs import Regime
 
 BLUEPRINT = {name!r}
 SOURCE = {source!r}
-RANGES = {ranges!r}
-# Always tried: every dim at its min, at its max, at a prime inside its range (then min/max mixed).
+PROFILES = {profile_ranges!r}
+CANDIDATES = {candidates!r}
+# Always tried, per profile: every dim at its min, at its max, at a prime inside its range (then mixed).
 EDGES = {edges!r}
-REPRESENTATIVE = {labels!r}
+LATENCY = {latency!r}
 
 pytestmark = pytest.mark.esper_certify(BLUEPRINT)
 
 
-def test_compile(certification):
-    certification.compile()
+@pytest.mark.parametrize("candidate", CANDIDATES)
+def test_compile(certification, candidate):
+    certification.compile(candidate)
 
 
-def test_parity(certification):
-    certification.ready()
+@pytest.mark.parametrize("candidate", CANDIDATES)
+def test_parity(certification, candidate):
+    certification.ready(candidate)
+    profile = candidate.split("/")[0]
 
-{examples}    @given(sizes=cs.sizes(RANGES), regime=cs.regimes())
-    @cs.hypothesis_settings()
-    def case(sizes, regime):
-        certification.check_parity(sizes, regime)
+    def check(sizes, regime):
+        certification.check_parity(candidate, sizes, regime)
 
-    case()
-
-
-def test_guards(certification):
-    certification.check_guards()
+    cs.check_cases(check, PROFILES[profile], EDGES[profile])
 
 
-@pytest.mark.parametrize("shape", REPRESENTATIVE)
-@pytest.mark.parametrize("path", ["compiled", "eager"])
+@pytest.mark.parametrize("candidate", CANDIDATES)
+def test_guards(certification, candidate):
+    certification.check_guards(candidate)
+
+
+@pytest.mark.parametrize(("path", "shape"), LATENCY)
 def test_latency(certification, benchmark, path, shape):
     certification.benchmark(benchmark, path, shape)
+
+
+def test_select(certification):
+    certification.select()
 
 
 def test_budgets(certification):
@@ -105,11 +115,7 @@ def _describe_inputs(bp: Blueprint) -> str:
 
 def render_module(bp: Blueprint, source: str, build_dir: str = ".esper/certify") -> str:
     """The test module for ``bp``, declared in ``source`` (a path relative to the project root)."""
-    ranges = {n: (d.min, d.max) for n, d in bp.dims.items()}
-    edges = edge_sizes(ranges)
-    examples = "".join(
-        f"    @example(sizes=EDGES[{k}], regime={regime!r})\n" for k in range(len(edges)) for regime in EDGE_REGIMES
-    )
+    profiles = bp.profiles()
     budget = bp.budget
     budget_text = (
         ", ".join(f"p95 {label} <= {ms:g} ms" for label, ms in budget.p95_ms.items()) or "no p95 limits declared"
@@ -121,13 +127,16 @@ def render_module(bp: Blueprint, source: str, build_dir: str = ".esper/certify")
         module_path=f"{build_dir}/{GENERATED_PREFIX}{bp.name}.py",
         inputs=_describe_inputs(bp),
         representative=", ".join(Blueprint.shape_label(r) for r in bp.representative),
+        profiles=", ".join(profiles),
+        variants=", ".join(bp.variants),
         atol=bp.tolerance.atol,
         rtol=bp.tolerance.rtol,
         budget=budget_text,
-        ranges=ranges,
-        edges=edges,
-        labels=[Blueprint.shape_label(r) for r in bp.representative],
-        examples=examples,
+        margin=MARGIN,
+        profile_ranges=profiles,
+        candidates=candidate_ids(bp),
+        edges={name: edge_sizes(ranges) for name, ranges in profiles.items()},
+        latency=latency_cases(bp),
     )
 
 

@@ -99,7 +99,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if name and SESSION in item.config.stash and (report.when == "call" or not report.passed):
         message = call.excinfo.exconly() if call.excinfo else report.longreprtext
         check = getattr(item, "originalname", item.name).removeprefix("test_")
-        item.config.stash[SESSION].record(name, check, report.outcome, message)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        candidate = params.get("candidate") or (params.get("path") if params.get("path") != "eager" else None)
+        item.config.stash[SESSION].record(name, check, report.outcome, message, candidate)
     return report
 
 

@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from esper.profiles import bucket_problem, contains, profiles
+from esper.variants import DEFAULT_VARIANTS, VARIANTS
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
@@ -152,6 +155,8 @@ class Blueprint:
     representative: tuple[Mapping[str, int], ...]
     tolerance: Tolerance = field(default_factory=Tolerance)
     budget: Budget = field(default_factory=Budget)
+    buckets: Mapping[str, Sequence[tuple[int, int]]] = field(default_factory=dict)
+    variants: Sequence[str] = DEFAULT_VARIANTS
     description: str = ""
     source: str | None = field(default=None, compare=False)
 
@@ -201,6 +206,20 @@ class Blueprint:
         unknown = set(self.budget.p95_ms) - labels
         if unknown:
             raise fail("budget", f"p95_ms names {sorted(unknown)}, representative labels are {sorted(labels)}")
+        object.__setattr__(self, "buckets", {k: tuple(tuple(b) for b in v) for k, v in dict(self.buckets).items()})
+        for dname, buckets in self.buckets.items():
+            if dname not in dims:
+                raise fail("buckets", f"{dname!r} is not a dynamic dim (those are {sorted(dims)})")
+            problem = bucket_problem(dname, dims[dname].min, dims[dname].max, buckets)
+            if problem:
+                raise fail("buckets", problem)
+        object.__setattr__(self, "variants", tuple(self.variants))
+        unknown_variants = [v for v in self.variants if v not in VARIANTS]
+        if unknown_variants or not self.variants:
+            raise fail("variants", f"{unknown_variants or 'none'}: choose from {list(VARIANTS)}")
+        for pname, ranges in self.profiles().items():
+            if not any(contains(ranges, r) for r in reps):
+                raise fail("buckets", f"profile {pname} holds no representative shape to benchmark it with")
 
     @property
     def dims(self) -> dict[str, Dim]:
@@ -211,6 +230,10 @@ class Blueprint:
                 if isinstance(d, Dim):
                     out.setdefault(d.name, d)
         return out
+
+    def profiles(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Shape profiles (name -> dim ranges): one, ``"default"``, unless the blueprint declares buckets."""
+        return profiles({n: (d.min, d.max) for n, d in self.dims.items()}, self.buckets)
 
     def shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         """Concrete shapes of every input for one assignment of the dynamic dims."""

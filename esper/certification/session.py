@@ -7,6 +7,7 @@ test outcomes, and renders the end-of-run summary (terminal table plus ``summary
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from certify.generate import GENERATED_PREFIX, render_broken, render_module
-from esper import evidence
 from esper.blueprint import BlueprintError
 from esper.budgets import PROFILES
 from esper.catalog import load_catalog, load_file, validate_module
 from esper.certification.run import BlueprintCertification, Outcome
+from esper.profiles import contains
 from esper.settings import Settings
+from esper.urza import Urza
 
 
 @dataclass
@@ -96,58 +98,84 @@ class CertifySession:
             )
         return self.runs[name]
 
-    def record(self, name: str, check: str, outcome: str, message: str) -> None:
+    def record(self, name: str, check: str, outcome: str, message: str, candidate: str | None = None) -> None:
         run = self.runs.get(name)
         if run is not None:
-            run.record(Outcome(check, outcome, message))
-
-    @property
-    def rejected(self) -> list[str]:
-        return [n for n, r in self.runs.items() if r.status == "rejected"]
+            run.record(Outcome(check, outcome, message, candidate))
 
     # -- summary -----------------------------------------------------------------------------------
 
     def summary_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for name in sorted(self.runs):
-            run = self.runs[name]
-            if run.entry is None:
-                failed = next((o for o in run.outcomes.values() if o.outcome == "failed"), None)
-                rows.append(
-                    {
-                        "blueprint": name,
-                        "status": "error",
-                        "entry": None,
-                        "reason": failed.message if failed else "not compiled",
-                    }
-                )
-                continue
-            s = evidence.summarize(run.entry)
-            status = run.entry.status + (" (reused)" if run.reused and run.skip_reason else "")
-            rows.append(
-                {
-                    "blueprint": name,
-                    "status": status,
-                    "compile_s": round(run.compile_seconds, 1) if not run.reused and run.compile_seconds else 0.0,
-                    "parity_max_abs": s["parity_max_abs"],
-                    "cases": s["cases"],
-                    "p50_ms": s["p50_ms"],
-                    "p95_ms": s["p95_ms"],
-                    "eager_p50_ms": s["eager_p50_ms"],
-                    "eager_p95_ms": {
-                        k: v.get("eager", {}).get("p95_ms") for k, v in evidence.latency_table(run.entry).items()
-                    },
-                    "speedup": s["speedup"],
-                    "entry": run.entry.id,
-                    "failed_check": run.entry.failed_check,
-                    "reason": s["reason"],
-                }
-            )
+        """One row per blueprint, read back from Urza: what Kasmina will route, and the evidence for it."""
+        rows = [self._summary_row(self.runs[name]) for name in sorted(self.runs)]
         for err in self.errors:
             rows.append(
-                {"blueprint": err.blueprint or Path(err.source or "?").name, "status": "invalid", "reason": str(err)}
+                {"blueprint": err.blueprint or Path(err.source or "?").name, "status": "invalid", "note": str(err)}
             )
         return rows
+
+    def _summary_row(self, run: BlueprintCertification) -> dict[str, Any]:
+        from esper.compat import current
+        from esper.kasmina.loader import Unusable, choose_entries
+
+        name = run.bp.name
+        with Urza(self.settings.urza, readonly=True) as urza:
+            entries = urza.entries(name)
+        try:
+            routes = choose_entries(entries, current(self.device))
+        except Unusable as u:
+            routes, why = [], u.detail
+        compiled_now = [c for c in run.candidates.values() if c.entry is not None and not c.reused]
+        tried = [c for c in run.candidates.values() if c.entry is not None]
+        n_profiles = len(run.bp.profiles())
+        if len(routes) == n_profiles:
+            status = "certified" + (" (reused)" if tried and all(c.skip_reason for c in tried) else "")
+        elif routes:
+            status = f"partial ({len(routes)}/{n_profiles} profiles)"
+        else:
+            status = entries[0].status if entries else "error"
+        routed: dict[str, dict[str, Any]] = {}
+        for label, sizes in run.labels().items():
+            route = next((e for e in routes if contains(run.bp.profiles()[e.profile], sizes)), None)
+            figures = (route.performance.get("certify") or {}).get(label, {}) if route else {}
+            path = "compiled" if route is not None and route.kind == "aoti" else "eager"
+            routed[label] = {"route": figures.get(path, {}), "eager": figures.get("eager", {})}
+        parities = [c.parity for c in run.candidates.values() if c.parity.cases]
+        if not parities:
+            parities_evidence = [e.parity.get("certify") for e in routes if e.parity.get("certify")]
+            max_abs = max((p["max_abs"] for p in parities_evidence), default=None)
+            cases = sum(p["cases"] for p in parities_evidence) or None
+        else:
+            max_abs, cases = max(p.max_abs for p in parities), sum(p.cases for p in parities)
+        ratios = [
+            v["eager"]["p50_ms"] / v["route"]["p50_ms"]
+            for v in routed.values()
+            if v["route"].get("p50_ms") and v["eager"].get("p50_ms")
+        ]
+        notes = [f"{d.profile}: {d.note}" for d in run.decisions.values()]
+        if not run.decisions and routes:
+            notes = [f"{e.profile}: {e.variant if e.kind == 'aoti' else 'eager'}" for e in routes]
+        failed = [f"{c.id} {c.failed}" for c in run.candidates.values() if c.failed]
+        if failed:
+            notes.append("rejected: " + ", ".join(failed))
+        if not routes and entries and entries[0].failure_reason:
+            notes.append(entries[0].failure_reason.splitlines()[0])
+        elif not routes:
+            notes.append(why)
+        return {
+            "blueprint": name,
+            "status": status,
+            "compile_s": round(sum(c.compile_seconds or 0 for c in compiled_now), 1),
+            "parity_max_abs": max_abs,
+            "cases": cases,
+            "p50_ms": {k: v["route"].get("p50_ms") for k, v in routed.items()},
+            "p95_ms": {k: v["route"].get("p95_ms") for k, v in routed.items()},
+            "eager_p50_ms": {k: v["eager"].get("p50_ms") for k, v in routed.items()},
+            "eager_p95_ms": {k: v["eager"].get("p95_ms") for k, v in routed.items()},
+            "speedup": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 3) if ratios else None,
+            "entries": ",".join(f"#{e.id}" for e in routes),
+            "note": "; ".join(notes),
+        }
 
     def summary_table(self) -> str:
         from tabulate import tabulate
@@ -166,8 +194,8 @@ class CertifySession:
                 joined(r.get("eager_p50_ms")),
                 joined(r.get("eager_p95_ms")),
                 r.get("speedup"),
-                r.get("entry"),
-                (r.get("failed_check") or "") + (": " if r.get("failed_check") else "") + (r.get("reason") or "")[:60],
+                r.get("entries"),
+                (r.get("note") or "")[:110],
             ]
             for r in self.summary_rows()
         ]
@@ -181,7 +209,7 @@ class CertifySession:
             "eager p50",
             "eager p95",
             "speedup",
-            "entry",
+            "entries",
             "note",
         ]
         return tabulate(table, headers=headers)

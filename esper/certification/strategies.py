@@ -8,9 +8,9 @@ whole tensors element by element through hypothesis would be slow and shrink bad
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from esper.inputs import Regime
@@ -86,3 +86,18 @@ def regimes() -> st.SearchStrategy[Regime]:
 
 
 EDGE_REGIMES = (Regime(), Regime(scale=1e3, zeros="some", seed=1), Regime(zeros="all", seed=2))
+
+
+def check_cases(check: Callable[[dict[str, int], Regime], None], ranges: Ranges, edges: list[dict[str, int]]) -> None:
+    """Run ``check`` on hypothesis-drawn sizes and regimes inside ``ranges``, always including every edge
+    shape under each of :data:`EDGE_REGIMES` as explicit examples."""
+
+    @given(sizes=sizes(ranges), regime=regimes())
+    @hypothesis_settings()
+    def case(sizes: dict[str, int], regime: Regime) -> None:
+        check(sizes, regime)
+
+    for edge in reversed(edges):
+        for regime in reversed(EDGE_REGIMES):
+            case = example(sizes=edge, regime=regime)(case)
+    case()

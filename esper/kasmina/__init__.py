@@ -3,7 +3,7 @@
 Nothing under this package may import the compiler stack; tests/test_kasmina_static.py enforces it.
 """
 
-from esper.kasmina.kernel import COMPILED, EAGER, Kernel
-from esper.kasmina.loader import Kasmina, choose_entry
+from esper.kasmina.kernel import COMPILED, EAGER, Kernel, Route
+from esper.kasmina.loader import Kasmina, choose_entries
 
-__all__ = ["COMPILED", "EAGER", "Kasmina", "Kernel", "choose_entry"]
+__all__ = ["COMPILED", "EAGER", "Kasmina", "Kernel", "Route", "choose_entries"]

@@ -1,15 +1,17 @@
-"""The kernel Kasmina hands out: an ``nn.Module`` that runs the compiled package when the guards accept a
-call, and the eager module otherwise."""
+"""The kernel Kasmina hands out: an ``nn.Module`` that sends each call to the certified route whose guards
+accept it (compiled code, or eager where certification measured eager to be faster), and to the eager
+module when no route accepts it."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from esper.guards import GuardSchema, compile_check
+from esper.guards import compile_check
 from esper.kasmina import telemetry
 from esper.kasmina.runtime import CompiledPackage
 from esper.urza import Entry
@@ -18,12 +20,31 @@ COMPILED = "compiled"
 EAGER = "eager"
 
 
+@dataclass(frozen=True)
+class Route:
+    """One certified entry: its guard check and, unless certification chose eager for it, its package."""
+
+    entry: Entry
+    check: Callable[[Sequence[Any]], str | None]
+    package: CompiledPackage | None = None
+
+    @classmethod
+    def of(cls, entry: Entry, package: CompiledPackage | None) -> Route:
+        assert entry.guards is not None
+        return cls(entry, compile_check(entry.guards), package)
+
+    @property
+    def path(self) -> str:
+        return COMPILED if self.package is not None else EAGER
+
+
 class Kernel(torch.nn.Module):
     """A blueprint's runtime kernel.
 
-    ``route`` is the path it runs by default (``"compiled"`` or ``"eager"``) and ``reason`` why; after each
-    call ``last_path`` says which path that call took, and ``calls`` counts both. The eager module is built
-    only when a call needs it.
+    ``route`` is ``"compiled"`` when at least one compiled route is loaded, and ``reason`` says why (or why
+    not). After each call ``last_path`` says which path that call took and ``calls`` counts both. Routes
+    come from disjoint shape profiles, so at most one accepts a call: dispatch is the first that does. The
+    eager module is built only when a call needs it.
     """
 
     def __init__(
@@ -31,18 +52,13 @@ class Kernel(torch.nn.Module):
         blueprint: str,
         *,
         eager_factory: Callable[[], torch.nn.Module],
-        package: CompiledPackage | None = None,
-        guards: GuardSchema | None = None,
-        entry: Entry | None = None,
+        routes: Sequence[Route] = (),
         reason: str,
     ):
         super().__init__()
         self.blueprint = blueprint
-        self.entry = entry
-        self.guards = guards
+        self.routes = tuple(routes)
         self.reason = reason
-        self._package = package
-        self._check = compile_check(guards) if (package is not None and guards is not None) else None
         self._eager_factory = eager_factory
         self._eager: torch.nn.Module | None = None
         self._warned: set[str] = set()
@@ -51,7 +67,12 @@ class Kernel(torch.nn.Module):
 
     @property
     def route(self) -> str:
-        return COMPILED if self._check is not None else EAGER
+        return COMPILED if any(r.package is not None for r in self.routes) else EAGER
+
+    @property
+    def entry(self) -> Entry | None:
+        """The first compiled route's entry (``None`` when nothing compiled is loaded)."""
+        return next((r.entry for r in self.routes if r.package is not None), None)
 
     def eager_module(self) -> torch.nn.Module:
         """The eager module (built on first use)."""
@@ -59,21 +80,32 @@ class Kernel(torch.nn.Module):
             self._eager = self._eager_factory()
         return self._eager
 
+    def select(self, args: Sequence[Any]) -> tuple[Route | None, str | None]:
+        """The route that accepts ``args``, or ``None`` and why none does."""
+        why = None
+        for r in self.routes:
+            why = r.check(args)
+            if why is None:
+                return r, None
+        if len(self.routes) > 1:
+            why = f"no certified shape profile accepts the inputs (last refusal: {why})"
+        return None, why
+
     def check(self, *args: Any) -> str | None:
-        """Why the compiled code would refuse ``args`` (``None``: it accepts them, or there is none)."""
-        return self._check(args) if self._check is not None else None
+        """Why no route would accept ``args`` (``None``: one does)."""
+        return self.select(args)[1] if self.routes else "no certified route"
 
     def forward(self, *args: Any) -> Any:
-        if self._check is not None:
-            why = self._check(args)
-            if why is None and torch.is_grad_enabled() and any(a.requires_grad for a in args):
-                self._warn_once(telemetry.NEEDS_GRAD, "inputs require grad and this artifact has no backward")
-            elif why is None:
-                self.last_path = COMPILED
-                self.calls[COMPILED] += 1
-                assert self._package is not None
-                return self._package([a if a.is_contiguous() else a.contiguous() for a in args])
-            else:
+        if self.routes:
+            route, why = self.select(args)
+            if route is not None and route.package is not None:
+                if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+                    self._warn_once(telemetry.NEEDS_GRAD, "inputs require grad and this artifact has no backward")
+                else:
+                    self.last_path = COMPILED
+                    self.calls[COMPILED] += 1
+                    return route.package([a if a.is_contiguous() else a.contiguous() for a in args])
+            elif why is not None:
                 self._warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
         self.last_path = EAGER
         self.calls[EAGER] += 1
@@ -85,5 +117,5 @@ class Kernel(torch.nn.Module):
             telemetry.fallback(self.blueprint, code, detail)
 
     def extra_repr(self) -> str:
-        entry = f"entry=#{self.entry.id}, " if self.entry is not None else ""
-        return f"{self.blueprint!r}, route={self.route}, {entry}reason={self.reason!r}"
+        routes = ", ".join(f"{r.entry.profile}/{r.entry.variant}->{r.path}#{r.entry.id}" for r in self.routes)
+        return f"{self.blueprint!r}, route={self.route}, routes=[{routes}], reason={self.reason!r}"

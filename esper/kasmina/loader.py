@@ -7,20 +7,25 @@ pre-warm it once. Any step that fails yields an eager kernel and a WARNING namin
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from esper import compat
 from esper.catalog import Catalog, load_catalog
 from esper.kasmina import telemetry
-from esper.kasmina.kernel import Kernel
+from esper.kasmina.kernel import Kernel, Route
 from esper.kasmina.runtime import CompiledPackage, PackageLoadError
 from esper.settings import resolve
 from esper.urza import ArtifactError, Entry, Urza, UrzaError
 from esper.weights import load_state
+
+if TYPE_CHECKING:
+    from esper.signing import Verifier
 
 
 class Unusable(Exception):
@@ -32,12 +37,12 @@ class Unusable(Exception):
         self.detail = detail
 
 
-def choose_entry(entries: Sequence[Entry], key: compat.CompatKey) -> Entry:
-    """The newest certified compiled entry built for ``key``; :class:`Unusable` says why there is none.
-
-    ``entries`` are one blueprint's, newest first.
+def choose_entries(entries: Sequence[Entry], key: compat.CompatKey) -> list[Entry]:
+    """The certified entries to route between: for each shape profile of the newest certified entry built
+    for ``key``, the newest certified entry of that profile and blueprint version. :class:`Unusable` says why
+    there are none. ``entries`` are one blueprint's, newest first.
     """
-    certified = [e for e in entries if e.status == "certified" and e.kind == "aoti"]
+    certified = [e for e in entries if e.status == "certified"]
     if not certified:
         if not entries:
             raise Unusable(telemetry.NO_CERTIFIED_ENTRY, "Urza has no entry for it")
@@ -46,13 +51,38 @@ def choose_entry(entries: Sequence[Entry], key: compat.CompatKey) -> Entry:
         raise Unusable(
             telemetry.NO_CERTIFIED_ENTRY, f"no certified entry (newest is #{latest.id}, {latest.status}{why})"
         )
-    for e in certified:
-        if key.mismatch(e.compat) is None:
-            return e
-    newest = certified[0]
-    raise Unusable(
-        telemetry.INCOMPATIBLE, f"certified entry #{newest.id} is incompatible: {key.mismatch(newest.compat)}"
-    )
+    usable = [e for e in certified if key.mismatch(e.compat) is None]
+    if not usable:
+        newest = certified[0]
+        raise Unusable(
+            telemetry.INCOMPATIBLE, f"certified entry #{newest.id} is incompatible: {key.mismatch(newest.compat)}"
+        )
+    newest = usable[0]
+    chosen = []
+    # Profiles of an older declaration (other buckets) may overlap the current ones: route only the set that
+    # the newest certified entry was compiled for.
+    for profile in newest.meta.get("profiles") or [newest.profile]:
+        match = next(
+            (e for e in usable if e.profile == profile and e.blueprint_version == newest.blueprint_version), None
+        )
+        if match is not None:
+            chosen.append(match)
+    return chosen
+
+
+def _verifier(public_key: str | Path | Verifier | None) -> tuple[Verifier | None, str | None]:
+    """The signature verifier for ``public_key`` (else ``$ESPER_PUBLIC_KEY``), or why the key is unusable.
+
+    A bad key does not raise: the training run goes on, eager, with a WARNING naming the key problem.
+    """
+    if public_key is None and not os.environ.get("ESPER_PUBLIC_KEY"):  # esper.signing.PUBLIC_KEY_ENV
+        return None, None  # signing not configured: cryptography is not even imported
+    from esper.signing import SigningError, verifier_for
+
+    try:
+        return verifier_for(public_key), None
+    except SigningError as e:
+        return None, str(e)
 
 
 class Kasmina:
@@ -60,7 +90,8 @@ class Kasmina:
 
     ``urza`` defaults to the resolved setting (``ESPER_URZA`` or ``.esper/urza.db``). The catalog (for
     rebuilding the eager module) is read from ``blueprint_paths`` (default: the project's setting), only
-    when an eager module is first needed.
+    when an eager module is first needed. ``public_key`` (default ``$ESPER_PUBLIC_KEY``): when set, only
+    entries signed by the matching private key are loaded (see docs/security.md).
     """
 
     def __init__(
@@ -70,6 +101,7 @@ class Kasmina:
         blueprint_paths: Iterable[str | Path] | None = None,
         catalog: Catalog | None = None,
         device: str | torch.device = "cpu",
+        public_key: str | Path | Verifier | None = None,
     ):
         settings = None
         if urza is None or (blueprint_paths is None and catalog is None):
@@ -85,6 +117,7 @@ class Kasmina:
         self._catalog = catalog
         self.device = torch.device(device)
         self.key = compat.current(self.device)
+        self.verifier, self._public_key_error = _verifier(public_key)
 
     @property
     def catalog(self) -> Catalog:
@@ -93,53 +126,71 @@ class Kasmina:
         return self._catalog
 
     def load(self, name: str) -> Kernel:
-        """A kernel for blueprint ``name``: compiled if a usable certified entry exists, else eager."""
-        return self._load(name, lambda entries: choose_entry(entries, self.key))
+        """A kernel for blueprint ``name``: its certified routes for this process, else eager."""
+        return self._load(name, lambda entries: choose_entries(entries, self.key))
 
     def load_entry(self, name: str, entry_id: int) -> Kernel:
-        """A kernel for one specific entry of ``name``, whatever its status (certification tests an entry
-        before it is certified, through exactly the path :meth:`load` uses). Compatibility still applies."""
+        """A kernel for one specific compiled entry of ``name``, whatever its status (certification tests an
+        entry before it is certified, through exactly the path :meth:`load` uses). Compatibility applies."""
 
-        def pick(entries: list[Entry]) -> Entry:
+        def pick(entries: list[Entry]) -> list[Entry]:
             entry = next((e for e in entries if e.id == entry_id), None)
             if entry is None or entry.kind != "aoti":
                 raise Unusable(telemetry.NO_CERTIFIED_ENTRY, f"entry #{entry_id} is not a compiled entry of {name!r}")
             mismatch = self.key.mismatch(entry.compat)
             if mismatch:
                 raise Unusable(telemetry.INCOMPATIBLE, f"entry #{entry_id} is incompatible: {mismatch}")
-            return entry
+            return [entry]
 
         return self._load(name, pick)
 
-    def _load(self, name: str, pick: Callable[[list[Entry]], Entry]) -> Kernel:
+    def _load(self, name: str, pick: Callable[[list[Entry]], list[Entry]]) -> Kernel:
         started = time.perf_counter()
         entries: list[Entry] = []
-        entry: Entry | None = None
+        routes: list[Route] = []
+        problems: list[Unusable] = []
         try:
             urza = self._open()
             try:
                 entries = urza.entries(name)
-                entry = pick(entries)
-                path = self._verified(urza, entry)
+                chosen = pick(entries)
+                verified = []
+                for entry in chosen:
+                    try:
+                        verified.append((entry, self._verified(urza, entry) if entry.kind == "aoti" else None))
+                    except Unusable as u:
+                        problems.append(u)
             finally:
                 urza.close()
-            if entry.guards is None:
-                raise Unusable(telemetry.INTEGRITY, f"entry #{entry.id} has no guard schema")
-            package = self._load_package(path)
-            self._prewarm(package, entry)
+            for entry, path in verified:
+                try:
+                    routes.append(self._route(entry, path))
+                except Unusable as u:
+                    problems.append(u)
         except Unusable as u:
+            problems.append(u)
+        weights = next((e for e in entries if e.kind == "eager"), None)
+        kernel_args = {"eager_factory": lambda: self._eager_module(name, weights), "routes": routes}
+        for u in problems:
             telemetry.fallback(name, u.code, u.detail)
-            weights = next((e for e in entries if e.kind == "eager"), None)
-            return Kernel(name, eager_factory=lambda: self._eager_module(name, weights), entry=entry, reason=u.detail)
-        telemetry.loaded(name, entry.id, time.perf_counter() - started)
-        return Kernel(
-            name,
-            eager_factory=lambda: self._eager_module(name, None),
-            package=package,
-            guards=entry.guards,
-            entry=entry,
-            reason=f"certified entry #{entry.id}",
-        )
+        for r in routes:
+            if r.package is None:
+                telemetry.eager_by_evidence(name, r.entry.profile, r.entry.id)
+        if not any(r.package is not None for r in routes):
+            reason = problems[0].detail if problems else "certification measured eager as fastest"
+            return Kernel(name, reason=reason, **kernel_args)
+        telemetry.loaded(name, [r.entry.id for r in routes], time.perf_counter() - started)
+        ids = ", ".join(f"#{r.entry.id}" for r in routes)
+        return Kernel(name, reason=f"certified entries {ids}", **kernel_args)
+
+    def _route(self, entry: Entry, path: Path | None) -> Route:
+        if entry.guards is None:
+            raise Unusable(telemetry.INTEGRITY, f"entry #{entry.id} has no guard schema")
+        if path is None:
+            return Route.of(entry, None)
+        package = self._load_package(path)
+        self._prewarm(package, entry)
+        return Route.of(entry, package)
 
     def _open(self) -> Urza:
         try:
@@ -147,12 +198,26 @@ class Kasmina:
         except UrzaError as e:
             raise Unusable(telemetry.URZA_UNAVAILABLE, str(e)) from e
 
-    @staticmethod
-    def _verified(urza: Urza, entry: Entry) -> Path:
+    def _verified(self, urza: Urza, entry: Entry) -> Path:
+        """The entry's artifact, once its signature (when a public key is configured) and its sha256 check."""
+        self._check_signature(entry)
         try:
             return urza.store.verify(entry.checksum, entry.artifact_size)
         except ArtifactError as e:
             raise Unusable(telemetry.INTEGRITY, f"entry #{entry.id}: {e}") from e
+
+    def _check_signature(self, entry: Entry) -> None:
+        """With a public key, refuse an entry that is unsigned, signed by another key, or altered since."""
+        if self._public_key_error is not None:
+            raise Unusable(telemetry.SIGNATURE, f"public key unusable: {self._public_key_error}")
+        if self.verifier is None:
+            return
+        from esper.signing import SignatureError
+
+        try:
+            self.verifier.verify(entry)
+        except SignatureError as e:
+            raise Unusable(telemetry.SIGNATURE, f"entry #{entry.id}: {e}") from e
 
     def _load_package(self, path: Path) -> CompiledPackage:
         index = -1 if self.device.type == "cpu" else (self.device.index or 0)

@@ -17,6 +17,7 @@ LOAD_FAILED = "load-failed"
 OUTSIDE_GUARDS = "outside-guards"
 URZA_UNAVAILABLE = "urza-unavailable"
 NEEDS_GRAD = "needs-grad"
+SIGNATURE = "signature"
 
 
 def fallback(blueprint: str, code: str, detail: str) -> None:
@@ -30,11 +31,22 @@ def fallback(blueprint: str, code: str, detail: str) -> None:
     )
 
 
-def loaded(blueprint: str, entry_id: int | None, seconds: float) -> None:
+def loaded(blueprint: str, entry_ids: list[int | None], seconds: float) -> None:
     log.info(
-        "blueprint %r runs compiled (Urza entry #%s, ready in %.1f ms)",
+        "blueprint %r runs compiled (Urza entries %s, ready in %.1f ms)",
         blueprint,
-        entry_id,
+        entry_ids,
         seconds * 1e3,
-        extra={"esper": {"event": "loaded", "blueprint": blueprint, "entry": entry_id, "seconds": seconds}},
+        extra={"esper": {"event": "loaded", "blueprint": blueprint, "entries": entry_ids, "seconds": seconds}},
+    )
+
+
+def eager_by_evidence(blueprint: str, profile: str, entry_id: int | None) -> None:
+    """INFO, not WARNING: certification measured eager fastest for this profile, a decision with evidence."""
+    log.info(
+        "blueprint %r, profile %s: certified to run eager (Urza entry #%s: no compiled variant beat eager)",
+        blueprint,
+        profile,
+        entry_id,
+        extra={"esper": {"event": "eager-by-evidence", "blueprint": blueprint, "profile": profile, "entry": entry_id}},
     )

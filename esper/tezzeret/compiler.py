@@ -11,8 +11,8 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,20 @@ from esper import compat
 from esper.bench import measure
 from esper.blueprint import Blueprint
 from esper.context import machine_context
+from esper.guards import GuardSchema
 from esper.inputs import example_inputs
 from esper.kasmina.runtime import CompiledPackage
 from esper.parity import max_errors
+from esper.profiles import contains
 from esper.tezzeret.aoti import compile_package, use_persistent_cache
 from esper.tezzeret.content import content_hash
 from esper.tezzeret.export import export_blueprint, guards_from_export
-from esper.urza import DEFAULT_PROFILE, DEFAULT_VARIANT, ArtifactError, Entry, Urza
+from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, Urza
+from esper.variants import EAGER_ROUTE, VARIANTS, Variant
 from esper.weights import save_state
 
 log = logging.getLogger("esper.tezzeret")
 MAX_REASON = 4000
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A named set of Inductor config overrides; part of an entry's identity."""
-
-    name: str = DEFAULT_VARIANT
-    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,17 +77,15 @@ class Tezzeret:
         self,
         bp: Blueprint,
         *,
-        variant: Variant = Variant(),
+        variant: Variant = VARIANTS["default"],
         profile: str = DEFAULT_PROFILE,
-        ranges: Mapping[str, tuple[int, int]] | None = None,
         force: bool = False,
     ) -> CompileOutcome:
-        """Compile ``bp`` (or reuse the entry with the same content hash and compatibility key).
-
-        The entry is written once, complete, after its artifact is in the store.
+        """Compile one shape profile of ``bp`` under one variant (or reuse the entry with the same content
+        hash and compatibility key). The entry is written once, complete, after its artifact is stored.
         """
         started = time.perf_counter()
-        ranges = dict(ranges or {n: (d.min, d.max) for n, d in bp.dims.items()})
+        ranges = bp.profiles()[profile]
         key = compat.current(self.device)
         module = bp.build().to(self.device).eval()
         digest = content_hash(bp, module, settings=variant.settings, ranges=ranges, device=self.device.type)
@@ -121,8 +114,9 @@ class Tezzeret:
             "ranges": {k: list(v) for k, v in ranges.items()},
             "context": machine_context(),
             "inductor_cache": str(self.cache_dir),
-            "representative": [r for r in bp.representative if _inside(r, ranges)]
-            or [_clip(bp.representative[0], ranges)],
+            "representative": [r for r in bp.representative if contains(ranges, r)],
+            "profiles": list(bp.profiles()),
+            "swappable": variant.swappable,
         }
         with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp, warnings.catch_warnings(record=True) as caught:
             # torch's compiler warns about its own internals; keep what it said as evidence, never fail on it.
@@ -140,9 +134,46 @@ class Tezzeret:
         )
         return CompileOutcome(entry, False, seconds)
 
-    def compile_all(self, blueprints: Iterable[Blueprint], **kwargs: Any) -> list[CompileOutcome]:
-        """Compile each blueprint in turn; a fallback never stops the run."""
-        return [self.compile(bp, **kwargs) for bp in blueprints]
+    def compile_candidates(self, bp: Blueprint, *, force: bool = False) -> list[CompileOutcome]:
+        """Every shape profile of ``bp`` under every variant it allows; a fallback never stops the run."""
+        return [
+            self.compile(bp, variant=VARIANTS[v], profile=p, force=force) for p in bp.profiles() for v in bp.variants
+        ]
+
+    def store_eager_route(self, bp: Blueprint, profile: str, guards: GuardSchema, evidence: dict[str, Any]) -> Entry:
+        """A ``certified`` eager entry for a profile where no variant beats eager: routing it to compiled code
+        would only make it slower. Its artifact is the weights, like a fallback's."""
+        module = bp.build().to(self.device).eval()
+        ranges = bp.profiles()[profile]
+        digest = content_hash(bp, module, settings={"route": EAGER_ROUTE}, ranges=ranges, device=self.device.type)
+        with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp:
+            path = Path(tmp) / "weights.safetensors"
+            save_state(module, path, blueprint=bp.name, version=bp.version)
+            checksum, size = self.urza.store.add(path)
+        return self.urza.publish(
+            Entry(
+                blueprint=bp.name,
+                blueprint_version=bp.version,
+                content_hash=digest,
+                compat=compat.current(self.device),
+                kind="eager",
+                status="certified",
+                checksum=checksum,
+                artifact_size=size,
+                guards=guards,
+                profile=profile,
+                variant=EAGER_ROUTE,
+                parity=evidence.get("parity", {}),
+                performance=evidence.get("performance", {}),
+                meta={
+                    "source": bp.source,
+                    "ranges": {k: list(v) for k, v in ranges.items()},
+                    "representative": [r for r in bp.representative if contains(ranges, r)],
+                    "profiles": list(bp.profiles()),
+                    **evidence.get("meta", {}),
+                },
+            )
+        )
 
     def _artifact_ok(self, entry: Entry) -> bool:
         try:
@@ -222,14 +253,6 @@ class Tezzeret:
             failed_check="compile",
         )
         return entry
-
-
-def _inside(sizes: Mapping[str, int], ranges: Mapping[str, tuple[int, int]]) -> bool:
-    return all(ranges[n][0] <= s <= ranges[n][1] for n, s in sizes.items())
-
-
-def _clip(sizes: Mapping[str, int], ranges: Mapping[str, tuple[int, int]]) -> dict[str, int]:
-    return {n: min(max(s, ranges[n][0]), ranges[n][1]) for n, s in sizes.items()}
 
 
 def _constant_schema(module: torch.nn.Module, loaded: CompiledPackage) -> dict[str, dict[str, Any]]:
