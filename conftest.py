@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, settings
 pytest_plugins = ["pytester"]
 
 # Blueprint files and generated modules are collected only through --certify or an explicit path.
-collect_ignore = ["blueprints", "benchmarks"]
+collect_ignore = ["blueprints"]
 
 # Our own property tests: derandomized in CI so a red build reproduces, exploring more locally.
 settings.register_profile(

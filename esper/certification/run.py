@@ -62,7 +62,6 @@ class Candidate:
     entry: Entry | None = None
     reused: bool = False
     compile_seconds: float | None = None
-    skip_reason: str | None = None
     kernel: Kernel | None = None
     parity: ParityStats = field(default_factory=ParityStats)
     guards_refused: int = 0
@@ -137,23 +136,36 @@ class BlueprintCertification:
                 self.bp, variant=VARIANTS[c.variant], profile=c.profile
             )
         c.entry, c.reused, c.compile_seconds = outcome.entry, outcome.reused, outcome.seconds
-        decided = c.entry.status == "certified" or c.entry.failed_check == SELECTION
-        if c.entry.status == "fallback":
-            c.skip_reason = f"eager fallback (entry #{c.entry.id}): {c.entry.failure_reason}"
-        elif decided and not self.recheck:
-            c.skip_reason = (
-                f"already decided as entry #{c.entry.id} ({c.entry.status}; same content hash and compatibility "
-                "key); --certify-recheck runs the checks again"
-            )
         return c.entry
+
+    def skip_reason(self, c: Candidate) -> str | None:
+        """Why ``c`` is not checked in this session: a fallback, or a profile decided already.
+
+        A profile is skipped only when every one of its candidates was decided by an earlier run with the
+        same content hash: a new or changed candidate makes the whole profile compete again.
+        """
+        if c.entry is None:
+            return f"{c.id} was not compiled in this session (test_compile failed or did not run)"
+        if c.entry.status == "fallback":
+            return f"eager fallback (entry #{c.entry.id}): {c.entry.failure_reason}"
+        peers = [p for p in self.candidates.values() if p.profile == c.profile and p.entry is not None]
+        decided = all(
+            p.entry.status in ("certified", "fallback") or p.entry.failed_check == SELECTION  # type: ignore[union-attr]
+            for p in peers
+        )
+        if decided and not self.recheck:
+            return (
+                f"profile {c.profile} already decided (entry #{c.entry.id} {c.entry.status}; same content hash "
+                "and compatibility key); --certify-recheck runs the checks again"
+            )
+        return None
 
     def ready(self, candidate: str) -> Candidate:
         """The candidate under test; skips the calling test when there is nothing to check."""
         c = self.candidates[candidate]
-        if c.entry is None:
-            pytest.skip(f"{candidate} was not compiled in this session (test_compile failed or did not run)")
-        if c.skip_reason:
-            pytest.skip(c.skip_reason)
+        why = self.skip_reason(c)
+        if why:
+            pytest.skip(why)
         return c
 
     def ranges(self, candidate: str) -> dict[str, tuple[int, int]]:
@@ -248,7 +260,7 @@ class BlueprintCertification:
         """Measure ``path`` (``"eager"`` or a candidate id) at one representative shape with pytest-benchmark."""
         args = self._inputs(self.labels()[label])
         if path == EAGER:
-            if all(c.skip_reason for c in self.candidates.values()):
+            if all(self.skip_reason(c) for c in self.candidates.values()):
                 pytest.skip("every candidate is decided already or a fallback: nothing to compare eager with")
             fn: Callable[[], Any] = lambda: self.eager()(*args)  # noqa: E731
             entry_id = None
@@ -281,7 +293,7 @@ class BlueprintCertification:
     def _passed(self, c: Candidate) -> bool:
         return (
             c.entry is not None
-            and not c.skip_reason
+            and not self.skip_reason(c)
             and c.failed is None
             and all(
                 self.outcomes.get((check, c.id), Outcome(check, "not run")).outcome == "passed"
@@ -291,7 +303,7 @@ class BlueprintCertification:
 
     def select(self) -> dict[str, Decision]:
         """Per profile: the fastest candidate that passed every check, if it beats eager by ``MARGIN``."""
-        if all(c.skip_reason for c in self.candidates.values()):
+        if all(self.skip_reason(c) for c in self.candidates.values()):
             pytest.skip("every candidate is decided already or a fallback")
         self.decisions = {}
         for pname, ranges in self.bp.profiles().items():
@@ -443,7 +455,7 @@ class BlueprintCertification:
             return
         if outcome.candidate is None:
             # A blueprint-wide check (select, budgets) failed: no candidate of this session may be routed.
-            hit = [c for c in self.candidates.values() if c.entry is not None and not c.skip_reason]
+            hit = [c for c in self.candidates.values() if not self.skip_reason(c)]
         else:
             hit = [self.candidates[outcome.candidate]] if outcome.candidate in self.candidates else []
         for c in hit:

@@ -1,0 +1,57 @@
+"""Fixtures of the performance suite: the catalog, a benchmark Urza, and the figures it writes at the end.
+
+Run with ``.venv/bin/pytest benchmarks`` (README). Figures go to ``.esper/bench/``: ``perf.json``,
+``perf.md`` and one ``latency_<blueprint>.png`` per blueprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.figures import write_outputs
+
+ROOT = Path(__file__).parents[1]
+CATALOG = ROOT / "blueprints"
+OUT = ROOT / ".esper" / "bench"
+
+
+@pytest.fixture(scope="session")
+def out_dir() -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    return OUT
+
+
+@pytest.fixture(scope="session")
+def results(out_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every figure the suite measures; written out (JSON, Markdown, plots) when the session ends."""
+    figures: dict[str, Any] = {"P1": {}, "P2": {}, "P3": {}, "P4": {}, "P5": {}, "sweep": {}}
+    yield figures
+    write_outputs(figures, out_dir)
+    (out_dir / "perf.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+
+
+@pytest.fixture(scope="session")
+def catalog():  # type: ignore[no-untyped-def]
+    from esper.catalog import load_catalog
+
+    return load_catalog([CATALOG])
+
+
+@pytest.fixture(scope="session")
+def bench_urza(out_dir: Path) -> Path:
+    """The Urza the suite certifies into (P4) and measures from (P1-P3)."""
+    return out_dir / "urza.db"
+
+
+@pytest.fixture(scope="session")
+def bench_env(out_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("CI", None)
+    env["ESPER_URZA"] = str(out_dir / "urza.db")
+    return env

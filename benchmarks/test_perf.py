@@ -1,0 +1,252 @@
+"""The performance suite: P1-P5 of issue 7, measured in one run on one machine.
+
+- P5: import cost of the runtime (``import esper.kasmina``) beyond ``import torch``, in fresh processes.
+- P4: certifying the whole catalog cold (new Urza, empty Inductor cache), then again with nothing changed.
+- P1: first use in a fresh process: Kasmina (load + guard + first call) against ``torch.compile(dynamic=True)``
+  first call with an empty and with a warm Inductor cache.
+- P2: steady state per call, pytest-benchmark: eager, the Kasmina kernel (routed), the default variant alone
+  (what Kasmina ran before variants and buckets), and warm ``torch.compile(dynamic=True)`` (P2b).
+- P3: guard check + routing cost per call (``Kernel.select``).
+- sweep: latency against batch size for eager, every certified or losing candidate, and the routed kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks.conftest import CATALOG, ROOT
+from esper.bench import measure
+from esper.blueprint import Blueprint
+from esper.catalog import load_catalog
+from esper.inputs import example_inputs
+from esper.profiles import contains
+
+BLUEPRINTS = sorted(load_catalog([CATALOG]).blueprints.values(), key=lambda b: b.name)
+CASES = [(bp.name, Blueprint.shape_label(r)) for bp in BLUEPRINTS for r in bp.representative]
+KASMINA_SAMPLES = 5
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_p5_runtime_import(results: dict[str, Any]) -> None:
+    code = (
+        "import time, sys, json; import torch; t = time.perf_counter(); import esper.kasmina; "
+        "d = time.perf_counter() - t; print(json.dumps({'ms': d * 1e3, 'compiler': any(m.split('.')[:2] in "
+        "(['torch', '_dynamo'], ['torch', '_inductor']) for m in sys.modules)}))"
+    )
+    runs = [json.loads(_run([sys.executable, "-c", code], dict(os.environ)).stdout) for _ in range(5)]
+    results["P5"] = {
+        "median_ms": statistics.median(r["ms"] for r in runs),
+        "samples_ms": [r["ms"] for r in runs],
+        "compiler_imported": any(r["compiler"] for r in runs),
+    }
+    assert not results["P5"]["compiler_imported"]
+
+
+def test_p4_certify_catalog_cold_then_unchanged(
+    results: dict[str, Any], out_dir: Path, bench_env: dict[str, str]
+) -> None:
+    for leftover in ("urza.db", "urza.db-wal", "urza.db-shm", "objects", "inductor-cache", "certify"):
+        path = out_dir / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    env = {k: v for k, v in bench_env.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--certify",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--certify-build-dir",
+        str(out_dir / "certify"),
+        "--benchmark-storage",
+        str(out_dir / "benchmarks"),
+    ]
+    figures = {}
+    for run in ("cold", "unchanged"):
+        t0 = time.perf_counter()
+        proc = _run(cmd, env)
+        figures[run] = {
+            "seconds": time.perf_counter() - t0,
+            "exit_code": proc.returncode,
+            "summary": proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:],
+        }
+        (out_dir / f"certify-{run}.log").write_text(proc.stdout + proc.stderr)
+    results["P4"] = figures
+    assert (out_dir / "urza.db").is_file()
+
+
+@pytest.mark.parametrize("name", [bp.name for bp in BLUEPRINTS])
+def test_p1_first_use(name: str, results: dict[str, Any], out_dir: Path, bench_env: dict[str, str]) -> None:
+    bp = next(b for b in BLUEPRINTS if b.name == name)
+    sizes = json.dumps(dict(bp.representative[0]))
+    script = str(ROOT / "benchmarks" / "_first_use.py")
+    base = [sys.executable, script]
+    kasmina = [
+        json.loads(
+            _run(
+                [*base, "kasmina", str(out_dir / "urza.db"), str(CATALOG), name, sizes], bench_env
+            ).stdout.splitlines()[-1]
+        )
+        for _ in range(KASMINA_SAMPLES)
+    ]
+    cache = out_dir / "compile-cache" / name
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**bench_env, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    cold = json.loads(_run([*base, "compile", "-", str(CATALOG), name, sizes], env).stdout.splitlines()[-1])
+    warm = json.loads(_run([*base, "compile", "-", str(CATALOG), name, sizes], env).stdout.splitlines()[-1])
+    median = statistics.median(k["ms"] for k in kasmina)
+    results["P1"][name] = {
+        "kasmina_ms": median,
+        "kasmina_samples_ms": [k["ms"] for k in kasmina],
+        "kasmina_path": kasmina[0]["path"],
+        "kasmina_imported_compiler": any(k["compiler_imported"] for k in kasmina),
+        "compile_cold_ms": cold["ms"],
+        "compile_warm_ms": warm["ms"],
+        "cold_over_kasmina": cold["ms"] / median,
+        "warm_over_kasmina": warm["ms"] / median,
+    }
+    assert not results["P1"][name]["kasmina_imported_compiler"]
+
+
+@pytest.fixture(scope="module")
+def kernels(bench_urza: Path) -> dict[str, Any]:
+    from esper.kasmina import Kasmina
+
+    catalog = load_catalog([CATALOG])
+    kasmina = Kasmina(bench_urza, catalog=catalog)
+    return {bp.name: kasmina.load(bp.name) for bp in BLUEPRINTS}
+
+
+@pytest.fixture(scope="module")
+def default_kernels(bench_urza: Path) -> dict[tuple[str, str], Any]:
+    """Per (blueprint, profile): the ``default`` variant's entry loaded alone, whatever its status."""
+    from esper.kasmina import Kasmina
+    from esper.urza import Urza
+
+    catalog = load_catalog([CATALOG])
+    kasmina = Kasmina(bench_urza, catalog=catalog)
+    out = {}
+    with Urza(bench_urza, readonly=True) as urza:
+        for bp in BLUEPRINTS:
+            for e in urza.entries(bp.name):
+                if e.kind == "aoti" and e.variant == "default" and (bp.name, e.profile) not in out:
+                    out[(bp.name, e.profile)] = kasmina.load_entry(bp.name, e.id)  # type: ignore[arg-type]
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled_warm(out_dir: Path) -> dict[str, Any]:
+    """``torch.compile(dynamic=True)`` per blueprint, with the Inductor cache P1 warmed for it."""
+    return {}
+
+
+PATHS = ["eager", "kasmina", "kasmina_default", "compile_warm"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("name", "label"), CASES)
+def test_p2_steady_state(
+    benchmark: Any,
+    name: str,
+    label: str,
+    path: str,
+    kernels: dict[str, Any],
+    default_kernels: dict[tuple[str, str], Any],
+    compiled_warm: dict[str, Any],
+    out_dir: Path,
+    results: dict[str, Any],
+) -> None:
+    bp = next(b for b in BLUEPRINTS if b.name == name)
+    sizes = next(dict(r) for r in bp.representative if Blueprint.shape_label(r) == label)
+    args = example_inputs(bp, sizes)
+    if path == "eager":
+        module = bp.build().eval()
+        fn = lambda: module(*args)  # noqa: E731
+    elif path == "kasmina":
+        fn = lambda: kernels[name](*args)  # noqa: E731
+    elif path == "kasmina_default":
+        profile = next(p for p, r in bp.profiles().items() if contains(r, sizes))
+        fn = lambda: default_kernels[(name, profile)](*args)  # noqa: E731
+    else:
+        if name not in compiled_warm:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out_dir / "compile-cache" / name)
+            compiled_warm[name] = torch.compile(bp.build().eval(), dynamic=True)
+        fn = lambda: compiled_warm[name](*args)  # noqa: E731
+    benchmark.group = f"{name}[{label}]"
+    with torch.no_grad():
+        fn()
+        benchmark(fn)
+    results["P2"].setdefault(f"{name}[{label}]", {})[path] = benchmark.stats.stats.median * 1e3
+
+
+@pytest.mark.parametrize("name", [bp.name for bp in BLUEPRINTS])
+def test_p3_guard_and_routing(benchmark: Any, name: str, kernels: dict[str, Any], results: dict[str, Any]) -> None:
+    bp = next(b for b in BLUEPRINTS if b.name == name)
+    args = example_inputs(bp, bp.representative[-1])
+    kernel = kernels[name]
+    route, why = kernel.select(args)
+    benchmark(kernel.select, args)
+    results["P3"][name] = {
+        "us": benchmark.stats.stats.median * 1e6,
+        "routes": len(kernel.routes),
+        "accepted": route is not None,
+        "why": why,
+    }
+
+
+@pytest.mark.parametrize("name", [bp.name for bp in BLUEPRINTS])
+def test_sweep(name: str, kernels: dict[str, Any], bench_urza: Path, results: dict[str, Any]) -> None:
+    """Latency against the batch dim for eager, every candidate and the routed kernel (for the plots)."""
+    from esper.kasmina import Kasmina
+    from esper.urza import Urza
+
+    bp = next(b for b in BLUEPRINTS if b.name == name)
+    dims = bp.dims
+    dim = "batch" if "batch" in dims else next(iter(dims))
+    lo, hi = dims[dim].min, dims[dim].max
+    xs = sorted({x for x in (1, 2, 4, 8, 16, 32, 64, lo, hi) if lo <= x <= hi})
+    base = dict(bp.representative[0])
+    kasmina = Kasmina(bench_urza, catalog=load_catalog([CATALOG]))
+    with Urza(bench_urza, readonly=True) as urza:
+        candidates = [e for e in urza.entries(name) if e.kind == "aoti"]
+    version = max((e.blueprint_version for e in candidates), default=bp.version)
+    seen: set[tuple[str, str]] = set()
+    loaded = []
+    for e in candidates:  # newest first
+        if e.blueprint_version == version and (e.profile, e.variant) not in seen:
+            seen.add((e.profile, e.variant))
+            loaded.append((e, kasmina.load_entry(name, e.id)))  # type: ignore[arg-type]
+    module = bp.build().eval()
+    series: dict[str, dict[int, float]] = {"eager": {}, "routed": {}}
+    with torch.no_grad():
+        for x in xs:
+            args = example_inputs(bp, {**base, dim: x})
+            series["eager"][x] = measure(lambda args=args: module(*args), iters=20, max_seconds=0.3).p50_ms
+            series["routed"][x] = measure(lambda args=args: kernels[name](*args), iters=20, max_seconds=0.3).p50_ms
+            for e, k in loaded:
+                if k.check(*args) is None:
+                    series.setdefault(e.variant, {})[x] = measure(
+                        lambda k=k, args=args: k(*args), iters=20, max_seconds=0.3
+                    ).p50_ms
+    edges = sorted({r[dim][0] for r in bp.profiles().values() if r[dim][0] > lo})
+    results["sweep"][name] = {
+        "dim": dim,
+        "series": series,
+        "bucket_edges": edges,
+        "routes": [f"{r.entry.profile}->{r.path}:{r.entry.variant}" for r in kernels[name].routes],
+    }
