@@ -20,11 +20,14 @@ from esper.catalog import Catalog, load_catalog
 from esper.kasmina import telemetry
 from esper.kasmina.kernel import Kernel, Route
 from esper.kasmina.runtime import CompiledPackage, PackageLoadError
+from esper.kasmina.training_artifact import is_training_entry
 from esper.settings import resolve
 from esper.urza import ArtifactError, Entry, Urza, UrzaError
 from esper.weights import load_state
 
 if TYPE_CHECKING:
+    from esper.kasmina.seeds import Weights
+    from esper.kasmina.training import TrainingKernel
     from esper.signing import Verifier
 
 
@@ -42,6 +45,8 @@ def choose_entries(entries: Sequence[Entry], key: compat.CompatKey) -> list[Entr
     for ``key``, the newest certified entry of that profile and blueprint version. :class:`Unusable` says why
     there are none. ``entries`` are one blueprint's, newest first.
     """
+    # Training artifacts (esper.kasmina.training) are no inference route.
+    entries = [e for e in entries if not is_training_entry(e)]
     certified = [e for e in entries if e.status == "certified"]
     if not certified:
         if not entries:
@@ -135,7 +140,7 @@ class Kasmina:
 
         def pick(entries: list[Entry]) -> list[Entry]:
             entry = next((e for e in entries if e.id == entry_id), None)
-            if entry is None or entry.kind != "aoti":
+            if entry is None or entry.kind != "aoti" or is_training_entry(entry):
                 raise Unusable(telemetry.NO_CERTIFIED_ENTRY, f"entry #{entry_id} is not a compiled entry of {name!r}")
             mismatch = self.key.mismatch(entry.compat)
             if mismatch:
@@ -143,6 +148,14 @@ class Kasmina:
             return [entry]
 
         return self._load(name, pick)
+
+    def load_training(self, name: str, weights: Weights | None = None) -> TrainingKernel:
+        """A training kernel for a seed of ``name`` holding ``weights`` (the seed's module, or a state dict;
+        the builder's weights when ``None``): compiled forward and backward when Urza holds a certified
+        training artifact for this process, else eager with a WARNING. See :mod:`esper.kasmina.training`."""
+        from esper.kasmina.training import load_training
+
+        return load_training(self, name, weights)
 
     def _load(self, name: str, pick: Callable[[list[Entry]], list[Entry]]) -> Kernel:
         started = time.perf_counter()
@@ -252,7 +265,7 @@ class Kasmina:
                 with Urza(self.urza_path, readonly=True) as urza:
                     state = load_state(urza.store.verify(weights.checksum, weights.artifact_size))
                 module.load_state_dict(state)
-            except (UrzaError, ArtifactError, RuntimeError) as e:
+            except Exception as e:  # a damaged or foreign weights file must not stop a training run
                 telemetry.fallback(
                     name,
                     telemetry.INTEGRITY,

@@ -1,0 +1,127 @@
+"""Variants, buckets and routing: Kasmina sends each call to the certified entry whose guards accept it;
+certification routes eager where no variant beats eager; the report renders from Urza alone."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from esper.blueprint import Blueprint, BlueprintError, Dim, Input
+from esper.budgets import PROFILES
+from esper.certification.run import BlueprintCertification, Outcome
+from esper.guards import DimGuard, GuardSchema, InputGuard
+from esper.kasmina import COMPILED, EAGER, Kasmina
+from esper.urza import Urza
+
+from .conftest import TINY
+
+
+def bucketed(buckets: list[tuple[int, int]]) -> Blueprint:
+    return Blueprint(name="b", version=1, build=lambda: None, inputs=(Input("x", "float32", (Dim("batch", 1, 64), 4)),),
+                     representative=({"batch": 2}, {"batch": 8}), buckets={"batch": buckets})
+
+
+@pytest.mark.parametrize(
+    ("buckets", "fragment"),
+    [
+        ([(1, 4), (4, 64)], "overlap at 4..4"),
+        ([(1, 4), (6, 64)], "gap at 5..5"),
+        ([(2, 4), (5, 64)], "start at 2"),
+        ([(1, 4), (5, 63)], "end at 63"),
+        ([(1, 1), (2, 4), (5, 64)], "holds no representative shape"),
+    ],
+)
+def test_buckets_that_overlap_or_leave_a_gap_are_an_error(buckets: list[tuple[int, int]], fragment: str) -> None:
+    with pytest.raises(BlueprintError, match="field 'buckets'") as info:
+        bucketed(buckets)
+    assert fragment in str(info.value)
+
+
+def test_buckets_make_profiles() -> None:
+    assert bucketed([(5, 64), (1, 4)]).profiles() == {"batch=1-4": {"batch": (1, 4)}, "batch=5-64": {"batch": (5, 64)}}
+
+
+def guards(lo: int, hi: int) -> GuardSchema:
+    return GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=lo, max=hi), DimGuard(size=8))),))
+
+
+@pytest.mark.compiles
+def test_routing_picks_the_entry_whose_guards_accept(urza_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Three certified profiles of one blueprint: two compiled (same package, narrower guards), one eager."""
+    from esper.catalog import load_catalog
+    from esper.weights import save_state
+
+    weights = urza_copy.parent / "weights.safetensors"
+    save_state(load_catalog([TINY]).get("tiny_mlp").build(), weights, blueprint="tiny_mlp", version=1)
+    with Urza(urza_copy) as urza:
+        (base,) = urza.entries("tiny_mlp")
+        checksum, size = urza.store.add(weights)
+        profiles = ["batch=1-4", "batch=5-16", "batch=17-32"]
+        meta = {**base.meta, "profiles": profiles, "representative": [{"batch": 4}]}
+        urza.update(base.id, status="rejected")  # type: ignore[arg-type]
+        small = urza.publish(base.with_(profile=profiles[0], guards=guards(1, 4), meta=meta, status="certified"))
+        mid = urza.publish(base.with_(profile=profiles[1], guards=guards(5, 16), status="certified",
+                                      meta={**meta, "representative": [{"batch": 8}]}))
+        big = urza.publish(base.with_(profile=profiles[2], guards=guards(17, 32), kind="eager", variant="eager",
+                                      status="certified", checksum=checksum, artifact_size=size,
+                                      meta={**meta, "representative": [{"batch": 20}]}))
+    caplog.set_level(logging.INFO, "esper.kasmina")
+    kernel = Kasmina(urza_copy, blueprint_paths=[TINY]).load("tiny_mlp")
+    assert [r.entry.id for r in kernel.routes] == [small.id, mid.id, big.id]
+    for batch, entry, path in ((3, small, COMPILED), (9, mid, COMPILED), (20, big, EAGER)):
+        x = torch.randn(batch, 8)
+        route, why = kernel.select((x,))
+        assert why is None and route is not None and route.entry.id == entry.id
+        with torch.no_grad():
+            kernel(x)
+        assert kernel.last_path == path
+    assert kernel.select((torch.randn(33, 8),))[0] is None
+    # The eager profile is a decision with evidence: INFO once, never a WARNING.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("certified to run eager" in r.getMessage() for r in caplog.records)
+
+
+def test_a_profile_where_every_variant_is_slower_than_eager_routes_eager(tmp_path: Path) -> None:
+    bp = bucketed([(1, 4), (5, 64)])
+    cert = BlueprintCertification(bp=bp, urza_path=tmp_path / "urza.db", profile=PROFILES["cpu-2core"])
+    cert.eager_latency = {"batch=2": {"p50_ms": 1.0, "p95_ms": 1.1}, "batch=8": {"p50_ms": 4.0, "p95_ms": 4.4}}
+    speed = {"batch=1-4/default": 1.2, "batch=1-4/freezing": 0.97, "batch=5-64/default": 0.8,
+             "batch=5-64/freezing": 0.5}
+    for cid, c in cert.candidates.items():
+        from esper.compat import current
+        from esper.urza import Entry
+
+        c.entry = Entry(bp.name, 1, "h", current(), "aoti", "compiled", "0" * 64, 1, guards(1, 4), id=1)
+        label = "batch=2" if c.profile == "batch=1-4" else "batch=8"
+        c.latency = {label: {"p50_ms": cert.eager_latency[label]["p50_ms"] * speed[cid], "p95_ms": 1.0}}
+        for check in ("compile", "parity", "guards", "latency"):
+            cert.outcomes[(check, cid)] = Outcome(check, "passed", candidate=cid)
+    decisions = cert.select()
+    # freezing at 0.97x eager does not beat eager by the 5% margin: eager it is.
+    assert decisions["batch=1-4"].winner is None and "0.97x eager" in decisions["batch=1-4"].note
+    assert decisions["batch=5-64"].winner == "batch=5-64/freezing"
+    assert decisions["batch=5-64"].ratio == pytest.approx(0.5)
+
+
+@pytest.mark.compiles
+def test_report_renders_from_urza_without_compiling(urza_copy: Path, tmp_path: Path) -> None:
+    with Urza(urza_copy) as urza:
+        (e,) = urza.entries("tiny_mlp")
+        perf = {"batch=4": {"compiled": {"p50_ms": 0.01, "p95_ms": 0.02}, "eager": {"p50_ms": 0.02, "p95_ms": 0.03},
+                            "ratio": 0.5}}
+        urza.update(e.id, performance={**e.performance, "certify": perf})  # type: ignore[arg-type]
+    code = (
+        "import sys; from pathlib import Path; from esper.compat import current; from esper.report import render; "
+        f"render(Path({str(urza_copy)!r}), Path({str(tmp_path / 'out')!r}), current()); "
+        "print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "tiny_mlp" in page and "data:image/png;base64," in page
+    assert "| default | default | aoti | certified (routed) |" in (tmp_path / "out" / "report.md").read_text()
