@@ -115,6 +115,7 @@ class BlueprintCertification:
     eager_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     decisions: dict[str, Decision] = field(default_factory=dict)
     outcomes: dict[tuple[str, str | None], Outcome] = field(default_factory=dict)
+    checked: set[str] = field(default_factory=set)  # candidates whose checks ran in this session
     _eager: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
@@ -166,6 +167,7 @@ class BlueprintCertification:
         why = self.skip_reason(c)
         if why:
             pytest.skip(why)
+        self.checked.add(candidate)
         return c
 
     def ranges(self, candidate: str) -> dict[str, tuple[int, int]]:

@@ -129,7 +129,7 @@ class CertifySession:
         tried = [c for c in run.candidates.values() if c.entry is not None]
         n_profiles = len(run.bp.profiles())
         if len(routes) == n_profiles:
-            status = "certified" + (" (reused)" if tried and all(run.skip_reason(c) for c in tried) else "")
+            status = "certified" + (" (reused)" if tried and not run.checked else "")
         elif routes:
             status = f"partial ({len(routes)}/{n_profiles} profiles)"
         else:

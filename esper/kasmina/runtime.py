@@ -10,7 +10,7 @@ behaviour this wrapper relies on.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,13 @@ class CompiledPackage:
             raise PackageLoadError(f"{type(e).__name__}: {e}") from e
         _, out_spec = self._loader.get_call_spec()
         self._out_spec = pytree.treespec_loads(out_spec)
+        # Most blueprints return one tensor: skip rebuilding the output structure on every call.
+        self._single = self._out_spec.num_leaves == 1 and self._out_spec.num_nodes == 1
         self._lock = threading.Lock()
+        self.path = Path(path)
+        self.device_index = device_index
+        # Which caller's constants are loaded (run_with_constants), and those tensors, kept alive while aliased.
+        self._active: tuple[Hashable, dict[str, torch.Tensor]] | None = None
 
     def metadata(self) -> dict[str, str]:
         return dict(self._loader.get_metadata())
@@ -52,5 +58,23 @@ class CompiledPackage:
 
     def __call__(self, args: Sequence[torch.Tensor]) -> Any:
         with self._lock:
+            flat = self._loader.run(list(args))
+        return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
+
+    def reload(self) -> CompiledPackage:
+        """Another loaded copy of the same package file (its own constants, the same compiled code on disk)."""
+        return CompiledPackage(self.path, device_index=self.device_index)
+
+    def run_with_constants(
+        self, key: Hashable, constants: Callable[[], dict[str, torch.Tensor]], args: Sequence[torch.Tensor]
+    ) -> Any:
+        """Run with the caller's constants: ``constants()`` is loaded, aliased rather than copied, only when
+        ``key`` differs from the last call's (callers change the key when their tensors change)."""
+        with self._lock:
+            if self._active is None or self._active[0] != key:
+                tensors = constants()
+                self._active = None  # a failed load leaves nobody's constants trusted
+                self._loader.load_constants(tensors, False, True, True)
+                self._active = (key, tensors)
             flat = self._loader.run(list(args))
         return pytree.tree_unflatten(flat, self._out_spec)
