@@ -74,6 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     session = _session(config)
     session.generate()
+    _one_worker_per_module(config)
     # Without explicit paths, a certify run runs the certification modules only.
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args[:] = [str(session.build_dir)]
@@ -84,6 +85,16 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.benchmark_save or config.option.benchmark_json
     ):
         config.option.benchmark_autosave = True
+
+
+# xdist schedules that may split one module's tests across workers (its checks share one process's state).
+SPLITTING_SCHEDULES = ("load", "worksteal", "loadgroup")
+
+
+def _one_worker_per_module(config: pytest.Config) -> None:
+    """Under pytest-xdist, send each generated module (one blueprint's checks, in order) to a single worker."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in SPLITTING_SCHEDULES:
+        config.option.dist = "loadfile"
 
 
 @pytest.fixture(scope="module")

@@ -155,5 +155,123 @@ def urza_show(name: str, urza: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(row, indent=2, default=str))
 
 
+@urza.command(name="verify")
+@click_option("urza")
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="also check each entry's signature with this public key (default: $ESPER_PUBLIC_KEY)",
+)
+def urza_verify(urza: Path | None, public_key: Path | None) -> None:
+    """Check every entry's artifact file (present, whole, matching its sha256) and signature; exit 1 on problems."""
+    from esper.signing import SigningError, verifier_for
+
+    try:
+        verifier = verifier_for(public_key)
+    except SigningError as e:
+        raise click.ClickException(str(e)) from e
+    with _open_urza(_settings(urza).urza, readonly=True) as store:
+        report = store.verify(verifier)
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        sys.exit(1)
+
+
+@urza.command(name="gc")
+@click_option("urza")
+@click.option("--dry-run", is_flag=True, help="list what would be removed, remove nothing")
+@click.option(
+    "--grace",
+    "grace_seconds",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    help="only remove files older than this many seconds (a writer running now may still publish newer ones)",
+)
+def urza_gc(urza: Path | None, dry_run: bool, grace_seconds: float) -> None:
+    """Remove artifact files that no entry names, and temporary files of interrupted writes."""
+    with _open_urza(_settings(urza).urza, readonly=True) as store:
+        report = store.gc(dry_run=dry_run, grace_seconds=grace_seconds)
+    for line in report.lines():
+        click.echo(line)
+
+
+@urza.command(name="sign")
+@click_option("urza")
+def urza_sign(urza: Path | None) -> None:
+    """Sign every entry whose artifact verifies with $ESPER_SIGNING_KEY (after turning signing on or rotating)."""
+    from esper.urza import UrzaError
+
+    with _open_urza(_settings(urza).urza, readonly=False) as store:
+        try:
+            report = store.sign_all()
+        except UrzaError as e:
+            raise click.ClickException(str(e)) from e
+    for line in report.lines():
+        click.echo(line)
+    if report.skipped:
+        sys.exit(1)
+
+
+@urza.command(name="export")
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@click_option("urza")
+def urza_export(dest: Path, urza: Path | None) -> None:
+    """Write a self-contained, read-only snapshot (certified entries and their artifacts) to folder DEST."""
+    from esper.urza import UrzaError
+
+    with _open_urza(_settings(urza).urza, readonly=True) as store:
+        try:
+            report = store.export(dest)
+        except UrzaError as e:
+            raise click.ClickException(str(e)) from e
+    click.echo(
+        f"exported {report.entries} certified entries and {report.artifacts} artifacts ({report.bytes} bytes) "
+        f"to {report.path}; readers: Kasmina({str(report.path / 'urza.db')!r}) or ESPER_URZA={report.path / 'urza.db'}"
+    )
+
+
+@cli.command()
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="folder for esper-signing.key (private, mode 0600) and esper-signing.pub",
+)
+def keygen(out_dir: Path) -> None:
+    """Create an Ed25519 key pair for signing Urza entries (never overwrites an existing key)."""
+    from esper.signing import PUBLIC_KEY_ENV, SIGNING_KEY_ENV, SigningError, generate_keypair
+
+    try:
+        pair = generate_keypair(out_dir)
+    except SigningError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"private key: {pair.private} (mode 0600; writers only: {SIGNING_KEY_ENV}={pair.private})")
+    click.echo(f"public key:  {pair.public} (readers: {PUBLIC_KEY_ENV}={pair.public})")
+    click.echo(f"key id:      {pair.key_id}")
+
+
+@cli.command()
+@click_option("urza")
+@click_option("device")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path(".esper/report"),
+    show_default=True,
+    help="folder for report.md, report.html and the plots",
+)
+def report(urza: Path | None, device: str | None, out_dir: Path) -> None:
+    """Render the latest certification evidence in Urza as a Markdown and a self-contained HTML page."""
+    from esper.compat import current
+    from esper.report import render
+
+    md, page = render(_settings(urza).urza, out_dir, current(device or "cpu"))
+    click.echo(f"wrote {md} and {page}")
+
+
 def main() -> None:
     cli()

@@ -12,6 +12,17 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny"
 BROKEN = FIXTURES / "broken"
+TRAINING = FIXTURES / "training"
+CATALOG = Path(__file__).parent.parent / "blueprints"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_signing_keys_from_the_environment() -> Iterator[None]:
+    """A CI job (or a developer) that signs with ESPER_SIGNING_KEY / verifies with ESPER_PUBLIC_KEY must not
+    change what these tests store and load; tests/test_signing.py configures keys where it tests them."""
+    saved = {k: os.environ.pop(k) for k in ("ESPER_SIGNING_KEY", "ESPER_PUBLIC_KEY") if k in os.environ}
+    yield
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,3 +67,34 @@ def urza_copy(compiled_urza: Path, tmp_path: Path) -> Path:
     for p in dest.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
     return dest / "urza.db"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def training_certification_off() -> Iterator[None]:
+    """Certify runs inside this suite check inference only: training checks compile a training artifact per
+    blueprint. tests/test_training.py turns them on where it tests them."""
+    env = "ESPER_CERTIFY_TRAINING"  # esper.certification.training.ENV, without importing torch here
+    old = os.environ.get(env)
+    os.environ.setdefault(env, "0")
+    yield
+    if old is None:
+        os.environ.pop(env, None)
+
+
+@pytest.fixture(scope="session")
+def training_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) -> Path:
+    """A session Urza holding training artifacts marked certified: the catalog's ``lora_adapter`` (a frozen
+    base weight) and ``tiny_bn`` (BatchNorm) compiled, and ``tiny_dropout``'s eager training route."""
+    from esper.catalog import load_catalog
+    from esper.tezzeret.training import compile_training
+    from esper.urza import Urza
+
+    catalog = load_catalog([TRAINING, CATALOG])
+    path = tmp_path_factory.mktemp("training-urza") / "urza.db"
+    with Urza(path) as urza:
+        for name in ("lora_adapter", "tiny_bn"):
+            entry = compile_training(urza, catalog.get(name)).entry
+            assert entry.kind == "aoti", entry.failure_reason
+            urza.update(entry.id, status="certified")  # type: ignore[arg-type]
+        assert compile_training(urza, catalog.get("tiny_dropout")).entry.kind == "eager"
+    return path

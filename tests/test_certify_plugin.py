@@ -94,7 +94,9 @@ def test_wrong_only_off_the_representative_shapes_is_rejected(certify_run: pytes
     assert (entry.status, entry.failed_check) == ("rejected", "parity")
     assert entry.parity["certify"]["max_abs"] == pytest.approx(1.0, abs=1e-5)  # the injected `+ batch % 2`
     assert "Tensor-likes are not close" in (entry.failure_reason or "")
-    certify_run.stdout.fnmatch_lines(["FAILED .esper/certify/test_certify_tiny_odd.py::test_parity[[]default/default[]]*"])
+    certify_run.stdout.fnmatch_lines(
+        ["FAILED .esper/certify/test_certify_tiny_odd.py::test_parity[[]default/default[]]*"]
+    )
 
 
 def test_rejected_blueprint_is_served_eagerly_with_a_warning(

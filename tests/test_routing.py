@@ -22,8 +22,14 @@ from .conftest import TINY
 
 
 def bucketed(buckets: list[tuple[int, int]]) -> Blueprint:
-    return Blueprint(name="b", version=1, build=lambda: None, inputs=(Input("x", "float32", (Dim("batch", 1, 64), 4)),),
-                     representative=({"batch": 2}, {"batch": 8}), buckets={"batch": buckets})
+    return Blueprint(
+        name="b",
+        version=1,
+        build=lambda: None,
+        inputs=(Input("x", "float32", (Dim("batch", 1, 64), 4)),),
+        representative=({"batch": 2}, {"batch": 8}),
+        buckets={"batch": buckets},
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,11 +71,26 @@ def test_routing_picks_the_entry_whose_guards_accept(urza_copy: Path, caplog: py
         meta = {**base.meta, "profiles": profiles, "representative": [{"batch": 4}]}
         urza.update(base.id, status="rejected")  # type: ignore[arg-type]
         small = urza.publish(base.with_(profile=profiles[0], guards=guards(1, 4), meta=meta, status="certified"))
-        mid = urza.publish(base.with_(profile=profiles[1], guards=guards(5, 16), status="certified",
-                                      meta={**meta, "representative": [{"batch": 8}]}))
-        big = urza.publish(base.with_(profile=profiles[2], guards=guards(17, 32), kind="eager", variant="eager",
-                                      status="certified", checksum=checksum, artifact_size=size,
-                                      meta={**meta, "representative": [{"batch": 20}]}))
+        mid = urza.publish(
+            base.with_(
+                profile=profiles[1],
+                guards=guards(5, 16),
+                status="certified",
+                meta={**meta, "representative": [{"batch": 8}]},
+            )
+        )
+        big = urza.publish(
+            base.with_(
+                profile=profiles[2],
+                guards=guards(17, 32),
+                kind="eager",
+                variant="eager",
+                status="certified",
+                checksum=checksum,
+                artifact_size=size,
+                meta={**meta, "representative": [{"batch": 20}]},
+            )
+        )
     caplog.set_level(logging.INFO, "esper.kasmina")
     kernel = Kasmina(urza_copy, blueprint_paths=[TINY]).load("tiny_mlp")
     assert [r.entry.id for r in kernel.routes] == [small.id, mid.id, big.id]
@@ -90,8 +111,12 @@ def test_a_profile_where_every_variant_is_slower_than_eager_routes_eager(tmp_pat
     bp = bucketed([(1, 4), (5, 64)])
     cert = BlueprintCertification(bp=bp, urza_path=tmp_path / "urza.db", profile=PROFILES["cpu-2core"])
     cert.eager_latency = {"batch=2": {"p50_ms": 1.0, "p95_ms": 1.1}, "batch=8": {"p50_ms": 4.0, "p95_ms": 4.4}}
-    speed = {"batch=1-4/default": 1.2, "batch=1-4/freezing": 0.97, "batch=5-64/default": 0.8,
-             "batch=5-64/freezing": 0.5}
+    speed = {
+        "batch=1-4/default": 1.2,
+        "batch=1-4/freezing": 0.97,
+        "batch=5-64/default": 0.8,
+        "batch=5-64/freezing": 0.5,
+    }
     for cid, c in cert.candidates.items():
         from esper.compat import current
         from esper.urza import Entry
@@ -112,8 +137,13 @@ def test_a_profile_where_every_variant_is_slower_than_eager_routes_eager(tmp_pat
 def test_report_renders_from_urza_without_compiling(urza_copy: Path, tmp_path: Path) -> None:
     with Urza(urza_copy) as urza:
         (e,) = urza.entries("tiny_mlp")
-        perf = {"batch=4": {"compiled": {"p50_ms": 0.01, "p95_ms": 0.02}, "eager": {"p50_ms": 0.02, "p95_ms": 0.03},
-                            "ratio": 0.5}}
+        perf = {
+            "batch=4": {
+                "compiled": {"p50_ms": 0.01, "p95_ms": 0.02},
+                "eager": {"p50_ms": 0.02, "p95_ms": 0.03},
+                "ratio": 0.5,
+            }
+        }
         urza.update(e.id, performance={**e.performance, "certify": perf})  # type: ignore[arg-type]
     code = (
         "import sys; from pathlib import Path; from esper.compat import current; from esper.report import render; "

@@ -4,6 +4,7 @@ module when no route accepts it."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class Kernel(torch.nn.Module):
     ``route`` is ``"compiled"`` when at least one compiled route is loaded, and ``reason`` says why (or why
     not). After each call ``last_path`` says which path that call took and ``calls`` counts both. Routes
     come from disjoint shape profiles, so at most one accepts a call: dispatch is the first that does. The
-    eager module is built only when a call needs it.
+    eager module is built only when a call needs it. ``last_path`` and ``calls`` are unsynchronized
+    diagnostics: with several threads calling one kernel they describe some recent call, not yours.
     """
 
     def __init__(
@@ -111,9 +113,18 @@ class Kernel(torch.nn.Module):
         self.calls[EAGER] += 1
         return self.eager_module()(*args)
 
+    def bind(self, weights: Any) -> Kernel:
+        """This kernel's compiled code with a seed's own weights (its module, or a state dict): a new kernel.
+        Names, shapes and dtypes are checked first; see :mod:`esper.kasmina.seeds`."""
+        from esper.kasmina.seeds import bind
+
+        return bind(self, weights)
+
     def _warn_once(self, code: str, detail: str) -> None:
-        if detail not in self._warned:
-            self._warned.add(detail)
+        # One WARNING per kind of refusal, not per size: a loop over out-of-range batches must not flood logs.
+        kind = re.sub(r"\d+", "N", detail)
+        if kind not in self._warned:
+            self._warned.add(kind)
             telemetry.fallback(self.blueprint, code, detail)
 
     def extra_repr(self) -> str:

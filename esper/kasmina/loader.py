@@ -262,10 +262,11 @@ class Kasmina:
         module = bp.build().to(self.device).eval()
         if weights is not None and weights.blueprint_version == bp.version:
             try:
+                self._check_signature(weights)
                 with Urza(self.urza_path, readonly=True) as urza:
                     state = load_state(urza.store.verify(weights.checksum, weights.artifact_size))
                 module.load_state_dict(state)
-            except Exception as e:  # a damaged or foreign weights file must not stop a training run
+            except Exception as e:  # a damaged, unsigned or foreign weights file must not stop a training run
                 telemetry.fallback(
                     name,
                     telemetry.INTEGRITY,

@@ -1,16 +1,21 @@
 """Urza: the artifact library, a SQLite database (through sqlite-utils) plus an :class:`ArtifactStore`.
 
-Writers (Tezzeret, certification) open it read-write in WAL mode with a busy timeout and keep transactions
-short; readers (Kasmina) open it read-only, so nothing a training process does can change it.
+Writers (Tezzeret, certification) open it read-write in WAL mode with a busy timeout; every write is one short
+``BEGIN IMMEDIATE`` transaction, so concurrent writers queue for the lock instead of failing or interleaving a
+read-modify-write. When a signing key is configured (``$ESPER_SIGNING_KEY`` or ``Urza(signer=...)``) every
+row a writer stores is signed here, in the one place rows are written. Readers (Kasmina) open it read-only, so
+nothing a training process does can change it; a snapshot on a read-only filesystem is opened immutable.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
@@ -19,8 +24,14 @@ from esper.guards import SchemaVersionError
 from esper.urza.schema import Entry
 from esper.urza.store import ArtifactStore
 
+if TYPE_CHECKING:
+    from esper.signing import Signer, Verifier
+    from esper.urza.maintenance import ExportReport, GcReport, SignReport, VerifyReport
+
 BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_TABLE = "_urza_migrations"
+FROM_ENV = "env"  # Urza(signer=FROM_ENV): sign with the key named by $ESPER_SIGNING_KEY, if it is set
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class UrzaError(RuntimeError):
@@ -84,40 +95,92 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def _journal(path: Path) -> str | None:
+    """``"wal"`` or ``"rollback"`` from the file header (bytes 18-19), ``None`` if it is not SQLite."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return None
+    if len(header) < 20 or not header.startswith(SQLITE_MAGIC):
+        return None
+    return "wal" if header[18] == 2 else "rollback"
+
+
+def _read_only_folder(path: Path) -> bool:
+    # access() answers EROFS for a read-only mount even for root, for whom permission bits do not count.
+    return not os.access(path.resolve().parent, os.W_OK)
+
+
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        if _read_only_folder(path) and _journal(path) == "rollback":
+            # A snapshot on a read-only filesystem: nobody can write it, so SQLite need take no locks and look
+            # for no hot journal (which it could not create or remove anyway).
+            uri += "&immutable=1"
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     else:
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return conn
 
 
-class Urza:
-    """One Urza library: ``path`` is the database; artifacts live in ``objects/`` beside it."""
+def _resolve_signer(signer: Signer | str | None) -> Signer | None:
+    if signer != FROM_ENV:
+        return signer  # type: ignore[return-value]
+    from esper.signing import SigningError, signer_from_env
 
-    def __init__(self, path: str | Path, *, readonly: bool = False):
+    try:
+        return signer_from_env()
+    except SigningError as e:
+        raise UrzaError(f"cannot sign Urza entries: {e}") from e
+
+
+class Urza:
+    """One Urza library: ``path`` is the database; artifacts live in ``objects/`` beside it.
+
+    ``signer`` (writers only): a :class:`esper.signing.Signer` that signs every row written, ``None`` for
+    none, or by default the key named by ``$ESPER_SIGNING_KEY``.
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, signer: Signer | str | None = FROM_ENV):
         self.path = Path(path)
         self.readonly = readonly
         self.store = ArtifactStore(self.path.parent / "objects")
         if readonly and not self.path.is_file():
             raise UrzaError(f"Urza database {self.path} does not exist")
+        self.signer = None if readonly else _resolve_signer(signer)
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = None
         try:
-            self.db = sqlite_utils.Database(_connect(self.path, readonly))
+            conn = _connect(self.path, readonly)
+            self.db = sqlite_utils.Database(conn)
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise UrzaError(f"{self.path} is not a usable Urza database: {e}") from e
+            if conn is not None:
+                conn.close()
+            hint = ""
+            if readonly and _journal(self.path) == "wal" and _read_only_folder(self.path):
+                hint = " (a WAL-mode database cannot be read from a read-only folder: ship `esper urza export`)"
+            raise UrzaError(f"{self.path} is not a usable Urza database: {e}{hint}") from e
+        try:
+            self._check_schema(version)
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _check_schema(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise UrzaError(
                 f"{self.path} has Urza schema version {version}, newer than this Esper's {SCHEMA_VERSION}: "
                 "upgrade Esper; the file was left untouched"
             )
         if version < SCHEMA_VERSION:
-            if readonly:
+            if self.readonly:
+                self._refuse_foreign(version)
                 raise UrzaError(f"{self.path} has schema version {version}, expected {SCHEMA_VERSION} (migrate it)")
-            self._refuse_foreign(version)
             self.migrate()
         if "entries" not in self.db.table_names():
             raise UrzaError(f"{self.path} has no 'entries' table: not an Urza database, or damaged")
@@ -130,24 +193,60 @@ class Urza:
                 f"{self.path} is a SQLite database of something else (tables: {sorted(tables)}); refusing to modify it"
             )
 
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction that takes the write lock up front (``BEGIN IMMEDIATE``).
+
+        Waiting happens at ``BEGIN`` under the busy timeout, never halfway through: reads inside see the
+        latest commit and no other writer commits before this one does, so a read-modify-write loses nothing.
+        """
+        self._writable()
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
     # -- schema -------------------------------------------------------------------------------------
 
+    def _applied(self) -> set[str]:
+        if MIGRATIONS_TABLE not in self.db.table_names():
+            return set()
+        return {r["name"] for r in self.db[MIGRATIONS_TABLE].rows}
+
     def migrate(self, *, dry_run: bool = False) -> list[str]:
-        """Apply pending migrations in order; returns their names. ``dry_run`` only lists them."""
-        done = set()
-        if MIGRATIONS_TABLE in self.db.table_names():
-            done = {r["name"] for r in self.db[MIGRATIONS_TABLE].rows}
-        pending = [(n, fn) for n, fn in MIGRATIONS if n not in done]
+        """Apply pending migrations in order; returns their names. ``dry_run`` only lists them.
+
+        Each migration runs in its own write transaction that first re-reads what is applied, so two
+        processes opening a new Urza at once apply each migration exactly once.
+        """
         if dry_run:
-            return [n for n, _ in pending]
-        self.db.execute("PRAGMA journal_mode = WAL")
+            done = self._applied()
+            return [n for n, _ in MIGRATIONS if n not in done]
+        self._writable()
+        # Refuse a foreign database before anything (even the journal mode) is changed. Version and tables
+        # are read in one read transaction, so another process's migration is seen entirely or not at all.
+        self.db.conn.execute("BEGIN")
+        try:
+            self._refuse_foreign(self.db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            self.db.conn.rollback()
+        if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self.db.execute("PRAGMA journal_mode = WAL")
+        applied = []
         for number, (name, fn) in enumerate(MIGRATIONS, start=1):
-            if name not in done:
-                with self.db.conn:
-                    fn(self.db)
-                    self.db[MIGRATIONS_TABLE].insert({"name": name, "applied_at": _now()}, pk="name")
-                    self.db.execute(f"PRAGMA user_version = {number}")
-        return [n for n, _ in pending]
+            with self._write():
+                if name in self._applied():
+                    continue
+                self._refuse_foreign(self.db.execute("PRAGMA user_version").fetchone()[0])
+                fn(self.db)
+                self.db[MIGRATIONS_TABLE].insert({"name": name, "applied_at": _now()}, pk="name")
+                self.db.execute(f"PRAGMA user_version = {number}")
+                applied.append(name)
+        return applied
 
     # -- rows ---------------------------------------------------------------------------------------
 
@@ -203,32 +302,85 @@ class Urza:
         return next(self._rows(where, params), None)
 
     def publish(self, entry: Entry) -> Entry:
-        """Insert ``entry`` (its artifact must already be in the store); returns it with its id."""
-        self._writable()
+        """Insert ``entry`` (its artifact must already be in the store); returns it with its id.
+
+        Signed with this writer's key, if it has one.
+        """
         now = _now()
-        row = entry.with_(created_at=now, updated_at=now).to_row()
-        with self.db.conn:
-            cursor = self.db.execute(
-                f"INSERT INTO entries ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
-                list(row.values()),
-            )
+        row = self._signed(entry.with_(created_at=now, updated_at=now)).to_row()
+        with self._write():
+            cursor = self._insert(row)
         return self.get(int(cursor.lastrowid or 0))
 
     def update(self, entry_id: int, **changes: Any) -> Entry:
-        """Change an entry's status and/or evidence in one transaction; returns the new entry."""
-        self._writable()
-        current = self.get(entry_id)
-        row = current.with_(**changes, updated_at=_now()).to_row()
-        with self.db.conn:
+        """Change an entry's status and/or evidence in one transaction; returns the new entry.
+
+        The row is read and written under the write lock, so concurrent updates of other columns are kept.
+        With a signer the row is signed again (a new status needs a new signature); without one, a
+        signature that no longer matches the signed columns is dropped rather than left stale.
+        """
+        with self._write():
+            current = self.get(entry_id)
+            row = self._signed(current.with_(**changes, updated_at=_now()), before=current).to_row()
             self.db.execute(
                 f"UPDATE entries SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
                 [*row.values(), entry_id],
             )
         return self.get(entry_id)
 
+    def import_entries(self, entries: Iterable[Entry]) -> int:
+        """Insert entries verbatim, ids, timestamps and signatures included (how a snapshot is filled)."""
+        n = 0
+        with self._write():
+            for e in sorted(entries, key=lambda e: e.id or 0):
+                self._insert({"id": e.id, **e.to_row()})
+                n += 1
+        return n
+
+    def _insert(self, row: dict[str, Any]) -> sqlite3.Cursor:
+        return self.db.execute(
+            f"INSERT INTO entries ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
+        )
+
+    def _signed(self, entry: Entry, *, before: Entry | None = None) -> Entry:
+        if self.signer is not None:
+            return entry.with_(signature=self.signer.sign(entry))
+        if before is not None and before.signature and entry.signature == before.signature:
+            from esper.signing import payload
+
+            if payload(entry) != payload(before):
+                return entry.with_(signature=None)
+        return entry
+
     def _writable(self) -> None:
         if self.readonly:
             raise UrzaError(f"{self.path} was opened read-only")
+
+    # -- maintenance (esper/urza/maintenance.py) ----------------------------------------------------
+
+    def verify(self, verifier: Verifier | None = None) -> VerifyReport:
+        """Check every row against its artifact file (and its signature, given ``verifier``)."""
+        from esper.urza.maintenance import verify
+
+        return verify(self, verifier)
+
+    def gc(self, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> GcReport:
+        """Remove artifact files no row names and temporary files of interrupted writes."""
+        from esper.urza.maintenance import collect_garbage
+
+        return collect_garbage(self, dry_run=dry_run, grace_seconds=grace_seconds)
+
+    def sign_all(self) -> SignReport:
+        """Sign every row whose artifact verifies with this writer's key (turning signing on, rotating keys)."""
+        from esper.urza.maintenance import sign_all
+
+        return sign_all(self)
+
+    def export(self, dest: str | Path) -> ExportReport:
+        """Write a self-contained, read-only snapshot of the certified entries and their artifacts to ``dest``."""
+        from esper.urza.maintenance import export
+
+        return export(self, Path(dest))
 
     def close(self) -> None:
         self.db.close()

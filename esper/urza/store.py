@@ -1,8 +1,9 @@
 """Content-addressed artifact files: ``objects/<first two hex>/<sha256>`` beside the database.
 
 A path is only ever derived from a checksum the database holds, never read from a row, so a row cannot point
-a loader outside the store. Files are written under a temporary name, flushed and renamed into place, so a
-reader sees a whole file or none.
+a loader outside the store. Files are written under a temporary name (``.tmp-*``), flushed, fsynced and
+renamed into place before any row names them, so a reader sees a whole file or none, and a writer killed
+midway leaves at most a temporary file that nothing reads (``esper urza gc`` removes it).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class ArtifactStore:
         src = Path(src)
         checksum = sha256_file(src)
         dest = self.path_for(checksum)
-        if dest.exists() and dest.stat().st_size == src.stat().st_size:
+        if dest.is_file() and sha256_file(dest) == checksum:
             return checksum, dest.stat().st_size
+        # Absent, or damaged in place: (re)write it whole. The rename replaces a damaged file atomically.
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".part")
         try:
@@ -84,7 +86,8 @@ class ArtifactStore:
         return {p.name for p in self.root.glob("??/*") if SHA256_RE.match(p.name)}
 
     def leftovers(self) -> list[Path]:
-        """Temporary files of writes that never finished (a killed process)."""
+        """Temporary files of writes that never finished (a killed process). Never read: safe to delete once
+        no writer can still be writing them."""
         return sorted(self.root.glob("??/.tmp-*")) if self.root.is_dir() else []
 
 
