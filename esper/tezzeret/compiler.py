@@ -147,9 +147,7 @@ class Tezzeret:
         ranges = bp.profiles()[profile]
         digest = content_hash(bp, module, settings={"route": EAGER_ROUTE}, ranges=ranges, device=self.device.type)
         with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp:
-            path = Path(tmp) / "weights.safetensors"
-            save_state(module, path, blueprint=bp.name, version=bp.version)
-            checksum, size = self.urza.store.add(path)
+            checksum, size = self._store_weights(bp, module, Path(tmp))
         return self.urza.publish(
             Entry(
                 blueprint=bp.name,
@@ -219,6 +217,7 @@ class Tezzeret:
             aoti_seconds=round(t2 - t1, 3),
             package_metadata=loaded.metadata(),
             constants=_constant_schema(module, loaded),
+            folded_constants=_folded_constants(ep, loaded),
         )
         checksum, size = self.urza.store.add(package)
         entry = base.with_(
@@ -231,6 +230,12 @@ class Tezzeret:
         )
         return entry
 
+    def _store_weights(self, bp: Blueprint, module: torch.nn.Module, tmp: Path) -> tuple[str, int]:
+        """The module's weights as a safetensors artifact in the store: ``(sha256, size)``."""
+        path = tmp / "weights.safetensors"
+        save_state(module, path, blueprint=bp.name, version=bp.version)
+        return self.urza.store.add(path)
+
     def _store_fallback(
         self,
         bp: Blueprint,
@@ -240,9 +245,7 @@ class Tezzeret:
         reason: str,
         tmp: Path,
     ) -> Entry:
-        path = tmp / "weights.safetensors"
-        save_state(module, path, blueprint=bp.name, version=bp.version)
-        checksum, size = self.urza.store.add(path)
+        checksum, size = self._store_weights(bp, module, tmp)
         entry = base.with_(
             kind="eager",
             status="fallback",
@@ -263,3 +266,12 @@ def _constant_schema(module: torch.nn.Module, loaded: CompiledPackage) -> dict[s
         for name in sorted(loaded.constant_names())
         if name in state
     }
+
+
+def _folded_constants(ep: Any, loaded: CompiledPackage) -> list[str]:
+    """Weights the exported graph uses that Inductor folded into the compiled code (they are no package
+    constants): a seed bound to this artifact must keep their values (see esper.kasmina.seeds)."""
+    sig = ep.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    used = {names[n.name] for n in ep.graph.nodes if n.op == "placeholder" and n.name in names and n.users}
+    return sorted(used - set(loaded.constant_names()))
