@@ -36,6 +36,16 @@ Checks, in order. Each candidate (a shape profile compiled under a variant) that
                   profile is certified to run eager (measured, not a fallback)
   test_budgets    the chosen routes' p95 and compiled/eager ratio within the budget profile's limits
   test_publish    winners `certified`, losers `rejected` by selection with their figures, eager routes stored
+
+Training (the forward and backward compiled ahead of time, weights as inputs; ESPER_CERTIFY_TRAINING=0 skips):
+  test_train_compile  Tezzeret compiles the training artifact, or records why this blueprint trains eager
+                      (randomness such as dropout, a failed export); every training test then skips, saying so
+  test_grad_parity    one training step (loaded as Kasmina loads it) == eager autograd: output, input and
+                      parameter gradients, mutated buffers; hypothesis shapes, always including TRAIN_EDGES
+  test_train_guards   inputs outside the guards train eager, never compiled
+  test_train_latency  pytest-benchmark, a training step (forward and backward), compiled and eager
+  test_train_publish  certified if the compiled step beats eager by {margin:.0%} within the budget's ratio cap;
+                      otherwise rejected by selection and an eager training route certified
 """
 
 import pytest
@@ -89,6 +99,34 @@ def test_budgets(certification):
 
 def test_publish(certification):
     certification.publish()
+
+
+TRAIN_RANGES = {train_ranges!r}
+TRAIN_EDGES = {train_edges!r}
+TRAIN_SHAPES = {train_shapes!r}
+
+
+def test_train_compile(certification):
+    certification.training.compile()
+
+
+def test_grad_parity(certification):
+    certification.training.ready()
+    cs.check_cases(certification.training.check_grad_parity, TRAIN_RANGES, TRAIN_EDGES)
+
+
+def test_train_guards(certification):
+    certification.training.check_guards()
+
+
+@pytest.mark.parametrize("train_path", ["compiled", "eager"])
+@pytest.mark.parametrize("shape", TRAIN_SHAPES)
+def test_train_latency(certification, benchmark, train_path, shape):
+    certification.training.benchmark(benchmark, train_path, shape)
+
+
+def test_train_publish(certification):
+    certification.training.publish()
 '''
 
 BROKEN = '''"""A blueprint declaration that cannot be certified.
@@ -137,6 +175,9 @@ def render_module(bp: Blueprint, source: str, build_dir: str = ".esper/certify")
         candidates=candidate_ids(bp),
         edges={name: edge_sizes(ranges) for name, ranges in profiles.items()},
         latency=latency_cases(bp),
+        train_ranges={n: (d.min, d.max) for n, d in bp.dims.items()},
+        train_edges=edge_sizes({n: (d.min, d.max) for n, d in bp.dims.items()}),
+        train_shapes=[Blueprint.shape_label(r) for r in bp.representative],
     )
 
 

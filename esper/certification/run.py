@@ -117,6 +117,18 @@ class BlueprintCertification:
     outcomes: dict[tuple[str, str | None], Outcome] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)  # candidates whose checks ran in this session
     _eager: torch.nn.Module | None = None
+    _training: Any = None
+
+    @property
+    def training(self) -> Any:
+        """The certification of this blueprint's training artifact (see esper.certification.training)."""
+        if self._training is None:
+            from esper.certification.training import TrainingCertification
+
+            self._training = TrainingCertification(
+                self.bp, self.urza_path, self.profile, device=self.device, recheck=self.recheck
+            )
+        return self._training
 
     def __post_init__(self) -> None:
         for pname, ranges in self.bp.profiles().items():
@@ -448,6 +460,9 @@ class BlueprintCertification:
     def record(self, outcome: Outcome) -> None:
         """Note a test's outcome; a failed candidate check rejects that candidate's entry at once, with the
         check and the reason. A check with several tests keeps its worst outcome."""
+        if outcome.check.startswith("train_") or outcome.check == "grad_parity":
+            self.training.record(outcome)  # training checks decide the training artifact only
+            return
         rank = {"passed": 0, "skipped": 1, "failed": 2}
         key = (outcome.check, outcome.candidate)
         previous = self.outcomes.get(key)

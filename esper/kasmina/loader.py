@@ -149,6 +149,13 @@ class Kasmina:
 
         return self._load(name, pick)
 
+    def load_seeds(self, name: str) -> Kernel:
+        """Like :meth:`load`, for binding seeds (``.bind(weights)``): where a profile's certified winner folds
+        the weights into its code, the newest swappable candidate that passed every check routes instead."""
+        from esper.kasmina.seeds import choose_seed_entries
+
+        return self._load(name, lambda entries: choose_seed_entries(entries, self.key))
+
     def load_training(self, name: str, weights: Weights | None = None) -> TrainingKernel:
         """A training kernel for a seed of ``name`` holding ``weights`` (the seed's module, or a state dict;
         the builder's weights when ``None``): compiled forward and backward when Urza holds a certified
