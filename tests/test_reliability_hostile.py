@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,7 +171,8 @@ def test_hostile_inputs_never_crash_or_reach_compiled_code(
             return
         assert kernel.last_path == EAGER and kernel.calls[COMPILED] == compiled_before
         reason = "inputs require grad" if needs_grad else why
-        assert any(reason in r.getMessage() for r in records), f"no WARNING says {reason!r}"
+        # One WARNING per kind of refusal: the same refusal at another size is not logged again.
+        assert any(_kind(reason) in _kind(r.getMessage()) for r in records), f"no WARNING says {reason!r}"
         if want_error is not None:
             assert type(got_error) is type(want_error) and str(got_error) == str(want_error)
             CASES["eager, the eager module's own error"] += 1
@@ -185,10 +187,14 @@ def test_hostile_inputs_never_crash_or_reach_compiled_code(
         case()
     finally:
         logging.getLogger("esper.kasmina").removeHandler(handler)
-    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-    assert len(messages) == len(set(messages)), "a WARNING was repeated for the same reason"
+    messages = [_kind(r.getMessage()) for r in records if r.levelno == logging.WARNING]
+    assert len(messages) == len(set(messages)), "a WARNING was repeated for the same kind of refusal"
     print(f"\nhostile input cases: {sum(CASES.values())} ({dict(CASES)}); compiled calls checked: {len(compiled_sees)}")
     assert CASES["compiled, parity"] >= 10 and sum(CASES.values()) - CASES["compiled, parity"] >= 10
+
+
+def _kind(message: str) -> str:
+    return re.sub(r"\d+", "N", message)
 
 
 def test_kernel_guard_accepts_exactly_the_schema_shapes(kernel: Kernel) -> None:
