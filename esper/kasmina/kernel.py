@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from esper.guards import compile_check
+from esper.guards import compile_check, compile_predicate
 from esper.kasmina import telemetry
 from esper.kasmina.runtime import CompiledPackage
 from esper.urza import Entry
@@ -28,11 +28,12 @@ class Route:
     entry: Entry
     check: Callable[[Sequence[Any]], str | None]
     package: CompiledPackage | None = None
+    accepts: Callable[[Sequence[Any]], bool] | None = None
 
     @classmethod
     def of(cls, entry: Entry, package: CompiledPackage | None) -> Route:
         assert entry.guards is not None
-        return cls(entry, compile_check(entry.guards), package)
+        return cls(entry, compile_check(entry.guards), package, compile_predicate(entry.guards))
 
     @property
     def path(self) -> str:
@@ -84,6 +85,10 @@ class Kernel(torch.nn.Module):
 
     def select(self, args: Sequence[Any]) -> tuple[Route | None, str | None]:
         """The route that accepts ``args``, or ``None`` and why none does."""
+        # Refusals are explained only once no route accepts: a call to the second bucket pays two predicates.
+        for r in self.routes:
+            if r.accepts is not None and r.accepts(args):
+                return r, None
         why = None
         for r in self.routes:
             why = r.check(args)

@@ -17,14 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-
 from esper.compat import CompatKey
 from esper.guards import SchemaVersionError
 from esper.urza.schema import Entry
 from esper.urza.store import ArtifactStore
 
 if TYPE_CHECKING:
+    import sqlite_utils
+
     from esper.signing import Signer, Verifier
     from esper.urza.maintenance import ExportReport, GcReport, SignReport, VerifyReport
 
@@ -156,8 +156,9 @@ class Urza:
         conn = None
         try:
             conn = _connect(self.path, readonly)
-            self.db = sqlite_utils.Database(conn)
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            self.conn = conn
+            self._db: sqlite_utils.Database | None = None
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as e:
             if conn is not None:
                 conn.close()
@@ -168,8 +169,21 @@ class Urza:
         try:
             self._check_schema(version)
         except BaseException:
-            self.db.close()
+            self.conn.close()
             raise
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The sqlite-utils view of the connection, for schema work. Imported on first use: readers (Kasmina)
+        query with plain sqlite3 and never pay sqlite-utils' import (~40 ms)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
+
+    def _tables(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
 
     def _check_schema(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -182,12 +196,12 @@ class Urza:
                 self._refuse_foreign(version)
                 raise UrzaError(f"{self.path} has schema version {version}, expected {SCHEMA_VERSION} (migrate it)")
             self.migrate()
-        if "entries" not in self.db.table_names():
+        if "entries" not in self._tables():
             raise UrzaError(f"{self.path} has no 'entries' table: not an Urza database, or damaged")
 
     def _refuse_foreign(self, version: int) -> None:
         """Never migrate a database that some other program wrote: it would be altered under its owner."""
-        tables = set(self.db.table_names())
+        tables = set(self._tables())
         if version == 0 and tables - {MIGRATIONS_TABLE}:
             raise UrzaError(
                 f"{self.path} is a SQLite database of something else (tables: {sorted(tables)}); refusing to modify it"
@@ -201,7 +215,7 @@ class Urza:
         latest commit and no other writer commits before this one does, so a read-modify-write loses nothing.
         """
         self._writable()
-        conn = self.db.conn
+        conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -213,9 +227,9 @@ class Urza:
     # -- schema -------------------------------------------------------------------------------------
 
     def _applied(self) -> set[str]:
-        if MIGRATIONS_TABLE not in self.db.table_names():
+        if MIGRATIONS_TABLE not in self._tables():
             return set()
-        return {r["name"] for r in self.db[MIGRATIONS_TABLE].rows}
+        return {r[0] for r in self.conn.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
 
     def migrate(self, *, dry_run: bool = False) -> list[str]:
         """Apply pending migrations in order; returns their names. ``dry_run`` only lists them.
@@ -229,22 +243,22 @@ class Urza:
         self._writable()
         # Refuse a foreign database before anything (even the journal mode) is changed. Version and tables
         # are read in one read transaction, so another process's migration is seen entirely or not at all.
-        self.db.conn.execute("BEGIN")
+        self.conn.execute("BEGIN")
         try:
-            self._refuse_foreign(self.db.execute("PRAGMA user_version").fetchone()[0])
+            self._refuse_foreign(self.conn.execute("PRAGMA user_version").fetchone()[0])
         finally:
-            self.db.conn.rollback()
-        if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self.conn.rollback()
+        if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self.conn.execute("PRAGMA journal_mode = WAL")
         applied = []
         for number, (name, fn) in enumerate(MIGRATIONS, start=1):
             with self._write():
                 if name in self._applied():
                     continue
-                self._refuse_foreign(self.db.execute("PRAGMA user_version").fetchone()[0])
+                self._refuse_foreign(self.conn.execute("PRAGMA user_version").fetchone()[0])
                 fn(self.db)
                 self.db[MIGRATIONS_TABLE].insert({"name": name, "applied_at": _now()}, pk="name")
-                self.db.execute(f"PRAGMA user_version = {number}")
+                self.conn.execute(f"PRAGMA user_version = {number}")
                 applied.append(name)
         return applied
 
@@ -252,8 +266,10 @@ class Urza:
 
     def _rows(self, where: str, params: list[Any], order: str = "id DESC") -> Iterator[Entry]:
         try:
-            for row in self.db["entries"].rows_where(where, params, order_by=order):
-                yield Entry.from_row(row)
+            cursor = self.conn.execute(f"SELECT * FROM entries WHERE {where} ORDER BY {order}", params)
+            names = [d[0] for d in cursor.description]
+            for values in cursor:
+                yield Entry.from_row(dict(zip(names, values, strict=True)))
         except (sqlite3.DatabaseError, SchemaVersionError, KeyError, ValueError) as e:
             raise UrzaError(f"{self.path}: unreadable entry: {e}") from e
 
@@ -322,7 +338,7 @@ class Urza:
         with self._write():
             current = self.get(entry_id)
             row = self._signed(current.with_(**changes, updated_at=_now()), before=current).to_row()
-            self.db.execute(
+            self.conn.execute(
                 f"UPDATE entries SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
                 [*row.values(), entry_id],
             )
@@ -338,7 +354,7 @@ class Urza:
         return n
 
     def _insert(self, row: dict[str, Any]) -> sqlite3.Cursor:
-        return self.db.execute(
+        return self.conn.execute(
             f"INSERT INTO entries ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
         )
 
@@ -383,7 +399,7 @@ class Urza:
         return export(self, Path(dest))
 
     def close(self) -> None:
-        self.db.close()
+        self.conn.close()
 
     def __enter__(self) -> Urza:
         return self

@@ -93,7 +93,7 @@ def verify(urza: Urza, verifier: Verifier | None = None) -> VerifyReport:
         except ArtifactError as e:
             problem = f"{problem}; {e}" if problem else str(e)
         checks.append(RowCheck(entry.id or 0, entry.blueprint, entry.status, problem))
-    integrity = "; ".join(str(r[0]) for r in urza.db.execute("PRAGMA integrity_check").fetchall())
+    integrity = "; ".join(str(r[0]) for r in urza.conn.execute("PRAGMA integrity_check").fetchall())
     unreferenced = tuple(_unreferenced(urza, {e.checksum for e in entries}))
     return VerifyReport(tuple(checks), integrity, verifier is not None, tuple(urza.store.leftovers()), unreferenced)
 
