@@ -84,7 +84,7 @@ def cli(verbose: bool) -> None:
 def compile_cmd(
     names: tuple[str, ...], urza: Path | None, blueprints: tuple[Path, ...], device: str | None, force: bool
 ) -> None:
-    """Compile blueprints (all by default) into Urza with Tezzeret."""
+    """Compile blueprints (all by default) into Urza with Tezzeret: every shape profile under every variant."""
     from esper.catalog import UnknownBlueprintError, load_catalog, validate_module
     from esper.tezzeret.compiler import Tezzeret
 
@@ -101,11 +101,11 @@ def compile_cmd(
     with _open_urza(settings.urza, readonly=False) as store:
         tezzeret = Tezzeret(store, device=device or "cpu")
         for bp in chosen:
-            outcome = tezzeret.compile(bp, force=force)
-            e = outcome.entry
-            what = "reused" if outcome.reused else f"{e.kind} in {outcome.seconds:.1f}s"
-            reason = f" ({e.failure_reason.splitlines()[0]})" if e.failure_reason else ""
-            click.echo(f"{bp.name}: entry #{e.id} {e.status}, {what}{reason}")
+            for outcome in tezzeret.compile_candidates(bp, force=force):
+                e = outcome.entry
+                what = "reused" if outcome.reused else f"{e.kind} in {outcome.seconds:.1f}s"
+                reason = f" ({e.failure_reason.splitlines()[0]})" if e.failure_reason else ""
+                click.echo(f"{bp.name} [{e.profile}/{e.variant}]: entry #{e.id} {e.status}, {what}{reason}")
     if catalog.errors:
         sys.exit(1)
 

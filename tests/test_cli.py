@@ -50,7 +50,7 @@ def test_list_and_show(compiled_urza: Path) -> None:
 def test_compile_reuses_an_unchanged_blueprint(urza_copy: Path) -> None:
     result = CliRunner().invoke(cli, ["compile", "tiny_mlp", "--blueprints", str(TINY), "--urza", str(urza_copy)])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "tiny_mlp: entry #1 certified, reused"
+    assert result.output.strip() == "tiny_mlp [default/default]: entry #1 certified, reused"
 
 
 def test_unknown_blueprint_and_missing_entry_are_clean_errors(tmp_path: Path) -> None:
