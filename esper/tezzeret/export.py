@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch.export import Dim, ExportedProgram, export
@@ -54,15 +55,21 @@ def guards_from_export(
     Each input dim is fixed or a symbol; a symbol's range comes from the export (the ground truth of what
     the compiled code was specialized for) and must equal the declared (or bucket) range.
     """
-    expected = dict(ranges or {n: (d.min, d.max) for n, d in bp.dims.items()})
     user_inputs = list(ep.graph_signature.user_inputs)
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     if len(user_inputs) != len(bp.inputs):
         raise GuardMismatchError(f"export has {len(user_inputs)} user inputs, blueprint declares {len(bp.inputs)}")
+    return guards_from_values(ep, bp, [placeholders[name].meta["val"] for name in user_inputs], ranges=ranges)
+
+
+def guards_from_values(
+    ep: ExportedProgram, bp: Blueprint, values: list[Any], *, ranges: Mapping[str, tuple[int, int]] | None = None
+) -> GuardSchema:
+    """The guard schema of ``bp``'s inputs given their (fake) values in ``ep``, in declaration order."""
+    expected = dict(ranges or {n: (d.min, d.max) for n, d in bp.dims.items()})
     guards: list[InputGuard] = []
     device = "cpu"
-    for spec, ph_name in zip(bp.inputs, user_inputs, strict=True):
-        val = placeholders[ph_name].meta["val"]
+    for spec, val in zip(bp.inputs, values, strict=True):
         device = val.device.type
         dims: list[DimGuard] = []
         for k, (declared, size) in enumerate(zip(spec.shape, val.shape, strict=True)):
@@ -77,7 +84,7 @@ def guards_from_export(
                 )
             vr = ep.range_constraints[size.node.expr]
             lo, hi = int(vr.lower), int(vr.upper)
-            if (lo, hi) != expected[declared.name]:
+            if (lo, hi) != tuple(expected[declared.name]):
                 raise GuardMismatchError(
                     f"input {spec.name!r} dim {k} ({declared.name}): export range [{lo}, {hi}] != declared "
                     f"{list(expected[declared.name])}"

@@ -41,7 +41,7 @@ from esper.blueprint import Dim as DeclaredDim
 from esper.certification.strategies import edge_sizes
 from esper.context import machine_context
 from esper.gradients import exact_gradients, gradients, step, tolerance, upstream
-from esper.guards import DimGuard, GuardSchema, InputGuard
+from esper.guards import GuardSchema
 from esper.inputs import example_inputs
 from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.seeds import TensorSpec
@@ -50,7 +50,7 @@ from esper.kasmina.training_artifact import TRAIN_VARIANT, TrainingManifest, wri
 from esper.parity import assert_parity, max_errors
 from esper.tezzeret.aoti import compile_package, use_persistent_cache
 from esper.tezzeret.content import content_hash
-from esper.tezzeret.export import export_sizes
+from esper.tezzeret.export import export_sizes, guards_from_values
 from esper.tezzeret.joint import JointGraphs, evaluate_size, trace_joint
 from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, Urza
 from esper.weights import save_state
@@ -476,34 +476,8 @@ def _guards(
     """The inputs' guard schema read back from the forward export (as inference reads it from its export)."""
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     positions = {slot[1]: i for i, slot in enumerate(graphs.forward_inputs) if slot[0] == "input"}
-    guards = []
-    device = "cpu"
-    for k, spec in enumerate(bp.inputs):
-        val = placeholders[positions[k]].meta["val"]
-        device = val.device.type
-        dims: list[DimGuard] = []
-        for d, (declared, size) in enumerate(zip(spec.shape, val.shape, strict=True)):
-            if isinstance(declared, int):
-                if size != declared:
-                    raise ValueError(f"input {spec.name!r} dim {d}: export has {size}, declared {declared}")
-                dims.append(DimGuard(size=declared))
-                continue
-            if isinstance(size, int):
-                raise ValueError(f"input {spec.name!r} dim {d} ({declared.name}): export specialized it to {size}")
-            vr = ep.range_constraints[size.node.expr]
-            lo, hi = int(vr.lower), int(vr.upper)
-            if (lo, hi) != tuple(ranges[declared.name]):
-                raise ValueError(
-                    f"input {spec.name!r} dim {d} ({declared.name}): export range [{lo}, {hi}] != "
-                    f"declared {list(ranges[declared.name])}"
-                )
-            dims.append(DimGuard(name=declared.name, min=lo, max=hi))
-        guards.append(InputGuard(spec.name, spec.dtype, tuple(dims)))
-    return GuardSchema(
-        inputs=tuple(guards),
-        device=device,
-        range_constraints={str(k): f"[{v.lower}, {v.upper}]" for k, v in ep.range_constraints.items()},
-    )
+    values = [placeholders[positions[k]].meta["val"] for k in range(len(bp.inputs))]
+    return guards_from_values(ep, bp, values, ranges=ranges)
 
 
 # Tezzeret routes a blueprint eager when compiled and eager disagree by more than this many tolerances at a
