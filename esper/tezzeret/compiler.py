@@ -65,6 +65,46 @@ def _device_index(device: torch.device) -> int:
     return -1 if device.type == "cpu" else (device.index or 0)
 
 
+def reusable(
+    urza: Urza, bp: Blueprint, digest: str, key: compat.CompatKey, *, profile: str, variant: str
+) -> Entry | None:
+    """The newest entry with this identity whose artifact still verifies, or ``None`` (compile again)."""
+    existing = urza.find(bp.name, bp.version, digest, key, profile=profile, variant=variant)
+    if existing is None:
+        return None
+    try:
+        urza.store.verify(existing.checksum, existing.artifact_size)
+    except ArtifactError as e:
+        log.warning("%s: entry #%s unusable (%s); compiling again", bp.name, existing.id, e)
+        return None
+    log.info("%s: reusing Urza entry #%s (%s)", bp.name, existing.id, existing.status)
+    return existing
+
+
+def new_entry(bp: Blueprint, digest: str, key: compat.CompatKey, *, profile: str, variant: str) -> Entry:
+    """A not-yet-stored compiled entry of ``bp``: identity filled in, artifact and evidence to come."""
+    return Entry(
+        blueprint=bp.name,
+        blueprint_version=bp.version,
+        content_hash=digest,
+        compat=key,
+        kind="aoti",
+        status="compiled",
+        checksum="",
+        artifact_size=0,
+        guards=None,
+        profile=profile,
+        variant=variant,
+    )
+
+
+def store_weights(urza: Urza, bp: Blueprint, module: torch.nn.Module, tmp: Path) -> tuple[str, int]:
+    """The module's weights as a safetensors artifact in the store: ``(sha256, size)``."""
+    path = tmp / "weights.safetensors"
+    save_state(module, path, blueprint=bp.name, version=bp.version)
+    return urza.store.add(path)
+
+
 class Tezzeret:
     """Compiles blueprints into ``urza``. Sets a persistent Inductor cache beside Urza unless one is set."""
 
@@ -89,24 +129,10 @@ class Tezzeret:
         key = compat.current(self.device)
         module = bp.build().to(self.device).eval()
         digest = content_hash(bp, module, settings=variant.settings, ranges=ranges, device=self.device.type)
-        if not force:
-            existing = self.urza.find(bp.name, bp.version, digest, key, profile=profile, variant=variant.name)
-            if existing is not None and self._artifact_ok(existing):
-                log.info("%s: reusing Urza entry #%s (%s)", bp.name, existing.id, existing.status)
-                return CompileOutcome(existing, True, time.perf_counter() - started)
-        base = Entry(
-            blueprint=bp.name,
-            blueprint_version=bp.version,
-            content_hash=digest,
-            compat=key,
-            kind="aoti",
-            status="compiled",
-            checksum="",
-            artifact_size=0,
-            guards=None,
-            profile=profile,
-            variant=variant.name,
-        )
+        existing = None if force else reusable(self.urza, bp, digest, key, profile=profile, variant=variant.name)
+        if existing is not None:
+            return CompileOutcome(existing, True, time.perf_counter() - started)
+        base = new_entry(bp, digest, key, profile=profile, variant=variant.name)
         meta: dict[str, Any] = {
             "source": bp.source,
             "description": bp.description,
@@ -147,7 +173,7 @@ class Tezzeret:
         ranges = bp.profiles()[profile]
         digest = content_hash(bp, module, settings={"route": EAGER_ROUTE}, ranges=ranges, device=self.device.type)
         with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp:
-            checksum, size = self._store_weights(bp, module, Path(tmp))
+            checksum, size = store_weights(self.urza, bp, module, Path(tmp))
         return self.urza.publish(
             Entry(
                 blueprint=bp.name,
@@ -172,14 +198,6 @@ class Tezzeret:
                 },
             )
         )
-
-    def _artifact_ok(self, entry: Entry) -> bool:
-        try:
-            self.urza.store.verify(entry.checksum, entry.artifact_size)
-        except ArtifactError as e:
-            log.warning("%s: entry #%s unusable (%s); compiling again", entry.blueprint, entry.id, e)
-            return False
-        return True
 
     def _compile_aoti(
         self,
@@ -230,12 +248,6 @@ class Tezzeret:
         )
         return entry
 
-    def _store_weights(self, bp: Blueprint, module: torch.nn.Module, tmp: Path) -> tuple[str, int]:
-        """The module's weights as a safetensors artifact in the store: ``(sha256, size)``."""
-        path = tmp / "weights.safetensors"
-        save_state(module, path, blueprint=bp.name, version=bp.version)
-        return self.urza.store.add(path)
-
     def _store_fallback(
         self,
         bp: Blueprint,
@@ -245,7 +257,7 @@ class Tezzeret:
         reason: str,
         tmp: Path,
     ) -> Entry:
-        checksum, size = self._store_weights(bp, module, tmp)
+        checksum, size = store_weights(self.urza, bp, module, tmp)
         entry = base.with_(
             kind="eager",
             status="fallback",

@@ -49,11 +49,11 @@ from esper.kasmina.training import TrainingKernel, TrainingProgram, _Shared
 from esper.kasmina.training_artifact import TRAIN_VARIANT, TrainingManifest, write_artifact
 from esper.parity import assert_parity, max_errors
 from esper.tezzeret.aoti import compile_package, use_persistent_cache
+from esper.tezzeret.compiler import new_entry, reusable, store_weights
 from esper.tezzeret.content import content_hash
 from esper.tezzeret.export import export_sizes, guards_from_values
 from esper.tezzeret.joint import JointGraphs, evaluate_size, trace_joint
-from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, Urza
-from esper.weights import save_state
+from esper.urza import DEFAULT_PROFILE, Entry, Urza
 
 log = logging.getLogger("esper.tezzeret")
 
@@ -135,24 +135,10 @@ def compile_training(
     digest = content_hash(
         bp, module, settings={"training": TRAINING_PIPELINE, **settings}, ranges=ranges, device=dev.type
     )
-    if not force:
-        existing = urza.find(bp.name, bp.version, digest, key, profile=DEFAULT_PROFILE, variant=TRAIN_VARIANT)
-        if existing is not None and _artifact_ok(urza, existing):
-            log.info("%s: reusing training entry #%s (%s)", bp.name, existing.id, existing.status)
-            return TrainingOutcome(existing, True, time.perf_counter() - started)
-    base = Entry(
-        blueprint=bp.name,
-        blueprint_version=bp.version,
-        content_hash=digest,
-        compat=key,
-        kind="aoti",
-        status="compiled",
-        checksum="",
-        artifact_size=0,
-        guards=None,
-        profile=DEFAULT_PROFILE,
-        variant=TRAIN_VARIANT,
-    )
+    existing = None if force else reusable(urza, bp, digest, key, profile=DEFAULT_PROFILE, variant=TRAIN_VARIANT)
+    if existing is not None:
+        return TrainingOutcome(existing, True, time.perf_counter() - started)
+    base = new_entry(bp, digest, key, profile=DEFAULT_PROFILE, variant=TRAIN_VARIANT)
     meta: dict[str, Any] = {
         "source": bp.source,
         "description": bp.description,
@@ -182,21 +168,10 @@ def compile_training(
     return TrainingOutcome(entry, False, seconds)
 
 
-def _artifact_ok(urza: Urza, entry: Entry) -> bool:
-    try:
-        urza.store.verify(entry.checksum, entry.artifact_size)
-    except ArtifactError as e:
-        log.warning("%s: training entry #%s unusable (%s); compiling again", entry.blueprint, entry.id, e)
-        return False
-    return True
-
-
 def _store_eager_route(
     bp: Blueprint, module: torch.nn.Module, base: Entry, meta: dict[str, Any], reason: str, urza: Urza, tmp: Path
 ) -> Entry:
-    path = tmp / "weights.safetensors"
-    save_state(module, path, blueprint=bp.name, version=bp.version)
-    checksum, size = urza.store.add(path)
+    checksum, size = store_weights(urza, bp, module, tmp)
     return base.with_(
         kind="eager",
         status="fallback",
@@ -226,9 +201,7 @@ def store_eager_training_route(
     digest = content_hash(bp, module, settings=settings, ranges=ranges, device=dev.type)
     evidence = dict(evidence or {})
     with tempfile.TemporaryDirectory(prefix="tezzeret-train-") as tmp:
-        path = Path(tmp) / "weights.safetensors"
-        save_state(module, path, blueprint=bp.name, version=bp.version)
-        checksum, size = urza.store.add(path)
+        checksum, size = store_weights(urza, bp, module, Path(tmp))
     return urza.publish(
         Entry(
             blueprint=bp.name,
