@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from esper.blueprint import Blueprint, BlueprintError, Dim
 from esper.certification.run import MARGIN, candidate_ids, latency_cases
-from esper.certification.strategies import edge_sizes
+from esper.coverage import edge_sizes
 
 GENERATED_PREFIX = "test_certify_"
 

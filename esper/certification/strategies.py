@@ -42,34 +42,6 @@ def hypothesis_settings() -> settings:
     return settings.get_profile(name)
 
 
-def _largest_prime_between(lo: int, hi: int) -> int | None:
-    for n in range(hi - 1, lo, -1):
-        if n > 2 and all(n % d for d in range(2, int(n**0.5) + 1)):
-            return n
-    return None
-
-
-def edge_sizes(ranges: Ranges) -> list[dict[str, int]]:
-    """Shapes that must always be tried: every dim at its min, every dim at its max, and every dim at a
-    prime strictly inside its range (an odd size where no prime fits), then min/max mixed."""
-    if not ranges:
-        return [{}]
-    out = [{n: lo for n, (lo, _) in ranges.items()}, {n: hi for n, (_, hi) in ranges.items()}]
-    inner = {}
-    for n, (lo, hi) in ranges.items():
-        odd = next((k for k in range(hi - 1, lo, -1) if k % 2), None)
-        inner[n] = _largest_prime_between(lo, hi) or odd or lo
-    out.append(inner)
-    if len(ranges) > 1:
-        names = list(ranges)
-        out.append({n: (ranges[n][0] if i == 0 else ranges[n][1]) for i, n in enumerate(names)})
-    unique: list[dict[str, int]] = []
-    for sizes in out:
-        if sizes not in unique:
-            unique.append(sizes)
-    return unique
-
-
 def sizes(ranges: Ranges) -> st.SearchStrategy[dict[str, int]]:
     """A size for every dynamic dim, inside its range."""
     return st.fixed_dictionaries({n: st.integers(lo, hi) for n, (lo, hi) in ranges.items()})

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esper.artifacts import ArtifactKind
 from esper.guards import SchemaVersionError
 from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.seeds import TensorSpec
@@ -46,7 +47,7 @@ class ArtifactFormatError(ValueError):
 
 def is_training_entry(entry: Entry) -> bool:
     """Whether an Urza entry is a training artifact (or a blueprint's eager training route)."""
-    return entry.variant == TRAIN_VARIANT
+    return entry.artifact == ArtifactKind.TRAINING
 
 
 @dataclass(frozen=True)

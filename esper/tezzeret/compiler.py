@@ -66,10 +66,17 @@ def _device_index(device: torch.device) -> int:
 
 
 def reusable(
-    urza: Urza, bp: Blueprint, digest: str, key: compat.CompatKey, *, profile: str, variant: str
+    urza: Urza,
+    bp: Blueprint,
+    digest: str,
+    key: compat.CompatKey,
+    *,
+    profile: str,
+    variant: str,
+    artifact: str = "inference",
 ) -> Entry | None:
     """The newest entry with this identity whose artifact still verifies, or ``None`` (compile again)."""
-    existing = urza.find(bp.name, bp.version, digest, key, profile=profile, variant=variant)
+    existing = urza.find(bp.name, bp.version, digest, key, profile=profile, variant=variant, artifact=artifact)
     if existing is None:
         return None
     try:

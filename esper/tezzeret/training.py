@@ -38,8 +38,8 @@ from esper import compat
 from esper.bench import measure
 from esper.blueprint import Blueprint
 from esper.blueprint import Dim as DeclaredDim
-from esper.certification.strategies import edge_sizes
 from esper.context import machine_context
+from esper.coverage import edge_sizes
 from esper.gradients import exact_gradients, gradients, step, tolerance, upstream
 from esper.guards import GuardSchema
 from esper.inputs import example_inputs
@@ -135,10 +135,14 @@ def compile_training(
     digest = content_hash(
         bp, module, settings={"training": TRAINING_PIPELINE, **settings}, ranges=ranges, device=dev.type
     )
-    existing = None if force else reusable(urza, bp, digest, key, profile=DEFAULT_PROFILE, variant=TRAIN_VARIANT)
+    existing = (
+        None
+        if force
+        else reusable(urza, bp, digest, key, profile=DEFAULT_PROFILE, variant=TRAIN_VARIANT, artifact="training")
+    )
     if existing is not None:
         return TrainingOutcome(existing, True, time.perf_counter() - started)
-    base = new_entry(bp, digest, key, profile=DEFAULT_PROFILE, variant=TRAIN_VARIANT)
+    base = new_entry(bp, digest, key, profile=DEFAULT_PROFILE, variant=TRAIN_VARIANT).with_(artifact="training")
     meta: dict[str, Any] = {
         "source": bp.source,
         "description": bp.description,
@@ -215,6 +219,7 @@ def store_eager_training_route(
             guards=None,
             profile=DEFAULT_PROFILE,
             variant=TRAIN_VARIANT,
+            artifact="training",
             parity=dict(evidence.get("parity", {})),
             performance=dict(evidence.get("performance", {})),
             meta={

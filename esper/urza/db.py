@@ -84,9 +84,19 @@ def _m001_entries(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_artifact(db: sqlite_utils.Database) -> None:
+    """An explicit artifact kind per row. Before it, training rows were told apart by ``variant = 'train'``;
+    those rows keep that variant (it is signed) and are marked ``training`` here, every other row
+    ``inference``. New rows carry the Inductor variant in ``variant`` and the kind in ``artifact``."""
+    db["entries"].add_column("artifact", str, not_null_default="inference")
+    db.execute("UPDATE entries SET artifact = 'training' WHERE variant = 'train'")
+    db["entries"].create_index(["blueprint", "artifact", "status"])
+
+
 # Append only: the schema version is the number of migrations, and each runs once, in order, atomically.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_entries", _m001_entries),
+    ("002_artifact", _m002_artifact),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -278,12 +288,17 @@ class Urza:
             return e
         raise UrzaError(f"no Urza entry with id {entry_id}")
 
-    def entries(self, blueprint: str | None = None, *, status: str | None = None) -> list[Entry]:
-        """Entries, newest first, optionally of one blueprint and/or status."""
+    def entries(
+        self, blueprint: str | None = None, *, status: str | None = None, artifact: str | None = None
+    ) -> list[Entry]:
+        """Entries, newest first, optionally of one blueprint, status and/or artifact kind."""
         clauses, params = [], []
         if blueprint is not None:
             clauses.append("blueprint = ?")
             params.append(blueprint)
+        if artifact is not None:
+            clauses.append("artifact = ?")
+            params.append(str(artifact))
         if status is not None:
             clauses.append("status = ?")
             params.append(status)
@@ -298,15 +313,17 @@ class Urza:
         *,
         profile: str,
         variant: str,
+        artifact: str = "inference",
     ) -> Entry | None:
         """The newest entry with exactly this identity, or ``None``."""
         where = (
-            "blueprint = ? AND blueprint_version = ? AND profile = ? AND variant = ? AND content_hash = ? "
-            "AND torch_version = ? AND platform = ? AND isa = ? AND device_type = ?"
+            "blueprint = ? AND blueprint_version = ? AND artifact = ? AND profile = ? AND variant = ? "
+            "AND content_hash = ? AND torch_version = ? AND platform = ? AND isa = ? AND device_type = ?"
         )
         params = [
             blueprint,
             blueprint_version,
+            str(artifact),
             profile,
             variant,
             content_hash,

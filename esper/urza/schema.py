@@ -1,8 +1,8 @@
 """Urza's entry: one compiled (or fallback) artifact of one blueprint, with its evidence.
 
-An entry's identity is blueprint name + blueprint version + shape profile + compile variant + compatibility
-key + content hash; its artifact is a file named by its sha256. Rows are plain, versioned data: readers
-refuse a database whose schema version is newer than theirs.
+An entry's identity is blueprint name + blueprint version + artifact kind (inference or training) + shape
+profile + compile variant + compatibility key + content hash; its artifact is a file named by its sha256.
+Rows are plain, versioned data: readers refuse a database whose schema version is newer than theirs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from esper.artifacts import ARTIFACT_KINDS, ArtifactKind
 from esper.compat import CompatKey
 from esper.guards import GuardSchema
 
@@ -35,6 +36,7 @@ class Entry:
     guards: GuardSchema | None
     profile: str = DEFAULT_PROFILE
     variant: str = DEFAULT_VARIANT
+    artifact: str = ArtifactKind.INFERENCE.value
     parity: dict[str, Any] = field(default_factory=dict)
     performance: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -50,6 +52,8 @@ class Entry:
             raise ValueError(f"entry kind {self.kind!r} is not one of {KINDS}")
         if self.status not in STATUSES:
             raise ValueError(f"entry status {self.status!r} is not one of {STATUSES}")
+        if self.artifact not in ARTIFACT_KINDS:
+            raise ValueError(f"entry artifact {self.artifact!r} is not one of {ARTIFACT_KINDS}")
 
     def with_(self, **changes: Any) -> Entry:
         return replace(self, **changes)
@@ -61,6 +65,7 @@ class Entry:
             "blueprint_version": self.blueprint_version,
             "profile": self.profile,
             "variant": self.variant,
+            "artifact": str(self.artifact),
             "content_hash": self.content_hash,
             "torch_version": self.compat.torch_version,
             "platform": self.compat.platform,
@@ -89,6 +94,7 @@ class Entry:
             blueprint_version=row["blueprint_version"],
             profile=row["profile"],
             variant=row["variant"],
+            artifact=row["artifact"],
             content_hash=row["content_hash"],
             compat=CompatKey(row["torch_version"], row["platform"], row["isa"], row["device_type"]),
             kind=row["kind"],

@@ -1,0 +1,98 @@
+"""Tezzeret's training artifacts: gradients match eager at every dim edge; randomness routes eager."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from esper.catalog import load_catalog
+from esper.coverage import edge_sizes
+from esper.gradients import exact_gradients, gradients, tolerance
+from esper.kasmina import Kasmina
+from esper.kasmina.training import COMPILED, EAGER, TrainingKernel
+from esper.kasmina.training_artifact import is_training_entry
+from esper.urza import Urza
+
+from .conftest import CATALOG, TRAINING
+
+pytestmark = pytest.mark.compiles
+
+CATALOG_TRAINING = load_catalog([TRAINING, CATALOG])
+
+
+def load(urza: Path, name: str, weights: Any = None) -> TrainingKernel:
+    return Kasmina(urza, blueprint_paths=[TRAINING, CATALOG]).load_training(name, weights)
+
+
+def build(name: str) -> torch.nn.Module:
+    return CATALOG_TRAINING.get(name).build()
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "esper.kasmina" and r.levelno == logging.WARNING]
+
+
+def perturbed(name: str, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in build(name).state_dict().items()
+    }
+
+
+@pytest.fixture
+def training_copy(training_urza: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "urza"
+    shutil.copytree(training_urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))
+    for p in dest.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dest / "urza.db"
+
+
+@pytest.mark.parametrize("name", ["lora_adapter", "tiny_bn"])
+def test_gradient_parity_at_dynamic_dim_edges(training_urza: Path, name: str) -> None:
+    bp = CATALOG_TRAINING.get(name)
+    base = load(training_urza, name)
+    tol = bp.tolerance
+    gen = torch.Generator().manual_seed(0)
+    for sizes in edge_sizes({n: (d.min, d.max) for n, d in bp.dims.items()}):
+        args = tuple(torch.randn(s, generator=gen) for s in bp.shapes(sizes).values())
+        seed = base.bind(build(name))
+        reference = build(name).train()
+        got_out, got = gradients(seed, args, seed=3, weights=seed.seed)
+        exact_out, exact = exact_gradients(reference, args, seed=3)
+        want_out, want = gradients(reference, args, seed=3)
+        assert seed.last_path == COMPILED, (sizes, seed.check(*args))
+        atol, rtol = tolerance(tol.atol, tol.rtol, want_out, exact_out)
+        torch.testing.assert_close(got_out, want_out, atol=atol, rtol=rtol)
+        assert set(got) == set(want) and "input 0" in want
+        for n in want:
+            atol, rtol = tolerance(tol.atol, tol.rtol, want[n], exact[n])
+            torch.testing.assert_close(got[n], want[n], atol=atol, rtol=rtol, msg=f"{name} {sizes} {n}")
+        for (n, b), (_, c) in zip(seed.seed.named_buffers(), reference.named_buffers(), strict=True):
+            torch.testing.assert_close(b, c, atol=tol.atol, rtol=tol.rtol, msg=n)
+    if name == "lora_adapter":
+        # The base is frozen: the artifact computes gradients for the low-rank factors only.
+        assert base._shared.program.manifest.trainable == ("lora_a.weight", "lora_b.weight")  # type: ignore[union-attr]
+
+
+def test_a_dropout_blueprint_takes_the_eager_training_route_with_its_reason(
+    training_urza: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Urza(training_urza, readonly=True) as urza:
+        (entry,) = [e for e in urza.entries("tiny_dropout") if is_training_entry(e)]
+    assert entry.kind == "eager" and entry.status == "fallback"
+    assert "aten.native_dropout.default" in (entry.failure_reason or "")
+    assert entry.meta["training"]["route"] == "eager"
+    with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
+        kernel = load(training_urza, "tiny_dropout")
+    assert kernel.route == EAGER and "random numbers" in kernel.reason
+    (record,) = warnings_of(caplog)
+    assert record.esper["reason"] == "no-training-artifact" and "native_dropout" in record.esper["detail"]
+    y = kernel(torch.randn(4, 8, requires_grad=True))
+    assert kernel.last_path == EAGER and y.requires_grad
