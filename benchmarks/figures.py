@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import platform
 from pathlib import Path
 from typing import Any
+
+from esper import evidence
 
 TARGETS = {
     "P1": "median <= 15 ms, >= 1000x faster than cold torch.compile",
@@ -14,12 +15,16 @@ TARGETS = {
     "P3": "<= 2 us per call",
     "P4": "cold <= 10 min, unchanged <= 10 s",
     "P5": "<= 50 ms, no compiler imported",
+    "floor": "Kasmina overhead above the raw runner <= max(2 us, 5% of the call)",
+    "training": "compiled training step <= 0.7 of eager, geomean over the blueprints that train compiled",
+    "seeds": "seed switch <= 0.5 ms (100 seeds of residual_mlp, alternating every call)",
 }
 
 
 def geomean(values: list[float]) -> float | None:
+    """The geometric mean of the positive ``values`` (``None`` when there are none: a figure not measured)."""
     values = [v for v in values if v and v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+    return evidence.geomean(values) if values else None
 
 
 def headline(figures: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +50,119 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
         out["P4 certify unchanged, s"] = figures["P4"]["unchanged"]["seconds"]
     if figures.get("P5"):
         out["P5 import esper.kasmina beyond torch, median ms"] = figures["P5"]["median_ms"]
+    floor = [r for r in figures.get("floor", {}).get("blueprints", {}).values() if "overhead_us" in r]
+    if floor:
+        out["floor: Kasmina overhead above the raw runner, max us"] = max(r["overhead_us"] for r in floor)
+        out["floor: blueprints over the overhead target"] = sum(not r["meets_target"] for r in floor)
+    steps = training_ratios(figures)
+    if steps:
+        out["training step compiled / eager, geomean"] = geomean(list(steps.values()))
+    inference = figures.get("seeds", {}).get("inference", {})
+    if "switch_cost_ms" in inference:
+        out["seed switch (100 seeds, alternating every call), ms"] = inference["switch_cost_ms"]
     return out
+
+
+def training_ratios(figures: dict[str, Any]) -> dict[str, float]:
+    """Per ``blueprint[shape]`` that trains compiled, the training step's compiled / eager ratio."""
+    return {
+        f"{name}[{shape}]": v["ratio"]
+        for name, row in figures.get("training", {}).items()
+        for shape, v in row.get("steps", {}).items()
+    }
+
+
+def lever_geomeans(levers: dict[str, Any]) -> dict[str, tuple[float | None, int, int]]:
+    """Per lever: the geomean of its ratio to eager over the shapes measured, how many, and how many it wins."""
+    ratios: dict[str, list[float]] = {}
+    wins: dict[str, int] = {}
+    for bp in levers.get("blueprints", {}).values():
+        for lever, lv in bp["levers"].items():
+            for r in lv.get("shapes", {}).values():
+                ratios.setdefault(lever, []).append(r["ratio"])
+                wins[lever] = wins.get(lever, 0) + (r["decision"] == "wins")
+    return {k: (geomean(v), len(v), wins.get(k, 0)) for k, v in ratios.items()}
+
+
+def extra_sections(figures: dict[str, Any]) -> list[str]:
+    """The floor, the lever study, training steps and seeds (issue 14), where measured."""
+    lines: list[str] = []
+    floor = figures.get("floor", {}).get("blueprints", {})
+    if floor:
+        lines += [
+            "",
+            "## Floor: the raw AOTInductor runner and Kasmina's overhead above it (smallest representative shape)",
+            "",
+            "| blueprint | shape | raw run us | kernel us | overhead us | target us | select us |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in sorted(floor.items()):
+            if "overhead_us" not in r:
+                lines.append(f"| {name} | | skipped: {r.get('skipped', '')} | | | | |")
+                continue
+            p = r["paths"]
+            shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+            lines.append(
+                f"| {name} | {shape} | {p['raw']['us']:.2f} | {p['kernel']['us']:.2f} | {r['overhead_us']:.2f} "
+                f"| {r['target_us']:.2f}{'' if r['meets_target'] else ' (missed)'} | {p['select']['us']:.2f} |"
+            )
+    levers = figures.get("levers")
+    if levers:
+        lines += [
+            "",
+            f"## Lever study ({levers.get('mode', '')} mode; full tables in levers.md)",
+            "",
+            "| lever | geomean ratio to eager | shapes | wins (by the margin, with confidence) |",
+            "|---|---|---|---|",
+        ]
+        for lever, (g, n, w) in lever_geomeans(levers).items():
+            lines.append(f"| {lever} | {g:.3f} | {n} | {w} |" if g else f"| {lever} | | {n} | {w} |")
+        skipped = {
+            lever: lv["skipped"]
+            for bp in levers.get("blueprints", {}).values()
+            for lever, lv in bp["levers"].items()
+            if "skipped" in lv
+        }
+        lines += [f"- {k} skipped: {v}" for k, v in skipped.items()]
+        from benchmarks.levers import markdown as lever_tables
+
+        lines += ["", lever_tables(levers).rstrip("\n")]
+    training = figures.get("training")
+    if training:
+        lines += [
+            "",
+            "## Training step, compiled / eager",
+            "",
+            "| blueprint | route | per shape | geomean |",
+            "|---|---|---|---|",
+        ]
+        for name, row in sorted(training.items()):
+            steps = row.get("steps", {})
+            cells = "; ".join(f"{k}: {v['ratio']:.2f}" for k, v in steps.items())
+            g = geomean([v["ratio"] for v in steps.values()])
+            note = cells or str(row.get("reason", ""))[:120]
+            lines.append(f"| {name} | {row.get('route', '')} | {note} | {f'{g:.2f}' if g else ''} |")
+    seeds = figures.get("seeds")
+    if seeds:
+        lines += [
+            "",
+            f"## {seeds.get('seeds')} seeds of {seeds.get('blueprint')}",
+            "",
+            "| kind | switch cost ms [min-max] | call alternating ms | call same seed ms | bind ms/seed "
+            "| RSS MiB/seed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for kind in ("inference", "training"):
+            s = seeds.get(kind)
+            if not s:
+                continue
+            lines.append(
+                f"| {kind} | {s.get('switch_cost_ms', '')} [{s.get('switch_cost_min_ms', '')}-"
+                f"{s.get('switch_cost_max_ms', '')}] | {s.get('switch_call_ms', s.get('call_ms_round_robin'))} "
+                f"| {s.get('same_seed_call_ms', s.get('call_ms_same_seed'))} | {s.get('bind_ms_per_seed')} "
+                f"| {s.get('rss_overhead_mb_per_seed')} |"
+            )
+    return lines
 
 
 def markdown(figures: dict[str, Any]) -> str:
@@ -87,6 +204,7 @@ def markdown(figures: dict[str, Any]) -> str:
             f"| {key} | {v['eager']:.3g} | {r('kasmina', 'eager')} | {r('kasmina_default', 'eager')} "
             f"| {r('kasmina', 'compile_warm')} |"
         )
+    lines += extra_sections(figures)
     return "\n".join(lines) + "\n"
 
 

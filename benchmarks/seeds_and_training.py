@@ -55,17 +55,18 @@ def p50_ms(fn: Any, seconds: float) -> float:
 
 def compile_all(urza_path: Path, blueprints: list[Blueprint]) -> dict[str, dict[str, Any]]:
     """Each blueprint's training artifact (or its eager route), marked certified in this benchmark's Urza."""
-    from esper.tezzeret.training import compile_training
+    from esper.artifacts import ArtifactKind
+    from esper.tezzeret.compiler import Tezzeret
 
     rows: dict[str, dict[str, Any]] = {}
     with Urza(urza_path) as urza:
         for bp in blueprints:
-            outcome = compile_training(urza, bp)
+            outcome = Tezzeret(urza).compile(bp, artifact=ArtifactKind.TRAINING)
             e = outcome.entry
             if e.kind == "aoti" and e.status == "compiled":
                 e = urza.update(e.id, status="certified")  # type: ignore[arg-type]
             rows[bp.name] = {
-                "route": "compiled" if e.kind == "aoti" else "eager",
+                "route": outcome.route,
                 "entry": e.id,
                 "compile_s": round(e.meta.get("compile_seconds", 0.0), 1),
                 "reused": outcome.reused,
@@ -135,6 +136,7 @@ def hundred_seeds(kasmina: Kasmina, bp: Blueprint, urza_path: Path, n: int = 100
                     s(*x)
             round_robin_ms = (time.perf_counter() - t0) / (3 * n) * 1e3
             same_seed_ms = p50_ms(lambda s=seeds[0]: s(*x), 0.3)
+            switch = seed_switch(seeds, x)
         result[kind] = {
             "load_base_ms": round(load_s * 1e3, 1),
             "bind_100_s": round(bind_s, 3),
@@ -144,9 +146,41 @@ def hundred_seeds(kasmina: Kasmina, bp: Blueprint, urza_path: Path, n: int = 100
             "call_ms_round_robin": round(round_robin_ms, 3),
             "call_ms_same_seed": round(same_seed_ms, 3),
             "paths": sorted({str(s.last_path) for s in seeds}),
+            **switch,
         }
         del seeds, base, states
     return result
+
+
+def seed_switch(seeds: list[Any], x: list[torch.Tensor], rounds: int = 9) -> dict[str, float]:
+    """The cost of switching seeds (issue 14: <= 0.5 ms): per call, the seeds alternating every call (each call
+    loads another seed's weights into the shared package) minus one seed repeated, the two loops interleaved
+    in ``rounds`` rounds (median of per-round figures, and the spread of the per-round differences)."""
+    n = len(seeds)
+    switching, same, diffs = [], [], []
+    with torch.no_grad():
+        for r in range(rounds):
+            figures = {}
+            for kind in ("switch", "same") if r % 2 == 0 else ("same", "switch"):
+                t0 = time.perf_counter_ns()
+                if kind == "switch":
+                    for s in seeds:
+                        s(*x)
+                else:
+                    one = seeds[0]
+                    for _ in range(n):
+                        one(*x)
+                figures[kind] = (time.perf_counter_ns() - t0) / n / 1e6
+            switching.append(figures["switch"])
+            same.append(figures["same"])
+            diffs.append(figures["switch"] - figures["same"])
+    return {
+        "switch_call_ms": round(statistics.median(switching), 4),
+        "same_seed_call_ms": round(statistics.median(same), 4),
+        "switch_cost_ms": round(statistics.median(diffs), 4),
+        "switch_cost_min_ms": round(min(diffs), 4),
+        "switch_cost_max_ms": round(max(diffs), 4),
+    }
 
 
 def main() -> None:
@@ -186,7 +220,8 @@ def main() -> None:
             f"({s['bind_ms_per_seed']} ms each); RSS +{s['rss_delta_mb']} MiB "
             f"({s['rss_overhead_mb_per_seed']:+} MiB per seed beyond its weights); "
             f"a call {s['call_ms_round_robin']} ms round-robin over the seeds, {s['call_ms_same_seed']} ms "
-            f"repeating one seed; paths {s['paths']}"
+            f"repeating one seed; seed switch {s['switch_cost_ms']} ms [{s['switch_cost_min_ms']}, "
+            f"{s['switch_cost_max_ms']}] (interleaved); paths {s['paths']}"
         )
     if args.json:
         args.json.write_text(json.dumps({"routes": routes, "seeds": seeds}, indent=2, default=str))

@@ -6,7 +6,13 @@
   first call with an empty and with a warm Inductor cache.
 - P2: steady state per call, pytest-benchmark: eager, the Kasmina kernel (routed), the default variant alone
   (what Kasmina ran before variants and buckets), and warm ``torch.compile(dynamic=True)`` (P2b).
-- P3: guard check + routing cost per call (``Kernel.select``).
+- P3: guard check + routing cost per call (``Kernel.select``), and the floor: the raw AOTInductor runner per
+  call and Kasmina's whole overhead above it (benchmarks/floor.py).
+- levers: the lever study (benchmarks/levers.py), in a subprocess: ``ESPER_BENCH_LEVERS=quick`` (default:
+  default and freezing, first representative shape), ``full`` (every lever, every shape: long), ``reuse``
+  (report the ``levers.json`` a separate run of the study wrote) or ``off``.
+- training and seeds: training-step ratios per blueprint and the seed-switch cost over 100 seeds of
+  residual_mlp (benchmarks/seeds_and_training.py), in a subprocess.
 - sweep: latency against batch size for eager, every certified or losing candidate, and the routed kernel.
 """
 
@@ -252,3 +258,39 @@ def test_sweep(name: str, kernels: dict[str, Any], bench_urza: Path, results: di
         "bucket_edges": edges,
         "routes": [f"{r.entry.profile}->{r.path}:{r.entry.variant}" for r in kernels[name].routes],
     }
+
+
+def test_floor(bench_urza: Path, results: dict[str, Any]) -> None:
+    """The raw runner per call and Kasmina's overhead above it, per blueprint (benchmarks/floor.py)."""
+    from benchmarks.floor import run_floor
+
+    results["floor"] = run_floor(bench_urza, CATALOG, [], rounds=9, number=1000)
+    assert results["floor"]["blueprints"]
+
+
+def test_levers(out_dir: Path, bench_env: dict[str, str], results: dict[str, Any]) -> None:
+    """The lever study, written to ``levers.md``/``levers.json`` and summarized in ``perf.md``."""
+    mode = os.environ.get("ESPER_BENCH_LEVERS", "quick")
+    if mode == "off":
+        pytest.skip("ESPER_BENCH_LEVERS=off")
+    if mode == "reuse":  # the study was run on its own (python -m benchmarks.levers): report its figures
+        results["levers"] = json.loads((out_dir / "levers.json").read_text())
+        return
+    cmd = [sys.executable, "-m", "benchmarks.levers", "--out", str(out_dir)] + (["--quick"] if mode != "full" else [])
+    proc = _run(cmd, bench_env, timeout=6 * 3600)
+    (out_dir / "levers.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results["levers"] = json.loads((out_dir / "levers.json").read_text())
+
+
+def test_training_and_seeds(out_dir: Path, bench_env: dict[str, str], results: dict[str, Any]) -> None:
+    """Training-step ratios (compiled / eager) and the cost of switching among 100 seeds every call."""
+    target = out_dir / "training.json"
+    target.unlink(missing_ok=True)
+    script = str(ROOT / "benchmarks" / "seeds_and_training.py")
+    proc = _run([sys.executable, script, "--json", str(target)], bench_env, timeout=3 * 3600)
+    (out_dir / "training.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(target.read_text())
+    results["training"] = data["routes"]
+    results["seeds"] = data["seeds"]

@@ -6,9 +6,13 @@ regenerating an unchanged blueprint gives the same file byte for byte.
 
 from __future__ import annotations
 
+import pprint
+
+from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint, BlueprintError, Dim
-from esper.certification.run import MARGIN, candidate_ids, latency_cases
-from esper.coverage import edge_sizes
+from esper.certification import plan
+from esper.certification.run import MARGIN
+from esper.coverage import summarize
 
 GENERATED_PREFIX = "test_certify_"
 
@@ -25,27 +29,29 @@ What is certified
   tolerance       atol={atol:g}, rtol={rtol:g}
   budget          {budget}
 
-Checks, in order. Each candidate (a shape profile compiled under a variant) that fails a check is marked
-`rejected` in Urza at once; test_publish certifies, per profile, the fastest candidate that passed everything:
-  test_compile    Tezzeret compiles the candidate (or reuses the entry with the same content hash and compatibility key)
-  test_parity     compiled (loaded as Kasmina loads it) == eager within tolerance, on hypothesis-drawn shapes
-                  and values inside the profile, always including its EDGES
+Checks, in order, for each artifact kind: `inference` (the forward pass) and `training` (forward and backward
+compiled ahead of time, weights as inputs; ESPER_CERTIFY_TRAINING=0 skips it). A candidate is a shape profile
+compiled under a variant (training: one, the declared ranges under the default variant). A candidate that fails
+a check is marked `rejected` in Urza at once; test_publish certifies, per profile, the fastest candidate that
+passed everything:
+  test_compile    Tezzeret compiles the candidate (or reuses the entry with the same content hash and
+                  compatibility key); a candidate it cannot compile is stored as an eager fallback with the
+                  reason (e.g. dropout in training), and its checks skip, saying so
+  test_parity     compiled (loaded once, as Kasmina loads it) and eager fp32 both against a float64 reference
+                  (eager on float64 copies), on the PARITY_CASES of each profile: every size of each dim, pairwise
+                  sizes of the dims, unit/tiny/large/zero/mixed values, several seeds; then a few hypothesis
+                  draws. Every case must pass: RMSE(compiled, fp64) <= m x RMSE(eager, fp64) + floor (m 2 for
+                  float32, up to 10 for tiny tensors), |compiled - eager| within the tolerance widened by
+                  eager's own rounding, NaN/inf where eager has them. Training judges one step the same way:
+                  output, input and parameter gradients, mutated buffers. Nondeterministic eager is reported
   test_guards     inputs just outside each range, of a wrong dtype, rank or fixed dim run eager, never compiled
-  test_latency    pytest-benchmark, eager and every candidate, at each representative shape
-  test_select     per profile, the fastest candidate wins if it beats eager by {margin:.0%}; otherwise the
-                  profile is certified to run eager (measured, not a fallback)
-  test_budgets    the chosen routes' p95 and compiled/eager ratio within the budget profile's limits
+  test_latency    each candidate against eager in interleaved rounds at each representative shape (training: a
+                  step): the paired ratio with a confidence interval, and wins/even/loses/inconclusive
+  test_select     per profile, the fastest candidate within budget that beats eager by {margin:.0%} with
+                  confidence; else eager if eager meets the budget; else the fastest candidate within budget
+  test_budgets    fails, with every route's figures, where no route meets the budget (p95 for inference,
+                  the compiled/eager ratio cap)
   test_publish    winners `certified`, losers `rejected` by selection with their figures, eager routes stored
-
-Training (the forward and backward compiled ahead of time, weights as inputs; ESPER_CERTIFY_TRAINING=0 skips):
-  test_train_compile  Tezzeret compiles the training artifact, or records why this blueprint trains eager
-                      (randomness such as dropout, a failed export); every training test then skips, saying so
-  test_grad_parity    one training step (loaded as Kasmina loads it) == eager autograd: output, input and
-                      parameter gradients, mutated buffers; hypothesis shapes, always including TRAIN_EDGES
-  test_train_guards   inputs outside the guards train eager, never compiled
-  test_train_latency  pytest-benchmark, a training step (forward and backward), compiled and eager
-  test_train_publish  certified if the compiled step beats eager by {margin:.0%} within the budget's ratio cap;
-                      otherwise rejected by selection and an eager training route certified
 """
 
 import pytest
@@ -54,79 +60,59 @@ from esper.certification import strategies as cs
 
 BLUEPRINT = {name!r}
 SOURCE = {source!r}
-PROFILES = {profile_ranges!r}
-CANDIDATES = {candidates!r}
-# Always tried, per profile: every dim at its min, at its max, at a prime inside its range (then mixed).
-EDGES = {edges!r}
-LATENCY = {latency!r}
+{artifacts}
+# (artifact, "profile/variant")
+{candidates}
+# Per artifact, each profile's dim ranges.
+{profile_ranges}
+# Planned parity cases per artifact and profile (esper.certification.plan.parity_cases): shapes, value cases.
+{parity_cases}
+# (artifact, candidate, representative shape): timed against eager, interleaved.
+{latency}
 
 pytestmark = pytest.mark.esper_certify(BLUEPRINT)
 
 
-@pytest.mark.parametrize("candidate", CANDIDATES)
-def test_compile(certification, candidate):
-    certification.compile(candidate)
+@pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
+def test_compile(certification, artifact, candidate):
+    certification[artifact].compile(candidate)
 
 
-@pytest.mark.parametrize("candidate", CANDIDATES)
-def test_parity(certification, candidate):
-    certification.ready(candidate)
+@pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
+def test_parity(certification, artifact, candidate):
+    run = certification[artifact]
+    run.check_parity(candidate)
     profile = candidate.split("/")[0]
 
     def check(sizes, regime):
-        certification.check_parity(candidate, sizes, regime)
+        run.check_drawn(candidate, sizes, regime)
 
-    cs.check_cases(check, PROFILES[profile], EDGES[profile])
-
-
-@pytest.mark.parametrize("candidate", CANDIDATES)
-def test_guards(certification, candidate):
-    certification.check_guards(candidate)
+    cs.check_cases(check, PROFILES[artifact][profile], [])
 
 
-@pytest.mark.parametrize(("path", "shape"), LATENCY)
-def test_latency(certification, benchmark, path, shape):
-    certification.benchmark(benchmark, path, shape)
+@pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
+def test_guards(certification, artifact, candidate):
+    certification[artifact].check_guards(candidate)
 
 
-def test_select(certification):
-    certification.select()
+@pytest.mark.parametrize(("artifact", "candidate", "shape"), LATENCY)
+def test_latency(certification, artifact, candidate, shape):
+    certification[artifact].compare_latency(candidate, shape)
 
 
-def test_budgets(certification):
-    certification.check_budgets()
+@pytest.mark.parametrize("artifact", ARTIFACTS)
+def test_select(certification, artifact):
+    certification[artifact].select()
 
 
-def test_publish(certification):
-    certification.publish()
+@pytest.mark.parametrize("artifact", ARTIFACTS)
+def test_budgets(certification, artifact):
+    certification[artifact].check_budgets()
 
 
-TRAIN_RANGES = {train_ranges!r}
-TRAIN_EDGES = {train_edges!r}
-TRAIN_SHAPES = {train_shapes!r}
-
-
-def test_train_compile(certification):
-    certification.training.compile()
-
-
-def test_grad_parity(certification):
-    certification.training.ready()
-    cs.check_cases(certification.training.check_grad_parity, TRAIN_RANGES, TRAIN_EDGES)
-
-
-def test_train_guards(certification):
-    certification.training.check_guards()
-
-
-@pytest.mark.parametrize("train_path", ["compiled", "eager"])
-@pytest.mark.parametrize("shape", TRAIN_SHAPES)
-def test_train_latency(certification, benchmark, train_path, shape):
-    certification.training.benchmark(benchmark, train_path, shape)
-
-
-def test_train_publish(certification):
-    certification.training.publish()
+@pytest.mark.parametrize("artifact", ARTIFACTS)
+def test_publish(certification, artifact):
+    certification[artifact].publish()
 '''
 
 BROKEN = '''"""A blueprint declaration that cannot be certified.
@@ -158,6 +144,7 @@ def render_module(bp: Blueprint, source: str, build_dir: str = ".esper/certify")
     budget_text = (
         ", ".join(f"p95 {label} <= {ms:g} ms" for label, ms in budget.p95_ms.items()) or "no p95 limits declared"
     ) + f"; compiled/eager ratio <= {budget.max_ratio if budget.max_ratio is not None else 'the profile default'}"
+    kinds = list(ArtifactKind)
     return TEMPLATE.format(
         name=bp.name,
         version=bp.version,
@@ -171,14 +158,27 @@ def render_module(bp: Blueprint, source: str, build_dir: str = ".esper/certify")
         rtol=bp.tolerance.rtol,
         budget=budget_text,
         margin=MARGIN,
-        profile_ranges=profiles,
-        candidates=candidate_ids(bp),
-        edges={name: edge_sizes(ranges) for name, ranges in profiles.items()},
-        latency=latency_cases(bp),
-        train_ranges={n: (d.min, d.max) for n, d in bp.dims.items()},
-        train_edges=edge_sizes({n: (d.min, d.max) for n, d in bp.dims.items()}),
-        train_shapes=[Blueprint.shape_label(r) for r in bp.representative],
+        artifacts=_assign("ARTIFACTS", [str(k) for k in kinds]),
+        candidates=_assign("CANDIDATES", [(str(k), cid) for k in kinds for cid in plan.candidate_ids(bp, k)]),
+        profile_ranges=_assign("PROFILES", {str(k): plan.profiles(bp, k) for k in kinds}),
+        parity_cases=_assign("PARITY_CASES", {str(k): _parity_cases(bp, k) for k in kinds}),
+        latency=_assign("LATENCY", [(str(k), cid, label) for k in kinds for cid, label in plan.latency_cases(bp, k)]),
     )
+
+
+def _parity_cases(bp: Blueprint, artifact: ArtifactKind) -> dict[str, dict[str, int]]:
+    out = {}
+    for pname, ranges in plan.profiles(bp, artifact).items():
+        cov = summarize(plan.parity_cases(bp, ranges), ranges)
+        out[pname] = {"shapes": cov.shapes, "value_cases": cov.value_cases}
+    return out
+
+
+def _assign(name: str, value: object) -> str:
+    """``NAME = value``, the value a Python literal wrapped to the module's width, dicts in declaration order."""
+    prefix = f"{name} = "
+    text = pprint.pformat(value, width=110 - len(prefix), sort_dicts=False)
+    return prefix + text.replace("\n", "\n" + " " * len(prefix))
 
 
 def render_broken(error: BlueprintError) -> str:

@@ -1,7 +1,9 @@
 """The ``pytest --certify`` plugin (registered through the ``pytest11`` entry point).
 
 Every hook is a line or two that delegates to :class:`esper.certification.session.CertifySession`, kept in
-``config.stash``. Nothing here imports torch: an ordinary ``pytest`` run pays nothing for the plugin.
+``config.stash``. Nothing here imports torch or the harness's dependencies (hypothesis, pytest-benchmark):
+an ordinary ``pytest`` run pays nothing for the plugin and works without ``esper[certify]`` installed;
+``--certify`` without it is a usage error saying what to install.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from esper.certification.extras import missing_harness, usage_error
+from esper.certification.gate import DEFAULT_THRESHOLD
+from esper.certification.gate import threshold as regression_threshold
 from esper.options import add_pytest_option
 
 if TYPE_CHECKING:
@@ -32,6 +37,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=Path,
         default=None,
         help=f"where generated modules and the summary go (default: {DEFAULT_BUILD_DIR} in the project)",
+    )
+    group.addoption(
+        "--certify-baseline",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="release gate: fail when a candidate's compiled/eager latency ratio regressed against this stored "
+        "latency.json (a previous run's), with confidence",
+    )
+    group.addoption(
+        "--certify-regression",
+        metavar="PCT",
+        type=regression_threshold,
+        default=DEFAULT_THRESHOLD,
+        help="the slowdown the release gate tolerates (default 20%%)",
     )
     group.addoption(
         "--certify-recheck",
@@ -63,6 +83,8 @@ def _session(config: pytest.Config) -> CertifySession:
             # entries certified already with the same content hash.
             recheck=config.getoption("certify_recheck") or not config.getoption("certify"),
             device=config.getoption("certify_device") or "cpu",
+            baseline=config.getoption("certify_baseline"),
+            regression=config.getoption("certify_regression"),
         )
     return config.stash[SESSION]
 
@@ -72,6 +94,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "esper_certify(name): a generated certification test of blueprint NAME")
     if not config.getoption("certify"):
         return
+    missing = missing_harness(config.pluginmanager.hasplugin)
+    if missing:
+        raise pytest.UsageError(usage_error(missing))
     session = _session(config)
     session.generate()
     _one_worker_per_module(config)
@@ -80,11 +105,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.args[:] = [str(session.build_dir)]
     elif str(session.build_dir) not in config.args:
         config.args.append(str(session.build_dir))
-    # Save every run's benchmark JSON where `pytest-benchmark compare` and --benchmark-compare find it.
-    if hasattr(config.option, "benchmark_autosave") and not (
-        config.option.benchmark_save or config.option.benchmark_json
-    ):
-        config.option.benchmark_autosave = True
 
 
 # xdist schedules that may split one module's tests across workers (its checks share one process's state).
@@ -99,7 +119,8 @@ def _one_worker_per_module(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="module")
 def certification(request: pytest.FixtureRequest) -> Any:
-    """The :class:`~esper.certification.run.BlueprintCertification` of the requesting generated module."""
+    """The :class:`~esper.certification.run.BlueprintCertification` of the requesting generated module: one
+    certification per artifact kind, ``certification["inference"]`` and ``certification["training"]``."""
     return _session(request.config).certification(request.module.BLUEPRINT, request.module.SOURCE)
 
 
@@ -108,12 +129,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     name = getattr(getattr(item, "module", None), "BLUEPRINT", None)
     if name and SESSION in item.config.stash and (report.when == "call" or not report.passed):
-        message = call.excinfo.exconly() if call.excinfo else report.longreprtext
-        check = getattr(item, "originalname", item.name).removeprefix("test_")
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        candidate = params.get("candidate") or (params.get("path") if params.get("path") != "eager" else None)
-        item.config.stash[SESSION].record(name, check, report.outcome, message, candidate)
+        item.config.stash[SESSION].record_test(
+            name,
+            getattr(item, "originalname", item.name),
+            getattr(getattr(item, "callspec", None), "params", {}),
+            report.outcome,
+            call.excinfo.exconly() if call.excinfo else report.longreprtext,
+        )
     return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    certify = session.config.stash.get(SESSION, None)
+    if certify is not None and certify.finish():
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -124,3 +153,5 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.section("Esper certification")
     terminalreporter.write_line(session.summary_table())
     terminalreporter.write_line(f"(summary written to {path})")
+    for line in session.gate_report():
+        terminalreporter.write_line(line)

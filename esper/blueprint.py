@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esper.profiles import bucket_problem, contains, profiles
+from esper.validate import DTYPES as VALID_DTYPES
 from esper.variants import DEFAULT_VARIANTS, VARIANTS
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+DTYPES = VALID_DTYPES  # the one fixed list (esper.validate.DTYPES)
 
 
 class BlueprintError(ValueError):
@@ -45,7 +46,9 @@ class BlueprintError(ValueError):
         self.field = field_name
         self.problem = problem
         self.source = source
-        self.blueprint = name
+        # Only a valid name is kept: callers build file names from it (an invalid one is quoted in ``problem``).
+        self.blueprint = name if isinstance(name, str) and NAME_RE.match(name) else None
+        name = self.blueprint
         where = ", ".join(p for p in (source, f"blueprint {name!r}" if name else None) if p)
         super().__init__(f"{where + ': ' if where else ''}field {field_name!r}: {problem}")
 

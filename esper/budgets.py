@@ -36,6 +36,8 @@ PROFILES = {
 
 @dataclass(frozen=True)
 class Violation:
+    """One broken limit: the shape label, which metric, what was measured and the limit."""
+
     label: str
     metric: str
     measured: float
@@ -48,15 +50,20 @@ class Violation:
 @dataclass(frozen=True)
 class Figures:
     """Measured latency at one representative shape, in milliseconds: the route's (compiled, or eager where
-    certification routes eager) and eager's."""
+    certification routes eager) and eager's. ``paired_ratio``, when given, is the route/eager ratio measured
+    in interleaved rounds (:func:`esper.timing.compare`: the median of per-round ratios), which a neighbour's
+    load cancels out of; it is the ratio the cap is checked against, instead of the ratio of two p50s."""
 
     compiled_p50: float
     compiled_p95: float
     eager_p50: float
     eager_p95: float
+    paired_ratio: float | None = None
 
     @property
     def ratio(self) -> float:
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         return self.compiled_p50 / self.eager_p50 if self.eager_p50 > 0 else float("inf")
 
 
@@ -66,12 +73,15 @@ def limits(budget: Budget, profile: BudgetProfile) -> tuple[dict[str, float], fl
     return p95, budget.max_ratio if budget.max_ratio is not None else profile.max_ratio
 
 
-def check(budget: Budget, profile: BudgetProfile, figures: Mapping[str, Figures]) -> list[Violation]:
-    """Every budget the measured ``figures`` break (empty: within budget)."""
+def check(
+    budget: Budget, profile: BudgetProfile, figures: Mapping[str, Figures], *, p95: bool = True
+) -> list[Violation]:
+    """Every budget the measured ``figures`` break (empty: within budget). ``p95=False`` checks the ratio cap
+    only: a blueprint declares its p95 limits for its forward pass, not for a training step."""
     p95_limits, max_ratio = limits(budget, profile)
     out: list[Violation] = []
     for label, f in figures.items():
-        if label in p95_limits and f.compiled_p95 > p95_limits[label]:
+        if p95 and label in p95_limits and f.compiled_p95 > p95_limits[label]:
             out.append(Violation(label, "p95 ms", f.compiled_p95, p95_limits[label]))
         if f.ratio > max_ratio:
             out.append(Violation(label, "compiled/eager p50 ratio", f.ratio, max_ratio))

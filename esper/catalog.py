@@ -1,15 +1,18 @@
 """Finding and validating blueprint declarations in blueprint folders.
 
 Every ``*.py`` file of a folder (not starting with ``_``) is imported by path and its module-level
-:class:`~esper.blueprint.Blueprint` values are collected. A file that fails to import, or a name declared
-twice, is a :class:`BlueprintError` naming the file; ``load_catalog(strict=False)`` keeps going and reports
-those errors beside the blueprints that did load, so one bad file does not stop the others.
+:class:`~esper.blueprint.Blueprint` values are collected. A file that fails to import (any exception,
+``SystemExit`` included; only ``KeyboardInterrupt`` goes through), or a name declared twice, is a
+:class:`BlueprintError` naming the file; ``load_catalog(strict=False)`` keeps going and reports those errors
+beside the blueprints that did load, so one bad file does not stop the others. File names derived from a
+blueprint file come from :func:`module_file_name`, never from a declared (possibly invalid) name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -46,9 +49,20 @@ class Catalog:
         return [self.get(n) for n in chosen] if chosen else [self.blueprints[n] for n in sorted(self.blueprints)]
 
 
+def module_file_name(source: str | Path | None) -> str:
+    """A safe file-name stem for things generated from the blueprint file ``source``: its stem reduced to
+    ``[a-z0-9_]`` (at most 40 characters) plus 8 hex digits of the path's sha256, e.g. ``"my_file_1a2b3c4d"``.
+
+    Two files never share one (the digest), and nothing in it can leave a folder or be a dot file, whatever
+    the file or its declarations are called. ``None`` (no file) gives ``"unknown_<digest>"``.
+    """
+    text = str(source) if source is not None else ""
+    stem = re.sub(r"[^a-z0-9_]+", "_", Path(text).stem.lower()).strip("_")[:40] or "unknown"
+    return f"{stem}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
 def _module_name(path: Path) -> str:
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    return f"esper_blueprints.{path.stem}_{digest}"
+    return f"esper_blueprints.{module_file_name(path)}"
 
 
 def load_file(path: str | Path) -> list[Blueprint]:
@@ -65,14 +79,26 @@ def load_file(path: str | Path) -> list[Blueprint]:
     except BlueprintError as e:
         sys.modules.pop(name, None)
         raise e.located(str(path)) from e
-    except Exception as e:
+    except KeyboardInterrupt:
         sys.modules.pop(name, None)
-        raise BlueprintError("file", f"raised on import: {type(e).__name__}: {e}", source=str(path)) from e
+        raise
+    except BaseException as e:  # SystemExit too: one bad file must never stop the catalog
+        sys.modules.pop(name, None)
+        raise BlueprintError("file", f"raised on import: {_describe(e)}", source=str(path)) from e
     found: dict[int, Blueprint] = {}
     for value in vars(module).values():
         if isinstance(value, Blueprint):
             found.setdefault(id(value), value)
     return [replace(bp, source=str(path)) for bp in found.values()]
+
+
+def _describe(e: BaseException) -> str:
+    """``"SystemExit: 3"``: an exception for a message, whose ``str`` may itself raise."""
+    try:
+        text = str(e)
+    except Exception:
+        text = "<unprintable>"
+    return f"{type(e).__name__}: {text[:500]}"
 
 
 def blueprint_files(folders: Iterable[Path]) -> list[Path]:
@@ -133,8 +159,10 @@ def validate_module(bp: Blueprint) -> None:
 
     try:
         first, second = bp.build(), bp.build()
-    except Exception as e:
-        raise fail("build", f"raised {type(e).__name__}: {e}") from e
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit from a builder is the blueprint's failure, not the run's
+        raise fail("build", f"raised {_describe(e)}") from e
     if not isinstance(first, torch.nn.Module):
         raise fail("build", f"returned {type(first).__name__}, not a torch.nn.Module")
     differs = _state_equal(first.state_dict(), second.state_dict())
@@ -146,6 +174,8 @@ def validate_module(bp: Blueprint) -> None:
         for sizes in [*corners, *bp.representative]:
             try:
                 first(*example_inputs(bp, sizes))
-            except Exception as e:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:
                 shapes = ", ".join(f"{k}={v}" for k, v in bp.shapes(sizes).items())
-                raise fail("inputs", f"module rejects declared shapes ({shapes}): {type(e).__name__}: {e}") from e
+                raise fail("inputs", f"module rejects declared shapes ({shapes}): {_describe(e)}") from e

@@ -10,13 +10,17 @@ import logging
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from esper.artifacts import ArtifactKind
 from esper.blueprint import BlueprintError
 from esper.options import click_option
 from esper.settings import Settings, SettingsError, resolve
+
+if TYPE_CHECKING:
+    from esper.tezzeret.compiler import CompileOutcome
 
 
 def _settings(urza: Path | None = None, blueprints: Iterable[Path] = (), budget_profile: str | None = None) -> Settings:
@@ -67,7 +71,26 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@click.group()
+class ReportedCommand(click.Command):
+    """A command whose I/O failures (disk or database full, read-only file system, damaged database file) end
+    as one line and exit status 1, never a traceback (``esper.io_errors``). Every ``esper`` command is one:
+    :class:`EsperGroup` makes its commands of this class."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from esper import io_errors
+
+        with io_errors.reported(click.ClickException, ctx.command_path):
+            return super().invoke(ctx)
+
+
+class EsperGroup(click.Group):
+    """A group whose commands are :class:`ReportedCommand` and whose subgroups are again :class:`EsperGroup`."""
+
+    command_class = ReportedCommand
+    group_class = type
+
+
+@click.group(cls=EsperGroup)
 @click.version_option(package_name="esper")
 @click.option("-v", "--verbose", is_flag=True, help="log progress (INFO) to stderr")
 def cli(verbose: bool) -> None:
@@ -75,19 +98,36 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
+ARTIFACT_CHOICE = click.Choice([k.value for k in ArtifactKind])
+
+
 @cli.command(name="compile")
 @click.argument("names", nargs=-1)
 @click_option("urza")
 @click_option("blueprints")
 @click_option("device")
+@click.option(
+    "--artifact",
+    "artifacts",
+    type=ARTIFACT_CHOICE,
+    multiple=True,
+    help="build only this artifact kind (repeatable; default: every kind)",
+)
 @click.option("--force", is_flag=True, help="compile even when Urza has an entry with the same content hash")
 def compile_cmd(
-    names: tuple[str, ...], urza: Path | None, blueprints: tuple[Path, ...], device: str | None, force: bool
+    names: tuple[str, ...],
+    urza: Path | None,
+    blueprints: tuple[Path, ...],
+    device: str | None,
+    artifacts: tuple[str, ...],
+    force: bool,
 ) -> None:
-    """Compile blueprints (all by default) into Urza with Tezzeret: every shape profile under every variant."""
+    """Compile blueprints (all by default) into Urza with Tezzeret: every artifact kind, and for inference every
+    shape profile under every variant."""
     from esper.catalog import UnknownBlueprintError, load_catalog, validate_module
     from esper.tezzeret.compiler import Tezzeret
 
+    kinds = tuple(ArtifactKind(a) for a in dict.fromkeys(artifacts)) or tuple(ArtifactKind)
     settings = _settings(urza, blueprints)
     catalog = load_catalog(settings.blueprint_paths, strict=False)
     for err in catalog.errors:
@@ -101,13 +141,18 @@ def compile_cmd(
     with _open_urza(settings.urza, readonly=False) as store:
         tezzeret = Tezzeret(store, device=device or "cpu")
         for bp in chosen:
-            for outcome in tezzeret.compile_candidates(bp, force=force):
-                e = outcome.entry
-                what = "reused" if outcome.reused else f"{e.kind} in {outcome.seconds:.1f}s"
-                reason = f" ({e.failure_reason.splitlines()[0]})" if e.failure_reason else ""
-                click.echo(f"{bp.name} [{e.profile}/{e.variant}]: entry #{e.id} {e.status}, {what}{reason}")
+            for outcome in tezzeret.compile_candidates(bp, artifacts=kinds, force=force):
+                click.echo(describe_outcome(bp.name, outcome))
     if catalog.errors:
         sys.exit(1)
+
+
+def describe_outcome(name: str, outcome: CompileOutcome) -> str:
+    """One line per compile outcome: blueprint, artifact kind, shape profile/variant, entry, what happened."""
+    e = outcome.entry
+    what = "reused" if outcome.reused else f"{e.kind} in {outcome.seconds:.1f}s"
+    reason = f" ({e.failure_reason.splitlines()[0]})" if e.failure_reason else ""
+    return f"{name} [{e.artifact} {e.profile}/{e.variant}]: entry #{e.id} {e.status}, {what}{reason}"
 
 
 @cli.group()
@@ -116,20 +161,33 @@ def urza() -> None:
 
 
 def _summary(entry: Any) -> dict[str, Any]:
+    """:func:`esper.evidence.summarize` with the entry's artifact kind beside its blueprint version."""
     from esper.evidence import summarize
 
-    return summarize(entry)
+    row = summarize(entry)
+    if "artifact" in row:
+        return row
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        out[k] = v
+        if k == "v":
+            out["artifact"] = str(entry.artifact)
+    out.setdefault("artifact", str(entry.artifact))
+    return out
 
 
 @urza.command(name="list")
 @click_option("urza")
 @click.option("--blueprint", help="only this blueprint's entries")
 @click.option("--status", type=click.Choice(["compiled", "certified", "rejected", "fallback"]))
+@click.option("--artifact", type=ARTIFACT_CHOICE, help="only entries of this artifact kind")
 @output_options
-def urza_list(urza: Path | None, blueprint: str | None, status: str | None) -> list[dict[str, Any]]:
-    """List entries, newest first, with their evidence."""
+def urza_list(
+    urza: Path | None, blueprint: str | None, status: str | None, artifact: str | None
+) -> list[dict[str, Any]]:
+    """List entries, newest first, with their artifact kind and evidence."""
     with _open_urza(_settings(urza).urza, readonly=True) as store:
-        return [_summary(e) for e in store.entries(blueprint, status=status)]
+        return [_summary(e) for e in store.entries(blueprint, status=status, artifact=artifact)]
 
 
 @urza.command(name="show")
@@ -165,13 +223,14 @@ def urza_show(name: str, urza: Path | None, as_json: bool) -> None:
 def urza_verify(urza: Path | None, public_key: Path | None) -> None:
     """Check every entry's artifact file (present, whole, matching its sha256) and signature; exit 1 on problems."""
     from esper.signing import SigningError, verifier_for
+    from esper.urza.maintenance import verify
 
     try:
         verifier = verifier_for(public_key)
     except SigningError as e:
         raise click.ClickException(str(e)) from e
     with _open_urza(_settings(urza).urza, readonly=True) as store:
-        report = store.verify(verifier)
+        report = verify(store, verifier)
     for line in report.lines():
         click.echo(line)
     if not report.ok:
@@ -191,8 +250,10 @@ def urza_verify(urza: Path | None, public_key: Path | None) -> None:
 )
 def urza_gc(urza: Path | None, dry_run: bool, grace_seconds: float) -> None:
     """Remove artifact files that no entry names, and temporary files of interrupted writes."""
+    from esper.urza.maintenance import collect_garbage
+
     with _open_urza(_settings(urza).urza, readonly=True) as store:
-        report = store.gc(dry_run=dry_run, grace_seconds=grace_seconds)
+        report = collect_garbage(store, dry_run=dry_run, grace_seconds=grace_seconds)
     for line in report.lines():
         click.echo(line)
 
@@ -202,10 +263,11 @@ def urza_gc(urza: Path | None, dry_run: bool, grace_seconds: float) -> None:
 def urza_sign(urza: Path | None) -> None:
     """Sign every entry whose artifact verifies with $ESPER_SIGNING_KEY (after turning signing on or rotating)."""
     from esper.urza import UrzaError
+    from esper.urza.maintenance import sign_all
 
     with _open_urza(_settings(urza).urza, readonly=False) as store:
         try:
-            report = store.sign_all()
+            report = sign_all(store)
         except UrzaError as e:
             raise click.ClickException(str(e)) from e
     for line in report.lines():
@@ -214,21 +276,65 @@ def urza_sign(urza: Path | None) -> None:
         sys.exit(1)
 
 
+@urza.command(name="merge")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--into",
+    "dest",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="the Urza database to merge into (created if missing)",
+)
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="take only rows signed by this key (default: $ESPER_PUBLIC_KEY); unsigned rows are refused",
+)
+def urza_merge(sources: tuple[Path, ...], dest: Path, public_key: Path | None) -> None:
+    """Merge Urza libraries SOURCES (databases, or snapshot folders) and their artifacts into one (--into), e.g.
+    one per machine class from a CI matrix. Duplicates are skipped; two different certified artifacts for one
+    identity are a conflict, reported and never overwritten. Exit 1 on conflicts or refused rows."""
+    from esper.signing import SigningError, verifier_for
+    from esper.urza import UrzaError
+    from esper.urza.merge import merge
+
+    try:
+        verifier = verifier_for(public_key)
+        report = merge(sources, dest, verifier=verifier)
+    except (SigningError, UrzaError) as e:
+        raise click.ClickException(str(e)) from e
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        sys.exit(1)
+
+
 @urza.command(name="export")
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
 @click_option("urza")
-def urza_export(dest: Path, urza: Path | None) -> None:
-    """Write a self-contained, read-only snapshot (certified entries and their artifacts) to folder DEST."""
+@click.option(
+    "--snapshot-version",
+    type=click.IntRange(min=1),
+    help="the snapshot's version (default: one above the last exported from this Urza); must increase",
+)
+def urza_export(dest: Path, urza: Path | None, snapshot_version: int | None) -> None:
+    """Write a self-contained, read-only snapshot (certified entries and their artifacts) to folder DEST, with
+    its version in snapshot.json, signed with $ESPER_SIGNING_KEY when set (readers refuse older versions with
+    ESPER_MIN_SNAPSHOT)."""
     from esper.urza import UrzaError
+    from esper.urza.maintenance import export
 
     with _open_urza(_settings(urza).urza, readonly=True) as store:
         try:
-            report = store.export(dest)
+            report = export(store, dest, version=snapshot_version)
         except UrzaError as e:
             raise click.ClickException(str(e)) from e
+    signed = "signed" if report.signed else "unsigned: no $ESPER_SIGNING_KEY, readers requiring a version refuse it"
     click.echo(
         f"exported {report.entries} certified entries and {report.artifacts} artifacts ({report.bytes} bytes) "
-        f"to {report.path}; readers: Kasmina({str(report.path / 'urza.db')!r}) or ESPER_URZA={report.path / 'urza.db'}"
+        f"to {report.path} as snapshot version {report.version} ({signed}); readers: "
+        f"Kasmina({str(report.path / 'urza.db')!r}) or ESPER_URZA={report.path / 'urza.db'}"
+        f" (and ESPER_MIN_SNAPSHOT={report.version} to refuse older snapshots)"
     )
 
 
@@ -265,11 +371,16 @@ def keygen(out_dir: Path) -> None:
     help="folder for report.md, report.html and the plots",
 )
 def report(urza: Path | None, device: str | None, out_dir: Path) -> None:
-    """Render the latest certification evidence in Urza as a Markdown and a self-contained HTML page."""
+    """Render the latest certification evidence in Urza, one section per artifact kind, as a Markdown and a
+    self-contained HTML page (the plots need the report extra: pip install 'esper[report]')."""
     from esper.compat import current
-    from esper.report import render
+    from esper.report import ReportError, render
+    from esper.urza import UrzaError
 
-    md, page = render(_settings(urza).urza, out_dir, current(device or "cpu"))
+    try:
+        md, page = render(_settings(urza).urza, out_dir, current(device or "cpu"))
+    except (ReportError, UrzaError) as e:
+        raise click.ClickException(str(e)) from e
     click.echo(f"wrote {md} and {page}")
 
 

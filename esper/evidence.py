@@ -1,13 +1,16 @@
 """Reading an entry's evidence into the flat rows that listings and summaries show.
 
 Tezzeret writes ``performance["tezzeret"]`` (its own quick measurement right after compiling) and
-``parity["representative"]``; certification writes ``performance["certify"]`` (pytest-benchmark figures)
-and ``parity["certify"]`` (hypothesis cases). Certification's figures win where both exist.
+``parity["representative"]``; certification writes ``performance["certify"]`` (each representative shape's
+interleaved comparison with eager: both sides' p50/p95, the paired ratio and its interval) and
+``parity["certify"]`` (the planned and drawn cases judged against float64: coverage, both RMSEs, their
+ratio). Certification's figures win where both exist.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from esper.urza.schema import Entry
@@ -21,21 +24,32 @@ def latency_table(entry: Entry) -> dict[str, dict[str, dict[str, float]]]:
     return {label: table[label] for label in sorted(table, key=lambda k: order.index(k) if k in order else len(order))}
 
 
-def _geomean(values: list[float]) -> float | None:
-    values = [v for v in values if v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+def geomean(values: Iterable[float]) -> float:
+    """The geometric mean of positive ``values``: how ratios and latencies over several shapes are combined
+    everywhere in Esper (selection, speedups, the summary), so that one shape cannot dominate.
+
+    Raises ``ValueError`` on no values or a non-positive one: a 0 ms latency is a measuring bug, not a speedup.
+    """
+    values = list(values)
+    if not values or min(values) <= 0:
+        raise ValueError(f"geometric mean needs positive values, got {values}")
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def speedups(table: dict[str, dict[str, dict[str, float]]]) -> list[float]:
+    """Eager p50 / route p50 per shape of a latency table, where both were measured (``compiled`` is the
+    route's column)."""
+    return [
+        t["eager"]["p50_ms"] / t["compiled"]["p50_ms"]
+        for t in table.values()
+        if t.get("compiled", {}).get("p50_ms", 0) > 0 and t.get("eager", {}).get("p50_ms", 0) > 0
+    ]
 
 
 def speedup(entry: Entry) -> float | None:
     """Geometric mean of eager p50 / compiled p50 over the representative shapes."""
-    table = latency_table(entry)
-    return _geomean(
-        [
-            t["eager"]["p50_ms"] / t["compiled"]["p50_ms"]
-            for t in table.values()
-            if "compiled" in t and "eager" in t and t["compiled"]["p50_ms"] > 0
-        ]
-    )
+    ratios = speedups(latency_table(entry))
+    return geomean(ratios) if ratios else None
 
 
 def parity_error(entry: Entry) -> tuple[float | None, int | None]:

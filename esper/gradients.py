@@ -6,12 +6,13 @@ A step is the forward plus the backward of a fixed upstream gradient (drawn from
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from esper.parity import float64_copy, max_errors, to_float64
 
 
 def _differentiable(out: Any) -> list[torch.Tensor]:
@@ -63,8 +64,7 @@ def exact_gradients(
     module: torch.nn.Module, args: Sequence[torch.Tensor], *, seed: int = 0
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """The same step in float64, on a copy of ``module``: the yardstick for float32 rounding."""
-    double = copy.deepcopy(module).double()
-    return gradients(double, [a.double() if a.is_floating_point() else a for a in args], seed=seed)
+    return gradients(float64_copy(module), to_float64(args), seed=seed)
 
 
 def tolerance(atol: float, rtol: float, eager: Any, exact: Any) -> tuple[float, float]:
@@ -75,6 +75,20 @@ def tolerance(atol: float, rtol: float, eager: Any, exact: Any) -> tuple[float, 
     float32 keeps their rounding, and no fixed tolerance tells that apart from a wrong result. "No worse
     than eager, within a small factor" does.
     """
-    from esper.parity import max_errors
-
     return atol + SLACK * max_errors(eager, exact)[0], rtol
+
+
+def floating_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every floating buffer of ``module`` by name (BatchNorm running statistics): what a
+    training step mutates and gradient parity must compare too."""
+    return {n: b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()}
+
+
+def exact_step(
+    module: torch.nn.Module, args: Sequence[torch.Tensor], *, seed: int = 0
+) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`exact_gradients` plus the float64 copy's floating buffers after the step: the float64
+    reference for output, gradients and mutated buffers of one training step (``module`` is not touched)."""
+    double = float64_copy(module)
+    out, grads = gradients(double, to_float64(args), seed=seed)
+    return out, grads, floating_buffers(double)

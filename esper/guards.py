@@ -2,21 +2,47 @@
 
 AOTInductor code does not check its inputs (unless ``AOTI_RUNTIME_CHECK_INPUTS=1`` was set at compile time):
 a wrong feature size silently runs and reads out of bounds. This check is what stands between a training
-run and garbage, so it is exact: dtype, rank, device, every fixed dim, every dynamic range, and equality of
-dims that share a name. The schema is plain, versioned, frozen data, written by Tezzeret from the exported
-program and stored in Urza as JSON.
+run and garbage, so it is exact: tensor kind (plain, strided, dense: see :mod:`esper.tensor_kinds`), dtype,
+rank, device, every fixed dim, every dynamic range, and equality of dims that share a name. The schema is
+plain, versioned, frozen data, written by Tezzeret from the exported program and stored in Urza as JSON.
+
+Data is data: every field is validated when a schema is constructed (ints in range, dtypes from
+:data:`esper.validate.DTYPES`, names that are identifiers, ``min <= max``), so a schema read from a row can
+only hold values the predicate generator may inline; anything else is an :class:`EntryFormatError`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from esper.tensor_kinds import KIND_TEST, kind_problem, predicate_namespace
+from esper.validate import (
+    DEVICE_TYPES,
+    DTYPES,
+    MAX_COUNT,
+    MAX_SIZE,
+    EntryFormatError,
+    choice,
+    identifier,
+    integer,
+    mapping,
+    quote,
+    sequence,
+    text,
+)
+
 GUARD_SCHEMA_VERSION = 1
+COLUMN = "guards"
+#: The most dims one input may have (torch itself allows 64).
+MAX_RANK = 64
+
+#: Stored dtype name -> torch dtype. The only way a stored dtype becomes a torch object.
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 
 
 class SchemaVersionError(ValueError):
@@ -25,12 +51,26 @@ class SchemaVersionError(ValueError):
 
 @dataclass(frozen=True)
 class DimGuard:
-    """One dim: fixed (``size``) or dynamic (``name`` in ``[min, max]``)."""
+    """One dim: fixed (``size``) or dynamic (``name`` in ``[min, max]``). Validated on construction."""
 
     size: int | None = None
     name: str | None = None
     min: int | None = None
     max: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            if self.min is not None or self.max is not None:
+                raise EntryFormatError(COLUMN, f"a fixed dim has min/max ({self.min}, {self.max}) but no name")
+            integer(self.size, COLUMN, "a fixed dim's size")
+            return
+        if self.size is not None:
+            raise EntryFormatError(COLUMN, f"dim {quote(self.name)} is both fixed ({quote(self.size)}) and dynamic")
+        identifier(self.name, COLUMN, "a dynamic dim's name")
+        lo = integer(self.min, COLUMN, f"dim {self.name!r} min")
+        hi = integer(self.max, COLUMN, f"dim {self.name!r} max")
+        if lo > hi:
+            raise EntryFormatError(COLUMN, f"dim {self.name!r}: min={lo} > max={hi}")
 
     @property
     def dynamic(self) -> bool:
@@ -39,14 +79,28 @@ class DimGuard:
     def describe(self) -> str:
         return f"{self.name}({self.min}..{self.max})" if self.dynamic else str(self.size)
 
+    @classmethod
+    def from_dict(cls, data: Any) -> DimGuard:
+        """Parse ``{"size": N}`` or ``{"name": ..., "min": ..., "max": ...}``."""
+        d = mapping(data, COLUMN, "a dim", keys=("size", "name", "min", "max"))
+        return cls(size=d.get("size"), name=d.get("name"), min=d.get("min"), max=d.get("max"))
+
 
 @dataclass(frozen=True)
 class InputGuard:
-    """What one positional input must be."""
+    """What one positional input must be. Validated on construction."""
 
     name: str
     dtype: str
     dims: tuple[DimGuard, ...]
+
+    def __post_init__(self) -> None:
+        identifier(self.name, COLUMN, "an input's name")
+        choice(self.dtype, DTYPES, COLUMN, f"input {self.name!r} dtype")
+        dims = tuple(sequence(self.dims, COLUMN, f"input {self.name!r} dims", limit=MAX_RANK))
+        if not all(isinstance(d, DimGuard) for d in dims):
+            raise EntryFormatError(COLUMN, f"input {self.name!r} dims must be DimGuard values")
+        object.__setattr__(self, "dims", dims)
 
     @property
     def rank(self) -> int:
@@ -58,12 +112,41 @@ class InputGuard:
 
 @dataclass(frozen=True)
 class GuardSchema:
-    """Every input's guard, the device the artifact runs on, and export's range constraints (as text)."""
+    """Every input's guard, the device the artifact runs on, and export's range constraints (as text, never
+    evaluated). Validated on construction: unique input names, one range per dim name, a known device."""
 
     inputs: tuple[InputGuard, ...]
     device: str = "cpu"
     range_constraints: dict[str, str] = field(default_factory=dict)
     version: int = GUARD_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        inputs = tuple(sequence(self.inputs, COLUMN, "inputs"))
+        if not all(isinstance(i, InputGuard) for i in inputs):
+            raise EntryFormatError(COLUMN, "inputs must be InputGuard values")
+        object.__setattr__(self, "inputs", inputs)
+        names = [i.name for i in inputs]
+        if len(set(names)) != len(names):
+            raise EntryFormatError(COLUMN, f"input names repeat: {names}")
+        choice(self.device, DEVICE_TYPES, COLUMN, "device")
+        version = integer(self.version, COLUMN, "version", hi=MAX_SIZE)
+        if version > GUARD_SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"guard schema version {version} is newer than this Esper understands ({GUARD_SCHEMA_VERSION})"
+            )
+        constraints = mapping(self.range_constraints, COLUMN, "range_constraints")
+        for k, v in constraints.items():
+            text(v, COLUMN, f"range_constraints[{quote(k)}]", limit=1024)
+        object.__setattr__(self, "range_constraints", dict(constraints))
+        ranges: dict[str, tuple[int, int]] = {}
+        for i in inputs:
+            for d in i.dims:
+                if d.dynamic:
+                    assert d.name is not None and d.min is not None and d.max is not None
+                    if ranges.setdefault(d.name, (d.min, d.max)) != (d.min, d.max):
+                        raise EntryFormatError(
+                            COLUMN, f"dim {d.name!r} has two ranges: {list(ranges[d.name])} and {[d.min, d.max]}"
+                        )
 
     def describe(self) -> str:
         return "; ".join(i.describe() for i in self.inputs) + f" on {self.device}"
@@ -103,51 +186,94 @@ class GuardSchema:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GuardSchema:
-        version = int(data.get("version", 0))
-        if version > GUARD_SCHEMA_VERSION:
+    def from_dict(cls, data: Any) -> GuardSchema:
+        """Parse stored data: :class:`SchemaVersionError` for a newer version, else :class:`EntryFormatError`
+        (column ``guards``) for anything that is not exactly a valid schema."""
+        d = mapping(data, COLUMN, "the guard schema", keys=("version", "device", "range_constraints", "inputs"))
+        version = d.get("version", 0)
+        if type(version) is int and version > GUARD_SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"guard schema version {version} is newer than this Esper understands ({GUARD_SCHEMA_VERSION})"
             )
+        if "inputs" not in d or "device" not in d:
+            raise EntryFormatError(COLUMN, "the guard schema needs 'inputs' and 'device'")
+        inputs = []
+        for k, raw in enumerate(sequence(d["inputs"], COLUMN, "inputs")):
+            i = mapping(raw, COLUMN, f"inputs[{k}]", keys=("name", "dtype", "dims"))
+            if set(i) != {"name", "dtype", "dims"}:
+                raise EntryFormatError(COLUMN, f"inputs[{k}] needs 'name', 'dtype' and 'dims'")
+            dims = sequence(i["dims"], COLUMN, f"inputs[{k}].dims", limit=MAX_RANK)
+            inputs.append(InputGuard(i["name"], i["dtype"], tuple(DimGuard.from_dict(x) for x in dims)))
         return cls(
-            inputs=tuple(
-                InputGuard(i["name"], i["dtype"], tuple(DimGuard(**d) for d in i["dims"])) for i in data["inputs"]
-            ),
-            device=data["device"],
-            range_constraints=dict(data.get("range_constraints", {})),
+            inputs=tuple(inputs),
+            device=d["device"],
+            range_constraints=d.get("range_constraints", {}),
             version=version,
         )
 
     @classmethod
-    def from_json(cls, text: str) -> GuardSchema:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str | bytes) -> GuardSchema:
+        """Parse stored JSON (see :meth:`from_dict`); text that is not JSON is an :class:`EntryFormatError`."""
+        try:
+            data = json.loads(text)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise EntryFormatError(COLUMN, f"not JSON: {quote(str(e))}") from None
+        return cls.from_dict(data)
 
 
-def explain(schema: GuardSchema) -> Callable[[Sequence[Any]], str | None]:
-    """The readable check: ``None`` when ``schema`` accepts the inputs, else the first reason it does not."""
+def bind_arguments(schema: GuardSchema, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The inputs in ``schema``'s positional order, with keyword arguments placed by input name.
+
+    Raises :class:`TypeError` (as Python would for the eager module) for too many positional arguments, an
+    unknown name, a name given twice, or a missing input; the caller serves such a call eagerly.
+    """
+    if not kwargs:
+        return tuple(args)
+    names = [i.name for i in schema.inputs]
+    if len(args) > len(names):
+        raise TypeError(f"takes {len(names)} inputs ({', '.join(names)}), got {len(args)} positional")
+    bound: list[Any] = list(args) + [_MISSING] * (len(names) - len(args))
+    for key, value in kwargs.items():
+        try:
+            k = names.index(key)
+        except ValueError:
+            raise TypeError(f"got an unexpected keyword argument {quote(key)} (inputs: {', '.join(names)})") from None
+        if bound[k] is not _MISSING:
+            raise TypeError(f"got multiple values for input {key!r}")
+        bound[k] = value
+    missing = [n for n, v in zip(names, bound, strict=True) if v is _MISSING]
+    if missing:
+        raise TypeError(f"missing inputs: {', '.join(missing)}")
+    return tuple(bound)
+
+
+_MISSING = object()
+
+
+def explain(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], str | None]:
+    """The readable check: ``None`` when ``schema`` accepts the inputs, else the first reason it does not.
+
+    ``device_index``: on a CUDA schema, the exact device the artifact was loaded on (a tensor on another GPU
+    is refused); ``None`` checks the device type only. Ignored for CPU.
+    """
     specs = tuple(
-        (
-            i.name,
-            getattr(torch, i.dtype),
-            i.rank,
-            tuple((k, d.size, d.name, d.min, d.max) for k, d in enumerate(i.dims)),
-        )
+        (i.name, TORCH_DTYPES[i.dtype], i.rank, tuple((k, d.size, d.name, d.min, d.max) for k, d in enumerate(i.dims)))
         for i in schema.inputs
     )
     n_inputs = len(specs)
-    device_type = torch.device(schema.device).type
+    device_type = schema.device
+    index = device_index if device_type == "cuda" else None
 
     def check(args: Sequence[Any]) -> str | None:
         if len(args) != n_inputs:
             return f"expected {n_inputs} inputs, got {len(args)}"
         bound: dict[str, int] = {}
         for x, (name, dtype, rank, dims) in zip(args, specs, strict=True):
-            if not isinstance(x, torch.Tensor):
-                return f"input {name!r} is a {type(x).__name__}, not a Tensor"
-            if x.dtype != dtype:
+            if isinstance(x, torch.Tensor) and x.dtype != dtype:
                 return f"input {name!r} has dtype {x.dtype}, guard requires {dtype}"
-            if x.device.type != device_type:
-                return f"input {name!r} is on {x.device}, guard requires {device_type}"
+            problem = kind_problem(x, device_type, index)
+            if problem is not None:
+                return f"input {name!r} {problem}"
             shape = x.shape
             if len(shape) != rank:
                 return f"input {name!r} has rank {len(shape)}, guard requires {rank}"
@@ -165,51 +291,79 @@ def explain(schema: GuardSchema) -> Callable[[Sequence[Any]], str | None]:
     return check
 
 
-def _predicate_source(schema: GuardSchema) -> str:
-    """Python source of a straight-line predicate for ``schema``: no loops, every constant inlined."""
-    device_attr = {"cpu": "is_cpu", "cuda": "is_cuda"}.get(torch.device(schema.device).type)
-    lines = ["def accepts(args):", f"    if len(args) != {len(schema.inputs)}:", "        return False"]
+def _int_literal(value: Any) -> str:
+    """``value``'s source text, only for a validated int: the generator's last line of defence."""
+    if type(value) is not int or not 0 <= value <= MAX_SIZE:
+        raise EntryFormatError(COLUMN, f"predicate generator refused {quote(value)}: not a validated integer")
+    return str(value)
+
+
+def _predicate_source(schema: GuardSchema, device_index: int | None = None) -> str:
+    """Python source of a straight-line predicate for ``schema``: no loops, every constant inlined.
+
+    Only integers (checked again here, whatever the schema's construction did) and fixed names are written
+    into the source: dtypes are bound as ``d0``, ``d1``... in the namespace, never spelled from stored text.
+    """
+    if schema.device not in DEVICE_TYPES or len(schema.inputs) > MAX_COUNT:
+        raise EntryFormatError(COLUMN, f"predicate generator refused device {quote(schema.device)}")
+    device_test = {"cpu": "not {x}.is_cpu", "cuda": "not {x}.is_cuda"}[schema.device]
+    if device_index is not None and schema.device == "cuda":
+        device_test += " or {x}.get_device() != " + _int_literal(device_index)
+    lines = ["def accepts(args):", f"    if len(args) != {_int_literal(len(schema.inputs))}:", "        return False"]
     first_seen: dict[str, str] = {}
     for n, inp in enumerate(schema.inputs):
+        if inp.dtype not in TORCH_DTYPES:
+            raise EntryFormatError(COLUMN, f"predicate generator refused dtype {quote(inp.dtype)}")
+        x = f"x{n}"
         lines += [
-            f"    x{n} = args[{n}]",
-            f"    if not isinstance(x{n}, Tensor) or x{n}.dtype is not {inp.dtype}:",
+            f"    {x} = args[{n}]",
+            f"    t = type({x})",
+            f"    if (t is not Tensor and t is not Parameter) or {x}.dtype is not d{n}:",
+            "        return False",
+            f"    if {device_test.format(x=x)} or {x}.layout is not strided or {x}.is_nested or {x}.is_neg():",
+            "        return False",
+            f"    if {KIND_TEST.format(x=x)}:",
+            "        return False",
+            f"    s{n} = {x}.shape",
+            f"    if len(s{n}) != {_int_literal(inp.rank)}:",
             "        return False",
         ]
-        if device_attr is None:
-            lines += [f"    if x{n}.device.type != {torch.device(schema.device).type!r}:", "        return False"]
-        else:
-            lines += [f"    if not x{n}.{device_attr}:", "        return False"]
-        lines += [f"    s{n} = x{n}.shape", f"    if len(s{n}) != {inp.rank}:", "        return False"]
         for k, d in enumerate(inp.dims):
             v = f"s{n}[{k}]"
             if not d.dynamic:
-                lines += [f"    if {v} != {d.size}:", "        return False"]
+                lines += [f"    if {v} != {_int_literal(d.size)}:", "        return False"]
             elif d.name in first_seen:
                 lines += [f"    if {v} != {first_seen[d.name]}:", "        return False"]
             else:
-                first_seen[d.name] = v
-                lines += [f"    if not {d.min} <= {v} <= {d.max}:", "        return False"]
+                first_seen[str(d.name)] = v
+                lines += [f"    if not {_int_literal(d.min)} <= {v} <= {_int_literal(d.max)}:", "        return False"]
     lines.append("    return True")
     return "\n".join(lines)
 
 
-def compile_predicate(schema: GuardSchema) -> Callable[[Sequence[Any]], bool]:
-    """A predicate generated for ``schema``: straight-line code with every constant inlined (about half a
-    microsecond for one input). Kasmina runs it on every call."""
-    namespace: dict[str, Any] = {"Tensor": torch.Tensor, **{i.dtype: getattr(torch, i.dtype) for i in schema.inputs}}
-    exec(compile(_predicate_source(schema), f"<guards {schema.describe()}>", "exec"), namespace)
+def compile_predicate(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], bool]:
+    """A predicate generated for ``schema``: straight-line code with every constant inlined (about a
+    microsecond for one input). Kasmina runs it on every call. ``device_index``: see :func:`explain`."""
+    source = _predicate_source(schema, device_index)  # validates every dtype and literal first
+    namespace: dict[str, Any] = {
+        "Tensor": torch.Tensor,
+        "Parameter": torch.nn.Parameter,
+        "strided": torch.strided,
+        **predicate_namespace(),
+        **{f"d{n}": TORCH_DTYPES[i.dtype] for n, i in enumerate(schema.inputs)},
+    }
+    exec(compile(source, "<guard predicate>", "exec"), namespace)
     return namespace["accepts"]
 
 
-def compile_check(schema: GuardSchema) -> Callable[[Sequence[Any]], str | None]:
+def compile_check(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], str | None]:
     """Build the per-call check for ``schema``: it returns ``None`` when the inputs are accepted, else why not.
 
     Kasmina runs this on every call, so the accepting path is a predicate generated for this schema (about a
     microsecond); only a refusal pays for :func:`explain` to say why.
     """
-    accepts = compile_predicate(schema)
-    why = explain(schema)
+    accepts = compile_predicate(schema, device_index=device_index)
+    why = explain(schema, device_index=device_index)
 
     def check(args: Sequence[Any]) -> str | None:
         if accepts(args):

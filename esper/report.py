@@ -1,53 +1,108 @@
 """The certification report: a reviewer's page rendered from Urza's evidence alone (nothing is compiled or
-measured again). ``esper report`` writes ``report.md`` with one PNG per blueprint, and ``report.html`` with
-the same content and the plots embedded, so it is a single self-contained file.
+measured again). ``esper report`` writes ``report.md`` with one PNG per blueprint and artifact kind, and
+``report.html`` with the same content and the plots embedded, so it is a single self-contained file.
+
+Each artifact kind is its own section with its own table and plot: an inference figure is the latency of a
+forward call, a training figure the latency of a training step (forward and backward), so the two are never
+drawn in one series or compared in one column.
+
+The plots need matplotlib, which the runtime install leaves out: ``pip install 'esper[report]'``.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import importlib.util
 import math
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esper.artifacts import ArtifactKind
 from esper.compat import CompatKey
 from esper.evidence import parity_error
 from esper.urza import Entry, Urza
 
+INSTALL_HINT = "pip install 'esper[report]'"
+ROUTED = "routed"
+EAGER = "eager"
+
+# What one figure of each kind measures: the plot's y label and the section's heading.
+MEASURES = {
+    ArtifactKind.INFERENCE: "p50 ms per forward call",
+    ArtifactKind.TRAINING: "p50 ms per training step (forward + backward)",
+}
+
+
+class ReportError(RuntimeError):
+    """The report cannot be rendered: matplotlib is missing, or Urza cannot be read."""
+
 
 @dataclass(frozen=True)
-class BlueprintEvidence:
-    """The entries a report shows for one blueprint: its current routes and every measured candidate."""
+class KindEvidence:
+    """One artifact kind of one blueprint: its current routes, every measured candidate, and why there is no
+    route (``problem``) when there is none."""
 
-    name: str
-    routes: list[Entry]
-    candidates: list[Entry]
+    kind: ArtifactKind
+    routes: tuple[Entry, ...]
+    candidates: tuple[Entry, ...]
     problem: str | None
 
 
-def collect(urza: Urza, key: CompatKey) -> list[BlueprintEvidence]:
-    from esper.kasmina.loader import Unusable, choose_entries
+@dataclass(frozen=True)
+class BlueprintEvidence:
+    """What a report shows for one blueprint: a :class:`KindEvidence` per artifact kind Urza holds for it."""
 
+    name: str
+    kinds: tuple[KindEvidence, ...]
+
+    def of(self, kind: ArtifactKind) -> KindEvidence | None:
+        return next((k for k in self.kinds if k.kind == kind), None)
+
+
+def _choosers() -> dict[ArtifactKind, Callable[[Sequence[Entry], CompatKey], list[Entry]]]:
+    """Kasmina's own choice of routes per kind, so the report shows what a run would load."""
+    from esper.kasmina.choose import choose_entries, choose_training_entry
+
+    return {ArtifactKind.INFERENCE: choose_entries, ArtifactKind.TRAINING: choose_training_entry}
+
+
+def collect_kind(entries: Sequence[Entry], kind: ArtifactKind, key: CompatKey) -> KindEvidence:
+    """The evidence of one kind from one blueprint's entries (newest first, any kinds mixed)."""
+    from esper.kasmina.unusable import Unusable
+
+    mine = [e for e in entries if e.artifact == kind]
+    try:
+        routes, problem = _choosers()[kind](mine, key), None
+    except Unusable as u:
+        routes, problem = [], u.detail
+    if not mine:
+        return KindEvidence(kind, (), (), problem)
+    version = routes[0].blueprint_version if routes else mine[0].blueprint_version
+    newest: dict[tuple[str, str, str], Entry] = {}
+    for e in mine:
+        if e.blueprint_version == version and "certify" in e.performance:
+            newest.setdefault((e.profile, e.variant, e.kind), e)
+    return KindEvidence(kind, tuple(routes), tuple(newest.values()), problem)
+
+
+def collect(urza: Urza, key: CompatKey) -> list[BlueprintEvidence]:
+    """Every blueprint in ``urza``, by name, with the evidence of each artifact kind it has entries of."""
     by_name: dict[str, list[Entry]] = defaultdict(list)
     for e in urza.entries():
         by_name[e.blueprint].append(e)
-    out = []
-    for name in sorted(by_name):
-        entries = by_name[name]
-        try:
-            routes, problem = choose_entries(entries, key), None
-        except Unusable as u:
-            routes, problem = [], u.detail
-        version = routes[0].blueprint_version if routes else entries[0].blueprint_version
-        newest: dict[tuple[str, str], Entry] = {}
-        for e in entries:  # newest first
-            if e.blueprint_version == version and "certify" in e.performance:
-                newest.setdefault((e.profile, e.variant), e)
-        out.append(BlueprintEvidence(name, routes, list(newest.values()), problem))
-    return out
+    return [
+        BlueprintEvidence(
+            name,
+            tuple(
+                collect_kind(by_name[name], k, key) for k in ArtifactKind if any(e.artifact == k for e in by_name[name])
+            ),
+        )
+        for name in sorted(by_name)
+    ]
 
 
 def _x(label: str) -> tuple[str, int] | None:
@@ -59,14 +114,12 @@ def _x(label: str) -> tuple[str, int] | None:
     return dim, int(parts[dim])
 
 
-def plot(ev: BlueprintEvidence, path: Path) -> Path | None:
-    """Latency against the batch dim: eager, each variant, and the routed kernel, with bucket edges."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, dict[int, float]] = defaultdict(dict)
+def series(ev: KindEvidence) -> tuple[str | None, dict[str, dict[int, float]]]:
+    """The plotted dim and p50 series of one kind: ``eager``, one per Inductor variant (its best profile at
+    each size), and ``routed`` (what the routes run). Only ``ev``'s own entries contribute, so a training step
+    is never drawn beside a forward call. Where candidates measured eager differently, the newest figure is
+    drawn (candidates are newest first)."""
+    out: dict[str, dict[int, float]] = defaultdict(dict)
     dim = None
     for e in ev.candidates:
         for label, row in e.performance["certify"].items():
@@ -74,22 +127,35 @@ def plot(ev: BlueprintEvidence, path: Path) -> Path | None:
             if x is None:
                 continue
             dim, size = x
-            if "eager" in row:
-                series["eager"][size] = row["eager"]["p50_ms"]
+            if EAGER in row:
+                out[EAGER].setdefault(size, row[EAGER]["p50_ms"])
             if "compiled" in row:
-                series[e.variant][size] = min(row["compiled"]["p50_ms"], series[e.variant].get(size, math.inf))
+                out[e.variant][size] = min(row["compiled"]["p50_ms"], out[e.variant].get(size, math.inf))
     for r in ev.routes:
+        path = "compiled" if r.kind == "aoti" else EAGER
         for label, row in r.performance.get("certify", {}).items():
             x = _x(label)
-            if x is not None:
-                series["routed"][x[1]] = row["compiled" if r.kind == "aoti" else "eager"]["p50_ms"]
-    if not series or dim is None:
+            if x is not None and path in row:
+                dim = dim or x[0]
+                out[ROUTED][x[1]] = row[path]["p50_ms"]
+    return dim, dict(out)
+
+
+def plot(name: str, ev: KindEvidence, path: Path) -> Path | None:
+    """Latency against the batch dim for one kind: eager, each variant and the routes, with bucket edges."""
+    dim, lines = series(ev)
+    if not lines or dim is None:
         return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, points in sorted(series.items(), key=lambda kv: (kv[0] == "routed", kv[0])):
+    for label, points in sorted(lines.items(), key=lambda kv: (kv[0] == ROUTED, kv[0])):
         xs = sorted(points)
-        style = {"linewidth": 3, "alpha": 0.5, "color": "black"} if name == "routed" else {"marker": "o"}
-        ax.plot(xs, [points[x] for x in xs], label=name, **style)  # type: ignore[arg-type]
+        style = {"linewidth": 3, "alpha": 0.5, "color": "black"} if label == ROUTED else {"marker": "o"}
+        ax.plot(xs, [points[x] for x in xs], label=label, **style)  # type: ignore[arg-type]
     for e in ev.routes:
         lo = e.meta.get("ranges", {}).get(dim, [None])[0]
         if lo and lo > 1:
@@ -97,8 +163,8 @@ def plot(ev: BlueprintEvidence, path: Path) -> Path | None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(dim)
-    ax.set_ylabel("p50 ms")
-    ax.set_title(ev.name)
+    ax.set_ylabel(MEASURES[ev.kind])
+    ax.set_title(f"{name}: {ev.kind}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -110,19 +176,19 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "" if x is None else f"{x:.{digits}g}"
 
 
-def _rows(ev: BlueprintEvidence) -> list[list[str]]:
-    rows = []
+def rows(ev: KindEvidence) -> list[list[str]]:
+    """One table row per candidate of one kind, in :data:`HEADERS` order."""
+    out = []
     route_ids = {r.id for r in ev.routes}
-    for e in sorted(ev.candidates, key=lambda e: (e.profile, e.variant)):
+    for e in sorted(ev.candidates, key=lambda e: (e.profile, e.variant, e.kind)):
         err, cases = parity_error(e)
-        perf = e.performance["certify"]
         cells = "; ".join(
-            f"{label}: {_fmt(row.get('compiled', row.get('eager', {})).get('p50_ms'))}"
+            f"{label}: {_fmt(row.get('compiled', row.get(EAGER, {})).get('p50_ms'))}"
             + (f" ({_fmt(row['ratio'], 2)}x)" if "ratio" in row else "")
-            for label, row in perf.items()
+            for label, row in e.performance["certify"].items()
         )
         why = (e.failure_reason or "").splitlines()[0][:90] if e.failure_reason else ""
-        rows.append(
+        out.append(
             [
                 e.profile,
                 e.variant,
@@ -135,14 +201,35 @@ def _rows(ev: BlueprintEvidence) -> list[list[str]]:
                 why,
             ]
         )
-    return rows
+    return out
 
 
 HEADERS = ["profile", "variant", "kind", "status", "entry", "parity max|err|", "cases", "p50 ms (ratio)", "note"]
 
 
+def _routes_line(ev: KindEvidence) -> str:
+    routes = ", ".join(f"{r.profile} -> {r.variant if r.kind == 'aoti' else EAGER} (#{r.id})" for r in ev.routes)
+    return f"Routes: {routes or 'none: ' + (ev.problem or '')}. Figures: {MEASURES[ev.kind]}."
+
+
+def _context_line(ev: BlueprintEvidence) -> str:
+    context = next((e.meta.get("certification", {}).get("context") for k in ev.kinds for e in k.candidates), None) or {}
+    return (
+        f"Measured on {context.get('host', '?')} ({context.get('cpu_count', '?')} cores, "
+        f"{context.get('cpu_capability', '?')}, torch {context.get('torch', '?')}, "
+        f"commit {str(context.get('git_commit'))[:10]})."
+    )
+
+
+def require_matplotlib() -> None:
+    """:class:`ReportError` with what to install when matplotlib (the ``report`` extra) is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ReportError(f"the report's plots need matplotlib, which is not installed: {INSTALL_HINT}")
+
+
 def render(urza_path: Path, out: Path, key: CompatKey) -> tuple[Path, Path]:
     """Write ``report.md`` (+ PNGs) and a self-contained ``report.html`` into ``out``."""
+    require_matplotlib()
     out.mkdir(parents=True, exist_ok=True)
     with Urza(urza_path, readonly=True) as urza:
         evidence = collect(urza, key)
@@ -152,33 +239,28 @@ def render(urza_path: Path, out: Path, key: CompatKey) -> tuple[Path, Path]:
         f"key: <code>{html.escape(str(key))}</code></p>"
     ]
     for ev in evidence:
-        context = next((e.meta.get("certification", {}).get("context") for e in ev.candidates), None) or {}
-        routes = ", ".join(f"{r.profile} -> {r.variant if r.kind == 'aoti' else 'eager'} (#{r.id})" for r in ev.routes)
-        head = (
-            f"Routes: {routes or 'none: ' + (ev.problem or '')}. Measured on {context.get('host', '?')} "
-            f"({context.get('cpu_count', '?')} cores, {context.get('cpu_capability', '?')}, torch "
-            f"{context.get('torch', '?')}, commit {str(context.get('git_commit'))[:10]})."
-        )
-        png = plot(ev, out / f"{ev.name}.png") if ev.candidates else None
-        rows = _rows(ev)
-        md += [f"## {ev.name}\n", head + "\n"]
-        if rows:
-            md += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-            md += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
-        if png:
-            md.append(f"\n![{ev.name}]({png.name})\n")
-        body.append(f"<h2>{html.escape(ev.name)}</h2><p>{html.escape(head)}</p>")
-        if rows:
-            body.append(
-                "<table border=1 cellspacing=0 cellpadding=3><tr>"
-                + "".join(f"<th>{h}</th>" for h in HEADERS)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                + "</table>"
-            )
-        if png:
-            data = base64.b64encode(png.read_bytes()).decode()
-            body.append(f'<p><img alt="{html.escape(ev.name)}" src="data:image/png;base64,{data}"></p>')
+        md += [f"## {ev.name}\n", _context_line(ev) + "\n"]
+        body.append(f"<h2>{html.escape(ev.name)}</h2><p>{html.escape(_context_line(ev))}</p>")
+        for kind in ev.kinds:
+            png = plot(ev.name, kind, out / f"{ev.name}-{kind.kind}.png") if kind.candidates else None
+            table = rows(kind)
+            md += [f"### {kind.kind}\n", _routes_line(kind) + "\n"]
+            body.append(f"<h3>{kind.kind}</h3><p>{html.escape(_routes_line(kind))}</p>")
+            if table:
+                md += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+                md += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in table]
+                body.append(
+                    "<table border=1 cellspacing=0 cellpadding=3><tr>"
+                    + "".join(f"<th>{h}</th>" for h in HEADERS)
+                    + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table)
+                    + "</table>"
+                )
+            if png:
+                md.append(f"\n![{ev.name} {kind.kind}]({png.name})\n")
+                data = base64.b64encode(png.read_bytes()).decode()
+                alt = html.escape(f"{ev.name} {kind.kind}")
+                body.append(f'<p><img alt="{alt}" src="data:image/png;base64,{data}"></p>')
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text("\n".join(md) + "\n")
     html_path.write_text(
@@ -189,4 +271,9 @@ def render(urza_path: Path, out: Path, key: CompatKey) -> tuple[Path, Path]:
 
 
 def summary(evidence: list[BlueprintEvidence]) -> list[dict[str, Any]]:
-    return [{"blueprint": ev.name, "routes": [r.id for r in ev.routes], "problem": ev.problem} for ev in evidence]
+    """One flat row per blueprint and artifact kind: the routed entry ids, or why there is no route."""
+    return [
+        {"blueprint": ev.name, "artifact": k.kind.value, "routes": [r.id for r in k.routes], "problem": k.problem}
+        for ev in evidence
+        for k in ev.kinds
+    ]

@@ -24,13 +24,36 @@ class Variant:
     swappable: bool = True
 
 
-VARIANTS: dict[str, Variant] = {
+# Every Inductor setting the lever study (benchmarks/levers.py, issue 14) measures, by name: the one place
+# that maps a lever to its settings. What certification compiles is VARIANTS below, a subset chosen by the
+# study's figures on a quiet machine: adopting a lever is adding its name to SERVED.
+CANDIDATES: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("default", {}),
+        # Constant-folds the weights into the graph and pre-packs them for the GEMM library.
         Variant("freezing", {"freezing": True}, swappable=False),
+        # The AOTInductor wrapper (AOTInductorModel::run_impl) is built at -O1 by default; a tiny kernel's
+        # call is mostly wrapper.
+        Variant("wrapper_o2", {"aot_inductor.compile_wrapper_opt_level": "O2"}),
+        Variant("wrapper_o3", {"aot_inductor.compile_wrapper_opt_level": "O3"}),
+        # Link-time optimization of the package's shared library (Inductor applies it only with clang).
+        Variant("wrapper_o3_lto", {"aot_inductor.compile_wrapper_opt_level": "O3", "aot_inductor.enable_lto": True}),
+        # The C++ GEMM template against ATen, autotuned at compile time; needs constant weights (freezing).
+        Variant(
+            "freezing_autotune_cpp",
+            {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
+            swappable=False,
+        ),
+        # Weight-only subgraphs folded when the package loads (and again when a seed's weights are loaded),
+        # so the weights stay swappable.
+        Variant("runtime_constant_folding", {"aot_inductor.use_runtime_constant_folding": True}),
+        # Inductor's OpenMP thread count: one thread (no fork/join per kernel) against the machine's default.
+        Variant("threads_1", {"cpp.threads": 1}),
     )
 }
+SERVED = ("default", "freezing")
+VARIANTS: dict[str, Variant] = {name: CANDIDATES[name] for name in SERVED}
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
 

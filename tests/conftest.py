@@ -73,7 +73,7 @@ def urza_copy(compiled_urza: Path, tmp_path: Path) -> Path:
 def training_certification_off() -> Iterator[None]:
     """Certify runs inside this suite check inference only: training checks compile a training artifact per
     blueprint. tests/test_training.py turns them on where it tests them."""
-    env = "ESPER_CERTIFY_TRAINING"  # esper.certification.training.ENV, without importing torch here
+    env = "ESPER_CERTIFY_TRAINING"  # esper.certification.kinds.TRAINING_ENV, without importing torch here
     old = os.environ.get(env)
     os.environ.setdefault(env, "0")
     yield
@@ -85,16 +85,18 @@ def training_certification_off() -> Iterator[None]:
 def training_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) -> Path:
     """A session Urza holding training artifacts marked certified: the catalog's ``lora_adapter`` (a frozen
     base weight) and ``tiny_bn`` (BatchNorm) compiled, and ``tiny_dropout``'s eager training route."""
+    from esper.artifacts import ArtifactKind
     from esper.catalog import load_catalog
-    from esper.tezzeret.training import compile_training
+    from esper.tezzeret.compiler import Tezzeret
     from esper.urza import Urza
 
     catalog = load_catalog([TRAINING, CATALOG])
     path = tmp_path_factory.mktemp("training-urza") / "urza.db"
     with Urza(path) as urza:
+        tezzeret = Tezzeret(urza)
         for name in ("lora_adapter", "tiny_bn"):
-            entry = compile_training(urza, catalog.get(name)).entry
+            entry = tezzeret.compile(catalog.get(name), artifact=ArtifactKind.TRAINING).entry
             assert entry.kind == "aoti", entry.failure_reason
             urza.update(entry.id, status="certified")  # type: ignore[arg-type]
-        assert compile_training(urza, catalog.get("tiny_dropout")).entry.kind == "eager"
+        assert tezzeret.compile(catalog.get("tiny_dropout"), artifact=ArtifactKind.TRAINING).entry.kind == "eager"
     return path

@@ -1,20 +1,19 @@
-"""Certification of training artifacts: the checks, the decision, a failed check, turning it off."""
+"""Certification of training artifacts through the one skeleton (``Certification`` with ``ArtifactKind.TRAINING``):
+the checks, the decision, a failed check, an eager training route, turning it off."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
+from esper import timing
+from esper.artifacts import ArtifactKind
+from esper.budgets import PROFILES
 from esper.catalog import load_catalog
-from esper.coverage import edge_sizes
-from esper.kasmina import Kasmina
-from esper.kasmina.training import COMPILED, EAGER, TrainingKernel
-from esper.kasmina.training_artifact import is_training_entry
+from esper.certification import strategies as cs
+from esper.certification.run import CANDIDATE_CHECKS, Certification, Outcome
 from esper.urza import Urza
 
 from .conftest import CATALOG, TRAINING
@@ -22,26 +21,6 @@ from .conftest import CATALOG, TRAINING
 pytestmark = pytest.mark.compiles
 
 CATALOG_TRAINING = load_catalog([TRAINING, CATALOG])
-
-
-def load(urza: Path, name: str, weights: Any = None) -> TrainingKernel:
-    return Kasmina(urza, blueprint_paths=[TRAINING, CATALOG]).load_training(name, weights)
-
-
-def build(name: str) -> torch.nn.Module:
-    return CATALOG_TRAINING.get(name).build()
-
-
-def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "esper.kasmina" and r.levelno == logging.WARNING]
-
-
-def perturbed(name: str, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-        for k, v in build(name).state_dict().items()
-    }
 
 
 @pytest.fixture
@@ -53,67 +32,84 @@ def training_copy(training_urza: Path, tmp_path: Path) -> Path:
     return dest / "urza.db"
 
 
-def test_training_certification_checks_and_decides(training_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from esper.budgets import PROFILES
-    from esper.certification import strategies as cs
-    from esper.certification.run import Outcome
-    from esper.certification.training import CHECKS, TrainingCertification
+def training_run(urza: Path, name: str = "tiny_bn") -> Certification:
+    return Certification(CATALOG_TRAINING.get(name), ArtifactKind.TRAINING, urza, PROFILES["lenient"], recheck=True)
 
+
+def test_training_certification_checks_and_decides(training_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESPER_CERTIFY_TRAINING", "1")
     monkeypatch.setenv("ESPER_HYPOTHESIS_PROFILE", "esper-ci")  # derandomized: the same cases every run
-    bp = CATALOG_TRAINING.get("tiny_bn")
-    cert = TrainingCertification(bp, training_copy, PROFILES["lenient"], recheck=True)
-    entry = cert.compile()
-    assert cert.reused and entry.kind == "aoti"  # same content hash: nothing compiles
-    ranges = {n: (d.min, d.max) for n, d in bp.dims.items()}
-    cs.check_cases(cert.check_grad_parity, ranges, edge_sizes(ranges))
-    cert.check_guards()
-    assert cert.parity.cases > 0 and cert.guards_refused >= 4
-
-    class Bench:
-        group = ""
-        extra_info: dict[str, Any] = {}
-
-        def __call__(self, fn: Any) -> None:
-            fn()
-
+    cert = training_run(training_copy)
+    (candidate,) = cert.candidates
+    entry = cert.compile(candidate)
+    assert cert.candidates[candidate].reused and entry.kind == "aoti"  # same content hash: nothing compiles
+    ranges = cert.candidates[candidate].ranges
+    covered = cert.check_parity(candidate)
+    planned = len(cert.cases("default"))
+    assert covered.value_cases == planned and covered.values_tried["batch"] == (31, 31)  # every size of 2..32
+    cs.check_cases(lambda sizes, regime: cert.check_drawn(candidate, sizes, regime), ranges, [])
+    cert.check_guards(candidate)
+    checked = cert.candidates[candidate]
+    # Each dim below and above its range, a wrong dtype and rank per input, each fixed dim off by one.
+    assert checked.parity.cases == planned + checked.drawn and checked.drawn > 0
+    assert checked.guards_refused == len(cert.refused_cases(candidate)) >= 5
+    # Output, every gradient and every mutated buffer judged against float64 in every case.
+    assert {part: len(vs) for part, vs in checked.verdicts.items()} == {
+        "output": checked.parity.cases,
+        "gradient": checked.parity.cases,
+        "buffer": checked.parity.cases,
+    }
     for label in cert.labels():
-        for path in (COMPILED, EAGER):
-            cert.benchmark(Bench(), path, label)
-    for check in CHECKS[:-1]:
-        cert.record(Outcome(check, "passed"))
-    published = cert.publish()
+        comparison = cert.compare_latency(candidate, label)
+        assert comparison.rounds >= 8 and comparison.decision in timing.DECISIONS
+    for check in CANDIDATE_CHECKS:
+        cert.record(Outcome(check, "passed", candidate=candidate))
+    (decision,) = cert.select().values()
+    cert.record(Outcome("select", "passed"))
+    cert.check_budgets()
+    cert.record(Outcome("budgets", "passed"))
+    (published,) = cert.publish()
     with Urza(training_copy, readonly=True) as urza:
         compiled = urza.get(entry.id)  # type: ignore[arg-type]
-    assert compiled.parity["certify"]["cases"] == cert.parity.cases
-    assert "certify" in compiled.performance
-    if published.id == entry.id:
-        assert compiled.status == "certified"
+    evidence = compiled.parity["certify"]
+    assert evidence["cases"] == checked.parity.cases and evidence["coverage"]["value_cases"] == planned
+    assert set(evidence["parts"]) == {"output", "gradient", "buffer"} and evidence["nondeterministic"] is False
+    assert evidence["parts"]["gradient"]["failures"] == 0 and evidence["rule"]["reference"] == "float64"
+    assert set(compiled.performance["certify"]) == set(cert.labels())
+    assert compiled.meta["certification"]["artifact"] == "training"
+    assert "p95_ms" not in compiled.meta["certification"]["limits"]  # p95 budgets are the forward pass's
+    assert published.artifact == ArtifactKind.TRAINING
+    if decision.winner == candidate:
+        assert published.id == entry.id and compiled.status == "certified"
     else:  # eager measured faster: the artifact is rejected by selection and an eager route is certified
         assert compiled.status == "rejected" and compiled.failed_check == "selection"
-        assert published.kind == "eager" and published.status == "certified" and is_training_entry(published)
+        assert published.kind == "eager" and published.status == "certified"
 
 
 def test_a_failed_training_check_rejects_the_artifact(training_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from esper.budgets import PROFILES
-    from esper.certification.run import Outcome
-    from esper.certification.training import TrainingCertification
-
     monkeypatch.setenv("ESPER_CERTIFY_TRAINING", "1")
-    cert = TrainingCertification(CATALOG_TRAINING.get("tiny_bn"), training_copy, PROFILES["lenient"], recheck=True)
-    entry = cert.compile()
-    cert.record(Outcome("grad_parity", "failed", "gradient of fc.weight differs"))
+    cert = training_run(training_copy)
+    entry = cert.compile("default/default")
+    cert.record(Outcome("parity", "failed", "gradient of fc.weight differs", "default/default"))
     with Urza(training_copy, readonly=True) as urza:
         rejected = urza.get(entry.id)  # type: ignore[arg-type]
-    assert rejected.status == "rejected" and rejected.failed_check == "grad_parity"
+    assert rejected.status == "rejected" and rejected.failed_check == "parity"
     assert "fc.weight" in (rejected.failure_reason or "")
 
 
-def test_training_certification_can_be_turned_off(training_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from esper.budgets import PROFILES
-    from esper.certification.training import TrainingCertification
+def test_a_training_eager_route_skips_its_checks_with_the_reason(
+    training_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ESPER_CERTIFY_TRAINING", "1")
+    cert = training_run(training_copy, "tiny_dropout")
+    entry = cert.compile("default/default")
+    assert entry.kind == "eager"
+    with pytest.raises(pytest.skip.Exception, match=f"eager fallback \\(entry #{entry.id}\\)"):
+        cert.check_guards("default/default")
 
+
+def test_training_certification_can_be_turned_off(training_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESPER_CERTIFY_TRAINING", "0")
-    cert = TrainingCertification(CATALOG_TRAINING.get("tiny_bn"), training_copy, PROFILES["lenient"])
+    cert = training_run(training_copy)
     with pytest.raises(pytest.skip.Exception, match="off"):
-        cert.compile()
+        cert.compile("default/default")

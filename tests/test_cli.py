@@ -9,9 +9,14 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from esper.artifacts import ArtifactKind
+from esper.blueprint import Blueprint
 from esper.cli import cli
+from esper.tezzeret.compiler import CompileOutcome
+from esper.urza import Urza
 
 from .conftest import TINY
+from .test_urza import make_entry
 
 
 def commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -37,28 +42,72 @@ def test_list_and_show(compiled_urza: Path) -> None:
     table = runner.invoke(cli, ["urza", "list", "--urza", str(compiled_urza)])
     assert table.exit_code == 0 and "tiny_mlp" in table.output and "certified" in table.output
     rows = json.loads(runner.invoke(cli, ["urza", "list", "--json", "--urza", str(compiled_urza)]).output)
-    assert [(r["blueprint"], r["status"], r["kind"]) for r in rows] == [("tiny_mlp", "certified", "aoti")]
+    assert [(r["blueprint"], r["artifact"], r["status"], r["kind"]) for r in rows] == [
+        ("tiny_mlp", "inference", "certified", "aoti")
+    ]
     assert set(rows[0]["p50_ms"]) == {"batch=4", "batch=16"}
     nl = runner.invoke(cli, ["urza", "list", "--nl", "--urza", str(compiled_urza)]).output.splitlines()
     assert json.loads(nl[0]) == rows[0]
     shown = json.loads(runner.invoke(cli, ["urza", "show", "tiny_mlp", "--json", "--urza", str(compiled_urza)]).output)
     assert shown[0]["guards"]["inputs"][0]["dims"][0] == {"name": "batch", "min": 1, "max": 32}
-    assert shown[0]["compat"]["device_type"] == "cpu"
+    assert shown[0]["compat"]["device_type"] == "cpu" and shown[0]["artifact"] == "inference"
+    assert "artifact" in table.output.splitlines()[0]
+    training = runner.invoke(cli, ["urza", "list", "--artifact", "training", "--json", "--urza", str(compiled_urza)])
+    assert training.exit_code == 0 and json.loads(training.output) == []
 
 
 @pytest.mark.compiles
 def test_compile_reuses_an_unchanged_blueprint(urza_copy: Path) -> None:
-    result = CliRunner().invoke(cli, ["compile", "tiny_mlp", "--blueprints", str(TINY), "--urza", str(urza_copy)])
+    args = ["compile", "tiny_mlp", "--artifact", "inference", "--blueprints", str(TINY), "--urza", str(urza_copy)]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "tiny_mlp [default/default]: entry #1 certified, reused"
+    assert result.output.strip() == "tiny_mlp [inference default/default]: entry #1 certified, reused"
+
+
+class RecordingTezzeret:
+    """Stands in for Tezzeret: records what ``esper compile`` asks for and publishes one entry per kind."""
+
+    calls: list[tuple[str, tuple[ArtifactKind, ...], bool]] = []
+
+    def __init__(self, urza: Urza, *, device: str = "cpu"):
+        self.urza = urza
+
+    def compile_candidates(
+        self, bp: Blueprint, *, artifacts: tuple[ArtifactKind, ...] = tuple(ArtifactKind), force: bool = False
+    ) -> list[CompileOutcome]:
+        self.calls.append((bp.name, artifacts, force))
+        folder = self.urza.path.parent
+        return [
+            CompileOutcome(make_entry(self.urza, folder, name=bp.name, content=k.encode(), artifact=k), False, 1.25)
+            for k in artifacts
+        ]
+
+
+def test_compile_builds_every_artifact_kind_and_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("esper.tezzeret.compiler.Tezzeret", RecordingTezzeret)
+    monkeypatch.setattr(RecordingTezzeret, "calls", [])
+    runner = CliRunner()
+    base = ["compile", "tiny_mlp", "--blueprints", str(TINY), "--urza", str(tmp_path / "urza.db")]
+    result = runner.invoke(cli, base)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "tiny_mlp [inference default/default]: entry #1 compiled, aoti in 1.2s",
+        "tiny_mlp [training default/default]: entry #2 compiled, aoti in 1.2s",
+    ]
+    only = runner.invoke(cli, [*base, "--artifact", "training", "--artifact", "training", "--force"])
+    assert only.exit_code == 0 and only.output.startswith("tiny_mlp [training default/default]: entry #3"), only.output
+    assert RecordingTezzeret.calls == [
+        ("tiny_mlp", (ArtifactKind.INFERENCE, ArtifactKind.TRAINING), False),
+        ("tiny_mlp", (ArtifactKind.TRAINING,), True),
+    ]
+    bad = runner.invoke(cli, [*base, "--artifact", "backward"])
+    assert bad.exit_code == 2 and "'backward' is not one of 'inference', 'training'" in bad.output
 
 
 def test_unknown_blueprint_and_missing_entry_are_clean_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(cli, ["compile", "nope", "--blueprints", str(TINY), "--urza", str(tmp_path / "u.db")])
     assert result.exit_code == 1 and "unknown blueprint 'nope'" in result.output
-    from esper.urza import Urza
-
     Urza(tmp_path / "u.db").close()
     result = runner.invoke(cli, ["urza", "show", "nope", "--urza", str(tmp_path / "u.db")])
     assert result.exit_code == 1 and "Urza has no entry for 'nope'" in result.output

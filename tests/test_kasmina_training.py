@@ -23,9 +23,9 @@ import torch
 from esper.catalog import load_catalog
 from esper.gradients import gradients
 from esper.kasmina import Kasmina
-from esper.kasmina.seeds import WeightSchemaError
-from esper.kasmina.training import COMPILED, EAGER, TrainingKernel
+from esper.kasmina.tensors import WeightSchemaError
 from esper.kasmina.training_artifact import TrainingManifest, is_training_entry
+from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
 from esper.urza import Urza
 
 from .conftest import CATALOG, TRAINING
@@ -167,15 +167,18 @@ def test_guards_in_training_mode_send_refused_inputs_to_eager(
     with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
         got_out, got = gradients(kernel, (outside,), weights=kernel.seed)
         gradients(kernel, (outside,), weights=kernel.seed)
+        gradients(kernel, (torch.randn(70, 256),), weights=kernel.seed)  # another size, the same kind of refusal
         with pytest.raises(RuntimeError):  # eager itself refuses float64 inputs to float32 weights
             kernel(torch.randn(4, 256, dtype=torch.float64))
-    assert kernel.last_path == EAGER and kernel.calls == {EAGER: 3}
+    assert kernel.last_path == EAGER and kernel.calls == {EAGER: 4}
     want_out, want = gradients(eager, (outside,))
     torch.testing.assert_close(got_out, want_out)
     for n in want:
         torch.testing.assert_close(got[n], want[n], msg=n)
     details = [r.esper["detail"] for r in warnings_of(caplog)]
-    assert len(details) == 2, details  # one WARNING per reason, not per call
+    assert len(details) == 2, details  # one WARNING per kind of refusal, not per call or per size
+    assert "is 65" in details[0] and "outside guard range [1, 64]" in details[0]
+    assert "float64" in details[1]
     assert all(r.esper["reason"] == "outside-guards" for r in warnings_of(caplog))
     kernel(torch.randn(4, 256))
     assert kernel.last_path == COMPILED
@@ -221,7 +224,7 @@ def test_a_weight_schema_mismatch_is_an_error_naming_the_tensor(training_urza: P
 def test_seeds_share_the_program_and_hold_their_own_weights(training_urza: Path) -> None:
     base = load(training_urza, "lora_adapter")
     a, b = base.bind(perturbed("lora_adapter", 1)), base.bind(perturbed("lora_adapter", 2))
-    assert a._shared is b._shared is base._shared
+    assert a.program is b.program is base.program is not None
     assert a.seed is not b.seed and a.seed.lora_a.weight.data_ptr() != b.seed.lora_a.weight.data_ptr()
     torch.optim.SGD(a.parameters(), lr=1.0).zero_grad()
     x = torch.randn(3, 256)
@@ -246,14 +249,25 @@ def test_a_damaged_training_artifact_trains_eager(training_copy: Path, caplog: p
 def test_an_eager_route_chosen_by_measurement_loads_without_a_warning(
     training_copy: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from esper.tezzeret.training import store_eager_training_route
+    from esper.artifacts import ArtifactKind
+    from esper.tezzeret.compiler import Tezzeret
 
     with Urza(training_copy) as urza:
-        store_eager_training_route(urza, CATALOG_TRAINING.get("tiny_bn"), "eager measured faster")
+        route = Tezzeret(urza).store_eager_route(
+            CATALOG_TRAINING.get("tiny_bn"),
+            artifact=ArtifactKind.TRAINING,
+            profile="default",
+            guards=None,
+            evidence={},
+            reason="eager measured faster",
+        )
     with caplog.at_level(logging.INFO, logger="esper.kasmina"):
         kernel = load(training_copy, "tiny_bn")
-    assert kernel.route == EAGER and "eager measured faster" in kernel.reason
+    assert kernel.route == EAGER and kernel.entry == route
+    assert kernel.reason == f"certified to train eager (entry #{route.id}): eager measured faster"
     assert warnings_of(caplog) == []
+    (info,) = [r for r in caplog.records if r.name == "esper.kasmina"]
+    assert info.esper["event"] == "eager-by-evidence" and info.esper["entry"] == route.id  # type: ignore[attr-defined]
 
 
 def test_prewarm_leaves_the_seed_untouched(training_urza: Path) -> None:
@@ -281,8 +295,12 @@ def test_manifest_round_trips_and_refuses_a_newer_format(training_urza: Path) ->
 
 
 def test_inference_routing_ignores_training_entries(training_urza: Path) -> None:
+    with Urza(training_urza, readonly=True) as urza:
+        (entry,) = urza.entries("tiny_bn")
+    assert entry.status == "certified" and is_training_entry(entry)  # a certified entry, of the other kind
     kernel = Kasmina(training_urza, blueprint_paths=[TRAINING, CATALOG]).load("tiny_bn")
-    assert kernel.route == EAGER and "no" in kernel.reason
+    assert kernel.route == EAGER and kernel.routes == ()
+    assert kernel.reason == "Urza has no entry for it"
 
 
 def test_the_eager_reference_is_untouched_by_kernels(training_urza: Path) -> None:

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from esper.cli import cli
 from esper.urza import Urza
+from esper.urza.maintenance import verify
 
 WORKER = Path(__file__).parent / "_urza_worker.py"
 KILLS = 40
@@ -37,7 +38,7 @@ def check(urza_path: Path, committed: dict[int, str]) -> tuple[int, int]:
     """Every row verifies and every reported commit is there; returns (leftover files, unreferenced files)."""
     with Urza(urza_path, readonly=True) as urza:  # as a reader would, before any writer repairs anything
         rows = {e.id: e for e in urza.entries()}
-        report = urza.verify()
+        report = verify(urza)
     assert report.ok, report.problems
     missing = {i: c for i, c in committed.items() if i not in rows or rows[i].checksum != c}
     assert missing == {}

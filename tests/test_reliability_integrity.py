@@ -1,19 +1,17 @@
-"""Integrity and upkeep: `esper urza verify` checks every row against its files, `gc` removes what no row
-names, `export` writes a snapshot that Kasmina reads from a read-only filesystem without writing anything;
-corrupt, foreign and newer databases are clear CLI errors and eager fallbacks, never overwritten; an entry
-built for another platform or device is never loaded."""
+"""Integrity: corrupt, foreign and newer databases are clear CLI errors and eager fallbacks, never overwritten;
+an entry built for another platform or device is never loaded; Kasmina reads an exported snapshot from a
+read-only filesystem without writing anything. (The upkeep commands themselves, verify, gc, sign and export,
+are tested in tests/test_urza_maintenance.py.)"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,11 +21,10 @@ from click.testing import CliRunner
 
 from esper.cli import cli
 from esper.kasmina import COMPILED, EAGER, Kasmina
-from esper.urza import SCHEMA_VERSION, Urza, UrzaError
-from esper.urza.store import ArtifactStore
+from esper.urza import SCHEMA_VERSION, Urza
+from esper.urza.maintenance import export
 
 from .conftest import TINY
-from .test_urza import make_entry
 
 
 def sql(path: Path, *statements: str) -> None:
@@ -146,113 +143,7 @@ def test_entry_built_elsewhere_is_never_loaded(
     assert "(incompatible)" in message and f"{column} '{value}'" in message
 
 
-# -- the store repairs, verify reports ------------------------------------------------------------------------
-
-
-def test_store_add_repairs_a_damaged_file_in_place(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path / "objects")
-    src = tmp_path / "a.bin"
-    src.write_bytes(b"x" * 1000)
-    checksum, size = store.add(src)
-    path = store.path_for(checksum)
-    path.chmod(0o644)
-    path.write_bytes(b"y" * 1000)  # same size, wrong content
-    assert store.add(src) == (checksum, size)
-    assert store.verify(checksum, size).read_bytes() == b"x" * 1000
-    assert store.leftovers() == []
-
-
-def _library(tmp_path: Path) -> Path:
-    """Five entries: good, tampered, truncated, missing, and one whose checksum points outside the store."""
-    db = tmp_path / "urza.db"
-    with Urza(db, signer=None) as urza:
-        for k, name in enumerate(("good", "tampered", "truncated", "missing", "escape")):
-            make_entry(urza, tmp_path, name=name, content=f"artifact {k}".encode() * 100, status="certified")
-        paths = {e.blueprint: urza.store.path_for(e.checksum) for e in urza.entries()}
-    for name, damage in (("tampered", b"X" * 1000), ("truncated", b"art")):
-        paths[name].chmod(0o644)
-        paths[name].write_bytes(damage)
-    paths["missing"].unlink()
-    sql(db, "UPDATE entries SET checksum = '../../../etc/passwd' WHERE blueprint = 'escape'")
-    return db
-
-
-def test_verify_reports_each_row(tmp_path: Path) -> None:
-    db = _library(tmp_path)
-    (db.parent / "objects" / "ab").mkdir()
-    (db.parent / "objects" / "ab" / ".tmp-killed.part").write_bytes(b"half")
-    result = CliRunner().invoke(cli, ["urza", "verify", "--urza", str(db)])
-    assert result.exit_code == 1
-    lines = result.output.splitlines()
-    assert "entry #1 good (certified): ok" in lines
-    assert any(
-        line.startswith("entry #2 tampered (certified): PROBLEM: ") and "checksum mismatch" in line for line in lines
-    )
-    assert any(line.startswith("entry #3 truncated (certified): PROBLEM: ") and "truncated" in line for line in lines)
-    assert any(line.startswith("entry #4 missing (certified): PROBLEM: ") and "is missing" in line for line in lines)
-    assert "entry #5 escape (certified): PROBLEM: checksum '../../../etc/passwd' is not a sha256 hex digest" in lines
-    assert "1 temporary file(s) of interrupted writes; `esper urza gc` removes them" in lines
-    assert lines[-1] == "5 entries checked, 4 problem(s)"
-
-
-def test_gc_removes_only_unreferenced_and_leftover_files(tmp_path: Path) -> None:
-    db = tmp_path / "urza.db"
-    with Urza(db, signer=None) as urza:
-        kept = make_entry(urza, tmp_path, name="kept")
-        orphan_src = tmp_path / "orphan.bin"
-        orphan_src.write_bytes(b"no row names me")
-        orphan = urza.store.path_for(urza.store.add(orphan_src)[0])
-        kept_path = urza.store.path_for(kept.checksum)
-    leftover = orphan.parent / ".tmp-abc.part"
-    leftover.write_bytes(b"half a file")
-    runner = CliRunner()
-    young = runner.invoke(cli, ["urza", "gc", "--urza", str(db)])  # default grace: an hour
-    assert young.exit_code == 0 and "kept 2 unreferenced file(s) younger than the grace period" in young.output
-    assert orphan.exists() and leftover.exists()
-    old = time.time() - 7200
-    for p in (orphan, leftover, kept_path):
-        os.utime(p, (old, old))
-    dry = runner.invoke(cli, ["urza", "gc", "--dry-run", "--urza", str(db)])
-    assert dry.exit_code == 0 and f"would remove {orphan}" in dry.output and f"would remove {leftover}" in dry.output
-    assert orphan.exists() and leftover.exists()
-    real = runner.invoke(cli, ["urza", "gc", "--urza", str(db)])
-    assert real.exit_code == 0 and "removed 2 file(s)" in real.output
-    assert not orphan.exists() and not leftover.exists() and kept_path.exists()
-    assert CliRunner().invoke(cli, ["urza", "verify", "--urza", str(db)]).exit_code == 0
-
-
-# -- export: a snapshot for read-only filesystems ---------------------------------------------------------
-
-
-def test_export_holds_certified_entries_only_in_a_rollback_journal(tmp_path: Path) -> None:
-    db = tmp_path / "lib" / "urza.db"
-    db.parent.mkdir()
-    with Urza(db, signer=None) as urza:
-        make_entry(urza, tmp_path, name="draft")
-        shipped = make_entry(urza, tmp_path, name="shipped", content=b"certified bytes", status="certified")
-        urza.update(shipped.id, signature="ed25519:feedfacefeedface:c2ln")  # type: ignore[arg-type]
-        shipped = urza.get(shipped.id)  # type: ignore[arg-type]
-    dest = tmp_path / "snap"
-    result = CliRunner().invoke(cli, ["urza", "export", str(dest), "--urza", str(db)])
-    assert result.exit_code == 0, result.output
-    assert "exported 1 certified entries and 1 artifacts" in result.output
-    snap = dest / "urza.db"
-    assert snap.read_bytes()[18:20] == b"\x01\x01"  # rollback journal, not WAL
-    assert sorted(p.name for p in dest.iterdir()) == ["objects", "urza.db"]
-    assert oct(snap.stat().st_mode & 0o777) == oct(0o444)
-    with Urza(snap, readonly=True) as urza:
-        assert urza.entries() == [shipped]  # same id, timestamps, evidence and signature
-        assert urza.verify().ok
-    again = CliRunner().invoke(cli, ["urza", "export", str(dest), "--urza", str(db)])
-    assert again.exit_code == 1 and "exists and is not an empty folder" in again.output
-
-
-def test_export_refuses_a_damaged_certified_entry(tmp_path: Path) -> None:
-    db = _library(tmp_path)
-    with Urza(db, readonly=True) as urza, pytest.raises(UrzaError, match=r"cannot export entry #\d+ \(\w+\).*verify"):
-        urza.export(tmp_path / "snap")
-    assert not (tmp_path / "snap").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".snap.partial-")]
+# -- snapshots on read-only filesystems ---------------------------------------------------------------------
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int, int]]:
@@ -267,7 +158,7 @@ def test_kasmina_loads_a_snapshot_without_changing_anything_in_it(
     urza_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with Urza(urza_copy, readonly=True) as urza:
-        urza.export(tmp_path / "snap")
+        export(urza, tmp_path / "snap")
     before = _tree(tmp_path / "snap")
     kernel = Kasmina(tmp_path / "snap" / "urza.db", blueprint_paths=[TINY]).load("tiny_mlp")
     x = torch.randn(6, 8)
@@ -291,11 +182,12 @@ def _can_mount_read_only() -> bool:
 def test_kasmina_loads_a_snapshot_from_a_read_only_mount(urza_copy: Path, tmp_path: Path) -> None:
     snap = tmp_path / "snap"
     with Urza(urza_copy, readonly=True) as urza:
-        urza.export(snap)
+        export(urza, snap)
     script = textwrap.dedent(f"""
         import json, os, torch
         from esper.kasmina import Kasmina
         from esper.urza import Urza
+        from esper.urza.maintenance import verify
         snap = {str(snap)!r}
         try:
             open(os.path.join(snap, "probe"), "w")
@@ -303,7 +195,7 @@ def test_kasmina_loads_a_snapshot_from_a_read_only_mount(urza_copy: Path, tmp_pa
         except OSError as e:
             writable = e.strerror
         with Urza(os.path.join(snap, "urza.db"), readonly=True) as urza:
-            verified = urza.verify().ok
+            verified = verify(urza).ok
         kernel = Kasmina(os.path.join(snap, "urza.db"), blueprint_paths=[{str(TINY)!r}]).load("tiny_mlp")
         x = torch.randn(5, 8)
         with torch.no_grad():

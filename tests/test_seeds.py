@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
-from esper.kasmina.seeds import BoundPackage, WeightSchemaError
+from esper.kasmina.seeds import BoundPackage
+from esper.kasmina.tensors import WeightSchemaError
 
 from .conftest import TINY
 
@@ -162,8 +163,7 @@ def test_a_bound_seed_outside_the_guards_runs_its_own_eager_module(compiled_urza
 def test_seeds_route_to_swappable_code_where_a_folding_variant_won() -> None:
     from esper.compat import current
     from esper.guards import GuardSchema
-    from esper.kasmina.loader import choose_entries
-    from esper.kasmina.seeds import choose_seed_entries
+    from esper.kasmina.choose import choose_entries, choose_seed_entries
     from esper.urza import Entry
 
     key = current()

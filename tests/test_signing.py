@@ -3,6 +3,8 @@ key, refuses unsigned, foreign-signed or altered entries, falling back to eager 
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import sqlite3
 import stat
@@ -55,13 +57,31 @@ def entry(**kw: object) -> Entry:
 def test_payload_bytes_are_pinned() -> None:
     """The canonical bytes are a format: changing them invalidates every signature ever made."""
     assert signing.payload(entry()) == (
-        b'{"artifact_size":123,"blueprint":"b","blueprint_version":1,"checksum":"' + b"a" * 64 + b'",'
-        b'"compat":{"device_type":"cpu","isa":"AVX2","platform":"linux-x86_64","torch_version":"2.13.0"},'
-        b'"content_hash":"' + b"c" * 64 + b'","format":"esper-entry/1","guards":{"device":"cpu","inputs":'
-        b'[{"dims":[{"max":4,"min":1,"name":"batch"},{"size":8}],"dtype":"float32","name":"x"}],'
-        b'"range_constraints":{},"version":1},"kind":"aoti","profile":"default","status":"certified",'
-        b'"variant":"default"}'
+        b'{"artifact":"inference","artifact_size":123,"blueprint":"b","blueprint_version":1,"checksum":"'
+        + b"a" * 64
+        + b'","compat":{"device_type":"cpu","isa":"AVX2","platform":"linux-x86_64","torch_version":"2.13.0"},'
+        b'"content_hash":"' + b"c" * 64 + b'","failed_check":null,"failure_reason":null,"format":"esper-entry/2",'
+        b'"guards":{"device":"cpu","inputs":[{"dims":[{"max":4,"min":1,"name":"batch"},{"size":8}],'
+        b'"dtype":"float32","name":"x"}],"range_constraints":{},"version":1},"kind":"aoti","meta":{},'
+        b'"parity":{},"performance":{},"profile":"default","status":"certified","variant":"default"}'
     )
+
+
+def test_rows_signed_under_format_1_no_longer_verify(keys: signing.KeyPair) -> None:
+    """esper-entry/1 covered fewer columns; a /1 signature must not vouch for a row under /2."""
+    old = entry()
+    v1 = {
+        k: v
+        for k, v in signing.signed_fields(old).items()
+        if k not in ("artifact", "meta", "parity", "performance", "failure_reason", "failed_check")
+    }
+    v1["format"] = "esper-entry/1"
+    raw = Signer.from_file(keys.private).private_key.sign(
+        json.dumps(v1, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    )
+    signed_v1 = old.with_(signature=f"ed25519:{keys.key_id}:{base64.b64encode(raw).decode()}")
+    with pytest.raises(SignatureError, match="does not match the entry"):
+        Verifier.from_file(keys.public).verify(signed_v1)
 
 
 def test_keygen_modes_and_refusal_to_overwrite(tmp_path: Path) -> None:
@@ -89,9 +109,15 @@ def test_sign_and_verify_each_signed_column(keys: signing.KeyPair, other_keys: s
     signer, verifier = Signer.from_file(keys.private), Verifier.from_file(keys.public)
     signed = entry(signature=signer.sign(entry()))
     verifier.verify(signed)
-    # Evidence, reasons and timestamps are not signed: changing them changes nothing Kasmina loads.
-    verifier.verify(signed.with_(parity={"x": 1}, meta={"y": 2}, failure_reason="z", updated_at="now", id=9))
+    # Only the timestamps and the id are not signed.
+    verifier.verify(signed.with_(created_at="then", updated_at="now", id=9))
     altered = {
+        "artifact": "training",
+        "meta": {"representative": [{"batch": 1}]},
+        "parity": {"x": 1},
+        "performance": {"p50": 1.0},
+        "failure_reason": "z",
+        "failed_check": "selection",
         "blueprint": "c",
         "blueprint_version": 2,
         "profile": "big",
@@ -106,6 +132,7 @@ def test_sign_and_verify_each_signed_column(keys: signing.KeyPair, other_keys: s
             GUARDS, inputs=(replace(GUARDS.inputs[0], dims=(DimGuard(name="batch", min=1, max=400), DimGuard(size=8))),)
         ),
     }
+    assert set(altered) | {"format"} == set(signing.signed_fields(signed))
     for column, value in altered.items():
         with pytest.raises(SignatureError, match="does not match the entry"):
             verifier.verify(signed.with_(**{column: value}))
@@ -150,10 +177,8 @@ def test_urza_signs_on_publish_and_resigns_on_update(
     # A writer without the key cannot leave a stale signature on a changed row: it is dropped.
     monkeypatch.delenv(signing.SIGNING_KEY_ENV)
     with Urza(tmp_path / "urza.db") as urza:
-        same = urza.update(published.id, meta={"note": "evidence only"})  # type: ignore[arg-type]
-        verifier.verify(same)  # unsigned columns changed: the signature still holds
-        rejected = urza.update(published.id, status="rejected")  # type: ignore[arg-type]
-    assert rejected.signature is None
+        noted = urza.update(published.id, meta={"note": "evidence"})  # type: ignore[arg-type]
+    assert noted.signature is None  # meta is signed: a change without the key leaves the row unsigned
 
 
 def test_unusable_signing_key_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,3 +337,20 @@ def test_sign_command_signs_rows_whose_artifact_verifies(
     with Urza(path, readonly=True) as urza:
         verifier.verify(urza.get(1))
         assert urza.get(2).signature is None
+
+
+@pytest.mark.parametrize("empty", ["", "   "])
+def test_an_empty_public_key_is_an_error_not_verification_off(
+    empty: str, keys: signing.KeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 4: ESPER_PUBLIC_KEY="" (or public_key="") used to turn verification off silently."""
+    with pytest.raises(SigningError, match="public_key is empty"):
+        signing.verifier_for(empty, environ={})
+    with pytest.raises(SigningError, match=r"\$ESPER_PUBLIC_KEY is empty"):
+        signing.verifier_for(None, environ={signing.PUBLIC_KEY_ENV: empty})
+    monkeypatch.setenv(signing.PUBLIC_KEY_ENV, empty)
+    with pytest.raises(SigningError, match="is empty"):
+        signing.verifier_for(None)
+    # Unset means "no signatures configured"; a given key wins over the environment.
+    assert signing.verifier_for(None, environ={}) is None
+    assert signing.verifier_for(keys.public, environ={signing.PUBLIC_KEY_ENV: ""}).key_id == keys.key_id

@@ -10,6 +10,7 @@ import pytest
 from esper.catalog import load_catalog
 from esper.guards import DimGuard, GuardSchema, InputGuard
 from esper.tezzeret.compiler import Tezzeret
+from esper.tezzeret.content import source_digest
 from esper.urza import Urza
 from esper.weights import load_state
 
@@ -29,11 +30,15 @@ def test_guard_schema_matches_the_declared_dims(compiled_urza: Path) -> None:
     assert list(entry.guards.range_constraints.values()) == ["[1, 32]"]  # type: ignore[union-attr]
 
 
-def test_entry_records_compile_evidence(compiled_urza: Path) -> None:
+def test_entry_records_compile_evidence(compiled_urza: Path, tiny_catalog) -> None:  # type: ignore[no-untyped-def]
     with Urza(compiled_urza, readonly=True) as urza:
         (entry,) = urza.entries("tiny_mlp")
         artifact = urza.store.verify(entry.checksum, entry.artifact_size)
     assert entry.kind == "aoti" and artifact.stat().st_size == entry.artifact_size
+    assert (entry.artifact, entry.variant, entry.profile) == ("inference", "default", "default")
+    assert entry.meta["source_digest"] == source_digest(
+        tiny_catalog.get("tiny_mlp"), tiny_catalog.get("tiny_mlp").build()
+    )
     assert entry.meta["compile_seconds"] > 0 and entry.meta["aoti_seconds"] > 0
     assert entry.meta["package_metadata"]["AOTI_DEVICE_KEY"] == "cpu"
     # The package's constants are a subset of the state dict (Inductor may fold some into the code).
@@ -66,6 +71,7 @@ def test_unexportable_blueprint_becomes_an_eager_fallback(tmp_path: Path) -> Non
         entry = outcome.entry
         weights = load_state(urza.store.verify(entry.checksum, entry.artifact_size))
     assert (entry.kind, entry.status, entry.failed_check) == ("eager", "fallback", "compile")
+    assert entry.artifact == "inference" and not outcome.reused and outcome.route == "eager"
     assert entry.failure_reason and entry.failure_reason.startswith("export failed:")
     assert entry.meta["failed_stage"] == "export"
     assert set(weights) == {"fc.weight", "fc.bias"}

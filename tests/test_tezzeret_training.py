@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 import torch
 
+from esper.blueprint import Blueprint
 from esper.catalog import load_catalog
 from esper.coverage import edge_sizes
 from esper.gradients import exact_gradients, gradients, tolerance
 from esper.kasmina import Kasmina
-from esper.kasmina.training import COMPILED, EAGER, TrainingKernel
 from esper.kasmina.training_artifact import is_training_entry
+from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
+from esper.tezzeret.content import source_digest
 from esper.urza import Urza
 
 from .conftest import CATALOG, TRAINING
@@ -78,7 +80,7 @@ def test_gradient_parity_at_dynamic_dim_edges(training_urza: Path, name: str) ->
             torch.testing.assert_close(b, c, atol=tol.atol, rtol=tol.rtol, msg=n)
     if name == "lora_adapter":
         # The base is frozen: the artifact computes gradients for the low-rank factors only.
-        assert base._shared.program.manifest.trainable == ("lora_a.weight", "lora_b.weight")  # type: ignore[union-attr]
+        assert base.program.manifest.trainable == ("lora_a.weight", "lora_b.weight")  # type: ignore[union-attr]
 
 
 def test_a_dropout_blueprint_takes_the_eager_training_route_with_its_reason(
@@ -87,6 +89,8 @@ def test_a_dropout_blueprint_takes_the_eager_training_route_with_its_reason(
     with Urza(training_urza, readonly=True) as urza:
         (entry,) = [e for e in urza.entries("tiny_dropout") if is_training_entry(e)]
     assert entry.kind == "eager" and entry.status == "fallback"
+    assert (entry.artifact, entry.variant, entry.failed_check) == ("training", "default", "train_compile")
+    assert "failed_stage" not in entry.meta  # a decision, not a failing stage
     assert "aten.native_dropout.default" in (entry.failure_reason or "")
     assert entry.meta["training"]["route"] == "eager"
     with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
@@ -96,3 +100,13 @@ def test_a_dropout_blueprint_takes_the_eager_training_route_with_its_reason(
     assert record.esper["reason"] == "no-training-artifact" and "native_dropout" in record.esper["detail"]
     y = kernel(torch.randn(4, 8, requires_grad=True))
     assert kernel.last_path == EAGER and y.requires_grad
+
+
+def test_a_compiled_training_entry_names_its_kind_variant_and_sources(training_urza: Path) -> None:
+    bp = CATALOG_TRAINING.get("tiny_bn")
+    with Urza(training_urza, readonly=True) as urza:
+        (entry,) = urza.entries("tiny_bn", artifact="training")
+    assert (entry.kind, entry.artifact, entry.variant, entry.profile) == ("aoti", "training", "default", "default")
+    assert entry.meta["source_digest"] == source_digest(bp, bp.build())
+    assert entry.meta["training"]["route"] == "compiled" and entry.meta["training"]["mutated_buffers"]
+    assert set(entry.parity["representative"]) >= {Blueprint.shape_label(r) for r in bp.representative}

@@ -161,3 +161,16 @@ def test_compat_mismatch_names_each_difference() -> None:
     why = here.mismatch(other)
     assert why is not None and "torch_version '1.0'" in why and "isa" in why and "platform" not in why
     assert here.mismatch(here) is None
+
+
+def test_store_add_repairs_a_damaged_file_in_place(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "objects")
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 1000)
+    checksum, size = store.add(src)
+    path = store.path_for(checksum)
+    path.chmod(0o644)
+    path.write_bytes(b"y" * 1000)  # same size, wrong content
+    assert store.add(src) == (checksum, size)
+    assert store.verify(checksum, size).read_bytes() == b"x" * 1000
+    assert store.leftovers() == []

@@ -1,19 +1,26 @@
 """One blueprint's certification: the checks a generated test module calls, and the decision it publishes.
 
-A blueprint is compiled into *candidates*: one per shape profile (bucket) and compile variant. Each candidate
-is checked (parity, guards) and measured (pytest-benchmark); then, per profile, the fastest candidate that
-passed wins if it beats eager by :data:`MARGIN`, else the profile is certified to run eager. A failed check
-marks that candidate ``rejected`` at once, with the check's name and message and the figures measured so far;
-:meth:`BlueprintCertification.publish` writes the winners (``certified``), the losers (``rejected`` by
-``selection``, with their figures) and any eager routes, each in one transaction.
+:class:`Certification` is the one skeleton for every artifact kind (inference, training), parameterized by
+its :class:`~esper.certification.kinds.KindChecks`. A kind's *candidates* (see :mod:`.plan`) are each
+checked (parity against a float64 reference over the planned cases, see :mod:`esper.parity`; guards) and
+timed against eager in interleaved rounds (:func:`esper.timing.compare`); then :func:`choose` picks each
+profile's route (see there: the fastest candidate that meets the budget and beats eager with confidence, else
+eager when eager meets the budget, else the fastest candidate that meets it; nothing meets it: rejected by
+``budgets``, with the figures). A failed check marks that candidate ``rejected`` at once, with the check's
+name and message and the figures measured so far;
+:meth:`Certification.publish` writes the winners (``certified``), the losers (``rejected`` by ``selection``,
+with their figures) and any eager routes, each in one transaction.
+
+:class:`BlueprintCertification` holds one :class:`Certification` per kind; outcomes are keyed by
+``(ArtifactKind, check)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections.abc import Callable, Mapping
+import statistics
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,27 +29,50 @@ from typing import Any
 import pytest
 import torch
 
-from esper import budgets
-from esper.bench import measure, percentile
+from esper import budgets, coverage, timing
+from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint
-from esper.catalog import Catalog
+from esper.certification import plan
+from esper.certification.cases import RefusedCase, refused_cases
+from esper.certification.kinds import KINDS, Expected, KindChecks
 from esper.context import machine_context
+from esper.evidence import geomean
 from esper.inputs import Regime, make_inputs
-from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
-from esper.parity import ParityStats, assert_parity, max_errors
-from esper.profiles import contains
+from esper.kasmina import COMPILED, EAGER
+from esper.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
 from esper.urza import Entry, Urza
+from esper.values import make_case_inputs
 
 log = logging.getLogger("esper.certify")
 
 CHECKS = ("compile", "parity", "guards", "latency", "select", "budgets", "publish")
 CANDIDATE_CHECKS = ("compile", "parity", "guards", "latency")
-# A compiled route must beat eager by this much (geomean p50 over the profile's shapes), or eager it is.
+# A compiled route must beat eager by this much, with confidence (interleaved rounds), or eager it is.
 MARGIN = 0.05
+# Interleaved rounds of a latency comparison before an undecided one is called inconclusive (and routes eager).
+MAX_ROUNDS = 24
+# Eager and float64 results of the planned cases are kept for the profile's other candidates up to this size.
+REFERENCE_CACHE_BYTES = 256 * 2**20
 SELECTION = "selection"
+NO_CONTENDER = "no candidate passed its checks"
+# A check with several tests (one per case) keeps its worst outcome.
+RANK = {"passed": 0, "skipped": 1, "failed": 2}
 
 
-@dataclass
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Parity runs hundreds of small calls: one intra-op thread is faster than waking several, and far faster
+    on a busy machine (measured on 2 loaded cores, tiny_mlp's training parity: 2.7 s on one thread, 8.6 s on
+    two). Timing (:meth:`Certification.compare_latency`) keeps the machine's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What happened to one test of a generated module (``candidate`` is ``None`` for blueprint-wide checks)."""
 
@@ -62,11 +92,19 @@ class Candidate:
     entry: Entry | None = None
     reused: bool = False
     compile_seconds: float | None = None
-    kernel: Kernel | None = None
+    kernel: Any = None
     parity: ParityStats = field(default_factory=ParityStats)
+    verdicts: dict[str, list[ParityVerdict]] = field(default_factory=dict)  # by part: output, gradient, buffer
+    drawn: int = 0  # hypothesis-drawn cases judged, on top of the planned ones
+    nondeterministic: bool | None = None
     guards_refused: int = 0
-    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    comparisons: dict[str, timing.Comparison] = field(default_factory=dict)  # by representative shape
     failed: str | None = None
+
+    @property
+    def latency(self) -> dict[str, dict[str, float]]:
+        """The candidate's p50/p95 (ms) per representative shape, from its interleaved comparisons."""
+        return {label: _side(cmp, COMPILED) for label, cmp in self.comparisons.items()}
 
     @property
     def id(self) -> str:
@@ -75,92 +113,158 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Decision:
-    """A profile's route: the winning candidate, or eager (``winner is None``), and why."""
+    """A profile's route: the winning candidate, or eager (``winner is None``), and why. ``over_budget`` lists
+    every route's broken limits when no route meets the budget (the blueprint is then rejected)."""
 
     profile: str
     winner: str | None
     ratio: float | None
     note: str
+    over_budget: tuple[str, ...] = ()
 
 
-def candidate_ids(bp: Blueprint) -> list[str]:
-    return [f"{p}/{v}" for p in bp.profiles() for v in bp.variants]
+def figures(cmp: timing.Comparison) -> budgets.Figures:
+    """A comparison's figures (ms) for the budget check: the candidate's p50/p95, eager's, their paired ratio."""
+    return budgets.Figures(
+        cmp.candidate_p50 * 1e3, cmp.candidate_p95 * 1e3, cmp.eager_p50 * 1e3, cmp.eager_p95 * 1e3, cmp.ratio
+    )
 
 
-def latency_cases(bp: Blueprint) -> list[tuple[str, str]]:
-    """``(path, shape label)`` pairs to benchmark: eager at every representative shape, and each candidate at
-    the representative shapes inside its profile."""
-    labels = [(Blueprint.shape_label(r), r) for r in bp.representative]
-    cases = [("eager", label) for label, _ in labels]
-    for pname, ranges in bp.profiles().items():
-        for v in bp.variants:
-            cases += [(f"{pname}/{v}", label) for label, r in labels if contains(ranges, r)]
-    return cases
+def eager_figures(
+    scored: Mapping[str, Mapping[str, timing.Comparison]], labels: list[str]
+) -> dict[str, budgets.Figures]:
+    """Eager's own figures per shape: the median over every candidate's comparison at that shape (eager was
+    timed in each), with ratio 1."""
+    out = {}
+    for label in labels:
+        cmps = [by_label[label] for by_label in scored.values() if label in by_label]
+        p50 = statistics.median(c.eager_p50 * 1e3 for c in cmps)
+        p95 = statistics.median(c.eager_p95 * 1e3 for c in cmps)
+        out[label] = budgets.Figures(p50, p95, p50, p95, 1.0)
+    return out
 
 
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+def wins(by_label: Mapping[str, timing.Comparison]) -> bool:
+    """Whether a candidate beats eager over a profile: a confident win by the margin at one shape at least,
+    and at every other shape a win or ``even`` (confidently not slower). A shape where it ``loses``, or
+    where the comparison stayed ``inconclusive`` after its rounds, keeps the profile on eager."""
+    decisions = [c.decision for c in by_label.values()]
+    return timing.WINS in decisions and all(d in (timing.WINS, timing.EVEN) for d in decisions)
+
+
+def choose(
+    profile: str,
+    labels: list[str],
+    scored: Mapping[str, Mapping[str, timing.Comparison]],
+    budget: Any,
+    budget_profile: budgets.BudgetProfile,
+    *,
+    p95: bool = True,
+) -> Decision:
+    """The route of ``profile`` from each contender's interleaved comparisons with eager at the profile's
+    representative shapes (``scored``: the candidates that passed every check). The decision rule:
+
+    1. a candidate is *within budget* when :func:`esper.budgets.check` finds nothing at every shape (its p95,
+       and its paired compiled/eager ratio against the cap); candidates rank by the geometric mean of their
+       paired ratios over the shapes (load cancels out of a ratio measured in interleaved rounds);
+    2. the fastest within-budget candidate that :func:`wins` is routed;
+    3. else eager, when eager meets the budget (its own p95 at every shape), with every candidate's reason;
+    4. else the fastest within-budget candidate, though it does not beat eager by the margin with confidence;
+    5. else no route meets the budget: eager, with ``over_budget`` naming every route's broken limits.
+    """
+    if not scored:
+        return Decision(profile, None, None, NO_CONTENDER)
+    ratio = {cid: geomean(by_label[label].ratio for label in labels) for cid, by_label in scored.items()}
+    broken = {
+        cid: [
+            str(v) for v in budgets.check(budget, budget_profile, {k: figures(c) for k, c in by_label.items()}, p95=p95)
+        ]
+        for cid, by_label in scored.items()
+    }
+    within = sorted((ratio[cid], cid) for cid in scored if not broken[cid])
+    winners = [(r, cid) for r, cid in within if wins(scored[cid])]
+    if winners:
+        r, cid = winners[0]
+        return Decision(profile, cid, r, f"{cid} at {r:.2f}x eager, " + _reasons(scored[cid], labels))
+    eager_broken = [str(v) for v in budgets.check(budget, budget_profile, eager_figures(scored, labels), p95=p95)]
+    why = "; ".join(
+        f"{cid}: over budget ({', '.join(broken[cid])})" if broken[cid] else f"{cid}: {_reasons(scored[cid], labels)}"
+        for cid in sorted(scored)
+    )
+    best = min(ratio.values())
+    if not eager_broken:
+        return Decision(profile, None, best, f"eager: no candidate beats eager by {MARGIN:.0%} with confidence ({why})")
+    if within:
+        r, cid = within[0]
+        note = f"{cid} at {r:.2f}x eager: the only route within budget (eager: {', '.join(eager_broken)})"
+        return Decision(profile, cid, r, note)
+    over = tuple([f"eager: {v}" for v in eager_broken] + [f"{cid}: {v}" for cid in sorted(scored) for v in broken[cid]])
+    return Decision(profile, None, best, f"no route meets the budget ({why})", over)
+
+
+def _reasons(by_label: Mapping[str, timing.Comparison], labels: list[str]) -> str:
+    return ", ".join(f"{label} {by_label[label].reason()}" for label in labels if label in by_label)
 
 
 @dataclass
-class BlueprintCertification:
-    """State and checks for one blueprint in one pytest session."""
+class Certification:
+    """State and checks of one artifact kind of one blueprint in one pytest session."""
 
     bp: Blueprint
+    artifact: ArtifactKind
     urza_path: Path
-    profile: budgets.BudgetProfile
+    budget_profile: budgets.BudgetProfile
     device: str = "cpu"
     recheck: bool = False
     candidates: dict[str, Candidate] = field(default_factory=dict)
-    eager_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     decisions: dict[str, Decision] = field(default_factory=dict)
     outcomes: dict[tuple[str, str | None], Outcome] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)  # candidates whose checks ran in this session
-    _eager: torch.nn.Module | None = None
-    _training: Any = None
-
-    @property
-    def training(self) -> Any:
-        """The certification of this blueprint's training artifact (see esper.certification.training)."""
-        if self._training is None:
-            from esper.certification.training import TrainingCertification
-
-            self._training = TrainingCertification(
-                self.bp, self.urza_path, self.profile, device=self.device, recheck=self.recheck
-            )
-        return self._training
+    kind: KindChecks = field(init=False)
+    # Expected results of planned cases by (profile, case index), shared by the profile's candidates.
+    _expected: dict[tuple[str, int], Expected] = field(default_factory=dict, repr=False)
+    _expected_bytes: int = field(default=0, repr=False)
+    _cases: dict[str, list[coverage.Case]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for pname, ranges in self.bp.profiles().items():
-            for v in self.bp.variants:
-                c = Candidate(pname, v, ranges)
+        self.artifact = ArtifactKind(self.artifact)
+        self.kind = KINDS[self.artifact](self.bp, self.urza_path, self.device)
+        for pname, ranges in self.profiles().items():
+            for v in plan.variants(self.bp, self.artifact):
+                c = Candidate(pname, v, dict(ranges))
                 self.candidates[c.id] = c
+
+    def profiles(self) -> dict[str, dict[str, tuple[int, int]]]:
+        return plan.profiles(self.bp, self.artifact)
+
+    def labels(self) -> dict[str, dict[str, int]]:
+        return plan.shape_labels(self.bp)
 
     # -- 1. compile --------------------------------------------------------------------------------
 
     def compile(self, candidate: str) -> Entry:
         """Compile one candidate with Tezzeret, or reuse the entry with the same content hash and key."""
-        from esper.tezzeret.compiler import Tezzeret
-        from esper.variants import VARIANTS
-
+        off = self.kind.disabled()
+        if off:
+            pytest.skip(off)
         c = self.candidates[candidate]
-        with Urza(self.urza_path) as urza:
-            outcome = Tezzeret(urza, device=self.device).compile(
-                self.bp, variant=VARIANTS[c.variant], profile=c.profile
-            )
+        outcome = self.kind.compile(profile=c.profile, variant=c.variant)
         c.entry, c.reused, c.compile_seconds = outcome.entry, outcome.reused, outcome.seconds
         return c.entry
 
     def skip_reason(self, c: Candidate) -> str | None:
-        """Why ``c`` is not checked in this session: a fallback, or a profile decided already.
+        """Why ``c`` is not checked in this session: its kind is off, a fallback, or a profile decided already.
 
         A profile is skipped only when every one of its candidates was decided by an earlier run with the
         same content hash: a new or changed candidate makes the whole profile compete again.
         """
+        off = self.kind.disabled()
+        if off:
+            return off
         if c.entry is None:
-            return f"{c.id} was not compiled in this session (test_compile failed or did not run)"
-        if c.entry.status == "fallback":
-            return f"eager fallback (entry #{c.entry.id}): {c.entry.failure_reason}"
+            return f"{self.artifact} {c.id} was not compiled in this session (test_compile failed or did not run)"
+        if c.entry.status == "fallback" or c.entry.kind == "eager":
+            return f"{self.artifact} eager fallback (entry #{c.entry.id}): {c.entry.failure_reason}"
         peers = [p for p in self.candidates.values() if p.profile == c.profile and p.entry is not None]
         decided = all(
             p.entry.status in ("certified", "fallback") or p.entry.failed_check == SELECTION  # type: ignore[union-attr]
@@ -168,8 +272,8 @@ class BlueprintCertification:
         )
         if decided and not self.recheck:
             return (
-                f"profile {c.profile} already decided (entry #{c.entry.id} {c.entry.status}; same content hash "
-                "and compatibility key); --certify-recheck runs the checks again"
+                f"{self.artifact} profile {c.profile} already decided (entry #{c.entry.id} {c.entry.status}; same "
+                "content hash and compatibility key); --certify-recheck runs the checks again"
             )
         return None
 
@@ -182,129 +286,155 @@ class BlueprintCertification:
         self.checked.add(candidate)
         return c
 
-    def ranges(self, candidate: str) -> dict[str, tuple[int, int]]:
-        return self.candidates[candidate].ranges
-
-    def _kernel(self, c: Candidate) -> Kernel:
+    def _kernel(self, c: Candidate) -> Any:
         """The entry loaded exactly as Kasmina loads it (checksum, C++ loader, pre-warm, guards)."""
         assert c.entry is not None and c.entry.id is not None
         if c.kernel is None:
-            kasmina = Kasmina(self.urza_path, catalog=Catalog({self.bp.name: self.bp}), device=self.device)
-            c.kernel = kasmina.load_entry(self.bp.name, c.entry.id)
+            c.kernel = self.kind.load(c.entry.id)
         if c.kernel.route != COMPILED:
-            pytest.fail(f"Kasmina cannot load entry #{c.entry.id}: {c.kernel.reason}")
+            pytest.fail(f"Kasmina cannot load {self.artifact} entry #{c.entry.id}: {c.kernel.reason}")
         return c.kernel
-
-    def eager(self) -> torch.nn.Module:
-        """The reference: the blueprint's own module, built independently of any kernel."""
-        if self._eager is None:
-            self._eager = self.bp.build().to(self.device).eval()
-        return self._eager
 
     def _inputs(self, sizes: Mapping[str, int], regime: Regime | None = None) -> tuple[torch.Tensor, ...]:
         return make_inputs(self.bp, sizes, regime or Regime(), self.device)
 
     # -- 2. parity ---------------------------------------------------------------------------------
 
-    def check_parity(self, candidate: str, sizes: Mapping[str, int], regime: Regime) -> None:
-        """Compiled (through Kasmina) against eager at one shape and value regime, within tolerance."""
-        c = self.ready(candidate)
-        kernel = self._kernel(c)
-        args = self._inputs(sizes, regime)
+    def cases(self, profile: str) -> list[coverage.Case]:
+        """The planned parity cases of ``profile`` (:func:`esper.certification.plan.parity_cases`)."""
+        if profile not in self._cases:
+            self._cases[profile] = plan.parity_cases(self.bp, self.profiles()[profile])
+        return self._cases[profile]
+
+    def coverage(self, profile: str) -> coverage.Coverage:
+        """What the planned cases of ``profile`` cover (shapes, value cases, each dim's sizes, pairs)."""
+        return coverage.summarize(self.cases(profile), self.profiles()[profile])
+
+    def _case_expected(self, profile: str, index: int, args: tuple[torch.Tensor, ...], seed: int) -> Expected:
+        """Eager's and float64's results of planned case ``index``: computed once, kept for the profile's
+        other candidates while the cache holds :data:`REFERENCE_CACHE_BYTES`."""
+        key = (profile, index)
+        if key in self._expected:
+            return self._expected[key]
+        expected = self.kind.expected(args, seed)
+        if self._expected_bytes + expected.nbytes <= REFERENCE_CACHE_BYTES and self._peers(profile) > 1:
+            self._expected[key] = expected
+            self._expected_bytes += expected.nbytes
+        return expected
+
+    def _peers(self, profile: str) -> int:
+        return sum(1 for c in self.candidates.values() if c.profile == profile)
+
+    def _judge(
+        self, c: Candidate, kernel: Any, args: tuple[torch.Tensor, ...], expected: Expected, seed: int, where: str
+    ) -> None:
         refused = kernel.check(*args)
         if refused is not None:
-            pytest.fail(f"guards refuse a shape inside the profile's range {dict(sizes)}: {refused}")
-        with torch.no_grad():
-            got = kernel(*args)
-            if kernel.last_path != COMPILED:
-                pytest.fail(f"Kasmina ran {kernel.last_path} for accepted inputs {dict(sizes)}")
-            want = self.eager()(*args)
-        c.parity.add(*max_errors(got, want))
-        tol = self.bp.tolerance
-        assert_parity(got, want, atol=tol.atol, rtol=tol.rtol, context=f"{candidate} at {dict(sizes)}, {regime!r}")
+            pytest.fail(f"guards refuse a shape inside the profile's range, {where}: {refused}")
+        path, verdicts = self.kind.judge(kernel, args, expected, seed)
+        if path != COMPILED:
+            pytest.fail(f"Kasmina ran {path} for accepted inputs, {where}")
+        c.parity.cases += 1
+        for part, v in verdicts.items():
+            c.verdicts.setdefault(part, []).append(v)
+            c.parity.max_abs = max(c.parity.max_abs, v.max_abs)
+        failed = [o for v in verdicts.values() for o in v.outputs if not o.passed]
+        if failed:
+            o = failed[0]
+            figures = (
+                f" (RMSE against float64: compiled {o.rmse_compiled:.3g}, eager {o.rmse_eager:.3g}; "
+                f"max |compiled - eager| {o.max_abs:.3g})"
+                if o.rmse_eager or o.rmse_compiled
+                else ""
+            )
+            pytest.fail(f"{self.artifact} {c.id} at {where}: {o.reason}{figures}")
+        broken = [v for v in verdicts.values() if not v.passed]  # a structural failure, no output to blame
+        if broken:
+            pytest.fail(f"{self.artifact} {c.id} at {where}: {broken[0].reason}")
+
+    def check_parity(self, candidate: str) -> coverage.Coverage:
+        """The candidate (loaded once, as Kasmina loads it) against eager and a float64 reference on every
+        planned case of its profile (every size of each dim, pairwise sizes, value regimes, seeds), judged by
+        :func:`esper.parity.judge`; stops at the first failing case, naming it. Eager that differs between
+        two identical runs is reported as nondeterministic instead. Returns the profile's coverage."""
+        c = self.ready(candidate)
+        kernel = self._kernel(c)
+        with one_thread():
+            return self._check_planned(c, kernel)
+
+    def _check_planned(self, c: Candidate, kernel: Any) -> coverage.Coverage:
+        cases = self.cases(c.profile)
+        first = cases[0]
+        args = make_case_inputs(self.bp, first.sizes, self.kind.value_case(first.values), self.device)
+        c.nondeterministic = self.kind.nondeterministic(args)
+        if c.nondeterministic:
+            pytest.fail(
+                f"eager {self.artifact} is nondeterministic: two identical runs at {dict(first.sizes)} differ, so "
+                "parity has no reference to hold the compiled code to (make the blueprint deterministic)"
+            )
+        for index, case in enumerate(cases):
+            values = self.kind.value_case(case.values)
+            args = make_case_inputs(self.bp, case.sizes, values, self.device)
+            expected = self._case_expected(c.profile, index, args, values.seed)
+            self._judge(
+                c, kernel, args, expected, values.seed, f"{dict(case.sizes)}, {values.regime} seed {values.seed}"
+            )
+        return self.coverage(c.profile)
+
+    def check_drawn(self, candidate: str, sizes: Mapping[str, int], regime: Regime) -> None:
+        """One hypothesis-drawn case (on top of the planned ones), judged the same way."""
+        c = self.ready(candidate)
+        kernel = self._kernel(c)
+        regime = self.kind.parity_regime(regime)
+        args = self._inputs(sizes, regime)
+        c.drawn += 1
+        with one_thread():
+            expected = self.kind.expected(args, regime.seed)
+            self._judge(c, kernel, args, expected, regime.seed, f"{dict(sizes)}, {regime!r}")
 
     # -- 3. guards ---------------------------------------------------------------------------------
 
-    def refused_cases(self, candidate: str) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
-        """Inputs the candidate's guards must refuse: each dynamic dim just outside its (profile) range, a
-        wrong dtype, a wrong rank, and each fixed dim off by one."""
+    def refused_cases(self, candidate: str) -> list[RefusedCase]:
+        """Inputs the candidate's guards must refuse (see :func:`esper.certification.cases.refused_cases`),
+        around the first representative shape inside its profile."""
         c = self.ready(candidate)
         assert c.entry is not None and c.entry.guards is not None
-        guards = c.entry.guards
-        base_sizes = next(dict(r) for r in self.bp.representative if contains(c.ranges, r))
-        cases: list[tuple[str, tuple[torch.Tensor, ...]]] = []
-        for name, (lo, hi) in guards.dim_ranges().items():
-            for size, what in ((lo - 1, "below"), (hi + 1, "above")):
-                if size >= 0:
-                    cases.append((f"{name}={size} ({what} range)", self._inputs({**base_sizes, name: size})))
-        base = self._inputs(base_sizes)
-        for k, g in enumerate(guards.inputs):
-            wrong = torch.float64 if base[k].dtype != torch.float64 else torch.float32
-            cases.append((f"{g.name} as {wrong}", _replace(base, k, base[k].to(wrong))))
-            cases.append((f"{g.name} with an extra dim", _replace(base, k, base[k].unsqueeze(0))))
-            for d, dim in enumerate(g.dims):
-                if not dim.dynamic:
-                    shape = list(base[k].shape)
-                    shape[d] += 1
-                    bad = torch.zeros(shape, dtype=base[k].dtype)
-                    cases.append((f"{g.name} dim {d} = {shape[d]}", _replace(base, k, bad)))
-        return cases
+        base_sizes = self.labels()[plan.labels_in(self.bp, c.ranges)[0]]
+        return refused_cases(c.entry.guards, base_sizes, self._inputs)
 
     def check_guards(self, candidate: str) -> None:
         """Every refused case is refused by the guard check and served eagerly, never by compiled code."""
         c = self.ready(candidate)
         kernel = self._kernel(c)
-        for what, args in self.refused_cases(candidate):
-            if kernel.check(*args) is None:
-                pytest.fail(f"guards accept an input they must refuse: {what}")
-            compiled_before = kernel.calls[COMPILED]
-            # Eager may rightly reject these inputs; what matters is the path the call took.
-            with torch.no_grad(), contextlib.suppress(Exception):
-                kernel(*args)
-            if kernel.last_path != EAGER or kernel.calls[COMPILED] != compiled_before:
-                pytest.fail(f"{what}: reached the compiled code")
+        for case in self.refused_cases(candidate):
+            if kernel.check(*case.args) is None:
+                pytest.fail(f"guards accept an input they must refuse: {case.what}")
+            path, compiled_calls = self.kind.run_refused(kernel, case.args)
+            if path != EAGER or compiled_calls:
+                pytest.fail(f"{case.what}: reached the compiled code")
             c.guards_refused += 1
 
     # -- 4. latency --------------------------------------------------------------------------------
 
-    def labels(self) -> dict[str, dict[str, int]]:
-        return {Blueprint.shape_label(r): dict(r) for r in self.bp.representative}
-
-    def benchmark(self, bench: Any, path: str, label: str) -> None:
-        """Measure ``path`` (``"eager"`` or a candidate id) at one representative shape with pytest-benchmark."""
+    def compare_latency(self, candidate: str, label: str) -> timing.Comparison:
+        """The candidate against eager at one representative shape, in interleaved rounds on the same inputs
+        (:func:`esper.timing.compare`): the paired ratio with its confidence interval and a decision."""
+        c = self.ready(candidate)
+        kernel = self._kernel(c)
         args = self._inputs(self.labels()[label])
-        if path == EAGER:
-            if all(self.skip_reason(c) for c in self.candidates.values()):
-                pytest.skip("every candidate is decided already or a fallback: nothing to compare eager with")
-            fn: Callable[[], Any] = lambda: self.eager()(*args)  # noqa: E731
-            entry_id = None
-        else:
-            c = self.ready(path)
-            kernel = self._kernel(c)
-            fn = lambda: kernel(*args)  # noqa: E731
-            entry_id = c.entry.id if c.entry else None
-        bench.group = f"{self.bp.name}[{label}]"
-        bench.extra_info.update(blueprint=self.bp.name, path=path, shape=label, entry=entry_id)
-        with torch.no_grad():
-            bench(fn)
-            if path != EAGER and kernel.last_path != COMPILED:
-                pytest.fail(f"compiled benchmark ran {kernel.last_path}: {kernel.reason}")
-            stats = getattr(getattr(bench, "stats", None), "stats", None)
-            if stats is None or not getattr(stats, "data", None):
-                # pytest-benchmark is disabled (--benchmark-disable, or under xdist): measure directly so
-                # selection and budgets still have figures.
-                figures = measure(fn).to_dict()
-            else:
-                data_ms = [t * 1e3 for t in stats.data]
-                figures = {"p50_ms": stats.median * 1e3, "p95_ms": percentile(data_ms, 0.95), "n": len(data_ms)}
-        if path == EAGER:
-            self.eager_latency[label] = figures
-        else:
-            self.candidates[path].latency[label] = figures
+        compiled_fn = self.kind.timed(kernel, args)
+        eager_fn = self.kind.timed(self.kind.eager(), args)
+        with torch.set_grad_enabled(self.kind.grad_enabled):
+            cmp = timing.compare(compiled_fn, eager_fn, margin=MARGIN, max_rounds=MAX_ROUNDS)
+            if kernel.last_path != COMPILED:
+                pytest.fail(f"compiled timing ran {kernel.last_path}: {kernel.reason}")
+        c.comparisons[label] = cmp
+        return cmp
 
     # -- 5. select ---------------------------------------------------------------------------------
 
-    def _passed(self, c: Candidate) -> bool:
+    def passed(self, c: Candidate) -> bool:
+        """Whether ``c`` was checked in this session and passed every candidate check."""
         return (
             c.entry is not None
             and not self.skip_reason(c)
@@ -316,59 +446,32 @@ class BlueprintCertification:
         )
 
     def select(self) -> dict[str, Decision]:
-        """Per profile: the fastest candidate that passed every check, if it beats eager by ``MARGIN``."""
+        """Per profile, the route :func:`choose` picks from the candidates that passed every check."""
         if all(self.skip_reason(c) for c in self.candidates.values()):
             pytest.skip("every candidate is decided already or a fallback")
         self.decisions = {}
-        for pname, ranges in self.bp.profiles().items():
-            labels = [label for label, r in self.labels().items() if contains(ranges, r)]
-            missing = [label for label in labels if label not in self.eager_latency]
-            if missing:
-                pytest.fail(f"profile {pname}: eager latency not measured at {missing}")
-            eager = geomean([self.eager_latency[label]["p50_ms"] for label in labels])
-            scored = []
-            for c in self.candidates.values():
-                if c.profile == pname and self._passed(c) and all(label in c.latency for label in labels):
-                    scored.append((geomean([c.latency[label]["p50_ms"] for label in labels]) / eager, c.id))
-            if not scored:
-                self.decisions[pname] = Decision(pname, None, None, "no candidate passed its checks")
-                continue
-            ratio, best = min(scored)
-            if ratio <= 1 - MARGIN:
-                self.decisions[pname] = Decision(pname, best, ratio, f"{best} at {ratio:.2f}x eager")
-            else:
-                note = f"eager: the best variant, {best}, runs at {ratio:.2f}x eager (needs <= {1 - MARGIN:.2f}x)"
-                self.decisions[pname] = Decision(pname, None, ratio, note)
+        for pname, ranges in self.profiles().items():
+            labels = plan.labels_in(self.bp, ranges)
+            scored = {
+                c.id: dict(c.comparisons)
+                for c in self.candidates.values()
+                if c.profile == pname and self.passed(c) and all(label in c.comparisons for label in labels)
+            }
+            self.decisions[pname] = choose(
+                pname, labels, scored, self.bp.budget, self.budget_profile, p95=self.kind.p95_budget
+            )
         return self.decisions
 
     # -- 6. budgets --------------------------------------------------------------------------------
 
-    def route_figures(self, decision: Decision) -> dict[str, budgets.Figures]:
-        """Figures of the route a decision picked, at each representative shape of its profile."""
-        ranges = self.bp.profiles()[decision.profile]
-        out = {}
-        for label, r in self.labels().items():
-            if not contains(ranges, r):
-                continue
-            e = self.eager_latency[label]
-            c = self.candidates[decision.winner].latency[label] if decision.winner else e
-            out[label] = budgets.Figures(c["p50_ms"], c["p95_ms"], e["p50_ms"], e["p95_ms"])
-        return out
-
     def check_budgets(self) -> None:
-        """The routes' measured figures against the blueprint's budget on this budget profile."""
+        """Every profile has a route within the blueprint's budget on this budget profile (selection prefers
+        one); fails, with every route's figures, where none is."""
         if not self.decisions:
             pytest.skip("no selection was made in this session")
-        violations = []
-        for decision in self.decisions.values():
-            if decision.note == "no candidate passed its checks":
-                continue
-            route = decision.winner or "eager"
-            violations += [
-                f"{route}: {v}" for v in budgets.check(self.bp.budget, self.profile, self.route_figures(decision))
-            ]
+        violations = [v for d in self.decisions.values() for v in d.over_budget]
         if violations:
-            pytest.fail(f"over budget ({self.profile.name} profile): " + "; ".join(map(str, violations)))
+            pytest.fail(f"no route meets the budget ({self.budget_profile.name} profile): " + "; ".join(violations))
 
     # -- 7. publish --------------------------------------------------------------------------------
 
@@ -380,12 +483,10 @@ class BlueprintCertification:
             o = self.outcomes.get((check, None))
             if o is None or o.outcome != "passed":
                 pytest.fail(f"not certified: {check} {'did not run' if o is None else o.outcome}")
-        from esper.tezzeret.compiler import Tezzeret
-
         published: list[Entry] = []
         with Urza(self.urza_path) as urza:
             for decision in self.decisions.values():
-                contenders = [c for c in self.candidates.values() if c.profile == decision.profile and self._passed(c)]
+                contenders = [c for c in self.candidates.values() if c.profile == decision.profile and self.passed(c)]
                 for c in contenders:
                     assert c.entry is not None and c.entry.id is not None
                     if c.id == decision.winner:
@@ -398,56 +499,95 @@ class BlueprintCertification:
                         )
                         published.append(c.entry)
                     else:
-                        why = f"not routed: {decision.note}"
                         c.entry = urza.update(
                             c.entry.id,
                             status="rejected",
                             failed_check=SELECTION,
-                            failure_reason=why,
+                            failure_reason=f"not routed: {decision.note}",
                             **self.evidence(c, decision),
                         )
                 if decision.winner is None and contenders:
-                    guards = contenders[0].entry.guards  # type: ignore[union-attr]
-                    assert guards is not None
-                    route = Tezzeret(urza, device=self.device).store_eager_route(
-                        self.bp, decision.profile, guards, self.evidence(None, decision)
+                    route = self.kind.store_eager_route(
+                        urza,
+                        profile=decision.profile,
+                        guards=contenders[0].entry.guards,  # type: ignore[union-attr]
+                        evidence=self.evidence(None, decision),
+                        reason=decision.note,
                     )
                     published.append(route)
         return published
+
+    def eager_latency(self, profile: str) -> dict[str, dict[str, float]]:
+        """Eager's p50/p95 (ms) per representative shape of ``profile``: the median over the profile's
+        candidates' interleaved comparisons."""
+        labels = plan.labels_in(self.bp, self.profiles()[profile])
+        scored = {c.id: c.comparisons for c in self.candidates.values() if c.profile == profile and c.comparisons}
+        if not scored:
+            return {}
+        labels = [label for label in labels if any(label in by_label for by_label in scored.values())]
+        return {
+            label: {"p50_ms": f.eager_p50, "p95_ms": f.eager_p95} for label, f in eager_figures(scored, labels).items()
+        }
+
+    def parity_evidence(self, c: Candidate) -> dict[str, Any]:
+        """The candidate's parity figures: cases judged, coverage, and per part (output, gradient, buffer)
+        the worst RMSE against float64, compiled's and eager's, and their ratio."""
+        tol = self.bp.tolerance
+        parts = {part: summarize(vs).evidence() for part, vs in c.verdicts.items()}
+        ratios = [p["rmse_ratio"] for p in parts.values() if p["rmse_ratio"] is not None]
+        worst = max(parts.values(), key=lambda p: p["rmse_ratio"] or 0.0, default={})
+        return {
+            "cases": c.parity.cases,
+            "drawn": c.drawn,
+            "max_abs": c.parity.max_abs,
+            "rmse_ratio": max(ratios) if ratios else None,
+            "rmse_compiled": worst.get("rmse_compiled"),
+            "rmse_eager": worst.get("rmse_eager"),
+            "parts": parts,
+            "coverage": self.coverage(c.profile).evidence(),
+            "nondeterministic": c.nondeterministic,
+            "rule": {
+                "reference": "float64",
+                "rmse": "RMSE(compiled, fp64) <= m * RMSE(eager, fp64) + floor (m 2 for float32 >= 1000 elements, "
+                "up to 10 for tiny tensors)",
+                "floor_ulps": FLOOR_ULPS,
+                "pointwise_slack": POINTWISE_SLACK,
+            },
+            "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
+            "guards_refused": c.guards_refused,
+        }
 
     def evidence(self, c: Candidate | None, decision: Decision | None = None) -> dict[str, Any]:
         """Parity, performance and meta columns carrying this session's evidence for ``c`` (an eager route
         when ``None``), merged over what the entry already holds."""
         entry = c.entry if c is not None else None
-        p95_limits, max_ratio = budgets.limits(self.bp.budget, self.profile)
-        labels = list(c.latency) if c is not None else list(self.route_figures(decision).keys()) if decision else []
         latency: dict[str, Any] = {}
-        for label in labels:
-            row: dict[str, Any] = {}
-            if label in self.eager_latency:
-                row[EAGER] = self.eager_latency[label]
-            if c is not None and label in c.latency:
-                row[COMPILED] = c.latency[label]
-                if EAGER in row:
-                    row["ratio"] = row[COMPILED]["p50_ms"] / row[EAGER]["p50_ms"]
-            latency[label] = row
-        certification = {
+        if c is not None:
+            for label, cmp in c.comparisons.items():
+                latency[label] = {
+                    EAGER: _side(cmp, EAGER),
+                    COMPILED: _side(cmp, COMPILED),
+                    "ratio": cmp.ratio,
+                    "comparison": {**cmp.evidence(), "ratios": list(cmp.ratios)},
+                }
+        elif decision is not None:
+            latency = {label: {EAGER: figs} for label, figs in self.eager_latency(decision.profile).items()}
+        p95_limits, max_ratio = budgets.limits(self.bp.budget, self.budget_profile)
+        limits: dict[str, Any] = {"max_ratio": max_ratio, "margin": MARGIN}
+        if self.kind.p95_budget:
+            limits["p95_ms"] = p95_limits
+        certification: dict[str, Any] = {
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "budget_profile": self.profile.name,
-            "limits": {"p95_ms": p95_limits, "max_ratio": max_ratio, "margin": MARGIN},
+            "artifact": str(self.artifact),
+            "budget_profile": self.budget_profile.name,
+            "limits": limits,
             "context": machine_context(),
         }
         if decision is not None:
             certification["decision"] = {"winner": decision.winner, "ratio": decision.ratio, "note": decision.note}
         parity = dict(entry.parity) if entry else {}
         if c is not None and c.parity.cases:
-            parity["certify"] = {
-                "cases": c.parity.cases,
-                "max_abs": c.parity.max_abs,
-                "max_rel": c.parity.max_rel,
-                "tolerance": {"atol": self.bp.tolerance.atol, "rtol": self.bp.tolerance.rtol},
-                "guards_refused": c.guards_refused,
-            }
+            parity["certify"] = self.parity_evidence(c)
         performance = dict(entry.performance) if entry else {}
         if latency:
             performance["certify"] = latency
@@ -460,13 +600,9 @@ class BlueprintCertification:
     def record(self, outcome: Outcome) -> None:
         """Note a test's outcome; a failed candidate check rejects that candidate's entry at once, with the
         check and the reason. A check with several tests keeps its worst outcome."""
-        if outcome.check.startswith("train_") or outcome.check == "grad_parity":
-            self.training.record(outcome)  # training checks decide the training artifact only
-            return
-        rank = {"passed": 0, "skipped": 1, "failed": 2}
         key = (outcome.check, outcome.candidate)
         previous = self.outcomes.get(key)
-        if previous is None or rank[outcome.outcome] >= rank[previous.outcome]:
+        if previous is None or RANK[outcome.outcome] >= RANK[previous.outcome]:
             self.outcomes[key] = outcome
         if outcome.outcome != "failed" or outcome.check == "publish":
             return
@@ -476,7 +612,7 @@ class BlueprintCertification:
         else:
             hit = [self.candidates[outcome.candidate]] if outcome.candidate in self.candidates else []
         for c in hit:
-            if c.entry is None or c.failed is not None:
+            if c.entry is None or c.entry.kind != "aoti" or c.failed is not None:
                 continue
             c.failed = outcome.check
             with Urza(self.urza_path) as urza:
@@ -489,5 +625,51 @@ class BlueprintCertification:
                 )
 
 
-def _replace(args: tuple[torch.Tensor, ...], k: int, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return (*args[:k], value, *args[k + 1 :])
+@dataclass(frozen=True)
+class BlueprintCertification:
+    """Every artifact kind's :class:`Certification` of one blueprint: ``certification["training"]``."""
+
+    runs: Mapping[ArtifactKind, Certification]
+
+    @classmethod
+    def create(
+        cls,
+        bp: Blueprint,
+        urza_path: Path,
+        budget_profile: budgets.BudgetProfile,
+        *,
+        device: str = "cpu",
+        recheck: bool = False,
+    ) -> BlueprintCertification:
+        """One :class:`Certification` per artifact kind."""
+        return cls(
+            {
+                kind: Certification(bp, kind, urza_path, budget_profile, device=device, recheck=recheck)
+                for kind in ArtifactKind
+            }
+        )
+
+    def __getitem__(self, artifact: str) -> Certification:
+        return self.runs[ArtifactKind(artifact)]
+
+    def __iter__(self) -> Iterator[Certification]:
+        return iter(self.runs.values())
+
+    @property
+    def bp(self) -> Blueprint:
+        return next(iter(self)).bp
+
+    def record(self, artifact: str, outcome: Outcome) -> None:
+        """Note a test's outcome on the certification of ``artifact``."""
+        self[artifact].record(outcome)
+
+    def outcomes(self) -> dict[tuple[ArtifactKind, str, str | None], Outcome]:
+        """Every recorded outcome by ``(kind, check, candidate)``."""
+        return {(run.artifact, check, cid): o for run in self for (check, cid), o in run.outcomes.items()}
+
+
+def _side(cmp: timing.Comparison, path: str) -> dict[str, float]:
+    """One side's p50/p95 (ms) of an interleaved comparison."""
+    if path == EAGER:
+        return {"p50_ms": cmp.eager_p50 * 1e3, "p95_ms": cmp.eager_p95 * 1e3, "rounds": cmp.rounds}
+    return {"p50_ms": cmp.candidate_p50 * 1e3, "p95_ms": cmp.candidate_p95 * 1e3, "rounds": cmp.rounds}

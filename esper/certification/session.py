@@ -1,27 +1,34 @@
 """The certify session: one per pytest run. The plugin's hooks delegate here.
 
-It generates one test module per blueprint, hands each module its :class:`BlueprintCertification`, records
-test outcomes, and renders the end-of-run summary (terminal table plus ``summary.json``/``summary.md``).
+It generates one test module per blueprint, hands each module its :class:`BlueprintCertification` (one
+certification per artifact kind), records test outcomes by kind, and renders the end-of-run summary
+(terminal table plus ``summary.json``/``summary.md``): inference columns, then training's beside them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from certify.generate import GENERATED_PREFIX, render_broken, render_module
-from esper.blueprint import BlueprintError
-from esper.budgets import PROFILES
-from esper.catalog import load_catalog, load_file, validate_module
-from esper.certification.run import BlueprintCertification, Outcome
+from esper.artifacts import ArtifactKind
+from esper.blueprint import Blueprint, BlueprintError
+from esper.budgets import PROFILES, BudgetProfile
+from esper.catalog import load_catalog, load_file, module_file_name, validate_module
+from esper.certification import gate, plan
+from esper.certification.kinds import TRAINING_ENV
+from esper.certification.run import BlueprintCertification, Certification, Outcome
+from esper.compat import CompatKey
+from esper.evidence import geomean, latency_table, parity_error, speedup, speedups
+from esper.kasmina import COMPILED, EAGER
 from esper.profiles import contains
 from esper.settings import Settings
-from esper.urza import Urza
+from esper.urza import Entry, Urza
 
 
 @dataclass
@@ -35,9 +42,12 @@ class CertifySession:
     device: str = "cpu"
     runs: dict[str, BlueprintCertification] = field(default_factory=dict)
     errors: list[BlueprintError] = field(default_factory=list)
+    baseline: Path | None = None  # the release gate's stored latency.json (see esper.certification.gate)
+    regression: float = gate.DEFAULT_THRESHOLD
+    regressions: list[str] = field(default_factory=list)
 
     @property
-    def profile(self) -> Any:
+    def budget_profile(self) -> BudgetProfile:
         return PROFILES[self.settings.budget_profile]
 
     # -- generation --------------------------------------------------------------------------------
@@ -60,8 +70,8 @@ class CertifySession:
                 continue
             texts[f"{GENERATED_PREFIX}{bp.name}.py"] = render_module(bp, self._relative(bp.source))
         for err in self.errors:
-            stem = Path(err.source or "unknown").stem
-            texts[f"{GENERATED_PREFIX}error_{err.blueprint or stem}.py"] = render_broken(err)
+            # A validated blueprint name, else a sanitized file stem: nothing a file declares reaches a path.
+            texts[f"{GENERATED_PREFIX}error_{err.blueprint or module_file_name(err.source)}.py"] = render_broken(err)
         self.build_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.build_dir.glob(f"{GENERATED_PREFIX}*.py"):
             if stale.name not in texts:
@@ -89,130 +99,90 @@ class CertifySession:
             declared = {bp.name: bp for bp in load_file(path)}
             if name not in declared:
                 raise BlueprintError("name", f"{path} no longer declares {name!r}; regenerate with --certify")
-            self.runs[name] = BlueprintCertification(
-                bp=declared[name],
-                urza_path=self.settings.urza,
-                profile=self.profile,
-                device=self.device,
-                recheck=self.recheck,
+            self.runs[name] = BlueprintCertification.create(
+                declared[name], self.settings.urza, self.budget_profile, device=self.device, recheck=self.recheck
             )
         return self.runs[name]
 
-    def record(self, name: str, check: str, outcome: str, message: str, candidate: str | None = None) -> None:
+    def record(
+        self, name: str, artifact: str, check: str, outcome: str, message: str, candidate: str | None = None
+    ) -> None:
+        """Note the outcome of one test of blueprint ``name``'s certification of ``artifact``."""
         run = self.runs.get(name)
         if run is not None:
-            run.record(Outcome(check, outcome, message, candidate))
+            run.record(artifact, Outcome(check, outcome, message, candidate))
+
+    def record_test(self, name: str, test: str, params: Mapping[str, Any], outcome: str, message: str) -> None:
+        """Note the outcome of generated test ``test`` (``test_<check>``) of blueprint ``name``: its parameters
+        name the artifact kind and the candidate (or the benchmarked path), as :mod:`certify.generate` writes
+        them. A test without an artifact kind is not a check."""
+        if "artifact" not in params:
+            return
+        path = params.get("path")
+        candidate = params.get("candidate") or (path if path != EAGER else None)
+        self.record(name, params["artifact"], test.removeprefix("test_"), outcome, message, candidate)
+
+    # -- latency record and the release gate -------------------------------------------------------------
+
+    def latency_rows(self) -> list[tuple[gate.Key, list[float]]]:
+        """Every interleaved comparison of this session: its key and per-round compiled/eager ratios."""
+        return [
+            ((name, str(run.artifact), c.id, label), list(cmp.ratios))
+            for name, bc in sorted(self.runs.items())
+            for run in bc
+            for c in run.candidates.values()
+            for label, cmp in c.comparisons.items()
+        ]
+
+    def finish(self) -> bool:
+        """Write ``latency.json`` (when anything was timed) and run the release gate against the baseline;
+        whether the gate failed."""
+        rows = self.latency_rows()
+        if rows:
+            from esper.context import machine_context
+
+            self.build_dir.mkdir(parents=True, exist_ok=True)
+            doc = gate.record(rows, machine_context())
+            _write_if_changed(self.build_dir / "latency.json", json.dumps(doc, indent=1) + "\n")
+        if self.baseline is None:
+            return False
+        self.regressions = gate.regressions(
+            gate.load(self.baseline), dict(doc["ratios"]) if rows else {}, self.regression
+        )
+        return bool(self.regressions)
+
+    def gate_report(self) -> list[str]:
+        """The release gate's lines for the terminal (none without ``--certify-baseline``)."""
+        if self.baseline is None:
+            return []
+        head = f"release gate against {self.baseline} (limit +{self.regression:.0%}, with confidence): "
+        if not self.regressions:
+            return [head + "no regression"]
+        return [head + f"{len(self.regressions)} regression(s)", *(f"  {r}" for r in self.regressions)]
 
     # -- summary -----------------------------------------------------------------------------------
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """One row per blueprint, read back from Urza: what Kasmina will route, and the evidence for it."""
-        rows = [self._summary_row(self.runs[name]) for name in sorted(self.runs)]
+        from esper.compat import current
+
+        key = current(self.device)
+        rows = []
+        for name in sorted(self.runs):
+            with Urza(self.settings.urza, readonly=True) as urza:
+                entries = urza.entries(name)
+            rows.append(summary_row(self.runs[name], entries, key))
         for err in self.errors:
             rows.append(
                 {"blueprint": err.blueprint or Path(err.source or "?").name, "status": "invalid", "note": str(err)}
             )
         return rows
 
-    def _summary_row(self, run: BlueprintCertification) -> dict[str, Any]:
-        from esper.compat import current
-        from esper.kasmina.loader import Unusable, choose_entries
-
-        name = run.bp.name
-        with Urza(self.settings.urza, readonly=True) as urza:
-            entries = urza.entries(name)
-        try:
-            routes = choose_entries(entries, current(self.device))
-        except Unusable as u:
-            routes, why = [], u.detail
-        compiled_now = [c for c in run.candidates.values() if c.entry is not None and not c.reused]
-        tried = [c for c in run.candidates.values() if c.entry is not None]
-        n_profiles = len(run.bp.profiles())
-        if len(routes) == n_profiles:
-            status = "certified" + (" (reused)" if tried and not run.checked else "")
-        elif routes:
-            status = f"partial ({len(routes)}/{n_profiles} profiles)"
-        else:
-            status = entries[0].status if entries else "error"
-        routed: dict[str, dict[str, Any]] = {}
-        for label, sizes in run.labels().items():
-            route = next((e for e in routes if contains(run.bp.profiles()[e.profile], sizes)), None)
-            figures = (route.performance.get("certify") or {}).get(label, {}) if route else {}
-            path = "compiled" if route is not None and route.kind == "aoti" else "eager"
-            routed[label] = {"route": figures.get(path, {}), "eager": figures.get("eager", {})}
-        parities = [c.parity for c in run.candidates.values() if c.parity.cases]
-        if not parities:
-            parities_evidence = [e.parity.get("certify") for e in routes if e.parity.get("certify")]
-            max_abs = max((p["max_abs"] for p in parities_evidence), default=None)
-            cases = sum(p["cases"] for p in parities_evidence) or None
-        else:
-            max_abs, cases = max(p.max_abs for p in parities), sum(p.cases for p in parities)
-        ratios = [
-            v["eager"]["p50_ms"] / v["route"]["p50_ms"]
-            for v in routed.values()
-            if v["route"].get("p50_ms") and v["eager"].get("p50_ms")
-        ]
-        notes = [f"{d.profile}: {d.note}" for d in run.decisions.values()]
-        if not run.decisions and routes:
-            notes = [f"{e.profile}: {e.variant if e.kind == 'aoti' else 'eager'}" for e in routes]
-        failed = [f"{c.id} {c.failed}" for c in run.candidates.values() if c.failed]
-        if failed:
-            notes.append("rejected: " + ", ".join(failed))
-        if not routes and entries and entries[0].failure_reason:
-            notes.append(entries[0].failure_reason.splitlines()[0])
-        elif not routes:
-            notes.append(why)
-        return {
-            "blueprint": name,
-            "status": status,
-            "compile_s": round(sum(c.compile_seconds or 0 for c in compiled_now), 1),
-            "parity_max_abs": max_abs,
-            "cases": cases,
-            "p50_ms": {k: v["route"].get("p50_ms") for k, v in routed.items()},
-            "p95_ms": {k: v["route"].get("p95_ms") for k, v in routed.items()},
-            "eager_p50_ms": {k: v["eager"].get("p50_ms") for k, v in routed.items()},
-            "eager_p95_ms": {k: v["eager"].get("p95_ms") for k, v in routed.items()},
-            "speedup": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 3) if ratios else None,
-            "entries": ",".join(f"#{e.id}" for e in routes),
-            "note": "; ".join(notes),
-        }
-
     def summary_table(self) -> str:
+        """The summary as a text table: inference columns, then the training columns."""
         from tabulate import tabulate
 
-        def joined(d: Any) -> str:
-            return "/".join(f"{v:.3g}" for v in d.values() if v is not None) if isinstance(d, dict) else ""
-
-        table = [
-            [
-                r["blueprint"],
-                r["status"],
-                r.get("compile_s"),
-                f"{r['parity_max_abs']:.2g} ({r['cases']})" if r.get("parity_max_abs") is not None else "",
-                joined(r.get("p50_ms")),
-                joined(r.get("p95_ms")),
-                joined(r.get("eager_p50_ms")),
-                joined(r.get("eager_p95_ms")),
-                r.get("speedup"),
-                r.get("entries"),
-                (r.get("note") or "")[:110],
-            ]
-            for r in self.summary_rows()
-        ]
-        headers = [
-            "blueprint",
-            "status",
-            "compile s",
-            "parity max|err| (cases)",
-            "p50 ms",
-            "p95 ms",
-            "eager p50",
-            "eager p95",
-            "speedup",
-            "entries",
-            "note",
-        ]
-        return tabulate(table, headers=headers)
+        return tabulate([table_row(r) for r in self.summary_rows()], headers=TABLE_HEADERS)
 
     def write_summary(self) -> Path:
         rows = self.summary_rows()
@@ -220,9 +190,176 @@ class CertifySession:
         path = self.build_dir / "summary.md"
         path.write_text(
             "# Certification summary\n\nLatency columns list the representative shapes in order "
-            "(ms).\n\n```\n" + self.summary_table() + "\n```\n"
+            "(ms); `train route` and `train ratio` are the training artifact's route and its compiled/eager "
+            "training-step ratio.\n\n```\n" + self.summary_table() + "\n```\n"
         )
         return path
+
+
+# -- the summary, one small function per column group --------------------------------------------------------
+
+
+def summary_row(run: BlueprintCertification, entries: list[Entry], key: CompatKey) -> dict[str, Any]:
+    """The summary row of one blueprint: its inference routes and evidence, then its training route."""
+    inference = run[ArtifactKind.INFERENCE]
+    routes, why = _routes(entries, key, ArtifactKind.INFERENCE)
+    latency = routed_latency(inference.bp, routes)
+    max_abs, cases = parity_summary(inference, routes)
+    ratios = speedups(latency)
+    return {
+        "blueprint": inference.bp.name,
+        "status": inference_status(inference, routes, entries),
+        "compile_s": round(sum(c.compile_seconds or 0 for c in inference.candidates.values() if not c.reused), 1),
+        "parity_max_abs": max_abs,
+        "cases": cases,
+        "parity_rmse_ratio": parity_ratio(inference, routes),
+        "p50_ms": {k: v.get(COMPILED, {}).get("p50_ms") for k, v in latency.items()},
+        "p95_ms": {k: v.get(COMPILED, {}).get("p95_ms") for k, v in latency.items()},
+        "eager_p50_ms": {k: v.get(EAGER, {}).get("p50_ms") for k, v in latency.items()},
+        "eager_p95_ms": {k: v.get(EAGER, {}).get("p95_ms") for k, v in latency.items()},
+        "speedup": round(geomean(ratios), 3) if ratios else None,
+        **training_columns(run[ArtifactKind.TRAINING], entries, key),
+        "entries": ",".join(f"#{e.id}" for e in routes),
+        "note": "; ".join(inference_notes(inference, routes, entries, why)),
+    }
+
+
+def _routes(entries: list[Entry], key: CompatKey, artifact: ArtifactKind) -> tuple[list[Entry], str]:
+    """The entries Kasmina routes ``artifact`` to in this process, or none and why."""
+    from esper.kasmina.choose import choose_entries, choose_training_entry
+    from esper.kasmina.unusable import Unusable
+
+    choose = choose_training_entry if artifact is ArtifactKind.TRAINING else choose_entries
+    try:
+        return choose(entries, key), ""
+    except Unusable as u:
+        return [], u.detail
+
+
+def inference_status(run: Certification, routes: list[Entry], entries: list[Entry]) -> str:
+    """``certified`` (``(reused)`` when nothing was checked in this session), ``partial`` or the newest status."""
+    n_profiles = len(run.profiles())
+    tried = [c for c in run.candidates.values() if c.entry is not None]
+    if len(routes) == n_profiles:
+        return "certified" + (" (reused)" if tried and not run.checked else "")
+    if routes:
+        return f"partial ({len(routes)}/{n_profiles} profiles)"
+    inference = [e for e in entries if e.artifact == ArtifactKind.INFERENCE]
+    return inference[0].status if inference else "error"
+
+
+def routed_latency(bp: Blueprint, routes: list[Entry]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per representative shape, the figures of the route serving it: ``{"compiled": route, "eager": eager}``
+    (an eager route's own figures are eager's)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for label, sizes in plan.shape_labels(bp).items():
+        route = next((e for e in routes if contains(bp.profiles().get(e.profile, {}), sizes)), None)
+        row = latency_table(route).get(label, {}) if route is not None else {}
+        path = COMPILED if route is not None and route.kind == "aoti" else EAGER
+        out[label] = {COMPILED: row.get(path, {}), EAGER: row.get(EAGER, {})}
+    return out
+
+
+def parity_summary(run: Certification, routes: list[Entry]) -> tuple[float | None, int | None]:
+    """Max abs error and cases: over the candidates checked in this session, else the routes' evidence."""
+    stats = [c.parity for c in run.candidates.values() if c.parity.cases]
+    if stats:
+        return max(s.max_abs for s in stats), sum(s.cases for s in stats)
+    figures = [parity_error(e) for e in routes]
+    errors = [err for err, _ in figures if err is not None]
+    return (max(errors) if errors else None), (sum(n for _, n in figures if n) or None)
+
+
+def parity_ratio(run: Certification, routes: list[Entry]) -> float | None:
+    """The worst RMSE ratio to eager's own error against float64 (how close the kernel is to eager's best):
+    over the candidates checked in this session, else the routes' evidence."""
+    ratios = [run.parity_evidence(c)["rmse_ratio"] for c in run.candidates.values() if c.verdicts]
+    if not ratios:
+        ratios = [e.parity.get("certify", {}).get("rmse_ratio") for e in routes]
+    known = [r for r in ratios if r is not None]
+    return round(max(known), 3) if known else None
+
+
+def inference_notes(run: Certification, routes: list[Entry], entries: list[Entry], why: str) -> list[str]:
+    """The decisions of this session (or the routes' variants), rejections, and why nothing routes."""
+    notes = [f"{d.profile}: {d.note}" for d in run.decisions.values()]
+    if not run.decisions:
+        notes = [f"{e.profile}: {e.variant if e.kind == 'aoti' else EAGER}" for e in routes]
+    failed = [f"{c.id} {c.failed}" for c in run.candidates.values() if c.failed]
+    if failed:
+        notes.append("rejected: " + ", ".join(failed))
+    newest = next((e for e in entries if e.artifact == ArtifactKind.INFERENCE), None)
+    if not routes and newest is not None and newest.failure_reason:
+        notes.append(newest.failure_reason.splitlines()[0])
+    elif not routes:
+        notes.append(why)
+    return notes
+
+
+def training_columns(run: Certification, entries: list[Entry], key: CompatKey) -> dict[str, Any]:
+    """``train_route`` (compiled, eager, off, or the newest training entry's status) and ``train_ratio``
+    (compiled/eager training-step p50, geomean over the representative shapes)."""
+    routes, _ = _routes(entries, key, ArtifactKind.TRAINING)
+    route = routes[0] if routes else None
+    if route is None:
+        training = [e for e in entries if e.artifact == ArtifactKind.TRAINING]
+        off = run.kind.disabled()
+        status = training[0].status if training else (f"off ({TRAINING_ENV}=0)" if off else "none")
+        return {"train_route": status, "train_ratio": None}
+    return {"train_route": COMPILED if route.kind == "aoti" else EAGER, "train_ratio": training_ratio(route)}
+
+
+def training_ratio(route: Entry) -> float | None:
+    """The compiled/eager training-step ratio certification decided on (an eager route carries the losing
+    compiled figure), else the inverse of the route's measured speedup."""
+    decided = route.meta.get("certification", {}).get("decision", {}).get("ratio")
+    if decided is not None:
+        return round(decided, 3)
+    gain = speedup(route)
+    return round(1 / gain, 3) if gain else None
+
+
+TABLE_HEADERS = [
+    "blueprint",
+    "status",
+    "compile s",
+    "parity max|err| (cases) rmse x eager",
+    "p50 ms",
+    "p95 ms",
+    "eager p50",
+    "eager p95",
+    "speedup",
+    "train route",
+    "train ratio",
+    "entries",
+    "note",
+]
+
+
+def table_row(r: Mapping[str, Any]) -> list[Any]:
+    """A summary row as the text table's cells (:data:`TABLE_HEADERS`)."""
+    parity = f"{r['parity_max_abs']:.2g} ({r['cases']})" if r.get("parity_max_abs") is not None else ""
+    if r.get("parity_rmse_ratio") is not None:
+        parity += f" {r['parity_rmse_ratio']:.3g}x"
+    return [
+        r["blueprint"],
+        r["status"],
+        r.get("compile_s"),
+        parity,
+        _joined(r.get("p50_ms")),
+        _joined(r.get("p95_ms")),
+        _joined(r.get("eager_p50_ms")),
+        _joined(r.get("eager_p95_ms")),
+        r.get("speedup"),
+        r.get("train_route"),
+        r.get("train_ratio"),
+        r.get("entries"),
+        (r.get("note") or "")[:110],
+    ]
+
+
+def _joined(d: Any) -> str:
+    return "/".join(f"{v:.3g}" for v in d.values() if v is not None) if isinstance(d, dict) else ""
 
 
 def _write_if_changed(path: Path, text: str) -> Path:

@@ -1,9 +1,26 @@
 """Kasmina, the runtime loader: certified artifacts in, kernels out, never a compile.
 
-Nothing under this package may import the compiler stack; tests/test_kasmina_static.py enforces it.
+``Kasmina(urza).load(name)`` gives an inference :class:`Kernel`, ``load_training(name, weights)`` a
+:class:`TrainingKernel`; both through one load path (:mod:`esper.kasmina.loader`). Nothing under this package
+may import the compiler stack; tests/test_kasmina_static.py enforces it.
 """
 
-from esper.kasmina.kernel import COMPILED, EAGER, Kernel, Route
-from esper.kasmina.loader import Kasmina, choose_entries
+from esper.kasmina.base import COMPILED, EAGER
+from esper.kasmina.choose import choose_entries
+from esper.kasmina.kernel import Kernel, Route
+from esper.kasmina.loader import Kasmina
+from esper.kasmina.tensors import WeightSchemaError
+from esper.kasmina.training_kernel import TrainingKernel
+from esper.kasmina.unusable import Unusable
 
-__all__ = ["COMPILED", "EAGER", "Kasmina", "Kernel", "Route", "choose_entries"]
+__all__ = [
+    "COMPILED",
+    "EAGER",
+    "Kasmina",
+    "Kernel",
+    "Route",
+    "TrainingKernel",
+    "Unusable",
+    "WeightSchemaError",
+    "choose_entries",
+]

@@ -1,24 +1,76 @@
-"""The kernel Kasmina hands out: an ``nn.Module`` that sends each call to the certified route whose guards
-accept it (compiled code, or eager where certification measured eager to be faster), and to the eager
+"""The inference kernel Kasmina hands out: an ``nn.Module`` that sends each call to the certified route whose
+guards accept it (compiled code, or eager where certification measured eager to be faster), and to the eager
 module when no route accepts it."""
 
 from __future__ import annotations
 
-import re
-from collections import Counter
+import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _nn_module
 
 from esper.guards import compile_check, compile_predicate
 from esper.kasmina import telemetry
-from esper.kasmina.runtime import CompiledPackage
+from esper.kasmina.base import COMPILED, EAGER, KernelBase
+from esper.kasmina.seeds import Weights, bind
+from esper.kasmina.unusable import Unusable
 from esper.urza import Entry
 
-COMPILED = "compiled"
-EAGER = "eager"
+__all__ = ["COMPILED", "EAGER", "DeferredPackage", "Kernel", "Route"]
+
+Package = Callable[[Sequence[torch.Tensor]], Any]
+
+# nn.Module's process-wide hook tables (private to torch; mutated in place, never rebound, so holding them
+# is enough). Kernel.__call__ takes nn.Module's full path whenever one holds a hook: see there.
+_GLOBAL_HOOKS = (
+    _nn_module._global_forward_pre_hooks,
+    _nn_module._global_forward_hooks,
+    _nn_module._global_backward_pre_hooks,
+    _nn_module._global_backward_hooks,
+)
+
+
+class DeferredPackage:
+    """A route's package that is verified, loaded and pre-warmed on the first call its route accepts, not at
+    load: a bucketed blueprint's first use pays for one package, not for all of them.
+
+    ``load`` does the load path's remaining steps for one entry (signature, size and sha256, then load and
+    pre-warm; nothing native runs before the digest checks) and returns the package, or raises
+    :class:`Unusable`. It runs once, whichever thread or derived kernel asks first; its outcome (the package,
+    or the problem) is kept. The kernel replaces the route's package by the outcome (:meth:`Kernel.forward`).
+    """
+
+    def __init__(self, load: Callable[[], Package], label: str):
+        self._load = load
+        self.label = label
+        self._lock = threading.Lock()
+        self._outcome: Package | Unusable | None = None
+
+    def resolve(self) -> Package:
+        """The loaded package; :class:`Unusable` when a step failed (now or at an earlier call)."""
+        with self._lock:
+            if self._outcome is None:
+                try:
+                    self._outcome = self._load()
+                except Unusable as u:
+                    self._outcome = u
+                except Exception as e:  # a verified artifact that still cannot run: eager, never a crash
+                    self._outcome = Unusable(telemetry.LOAD_FAILED, f"{self.label}: {type(e).__name__}: {e}")
+            outcome = self._outcome
+        if isinstance(outcome, Unusable):
+            raise outcome
+        return outcome
+
+    def __call__(self, args: Sequence[torch.Tensor]) -> Any:
+        return self.resolve()(args)
+
+    def __repr__(self) -> str:
+        state = "pending" if self._outcome is None else type(self._outcome).__name__
+        return f"DeferredPackage({self.label}, {state})"
 
 
 @dataclass(frozen=True)
@@ -27,27 +79,42 @@ class Route:
 
     entry: Entry
     check: Callable[[Sequence[Any]], str | None]
-    package: CompiledPackage | None = None
+    package: Package | None = None
     accepts: Callable[[Sequence[Any]], bool] | None = None
 
     @classmethod
-    def of(cls, entry: Entry, package: CompiledPackage | None) -> Route:
+    def of(cls, entry: Entry, package: Package | None, *, device_index: int | None = None) -> Route:
+        """The route of ``entry`` (which must have a guard schema), compiled when ``package`` is given.
+        ``device_index``: the CUDA device the package was loaded on (its guard refuses tensors on another)."""
         assert entry.guards is not None
-        return cls(entry, compile_check(entry.guards), package, compile_predicate(entry.guards))
+        return cls(
+            entry,
+            compile_check(entry.guards, device_index=device_index),
+            package,
+            compile_predicate(entry.guards, device_index=device_index),
+        )
+
+    def with_package(self, package: Package | None) -> Route:
+        """The same entry and guards, calling ``package`` instead (``None``: eager)."""
+        return dataclasses.replace(self, package=package)
 
     @property
     def path(self) -> str:
         return COMPILED if self.package is not None else EAGER
 
+    @property
+    def deferred(self) -> bool:
+        """Whether the package loads on the first call this route accepts (it is not loaded yet)."""
+        return type(self.package) is DeferredPackage
 
-class Kernel(torch.nn.Module):
-    """A blueprint's runtime kernel.
+
+class Kernel(KernelBase):
+    """A blueprint's inference kernel.
 
     ``route`` is ``"compiled"`` when at least one compiled route is loaded, and ``reason`` says why (or why
-    not). After each call ``last_path`` says which path that call took and ``calls`` counts both. Routes
-    come from disjoint shape profiles, so at most one accepts a call: dispatch is the first that does. The
-    eager module is built only when a call needs it. ``last_path`` and ``calls`` are unsynchronized
-    diagnostics: with several threads calling one kernel they describe some recent call, not yours.
+    not). Routes come from disjoint shape profiles, so at most one accepts a call: dispatch is the first that
+    does. The eager module is built only when a call needs it. A kernel bound to a seed's weights
+    (:meth:`bind`) is *derived* from its ``origin``, the kernel Kasmina loaded.
     """
 
     def __init__(
@@ -57,16 +124,14 @@ class Kernel(torch.nn.Module):
         eager_factory: Callable[[], torch.nn.Module],
         routes: Sequence[Route] = (),
         reason: str,
+        origin: Kernel | None = None,
     ):
-        super().__init__()
-        self.blueprint = blueprint
+        super().__init__(blueprint, reason=reason)
         self.routes = tuple(routes)
-        self.reason = reason
         self._eager_factory = eager_factory
         self._eager: torch.nn.Module | None = None
-        self._warned: set[str] = set()
-        self.last_path: str | None = None
-        self.calls: Counter[str] = Counter()
+        # Set past nn.Module.__setattr__: the origin is no submodule (its weights are not this kernel's).
+        object.__setattr__(self, "_origin", origin)
 
     @property
     def route(self) -> str:
@@ -77,11 +142,25 @@ class Kernel(torch.nn.Module):
         """The first compiled route's entry (``None`` when nothing compiled is loaded)."""
         return next((r.entry for r in self.routes if r.package is not None), None)
 
+    @property
+    def origin(self) -> Kernel:
+        """The kernel Kasmina loaded that this one was derived from (itself when it was not derived)."""
+        return self._origin or self  # type: ignore[no-any-return]
+
     def eager_module(self) -> torch.nn.Module:
         """The eager module (built on first use)."""
         if self._eager is None:
             self._eager = self._eager_factory()
         return self._eager
+
+    def build_eager(self) -> torch.nn.Module:
+        """A fresh eager module from this kernel's factory (not cached; :meth:`eager_module` is)."""
+        return self._eager_factory()
+
+    def derive(self, *, routes: Sequence[Route], eager_factory: Callable[[], torch.nn.Module], reason: str) -> Kernel:
+        """A new kernel of the same blueprint with other routes and another eager module, derived from this
+        kernel's origin (deriving from a derived kernel derives from the loaded one)."""
+        return Kernel(self.blueprint, eager_factory=eager_factory, routes=routes, reason=reason, origin=self.origin)
 
     def select(self, args: Sequence[Any]) -> tuple[Route | None, str | None]:
         """The route that accepts ``args``, or ``None`` and why none does."""
@@ -102,35 +181,90 @@ class Kernel(torch.nn.Module):
         """Why no route would accept ``args`` (``None``: one does)."""
         return self.select(args)[1] if self.routes else "no certified route"
 
-    def forward(self, *args: Any) -> Any:
-        if self.routes:
-            route, why = self.select(args)
-            if route is not None and route.package is not None:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # nn.Module.__call__ costs about as much as the guard (a JIT tracing-state query and eight hook-table
+        # checks, ~0.5-1 us): with no hook anywhere and no ``Module.compile()``, call forward directly. Any
+        # hook (on this kernel or process-wide) or a compiled call takes nn.Module's own path, unchanged.
+        if (
+            self._forward_pre_hooks
+            or self._forward_hooks
+            or self._backward_pre_hooks
+            or self._backward_hooks
+            or self._compiled_call_impl is not None
+            or _GLOBAL_HOOKS[0]
+            or _GLOBAL_HOOKS[1]
+            or _GLOBAL_HOOKS[2]
+            or _GLOBAL_HOOKS[3]
+        ):
+            return torch.nn.Module.__call__(self, *args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+    def took(self, path: str) -> None:
+        # KernelBase.took, past nn.Module.__setattr__ (its Parameter/Module isinstance checks cost more than
+        # the guard): ``last_path`` is a plain attribute, never a parameter, buffer or submodule.
+        self.__dict__["last_path"] = path
+        self.calls[path] += 1
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # The hot path of every call: kept flat (no helper calls on the accepted path), see benchmarks/floor.py.
+        if kwargs:
+            positional = self.positional(self.routes[0].entry.guards if self.routes else None, args, kwargs)
+            if positional is None:
+                self.took(EAGER)
+                return self.eager_module()(*args, **kwargs)
+            args = positional
+        routes = self.routes
+        if routes:
+            for route in routes:
+                if route.accepts is not None and route.accepts(args):
+                    why = None
+                    break
+            else:
+                route, why = self.select(args)
+            package = route.package if route is not None else None
+            if package is not None:
                 if torch.is_grad_enabled() and any(a.requires_grad for a in args):
-                    self._warn_once(telemetry.NEEDS_GRAD, "inputs require grad and this artifact has no backward")
+                    self.warn_once(telemetry.NEEDS_GRAD, "inputs require grad and this artifact has no backward")
                 else:
-                    self.last_path = COMPILED
-                    self.calls[COMPILED] += 1
-                    return route.package([a if a.is_contiguous() else a.contiguous() for a in args])
+                    if type(package) is DeferredPackage:
+                        package = self._resolve(route)  # type: ignore[arg-type]
+                    if package is not None:
+                        for a in args:
+                            if not a.is_contiguous():
+                                args = tuple(a.contiguous() for a in args)
+                                break
+                        self.took(COMPILED)
+                        return package(args)
             elif why is not None:
-                self._warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
-        self.last_path = EAGER
-        self.calls[EAGER] += 1
+                self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
+        self.took(EAGER)
         return self.eager_module()(*args)
 
-    def bind(self, weights: Any) -> Kernel:
+    def _resolve(self, route: Route) -> Package | None:
+        """Load a deferred route's package (first call it accepts) and put the outcome in its place: the
+        package, or eager for that route, with one WARNING naming the step that failed."""
+        assert isinstance(route.package, DeferredPackage)
+        try:
+            package: Package | None = route.package.resolve()
+        except Unusable as u:
+            self.warn_once(u.code, f"{u.detail}; profile {route.entry.profile} runs eager")
+            package = None
+        resolved = route.with_package(package)
+        self.routes = tuple(resolved if r is route else r for r in self.routes)
+        return package
+
+    def resolve_all(self) -> None:
+        """Load every deferred route now (what :meth:`bind` needs, and a caller that wants no first-call cost)."""
+        for route in self.routes:
+            if route.deferred:
+                self._resolve(route)
+
+    def bind(self, weights: Weights) -> Kernel:
         """This kernel's compiled code with a seed's own weights (its module, or a state dict): a new kernel.
-        Names, shapes and dtypes are checked first; see :mod:`esper.kasmina.seeds`."""
-        from esper.kasmina.seeds import bind
-
+        Names, shapes and dtypes are checked first; see :mod:`esper.kasmina.seeds`. Deferred routes are
+        loaded first (a seed shares the loaded package)."""
+        self.origin.resolve_all()
         return bind(self, weights)
-
-    def _warn_once(self, code: str, detail: str) -> None:
-        # One WARNING per kind of refusal, not per size: a loop over out-of-range batches must not flood logs.
-        kind = re.sub(r"\d+", "N", detail)
-        if kind not in self._warned:
-            self._warned.add(kind)
-            telemetry.fallback(self.blueprint, code, detail)
 
     def extra_repr(self) -> str:
         routes = ", ".join(f"{r.entry.profile}/{r.entry.variant}->{r.path}#{r.entry.id}" for r in self.routes)

@@ -1,8 +1,10 @@
 """Kasmina: loads certified artifacts from Urza into kernels, without compiling anything.
 
-Everything Kasmina loads is native code, so the order is fixed: choose a certified entry built for this
-process's compatibility key, verify the artifact's size and sha256 against the row, only then load it, and
-pre-warm it once. Any step that fails yields an eager kernel and a WARNING naming the reason.
+Everything Kasmina loads is native code, so the order is fixed, for every artifact kind: choose the entries
+built for this process's compatibility key, verify each artifact's signature (when a public key is set),
+size and sha256 against the row, only then load it, pre-warm it once, and build the kernel. Any step that
+fails yields an eager kernel and a WARNING naming the reason; nothing in Urza makes ``load*`` raise. What
+differs per kind (inference, training) lives in :mod:`esper.kasmina.kinds`.
 """
 
 from __future__ import annotations
@@ -10,77 +12,45 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from esper import compat
-from esper.catalog import Catalog, load_catalog
+from esper.artifacts import ArtifactKind
+from esper.catalog import Catalog, UnknownBlueprintError, load_catalog
 from esper.kasmina import telemetry
-from esper.kasmina.kernel import Kernel, Route
-from esper.kasmina.runtime import CompiledPackage, PackageLoadError
-from esper.kasmina.training_artifact import is_training_entry
+from esper.kasmina.base import COMPILED, KernelBase
+from esper.kasmina.choose import choose_entries, choose_entry_id, choose_seed_entries, choose_training_entry
+from esper.kasmina.kernel import Kernel
+from esper.kasmina.kinds import ArtifactLoader, InferenceLoader, Loaded, LoadResult, TrainingLoader
+from esper.kasmina.seeds import Weights
+from esper.kasmina.training_kernel import TrainingKernel
+from esper.kasmina.unusable import Unusable
+from esper.provenance import stale_reason
 from esper.settings import resolve
-from esper.urza import ArtifactError, Entry, Urza, UrzaError
+from esper.urza import ArtifactError, ArtifactStore, Entry, Urza, UrzaError
+from esper.urza.schema import EntryMeta
+from esper.validate import EntryFormatError
 from esper.weights import load_state
 
 if TYPE_CHECKING:
-    from esper.kasmina.seeds import Weights
-    from esper.kasmina.training import TrainingKernel
     from esper.signing import Verifier
 
+__all__ = ["Kasmina", "Unusable", "choose_entries"]
 
-class Unusable(Exception):
-    """Why the compiled path cannot be used: a telemetry reason code and a detail."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-
-
-def choose_entries(entries: Sequence[Entry], key: compat.CompatKey) -> list[Entry]:
-    """The certified entries to route between: for each shape profile of the newest certified entry built
-    for ``key``, the newest certified entry of that profile and blueprint version. :class:`Unusable` says why
-    there are none. ``entries`` are one blueprint's, newest first.
-    """
-    # Training artifacts (esper.kasmina.training) are no inference route.
-    entries = [e for e in entries if not is_training_entry(e)]
-    certified = [e for e in entries if e.status == "certified"]
-    if not certified:
-        if not entries:
-            raise Unusable(telemetry.NO_CERTIFIED_ENTRY, "Urza has no entry for it")
-        latest = entries[0]
-        why = f": {latest.failure_reason}" if latest.failure_reason else ""
-        raise Unusable(
-            telemetry.NO_CERTIFIED_ENTRY, f"no certified entry (newest is #{latest.id}, {latest.status}{why})"
-        )
-    usable = [e for e in certified if key.mismatch(e.compat) is None]
-    if not usable:
-        newest = certified[0]
-        raise Unusable(
-            telemetry.INCOMPATIBLE, f"certified entry #{newest.id} is incompatible: {key.mismatch(newest.compat)}"
-        )
-    newest = usable[0]
-    chosen = []
-    # Profiles of an older declaration (other buckets) may overlap the current ones: route only the set that
-    # the newest certified entry was compiled for.
-    for profile in newest.meta.get("profiles") or [newest.profile]:
-        match = next(
-            (e for e in usable if e.profile == profile and e.blueprint_version == newest.blueprint_version), None
-        )
-        if match is not None:
-            chosen.append(match)
-    return chosen
+K = TypeVar("K", bound=KernelBase)
 
 
 def _verifier(public_key: str | Path | Verifier | None) -> tuple[Verifier | None, str | None]:
     """The signature verifier for ``public_key`` (else ``$ESPER_PUBLIC_KEY``), or why the key is unusable.
 
-    A bad key does not raise: the training run goes on, eager, with a WARNING naming the key problem.
+    A bad key does not raise: the training run goes on, eager, with a WARNING naming the key problem. A key
+    that is set but empty is such a problem, never "verification off" (a typo must not disable signing).
     """
-    if public_key is None and not os.environ.get("ESPER_PUBLIC_KEY"):  # esper.signing.PUBLIC_KEY_ENV
+    if public_key is None and "ESPER_PUBLIC_KEY" not in os.environ:  # esper.signing.PUBLIC_KEY_ENV
         return None, None  # signing not configured: cryptography is not even imported
     from esper.signing import SigningError, verifier_for
 
@@ -88,6 +58,28 @@ def _verifier(public_key: str | Path | Verifier | None) -> tuple[Verifier | None
         return verifier_for(public_key), None
     except SigningError as e:
         return None, str(e)
+
+
+def _min_snapshot(value: int | None) -> tuple[int | None, str | None]:
+    """The minimum snapshot version (else ``$ESPER_MIN_SNAPSHOT``), or why it is unusable: an unusable one
+    refuses everything rather than turning the check off."""
+    env = os.environ.get("ESPER_MIN_SNAPSHOT")  # esper.urza.snapshot.MIN_SNAPSHOT_ENV
+    if value is None and env is None:
+        return None, None
+    from esper.urza.snapshot import SnapshotError, min_version_from
+
+    try:
+        return min_version_from(value if value is not None else env), None
+    except SnapshotError as e:
+        return None, str(e)
+
+
+def _one_per_code(problems: list[Unusable]) -> list[Unusable]:
+    """One problem per reason code (details joined): ten unsigned rows are one WARNING, not ten."""
+    by_code: dict[str, list[str]] = {}
+    for u in problems:
+        by_code.setdefault(u.code, []).append(u.detail)
+    return [Unusable(code, "; ".join(dict.fromkeys(details))) for code, details in by_code.items()]
 
 
 class Kasmina:
@@ -107,6 +99,7 @@ class Kasmina:
         catalog: Catalog | None = None,
         device: str | torch.device = "cpu",
         public_key: str | Path | Verifier | None = None,
+        min_snapshot_version: int | None = None,
     ):
         settings = None
         if urza is None or (blueprint_paths is None and catalog is None):
@@ -123,6 +116,7 @@ class Kasmina:
         self.device = torch.device(device)
         self.key = compat.current(self.device)
         self.verifier, self._public_key_error = _verifier(public_key)
+        self.min_snapshot_version, self._min_snapshot_error = _min_snapshot(min_snapshot_version)
 
     @property
     def catalog(self) -> Catalog:
@@ -132,85 +126,178 @@ class Kasmina:
 
     def load(self, name: str) -> Kernel:
         """A kernel for blueprint ``name``: its certified routes for this process, else eager."""
-        return self._load(name, lambda entries: choose_entries(entries, self.key))
+        return self._run(name, self._inference(choose_entries))
 
     def load_entry(self, name: str, entry_id: int) -> Kernel:
         """A kernel for one specific compiled entry of ``name``, whatever its status (certification tests an
         entry before it is certified, through exactly the path :meth:`load` uses). Compatibility applies."""
-
-        def pick(entries: list[Entry]) -> list[Entry]:
-            entry = next((e for e in entries if e.id == entry_id), None)
-            if entry is None or entry.kind != "aoti" or is_training_entry(entry):
-                raise Unusable(telemetry.NO_CERTIFIED_ENTRY, f"entry #{entry_id} is not a compiled entry of {name!r}")
-            mismatch = self.key.mismatch(entry.compat)
-            if mismatch:
-                raise Unusable(telemetry.INCOMPATIBLE, f"entry #{entry_id} is incompatible: {mismatch}")
-            return [entry]
-
-        return self._load(name, pick)
+        choose = partial(choose_entry_id, entry_id=entry_id, kind=ArtifactKind.INFERENCE)
+        return self._run(name, self._inference(choose))
 
     def load_seeds(self, name: str) -> Kernel:
         """Like :meth:`load`, for binding seeds (``.bind(weights)``): where a profile's certified winner folds
         the weights into its code, the newest swappable candidate that passed every check routes instead."""
-        from esper.kasmina.seeds import choose_seed_entries
+        return self._run(name, self._inference(choose_seed_entries))
 
-        return self._load(name, lambda entries: choose_seed_entries(entries, self.key))
-
-    def load_training(self, name: str, weights: Weights | None = None) -> TrainingKernel:
+    def load_training(
+        self, name: str, weights: Weights | None = None, *, entry_id: int | None = None
+    ) -> TrainingKernel:
         """A training kernel for a seed of ``name`` holding ``weights`` (the seed's module, or a state dict;
         the builder's weights when ``None``): compiled forward and backward when Urza holds a certified
-        training artifact for this process, else eager with a WARNING. See :mod:`esper.kasmina.training`."""
-        from esper.kasmina.training import load_training
+        training artifact for this process, else eager with a WARNING (none when certification chose eager
+        by measurement). ``entry_id`` loads that artifact whatever its status (certification tests an
+        artifact through this very path before certifying it). See :mod:`esper.kasmina.training_kernel`.
 
-        return load_training(self, name, weights)
+        A ``weights`` that does not match the blueprint's weight schema raises
+        :class:`~esper.kasmina.tensors.WeightSchemaError` naming the tensor: that is the caller's input.
+        """
+        choose = (
+            choose_training_entry
+            if entry_id is None
+            else partial(choose_entry_id, entry_id=entry_id, kind=ArtifactKind.TRAINING)
+        )
 
-    def _load(self, name: str, pick: Callable[[list[Entry]], list[Entry]]) -> Kernel:
+        def build() -> torch.nn.Module:
+            return self.catalog.get(name).build().to(self.device)
+
+        loader = TrainingLoader(
+            choose, self.device, build=build, inference=partial(self.load_seeds, name), weights=weights
+        )
+        return self._run(name, loader)
+
+    def _inference(self, choose: Callable[[Sequence[Entry], compat.CompatKey], list[Entry]]) -> InferenceLoader:
+        return InferenceLoader(choose, self.device, eager_module=self._eager_module)
+
+    def _run(self, name: str, kind: ArtifactLoader[K]) -> K:
+        """The one load path: choose, verify, load, pre-warm, build the kernel (see the module docstring)."""
         started = time.perf_counter()
         entries: list[Entry] = []
-        routes: list[Route] = []
+        chosen: list[Entry] = []
+        # Per chosen entry: its verified artifact, None (an eager route), or what loads it on first use.
+        verified: list[tuple[Entry, Path | Callable[[], object] | None]] = []
         problems: list[Unusable] = []
         try:
             urza = self._open()
             try:
-                entries = urza.entries(name)
-                chosen = pick(entries)
-                verified = []
+                self._check_snapshot(urza)
+                entries = self._trusted(self._entries(urza, name, problems), problems)
+                try:
+                    chosen = self._choose(kind, entries)
+                except Unusable:
+                    if not problems:
+                        raise
+                    chosen = []  # the refused rows already say why nothing is left: one WARNING, not two
+                later = kind.deferred_ids(chosen)
                 for entry in chosen:
                     try:
-                        verified.append((entry, self._verified(urza, entry) if entry.kind == "aoti" else None))
+                        if entry.id in later:  # checked now; hashed, loaded and pre-warmed on first use
+                            self._checked(urza, entry, kind, verify=False)
+                            verified.append((entry, partial(self._load_later, urza.store, kind, entry)))
+                        else:
+                            verified.append((entry, self._checked(urza, entry, kind)))
                     except Unusable as u:
                         problems.append(u)
             finally:
                 urza.close()
-            for entry, path in verified:
-                try:
-                    routes.append(self._route(entry, path))
-                except Unusable as u:
-                    problems.append(u)
         except Unusable as u:
             problems.append(u)
-        weights = next((e for e in entries if e.kind == "eager"), None)
-        kernel_args = {"eager_factory": lambda: self._eager_module(name, weights), "routes": routes}
-        for u in problems:
+        loaded = []
+        for entry, path in verified:
+            try:
+                if callable(path):
+                    loaded.append(Loaded(entry, kind.defer(entry, path)))
+                    continue
+                loaded.append(Loaded(entry, None if path is None else self._ready(kind, entry, path)))
+            except Unusable as u:
+                problems.append(u)
+        for u in _one_per_code(problems):
             telemetry.fallback(name, u.code, u.detail)
-        for r in routes:
-            if r.package is None:
-                telemetry.eager_by_evidence(name, r.entry.profile, r.entry.id)
-        if not any(r.package is not None for r in routes):
-            reason = problems[0].detail if problems else "certification measured eager as fastest"
-            return Kernel(name, reason=reason, **kernel_args)
-        telemetry.loaded(name, [r.entry.id for r in routes], time.perf_counter() - started)
-        ids = ", ".join(f"#{r.entry.id}" for r in routes)
-        return Kernel(name, reason=f"certified entries {ids}", **kernel_args)
+        for x in loaded:
+            if x.artifact is None:
+                telemetry.eager_by_evidence(name, kind.evidence_label(x.entry), x.entry.id)
+        kernel = kind.kernel(LoadResult(name, entries, chosen, loaded, problems))
+        if kernel.route == COMPILED:
+            telemetry.loaded(name, [x.entry.id for x in loaded], time.perf_counter() - started)
+        return kernel
 
-    def _route(self, entry: Entry, path: Path | None) -> Route:
-        if entry.guards is None:
-            raise Unusable(telemetry.INTEGRITY, f"entry #{entry.id} has no guard schema")
-        if path is None:
-            return Route.of(entry, None)
-        package = self._load_package(path)
-        self._prewarm(package, entry)
-        return Route.of(entry, package)
+    def _trusted(self, entries: list[Entry], problems: list[Unusable]) -> list[Entry]:
+        """The rows that may be used at all: signed by the configured key (every row kind: an eager row
+        changes what runs as much as a compiled one) and whose ``meta`` parses into validated values. Rows
+        are data: the refused ones are never read again, and each refusal is a problem on the record."""
+        if self._public_key_error is not None:
+            raise Unusable(telemetry.SIGNATURE, f"public key unusable: {self._public_key_error}; refusing every row")
+        trusted = []
+        for entry in entries:
+            try:
+                self._check_signature(entry)
+                EntryMeta.from_entry(entry)
+            except Unusable as u:
+                problems.append(u)
+                continue
+            except EntryFormatError as e:
+                problems.append(Unusable(telemetry.FORMAT, f"entry #{entry.id}: {e}"))
+                continue
+            trusted.append(entry)
+        return trusted
+
+    def _check_snapshot(self, urza: Urza) -> None:
+        """With a minimum snapshot version, refuse a snapshot older than it (or whose version cannot be trusted)."""
+        if self._min_snapshot_error is not None:
+            raise Unusable(telemetry.ROLLBACK, f"{self._min_snapshot_error}; refusing every row")
+        if self.min_snapshot_version is None:
+            return
+        from esper.urza.snapshot import check
+
+        try:
+            check(urza, self.verifier, self.min_snapshot_version)
+        except Exception as e:  # SnapshotError, or anything a damaged snapshot provokes: eager, never a crash
+            raise Unusable(telemetry.ROLLBACK, str(e)) from e
+
+    def _choose(self, kind: ArtifactLoader[K], entries: list[Entry]) -> list[Entry]:
+        # Choosing reads only validated rows; anything else it raises is still no reason to crash a run.
+        try:
+            return kind.choose(entries, self.key)
+        except Unusable:
+            raise
+        except Exception as e:
+            raise Unusable(telemetry.FORMAT, f"cannot choose an entry: {type(e).__name__}: {e}") from e
+
+    def _check_stale(self, entry: Entry) -> None:
+        """Refuse an entry compiled from other source than the blueprint's declaration now: serving it inside
+        the guards and the new eager code outside them would mix two versions of one blueprint."""
+        try:
+            bp = self.catalog.get(entry.blueprint)
+        except UnknownBlueprintError:
+            return  # no declaration to compare with (and none to run eager): the certified entry stands
+        reason = stale_reason(bp, EntryMeta.from_entry(entry).source_digest)
+        if reason is not None:
+            raise Unusable(telemetry.STALE, f"entry #{entry.id}: {reason}")
+
+    def _checked(
+        self, urza: Urza, entry: Entry, kind: ArtifactLoader[KernelBase], *, verify: bool = True
+    ) -> Path | None:
+        """The entry's verified artifact (``None`` for an eager route, or with ``verify`` off), once it has
+        the guards it needs."""
+        if entry.guards is None and (entry.kind == "aoti" or kind.guarded_eager):
+            raise Unusable(telemetry.INTEGRITY, f"{kind.noun} #{entry.id} has no guard schema")
+        self._check_stale(entry)
+        return self._verified(urza.store, entry) if entry.kind == "aoti" and verify else None
+
+    def _load_later(self, store: ArtifactStore, kind: ArtifactLoader[KernelBase], entry: Entry) -> object:
+        """A deferred entry's remaining steps on its first call, in the load path's order: signature and
+        sha256 (before anything native loads), load, pre-warm. Raises :class:`Unusable`."""
+        return self._ready(kind, entry, self._verified(store, entry))
+
+    @staticmethod
+    def _ready(kind: ArtifactLoader[KernelBase], entry: Entry, path: Path) -> object:
+        try:
+            artifact = kind.open(path, entry)
+            kind.prewarm(artifact, entry)
+        except Unusable:
+            raise
+        except Exception as e:  # a verified artifact that still cannot run: eager, never a crash
+            raise Unusable(telemetry.LOAD_FAILED, f"{kind.noun} #{entry.id}: {type(e).__name__}: {e}") from e
+        return artifact
 
     def _open(self) -> Urza:
         try:
@@ -218,11 +305,24 @@ class Kasmina:
         except UrzaError as e:
             raise Unusable(telemetry.URZA_UNAVAILABLE, str(e)) from e
 
-    def _verified(self, urza: Urza, entry: Entry) -> Path:
+    @staticmethod
+    def _entries(urza: Urza, name: str, problems: list[Unusable]) -> list[Entry]:
+        """The blueprint's entries, newest first. A row Urza cannot parse is a problem on the record, not a
+        crash, and does not hide the blueprint's other rows."""
+        try:
+            rows = urza.stored_rows(name, newest_first=True)
+        except UrzaError as e:
+            raise Unusable(telemetry.URZA_UNAVAILABLE, str(e)) from e
+        for row in rows:
+            if row.entry is None:
+                problems.append(Unusable(telemetry.FORMAT, f"entry #{row.id} is unreadable: {row.problem}"))
+        return [row.entry for row in rows if row.entry is not None]
+
+    def _verified(self, store: ArtifactStore, entry: Entry) -> Path:
         """The entry's artifact, once its signature (when a public key is configured) and its sha256 check."""
         self._check_signature(entry)
         try:
-            return urza.store.verify(entry.checksum, entry.artifact_size)
+            return store.verify(entry.checksum, entry.artifact_size)
         except ArtifactError as e:
             raise Unusable(telemetry.INTEGRITY, f"entry #{entry.id}: {e}") from e
 
@@ -238,26 +338,6 @@ class Kasmina:
             self.verifier.verify(entry)
         except SignatureError as e:
             raise Unusable(telemetry.SIGNATURE, f"entry #{entry.id}: {e}") from e
-
-    def _load_package(self, path: Path) -> CompiledPackage:
-        index = -1 if self.device.type == "cpu" else (self.device.index or 0)
-        try:
-            return CompiledPackage(path, device_index=index)
-        except PackageLoadError as e:
-            raise Unusable(telemetry.LOAD_FAILED, str(e)) from e
-
-    def _prewarm(self, package: CompiledPackage, entry: Entry) -> None:
-        assert entry.guards is not None
-        reps = entry.meta.get("representative") or [{n: lo for n, (lo, _) in entry.guards.dim_ranges().items()}]
-        shapes = entry.guards.shapes(reps[0])
-        args = [
-            torch.zeros(s, dtype=getattr(torch, g.dtype), device=self.device)
-            for s, g in zip(shapes, entry.guards.inputs, strict=True)
-        ]
-        try:
-            package(args)
-        except Exception as e:
-            raise Unusable(telemetry.LOAD_FAILED, f"pre-warm of entry #{entry.id} failed: {e}") from e
 
     def _eager_module(self, name: str, weights: Entry | None) -> torch.nn.Module:
         """The builder's module; with a fallback entry's stored weights when it is the same blueprint version.

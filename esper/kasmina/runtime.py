@@ -57,8 +57,9 @@ class CompiledPackage:
             self._loader.load_constants(tensors, False, True)
 
     def __call__(self, args: Sequence[torch.Tensor]) -> Any:
+        # ``run`` takes any sequence (a tuple or a list of tensors): no copy of the arguments per call.
         with self._lock:
-            flat = self._loader.run(list(args))
+            flat = self._loader.run(args)
         return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
 
     def reload(self) -> CompiledPackage:
@@ -78,3 +79,8 @@ class CompiledPackage:
                 self._active = (key, tensors)
             flat = self._loader.run(list(args))
         return pytree.tree_unflatten(flat, self._out_spec)
+
+
+def device_index(device: torch.device) -> int:
+    """The loader's device index for ``device``: ``-1`` for the CPU, else the CUDA index (``0`` when unset)."""
+    return -1 if device.type == "cpu" else (device.index or 0)

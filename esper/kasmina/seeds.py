@@ -19,55 +19,20 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from esper.kasmina import telemetry
 from esper.kasmina.runtime import CompiledPackage
+from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
 
 if TYPE_CHECKING:
-    from esper.compat import CompatKey
     from esper.kasmina.kernel import Kernel
     from esper.urza import Entry
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
-
-# Telemetry reason code: the artifact cannot take this seed's weights (a folded weight differs).
-UNBINDABLE = "unbindable"
-
-
-class WeightSchemaError(ValueError):
-    """A seed's weights do not match the artifact's weight schema; the message names the tensor."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape and dtype (``"float32"``) of one weight."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @classmethod
-    def of(cls, name: str, t: torch.Tensor) -> TensorSpec:
-        return cls(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
-
-    def describe(self) -> str:
-        return f"{self.dtype}[{', '.join(map(str, self.shape))}]"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, name: str, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(name, tuple(int(s) for s in data["shape"]), str(data["dtype"]))
-
-
-def schema_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    """The weight schema of a state dict."""
-    return {n: TensorSpec.of(n, t) for n, t in state.items()}
 
 
 def state_of(weights: Weights) -> dict[str, torch.Tensor]:
@@ -185,44 +150,16 @@ def _unbindable(entry: Entry, state: Mapping[str, torch.Tensor], builder: Mappin
     return None
 
 
-def choose_seed_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
-    """The inference routes for seeds: Kasmina's certified routes, except that where a profile's winner
-    folds the weights into its code (``meta["swappable"]`` false, e.g. the ``freezing`` variant), the newest
-    swappable candidate of that profile that passed every check and lost only the selection routes instead."""
-    from esper.kasmina.loader import choose_entries
-
-    chosen = []
-    for e in choose_entries(entries, key):
-        if e.kind == "aoti" and not e.meta.get("swappable", True):
-            e = next(
-                (
-                    c
-                    for c in entries
-                    if c.profile == e.profile
-                    and c.blueprint_version == e.blueprint_version
-                    and c.kind == "aoti"
-                    and c.failed_check == "selection"
-                    and c.meta.get("swappable", True)
-                    and c.guards is not None
-                    and key.mismatch(c.compat) is None
-                ),
-                e,
-            )
-        chosen.append(e)
-    return chosen
-
-
 def bind(kernel: Kernel, weights: Weights) -> Kernel:
     """An inference kernel running ``kernel``'s compiled code with a seed's own weights.
 
     ``weights`` is the seed's module (used as is, also as the eager fallback) or a state dict (copied into a
     fresh build of the blueprint). Names, shapes and dtypes must match the blueprint's state dict and each
     compiled entry's constant schema, else :class:`WeightSchemaError` names the tensor. A route whose code
-    cannot take the seed's weights runs eager for this seed, with a WARNING saying why.
+    cannot take the seed's weights runs eager for this seed, with a WARNING saying why. Binding a bound
+    kernel binds the kernel it was bound from (its ``origin``).
     """
-    from esper.kasmina.kernel import Kernel, Route
-
-    base: Kernel = getattr(kernel, "_bound_from", None) or kernel
+    base = kernel.origin
     builder = base.eager_module().state_dict()
     against = f"blueprint {base.blueprint!r}"
     expected = schema_of(builder)
@@ -234,7 +171,7 @@ def bind(kernel: Kernel, weights: Weights) -> Kernel:
                 )
 
     def build() -> torch.nn.Module:
-        return base._eager_factory().eval()
+        return base.build_eager().eval()
 
     module = seed_module(weights, build, expected, against=against)
     state = module.state_dict()
@@ -253,11 +190,14 @@ def bind(kernel: Kernel, weights: Weights) -> Kernel:
                     f"seed weight {wrong!r} is on {tensors[wrong].device}, entry #{r.entry.id} "
                     f"runs on {r.entry.compat.device_type}"
                 )
-            routes.append(Route(r.entry, r.check, BoundPackage(_shared_package(r.package), tensors)))  # type: ignore[arg-type]
+            if not isinstance(r.package, CompiledPackage):
+                raise TypeError(
+                    f"entry #{r.entry.id}'s route calls a {type(r.package).__name__}, not a loaded package: "
+                    "only a kernel Kasmina loaded can be bound to seeds"
+                )
+            routes.append(r.with_package(BoundPackage(_shared_package(r.package), tensors)))
         else:
-            # Once per base kernel and reason, not once per seed: a hundred seeds are one problem.
-            base._warn_once(UNBINDABLE, f"{problem}; profile {r.entry.profile} runs eager for such seeds")
-            routes.append(Route(r.entry, r.check, None))
-    bound = Kernel(base.blueprint, eager_factory=lambda: module, routes=routes, reason=f"{base.reason}; seed weights")
-    object.__setattr__(bound, "_bound_from", base)  # not a submodule: binding a bound kernel binds the base
-    return bound
+            # Once per origin kernel and reason, not once per seed: a hundred seeds are one problem.
+            base.warn_once(telemetry.UNBINDABLE, f"{problem}; profile {r.entry.profile} runs eager for such seeds")
+            routes.append(r.with_package(None))
+    return base.derive(routes=routes, eager_factory=lambda: module, reason=f"{base.reason}; seed weights")

@@ -18,6 +18,17 @@ OUTSIDE_GUARDS = "outside-guards"
 URZA_UNAVAILABLE = "urza-unavailable"
 NEEDS_GRAD = "needs-grad"
 SIGNATURE = "signature"
+# A row whose values do not parse into what Kasmina acts on (damaged or hostile data).
+FORMAT = "format"
+# An entry compiled from other source than the blueprint's declaration now.
+STALE = "stale"
+# A snapshot older than the configured minimum version, or one whose version cannot be trusted.
+ROLLBACK = "rollback"
+# Training only: no certified training artifact, or the seed's weights no longer match the compiled step.
+NO_TRAINING_ARTIFACT = "no-training-artifact"
+WEIGHTS_CHANGED = "weights-changed"
+# Seeds only: the artifact cannot take this seed's weights (a weight folded into the code differs).
+UNBINDABLE = "unbindable"
 
 
 def fallback(blueprint: str, code: str, detail: str) -> None:

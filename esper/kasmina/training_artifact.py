@@ -1,7 +1,7 @@
 """The training artifact: a forward package, a backward package and the manifest that wires them, in one zip.
 
 Tezzeret writes it (stored, uncompressed: the packages are zips already) as the single content-addressed
-artifact of an Urza entry whose variant is :data:`TRAIN_VARIANT`; Kasmina verifies the zip's checksum
+artifact of an Urza entry whose ``artifact`` column is ``"training"``; Kasmina verifies the zip's checksum
 before it opens it (:func:`open_artifact`), extracts the two packages into a private temporary folder, loads
 them and removes the folder.
 
@@ -29,12 +29,11 @@ from typing import Any
 from esper.artifacts import ArtifactKind
 from esper.guards import SchemaVersionError
 from esper.kasmina.runtime import CompiledPackage
-from esper.kasmina.seeds import TensorSpec
+from esper.kasmina.tensors import TensorSpec
 from esper.urza import Entry
 
 FORMAT = "esper-training/1"
 FORMAT_VERSION = 1
-TRAIN_VARIANT = "train"
 FORWARD, BACKWARD, MANIFEST = "forward.pt2", "backward.pt2", "manifest.json"
 MEMBERS = (FORWARD, BACKWARD, MANIFEST)
 

@@ -1,7 +1,10 @@
-"""Tezzeret's pipeline for one blueprint: build, export, guards, AOTInductor package, pre-warm, measure, store.
+"""Tezzeret's one compile pipeline, for every artifact kind: content hash -> reuse -> stages -> fallback -> publish.
 
-A failure at any stage after the module is built stores an eager fallback entry (the weights, as
-safetensors) with the failure reason, so a catalog run always goes on to the next blueprint.
+What differs per kind (:class:`~esper.artifacts.ArtifactKind`) is an :class:`~esper.tezzeret.pipeline.ArtifactPipeline`:
+inference (:mod:`esper.tezzeret.inference`: export -> guards -> one package) and training
+(:mod:`esper.tezzeret.training_compile`: trace joint -> plan -> export forward/backward -> two packages in
+one artifact). A failure at any stage after the module is built stores an eager fallback entry (the weights,
+as safetensors) with the failure reason, so a catalog run always goes on to the next blueprint.
 """
 
 from __future__ import annotations
@@ -9,9 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-import traceback
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,23 +20,27 @@ from typing import Any
 import torch
 
 from esper import compat
-from esper.bench import measure
+from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint
 from esper.context import machine_context
 from esper.guards import GuardSchema
-from esper.inputs import example_inputs
-from esper.kasmina.runtime import CompiledPackage
-from esper.parity import max_errors
 from esper.profiles import contains
-from esper.tezzeret.aoti import compile_package, use_persistent_cache
+from esper.provenance import current_source_digest
+from esper.tezzeret.aoti import use_persistent_cache
 from esper.tezzeret.content import content_hash
-from esper.tezzeret.export import export_blueprint, guards_from_export
+from esper.tezzeret.inference import InferencePipeline
+from esper.tezzeret.pipeline import ArtifactPipeline, Built, CompileJob, EagerRoute, StageError
+from esper.tezzeret.training_compile import TrainingPipeline
 from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, Urza
 from esper.variants import EAGER_ROUTE, VARIANTS, Variant
 from esper.weights import save_state
 
 log = logging.getLogger("esper.tezzeret")
-MAX_REASON = 4000
+
+PIPELINES: dict[ArtifactKind, ArtifactPipeline] = {
+    ArtifactKind.INFERENCE: InferencePipeline(),
+    ArtifactKind.TRAINING: TrainingPipeline(),
+}
 
 
 @dataclass(frozen=True)
@@ -46,37 +51,38 @@ class CompileOutcome:
     reused: bool
     seconds: float
 
+    @property
+    def artifact(self) -> ArtifactKind:
+        """The entry's artifact kind."""
+        return ArtifactKind(self.entry.artifact)
 
-class StageError(RuntimeError):
-    def __init__(self, stage: str, error: BaseException):
-        self.stage = stage
-        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-        super().__init__(f"{stage} failed: {detail}"[:MAX_REASON])
+    @property
+    def route(self) -> str:
+        """``"compiled"`` when the entry holds compiled code, else ``"eager"`` (a fallback or eager route)."""
+        return "compiled" if self.entry.kind == "aoti" else "eager"
 
 
-def _stage(name: str, fn: Callable[[], Any]) -> Any:
+def pipeline_for(artifact: ArtifactKind | str) -> ArtifactPipeline:
+    """The pipeline of an artifact kind; a clear error naming the known kinds for anything else."""
     try:
-        return fn()
-    except Exception as e:
-        raise StageError(name, e) from e
+        return PIPELINES[ArtifactKind(artifact)]
+    except ValueError:
+        known = ", ".join(k.value for k in ArtifactKind)
+        raise ValueError(f"unknown artifact kind {artifact!r} (known: {known})") from None
 
 
-def _device_index(device: torch.device) -> int:
-    return -1 if device.type == "cpu" else (device.index or 0)
-
-
-def reusable(
-    urza: Urza,
-    bp: Blueprint,
-    digest: str,
-    key: compat.CompatKey,
-    *,
-    profile: str,
-    variant: str,
-    artifact: str = "inference",
-) -> Entry | None:
-    """The newest entry with this identity whose artifact still verifies, or ``None`` (compile again)."""
-    existing = urza.find(bp.name, bp.version, digest, key, profile=profile, variant=variant, artifact=artifact)
+def reusable(urza: Urza, bp: Blueprint, digest: str, key: compat.CompatKey, *, identity: Entry) -> Entry | None:
+    """The newest entry with ``identity``'s profile, variant and kind, this content hash and compatibility key,
+    whose artifact still verifies; ``None``: compile again."""
+    existing = urza.find(
+        bp.name,
+        bp.version,
+        digest,
+        key,
+        profile=identity.profile,
+        variant=identity.variant,
+        artifact=identity.artifact,
+    )
     if existing is None:
         return None
     try:
@@ -88,28 +94,22 @@ def reusable(
     return existing
 
 
-def new_entry(bp: Blueprint, digest: str, key: compat.CompatKey, *, profile: str, variant: str) -> Entry:
-    """A not-yet-stored compiled entry of ``bp``: identity filled in, artifact and evidence to come."""
-    return Entry(
-        blueprint=bp.name,
-        blueprint_version=bp.version,
-        content_hash=digest,
-        compat=key,
-        kind="aoti",
-        status="compiled",
-        checksum="",
-        artifact_size=0,
-        guards=None,
-        profile=profile,
-        variant=variant,
-    )
-
-
 def store_weights(urza: Urza, bp: Blueprint, module: torch.nn.Module, tmp: Path) -> tuple[str, int]:
     """The module's weights as a safetensors artifact in the store: ``(sha256, size)``."""
     path = tmp / "weights.safetensors"
     save_state(module, path, blueprint=bp.name, version=bp.version)
     return urza.store.add(path)
+
+
+def entry_meta(bp: Blueprint, module: torch.nn.Module, ranges: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """The meta every entry of ``bp`` starts with, compiled or eager."""
+    return {
+        "source": bp.source,
+        # What Kasmina recomputes, without building the module, to notice stale code (esper.provenance).
+        "source_digest": current_source_digest(bp),
+        "ranges": {k: list(v) for k, v in ranges.items()},
+        "representative": [dict(r) for r in bp.representative if contains(ranges, r)],
+    }
 
 
 class Tezzeret:
@@ -124,42 +124,66 @@ class Tezzeret:
         self,
         bp: Blueprint,
         *,
+        artifact: ArtifactKind | str = ArtifactKind.INFERENCE,
         variant: Variant = VARIANTS["default"],
         profile: str = DEFAULT_PROFILE,
         force: bool = False,
     ) -> CompileOutcome:
-        """Compile one shape profile of ``bp`` under one variant (or reuse the entry with the same content
-        hash and compatibility key). The entry is written once, complete, after its artifact is stored.
-        """
+        """Compile one artifact of ``bp`` (one shape profile under one variant; training: the default ones),
+        or reuse the entry with the same content hash and compatibility key. The entry is written once,
+        complete, after its artifact is stored; a failure stores an eager fallback instead."""
         started = time.perf_counter()
-        ranges = bp.profiles()[profile]
+        pipeline = pipeline_for(artifact)
+        ranges = pipeline.ranges(bp, profile, variant)
         key = compat.current(self.device)
-        module = bp.build().to(self.device).eval()
-        digest = content_hash(bp, module, settings=variant.settings, ranges=ranges, device=self.device.type)
-        existing = None if force else reusable(self.urza, bp, digest, key, profile=profile, variant=variant.name)
+        module = pipeline.build(bp, self.device)
+        digest = content_hash(
+            bp, module, artifact=pipeline.kind, settings=variant.settings, ranges=ranges, device=self.device.type
+        )
+        base = Entry(
+            blueprint=bp.name,
+            blueprint_version=bp.version,
+            content_hash=digest,
+            compat=key,
+            kind="aoti",
+            status="compiled",
+            checksum="",
+            artifact_size=0,
+            guards=None,
+            profile=profile,
+            variant=variant.name,
+            artifact=pipeline.kind.value,
+        )
+        existing = None if force else reusable(self.urza, bp, digest, key, identity=base)
         if existing is not None:
             return CompileOutcome(existing, True, time.perf_counter() - started)
-        base = new_entry(bp, digest, key, profile=profile, variant=variant.name)
         meta: dict[str, Any] = {
-            "source": bp.source,
+            **entry_meta(bp, module, ranges),
             "description": bp.description,
             "settings": dict(variant.settings),
-            "ranges": {k: list(v) for k, v in ranges.items()},
             "context": machine_context(),
             "inductor_cache": str(self.cache_dir),
-            "representative": [r for r in bp.representative if contains(ranges, r)],
-            "profiles": list(bp.profiles()),
-            "swappable": variant.swappable,
+            **pipeline.meta(bp, variant),
         }
         with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp, warnings.catch_warnings(record=True) as caught:
             # torch's compiler warns about its own internals; keep what it said as evidence, never fail on it.
             warnings.simplefilter("always")
+            job = CompileJob(
+                bp=bp,
+                base=base,
+                module=module,
+                variant=variant,
+                ranges=ranges,
+                representative=tuple(meta["representative"]),
+                device=self.device,
+                meta=meta,
+                tmp=Path(tmp),
+            )
             try:
-                entry = self._compile_aoti(bp, module, base, meta, ranges, variant, Path(tmp))
-            except StageError as e:
-                log.warning("%s: %s; storing eager fallback", bp.name, e)
-                meta["failed_stage"] = e.stage
-                entry = self._store_fallback(bp, module, base, meta, str(e), Path(tmp))
+                entry = self._store_built(base, meta, pipeline.run(job))
+            except (StageError, EagerRoute) as e:
+                log.warning("%s: %s; storing the eager %s route", bp.name, e, pipeline.kind.value)
+                entry = self._fallback(job, pipeline, e)
         seconds = time.perf_counter() - started
         said = sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20]
         entry = self.urza.publish(
@@ -167,18 +191,36 @@ class Tezzeret:
         )
         return CompileOutcome(entry, False, seconds)
 
-    def compile_candidates(self, bp: Blueprint, *, force: bool = False) -> list[CompileOutcome]:
-        """Every shape profile of ``bp`` under every variant it allows; a fallback never stops the run."""
+    def compile_candidates(
+        self, bp: Blueprint, *, artifacts: tuple[ArtifactKind, ...] = tuple(ArtifactKind), force: bool = False
+    ) -> list[CompileOutcome]:
+        """Every artifact of ``bp`` of the given kinds: for inference, every shape profile under every variant
+        the blueprint allows; for training, its one artifact. A fallback never stops the run."""
         return [
-            self.compile(bp, variant=VARIANTS[v], profile=p, force=force) for p in bp.profiles() for v in bp.variants
+            self.compile(bp, artifact=artifact, variant=variant, profile=profile, force=force)
+            for artifact in artifacts
+            for profile, variant in pipeline_for(artifact).candidates(bp)
         ]
 
-    def store_eager_route(self, bp: Blueprint, profile: str, guards: GuardSchema, evidence: dict[str, Any]) -> Entry:
-        """A ``certified`` eager entry for a profile where no variant beats eager: routing it to compiled code
-        would only make it slower. Its artifact is the weights, like a fallback's."""
-        module = bp.build().to(self.device).eval()
-        ranges = bp.profiles()[profile]
-        digest = content_hash(bp, module, settings={"route": EAGER_ROUTE}, ranges=ranges, device=self.device.type)
+    def store_eager_route(
+        self,
+        bp: Blueprint,
+        *,
+        artifact: ArtifactKind | str,
+        profile: str,
+        guards: GuardSchema | None,
+        evidence: dict[str, Any],
+        reason: str | None = None,
+    ) -> Entry:
+        """Publish a ``certified`` eager entry: where certification measured that no compiled candidate beats
+        eager (routing to compiled code would only make it slower). Its artifact is the weights, like a
+        fallback's; ``evidence`` holds its ``parity``, ``performance`` and extra ``meta``."""
+        pipeline = pipeline_for(artifact)
+        ranges = pipeline.ranges(bp, profile, VARIANTS["default"])
+        module = pipeline.build(bp, self.device)
+        digest = content_hash(
+            bp, module, artifact=pipeline.kind, settings={"route": EAGER_ROUTE}, ranges=ranges, device=self.device.type
+        )
         with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp:
             checksum, size = store_weights(self.urza, bp, module, Path(tmp))
         return self.urza.publish(
@@ -194,103 +236,41 @@ class Tezzeret:
                 guards=guards,
                 profile=profile,
                 variant=EAGER_ROUTE,
-                parity=evidence.get("parity", {}),
-                performance=evidence.get("performance", {}),
+                artifact=pipeline.kind.value,
+                parity=dict(evidence.get("parity", {})),
+                performance=dict(evidence.get("performance", {})),
                 meta={
-                    "source": bp.source,
-                    "ranges": {k: list(v) for k, v in ranges.items()},
-                    "representative": [r for r in bp.representative if contains(ranges, r)],
-                    "profiles": list(bp.profiles()),
+                    **entry_meta(bp, module, ranges),
+                    "profiles": pipeline.meta(bp, VARIANTS["default"])["profiles"],
                     **evidence.get("meta", {}),
+                    **pipeline.eager_meta(reason),
                 },
             )
         )
 
-    def _compile_aoti(
-        self,
-        bp: Blueprint,
-        module: torch.nn.Module,
-        base: Entry,
-        meta: dict[str, Any],
-        ranges: dict[str, tuple[int, int]],
-        variant: Variant,
-        tmp: Path,
-    ) -> Entry:
-        t0 = time.perf_counter()
-        ep = _stage("export", lambda: export_blueprint(bp, module, ranges=ranges, device=self.device))
-        guards = _stage("guards", lambda: guards_from_export(ep, bp, ranges=ranges))
-        t1 = time.perf_counter()
-        package = _stage("compile", lambda: compile_package(ep, tmp / "model.pt2", variant.settings))
-        t2 = time.perf_counter()
-        loaded = _stage("load", lambda: CompiledPackage(package, device_index=_device_index(self.device)))
-        latency: dict[str, Any] = {}
-        parity: dict[str, Any] = {}
-        with torch.no_grad():
-            for sizes in meta["representative"]:
-                label = Blueprint.shape_label(sizes)
-                args = example_inputs(bp, sizes, device=self.device)
-                got = _stage("pre-warm", lambda args=args: loaded(args))
-                want = module(*args)
-                abs_err, rel_err = max_errors(got, want)
-                parity[label] = {"max_abs": abs_err, "max_rel": rel_err}
-                latency[label] = {
-                    "compiled": measure(lambda args=args: loaded(args)).to_dict(),
-                    "eager": measure(lambda args=args: module(*args)).to_dict(),
-                }
-        meta.update(
-            export_seconds=round(t1 - t0, 3),
-            aoti_seconds=round(t2 - t1, 3),
-            package_metadata=loaded.metadata(),
-            constants=_constant_schema(module, loaded),
-            folded_constants=_folded_constants(ep, loaded),
-        )
-        checksum, size = self.urza.store.add(package)
-        entry = base.with_(
-            checksum=checksum,
-            artifact_size=size,
-            guards=guards,
-            meta=meta,
-            parity={"representative": parity},
-            performance={"tezzeret": latency},
-        )
-        return entry
-
-    def _store_fallback(
-        self,
-        bp: Blueprint,
-        module: torch.nn.Module,
-        base: Entry,
-        meta: dict[str, Any],
-        reason: str,
-        tmp: Path,
-    ) -> Entry:
-        checksum, size = store_weights(self.urza, bp, module, tmp)
-        entry = base.with_(
+    def _fallback(self, job: CompileJob, pipeline: ArtifactPipeline, error: StageError | EagerRoute) -> Entry:
+        """The eager fallback of a compile that failed (or decided eager): the weights as the artifact."""
+        meta = {**job.meta, **pipeline.eager_meta(str(error))}
+        if isinstance(error, StageError):
+            meta["failed_stage"] = error.stage
+        checksum, size = store_weights(self.urza, job.bp, job.module, job.tmp)
+        return job.base.with_(
             kind="eager",
             status="fallback",
             checksum=checksum,
             artifact_size=size,
             meta=meta,
-            failure_reason=reason,
-            failed_check="compile",
+            failure_reason=str(error),
+            failed_check=pipeline.compile_check,
         )
-        return entry
 
-
-def _constant_schema(module: torch.nn.Module, loaded: CompiledPackage) -> dict[str, dict[str, Any]]:
-    """Name, shape and dtype of each weight the package holds (what a seed's own weights must match)."""
-    state = module.state_dict()
-    return {
-        name: {"shape": list(state[name].shape), "dtype": str(state[name].dtype).removeprefix("torch.")}
-        for name in sorted(loaded.constant_names())
-        if name in state
-    }
-
-
-def _folded_constants(ep: Any, loaded: CompiledPackage) -> list[str]:
-    """Weights the exported graph uses that Inductor folded into the compiled code (they are no package
-    constants): a seed bound to this artifact must keep their values (see esper.kasmina.seeds)."""
-    sig = ep.graph_signature
-    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-    used = {names[n.name] for n in ep.graph.nodes if n.op == "placeholder" and n.name in names and n.users}
-    return sorted(used - set(loaded.constant_names()))
+    def _store_built(self, base: Entry, meta: dict[str, Any], built: Built) -> Entry:
+        checksum, size = self.urza.store.add(built.path)
+        return base.with_(
+            checksum=checksum,
+            artifact_size=size,
+            guards=built.guards,
+            meta={**meta, **built.meta},
+            parity={"representative": built.parity},
+            performance={"tezzeret": built.performance},
+        )

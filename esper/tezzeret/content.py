@@ -1,24 +1,29 @@
 """The content hash that decides whether a blueprint must be compiled again.
 
-It covers what the compiled artifact depends on: the declaration, the source files of the blueprint and of
-the module's classes, the weights, the compile settings, the shape profile and this pipeline's version.
+It covers what the compiled artifact depends on: the artifact kind, the declaration, the source files of the
+blueprint and of the module's classes, the weights, the compile settings, the shape profile and the version of
+the kind's pipeline.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint, Dim
+from esper.provenance import digest_files, source_files
 
-# Bump when Tezzeret's output for the same input changes (a new guard field, different export options).
-PIPELINE_VERSION = "tezzeret/1"
+# Bump a kind's version when Tezzeret's output for the same input changes (a new guard field, different
+# export options, another training artifact layout): the content hash covers it, so old entries are not reused.
+PIPELINE_VERSIONS: dict[ArtifactKind, str] = {
+    ArtifactKind.INFERENCE: "tezzeret/1",
+    ArtifactKind.TRAINING: "tezzeret-training/2",
+}
 
 
 def declaration(bp: Blueprint) -> dict[str, Any]:
@@ -40,41 +45,42 @@ def declaration(bp: Blueprint) -> dict[str, Any]:
     }
 
 
-def _source_files(bp: Blueprint, module: torch.nn.Module) -> list[Path]:
-    files = {Path(bp.source)} if bp.source else set()
-    torch_root = Path(torch.__file__).parent
-    for sub in module.modules():
-        try:
-            f = inspect.getsourcefile(type(sub))
-        except TypeError:
-            continue
-        if f and not Path(f).is_relative_to(torch_root):
-            files.add(Path(f))
-    return sorted(files)
+def source_digest(bp: Blueprint, module: torch.nn.Module) -> str:
+    """The digest of every file whose text decides what ``module`` computes (the declaring file and the files
+    of its classes, torch's excluded): :func:`esper.provenance.digest_files`, one implementation shared with
+    Kasmina's stale check."""
+    return digest_files(source_files(bp, module))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over every state-dict tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def content_hash(
     bp: Blueprint,
     module: torch.nn.Module,
     *,
+    artifact: ArtifactKind | str,
     settings: Mapping[str, Any],
     ranges: Mapping[str, tuple[int, int]],
     device: str,
 ) -> str:
-    h = hashlib.sha256()
+    """The identity of what Tezzeret would produce for ``bp`` built as ``module``: equal hashes, same artifact."""
+    kind = ArtifactKind(artifact)
     meta = {
-        "pipeline": PIPELINE_VERSION,
+        "artifact": kind.value,
+        "pipeline": PIPELINE_VERSIONS[kind],
         "declaration": declaration(bp),
         "settings": dict(settings),
         "ranges": {k: list(v) for k, v in ranges.items()},
         "device": device,
+        "sources": source_digest(bp, module),
+        "weights": weights_digest(module),
     }
-    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for f in _source_files(bp, module):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()

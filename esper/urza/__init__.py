@@ -1,6 +1,9 @@
-"""Urza, the artifact library: SQLite rows plus content-addressed artifact files."""
+"""Urza, the artifact library: SQLite rows plus content-addressed artifact files.
 
-from esper.urza.db import SCHEMA_VERSION, Urza, UrzaError
+Upkeep (verify, gc, sign, export) is in :mod:`esper.urza.maintenance`, as functions of an open :class:`Urza`.
+"""
+
+from esper.urza.db import SCHEMA_VERSION, StoredRow, Urza, UrzaError
 from esper.urza.schema import DEFAULT_PROFILE, DEFAULT_VARIANT, KINDS, STATUSES, Entry
 from esper.urza.store import ArtifactError, ArtifactStore
 
@@ -13,6 +16,7 @@ __all__ = [
     "ArtifactError",
     "ArtifactStore",
     "Entry",
+    "StoredRow",
     "Urza",
     "UrzaError",
 ]

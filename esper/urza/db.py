@@ -5,6 +5,9 @@ Writers (Tezzeret, certification) open it read-write in WAL mode with a busy tim
 read-modify-write. When a signing key is configured (``$ESPER_SIGNING_KEY`` or ``Urza(signer=...)``) every
 row a writer stores is signed here, in the one place rows are written. Readers (Kasmina) open it read-only, so
 nothing a training process does can change it; a snapshot on a read-only filesystem is opened immutable.
+
+Upkeep (verify, gc, sign, export) is in :mod:`esper.urza.maintenance`: functions that take an :class:`Urza`,
+so this module knows nothing of them and the two never import each other.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,17 +29,32 @@ from esper.urza.store import ArtifactStore
 if TYPE_CHECKING:
     import sqlite_utils
 
-    from esper.signing import Signer, Verifier
-    from esper.urza.maintenance import ExportReport, GcReport, SignReport, VerifyReport
+    from esper.signing import Signer
 
 BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_TABLE = "_urza_migrations"
+# Versions of the snapshots exported from this Urza (esper.urza.snapshot). Created by the first export, not by a
+# migration: readers never need it, and a migration would make every existing snapshot an older schema.
+SNAPSHOTS_TABLE = "_urza_snapshots"
 FROM_ENV = "env"  # Urza(signer=FROM_ENV): sign with the key named by $ESPER_SIGNING_KEY, if it is set
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class UrzaError(RuntimeError):
     """Urza cannot be used: not a database, a newer schema, a missing table, an unknown entry."""
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """One stored row as upkeep sees it: its id, blueprint, status and checksum columns as stored, and either
+    the parsed ``entry`` or the ``problem`` that makes it unreadable."""
+
+    id: int
+    blueprint: str
+    status: str
+    checksum: str | None
+    entry: Entry | None
+    problem: str | None
 
 
 def _m001_entries(db: sqlite_utils.Database) -> None:
@@ -274,14 +293,47 @@ class Urza:
 
     # -- rows ---------------------------------------------------------------------------------------
 
-    def _rows(self, where: str, params: list[Any], order: str = "id DESC") -> Iterator[Entry]:
+    def _raw(self, where: str, params: list[Any], order: str = "id DESC") -> Iterator[dict[str, Any]]:
         try:
             cursor = self.conn.execute(f"SELECT * FROM entries WHERE {where} ORDER BY {order}", params)
             names = [d[0] for d in cursor.description]
             for values in cursor:
-                yield Entry.from_row(dict(zip(names, values, strict=True)))
-        except (sqlite3.DatabaseError, SchemaVersionError, KeyError, ValueError) as e:
+                yield dict(zip(names, values, strict=True))
+        except sqlite3.DatabaseError as e:
             raise UrzaError(f"{self.path}: unreadable entry: {e}") from e
+
+    def _parse(self, row: dict[str, Any]) -> Entry:
+        try:
+            return Entry.from_row(row)
+        except (SchemaVersionError, KeyError, ValueError, TypeError) as e:
+            raise UrzaError(f"{self.path}: unreadable entry: {e}") from e
+
+    def _rows(self, where: str, params: list[Any], order: str = "id DESC") -> Iterator[Entry]:
+        for row in self._raw(where, params, order):
+            yield self._parse(row)
+
+    def stored_rows(self, blueprint: str | None = None, *, newest_first: bool = False) -> list[StoredRow]:
+        """Every row (of ``blueprint``, when given) in id order, each parsed on its own: one unreadable row is
+        reported as such, not raised, so upkeep (``esper urza verify``, ``gc``, ``export``, ``sign``) and
+        Kasmina can go on with the others."""
+        out = []
+        where, params = ("blueprint = ?", [blueprint]) if blueprint is not None else ("1", [])
+        for row in self._raw(where, params, order="id DESC" if newest_first else "id"):
+            try:
+                entry, problem = self._parse(row), None
+            except UrzaError as e:
+                entry, problem = None, str(e.__cause__ or e)
+            out.append(
+                StoredRow(
+                    id=int(row.get("id") or 0),
+                    blueprint=str(row.get("blueprint")),
+                    status=str(row.get("status")),
+                    checksum=row.get("checksum") if isinstance(row.get("checksum"), str) else None,
+                    entry=entry,
+                    problem=problem,
+                )
+            )
+        return out
 
     def get(self, entry_id: int) -> Entry:
         for e in self._rows("id = ?", [entry_id]):
@@ -361,14 +413,36 @@ class Urza:
             )
         return self.get(entry_id)
 
-    def import_entries(self, entries: Iterable[Entry]) -> int:
-        """Insert entries verbatim, ids, timestamps and signatures included (how a snapshot is filled)."""
+    def import_entries(self, entries: Iterable[Entry], *, keep_ids: bool = True) -> int:
+        """Insert entries verbatim, in id order, in one transaction: timestamps and signatures included, never
+        signed again (a signature is over a row's content, not its id). ``keep_ids``: with their ids (how a
+        snapshot is filled); otherwise each gets the next id here, in the same order (how a merge adds them).
+        Their artifacts must already be in the store."""
         n = 0
         with self._write():
             for e in sorted(entries, key=lambda e: e.id or 0):
-                self._insert({"id": e.id, **e.to_row()})
+                self._insert({"id": e.id, **e.to_row()} if keep_ids else e.to_row())
                 n += 1
         return n
+
+    def number_snapshot(self, version: int | None = None) -> int:
+        """Number the next snapshot exported from this Urza: ``version`` when given (it must be above every
+        version numbered here before), else one above the last. Recorded in one write transaction, so two
+        exports at once never share a number, and numbers only ever increase."""
+        with self._write():
+            self.conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {SNAPSHOTS_TABLE} (version INTEGER PRIMARY KEY, created_at TEXT NOT NULL)"
+            )
+            last = self.conn.execute(f"SELECT MAX(version) FROM {SNAPSHOTS_TABLE}").fetchone()[0] or 0
+            if version is None:
+                version = last + 1
+            elif version <= last:
+                raise UrzaError(
+                    f"snapshot version {version} is not above {last}, the last one exported from {self.path}: "
+                    "versions only increase (readers refuse older ones)"
+                )
+            self.conn.execute(f"INSERT INTO {SNAPSHOTS_TABLE} VALUES (?, ?)", [version, _now()])
+        return version
 
     def _insert(self, row: dict[str, Any]) -> sqlite3.Cursor:
         return self.conn.execute(
@@ -388,32 +462,6 @@ class Urza:
     def _writable(self) -> None:
         if self.readonly:
             raise UrzaError(f"{self.path} was opened read-only")
-
-    # -- maintenance (esper/urza/maintenance.py) ----------------------------------------------------
-
-    def verify(self, verifier: Verifier | None = None) -> VerifyReport:
-        """Check every row against its artifact file (and its signature, given ``verifier``)."""
-        from esper.urza.maintenance import verify
-
-        return verify(self, verifier)
-
-    def gc(self, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> GcReport:
-        """Remove artifact files no row names and temporary files of interrupted writes."""
-        from esper.urza.maintenance import collect_garbage
-
-        return collect_garbage(self, dry_run=dry_run, grace_seconds=grace_seconds)
-
-    def sign_all(self) -> SignReport:
-        """Sign every row whose artifact verifies with this writer's key (turning signing on, rotating keys)."""
-        from esper.urza.maintenance import sign_all
-
-        return sign_all(self)
-
-    def export(self, dest: str | Path) -> ExportReport:
-        """Write a self-contained, read-only snapshot of the certified entries and their artifacts to ``dest``."""
-        from esper.urza.maintenance import export
-
-        return export(self, Path(dest))
 
     def close(self) -> None:
         self.conn.close()

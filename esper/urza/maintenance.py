@@ -1,5 +1,7 @@
-"""Urza upkeep: check every row against its files (``verify``), remove what no row names (``gc``), and write a
-read-only snapshot for shipping (``export``). Reached through :class:`esper.urza.Urza` methods and the CLI.
+"""Urza upkeep: check every row against its files (:func:`verify`), remove what no row names
+(:func:`collect_garbage`), sign every row again (:func:`sign_all`), and write a read-only snapshot for shipping
+(:func:`export`). Each is a function of an open :class:`~esper.urza.Urza`; the ``esper urza`` commands call
+them. This module sits above :mod:`esper.urza.db`, which never imports it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from esper.guards import compile_predicate
+from esper.urza import snapshot
+from esper.urza.db import FROM_ENV, StoredRow, Urza, UrzaError
+from esper.urza.schema import Entry, EntryMeta
 from esper.urza.store import SHA256_RE, ArtifactError
+from esper.validate import EntryFormatError
 
 if TYPE_CHECKING:
-    from esper.signing import Verifier
-    from esper.urza.db import Urza
+    from esper.signing import Signer, Verifier
 
 SNAPSHOT_DB = "urza.db"
 
@@ -45,12 +51,16 @@ class VerifyReport:
     signatures_checked: bool
     leftovers: tuple[Path, ...]
     unreferenced: tuple[Path, ...]
+    snapshot: str | None = None  # the snapshot version line, for an exported snapshot
+    snapshot_problem: str | None = None
 
     @property
     def problems(self) -> list[str]:
         out = [r.describe() for r in self.rows if r.problem is not None]
         if self.integrity != "ok":
             out.insert(0, f"database integrity check failed: {self.integrity}")
+        if self.snapshot_problem is not None:
+            out.append(f"snapshot: PROBLEM: {self.snapshot_problem}")
         return out
 
     @property
@@ -62,6 +72,10 @@ class VerifyReport:
         out = [r.describe() for r in self.rows]
         if self.integrity != "ok":
             out.append(f"database integrity check failed: {self.integrity}")
+        if self.snapshot is not None:
+            out.append(self.snapshot)
+        if self.snapshot_problem is not None:
+            out.append(f"snapshot: PROBLEM: {self.snapshot_problem}")
         if not self.signatures_checked:
             out.append("signatures not checked (no public key: --public-key or $ESPER_PUBLIC_KEY)")
         if self.leftovers:
@@ -75,27 +89,78 @@ class VerifyReport:
 
 
 def verify(urza: Urza, verifier: Verifier | None = None) -> VerifyReport:
-    """Check each row's artifact (present, whole, hashing to its checksum, inside the store) and, given a
-    ``verifier``, its signature. Reads only."""
+    """Check everything Kasmina's load relies on, row by row: the row parses (:meth:`Entry.from_row`), its
+    ``meta`` does (:meth:`EntryMeta.from_entry`: pre-warm shapes, profiles, constant schema), its guard
+    predicate can be built, its artifact is present, whole, hashing to its checksum and inside the store, and,
+    given a ``verifier``, its signature. Each problem is a line of the report, never an exception; a database
+    whose rows cannot be read at all is one problem. Reads only."""
+    checks = []
+    try:
+        rows = urza.stored_rows()
+    except UrzaError as e:
+        rows = []
+        checks.append(RowCheck(0, "?", "?", f"cannot read the entries: {e}"))
+    for row in rows:
+        if row.entry is None:
+            checks.append(RowCheck(row.id, row.blueprint, row.status, f"unreadable row: {row.problem}"))
+            continue
+        problems = [p for p in (_signature(row.entry, verifier), value_problem(row.entry)) if p]
+        try:
+            urza.store.verify(row.entry.checksum, row.entry.artifact_size, rehash=True)
+        except ArtifactError as e:
+            problems.append(str(e))
+        checks.append(RowCheck(row.id, row.blueprint, row.status, "; ".join(problems) or None))
+    try:
+        integrity = "; ".join(str(r[0]) for r in urza.conn.execute("PRAGMA integrity_check").fetchall())
+    except sqlite3.DatabaseError as e:
+        integrity = str(e)
+    unreferenced = tuple(_unreferenced(urza, _named(rows)))
+    line, problem = _snapshot(urza, verifier)
+    return VerifyReport(
+        tuple(checks), integrity, verifier is not None, tuple(urza.store.leftovers()), unreferenced, line, problem
+    )
+
+
+def _snapshot(urza: Urza, verifier: Verifier | None) -> tuple[str | None, str | None]:
+    """For an exported snapshot (a ``snapshot.json`` beside the database): its version line, or its problem."""
+    if not (urza.path.parent / snapshot.MANIFEST).exists():
+        return None, None
+    try:
+        manifest = snapshot.read(urza) if verifier is None else snapshot.check(urza, verifier, 1)
+    except snapshot.SnapshotError as e:
+        return None, str(e)
+    signed = "signature checked" if verifier is not None else "signed" if manifest.signature else "unsigned"
+    return f"snapshot version {manifest.version} of {manifest.created_at} ({signed}, rows match)", None
+
+
+def _signature(entry: Entry, verifier: Verifier | None) -> str | None:
+    if verifier is None:
+        return None
     from esper.signing import SignatureError
 
-    checks = []
-    entries = urza.entries()
-    for entry in reversed(entries):
-        problem = None
-        if verifier is not None:
-            try:
-                verifier.verify(entry)
-            except SignatureError as e:
-                problem = f"signature: {e}"
-        try:
-            urza.store.verify(entry.checksum, entry.artifact_size)
-        except ArtifactError as e:
-            problem = f"{problem}; {e}" if problem else str(e)
-        checks.append(RowCheck(entry.id or 0, entry.blueprint, entry.status, problem))
-    integrity = "; ".join(str(r[0]) for r in urza.conn.execute("PRAGMA integrity_check").fetchall())
-    unreferenced = tuple(_unreferenced(urza, {e.checksum for e in entries}))
-    return VerifyReport(tuple(checks), integrity, verifier is not None, tuple(urza.store.leftovers()), unreferenced)
+    try:
+        verifier.verify(entry)
+    except SignatureError as e:
+        return f"signature: {e}"
+    return None
+
+
+def value_problem(entry: Entry) -> str | None:
+    """Why Kasmina could not act on ``entry``'s values (its ``meta`` and guard predicate), else ``None``."""
+    try:
+        EntryMeta.from_entry(entry)
+        if entry.guards is not None:
+            compile_predicate(entry.guards)
+    except EntryFormatError as e:
+        return f"format: {e}"
+    except Exception as e:  # whatever else a hostile row provokes is a problem line, not a traceback
+        return f"format: {type(e).__name__}: {e}"
+    return None
+
+
+def _named(rows: list[StoredRow]) -> set[str]:
+    """Every checksum a row names, readable or not: a file that any row names is never garbage."""
+    return {r.checksum for r in rows if r.checksum is not None}
 
 
 @dataclass(frozen=True)
@@ -126,7 +191,7 @@ def collect_garbage(urza: Urza, *, dry_run: bool = False, grace_seconds: float =
     written until it is renamed: so only files older than ``grace_seconds`` are removed, never one that a
     writer running now may still publish. The database is only read.
     """
-    referenced = {e.checksum for e in urza.entries()}
+    referenced = _named(urza.stored_rows())
     now = time.time()
     candidates = _unreferenced(urza, referenced) + urza.store.leftovers()
     removed, kept, freed = [], [], 0
@@ -163,31 +228,54 @@ def _unreferenced(urza: Urza, referenced: set[str]) -> list[Path]:
 
 @dataclass(frozen=True)
 class ExportReport:
+    """Where a snapshot was written, how many entries and artifact files it holds, their total size, and the
+    snapshot's version (``signed``: whether its ``snapshot.json`` is signed)."""
+
     path: Path
     entries: int
     artifacts: int
     bytes: int
+    version: int = 0
+    signed: bool = False
 
 
-def export(urza: Urza, dest: Path) -> ExportReport:
+def export(
+    urza: Urza, dest: str | Path, *, signer: Signer | str | None = FROM_ENV, version: int | None = None
+) -> ExportReport:
     """Write ``dest/urza.db`` plus ``dest/objects/``: the certified entries (ids, signatures and evidence kept)
-    and the artifacts they name, each verified first.
+    and the artifacts they name, each verified first, plus ``dest/snapshot.json``: the snapshot's version,
+    signed (see :mod:`esper.urza.snapshot`).
+
+    The version is numbered by ``urza`` (:meth:`Urza.number_snapshot`: ``version``, else one above the last
+    exported from it); that is the one write to ``urza``, done even when it was opened read-only. ``signer``
+    signs the version: by default ``urza``'s signer, else the key named by ``$ESPER_SIGNING_KEY``; ``None`` or
+    no key leaves it unsigned (readers that require a minimum version then refuse the snapshot).
 
     The snapshot's database uses a rollback journal, not WAL, so it opens from a read-only filesystem; its
     files are made read-only. It is built in a temporary folder beside ``dest`` and renamed into place, so
     ``dest`` is either complete or absent. ``dest`` must not exist, or be an empty folder.
     """
-    from esper.urza.db import Urza, UrzaError
-
+    dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UrzaError(f"{dest} exists and is not an empty folder; refusing to overwrite it")
-    certified = urza.entries(status="certified")
+    certified = []
     sources = {}
-    for e in certified:
+    for row in urza.stored_rows():
+        if row.status != "certified":
+            continue
+        if row.entry is None:
+            raise UrzaError(
+                f"cannot export entry #{row.id} ({row.blueprint}): unreadable row: {row.problem}; "
+                "run `esper urza verify`"
+            )
+        e = row.entry
         try:
-            sources[e.checksum] = urza.store.verify(e.checksum, e.artifact_size)
+            sources[e.checksum] = urza.store.verify(e.checksum, e.artifact_size, rehash=True)
         except ArtifactError as err:
             raise UrzaError(f"cannot export entry #{e.id} ({e.blueprint}): {err}; run `esper urza verify`") from err
+        certified.append(e)
+    snapshot_signer = _snapshot_signer(urza, signer)
+    number = _number(urza, version)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
@@ -198,12 +286,14 @@ def export(urza: Urza, dest: Path) -> ExportReport:
         conn = sqlite3.connect(staging / SNAPSHOT_DB)
         try:
             mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+            manifest = snapshot.new_manifest(conn, number, snapshot_signer)
         finally:
             conn.close()
         if mode != "delete":
             raise UrzaError(f"could not switch the snapshot to a rollback journal (journal_mode is {mode})")
         for leftover in ("-wal", "-shm"):
             Path(f"{staging / SNAPSHOT_DB}{leftover}").unlink(missing_ok=True)
+        snapshot.write(staging, manifest)
         os.chmod(staging / SNAPSHOT_DB, 0o444)
         staging.chmod(0o755)
         if dest.exists():
@@ -213,11 +303,33 @@ def export(urza: Urza, dest: Path) -> ExportReport:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in (dest / "objects").rglob("*") if p.is_file())
-    return ExportReport(dest, len(certified), len(sources), size)
+    return ExportReport(dest, len(certified), len(sources), size, number, manifest.signature is not None)
+
+
+def _snapshot_signer(urza: Urza, signer: Signer | str | None) -> Signer | None:
+    if signer != FROM_ENV:
+        return signer  # type: ignore[return-value]
+    if urza.signer is not None:
+        return urza.signer
+    from esper.signing import SigningError, signer_from_env
+
+    try:
+        return signer_from_env()
+    except SigningError as e:
+        raise UrzaError(f"cannot sign the snapshot's version: {e}") from e
+
+
+def _number(urza: Urza, version: int | None) -> int:
+    if not urza.readonly:
+        return urza.number_snapshot(version)
+    with Urza(urza.path, signer=None) as writer:
+        return writer.number_snapshot(version)
 
 
 @dataclass(frozen=True)
 class SignReport:
+    """The ids of the rows signed, and one line per row left unsigned because its artifact did not verify."""
+
     signed: tuple[int, ...]
     skipped: tuple[str, ...]
 
@@ -232,17 +344,18 @@ def sign_all(urza: Urza) -> SignReport:
 
     Only rows whose artifact verifies are signed: a signature vouches for the file as it is now.
     """
-    from esper.urza.db import UrzaError
-
     if urza.signer is None:
         raise UrzaError("no signing key: set $ESPER_SIGNING_KEY to the private key (see `esper keygen`)")
     signed, skipped = [], []
-    for entry in reversed(urza.entries()):
-        try:
-            urza.store.verify(entry.checksum, entry.artifact_size)
-        except ArtifactError as e:
-            skipped.append(f"entry #{entry.id} {entry.blueprint}: {e}")
+    for row in urza.stored_rows():
+        if row.entry is None:
+            skipped.append(f"entry #{row.id} {row.blueprint}: unreadable row: {row.problem}")
             continue
-        urza.update(entry.id)  # type: ignore[arg-type]
-        signed.append(entry.id or 0)
+        try:
+            urza.store.verify(row.entry.checksum, row.entry.artifact_size, rehash=True)
+        except ArtifactError as e:
+            skipped.append(f"entry #{row.id} {row.blueprint}: {e}")
+            continue
+        urza.update(row.id)
+        signed.append(row.id)
     return SignReport(tuple(signed), tuple(skipped))

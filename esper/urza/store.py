@@ -12,10 +12,31 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
+
+
+# Digests this process already checked, by file identity: (path, device, inode, size, mtime_ns, ctime_ns) ->
+# the sha256 it hashed to. A changed file (rewritten, replaced, touched, truncated) has another identity and
+# is hashed again. A file modified within RACY_SECONDS of being hashed is never remembered ("racy git"): the
+# file system's clock is coarse (a few ms), so a write right after the hash could keep the same mtime.
+_verified: dict[tuple[str, int, int, int, int, int], str] = {}
+_verified_lock = threading.Lock()
+RACY_SECONDS = 2.0
+
+
+def _identity(path: Path, st: os.stat_result) -> tuple[str, int, int, int, int, int]:
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def forget_verified() -> None:
+    """Forget every digest this process verified (the next :meth:`ArtifactStore.verify` hashes again)."""
+    with _verified_lock:
+        _verified.clear()
 
 
 class ArtifactError(ValueError):
@@ -66,17 +87,33 @@ class ArtifactStore:
             raise
         return checksum, dest.stat().st_size
 
-    def verify(self, checksum: str, size: int | None = None) -> Path:
-        """The artifact's path once its size and sha256 match; :class:`ArtifactError` otherwise."""
+    def verify(self, checksum: str, size: int | None = None, *, rehash: bool = False) -> Path:
+        """The artifact's path once its size and sha256 match; :class:`ArtifactError` otherwise.
+
+        A file this process already hashed to ``checksum`` is not hashed again while its identity (inode,
+        size, mtime, ctime) is unchanged; ``rehash`` hashes anyway (a scrub looking for bit rot).
+        """
         path = self.path_for(checksum)
-        if not path.is_file():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            st = None
+        if st is None or not path.is_file():
             raise ArtifactError(f"artifact {checksum[:12]} is missing ({path})")
-        actual_size = path.stat().st_size
-        if size is not None and actual_size != size:
-            raise ArtifactError(f"artifact {checksum[:12]} is {actual_size} bytes, Urza recorded {size} (truncated?)")
+        if size is not None and st.st_size != size:
+            raise ArtifactError(f"artifact {checksum[:12]} is {st.st_size} bytes, Urza recorded {size} (truncated?)")
+        key = _identity(path, st)
+        if not rehash and _verified.get(key) == checksum:
+            return path
+        started = time.time_ns()
         actual = sha256_file(path)
         if actual != checksum:
             raise ArtifactError(f"artifact {checksum[:12]} hashes to {actual[:12]}: checksum mismatch")
+        after = path.stat()
+        # Remember only a file that did not change while it was hashed and is not racily new.
+        if _identity(path, after) == key and started - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_SECONDS * 1e9:
+            with _verified_lock:
+                _verified[key] = checksum
         return path
 
     def checksums(self) -> set[str]:

@@ -7,50 +7,47 @@ whose backward runs the backward package; the weights are inputs of both, so opt
 without rebinding, and buffers the forward mutates (BatchNorm's running statistics and batch counter) are
 updated from the package's outputs, as eager updates them. A call the guards refuse, or weights that no
 longer match the artifact (another dtype, a frozen parameter made trainable), runs the seed's eager module,
-with one WARNING per reason. In ``eval()`` mode it runs the certified inference kernel bound to the seed's
-weights (see :mod:`esper.kasmina.seeds`), or eager.
+with one WARNING per kind of refusal. In ``eval()`` mode it runs the certified inference kernel bound to the
+seed's weights (see :mod:`esper.kasmina.seeds`), or eager.
 
 Every seed of a blueprint shares one loaded :class:`TrainingProgram` (the packages and the manifest); each
-holds only its own weights. Nothing here compiles or imports the compiler.
+holds only its own weights. Nothing here compiles or imports the compiler; loading from Urza is
+:mod:`esper.kasmina.loader`'s job.
 """
 
 from __future__ import annotations
 
-import time
-import weakref
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from esper import compat
 from esper.guards import compile_check
 from esper.kasmina import telemetry
-from esper.kasmina.runtime import CompiledPackage, PackageLoadError
-from esper.kasmina.seeds import TensorSpec, Weights, WeightSchemaError, schema_of, seed_module
-from esper.kasmina.training_artifact import ArtifactFormatError, TrainingManifest, is_training_entry, open_artifact
-from esper.urza import Entry, Urza, UrzaError
+from esper.kasmina.base import COMPILED, EAGER, KernelBase
+from esper.kasmina.runtime import CompiledPackage
+from esper.kasmina.seeds import Weights, seed_module
+from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
+from esper.kasmina.training_artifact import TrainingManifest
+from esper.urza import Entry
 
 if TYPE_CHECKING:
     from esper.kasmina.kernel import Kernel
-    from esper.kasmina.loader import Kasmina
 
-COMPILED = "compiled"
-EAGER = "eager"
-# Telemetry reason codes of the training path (the inference ones live in telemetry.py).
-NO_TRAINING_ARTIFACT = "no-training-artifact"
-WEIGHTS_CHANGED = "weights-changed"
+__all__ = ["COMPILED", "EAGER", "TrainingKernel", "TrainingProgram"]
 
 
 class TrainingProgram:
-    """A loaded training artifact: the forward and backward packages wired by the manifest."""
+    """A training artifact's two programs wired by its manifest: built from the manifest and the two loaded
+    packages, by Kasmina's loader from a verified artifact or by Tezzeret from the packages it just compiled."""
 
     def __init__(self, manifest: TrainingManifest, forward: CompiledPackage, backward: CompiledPackage):
         self.manifest = m = manifest
         self._forward = forward
         self._backward = backward
+        # The CUDA device both packages run on (-1: CPU, or a stand-in program without a device).
+        self.device_index: int = getattr(forward, "device_index", -1)
         params = {s.name: i for i, s in enumerate(m.params)}
         buffers = {s.name: i for i, s in enumerate(m.buffers)}
         index = {"input": (0, None), "param": (1, params), "buffer": (2, buffers)}
@@ -155,14 +152,17 @@ class _Shared:
         entry: Entry | None,
         reason: str,
         build: Callable[[], torch.nn.Module],
-        inference: Callable[[], Kernel] | None,
+        inference: Callable[[], Kernel | None] | None,
     ):
         self.blueprint = blueprint
         self.program = program
         self.entry = entry
         self.reason = reason
         self.build = build
-        self.check = compile_check(entry.guards) if program is not None and entry and entry.guards else None
+        index = program.device_index if program is not None and program.device_index >= 0 else None
+        self.check = (
+            compile_check(entry.guards, device_index=index) if program is not None and entry and entry.guards else None
+        )
         self._inference = inference
         self._inference_kernel: Kernel | None = None
         self._schema: dict[str, TensorSpec] | None = None
@@ -180,43 +180,90 @@ class _Shared:
             self._schema = schema_of(self.build().state_dict())
         return self._schema
 
+    def seed(self, weights: Weights | None) -> torch.nn.Module:
+        """The module holding a seed's weights (a fresh build when ``None``), checked against the schema."""
+        if weights is None:
+            return self.build()
+        against = f"the training artifact of {self.blueprint!r}" + (
+            f" (Urza entry #{self.entry.id})" if self.entry is not None and self.program is not None else ""
+        )
+        return seed_module(weights, self.build, self.schema(), against=against)
 
-class TrainingKernel(torch.nn.Module):
+
+class TrainingKernel(KernelBase):
     """A seed's training kernel (see the module docstring). ``kernel.seed`` is the seed's module.
 
-    ``route`` is ``"compiled"`` when a certified training artifact is loaded, else ``"eager"``, and ``reason``
-    says why; after each call ``last_path`` says which path it took and ``calls`` counts both.
+    ``route`` is ``"compiled"`` when a training program is loaded, else ``"eager"``, and ``reason`` says why.
+    Build one with :meth:`create` (Kasmina's loader) or :meth:`for_program` (a program not loaded from Urza,
+    e.g. Tezzeret's compile-time evidence); :meth:`bind` gives another seed the same program.
     """
 
     def __init__(self, shared: _Shared, seed: torch.nn.Module):
-        super().__init__()
+        super().__init__(shared.blueprint, reason=shared.reason)
         self._shared = shared
         self.seed = seed
-        self.last_path: str | None = None
-        self.calls: Counter[str] = Counter()
-        self._warned: set[str] = set()
-        self._eval_kernels: dict[str, Kernel] = {}
+        self._eval_kernel: Kernel | None = None
         program = shared.program
         if program is not None:
             m = program.manifest
             self._param_slots = _slots(seed, [s.name for s in m.params], "_parameters")
             self._buffer_slots = _slots(seed, [s.name for s in m.buffers], "_buffers")
             trainable = set(m.trainable)
-            self._param_specs = [(s.name, getattr(torch, s.dtype), s.shape, s.name in trainable) for s in m.params]
-            self._device = entry_device(shared.entry)
+            self._param_specs = [(s.name, s.torch_dtype, s.shape, s.name in trainable) for s in m.params]
+            self._device = _entry_device(shared.entry)
         self.train()
 
-    @property
-    def blueprint(self) -> str:
-        return self._shared.blueprint
+    @classmethod
+    def create(
+        cls,
+        blueprint: str,
+        *,
+        program: TrainingProgram | None,
+        entry: Entry | None,
+        reason: str,
+        build: Callable[[], torch.nn.Module],
+        inference: Callable[[], Kernel | None] | None = None,
+        weights: Weights | None = None,
+    ) -> TrainingKernel:
+        """A kernel for a seed holding ``weights`` (the seed's module, used as is, or a state dict, copied into
+        ``build()``; a fresh ``build()`` when ``None``), checked against the program's weight schema.
+
+        ``program`` is ``None`` for an eager kernel; ``entry`` is the Urza entry it came from (its guards
+        gate compiled calls); ``inference`` builds, on first use in ``eval()`` mode, the inference kernel to
+        bind this seed's weights to (``None``: eval runs eager).
+        """
+        shared = _Shared(blueprint, program=program, entry=entry, reason=reason, build=build, inference=inference)
+        return cls(shared, shared.seed(weights))
+
+    @classmethod
+    def for_program(
+        cls,
+        blueprint: str,
+        *,
+        program: TrainingProgram,
+        entry: Entry,
+        build: Callable[[], torch.nn.Module],
+        seed: torch.nn.Module,
+    ) -> TrainingKernel:
+        """A compiled kernel running ``program`` for ``seed`` (a module, used as is), gated by ``entry``'s
+        guards, with no inference kernel for ``eval()``: what Tezzeret measures before anything is stored."""
+        return cls.create(
+            blueprint,
+            program=program,
+            entry=entry,
+            reason=f"training program for entry #{entry.id}" if entry.id is not None else "training program",
+            build=build,
+            weights=seed,
+        )
 
     @property
     def entry(self) -> Entry | None:
         return self._shared.entry
 
     @property
-    def reason(self) -> str:
-        return self._shared.reason
+    def program(self) -> TrainingProgram | None:
+        """The loaded training program every seed of this kernel shares (``None`` when eager)."""
+        return self._shared.program
 
     @property
     def route(self) -> str:
@@ -225,7 +272,7 @@ class TrainingKernel(torch.nn.Module):
     def bind(self, weights: Weights) -> TrainingKernel:
         """A kernel for another seed of the same blueprint: same compiled code, ``weights`` its own (a module,
         used as is, or a state dict, copied into a fresh build). Checked against the artifact's schema."""
-        return TrainingKernel(self._shared, _seed(self._shared, weights))
+        return TrainingKernel(self._shared, self._shared.seed(weights))
 
     def check(self, *args: Any) -> str | None:
         """Why the compiled training path would refuse this call (``None``: it accepts it)."""
@@ -245,7 +292,14 @@ class TrainingKernel(torch.nn.Module):
                 return f"parameter {name!r} is not contiguous"
         return None
 
-    def forward(self, *args: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            entry = self._shared.entry
+            positional = self.positional(entry.guards if entry is not None else None, args, kwargs)
+            if positional is None:
+                self.took(EAGER)
+                return self.seed(*args, **kwargs)
+            args = positional
         if not self.training:
             return self._evaluate(args)
         program = self._shared.program
@@ -253,14 +307,12 @@ class TrainingKernel(torch.nn.Module):
             why = self._shared.check(args) if self._shared.check is not None else "no guard schema"
             code = telemetry.OUTSIDE_GUARDS
             if why is None:
-                why, code = self._weights_problem(), WEIGHTS_CHANGED
+                why, code = self._weights_problem(), telemetry.WEIGHTS_CHANGED
             if why is None:
-                self.last_path = COMPILED
-                self.calls[COMPILED] += 1
+                self.took(COMPILED)
                 return self._compiled(program, args)
-            self._warn_once(code, f"{why}; this training call runs eager")
-        self.last_path = EAGER
-        self.calls[EAGER] += 1
+            self.warn_once(code, f"{why}; this training call runs eager")
+        self.took(EAGER)
         return self.seed(*args)
 
     def _compiled(self, program: TrainingProgram, args: Sequence[torch.Tensor]) -> Any:
@@ -278,199 +330,25 @@ class TrainingKernel(torch.nn.Module):
         """Eval mode: the certified inference kernel bound to this seed, or eager."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.seed.parameters()):
             # The inference artifact has no backward: a graph through the weights needs eager.
-            self.last_path = EAGER
-            self.calls[EAGER] += 1
+            self.took(EAGER)
             return self.seed(*args)
-        kernel = self._eval_kernels.get("bound")
+        kernel = self._eval_kernel
         if kernel is None:
             base = self._shared.inference_kernel()
             kernel = base.bind(self.seed) if base is not None else None
-            if kernel is not None:
-                self._eval_kernels["bound"] = kernel
+            # Set past nn.Module.__setattr__: the bound kernel holds the seed's module, a submodule already.
+            object.__setattr__(self, "_eval_kernel", kernel)
         if kernel is None:
-            self.last_path = EAGER
-            self.calls[EAGER] += 1
+            self.took(EAGER)
             return self.seed(*args)
         out = kernel(*args)
-        self.last_path = kernel.last_path
-        self.calls[kernel.last_path or EAGER] += 1
+        self.took(kernel.last_path or EAGER)
         return out
-
-    def _warn_once(self, code: str, detail: str) -> None:
-        if detail not in self._warned:
-            self._warned.add(detail)
-            telemetry.fallback(self.blueprint, code, detail)
 
     def extra_repr(self) -> str:
         entry = f"entry=#{self.entry.id}, " if self.entry is not None else ""
         return f"{self.blueprint!r}, route={self.route}, {entry}reason={self.reason!r}"
 
 
-def entry_device(entry: Entry | None) -> str:
+def _entry_device(entry: Entry | None) -> str:
     return entry.guards.device if entry is not None and entry.guards is not None else "cpu"
-
-
-def _seed(shared: _Shared, weights: Weights | None) -> torch.nn.Module:
-    if weights is None:
-        return shared.build()
-    against = f"the training artifact of {shared.blueprint!r}" + (
-        f" (Urza entry #{shared.entry.id})" if shared.entry is not None and shared.program is not None else ""
-    )
-    return seed_module(weights, shared.build, shared.schema(), against=against)
-
-
-# -- loading -------------------------------------------------------------------------------------------
-
-
-class _Unusable(Exception):
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code, self.detail = code, detail
-
-
-def choose_training_entry(entries: Sequence[Entry], key: compat.CompatKey) -> Entry:
-    """The newest certified training entry built for ``key`` among one blueprint's entries (newest first): a
-    compiled artifact, or an eager route certification chose by measurement. Raises with the reason there is
-    none; a blueprint's recorded eager training route (dropout, a failed export) names its reason."""
-    training = [e for e in entries if is_training_entry(e)]
-    if not training:
-        raise _Unusable(NO_TRAINING_ARTIFACT, "Urza has no training artifact for it")
-    certified = [e for e in training if e.status == "certified"]
-    for e in certified:
-        if key.mismatch(e.compat) is None:
-            return e
-    if certified:
-        newest = certified[0]
-        raise _Unusable(telemetry.INCOMPATIBLE, f"training entry #{newest.id}: {key.mismatch(newest.compat)}")
-    newest = training[0]
-    if newest.kind == "eager":
-        raise _Unusable(NO_TRAINING_ARTIFACT, f"eager training route (entry #{newest.id}): {newest.failure_reason}")
-    why = f": {newest.failure_reason}" if newest.failure_reason else ""
-    raise _Unusable(
-        NO_TRAINING_ARTIFACT, f"no certified training artifact (newest is #{newest.id}, {newest.status}{why})"
-    )
-
-
-def _pick(entries: Sequence[Entry], key: compat.CompatKey, entry_id: int | None) -> Entry:
-    if entry_id is None:
-        return choose_training_entry(entries, key)
-    entry = next((e for e in entries if e.id == entry_id and is_training_entry(e) and e.kind == "aoti"), None)
-    if entry is None:
-        raise _Unusable(NO_TRAINING_ARTIFACT, f"entry #{entry_id} is not a compiled training artifact")
-    mismatch = key.mismatch(entry.compat)
-    if mismatch:
-        raise _Unusable(telemetry.INCOMPATIBLE, f"training entry #{entry_id} is incompatible: {mismatch}")
-    return entry
-
-
-# Loaded programs by (artifact checksum, device index): every kernel of one artifact shares one.
-_programs: weakref.WeakValueDictionary[tuple[str, int], TrainingProgram] = weakref.WeakValueDictionary()
-
-
-def _program(path: Any, entry: Entry, device_index: int) -> TrainingProgram:
-    cached = _programs.get((entry.checksum, device_index))
-    if cached is not None:
-        return cached
-    try:
-        manifest, forward, backward = open_artifact(path, device_index=device_index)
-    except (ArtifactFormatError, PackageLoadError, ValueError) as e:
-        raise _Unusable(telemetry.LOAD_FAILED, f"training entry #{entry.id}: {e}") from e
-    program = TrainingProgram(manifest, forward, backward)
-    _programs[(entry.checksum, device_index)] = program
-    return program
-
-
-def _prewarm(program: TrainingProgram, entry: Entry, module: torch.nn.Module, device: torch.device) -> None:
-    """One forward and backward at the smallest accepted shape, on copies of the buffers (nothing moves)."""
-    assert entry.guards is not None
-    sizes = {n: lo for n, (lo, _) in entry.guards.dim_ranges().items()}
-    args = [
-        torch.zeros(s, dtype=getattr(torch, g.dtype), device=device)
-        for s, g in zip(entry.guards.shapes(sizes), entry.guards.inputs, strict=True)
-    ]
-    m = program.manifest
-    state = module.state_dict()
-    params = [state[s.name].detach() for s in m.params]
-    buffers = [state[s.name].detach().clone() for s in m.buffers]
-    try:
-        with torch.no_grad():
-            outputs, saved, shape = program.forward(args, params, buffers)
-            program.backward(shape, saved, [torch.zeros_like(o) for o in outputs])
-    except Exception as e:
-        raise _Unusable(telemetry.LOAD_FAILED, f"pre-warm of training entry #{entry.id} failed: {e}") from e
-
-
-def load_training(
-    kasmina: Kasmina, name: str, weights: Weights | None = None, *, entry_id: int | None = None
-) -> TrainingKernel:
-    """A :class:`TrainingKernel` for blueprint ``name`` bound to ``weights`` (the builder's when ``None``):
-    compiled when Urza holds a certified training artifact for this process, else eager (with a WARNING,
-    unless certification chose eager by measurement). ``entry_id`` loads that artifact whatever its status
-    (certification tests an artifact through this very path before certifying it)."""
-    started = time.perf_counter()
-    device = kasmina.device
-    index = -1 if device.type == "cpu" else (device.index or 0)
-
-    def build() -> torch.nn.Module:
-        return kasmina.catalog.get(name).build().to(device)
-
-    def inference() -> Kernel:
-        return kasmina.load_seeds(name)
-
-    def eager(entry: Entry | None, reason: str) -> TrainingKernel:
-        shared = _Shared(name, program=None, entry=entry, reason=reason, build=build, inference=inference)
-        return TrainingKernel(shared, _seed(shared, weights))
-
-    entry: Entry | None = None
-    try:
-        try:
-            urza = Urza(kasmina.urza_path, readonly=True)
-        except UrzaError as e:
-            raise _Unusable(telemetry.URZA_UNAVAILABLE, str(e)) from e
-        try:
-            entry = _pick(urza.entries(name), kasmina.key, entry_id)
-            if entry.kind == "eager":
-                telemetry.eager_by_evidence(name, f"{entry.profile} (training)", entry.id)
-                note = entry.meta.get("training", {}).get("reason", "measured faster than the compiled step")
-                return eager(entry, f"certified to train eager (entry #{entry.id}): {note}")
-            if entry.guards is None:
-                raise _Unusable(telemetry.INTEGRITY, f"training entry #{entry.id} has no guard schema")
-            path = _verified(kasmina, urza, entry)
-        finally:
-            urza.close()
-        program = _program(path, entry, index)
-        _prewarm(program, entry, build(), device)
-    except _Unusable as u:
-        telemetry.fallback(name, u.code, u.detail)
-        return eager(entry, u.detail)
-    shared = _Shared(
-        name,
-        program=program,
-        entry=entry,
-        reason=f"training entry #{entry.id} ({entry.status})",
-        build=build,
-        inference=inference,
-    )
-    kernel = TrainingKernel(shared, _seed(shared, weights))
-    telemetry.loaded(name, [entry.id], time.perf_counter() - started)
-    return kernel
-
-
-def _verified(kasmina: Kasmina, urza: Urza, entry: Entry) -> Any:
-    """The artifact's path once Kasmina's own checks (signature when configured, size and sha256) pass."""
-    from esper.kasmina.loader import Unusable
-
-    try:
-        return kasmina._verified(urza, entry)
-    except Unusable as u:
-        raise _Unusable(u.code, u.detail) from u
-
-
-__all__ = [
-    "COMPILED",
-    "EAGER",
-    "TrainingKernel",
-    "TrainingProgram",
-    "choose_training_entry",
-    "load_training",
-]

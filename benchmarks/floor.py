@@ -1,0 +1,231 @@
+"""The floor (issue 14, P3): what the raw AOTInductor runner costs per call, and Kasmina's own overhead above it.
+
+    .venv/bin/python -m benchmarks.floor [--urza PATH] [--catalog DIR] [--blueprint NAME ...] [--rounds N]
+        [--number N] [--json PATH]
+
+Per blueprint with a certified compiled route in ``--urza`` (default ``.esper/bench/urza.db``, which
+``pytest benchmarks`` fills), at its smallest representative shape (the one where the overhead weighs most),
+under ``torch.no_grad()``:
+
+- ``raw``: the C++ loader's ``run`` called directly in a tight loop (``AOTIModelPackageLoader.run``, inputs
+  already a list): the runner with nothing of ours around it. The loop's own cost (about 30 ns a call) is
+  inside it, so the overhead below is, if anything, understated by that much.
+- ``raw_timer``: the same call timed by ``torch.utils.benchmark.Timer`` (blocked autorange), as a cross-check.
+- ``package``: :class:`~esper.kasmina.runtime.CompiledPackage` (lock, output unflattening).
+- ``kernel``: the Kasmina kernel, ``kernel(*args)``: ``nn.Module.__call__``, guard, routing, the grad check,
+  contiguity, bookkeeping, lock, output. ``kernel_grad`` is the same call with grad mode on (the default).
+- ``select``: guard + routing alone (``Kernel.select``), and ``eager`` for scale.
+
+Paths are interleaved: every round runs each path ``--number`` times in a shuffled order, and the figure is
+the median of per-round per-call times with the spread (min-max of the round medians). The overhead is
+``kernel - raw``; the target is ``<= max(2 us, 5% of raw)``. Writes ``.esper/bench/floor.json`` (and
+``floor.md``) unless ``--json`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_US = 2.0
+TARGET_SHARE = 0.05
+
+
+# The clock: wall time (what a caller waits), or this thread's CPU time, which a busy machine's preemptions do
+# not inflate (only for figures dominated by the calling thread, as this script's are: a small kernel's
+# runner stays on it). Set by --clock.
+CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
+clock = time.perf_counter_ns
+
+
+def per_call_us(fn: Callable[[], Any], number: int) -> float:
+    """Mean microseconds per call over ``number`` back-to-back calls."""
+    t0 = clock()
+    for _ in range(number):
+        fn()
+    return (clock() - t0) / number / 1e3
+
+
+def raw_loop_us(run: Callable[[list[torch.Tensor]], Any], args: list[torch.Tensor], number: int) -> float:
+    """The loader's ``run`` in the tightest loop Python allows (no lambda, no attribute lookups)."""
+    t0 = clock()
+    for _ in range(number):
+        run(args)
+    return (clock() - t0) / number / 1e3
+
+
+def interleaved(paths: dict[str, Callable[[], float]], rounds: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Run every path once per round in a shuffled order; median and spread of the per-round figures."""
+    rng = random.Random(seed)
+    samples: dict[str, list[float]] = {k: [] for k in paths}
+    names = list(paths)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            samples[name].append(paths[name]())
+    return {
+        k: {"us": statistics.median(v), "min_us": min(v), "max_us": max(v), "rounds": len(v)}
+        for k, v in samples.items()
+    }
+
+
+def smallest_shape(bp: Any) -> dict[str, int]:
+    """The representative shape with the fewest input elements."""
+    from esper.inputs import example_inputs
+
+    return min((dict(r) for r in bp.representative), key=lambda s: sum(a.numel() for a in example_inputs(bp, s)))
+
+
+def timer_us(run: Callable[[list[torch.Tensor]], Any], args: list[torch.Tensor]) -> float:
+    from torch.utils.benchmark import Timer
+
+    m = Timer("run(args)", globals={"run": run, "args": args}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.2
+    )
+    return m.median * 1e6
+
+
+def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int) -> dict[str, Any]:
+    from esper.inputs import example_inputs
+    from esper.kasmina.runtime import CompiledPackage
+
+    sizes = smallest_shape(bp)
+    args = example_inputs(bp, sizes)
+    route, why = kernel.select(args)
+    if route is None or route.package is None:
+        return {"shape": sizes, "skipped": why or "this shape routes eager"}
+    with torch.no_grad():
+        kernel(*args)  # a deferred route loads on its first call
+    route, _ = kernel.select(args)
+    package = route.package
+    if not isinstance(package, CompiledPackage):
+        return {"shape": sizes, "skipped": f"the route calls a {type(package).__name__}"}
+    run = package._loader.run  # the private C++ loader, on purpose: this is the floor under our wrapper
+    flat = [a.contiguous() for a in args]
+    eager = bp.build().eval()
+    select = kernel.select
+
+    def grad_kernel() -> float:
+        with torch.enable_grad():
+            return per_call_us(lambda: kernel(*args), number)
+
+    paths: dict[str, Callable[[], float]] = {
+        "raw": lambda: raw_loop_us(run, flat, number),
+        "package": lambda: per_call_us(lambda: package(flat), number),
+        "kernel": lambda: per_call_us(lambda: kernel(*args), number),
+        "kernel_grad": grad_kernel,
+        "select": lambda: per_call_us(lambda: select(args), number),
+        "eager": lambda: per_call_us(lambda: eager(*args), max(1, number // 4)),
+    }
+    with torch.no_grad():
+        for fn in paths.values():
+            fn()  # warm every path once
+        figures = interleaved(paths, rounds)
+        raw_timer = timer_us(run, flat)
+    raw = figures["raw"]["us"]
+    overhead = figures["kernel"]["us"] - raw
+    target = max(TARGET_US, TARGET_SHARE * raw)
+    return {
+        "shape": sizes,
+        "paths": figures,
+        "raw_timer_us": raw_timer,
+        "overhead_us": overhead,
+        "overhead_grad_us": figures["kernel_grad"]["us"] - raw,
+        "overhead_share": overhead / raw if raw > 0 else None,
+        "target_us": target,
+        "meets_target": overhead <= target,
+        "routes": len(kernel.routes),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"Floor: {results['machine']}, {results.get('clock', 'wall')} clock (median of {results['rounds']} "
+        "interleaved rounds; [min-max] of rounds)",
+        "",
+        "| blueprint | shape | raw run us | Timer us | package us | kernel us | overhead us (grad on) | target us |"
+        " select us | eager us |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in sorted(results["blueprints"].items()):
+        if "skipped" in r:
+            lines.append(f"| {name} | {r['shape']} | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        p = r["paths"]
+
+        def cell(k: str, p: dict[str, Any] = p) -> str:
+            return f"{p[k]['us']:.2f} [{p[k]['min_us']:.2f}-{p[k]['max_us']:.2f}]"
+
+        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+        lines.append(
+            f"| {name} | {shape} | {cell('raw')} | {r['raw_timer_us']:.2f} | {cell('package')} | {cell('kernel')} "
+            f"| {r['overhead_us']:.2f} ({r['overhead_grad_us']:.2f}) | {r['target_us']:.2f}"
+            f"{'' if r['meets_target'] else ' MISSED'} | {cell('select')} | {cell('eager')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_floor(urza: Path, catalog_dir: Path, names: list[str], *, rounds: int, number: int) -> dict[str, Any]:
+    from esper.catalog import load_catalog
+    from esper.kasmina import Kasmina
+
+    catalog = load_catalog([catalog_dir])
+    chosen = catalog.select(names)
+    kasmina = Kasmina(urza, catalog=catalog)
+    out: dict[str, Any] = {
+        "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{torch.backends.cpu.get_cpu_capability()}",
+        "rounds": rounds,
+        "number": number,
+        "clock": "thread" if clock is time.thread_time_ns else "wall",
+        "blueprints": {},
+    }
+    for bp in chosen:
+        kernel = kasmina.load(bp.name)
+        if kernel.route != "compiled":
+            out["blueprints"][bp.name] = {"shape": smallest_shape(bp), "skipped": kernel.reason}
+            continue
+        out["blueprints"][bp.name] = r = measure_blueprint(kernel, bp, rounds=rounds, number=number)
+        if "skipped" not in r:
+            print(
+                f"{bp.name}: raw {r['paths']['raw']['us']:.2f} us, kernel {r['paths']['kernel']['us']:.2f} us, "
+                f"overhead {r['overhead_us']:.2f} us (target {r['target_us']:.2f})",
+                flush=True,
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--urza", type=Path, default=ROOT / ".esper" / "bench" / "urza.db")
+    parser.add_argument("--catalog", type=Path, default=ROOT / "blueprints")
+    parser.add_argument("--blueprint", action="append", default=[], help="only these (repeatable)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--number", type=int, default=2000, help="calls per path per round")
+    parser.add_argument("--json", type=Path, default=ROOT / ".esper" / "bench" / "floor.json")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or this thread's CPU time (busy machine)"
+    )
+    a = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS[a.clock]
+    results = run_floor(a.urza, a.catalog, a.blueprint, rounds=a.rounds, number=a.number)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(results, indent=2) + "\n")
+    a.json.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""What differs between certifying one artifact kind and another: a small interface, one class per kind.
+
+:class:`~esper.certification.run.Certification` is the one skeleton (compile, parity, guards, latency,
+select, budgets, publish); it asks its :class:`KindChecks` only what a kind changes:
+
+- inference: the forward pass of a kernel loaded with ``Kasmina.load_entry``, judged under ``no_grad``
+  against the eval-mode module and its float64 copy; the budget's p95 limits apply.
+- training: one training step (forward and backward, weights as inputs) of a seed bound to the kernel that
+  ``Kasmina.load_training`` loads, judged against eager autograd and the same step in float64
+  (:func:`esper.gradients.exact_step`): the output, every input and parameter gradient, every floating
+  buffer the step mutates; the budget's ratio cap applies, not its p95 limits (declared for the forward
+  pass). ``ESPER_CERTIFY_TRAINING=0`` turns the training checks off.
+
+Both judge with :func:`esper.parity.judge` (see there for the rule); :meth:`KindChecks.expected` computes the
+eager and float64 side of a case once, so that every candidate of a profile is judged against the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.utils import _pytree as pytree
+
+from esper.artifacts import ArtifactKind
+from esper.blueprint import Blueprint
+from esper.catalog import Catalog
+from esper.coverage import ValueCase
+from esper.gradients import exact_step, floating_buffers, gradients, step, upstream
+from esper.guards import GuardSchema
+from esper.inputs import Regime
+from esper.kasmina import COMPILED, Kasmina
+from esper.parity import ParityVerdict, float64_copy, judge, nondeterministic, to_float64
+from esper.tezzeret.compiler import CompileOutcome, Tezzeret
+from esper.urza import Entry, Urza
+from esper.variants import VARIANTS
+
+TRAINING_ENV = "ESPER_CERTIFY_TRAINING"
+
+
+def training_enabled() -> bool:
+    """Whether training checks run (``ESPER_CERTIFY_TRAINING`` unset, or not 0/no/false/off)."""
+    return os.environ.get(TRAINING_ENV, "1").strip().lower() not in ("0", "no", "false", "off")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a parity case is judged against, computed once per case and reused for every candidate: eager's
+    float32 result and the float64 reference (eager on float64 copies of the module and the inputs), each a
+    dict ``{"output": ..., "gradient": {...}, "buffer": {...}}`` of the parts the kind compares."""
+
+    eager: Mapping[str, Any]
+    exact: Mapping[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        leaves = pytree.tree_leaves([dict(self.eager), dict(self.exact)])
+        return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _detached(x: Any) -> Any:
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
+
+
+class KindChecks(ABC):
+    """The checks of one artifact kind for one blueprint on one device (see the module docstring)."""
+
+    artifact: ClassVar[ArtifactKind]
+    # Whether a timed call records autograd.
+    grad_enabled: ClassVar[bool]
+    # Whether the blueprint's p95 limits (declared for the forward pass) apply to this kind's latency.
+    p95_budget: ClassVar[bool]
+
+    def __init__(self, bp: Blueprint, urza_path: Path, device: str = "cpu"):
+        self.bp, self.urza_path, self.device = bp, urza_path, device
+        self._eager: torch.nn.Module | None = None
+        self._float64: torch.nn.Module | None = None
+        self._built: torch.nn.Module | None = None
+
+    def disabled(self) -> str | None:
+        """Why this kind is not certified in this run (``None``: it is)."""
+        return None
+
+    def compile(self, *, profile: str, variant: str) -> CompileOutcome:
+        """Compile one candidate with Tezzeret, or reuse the entry with the same content hash and key."""
+        with Urza(self.urza_path) as urza:
+            return Tezzeret(urza, device=self.device).compile(
+                self.bp, artifact=self.artifact, variant=VARIANTS[variant], profile=profile
+            )
+
+    def kasmina(self) -> Kasmina:
+        """A Kasmina over this certification's Urza that knows only this blueprint."""
+        return Kasmina(self.urza_path, catalog=Catalog({self.bp.name: self.bp}), device=self.device)
+
+    @abstractmethod
+    def load(self, entry_id: int) -> Any:
+        """The entry loaded exactly as Kasmina loads it for a run (checksum, C++ loader, pre-warm, guards)."""
+
+    def built(self) -> torch.nn.Module:
+        """A fresh copy of the blueprint's module as its builder returns it: built once, then deep-copied
+        (building seeds torch's RNG, which costs more than a small module's whole parity case)."""
+        if self._built is None:
+            self._built = self.bp.build().to(self.device)
+        return copy.deepcopy(self._built)
+
+    def eager(self) -> torch.nn.Module:
+        """The timing reference: the blueprint's own module, built independently of any kernel."""
+        if self._eager is None:
+            self._eager = self.reference()
+        return self._eager
+
+    @abstractmethod
+    def reference(self) -> torch.nn.Module:
+        """A fresh module of the blueprint in the mode this kind runs it in."""
+
+    def parity_regime(self, regime: Regime) -> Regime:
+        """The value regime a drawn parity case runs in (a kind may exclude points where results are undefined)."""
+        return regime
+
+    def value_case(self, case: ValueCase) -> ValueCase:
+        """The value case a planned parity case runs in (the same exclusions as :meth:`parity_regime`)."""
+        return case
+
+    @abstractmethod
+    def expected(self, args: Sequence[torch.Tensor], seed: int) -> Expected:
+        """Eager's float32 result and the float64 reference on ``args`` (``seed``: a training step's upstream
+        gradient): computed once per case, reused for every candidate."""
+
+    @abstractmethod
+    def judge(
+        self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int
+    ) -> tuple[str | None, dict[str, ParityVerdict]]:
+        """Run one accepted parity case through ``kernel``: the path the compiled side took, and one
+        :func:`esper.parity.judge` verdict per part the kind compares (``output``; ``gradient``, ``buffer``)."""
+
+    @abstractmethod
+    def nondeterministic(self, args: Sequence[torch.Tensor]) -> bool:
+        """Whether eager gives different results in two identical runs on ``args``."""
+
+    def _judged(self, part: str, got: Any, expected: Expected) -> ParityVerdict:
+        tol = self.bp.tolerance
+        return judge(got, expected.eager[part], expected.exact[part], atol=tol.atol, rtol=tol.rtol, label=part)
+
+    @abstractmethod
+    def run_refused(self, kernel: Any, args: Sequence[torch.Tensor]) -> tuple[str | None, int]:
+        """Call with inputs the guards refuse: the path the call took and how many compiled calls it made."""
+
+    @abstractmethod
+    def timed(self, module: Any, args: Sequence[torch.Tensor]) -> Callable[[], Any]:
+        """The call to time: ``module`` (a kernel or :meth:`eager`) on ``args``."""
+
+    def store_eager_route(
+        self, urza: Urza, *, profile: str, guards: GuardSchema | None, evidence: Mapping[str, Any], reason: str
+    ) -> Entry:
+        """A certified eager route for ``profile``: certification measured eager fastest there."""
+        return Tezzeret(urza, device=self.device).store_eager_route(
+            self.bp, artifact=self.artifact, profile=profile, guards=guards, evidence=dict(evidence), reason=reason
+        )
+
+
+class InferenceChecks(KindChecks):
+    """The forward pass, under ``no_grad``, against the eval-mode module."""
+
+    artifact = ArtifactKind.INFERENCE
+    grad_enabled = False
+    p95_budget = True
+
+    def load(self, entry_id: int) -> Any:
+        return self.kasmina().load_entry(self.bp.name, entry_id)
+
+    def reference(self) -> torch.nn.Module:
+        return self.built().eval()
+
+    def _double(self) -> torch.nn.Module:
+        if self._float64 is None:
+            self._float64 = float64_copy(self.eager())
+        return self._float64
+
+    def expected(self, args: Sequence[torch.Tensor], seed: int) -> Expected:
+        with torch.no_grad():
+            return Expected({"output": self.eager()(*args)}, {"output": self._double()(*to_float64(args))})
+
+    def judge(
+        self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int
+    ) -> tuple[str | None, dict[str, ParityVerdict]]:
+        with torch.no_grad():
+            got = kernel(*args)
+        return kernel.last_path, {"output": self._judged("output", got, expected)}
+
+    def nondeterministic(self, args: Sequence[torch.Tensor]) -> bool:
+        with torch.no_grad():
+            return nondeterministic(lambda: self.eager()(*args))
+
+    def run_refused(self, kernel: Any, args: Sequence[torch.Tensor]) -> tuple[str | None, int]:
+        before = kernel.calls[COMPILED]
+        # Eager may rightly reject these inputs; what matters is the path the call took.
+        with torch.no_grad(), contextlib.suppress(Exception):
+            kernel(*args)
+        return kernel.last_path, kernel.calls[COMPILED] - before
+
+    def timed(self, module: Any, args: Sequence[torch.Tensor]) -> Callable[[], Any]:
+        return lambda: module(*args)
+
+
+class TrainingChecks(KindChecks):
+    """One training step of a seed bound to the kernel, against eager autograd on a fresh module."""
+
+    artifact = ArtifactKind.TRAINING
+    grad_enabled = True
+    p95_budget = False
+
+    def disabled(self) -> str | None:
+        return None if training_enabled() else f"training certification is off ({TRAINING_ENV}=0)"
+
+    def load(self, entry_id: int) -> Any:
+        return self.kasmina().load_training(self.bp.name, entry_id=entry_id)
+
+    def reference(self) -> torch.nn.Module:
+        return self.built().train()
+
+    def parity_regime(self, regime: Regime) -> Regime:
+        # An all-zero input puts e.g. a zero-bias BatchNorm's output exactly on ReLU's kink, where the gradient
+        # is implementation-defined: compare gradients at differentiable points only.
+        return replace(regime, zeros="some") if regime.zeros == "all" else regime
+
+    def value_case(self, case: ValueCase) -> ValueCase:
+        return replace(case, regime="some-zeros") if case.regime == "all-zeros" else case
+
+    def _eager_step(self, module: torch.nn.Module, args: Sequence[torch.Tensor], seed: int) -> dict[str, Any]:
+        out, grads = gradients(module, args, seed=seed)
+        return {"output": _detached(out), "gradient": grads, "buffer": floating_buffers(module)}
+
+    def expected(self, args: Sequence[torch.Tensor], seed: int) -> Expected:
+        # Fresh modules: a step mutates buffers (BatchNorm statistics) that later cases would read.
+        fresh = self.reference()
+        out, grads, buffers = exact_step(fresh, args, seed=seed)  # a float64 copy: `fresh` is untouched
+        exact = {"output": _detached(out), "gradient": grads, "buffer": buffers}
+        return Expected(self._eager_step(fresh, args, seed), exact)
+
+    def judge(
+        self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int
+    ) -> tuple[str | None, dict[str, ParityVerdict]]:
+        bound = kernel.bind(self.built())
+        out, grads = gradients(bound, args, seed=seed, weights=bound.seed)
+        path = bound.last_path
+        want = expected.eager["gradient"]
+        # Gradients by name, in eager's order; a name missing on either side is a structural failure.
+        got_grads = {n: grads.get(n) for n in want} if set(grads) == set(want) else grads
+        got = {"output": _detached(out), "gradient": got_grads, "buffer": floating_buffers(bound.seed)}
+        return path, {part: self._judged(part, got[part], expected) for part in ("output", "gradient", "buffer")}
+
+    def nondeterministic(self, args: Sequence[torch.Tensor]) -> bool:
+        return nondeterministic(lambda: self._eager_step(self.reference(), args, 0))
+
+    def run_refused(self, kernel: Any, args: Sequence[torch.Tensor]) -> tuple[str | None, int]:
+        seed = kernel.bind(self.built())
+        # Eager may rightly reject these inputs; what matters is the path the call took.
+        with contextlib.suppress(Exception):
+            seed(*args)
+        return seed.last_path, seed.calls[COMPILED]
+
+    def timed(self, module: Any, args: Sequence[torch.Tensor]) -> Callable[[], Any]:
+        inputs = [a.detach().requires_grad_(a.is_floating_point()) for a in args]
+        with torch.no_grad():
+            flat = [t for t in pytree.tree_leaves(self.eager()(*inputs)) if isinstance(t, torch.Tensor)]
+        grads = upstream(flat)
+        return lambda: step(module, inputs, grads)
+
+
+KINDS: dict[ArtifactKind, type[KindChecks]] = {
+    ArtifactKind.INFERENCE: InferenceChecks,
+    ArtifactKind.TRAINING: TrainingChecks,
+}

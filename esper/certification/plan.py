@@ -1,0 +1,94 @@
+"""What a blueprint's certification checks, per artifact kind: pure functions of the declaration.
+
+The generated module lists these values and the certification run iterates over them, so both read them from
+here. A *candidate* is one shape profile compiled under one Inductor variant, named ``"profile/variant"``.
+Inference competes every profile under every variant the blueprint allows; the training artifact is one
+candidate, the whole declared range under the default variant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from esper import coverage
+from esper.artifacts import ArtifactKind
+from esper.blueprint import Blueprint
+from esper.profiles import DEFAULT_PROFILE, contains
+
+Ranges = Mapping[str, tuple[int, int]]
+
+DEFAULT_VARIANT = "default"
+
+
+def profiles(bp: Blueprint, artifact: ArtifactKind) -> dict[str, dict[str, tuple[int, int]]]:
+    """The shape profiles certified for ``artifact``, each with its dim ranges."""
+    if artifact is ArtifactKind.TRAINING:
+        return {DEFAULT_PROFILE: {n: (d.min, d.max) for n, d in bp.dims.items()}}
+    return bp.profiles()
+
+
+def variants(bp: Blueprint, artifact: ArtifactKind) -> tuple[str, ...]:
+    """The Inductor variants that compete for ``artifact``."""
+    return (DEFAULT_VARIANT,) if artifact is ArtifactKind.TRAINING else tuple(bp.variants)
+
+
+def candidate_ids(bp: Blueprint, artifact: ArtifactKind) -> list[str]:
+    """Every candidate of ``artifact``, ``"profile/variant"``, profiles in declaration order."""
+    return [f"{p}/{v}" for p in profiles(bp, artifact) for v in variants(bp, artifact)]
+
+
+def shape_labels(bp: Blueprint) -> dict[str, dict[str, int]]:
+    """The representative shapes by label (``"batch=8"``), in declaration order."""
+    return {Blueprint.shape_label(r): dict(r) for r in bp.representative}
+
+
+def labels_in(bp: Blueprint, ranges: Ranges) -> list[str]:
+    """The labels of the representative shapes inside ``ranges``."""
+    return [label for label, sizes in shape_labels(bp).items() if contains(ranges, sizes)]
+
+
+def latency_cases(bp: Blueprint, artifact: ArtifactKind) -> list[tuple[str, str]]:
+    """``(candidate, shape label)`` pairs to time against eager (interleaved, in the same test): each
+    candidate at the representative shapes inside its profile."""
+    cases = []
+    for pname, ranges in profiles(bp, artifact).items():
+        for v in variants(bp, artifact):
+            cases += [(f"{pname}/{v}", label) for label in labels_in(bp, ranges)]
+    return cases
+
+
+# The planned parity cases of a profile (esper.coverage.plan), sized so that the whole catalog certifies cold
+# within 10 minutes on 2 cores (compiling takes most of it): every representative and edge shape under every
+# value regime, PARITY_SEEDS seed(s); EXTRA_SEEDS more seeds of every regime at the smallest representative
+# shape (the cheapest; the largest shapes cost most: at conv_bn_relu's 32x64x64 a float64 training step is
+# most of the profile's parity time); every size of each dim (up to EVERY_SIZE_CAP values) with SWEEP_SEEDS
+# seed, the regimes rotating; pairwise sizes of every two dims thinned to PAIR_BUDGET shapes, PAIR_SEEDS each.
+PARITY_SEEDS = 1
+EXTRA_SEEDS = 2
+SWEEP_SEEDS = 1
+PAIR_SEEDS = 1
+EVERY_SIZE_CAP = coverage.EVERY_SIZE_CAP
+PAIR_BUDGET = 48
+
+
+def parity_cases(bp: Blueprint, ranges: Ranges) -> list[coverage.Case]:
+    """The deterministic parity cases of one profile (see the constants above)."""
+    cases = coverage.plan(
+        dict(ranges),
+        bp.representative,
+        seeds=PARITY_SEEDS,
+        sweep_seeds=SWEEP_SEEDS,
+        pair_seeds=PAIR_SEEDS,
+        cap=EVERY_SIZE_CAP,
+        budget=PAIR_BUDGET,
+    )
+    inside = [dict(r) for r in bp.representative if contains(ranges, r)]
+    if inside:
+        smallest = {n: int(v) for n, v in min(inside, key=lambda r: math.prod(r.values())).items() if n in ranges}
+        cases += [
+            coverage.Case(smallest, coverage.ValueCase(regime, PARITY_SEEDS + k))
+            for k in range(EXTRA_SEEDS)
+            for regime in coverage.VALUE_REGIMES
+        ]
+    return cases

@@ -1,0 +1,81 @@
+"""What every Kasmina kernel keeps, whatever artifact kind it runs: its route and the reason for it, which
+path the last call took, per-path call counts, and one WARNING per kind of refusal.
+
+Subclasses (:class:`~esper.kasmina.kernel.Kernel` for inference,
+:class:`~esper.kasmina.training_kernel.TrainingKernel` for training) add only how a call is dispatched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+
+from esper.guards import GuardSchema, bind_arguments
+from esper.kasmina import telemetry
+from esper.urza import Entry
+
+COMPILED = "compiled"
+EAGER = "eager"
+
+
+def refusal_kind(detail: str) -> str:
+    """The kind of a refusal: its detail with every number replaced by ``N`` (``"dim 0 is 65"`` and
+    ``"dim 0 is 70"`` are one kind), so a loop over out-of-range sizes is one WARNING, not one per size."""
+    return re.sub(r"\d+", "N", detail)
+
+
+class KernelBase(torch.nn.Module):
+    """The bookkeeping shared by every kernel.
+
+    ``route`` is ``"compiled"`` when compiled code is loaded, else ``"eager"``; ``reason`` says why (or why
+    not). After each call ``last_path`` says which path that call took and ``calls`` counts both. Both are
+    unsynchronized diagnostics: with several threads calling one kernel they describe some recent call.
+    """
+
+    def __init__(self, blueprint: str, *, reason: str):
+        super().__init__()
+        self.blueprint = blueprint
+        self.reason = reason
+        self.last_path: str | None = None
+        self.calls: Counter[str] = Counter()
+        self._warned: set[str] = set()
+
+    @property
+    def route(self) -> str:
+        """``"compiled"`` or ``"eager"``."""
+        raise NotImplementedError
+
+    @property
+    def entry(self) -> Entry | None:
+        """The Urza entry whose compiled code runs (``None`` when nothing compiled is loaded)."""
+        raise NotImplementedError
+
+    def took(self, path: str) -> None:
+        """Record that a call took ``path`` (``"compiled"`` or ``"eager"``)."""
+        self.last_path = path
+        self.calls[path] += 1
+
+    def positional(
+        self, schema: GuardSchema | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """``args`` with ``kwargs`` placed by input name (compiled code takes positions only); ``None`` when
+        there is no schema or they do not fit its inputs: the eager module then takes the call as given, and
+        answers it as Python would."""
+        if schema is None:
+            return None
+        try:
+            return bind_arguments(schema, args, kwargs)
+        except TypeError as e:
+            self.warn_once(telemetry.OUTSIDE_GUARDS, f"arguments do not fit the inputs ({e}); this call runs eager")
+            return None
+
+    def warn_once(self, code: str, detail: str) -> None:
+        """Emit the fallback WARNING (reason ``code``) unless one of the same kind was emitted by this kernel:
+        the kind is the detail with its numbers normalized (:func:`refusal_kind`)."""
+        kind = refusal_kind(detail)
+        if kind not in self._warned:
+            self._warned.add(kind)
+            telemetry.fallback(self.blueprint, code, detail)

@@ -1,0 +1,122 @@
+"""Choosing which Urza entries a kernel routes to: pure functions of one blueprint's entries (newest first)
+and this process's compatibility key, for every artifact kind.
+
+Each raises :class:`~esper.kasmina.unusable.Unusable` with the reason code and the reason there is nothing
+to route to; the loader turns that into an eager kernel. Nothing here reads files or loads code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from esper.artifacts import ArtifactKind
+from esper.compat import CompatKey
+from esper.kasmina import telemetry
+from esper.kasmina.unusable import Unusable
+from esper.urza import Entry
+
+# How messages name an entry of each kind, and the reason code when a kind has no usable entry.
+NOUN = {ArtifactKind.INFERENCE: "entry", ArtifactKind.TRAINING: "training entry"}
+MISSING = {ArtifactKind.INFERENCE: telemetry.NO_CERTIFIED_ENTRY, ArtifactKind.TRAINING: telemetry.NO_TRAINING_ARTIFACT}
+
+
+def of_kind(entries: Sequence[Entry], kind: ArtifactKind) -> list[Entry]:
+    """The entries whose artifact is of ``kind`` (Urza's ``artifact`` column; never inferred from the variant)."""
+    return [e for e in entries if e.artifact == kind]
+
+
+def choose_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
+    """The certified inference entries to route between: for each shape profile of the newest certified
+    entry built for ``key``, the newest certified entry of that profile and blueprint version.
+    :class:`Unusable` says why there are none. ``entries`` are one blueprint's, newest first.
+    """
+    entries = of_kind(entries, ArtifactKind.INFERENCE)
+    certified = [e for e in entries if e.status == "certified"]
+    if not certified:
+        if not entries:
+            raise Unusable(telemetry.NO_CERTIFIED_ENTRY, "Urza has no entry for it")
+        latest = entries[0]
+        why = f": {latest.failure_reason}" if latest.failure_reason else ""
+        raise Unusable(
+            telemetry.NO_CERTIFIED_ENTRY, f"no certified entry (newest is #{latest.id}, {latest.status}{why})"
+        )
+    usable = [e for e in certified if key.mismatch(e.compat) is None]
+    if not usable:
+        newest = certified[0]
+        raise Unusable(
+            telemetry.INCOMPATIBLE, f"certified entry #{newest.id} is incompatible: {key.mismatch(newest.compat)}"
+        )
+    newest = usable[0]
+    chosen = []
+    # Profiles of an older declaration (other buckets) may overlap the current ones: route only the set that
+    # the newest certified entry was compiled for.
+    for profile in newest.meta.get("profiles") or [newest.profile]:
+        match = next(
+            (e for e in usable if e.profile == profile and e.blueprint_version == newest.blueprint_version), None
+        )
+        if match is not None:
+            chosen.append(match)
+    return chosen
+
+
+def choose_seed_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
+    """The inference routes for seeds: :func:`choose_entries`, except that where a profile's winner folds the
+    weights into its code (``meta["swappable"]`` false, e.g. the ``freezing`` variant), the newest swappable
+    candidate of that profile that passed every check and lost only the selection routes instead."""
+    inference = of_kind(entries, ArtifactKind.INFERENCE)
+    chosen = []
+    for e in choose_entries(inference, key):
+        if e.kind == "aoti" and not e.meta.get("swappable", True):
+            e = next(
+                (
+                    c
+                    for c in inference
+                    if c.profile == e.profile
+                    and c.blueprint_version == e.blueprint_version
+                    and c.kind == "aoti"
+                    and c.failed_check == "selection"
+                    and c.meta.get("swappable", True)
+                    and c.guards is not None
+                    and key.mismatch(c.compat) is None
+                ),
+                e,
+            )
+        chosen.append(e)
+    return chosen
+
+
+def choose_training_entry(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
+    """The newest certified training entry built for ``key`` (a list of one): a compiled artifact, or an
+    eager route certification chose by measurement. :class:`Unusable` says why there is none; a blueprint's
+    recorded eager training route (dropout, a failed export) names its reason."""
+    training = of_kind(entries, ArtifactKind.TRAINING)
+    if not training:
+        raise Unusable(telemetry.NO_TRAINING_ARTIFACT, "Urza has no training artifact for it")
+    certified = [e for e in training if e.status == "certified"]
+    for e in certified:
+        if key.mismatch(e.compat) is None:
+            return [e]
+    if certified:
+        newest = certified[0]
+        raise Unusable(telemetry.INCOMPATIBLE, f"training entry #{newest.id}: {key.mismatch(newest.compat)}")
+    newest = training[0]
+    if newest.kind == "eager":
+        raise Unusable(
+            telemetry.NO_TRAINING_ARTIFACT, f"eager training route (entry #{newest.id}): {newest.failure_reason}"
+        )
+    why = f": {newest.failure_reason}" if newest.failure_reason else ""
+    raise Unusable(
+        telemetry.NO_TRAINING_ARTIFACT, f"no certified training artifact (newest is #{newest.id}, {newest.status}{why})"
+    )
+
+
+def choose_entry_id(entries: Sequence[Entry], key: CompatKey, entry_id: int, *, kind: ArtifactKind) -> list[Entry]:
+    """One compiled entry of ``kind`` by id, whatever its status (certification tests an entry before it is
+    certified, through the very path a run loads it by); compatibility still applies."""
+    entry = next((e for e in entries if e.id == entry_id), None)
+    if entry is None or entry.kind != "aoti" or entry.artifact != kind:
+        raise Unusable(MISSING[kind], f"entry #{entry_id} is not a compiled {kind} artifact")
+    mismatch = key.mismatch(entry.compat)
+    if mismatch:
+        raise Unusable(telemetry.INCOMPATIBLE, f"{NOUN[kind]} #{entry_id} is incompatible: {mismatch}")
+    return [entry]

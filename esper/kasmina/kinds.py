@@ -1,0 +1,259 @@
+"""The per-kind half of Kasmina's one load path.
+
+:class:`~esper.kasmina.loader.Kasmina` runs the same steps for every artifact kind: choose the entries to
+route to, verify each artifact (signature, size, sha256) before anything reads it, load it, pre-warm it, and
+build the kernel; any step that fails leaves an eager kernel and a WARNING with the step's reason code. What
+differs per kind is behind :class:`ArtifactLoader`: which entries to choose, how to open and pre-warm an
+artifact, and which kernel to build. :class:`InferenceLoader` loads one package per shape profile into a
+:class:`~esper.kasmina.kernel.Kernel`; :class:`TrainingLoader` loads a forward and a backward program into a
+:class:`~esper.kasmina.training_kernel.TrainingKernel`.
+
+First use: a kind may defer entries (:meth:`ArtifactLoader.deferred_ids`). Inference defers every compiled
+route but the first: such a route is checked at load (guards, staleness) and takes the remaining steps,
+in the same order (signature, size and sha256, load, pre-warm), on the first call its guards accept; a step
+that fails then makes that route eager with one WARNING (:class:`~esper.kasmina.kernel.DeferredPackage`).
+Digests already verified by this process are not hashed again (:meth:`esper.urza.store.ArtifactStore.verify`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from esper.artifacts import ArtifactKind
+from esper.compat import CompatKey
+from esper.kasmina import telemetry
+from esper.kasmina.base import KernelBase
+from esper.kasmina.choose import NOUN
+from esper.kasmina.kernel import DeferredPackage, Kernel, Route
+from esper.kasmina.runtime import CompiledPackage, PackageLoadError, device_index
+from esper.kasmina.seeds import Weights
+from esper.kasmina.tensors import torch_dtype
+from esper.kasmina.training_artifact import ArtifactFormatError, open_artifact
+from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
+from esper.kasmina.unusable import Unusable
+from esper.urza import Entry
+from esper.urza.schema import EntryMeta
+
+Chooser = Callable[[Sequence[Entry], CompatKey], list[Entry]]
+# The kernel type a kind's loader builds.
+K = TypeVar("K", bound=KernelBase, covariant=True)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One chosen entry that passed every step: its loaded artifact, or ``None`` for an eager route
+    (certification measured eager faster, so there is nothing to load)."""
+
+    entry: Entry
+    artifact: Any | None
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What the shared steps produced for one blueprint, for :meth:`ArtifactLoader.kernel` to build from."""
+
+    name: str
+    entries: list[Entry]
+    chosen: list[Entry]
+    loaded: list[Loaded]
+    problems: list[Unusable]
+
+
+class ArtifactLoader(ABC, Generic[K]):
+    """How Kasmina chooses, opens, pre-warms and serves one artifact kind.
+
+    ``open`` and ``prewarm`` raise :class:`Unusable` (reason ``load-failed``) for an artifact that verified
+    but cannot run; ``kernel`` never raises for Urza's content.
+    """
+
+    kind: ArtifactKind
+    # Whether an eager entry is a route for the inputs its guards accept (so it needs a guard schema), rather
+    # than for every call.
+    guarded_eager: bool
+
+    def __init__(self, choose: Chooser, device: torch.device):
+        self._choose = choose
+        self.device = device
+
+    @property
+    def noun(self) -> str:
+        """How messages name an entry of this kind (``"training entry #3"``)."""
+        return NOUN[self.kind]
+
+    def choose(self, entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
+        """The entries to route to, newest first; :class:`Unusable` says why there are none."""
+        return self._choose(entries, key)
+
+    def evidence_label(self, entry: Entry) -> str:
+        """How the INFO record for an eager route chosen by measurement names what runs eager."""
+        return entry.profile
+
+    def deferred_ids(self, chosen: Sequence[Entry]) -> frozenset[int]:
+        """The chosen entries whose artifact is verified, loaded and pre-warmed on first use rather than at
+        load (see :meth:`defer`); none by default."""
+        return frozenset()
+
+    def defer(self, entry: Entry, load: Callable[[], Any]) -> Any:
+        """What stands for ``entry``'s artifact until first use; ``load()`` verifies, opens and pre-warms it
+        (raising :class:`Unusable`). Only called for :meth:`deferred_ids`."""
+        raise NotImplementedError(f"{type(self).__name__} loads every artifact at load")
+
+    @abstractmethod
+    def open(self, path: Path, entry: Entry) -> Any:
+        """Load the verified artifact at ``path``."""
+
+    @abstractmethod
+    def prewarm(self, artifact: Any, entry: Entry) -> None:
+        """Run the loaded artifact once at its smallest or representative shape, changing nothing."""
+
+    @abstractmethod
+    def kernel(self, result: LoadResult) -> K:
+        """The kernel for ``result``: compiled where something loaded, else eager with the first problem."""
+
+    def _zeros(self, entry: Entry, sizes: dict[str, int]) -> list[torch.Tensor]:
+        """Zero inputs of ``entry``'s guard schema at ``sizes`` (a guard's dtype is one of a fixed list)."""
+        assert entry.guards is not None
+        return [
+            torch.zeros(s, dtype=torch_dtype(g.dtype), device=self.device)
+            for s, g in zip(entry.guards.shapes(sizes), entry.guards.inputs, strict=True)
+        ]
+
+
+class InferenceLoader(ArtifactLoader[Kernel]):
+    """Inference: one package per chosen shape profile; eager routes where certification measured eager."""
+
+    kind = ArtifactKind.INFERENCE
+    guarded_eager = True
+
+    def __init__(
+        self, choose: Chooser, device: torch.device, *, eager_module: Callable[[str, Entry | None], torch.nn.Module]
+    ):
+        super().__init__(choose, device)
+        self._eager_module = eager_module
+
+    def deferred_ids(self, chosen: Sequence[Entry]) -> frozenset[int]:
+        """Every compiled route but the first: it loads at load (a single-route blueprint is served as soon
+        as it is loaded), the others on the first call their guards accept (:class:`DeferredPackage`)."""
+        return frozenset(e.id for e in [e for e in chosen if e.kind == "aoti"][1:] if e.id is not None)
+
+    def defer(self, entry: Entry, load: Callable[[], Any]) -> DeferredPackage:
+        return DeferredPackage(load, f"entry #{entry.id}")
+
+    def open(self, path: Path, entry: Entry) -> CompiledPackage:
+        try:
+            return CompiledPackage(path, device_index=device_index(self.device))
+        except PackageLoadError as e:
+            raise Unusable(telemetry.LOAD_FAILED, str(e)) from e
+
+    def prewarm(self, artifact: Any, entry: Entry) -> None:
+        assert entry.guards is not None
+        # Rows are validated before they get here (EntryMeta), so the sizes are inside the guards.
+        reps = EntryMeta.from_entry(entry).representative_sizes()
+        args = self._zeros(entry, reps[0] if reps else {n: lo for n, (lo, _) in entry.guards.dim_ranges().items()})
+        try:
+            artifact(args)
+        except Exception as e:
+            raise Unusable(telemetry.LOAD_FAILED, f"pre-warm of entry #{entry.id} failed: {e}") from e
+
+    def kernel(self, result: LoadResult) -> Kernel:
+        index = device_index(self.device) if self.device.type == "cuda" else None
+        routes = [Route.of(x.entry, x.artifact, device_index=index) for x in result.loaded]
+        # An eager entry stores the builder's weights: the eager module loads them when versions match.
+        weights = next((e for e in result.entries if e.kind == "eager"), None)
+
+        def eager_factory() -> torch.nn.Module:
+            return self._eager_module(result.name, weights)
+
+        if not any(r.package is not None for r in routes):
+            reason = result.problems[0].detail if result.problems else "certification measured eager as fastest"
+        else:
+            reason = "certified entries " + ", ".join(f"#{r.entry.id}" for r in routes)
+        return Kernel(result.name, eager_factory=eager_factory, routes=routes, reason=reason)
+
+
+# Loaded programs by (artifact checksum, device index): every kernel of one artifact shares one.
+_programs: weakref.WeakValueDictionary[tuple[str, int], TrainingProgram] = weakref.WeakValueDictionary()
+
+
+class TrainingLoader(ArtifactLoader[TrainingKernel]):
+    """Training: one forward-and-backward program, or the eager route certification chose by measurement;
+    the kernel holds a seed built from ``build`` with ``weights``, and serves ``eval()`` through
+    ``inference`` (the seed-routing inference kernel, built on first use)."""
+
+    kind = ArtifactKind.TRAINING
+    guarded_eager = False
+
+    def __init__(
+        self,
+        choose: Chooser,
+        device: torch.device,
+        *,
+        build: Callable[[], torch.nn.Module],
+        inference: Callable[[], Kernel | None],
+        weights: Weights | None,
+    ):
+        super().__init__(choose, device)
+        self._build = build
+        self._inference = inference
+        self._weights = weights
+
+    def evidence_label(self, entry: Entry) -> str:
+        return f"{entry.profile} (training)"
+
+    def open(self, path: Path, entry: Entry) -> TrainingProgram:
+        index = device_index(self.device)
+        cached = _programs.get((entry.checksum, index))
+        if cached is not None:
+            return cached
+        try:
+            manifest, forward, backward = open_artifact(path, device_index=index)
+        except (ArtifactFormatError, PackageLoadError, ValueError) as e:
+            raise Unusable(telemetry.LOAD_FAILED, f"training entry #{entry.id}: {e}") from e
+        program = TrainingProgram(manifest, forward, backward)
+        _programs[(entry.checksum, index)] = program
+        return program
+
+    def prewarm(self, artifact: Any, entry: Entry) -> None:
+        """One forward and backward at the smallest accepted shape, on copies of the buffers (nothing moves)."""
+        assert entry.guards is not None
+        args = self._zeros(entry, {n: lo for n, (lo, _) in entry.guards.dim_ranges().items()})
+        m = artifact.manifest
+        state = self._build().state_dict()
+        params = [state[s.name].detach() for s in m.params]
+        buffers = [state[s.name].detach().clone() for s in m.buffers]
+        try:
+            with torch.no_grad():
+                outputs, saved, shape = artifact.forward(args, params, buffers)
+                artifact.backward(shape, saved, [torch.zeros_like(o) for o in outputs])
+        except Exception as e:
+            raise Unusable(telemetry.LOAD_FAILED, f"pre-warm of training entry #{entry.id} failed: {e}") from e
+
+    def kernel(self, result: LoadResult) -> TrainingKernel:
+        entry = result.chosen[0] if result.chosen else None
+        program = None
+        if result.problems or not result.loaded:
+            reason = result.problems[0].detail if result.problems else "no training entry loaded"
+        elif result.loaded[0].artifact is None:
+            assert entry is not None
+            note = EntryMeta.from_entry(entry).training_reason or "measured faster than the compiled step"
+            reason = f"certified to train eager (entry #{entry.id}): {note}"
+        else:
+            assert entry is not None
+            program = result.loaded[0].artifact
+            reason = f"training entry #{entry.id} ({entry.status})"
+        return TrainingKernel.create(
+            result.name,
+            program=program,
+            entry=entry,
+            reason=reason,
+            build=self._build,
+            inference=self._inference,
+            weights=self._weights,
+        )

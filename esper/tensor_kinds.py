@@ -1,0 +1,88 @@
+"""Which tensors compiled code can serve: plain, strided, dense tensors, nothing wrapped or lazily transformed.
+
+AOTInductor code reads a tensor's data pointer, sizes and strides and nothing else. A tensor whose meaning
+lives elsewhere gives wrong results or an error inside compiled code, where eager would be right:
+
+- a forward-mode dual tensor (``torch.autograd.forward_ad``): its tangent is silently dropped;
+- a functorch-wrapped tensor (inside ``torch.func.vmap``/``grad``/``jvp``): the wrapper is not the data;
+- a tensor subclass (``type(x)`` other than ``torch.Tensor`` or ``nn.Parameter``): its ``__torch_dispatch__``
+  or ``__torch_function__`` would be bypassed;
+- a conjugate or negative-bit view (``x.is_conj()``, ``x.is_neg()``): the bit is a lazy operation;
+- a non-strided layout (sparse, mkldnn, jagged) or a nested tensor; a quantized tensor (its dtype is never
+  one of :data:`esper.validate.DTYPES`, so the dtype check already refuses it).
+
+torch offers no public predicate for two of these, so the private calls live here and nowhere else, pinned
+by ``tests/test_security_tensor_kinds.py``:
+
+- ``torch._C._functorch.is_functorch_wrapped_tensor``: true for BatchedTensor (vmap) and GradTrackingTensor
+  (grad, jvp); what ``torch._dynamo`` itself uses to recognize them.
+- ``torch.autograd.forward_ad._current_level``: ``-1`` outside every ``dual_level()`` context. A tangent
+  exists only inside one (leaving it drops every tangent of that level), so the accepting path reads this one
+  integer and pays for ``unpack_dual`` only while a dual level is open.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch._C import _functorch
+
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+#: Source text of the generated predicate's kind test for tensor ``{x}`` (after its type, dtype, device, layout,
+#: nested and negative-bit tests), and the names it uses, for :func:`esper.guards.compile_predicate`. The C
+#: function is bound directly: a Python wrapper would double its cost on the accepting path.
+KIND_TEST = "wrapped({x}) or (forward_ad._current_level >= 0 and has_tangent({x}))"
+
+
+def predicate_namespace() -> dict[str, Any]:
+    """The names :data:`KIND_TEST` refers to."""
+    return {
+        "wrapped": _functorch.is_functorch_wrapped_tensor,
+        "forward_ad": _forward_ad,
+        "has_tangent": has_tangent,
+    }
+
+
+def functorch_wrapped(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a functorch wrapper (vmap's BatchedTensor, grad/jvp's GradTrackingTensor)."""
+    return bool(_functorch.is_functorch_wrapped_tensor(x))
+
+
+def dual_level() -> int:
+    """The innermost open forward-AD level, ``-1`` when none is open (no tensor can carry a tangent)."""
+    return _forward_ad._current_level
+
+
+def has_tangent(x: torch.Tensor) -> bool:
+    """Whether ``x`` carries a forward-mode tangent at the current level (call only when a level is open)."""
+    return _forward_ad.unpack_dual(x).tangent is not None
+
+
+def kind_problem(x: Any, device_type: str, device_index: int | None = None) -> str | None:
+    """Why compiled code for ``device_type`` (and ``device_index``, when given) cannot serve ``x``; ``None``
+    when it can. The readable twin of the generated predicate's kind checks: slower, says why."""
+    if not isinstance(x, torch.Tensor):
+        return f"is a {type(x).__name__}, not a Tensor"
+    if type(x) not in PLAIN_TYPES:
+        return f"is a tensor subclass ({type(x).__name__}); compiled code serves only torch.Tensor"
+    if x.device.type != device_type:
+        return f"is on {x.device}, guard requires {device_type}"
+    if device_index is not None and x.get_device() != device_index:
+        return f"is on {x.device}, guard requires {device_type}:{device_index}"
+    if x.layout is not torch.strided:
+        return f"has layout {x.layout}, compiled code serves only torch.strided"
+    if x.is_nested:
+        return "is a nested tensor"
+    if x.is_conj():
+        return "is a conjugate view (is_conj()); resolve it with .resolve_conj()"
+    if x.is_neg():
+        return "is a negative-bit view (is_neg()); resolve it with .resolve_neg()"
+    if functorch_wrapped(x):
+        return "is wrapped by a torch.func transform (vmap, grad or jvp)"
+    if dual_level() >= 0 and has_tangent(x):
+        return "is a forward-mode dual tensor (torch.autograd.forward_ad); compiled code would drop its tangent"
+    return None

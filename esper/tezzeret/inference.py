@@ -1,0 +1,105 @@
+"""The inference artifact's stages: export -> guards -> one AOTInductor package -> pre-warm, parity, latency.
+
+One shape profile under one variant (:mod:`esper.variants`) per artifact: the module (in ``eval()`` mode) is
+exported with the profile's ranges as named dims, the guard schema is read back from the export, and the
+package's parity and latency against eager are measured at the profile's representative shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from esper.artifacts import ArtifactKind
+from esper.bench import measure
+from esper.blueprint import Blueprint
+from esper.inputs import example_inputs
+from esper.kasmina.runtime import CompiledPackage, device_index
+from esper.parity import max_errors
+from esper.tezzeret.aoti import compile_package
+from esper.tezzeret.export import export_blueprint, guards_from_export
+from esper.tezzeret.pipeline import Built, CompileJob, profile_ranges, stage
+from esper.variants import VARIANTS, Variant
+
+
+@dataclass(frozen=True)
+class InferencePipeline:
+    """Forward only, weights inside the package: every shape profile under every variant."""
+
+    kind: ArtifactKind = ArtifactKind.INFERENCE
+    compile_check: str = "compile"
+
+    def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> dict[str, tuple[int, int]]:
+        """The profile's ranges (every variant is allowed)."""
+        return profile_ranges(bp, profile)
+
+    def candidates(self, bp: Blueprint) -> list[tuple[str, Variant]]:
+        """Every shape profile under every variant the blueprint allows."""
+        return [(p, VARIANTS[v]) for p in bp.profiles() for v in bp.variants]
+
+    def build(self, bp: Blueprint, device: torch.device) -> torch.nn.Module:
+        """The blueprint's module in eval mode."""
+        return bp.build().to(device).eval()
+
+    def meta(self, bp: Blueprint, variant: Variant) -> dict[str, Any]:
+        """Every profile of the blueprint (Kasmina routes between them) and whether seeds may swap weights."""
+        return {"profiles": list(bp.profiles()), "swappable": variant.swappable}
+
+    def eager_meta(self, reason: str | None) -> dict[str, Any]:
+        """The reason, when one is given (a fallback's is also its ``failure_reason``)."""
+        return {"eager_reason": reason} if reason else {}
+
+    def run(self, job: CompileJob) -> Built:
+        """Export, read the guards, compile one package, load it once and measure it against eager."""
+        bp, module, device = job.bp, job.module, job.device
+        t0 = time.perf_counter()
+        ep = stage("export", lambda: export_blueprint(bp, module, ranges=job.ranges, device=device))
+        guards = stage("guards", lambda: guards_from_export(ep, bp, ranges=job.ranges))
+        t1 = time.perf_counter()
+        package = stage("compile", lambda: compile_package(ep, job.tmp / "model.pt2", job.variant.settings))
+        t2 = time.perf_counter()
+        loaded = stage("load", lambda: CompiledPackage(package, device_index=device_index(device)))
+        latency: dict[str, Any] = {}
+        parity: dict[str, Any] = {}
+        with torch.no_grad():
+            for sizes in job.representative:
+                label = Blueprint.shape_label(sizes)
+                args = example_inputs(bp, sizes, device=device)
+                got = stage("pre-warm", lambda args=args: loaded(args))
+                abs_err, rel_err = max_errors(got, module(*args))
+                parity[label] = {"max_abs": abs_err, "max_rel": rel_err}
+                latency[label] = {
+                    "compiled": measure(lambda args=args: loaded(args)).to_dict(),
+                    "eager": measure(lambda args=args: module(*args)).to_dict(),
+                }
+        meta = {
+            "export_seconds": round(t1 - t0, 3),
+            "aoti_seconds": round(t2 - t1, 3),
+            "package_metadata": loaded.metadata(),
+            "constants": constant_schema(module, loaded),
+            "folded_constants": folded_constants(ep, loaded),
+        }
+        return Built(path=package, guards=guards, meta=meta, parity=parity, performance=latency)
+
+
+def constant_schema(module: torch.nn.Module, loaded: CompiledPackage) -> dict[str, dict[str, Any]]:
+    """Name, shape and dtype of each weight the package holds (what a seed's own weights must match)."""
+    state = module.state_dict()
+    return {
+        name: {"shape": list(state[name].shape), "dtype": str(state[name].dtype).removeprefix("torch.")}
+        for name in sorted(loaded.constant_names())
+        if name in state
+    }
+
+
+def folded_constants(ep: ExportedProgram, loaded: CompiledPackage) -> list[str]:
+    """Weights the exported graph uses that Inductor folded into the compiled code (they are no package
+    constants): a seed bound to this artifact must keep their values (see esper.kasmina.seeds)."""
+    sig = ep.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    used = {names[n.name] for n in ep.graph.nodes if n.op == "placeholder" and n.name in names and n.users}
+    return sorted(used - set(loaded.constant_names()))

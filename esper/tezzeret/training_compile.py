@@ -1,0 +1,318 @@
+"""The training artifact's stages: a blueprint's forward and backward, ahead of time, with the weights as inputs.
+
+trace -> plan -> export forward/backward -> two AOTInductor packages -> load -> verify, in one artifact:
+
+- the module (in ``train()`` mode) is traced into partitioned forward and backward graphs
+  (:mod:`esper.tezzeret.joint`), and :func:`esper.tezzeret.joint_plan.plan_artifact` decides their layout;
+- each graph is wrapped in a small module and exported with ``torch.export`` (the declared dims as named
+  ``Dim``s; a saved activation's compound size such as ``batch*seq`` as ``Dim.AUTO``), then compiled to its own
+  package. The forward takes the parameters, buffers and inputs and returns the buffers' new values (what
+  training mutates, e.g. BatchNorm's running statistics), the outputs and the activations the backward
+  needs; the backward takes the size carrier, the saved activations and the upstream gradients and returns
+  the gradients of the inputs and of every trainable parameter;
+- both go into one zip with the manifest (:mod:`esper.kasmina.training_artifact`), with guards read from the
+  forward export exactly as for inference, and gradient parity and step latency as evidence.
+
+A blueprint whose training graph draws random numbers (dropout: exact parity with eager is impossible) is
+routed eager (:class:`~esper.tezzeret.pipeline.EagerRoute`); a failing stage gets an eager fallback.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram, export
+from torch.utils import _pytree as pytree
+
+from esper.artifacts import ArtifactKind
+from esper.bench import measure
+from esper.blueprint import Blueprint
+from esper.coverage import edge_sizes
+from esper.gradients import exact_gradients, gradients, step, tolerance, upstream
+from esper.guards import GuardSchema
+from esper.inputs import example_inputs
+from esper.kasmina.runtime import CompiledPackage, device_index
+from esper.kasmina.tensors import TensorSpec
+from esper.kasmina.training_artifact import TrainingManifest, write_artifact
+from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
+from esper.parity import assert_parity, max_errors
+from esper.tezzeret.aoti import compile_package
+from esper.tezzeret.export import guards_from_values
+from esper.tezzeret.joint import JointGraphs, evaluate_size, trace_joint
+from esper.tezzeret.joint_plan import COMPOUND, DynamicSpec, JointPlan, dynamic_dims, plan_artifact, trace_sizes
+from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, full_ranges, stage
+from esper.urza import DEFAULT_PROFILE, Entry
+from esper.variants import VARIANTS, Variant
+
+# Tezzeret routes a blueprint eager when compiled and eager disagree by more than this many tolerances at a
+# verified shape: compiled code that is plainly wrong there (certification then checks at the tolerance).
+GROSS = 10.0
+
+
+@dataclass(frozen=True)
+class TrainingPipeline:
+    """Forward + backward with the weights as inputs: the whole declared range, the default variant only
+    (Inductor settings that fold weights into the code cannot apply to weights passed in)."""
+
+    kind: ArtifactKind = ArtifactKind.TRAINING
+    compile_check: str = "train_compile"
+
+    def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> dict[str, tuple[int, int]]:
+        """Every dim's declared range; refuses another profile or variant than the default."""
+        if profile != DEFAULT_PROFILE:
+            raise ValueError(
+                f"training artifacts cover the whole declared range: profile must be {DEFAULT_PROFILE!r}, "
+                f"not {profile!r} ({bp.name})"
+            )
+        if variant.name != "default" or variant.settings:
+            raise ValueError(f"training artifacts compile under the 'default' variant only, not {variant.name!r}")
+        return full_ranges(bp)
+
+    def candidates(self, bp: Blueprint) -> list[tuple[str, Variant]]:
+        """One artifact: the default profile under the default variant."""
+        return [(DEFAULT_PROFILE, VARIANTS["default"])]
+
+    def build(self, bp: Blueprint, device: torch.device) -> torch.nn.Module:
+        """The blueprint's module as built (it is traced in train mode)."""
+        return bp.build().to(device)
+
+    def meta(self, bp: Blueprint, variant: Variant) -> dict[str, Any]:
+        """One profile: a training artifact serves the whole range."""
+        return {"profiles": [DEFAULT_PROFILE]}
+
+    def eager_meta(self, reason: str | None) -> dict[str, Any]:
+        """The training route and its reason (Kasmina's training kernel reports it)."""
+        return {"training": {"route": "eager", "reason": reason}}
+
+    def run(self, job: CompileJob) -> Built:
+        """Trace, plan, export and compile both graphs, then verify the loaded program against eager."""
+        bp, device = job.bp, job.device
+        t0 = time.perf_counter()
+        module = job.module.train()
+        traced = trace_sizes(bp, job.ranges, module)
+        job.meta["traced_at"] = traced
+        examples = example_inputs(bp, traced, device=device)
+        reference = copy.deepcopy(module)  # tracing may touch buffers; evidence compares against untouched weights
+        graphs = stage("trace", lambda: trace_joint(module, examples, dynamic_dims(bp)))
+        if graphs.random_ops:
+            raise EagerRoute(
+                f"the training graph draws random numbers ({', '.join(graphs.random_ops)}): compiled and eager "
+                "cannot draw the same ones, so gradient parity cannot be certified; training runs eager"
+            )
+        plan = stage("plan", lambda: plan_artifact(graphs, bp))
+        manifest = stage("manifest", lambda: training_manifest(bp, graphs, plan, reference))
+        dims = {n: Dim(n, min=lo, max=hi) for n, (lo, hi) in job.ranges.items()}
+        state = {**dict(reference.named_parameters()), **dict(reference.named_buffers())}
+        fw_args = [examples[s[1]] if s[0] == "input" else state[s[1]].detach().clone() for s in graphs.forward_inputs]
+        forward = ForwardGraph(graphs.forward, plan.keep)
+        fw_ep: ExportedProgram = stage(
+            "export forward", lambda: export_graph(forward, fw_args, plan.forward_dynamic, dims)
+        )
+        guards = stage("guards", lambda: forward_guards(fw_ep, bp, job.ranges, graphs))
+        with torch.no_grad():
+            fw_outs = forward(*[a.clone() for a in fw_args])
+        bw_args = backward_arguments(plan, examples, fw_args, fw_outs, device)
+        backward = BackwardGraph(graphs, plan)
+        bw_ep: ExportedProgram = stage(
+            "export backward", lambda: export_graph(backward, bw_args, plan.backward_dynamic, dims)
+        )
+        t1 = time.perf_counter()
+        fw_pkg = stage("compile forward", lambda: compile_package(fw_ep, job.tmp / "forward.pt2", job.variant.settings))
+        bw_pkg = stage(
+            "compile backward", lambda: compile_package(bw_ep, job.tmp / "backward.pt2", job.variant.settings)
+        )
+        t2 = time.perf_counter()
+        index = device_index(device)
+        program = stage(
+            "load",
+            lambda: TrainingProgram(
+                manifest, CompiledPackage(fw_pkg, device_index=index), CompiledPackage(bw_pkg, device_index=index)
+            ),
+        )
+        # Kasmina gates a kernel by its entry's guards: the entry being made, with the guards just read.
+        entry = job.base.with_(guards=guards)
+        parity, latency = stage(
+            "verify", lambda: evidence(bp, reference, program, entry, list(job.representative), traced, device)
+        )
+        artifact = write_artifact(job.tmp / "training.zip", fw_pkg, bw_pkg, manifest)
+        meta = {
+            "training": {
+                "route": "compiled",
+                "format": manifest.to_dict()["format"],
+                "trainable": list(plan.trainable),
+                "mutated_buffers": manifest.mutated(),
+                "saved_tensors": sum(1 for s in plan.forward_outputs if s[0] == "saved"),
+                "symbolic_sizes": [list(s) for s in manifest.sizes],
+            },
+            "export_seconds": round(t1 - t0, 3),
+            "aoti_seconds": round(t2 - t1, 3),
+            "constants": {s.name: s.to_dict() for s in (*manifest.params, *manifest.buffers)},
+        }
+        return Built(path=artifact, guards=guards, meta=meta, parity=parity, performance=latency)
+
+
+# -- the two graphs as exportable modules -------------------------------------------------------------------
+
+
+class ForwardGraph(torch.nn.Module):
+    """The forward graph, returning only what the runtime keeps (``keep``: graph output positions)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, keep: Sequence[int]):
+        super().__init__()
+        self.gm = gm
+        self.keep = list(keep)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self.gm(*args)
+        return tuple(outs[i] for i in self.keep)
+
+
+class BackwardGraph(torch.nn.Module):
+    """The backward graph; its size arguments are computed from the dims of the first input (the carrier,
+    whose dim i is the size symbol ``plan.size_symbols[i]``)."""
+
+    def __init__(self, graphs: JointGraphs, plan: JointPlan):
+        super().__init__()
+        self.gm = graphs.backward
+        self.layout = [
+            ("size", graphs.size_exprs[ref]) if kind == "size" else (kind, ref) for kind, ref in plan.backward_layout
+        ]
+        self.symbols = list(plan.size_symbols)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values = {sym: tensors[0].shape[i] for i, sym in enumerate(self.symbols)}
+        args = [evaluate_size(ref, values) if kind == "size" else tensors[ref] for kind, ref in self.layout]
+        return tuple(g for g in self.gm(*args) if g is not None)
+
+
+def export_graph(
+    module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic: Sequence[DynamicSpec], dims: Mapping[str, Any]
+) -> ExportedProgram:
+    """Export a graph module with the plan's dynamic dims: declared ones as their named ``Dim``."""
+    shapes = tuple(
+        None if spec is None else {d: Dim.AUTO if name == COMPOUND else dims[name] for d, name in spec}
+        for spec in dynamic
+    )
+    return export(module, tuple(args), dynamic_shapes=(shapes,), strict=False)
+
+
+def backward_arguments(
+    plan: JointPlan,
+    examples: Sequence[torch.Tensor],
+    fw_args: Sequence[torch.Tensor],
+    fw_outs: Sequence[torch.Tensor],
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Example inputs of the backward package, by the plan's slots: the carrier, saved values, tangents."""
+    outputs = {slot[1]: fw_outs[i] for i, slot in enumerate(plan.forward_outputs) if slot[0] == "output"}
+    tangents = dict(zip(sorted(outputs), upstream([outputs[k] for k in sorted(outputs)]), strict=True))
+    args: list[torch.Tensor] = []
+    for slot in plan.backward_inputs:
+        if slot[0] == "sizes":
+            sizes = [examples[k].shape[d] for k, d in plan.sizes]
+            args.append(torch.empty((*sizes, 0), device=device))
+        elif slot[0] == "forward_input":
+            args.append(fw_args[slot[1]].detach())
+        elif slot[0] == "forward_output":
+            args.append(fw_outs[slot[1]].detach())
+        else:
+            args.append(tangents[slot[1]].detach())
+    return args
+
+
+def training_manifest(bp: Blueprint, graphs: JointGraphs, plan: JointPlan, module: torch.nn.Module) -> TrainingManifest:
+    """The manifest that wires the two packages; refuses a forward that reads a non-persistent buffer (the
+    runtime feeds buffers from the seed's state dict, which does not hold it)."""
+    persistent = module.state_dict()
+    unknown = [s[1] for s in graphs.forward_inputs if s[0] == "buffer" and s[1] not in persistent]
+    if unknown:
+        raise ValueError(f"non-persistent buffers {unknown} are not supported")
+    return TrainingManifest(
+        blueprint=bp.name,
+        params=tuple(TensorSpec.of(n, p) for n, p in module.named_parameters()),
+        trainable=plan.trainable,
+        buffers=tuple(TensorSpec.of(n, b) for n, b in module.named_buffers() if n in persistent),
+        forward_inputs=tuple(tuple(s) for s in graphs.forward_inputs),
+        forward_outputs=plan.forward_outputs,
+        backward_inputs=plan.backward_inputs,
+        backward_outputs=plan.backward_outputs,
+        sizes=plan.sizes,
+        n_inputs=len(bp.inputs),
+        n_outputs=plan.n_outputs,
+        differentiable=plan.differentiable,
+        out_spec=pytree.treespec_dumps(graphs.out_spec),
+    )
+
+
+def forward_guards(
+    ep: ExportedProgram, bp: Blueprint, ranges: Mapping[str, tuple[int, int]], graphs: JointGraphs
+) -> GuardSchema:
+    """The inputs' guard schema read back from the forward export (as inference reads it from its export)."""
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    positions = {slot[1]: i for i, slot in enumerate(graphs.forward_inputs) if slot[0] == "input"}
+    values = [placeholders[positions[k]].meta["val"] for k in range(len(bp.inputs))]
+    return guards_from_values(ep, bp, values, ranges=ranges)
+
+
+def evidence(
+    bp: Blueprint,
+    reference: torch.nn.Module,
+    program: TrainingProgram,
+    entry: Entry,
+    representative: list[dict[str, int]],
+    traced: dict[str, int],
+    device: torch.device,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gradient parity at the representative shapes and every dim's edges, and training-step latency at the
+    representative shapes, compiled against eager.
+
+    Inductor may specialize a dim that export kept dynamic (its conv backward guards on the input's strides,
+    pinning height and width to the example's), and a package ignores such guards at run time: a compiled
+    step that fails or is plainly wrong at an edge shape raises, so the blueprint trains eager.
+    """
+    shapes = [dict(r) for r in representative]
+    shapes += [e for e in edge_sizes(full_ranges(bp)) if e not in shapes]
+    tol = bp.tolerance
+    parity: dict[str, Any] = {}
+    latency: dict[str, Any] = {}
+    for sizes in shapes:
+        label = Blueprint.shape_label(sizes)
+        args = example_inputs(bp, sizes, device=device)
+        kernel = TrainingKernel.for_program(
+            bp.name, program=program, entry=entry, build=lambda: reference, seed=copy.deepcopy(reference)
+        )
+        eager = copy.deepcopy(reference).train()
+        try:
+            got_out, got = gradients(kernel, args, weights=kernel.seed)
+        except Exception as e:
+            raise RuntimeError(
+                f"the compiled training step fails at {label} (traced at {Blueprint.shape_label(traced)}: Inductor "
+                f"may have specialized a dim export kept dynamic): {type(e).__name__}: {e}"
+            ) from e
+        exact_out, exact = exact_gradients(eager, args)
+        want_out, want = gradients(eager, args)
+        if kernel.last_path != "compiled":
+            raise RuntimeError(f"the training kernel ran {kernel.last_path} at {label}: {kernel.check(*args)}")
+        pairs = [("output", got_out, want_out, exact_out)]
+        pairs += [(f"gradient of {n}", got[n], want[n], exact[n]) for n in want]
+        for what, g, w, x in pairs:
+            atol, rtol = tolerance(tol.atol, tol.rtol, w, x)
+            assert_parity(g, w, atol=atol * GROSS, rtol=rtol * GROSS, context=f"{what} at {label}")
+        errors = [max_errors(g, w) for _, g, w, _ in pairs]
+        parity[label] = {"max_abs": max(e[0] for e in errors), "max_rel": max(e[1] for e in errors)}
+        if sizes not in representative:
+            continue
+        timed = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+        with torch.no_grad():
+            flat = [t for t in pytree.tree_leaves(eager(*args)) if isinstance(t, torch.Tensor)]
+        grads = upstream(flat)
+        latency[label] = {
+            "compiled": measure(lambda k=kernel, a=timed, g=grads: step(k, a, g)).to_dict(),
+            "eager": measure(lambda m=eager, a=timed, g=grads: step(m, a, g)).to_dict(),
+        }
+    return parity, latency

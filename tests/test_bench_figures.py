@@ -1,0 +1,125 @@
+"""The performance suite's reports render the issue-14 figures (floor, levers, training, seeds) from plain
+figures, without measuring anything; and the lever study names only settings esper.variants defines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks import figures, levers
+from esper import variants
+
+
+def _shape(ratio: float, decision: str) -> dict[str, Any]:
+    return {
+        "ratio": ratio,
+        "low": ratio * 0.9,
+        "high": ratio * 1.1,
+        "min_round": ratio * 0.8,
+        "max_round": ratio * 1.2,
+        "decision": decision,
+        "rounds": 8,
+        "candidate_ms": ratio,
+        "eager_ms": 1.0,
+        "max_abs_err": 0.0,
+    }
+
+
+FIGURES: dict[str, Any] = {
+    "floor": {
+        "blueprints": {
+            "a": {
+                "shape": {"batch": 1},
+                "paths": {
+                    k: {"us": v, "min_us": v, "max_us": v}
+                    for k, v in {"raw": 10.0, "kernel": 11.5, "select": 0.8}.items()
+                },
+                "overhead_us": 1.5,
+                "target_us": 2.0,
+                "meets_target": True,
+            },
+            "b": {"shape": {"batch": 1}, "skipped": "this shape routes eager"},
+        }
+    },
+    "levers": {
+        "machine": "test",
+        "mode": "quick",
+        "blueprints": {
+            "a": {
+                "shapes": ["batch=1", "batch=8"],
+                "levers": {
+                    "default": {
+                        "compile_s": {"dynamic": 3.0},
+                        "shapes": {"batch=1": _shape(0.9, "even"), "batch=8": _shape(0.5, "wins")},
+                    },
+                    "wrapper_o3_lto": {"skipped": "needs clang"},
+                },
+            }
+        },
+    },
+    "training": {
+        "a": {"route": "compiled", "steps": {"batch=8": {"compiled_ms": 1, "eager_ms": 2, "ratio": 0.5}}},
+        "conv": {"route": "eager", "reason": "dynamic height"},
+    },
+    "seeds": {
+        "blueprint": "residual_mlp",
+        "seeds": 100,
+        "inference": {
+            "switch_cost_ms": 0.12,
+            "switch_cost_min_ms": 0.1,
+            "switch_cost_max_ms": 0.2,
+            "switch_call_ms": 0.3,
+            "same_seed_call_ms": 0.18,
+            "bind_ms_per_seed": 1.0,
+            "rss_overhead_mb_per_seed": 0.01,
+        },
+    },
+}
+
+
+def test_perf_md_has_the_issue_14_sections() -> None:
+    md = figures.markdown(FIGURES)
+    assert "## Floor" in md and "| a | batch=1 | 10.00 | 11.50 | 1.50 | 2.00 | 0.80 |" in md
+    assert "skipped: this shape routes eager" in md
+    assert "## Lever study (quick mode" in md and "| default | 0.671 | 2 | 1 |" in md
+    assert "wrapper_o3_lto skipped: needs clang" in md
+    assert "| batch=8 | 0.50 [0.45-0.55]* |" in md  # the per-blueprint lever table
+    assert "## Training step" in md and "| a | compiled | batch=8: 0.50 | 0.50 |" in md
+    assert "| conv | eager | dynamic height |  |" in md
+    assert "| inference | 0.12 [0.1-0.2] |" in md
+    head = figures.headline(FIGURES)
+    assert head["floor: Kasmina overhead above the raw runner, max us"] == 1.5
+    assert head["training step compiled / eager, geomean"] == 0.5
+    assert head["seed switch (100 seeds, alternating every call), ms"] == 0.12
+
+
+def test_the_lever_summary_lists_confident_wins_only() -> None:
+    assert levers.summary(FIGURES["levers"]) == {"default": ["a[batch=8] 0.50"]}
+
+
+def test_every_lever_names_a_candidate_variant_and_served_variants_are_candidates() -> None:
+    for lever in levers.LEVERS.values():
+        assert lever.variant in variants.CANDIDATES, lever
+    assert set(variants.VARIANTS) <= set(variants.CANDIDATES)
+    assert tuple(variants.VARIANTS) == variants.DEFAULT_VARIANTS
+    for v in variants.CANDIDATES.values():  # settings freeze the weights only where the variant says so
+        assert v.swappable == (not v.settings.get("freezing", False)), v.name
+
+
+def test_the_seed_switch_cost_is_alternating_minus_repeating() -> None:
+    import time
+
+    from benchmarks.seeds_and_training import seed_switch
+
+    last: list[int] = []
+
+    def seed(k: int):  # type: ignore[no-untyped-def]
+        def call(*x: object) -> None:
+            if last and last[-1] != k:
+                time.sleep(0.0005)  # a switch costs 0.5 ms here
+            last.append(k)
+
+        return call
+
+    figures = seed_switch([seed(k) for k in range(4)], [], rounds=3)
+    assert 0.3 <= figures["switch_cost_ms"] <= 5
+    assert figures["same_seed_call_ms"] < figures["switch_call_ms"]
