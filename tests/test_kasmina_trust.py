@@ -27,7 +27,7 @@ from esper.signing import Signer
 from esper.urza import Urza
 from esper.urza.maintenance import sign_all
 
-from .conftest import TINY
+from .conftest import CATALOG, TINY, TRAINING
 
 pytestmark = pytest.mark.compiles
 
@@ -394,3 +394,27 @@ def test_zz_report_figures(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\nmutated-row cases: {FIGURES}")
     assert FIGURES["exceptions"] == FIGURES["wrong outputs"] == FIGURES["eager without warning"] == 0
+
+
+def test_an_unsigned_eager_training_row_never_switches_training_to_eager(
+    training_urza: Path, tmp_path: Path, keys: signing.KeyPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 1 for training: with a key set, an unsigned ``certified`` eager training row is refused like any
+    other row (it used to switch training to eager with only an INFO line); the signed artifact still trains."""
+    dest = tmp_path / "urza"
+    shutil.copytree(training_urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))
+    path = dest / "urza.db"
+    sign(path, keys)
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    trained = dict(
+        conn.execute("SELECT * FROM entries WHERE blueprint = 'tiny_bn' AND artifact = 'training'").fetchone()
+    )
+    conn.close()
+    trained.update(kind="eager", status="certified", signature=None, variant="eager")
+    insert(path, trained)
+    kasmina = Kasmina(path, blueprint_paths=[TRAINING, CATALOG], public_key=keys.public)
+    kernel = kasmina.load_training("tiny_bn")
+    assert kernel.route == COMPILED, kernel.reason
+    (message,) = warnings_of(caplog)
+    assert "(signature)" in message and "not signed" in message

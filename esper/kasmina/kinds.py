@@ -236,16 +236,17 @@ class TrainingLoader(ArtifactLoader[TrainingKernel]):
             raise Unusable(telemetry.LOAD_FAILED, f"pre-warm of training entry #{entry.id} failed: {e}") from e
 
     def kernel(self, result: LoadResult) -> TrainingKernel:
-        entry = result.chosen[0] if result.chosen else None
+        # What loaded serves, whatever other rows were refused on the way (they have their WARNING).
         program = None
-        if result.problems or not result.loaded:
+        if not result.loaded:
+            entry = result.chosen[0] if result.chosen else None
             reason = result.problems[0].detail if result.problems else "no training entry loaded"
         elif result.loaded[0].artifact is None:
-            assert entry is not None
+            entry = result.loaded[0].entry
             note = EntryMeta.from_entry(entry).training_reason or "measured faster than the compiled step"
             reason = f"certified to train eager (entry #{entry.id}): {note}"
         else:
-            assert entry is not None
+            entry = result.loaded[0].entry
             program = result.loaded[0].artifact
             reason = f"training entry #{entry.id} ({entry.status})"
         return TrainingKernel.create(
