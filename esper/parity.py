@@ -79,6 +79,14 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).square().mean().sqrt())
 
 
+# How much more rounding a training step's gradients and mutated buffers may show than an output, relative to
+# eager's own: each is a sum over the batch and every position, in whatever order the compiled backward chose,
+# and eager's order is one sample of that rounding. Measured: squeeze_excitation's input gradient at 1e3-scale
+# inputs came out at 3.1x eager's RMSE against float64 (ulp-level noise); the seeded wrong-gradient and
+# wrong-buffer defects come out at 1e7x, so a factor of 4 separates them with room to spare.
+REDUCTION = 4.0
+
+
 def multiplier(numel: int, dtype: torch.dtype) -> float:
     """How many times eager's RMSE against float64 a compiled output may show, after
     ``torch._dynamo.utils.same`` (with ``use_larger_multiplier_for_smaller_tensor``): 2 for a float32
@@ -175,6 +183,7 @@ def judge_tensor(
     rtol: float,
     slack: float = POINTWISE_SLACK,
     floor_ulps: float = FLOOR_ULPS,
+    reduction: float = 1.0,
 ) -> OutputVerdict:
     """Judge one output tensor; see :func:`judge`."""
 
@@ -203,7 +212,7 @@ def judge_tensor(
     eps = torch.finfo(e.dtype).eps
     r_c, r_e = rmse(c64, f64), rmse(e64, f64)
     floor = floor_ulps * eps * float(f64.square().mean().sqrt()) + torch.finfo(e.dtype).tiny
-    m = multiplier(e.numel(), e.dtype)
+    m = multiplier(e.numel(), e.dtype) * reduction
     allowed_rmse = m * r_e + floor
     ratio = r_c / r_e if r_e > 0 else (1.0 if r_c == 0 else float("inf"))
     diff = (c64 - e64).abs()
@@ -251,6 +260,7 @@ def judge(
     slack: float = POINTWISE_SLACK,
     floor_ulps: float = FLOOR_ULPS,
     label: str = "output",
+    reduction: float = 1.0,
 ) -> ParityVerdict:
     """Judge a compiled output (any pytree of tensors) against eager's output and the float64 ``exact``
     reference (eager run on a float64 copy, see :func:`float64_reference`), all from the same inputs.
@@ -291,7 +301,9 @@ def judge(
         if not isinstance(c, torch.Tensor):
             outs.append(OutputVerdict(name, False, f"{name}: compiled gave {type(c).__name__}, not a tensor"))
             continue
-        outs.append(judge_tensor(name, c, e, x, atol=atol, rtol=rtol, slack=slack, floor_ulps=floor_ulps))
+        outs.append(
+            judge_tensor(name, c, e, x, atol=atol, rtol=rtol, slack=slack, floor_ulps=floor_ulps, reduction=reduction)
+        )
     failed = [o for o in outs if not o.passed]
     # The worst ratio over the outputs the RMSE rule measured (or every output, if none was resolved).
     worst = max([o for o in outs if o.resolved] or outs, key=lambda o: o.ratio, default=None)

@@ -37,6 +37,9 @@ PROJECT_FILES = {
     .replace("    description=", '    budget=Budget(p95_ms={"batch=4": 1e-6}),\n    description=')
     .replace("import Blueprint,", "import Blueprint, Budget,"),
     "raises.py": "raise ImportError('no such dependency')\n",
+    # Issue 12, finding 6: a name that would leave the build folder, and a file that exits the interpreter.
+    "evil.py": (TINY / "tiny_mlp.py").read_text().replace('name="tiny_mlp"', 'name="../../etc/evil"'),
+    "quits.py": "import sys\nsys.exit(3)\n",
 }
 
 
@@ -132,9 +135,15 @@ def test_unexportable_is_fallback_not_certified(certify_run: pytest.RunResult, u
     certify_run.stdout.fnmatch_lines(["*not_exportable*fallback*"])
 
 
-def test_broken_file_fails_by_name_and_the_rest_still_certify(certify_run: pytest.RunResult) -> None:
+def test_broken_file_fails_by_name_and_the_rest_still_certify(certify_run: pytest.RunResult, project: Path) -> None:
     certify_run.stdout.fnmatch_lines(["FAILED .esper/certify/test_certify_error_raises*.py::test_declaration*"])
     certify_run.stdout.fnmatch_lines(["*raises.py*raised on import: ImportError: no such dependency*"])
+    # A hostile name or a file calling sys.exit fails its own declaration test; the run goes on (no
+    # INTERNALERROR, no exit status 3), and nothing is written outside the build folder.
+    certify_run.stdout.fnmatch_lines(["FAILED .esper/certify/test_certify_error_evil_*.py::test_declaration*"])
+    certify_run.stdout.fnmatch_lines(["*quits.py*raised on import: SystemExit: 3*"])
+    assert "INTERNALERROR" not in certify_run.stdout.str() and certify_run.ret == 1
+    assert not (project / ".esper" / "etc").exists() and not list(project.parent.glob("**/test_certify_*evil.py"))
 
 
 def test_exit_code_and_summary(certify_run: pytest.RunResult) -> None:

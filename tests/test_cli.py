@@ -127,3 +127,20 @@ def test_bad_option_values_are_argparse_style_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "is a folder; give the database file" in result.output
     result = CliRunner().invoke(cli, ["compile", "--blueprints", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_compile_reports_hostile_blueprint_files_by_name_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12, finding 6: a file calling sys.exit(3) or declaring a path as its name is reported by file name;
+    ``esper compile`` neither exits with the file's status nor stops the rest of the catalog."""
+    (tmp_path / "pyproject.toml").write_text('[tool.esper]\nblueprint-paths = ["bps"]\n')
+    bps = tmp_path / "bps"
+    bps.mkdir()
+    (bps / "quits.py").write_text("import sys\nsys.exit(3)\n")
+    (bps / "evil.py").write_text((TINY / "tiny_mlp.py").read_text().replace('name="tiny_mlp"', 'name="../../etc/evil"'))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["compile", "--urza", str(tmp_path / "urza.db")])
+    assert result.exit_code == 1, result.output
+    assert "quits.py" in result.output and "SystemExit: 3" in result.output
+    assert "evil.py" in result.output and "'../../etc/evil' must match" in result.output

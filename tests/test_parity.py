@@ -10,6 +10,7 @@ import torch
 
 from esper.gradients import exact_step, floating_buffers, gradients
 from esper.parity import (
+    REDUCTION,
     ParityStats,
     assert_parity,
     float64_reference,
@@ -241,3 +242,18 @@ def test_cancellation_to_zero_is_bounded_pointwise_not_by_the_noise_ratio() -> N
         rtol=1e-4,
     )
     assert pair.passed and pair.ratio < 10
+
+
+def test_a_reduction_may_show_more_rounding_than_an_output_but_not_a_wrong_value() -> None:
+    """Gradients and buffers (``reduction=REDUCTION``): 3x eager's own rounding passes (squeeze_excitation's
+    input gradient measured 3.1x), which the output rule (2x) refuses; 1000x eager's fails either way."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(4096, generator=g, dtype=torch.float64)
+    noise = torch.randn(4096, generator=g, dtype=torch.float64)
+    eager = (exact + 1e-6 * noise).float()
+    three = (exact + 3e-6 * torch.randn(4096, generator=g, dtype=torch.float64)).float()
+    wrong = (exact + 1e-3 * torch.randn(4096, generator=g, dtype=torch.float64)).float()
+    kw = {"atol": 1e-2, "rtol": 1e-2}
+    assert not judge(three, eager, exact, **kw).passed
+    assert judge(three, eager, exact, reduction=REDUCTION, **kw).passed
+    assert not judge(wrong, eager, exact, reduction=REDUCTION, **kw).passed

@@ -37,7 +37,7 @@ from esper.gradients import exact_step, floating_buffers, gradients, step, upstr
 from esper.guards import GuardSchema
 from esper.inputs import Regime
 from esper.kasmina import COMPILED, Kasmina
-from esper.parity import ParityVerdict, float64_copy, judge, nondeterministic, to_float64
+from esper.parity import REDUCTION, ParityVerdict, float64_copy, judge, nondeterministic, to_float64
 from esper.tezzeret.compiler import CompileOutcome, Tezzeret
 from esper.urza import Entry, Urza
 from esper.variants import VARIANTS
@@ -146,7 +146,17 @@ class KindChecks(ABC):
 
     def _judged(self, part: str, got: Any, expected: Expected) -> ParityVerdict:
         tol = self.bp.tolerance
-        return judge(got, expected.eager[part], expected.exact[part], atol=tol.atol, rtol=tol.rtol, label=part)
+        # Gradients and buffers are reductions of a whole step (see esper.parity.REDUCTION).
+        reduction = REDUCTION if part in ("gradient", "buffer") else 1.0
+        return judge(
+            got,
+            expected.eager[part],
+            expected.exact[part],
+            atol=tol.atol,
+            rtol=tol.rtol,
+            label=part,
+            reduction=reduction,
+        )
 
     @abstractmethod
     def run_refused(self, kernel: Any, args: Sequence[torch.Tensor]) -> tuple[str | None, int]:
