@@ -139,9 +139,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    certify = session.config.stash.get(SESSION, None)
+    if certify is None:
+        return
+    compiles: dict[str, list[tuple[str, str]]] = {}
+    for item in session.items:  # after -k/-m deselection: only what will run
+        name = getattr(getattr(item, "module", None), "BLUEPRINT", None)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if name and getattr(item, "originalname", None) == "test_compile" and {"artifact", "candidate"} <= set(params):
+            compiles.setdefault(name, []).append((params["artifact"], params["candidate"]))
+    certify.plan_compiles(compiles)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     certify = session.config.stash.get(SESSION, None)
-    if certify is not None and certify.finish():
+    if certify is None:
+        return
+    certify.close()
+    if certify.finish():
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

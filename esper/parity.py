@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 
@@ -118,6 +119,7 @@ class OutputVerdict:
     allowed_abs: float = 0.0  # the pointwise rule's bound at the element closest to breaking it
     nonfinite_ok: bool = True  # NaN and +-inf exactly where eager has them
     resolved: bool = True  # the float64 value stands above eager's own rounding (RMSE rule applied)
+    degenerate: bool = False  # the float64 reference equals eager bit for bit: it measured no rounding
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,10 @@ class ParityVerdict:
     nonfinite_ok: bool
     outputs: tuple[OutputVerdict, ...] = ()
 
+    def degenerate(self) -> tuple[str, ...]:
+        """The outputs whose float64 reference was bit-identical to eager (see :func:`judge`)."""
+        return tuple(o.name for o in self.outputs if o.degenerate)
+
     def evidence(self) -> dict[str, Any]:
         """The figures as a JSON-safe dict for Urza evidence (a non-finite ratio becomes ``None``)."""
         return {
@@ -146,6 +152,7 @@ class ParityVerdict:
             "rmse_ratio": _finite_or_none(self.ratio),
             "max_abs": self.max_abs,
             "nonfinite_ok": self.nonfinite_ok,
+            "degenerate_reference": list(self.degenerate()),
         }
 
 
@@ -211,7 +218,8 @@ def judge_tensor(
         return verdict(True, "")
     eps = torch.finfo(e.dtype).eps
     r_c, r_e = rmse(c64, f64), rmse(e64, f64)
-    floor = floor_ulps * eps * float(f64.square().mean().sqrt()) + torch.finfo(e.dtype).tiny
+    rms = float(f64.square().mean().sqrt())
+    floor = floor_ulps * eps * rms + torch.finfo(e.dtype).tiny
     m = multiplier(e.numel(), e.dtype) * reduction
     allowed_rmse = m * r_e + floor
     ratio = r_c / r_e if r_e > 0 else (1.0 if r_c == 0 else float("inf"))
@@ -231,8 +239,11 @@ def judge_tensor(
     # for the RMSE ratio to measure: two honest summation orders give noise of different size (measured:
     # tiny_bn's fc.bias gradient at batch 2, compiled 11.8x eager's, both ~1e-6 on a value of 0). The
     # pointwise rule still bounds such a tensor (a wrong value is off by far more than eager's rounding).
-    resolved = float(f64.square().mean().sqrt()) > r_e
+    resolved = rms > r_e
     figures["resolved"] = resolved
+    # A degenerate reference (bit-identical to eager) measured none of eager's rounding: eager is exact there,
+    # or the module computes in a precision the float64 run did not reach. Recorded: its ratio means nothing.
+    figures["degenerate"] = r_e == 0.0
     if resolved and r_c > allowed_rmse:
         return verdict(
             False,
@@ -275,7 +286,8 @@ def judge(
        The floor is tied to the dtype's rounding, never to the declared tolerance: a loose tolerance must not
        re-admit a kernel that lost precision. Applied where ``RMS(fp64) > RMSE(eager, fp64)`` only: a
        tensor whose exact value is below eager's own rounding (cancellation to ~0) holds no signal for a
-       ratio, and is bounded by rule 4 alone.
+       ratio, and is bounded by rule 4 alone. A tensor whose reference equals eager bit for bit is
+       judged as if eager were exact (the floor alone) and recorded as ``degenerate``.
     4. **pointwise rule**: ``|compiled - eager| <= atol + slack * max|eager - fp64| + rtol * |eager|`` at
        every finite element: the declared tolerance, widened by eager's own worst rounding. The RMSE rule
        averages; this catches one wrong element in a large tensor. The widening keeps a tolerance declared
@@ -324,9 +336,81 @@ def to_float64(args: Sequence[Any]) -> list[Any]:
     return [a.detach().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
+# Lower floating dtypes and what the float64 reference computes them in (see :class:`Float64Casts`).
+WIDER: dict[torch.dtype, torch.dtype] = {
+    torch.float32: torch.float64,
+    torch.float16: torch.float64,
+    torch.bfloat16: torch.float64,
+    torch.complex32: torch.complex128,
+    torch.complex64: torch.complex128,
+}
+_WIDER_METHODS: dict[Any, Any] = {
+    torch.Tensor.float: torch.Tensor.double,
+    torch.Tensor.half: torch.Tensor.double,
+    torch.Tensor.bfloat16: torch.Tensor.double,
+}
+
+
+def _wider(value: Any) -> Any:
+    return WIDER.get(value, value) if isinstance(value, torch.dtype) else value
+
+
+class NotWidenable(RuntimeError):
+    """The module does something its float64 reference cannot run with widened casts (see :class:`Float64Casts`)."""
+
+
+class Float64Casts(TorchFunctionMode):
+    """Inside it, a cast or a factory to a lower floating dtype gives float64 (complex128) instead:
+    ``x.float()``, ``x.to(torch.float32)``, ``torch.zeros(n, dtype=torch.float16)``, ``softmax(dtype=...)``.
+
+    Why: a module that casts to float32 inside (LlamaRMSNorm normalizes in float32 whatever its input's
+    dtype) would otherwise run float32 arithmetic in its float64 copy, bit for bit what eager runs, and the
+    reference would measure none of eager's rounding (an error of exactly 0, against which every honest
+    reordering looks infinitely worse). A bit reinterpretation (``x.view(torch.int32)``) cannot be widened
+    (it would read a float64 pattern): it raises :class:`NotWidenable`. Casts inside the dispatcher
+    (autocast) are not seen: :func:`judge` records a reference that still equals eager bit for bit as
+    degenerate.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.view and any(isinstance(a, torch.dtype) for a in (*args, *kwargs.values())):
+            raise NotWidenable("the module reinterprets a tensor's bits (Tensor.view(dtype))")
+        func = _WIDER_METHODS.get(func, func)
+        return func(*(_wider(a) for a in args), **{k: _wider(v) for k, v in kwargs.items()})
+
+
+class _Float64Forward:
+    """A float64 copy's ``forward``: its class's own, run under :class:`Float64Casts`. An object holding the
+    module rather than a closure, so that a deep copy of the copy runs its own module.
+
+    A forward that fails with its casts widened (bit tricks on a float32 pattern: :class:`NotWidenable`, or
+    anything else) runs again as a plain float64 copy, its buffers first put back as they were (a failed
+    call may have updated some).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.module).forward
+        saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+        try:
+            with Float64Casts():
+                return forward(self.module, *args, **kwargs)
+        except Exception:
+            with torch.no_grad():
+                for b, before in saved:
+                    b.copy_(before)
+            return forward(self.module, *args, **kwargs)
+
+
 def float64_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``module`` with its floating parameters and buffers in float64, same train/eval mode."""
-    return copy.deepcopy(module).double()
+    """A deep copy of ``module`` with its floating parameters and buffers in float64, same train/eval mode,
+    whose forward keeps its own casts to lower precisions in float64 (:class:`Float64Casts`)."""
+    double = copy.deepcopy(module).double()
+    double.forward = _Float64Forward(double)  # type: ignore[method-assign]
+    return double
 
 
 def float64_reference(module: torch.nn.Module, args: Sequence[Any]) -> Any:
@@ -365,6 +449,8 @@ class ParitySummary:
     worst_rmse_eager: float
     max_abs: float
     first_failure: str
+    # Outputs whose float64 reference was bit-identical to eager in some case (judge's degenerate reference).
+    degenerate: tuple[str, ...] = ()
 
     def evidence(self) -> dict[str, Any]:
         """JSON-safe dict for Urza evidence (a non-finite ratio becomes ``None``)."""
@@ -376,6 +462,7 @@ class ParitySummary:
             "rmse_eager": self.worst_rmse_eager,
             "max_abs": self.max_abs,
             "first_failure": self.first_failure,
+            "degenerate_reference": list(self.degenerate),
         }
 
 
@@ -394,4 +481,5 @@ def summarize(verdicts: Iterable[ParityVerdict]) -> ParitySummary:
         worst_rmse_eager=worst.rmse_eager if worst else 0.0,
         max_abs=max((v.max_abs for v in vs), default=0.0),
         first_failure=failed[0].reason if failed else "",
+        degenerate=tuple(dict.fromkeys(name for v in vs for name in v.degenerate())),
     )

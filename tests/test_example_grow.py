@@ -154,16 +154,29 @@ def test_batches_keep_one_shape_and_the_data_order_is_fixed() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_hugging_face_blueprints_declare_cleanly_and_fit_the_host() -> None:
+def test_hugging_face_blueprints_declare_cleanly_and_the_host_seeds_fit_it() -> None:
     pytest.importorskip("transformers")
     from esper.catalog import load_catalog
 
     grow = example()
     catalog = load_catalog([ROOT / "examples" / "hf_blueprints"])  # strict: the first declaration error raises
-    assert sorted(catalog.blueprints) == ["hf_gpt2_mlp", "hf_llama_mlp", "hf_llama_rmsnorm"]
+    host_seeds = ["hf_gpt2_mlp", "hf_llama_mlp", "hf_llama_rmsnorm"]
+    assert sorted(catalog.blueprints) == [
+        "hf_bert_output",
+        "hf_gpt2_mlp",
+        "hf_llama_attention",
+        "hf_llama_mlp",
+        "hf_llama_rmsnorm",
+    ]
     for bp in catalog.blueprints.values():
-        batch, width = grow.seed_input(bp)
-        assert (batch.min, batch.max, width) == (1, 64, 256), bp.name
-        x = torch.randn(8, width)
-        with torch.no_grad():
-            assert bp.build()(x).shape == x.shape, bp.name
+        if bp.name in host_seeds:
+            batch, width = grow.seed_input(bp)
+            assert (batch.min, batch.max, width) == (1, 64, 256), bp.name
+        else:  # sequence seeds, (batch, seq, hidden): a slot of the host cannot feed them, and grow.py says so
+            with pytest.raises(SystemExit, match=bp.name):
+                grow.seed_input(bp)
+        # Every one returns its (last) input's shape, at a representative shape and at one token.
+        for sizes in (bp.representative[0], {n: d.min for n, d in bp.dims.items()}):
+            args = [torch.randn(s) for s in bp.shapes(sizes).values()]
+            with torch.no_grad():
+                assert bp.build()(*args).shape == args[-1].shape, (bp.name, sizes)

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
 import pytest
 import torch
 
-from esper.gradients import exact_step, floating_buffers, gradients
+from esper.gradients import exact_gradients, exact_step, floating_buffers, gradients, upstream
 from esper.parity import (
     REDUCTION,
+    Float64Casts,
+    NotWidenable,
     ParityStats,
     assert_parity,
+    float64_copy,
     float64_reference,
     judge,
     max_errors,
     multiplier,
     nondeterministic,
     summarize,
+    to_float64,
 )
 
 
@@ -257,3 +262,128 @@ def test_a_reduction_may_show_more_rounding_than_an_output_but_not_a_wrong_value
     assert not judge(three, eager, exact, **kw).passed
     assert judge(three, eager, exact, reduction=REDUCTION, **kw).passed
     assert not judge(wrong, eager, exact, reduction=REDUCTION, **kw).passed
+
+
+class Float32Inside(torch.nn.Module):
+    """Normalizes in float32 whatever its input's dtype, as transformers' LlamaRMSNorm does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def rms_norm_input_gradient(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Float32Inside's input gradient by its closed form, in float32: what a compiled backward computes, in
+    another order than eager's autograd."""
+    r = torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    xh = x * r
+    return (g - xh * (g * xh).mean(-1, keepdim=True)) * r
+
+
+def test_a_module_computing_in_float32_inside_gets_a_float64_reference() -> None:
+    """hf_llama_rmsnorm's false rejection: its float64 copy normalized in float32, bit for bit eager's
+    arithmetic, so eager's error read 0 and honest rounding failed the RMSE rule. With the input equal to the
+    upstream gradient (certification's seed-0 case) the input gradient cancels to RMS ~1e-6, and a float32
+    reordering differs from eager by RMSE ~1e-7."""
+    module = Float32Inside().train()
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    (g,) = upstream([x], 0)
+    assert torch.equal(x, g)
+    _, eager = gradients(module, [x], seed=0)
+    honest = {"input 0": rms_norm_input_gradient(x, g)}
+    kw = {"atol": 1e-4, "rtol": 1e-4, "label": "gradient", "reduction": REDUCTION}
+    # Before: a plain float64 copy repeats eager's float32 arithmetic and measures none of its rounding.
+    _, plain = gradients(copy.deepcopy(module).double(), to_float64([x]), seed=0)
+    old = judge(honest, eager, plain, **kw)  # type: ignore[arg-type]
+    assert (
+        not old.passed
+        and old.outputs[0].degenerate
+        and old.evidence()["degenerate_reference"] == ["gradient['input 0']"]
+    )
+    # Now: the float64 copy keeps the cast in float64, eager's rounding is measured, and the honest
+    # reordering is within a few times it.
+    _, exact = exact_gradients(module, [x], seed=0)
+    v = judge(honest, eager, exact, **kw)  # type: ignore[arg-type]
+    assert v.passed, v.reason
+    assert not v.outputs[0].degenerate and v.rmse_eager > 0 and v.ratio < 4
+    # A wrong backward (the projection onto x dropped) still fails.
+    r = torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    wrong = judge({"input 0": g * r}, eager, exact, **kw)  # type: ignore[arg-type]
+    assert not wrong.passed and wrong.reason.startswith("gradient['input 0']: ")
+
+
+def test_a_degenerate_reference_is_judged_as_exact_and_recorded() -> None:
+    """Where eager is exact (relu of a bias at an all-zero input: the float64 reference equals eager bit for
+    bit), rounding-level differences pass, and both a precision loss inside the declared tolerance (the
+    seeded bfloat16 defect) and a wrong value outside it fail."""
+    bias = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    eager = torch.relu(bias)
+    exact = torch.relu(bias.double())
+    one_ulp = torch.nextafter(eager, eager + 1).where(torch.arange(4096) % 3 == 0, eager)
+    bits = eager.view(torch.int32)
+    bf16 = ((bits + 0x8000) & -0x10000).view(torch.float32)
+    kw = {"atol": 1e-2, "rtol": 1e-2}
+    honest = judge(one_ulp, eager, exact, **kw)  # type: ignore[arg-type]
+    assert honest.passed, honest.reason
+    assert honest.outputs[0].degenerate and honest.evidence()["degenerate_reference"] == ["output"]
+    torch.testing.assert_close(bf16, eager, **kw)  # inside the declared tolerance...
+    lossy = judge(bf16, eager, exact, **kw)  # type: ignore[arg-type]
+    assert not lossy.passed and lossy.reason.startswith("output: RMSE against float64")  # ...not eager's precision
+    wrong = judge(eager + 0.5, eager, exact, **kw)  # type: ignore[arg-type]
+    assert not wrong.passed
+    s = summarize([honest, judge(eager, eager, exact + 1e-9, **kw)])  # type: ignore[arg-type]
+    assert s.degenerate == ("output",) and s.evidence()["degenerate_reference"] == ["output"]
+    assert judge(eager, eager, exact + 1e-9, **kw).evidence()["degenerate_reference"] == []  # type: ignore[arg-type]
+
+
+def test_float64_casts_widen_casts_and_factories_but_not_bit_views() -> None:
+    x = torch.ones(3, dtype=torch.float64)
+    with Float64Casts():
+        widened = [
+            x.float(),
+            x.half(),
+            x.bfloat16(),
+            x.to(torch.float32),
+            x.to(dtype=torch.float16),
+            x.type(torch.float32),
+            torch.zeros(2, dtype=torch.float32),
+            torch.arange(4).float(),
+            torch.softmax(x, 0, dtype=torch.float32),
+        ]
+        ints = x.to(torch.int32)
+        cplx = torch.zeros(2, dtype=torch.complex64)
+        same = x.view(3, 1)
+        with pytest.raises(NotWidenable):
+            x.float().view(torch.int32)
+    assert [t.dtype for t in widened] == [torch.float64] * len(widened)
+    assert ints.dtype == torch.int32 and cplx.dtype == torch.complex128 and same.shape == (3, 1)
+    assert x.float().dtype == torch.float32  # only inside
+
+
+class BitTrick(torch.nn.Module):
+    """Rounds to bfloat16 by bit arithmetic on the float32 pattern (only meaningful in float32), and counts
+    its calls in a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        bits = x.float().view(torch.int32)
+        return ((bits + 0x8000) & -0x10000).view(torch.float32).to(x.dtype)
+
+
+def test_a_float64_copy_runs_its_own_module_and_falls_back_to_plain_float64() -> None:
+    bn = torch.nn.BatchNorm1d(4).train()
+    double = float64_copy(bn)
+    again = copy.deepcopy(double)
+    again(torch.randn(8, 4, dtype=torch.float64) + 5)
+    assert float(again.running_mean.mean()) > 0.4 and float(double.running_mean.abs().max()) == 0.0
+    assert float64_copy(Float32Inside())(torch.ones(2, 3, dtype=torch.float64)).dtype == torch.float64
+    # Widened, the bit trick would read a float64 pattern: the plain float64 copy runs it as before, and the
+    # refused call's buffer update is undone.
+    trick = float64_copy(BitTrick())
+    out = trick(torch.full((2, 4), 1.001, dtype=torch.float64))
+    assert out.dtype == torch.float64 and float(out.max()) == 1.0
+    assert float(trick.calls) == 1.0

@@ -34,6 +34,7 @@ from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint
 from esper.certification import plan
 from esper.certification.cases import RefusedCase, refused_cases
+from esper.certification.compile_ahead import CompileAhead, CompileJob
 from esper.certification.kinds import KINDS, Expected, KindChecks
 from esper.context import machine_context
 from esper.evidence import geomean
@@ -225,6 +226,8 @@ class Certification:
     _expected: dict[tuple[str, int], Expected] = field(default_factory=dict, repr=False)
     _expected_bytes: int = field(default=0, repr=False)
     _cases: dict[str, list[coverage.Case]] = field(default_factory=dict, repr=False)
+    # Compile workers sharing this blueprint's planned compiles (None: compile here, one after another).
+    ahead: CompileAhead | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.artifact = ArtifactKind(self.artifact)
@@ -248,9 +251,22 @@ class Certification:
         if off:
             pytest.skip(off)
         c = self.candidates[candidate]
+        job = self.job(candidate) if self.ahead is not None else None
+        if job is not None:
+            self.ahead.claim(job)  # type: ignore[union-attr]
         outcome = self.kind.compile(profile=c.profile, variant=c.variant)
         c.entry, c.reused, c.compile_seconds = outcome.entry, outcome.reused, outcome.seconds
         return c.entry
+
+    def job(self, candidate: str) -> CompileJob | None:
+        """``candidate`` as a job a compile worker can run (``None``: this kind is off, no such candidate, or a
+        blueprint not read from a file)."""
+        c = self.candidates.get(candidate)
+        if c is None or self.bp.source is None or self.kind.disabled():
+            return None
+        return CompileJob(
+            self.bp.source, self.bp.name, self.artifact.value, c.profile, c.variant, str(self.urza_path), self.device
+        )
 
     def skip_reason(self, c: Candidate) -> str | None:
         """Why ``c`` is not checked in this session: its kind is off, a fallback, or a profile decided already.
@@ -547,7 +563,10 @@ class Certification:
             "coverage": self.coverage(c.profile).evidence(),
             "nondeterministic": c.nondeterministic,
             "rule": {
-                "reference": "float64",
+                # The module run on float64 copies, its own casts to lower precision widened to float64
+                # (esper.parity.Float64Casts); "degenerate_reference" in a part says it still matched eager
+                # bit for bit, so that part was held to eager's exact arithmetic.
+                "reference": "float64 (module casts widened)",
                 "rmse": "RMSE(compiled, fp64) <= m * RMSE(eager, fp64) + floor (m 2 for float32 >= 1000 elements, "
                 "up to 10 for tiny tensors)",
                 "floor_ulps": FLOOR_ULPS,

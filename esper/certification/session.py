@@ -21,6 +21,7 @@ from esper.blueprint import Blueprint, BlueprintError
 from esper.budgets import PROFILES, BudgetProfile
 from esper.catalog import load_catalog, load_file, module_file_name, validate_module
 from esper.certification import gate, plan
+from esper.certification.compile_ahead import CompileAhead, CompilePool, workers
 from esper.certification.kinds import TRAINING_ENV
 from esper.certification.run import BlueprintCertification, Certification, Outcome
 from esper.compat import CompatKey
@@ -45,6 +46,9 @@ class CertifySession:
     baseline: Path | None = None  # the release gate's stored latency.json (see esper.certification.gate)
     regression: float = gate.DEFAULT_THRESHOLD
     regressions: list[str] = field(default_factory=list)
+    # The collected ``test_compile`` items per blueprint, in order: (artifact, candidate).
+    planned: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    pool: CompilePool | None = None
 
     @property
     def budget_profile(self) -> BudgetProfile:
@@ -99,10 +103,35 @@ class CertifySession:
             declared = {bp.name: bp for bp in load_file(path)}
             if name not in declared:
                 raise BlueprintError("name", f"{path} no longer declares {name!r}; regenerate with --certify")
-            self.runs[name] = BlueprintCertification.create(
+            run = BlueprintCertification.create(
                 declared[name], self.settings.urza, self.budget_profile, device=self.device, recheck=self.recheck
             )
+            ahead = self._compile_ahead(run)
+            for kind in run:
+                kind.ahead = ahead
+            self.runs[name] = run
         return self.runs[name]
+
+    def plan_compiles(self, compiles: Mapping[str, list[tuple[str, str]]]) -> None:
+        """Note the ``test_compile`` items pytest collected, per blueprint ``(artifact, candidate)`` in run
+        order: what the compile workers may take (see :mod:`esper.certification.compile_ahead`)."""
+        self.planned = {name: list(items) for name, items in compiles.items()}
+
+    def _compile_ahead(self, run: BlueprintCertification) -> CompileAhead | None:
+        jobs = [run[artifact].job(candidate) for artifact, candidate in self.planned.get(run.bp.name, [])]
+        jobs = [j for j in jobs if j is not None]
+        n = workers()
+        if n == 0 or len(jobs) < 2:
+            return None
+        if self.pool is None:
+            self.pool = CompilePool(n)
+        return CompileAhead.start(jobs, self.pool)
+
+    def close(self) -> None:
+        """Stop the compile workers (waiting for a compile under way: its entry is written whole or not)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def record(
         self, name: str, artifact: str, check: str, outcome: str, message: str, candidate: str | None = None

@@ -225,9 +225,19 @@ class TrainingLoader(ArtifactLoader[TrainingKernel]):
         assert entry.guards is not None
         args = self._zeros(entry, {n: lo for n, (lo, _) in entry.guards.dim_ranges().items()})
         m = artifact.manifest
-        state = self._build().state_dict()
-        params = [state[s.name].detach() for s in m.params]
-        buffers = [state[s.name].detach().clone() for s in m.buffers]
+        built = self._build()
+        # Every buffer the manifest names, non-persistent ones too (a state dict holds persistent ones only).
+        tensors = {
+            **dict(built.named_parameters(remove_duplicate=False)),
+            **dict(built.named_buffers(remove_duplicate=False)),
+        }
+        missing = [s.name for s in (*m.params, *m.buffers) if s.name not in tensors]
+        if missing:
+            raise Unusable(
+                telemetry.LOAD_FAILED, f"training entry #{entry.id} reads {missing}, which the blueprint's module lacks"
+            )
+        params = [tensors[s.name].detach() for s in m.params]
+        buffers = [tensors[s.name].detach().clone() for s in m.buffers]
         try:
             with torch.no_grad():
                 outputs, saved, shape = artifact.forward(args, params, buffers)

@@ -13,6 +13,12 @@ The manifest says, for each graph input and output, what it is (plain JSON, vers
 - ``backward_inputs``: ``["sizes"]`` (a zero-size tensor whose dims carry the dynamic sizes, read from
   ``sizes``: input k, dim d), ``["forward_input", i]``, ``["forward_output", j]`` or ``["tangent", k]``;
 - ``backward_outputs``: ``["param", fqn]`` or ``["input", k]``, the gradients.
+
+``params`` and ``buffers`` list every tensor the forward may read, by name, shape and dtype; each buffer
+says whether it is ``persistent`` (format 2). A non-persistent buffer (a rotary embedding's ``inv_freq``, a
+causal mask, position ids) is part of the module as the blueprint builds it, not of a seed's weights: a
+seed's state dict does not hold it, and the runtime feeds it from the seed's module like any buffer.
+Format 1 manifests, from before the flag, hold persistent buffers only.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.tensors import TensorSpec
 from esper.urza import Entry
 
-FORMAT = "esper-training/1"
-FORMAT_VERSION = 1
+FORMAT = "esper-training/2"
+FORMAT_VERSION = 2
+# The first format whose buffer rows carry ``persistent``.
+PERSISTENT_FLAG_VERSION = 2
 FORWARD, BACKWARD, MANIFEST = "forward.pt2", "backward.pt2", "manifest.json"
 MEMBERS = (FORWARD, BACKWARD, MANIFEST)
 
@@ -66,23 +74,34 @@ class TrainingManifest:
     n_outputs: int
     differentiable: tuple[int, ...]
     out_spec: str
+    # The buffers (of ``buffers``) that are not persistent: not in a seed's state dict, as built.
+    nonpersistent: tuple[str, ...] = ()
     version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        names = {s.name for s in self.buffers}
+        stray = [n for n in self.nonpersistent if n not in names]
+        if stray:
+            raise ArtifactFormatError(f"non-persistent buffers {stray} are not buffers of the manifest")
+        if self.nonpersistent and self.version < PERSISTENT_FLAG_VERSION:
+            raise ArtifactFormatError(f"a version {self.version} manifest cannot hold non-persistent buffers")
+
     def weights(self) -> dict[str, TensorSpec]:
-        """The weight schema a seed must match: every parameter and buffer."""
-        return {s.name: s for s in (*self.params, *self.buffers)}
+        """The weight schema a seed's state dict must match: every parameter and persistent buffer."""
+        return {s.name: s for s in (*self.params, *self.buffers) if s.name not in self.nonpersistent}
 
     def mutated(self) -> list[str]:
+        """The buffers the forward updates, in forward output order."""
         return [s[1] for s in self.forward_outputs if s[0] == "mutation"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
+            "format": f"esper-training/{self.version}",
             "version": self.version,
             "blueprint": self.blueprint,
             "params": [{"name": s.name, **s.to_dict()} for s in self.params],
             "trainable": list(self.trainable),
-            "buffers": [{"name": s.name, **s.to_dict()} for s in self.buffers],
+            "buffers": [self._buffer_row(s) for s in self.buffers],
             "forward_inputs": [list(s) for s in self.forward_inputs],
             "forward_outputs": [list(s) for s in self.forward_outputs],
             "backward_inputs": [list(s) for s in self.backward_inputs],
@@ -94,6 +113,12 @@ class TrainingManifest:
             "out_spec": self.out_spec,
         }
 
+    def _buffer_row(self, spec: TensorSpec) -> dict[str, Any]:
+        row = {"name": spec.name, **spec.to_dict()}
+        if self.version >= PERSISTENT_FLAG_VERSION:
+            row["persistent"] = spec.name not in self.nonpersistent
+        return row
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
@@ -104,6 +129,8 @@ class TrainingManifest:
         version = int(data["version"])
         if version > FORMAT_VERSION:
             raise SchemaVersionError(f"training manifest version {version} is newer than this Esper's {FORMAT_VERSION}")
+        if version < 1:
+            raise ArtifactFormatError(f"training manifest version {version} does not exist")
 
         def specs(rows: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
             return tuple(TensorSpec.from_dict(r["name"], r) for r in rows)
@@ -116,6 +143,7 @@ class TrainingManifest:
             params=specs(data["params"]),
             trainable=tuple(data["trainable"]),
             buffers=specs(data["buffers"]),
+            nonpersistent=nonpersistent(data["buffers"], version),
             forward_inputs=slots(data["forward_inputs"]),
             forward_outputs=slots(data["forward_outputs"]),
             backward_inputs=slots(data["backward_inputs"]),
@@ -140,6 +168,25 @@ class TrainingManifest:
             if isinstance(e, ArtifactFormatError | SchemaVersionError):
                 raise
             raise ArtifactFormatError(f"manifest is malformed: {type(e).__name__}: {e}") from e
+
+
+def nonpersistent(rows: list[dict[str, Any]], version: int) -> tuple[str, ...]:
+    """The names of the non-persistent buffers among a manifest's buffer rows: none before
+    :data:`PERSISTENT_FLAG_VERSION`, whose rows have no flag; from it on, each row's ``persistent`` must be
+    a JSON boolean (Urza's content is not trusted: ``"false"`` or ``0`` is refused, not read as true)."""
+    out = []
+    for row in rows:
+        name = row["name"]
+        if version < PERSISTENT_FLAG_VERSION:
+            if "persistent" in row:
+                raise ArtifactFormatError(f"buffer {name!r}: a version {version} manifest has no 'persistent' flag")
+            continue
+        flag = row.get("persistent")
+        if not isinstance(flag, bool):
+            raise ArtifactFormatError(f"buffer {name!r}: 'persistent' must be true or false, not {flag!r}")
+        if not flag:
+            out.append(name)
+    return tuple(out)
 
 
 def write_artifact(path: Path, forward: Path, backward: Path, manifest: TrainingManifest) -> Path:

@@ -141,6 +141,23 @@ def _slots(module: torch.nn.Module, names: Sequence[str], table: str) -> list[tu
     return out
 
 
+def _check_nonpersistent(
+    slots: Sequence[tuple[dict[str, Any], str]], manifest: TrainingManifest, *, against: str
+) -> None:
+    """Raise :class:`WeightSchemaError` when a non-persistent buffer of the seed's module has another shape or
+    dtype than the artifact's: the weight schema a seed is checked against at binding covers its state dict,
+    which does not hold these (a seed bound as a module brings its own)."""
+    for (table, attr), spec in zip(slots, manifest.buffers, strict=True):
+        if spec.name not in manifest.nonpersistent:
+            continue
+        got = TensorSpec.of(spec.name, table[attr])
+        if got != spec:
+            raise WeightSchemaError(
+                f"the seed's non-persistent buffer {spec.name!r} is {got.describe()}; {against} expects "
+                f"{spec.describe()}"
+            )
+
+
 class _Shared:
     """What every seed of one blueprint shares: the program, the guards, and how to build and serve eval."""
 
@@ -208,8 +225,10 @@ class TrainingKernel(KernelBase):
             m = program.manifest
             self._param_slots = _slots(seed, [s.name for s in m.params], "_parameters")
             self._buffer_slots = _slots(seed, [s.name for s in m.buffers], "_buffers")
+            _check_nonpersistent(self._buffer_slots, m, against=f"the training artifact of {shared.blueprint!r}")
             trainable = set(m.trainable)
             self._param_specs = [(s.name, s.torch_dtype, s.shape, s.name in trainable) for s in m.params]
+            self._buffer_specs = [(s.name, s.torch_dtype, s.shape) for s in m.buffers]
             self._device = _entry_device(shared.entry)
         self.train()
 
@@ -290,6 +309,12 @@ class TrainingKernel(KernelBase):
                 return f"parameter {name!r} requires grad, but the artifact was compiled with it frozen"
             if not p.is_contiguous():
                 return f"parameter {name!r} is not contiguous"
+        # A buffer replaced since binding (a resized mask) would reach the compiled code with another shape.
+        for (table, attr), (name, dtype, shape) in zip(self._buffer_slots, self._buffer_specs, strict=True):
+            b = table[attr]
+            if b.dtype != dtype or tuple(b.shape) != shape or b.device.type != self._device:
+                now = f"{b.dtype} {tuple(b.shape)} on {b.device}"
+                return f"buffer {name!r} is now {now}; the artifact has {dtype} {shape} on {self._device}"
         return None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

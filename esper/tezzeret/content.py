@@ -22,7 +22,7 @@ from esper.provenance import digest_files, source_files
 # export options, another training artifact layout): the content hash covers it, so old entries are not reused.
 PIPELINE_VERSIONS: dict[ArtifactKind, str] = {
     ArtifactKind.INFERENCE: "tezzeret/1",
-    ArtifactKind.TRAINING: "tezzeret-training/2",
+    ArtifactKind.TRAINING: "tezzeret-training/3",
 }
 
 

@@ -9,8 +9,9 @@ data, what the two packages of the training artifact look like:
 - the backward package's inputs: a zero-size *carrier* whose dims are the dynamic sizes (when the backward
   needs sizes), then the saved activations and the upstream gradients in graph order, and how the backward
   graph's own arguments (sizes computed from the carrier, tensors by position) are made from them;
-- which dims of each package input are dynamic, by declared dim name (compound sizes such as ``batch*seq``
-  are :data:`COMPOUND`: export chooses);
+- which dims of each package input are dynamic, by declared dim name (a size linear in one declared dim, such
+  as ``4*batch`` for batch times heads, is a :class:`Linear` derived dim; other compound sizes such as
+  ``batch*seq`` are :data:`COMPOUND`: export chooses);
 - the manifest's slots (see :mod:`esper.kasmina.training_artifact`).
 """
 
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 
 from esper.blueprint import Blueprint
@@ -29,7 +31,20 @@ from esper.tezzeret.joint import JointGraphs, JointUnsupported, Slot
 
 # A dynamic dim that is no declared dim but an expression of them (``batch*seq``): exported as ``Dim.AUTO``.
 COMPOUND = "*"
-DynamicSpec = tuple[tuple[int, str], ...] | None
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A dynamic size ``scale * dim + offset`` of one declared dim (``4*batch``: attention scores flattened over
+    batch and heads). Exported as that derived dim: export refuses ``Dim.AUTO`` there, since the size is a
+    relation it can state and would have the caller state."""
+
+    dim: str
+    scale: int
+    offset: int = 0
+
+
+DynamicSpec = tuple[tuple[int, str | Linear], ...] | None
 
 
 @dataclass(frozen=True)
@@ -66,10 +81,11 @@ def dynamic_dims(bp: Blueprint) -> list[list[int]]:
 def trace_sizes(bp: Blueprint, ranges: Mapping[str, tuple[int, int]], module: torch.nn.Module) -> dict[str, int]:
     """Example sizes for tracing and export: export's choice, moved where needed so that no dynamic dim
     equals another, a fixed input dim or a weight dim (a coincidence export could mistake for a relation,
-    specializing the dim), and none is 0 or 1 (which export specializes)."""
+    specializing the dim), and none is 0 or 1 (which export specializes). Weights include every buffer, a
+    non-persistent one too (a causal mask's size is as good a coincidence as a weight's)."""
     taken = {0, 1}
     taken |= {s for i in bp.inputs for s in i.shape if isinstance(s, int)}
-    taken |= {s for t in module.state_dict().values() for s in t.shape}
+    taken |= {s for t in (*module.parameters(), *module.buffers()) for s in t.shape}
     chosen: dict[str, int] = {}
     for name, start in export_sizes(bp, ranges).items():
         lo, hi = ranges[name]
@@ -130,14 +146,33 @@ def symbol_dims(graphs: JointGraphs, bp: Blueprint) -> dict[str, str]:
     return out
 
 
+def linear(size: torch.SymInt, names: Mapping[str, str]) -> Linear | None:
+    """``size`` as a :class:`Linear` form of one declared dim (integer scale >= 1 and offset), else ``None``."""
+    expr = size.node.expr
+    symbols = list(expr.free_symbols)
+    if len(symbols) != 1 or str(symbols[0]) not in names:
+        return None
+    try:
+        poly = sympy.Poly(expr, symbols[0])
+    except sympy.PolynomialError:  # FloorDiv, Mod and the like
+        return None
+    if poly.degree() != 1:
+        return None
+    scale, offset = poly.all_coeffs()
+    if not (scale.is_Integer and offset.is_Integer and int(scale) >= 1):
+        return None
+    return Linear(names[str(symbols[0])], int(scale), int(offset))
+
+
 def backward_dynamic(graphs: JointGraphs, node: torch.fx.Node, names: Mapping[str, str]) -> DynamicSpec:
-    """One backward input's dynamic dims: declared dims by name, compound sizes as :data:`COMPOUND`."""
-    spec: list[tuple[int, str]] = []
+    """One backward input's dynamic dims: declared dims by name, sizes linear in one of them as :class:`Linear`,
+    other compound sizes as :data:`COMPOUND`."""
+    spec: list[tuple[int, str | Linear]] = []
     for d, (size, symbol) in enumerate(zip(node.meta["val"].shape, graphs.symbolic_dims(node.name), strict=True)):
         if symbol is not None and symbol in names:
             spec.append((d, names[symbol]))
         elif not isinstance(size, int):
-            spec.append((d, COMPOUND))
+            spec.append((d, linear(size, names) or COMPOUND))
     return tuple(spec) or None
 
 

@@ -44,7 +44,15 @@ from esper.parity import assert_parity, max_errors
 from esper.tezzeret.aoti import compile_package
 from esper.tezzeret.export import guards_from_values
 from esper.tezzeret.joint import JointGraphs, evaluate_size, trace_joint
-from esper.tezzeret.joint_plan import COMPOUND, DynamicSpec, JointPlan, dynamic_dims, plan_artifact, trace_sizes
+from esper.tezzeret.joint_plan import (
+    COMPOUND,
+    DynamicSpec,
+    JointPlan,
+    Linear,
+    dynamic_dims,
+    plan_artifact,
+    trace_sizes,
+)
 from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, full_ranges, stage
 from esper.urza import DEFAULT_PROFILE, Entry
 from esper.variants import VARIANTS, Variant
@@ -151,7 +159,8 @@ class TrainingPipeline:
             },
             "export_seconds": round(t1 - t0, 3),
             "aoti_seconds": round(t2 - t1, 3),
-            "constants": {s.name: s.to_dict() for s in (*manifest.params, *manifest.buffers)},
+            # The seed weight schema: what a seed's state dict holds (non-persistent buffers are the build's).
+            "constants": {name: spec.to_dict() for name, spec in manifest.weights().items()},
         }
         return Built(path=artifact, guards=guards, meta=meta, parity=parity, performance=latency)
 
@@ -190,14 +199,22 @@ class BackwardGraph(torch.nn.Module):
         return tuple(g for g in self.gm(*args) if g is not None)
 
 
+def export_dim(ref: str | Linear, dims: Mapping[str, Any]) -> Any:
+    """What export is given for one dynamic dim of the plan: a declared dim's named ``Dim``, a :class:`Linear`
+    size as the derived dim ``scale * Dim + offset``, another compound size as ``Dim.AUTO``."""
+    if not isinstance(ref, Linear):
+        return Dim.AUTO if ref == COMPOUND else dims[ref]
+    derived = dims[ref.dim]
+    if ref.scale != 1:
+        derived = derived * ref.scale
+    return derived + ref.offset if ref.offset else derived
+
+
 def export_graph(
     module: torch.nn.Module, args: Sequence[torch.Tensor], dynamic: Sequence[DynamicSpec], dims: Mapping[str, Any]
 ) -> ExportedProgram:
-    """Export a graph module with the plan's dynamic dims: declared ones as their named ``Dim``."""
-    shapes = tuple(
-        None if spec is None else {d: Dim.AUTO if name == COMPOUND else dims[name] for d, name in spec}
-        for spec in dynamic
-    )
+    """Export a graph module with the plan's dynamic dims (see :func:`export_dim`)."""
+    shapes = tuple(None if spec is None else {d: export_dim(ref, dims) for d, ref in spec} for spec in dynamic)
     return export(module, tuple(args), dynamic_shapes=(shapes,), strict=False)
 
 
@@ -226,17 +243,18 @@ def backward_arguments(
 
 
 def training_manifest(bp: Blueprint, graphs: JointGraphs, plan: JointPlan, module: torch.nn.Module) -> TrainingManifest:
-    """The manifest that wires the two packages; refuses a forward that reads a non-persistent buffer (the
-    runtime feeds buffers from the seed's state dict, which does not hold it)."""
+    """The manifest that wires the two packages. A buffer missing from ``module.state_dict()`` is marked
+    non-persistent: part of the module as ``bp.build()`` makes it (a rotary ``inv_freq``, a causal mask), not
+    of a seed's weights, so a seed's state dict need not hold it and the runtime reads it from the seed's
+    module. One the forward updates is updated there, per seed, as eager updates it."""
     persistent = module.state_dict()
-    unknown = [s[1] for s in graphs.forward_inputs if s[0] == "buffer" and s[1] not in persistent]
-    if unknown:
-        raise ValueError(f"non-persistent buffers {unknown} are not supported")
+    buffers = list(module.named_buffers())
     return TrainingManifest(
         blueprint=bp.name,
         params=tuple(TensorSpec.of(n, p) for n, p in module.named_parameters()),
         trainable=plan.trainable,
-        buffers=tuple(TensorSpec.of(n, b) for n, b in module.named_buffers() if n in persistent),
+        buffers=tuple(TensorSpec.of(n, b) for n, b in buffers),
+        nonpersistent=tuple(n for n, _ in buffers if n not in persistent),
         forward_inputs=tuple(tuple(s) for s in graphs.forward_inputs),
         forward_outputs=plan.forward_outputs,
         backward_inputs=plan.backward_inputs,

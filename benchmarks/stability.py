@@ -1,0 +1,350 @@
+"""Certificate stability (issue 13): the catalog certified cold several times beside a neighbour that keeps
+every core busy, and what changed between runs.
+
+    .venv/bin/python -m benchmarks.stability [--runs N] [--neighbour matmul|certify|none] [--threads N]
+        [--out DIR] [-k EXPR] [--ci]
+
+Each run is a real ``pytest --certify`` in a subprocess, cold: a fresh Urza in ``<out>/run-<i>/`` with its own
+Inductor cache beside it (``TORCHINDUCTOR_CACHE_DIR`` is unset, so Tezzeret puts it there), nothing reused
+from an earlier run. While it runs, the neighbour runs too:
+
+- ``matmul``: a process multiplying 1024x1024 float32 matrices in a loop with ``--threads`` intra-op threads
+  (default: every core), the shared CI runner's other job at its most demanding. Its throughput (GFLOP/s) is
+  reported, proof that it competed;
+- ``certify``: a second cold ``pytest --certify`` of the catalog into its own Urza (its outcome is not judged);
+- ``none``: a quiet baseline.
+
+Every catalog blueprint is correct, so a blueprint that is not certified for an artifact kind is a *false
+rejection*. Reported per run: the exit status, the failed checks, the wall time, and the route Urza
+certified per (blueprint, artifact kind, shape profile): a variant name, or ``eager``. Between runs:
+verdict changes (certified in one run, not in another) and routing changes. Writes ``<out>/stability.json``
+and ``stability.md`` (default ``.esper/bench/stability``). Not part of CI: one run is a cold certification
+of the catalog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MATMUL_SIZE = 1024
+
+Key = tuple[str, str, str]  # (blueprint, artifact, profile)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cold certification: its outcome and the routes Urza certified."""
+
+    index: int
+    returncode: int
+    seconds: float
+    failed: tuple[str, ...]
+    routes: dict[str, str]  # "blueprint/artifact/profile" -> variant or "eager"
+    certified: dict[str, list[str]]  # blueprint -> artifact kinds with a certified route
+    neighbour: dict[str, Any] = field(default_factory=dict)
+
+
+def key_label(key: Key) -> str:
+    return "/".join(key)
+
+
+def routes_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The route each (blueprint, artifact, profile) serves: the newest certified row's variant, or ``eager``
+    for a certified eager route (an eager fallback or an eager choice)."""
+    routes: dict[str, str] = {}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        if row["status"] != "certified":
+            continue
+        route = "eager" if row["kind"] != "aoti" else str(row["variant"])
+        routes[key_label((row["blueprint"], row["artifact"], row["profile"]))] = route
+    return dict(sorted(routes.items()))
+
+
+def certified_kinds(routes: Mapping[str, str]) -> dict[str, list[str]]:
+    """Blueprint -> the artifact kinds that have a certified route for at least one profile."""
+    out: dict[str, set[str]] = {}
+    for label in routes:
+        bp, artifact, _ = label.split("/", 2)
+        out.setdefault(bp, set()).add(artifact)
+    return {bp: sorted(kinds) for bp, kinds in sorted(out.items())}
+
+
+def failed_tests(junit: Path) -> tuple[str, ...]:
+    """The ids of the failed or erroring tests in a JUnit XML report (``()`` when it is missing)."""
+    if not junit.exists():
+        return ()
+    failed = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+    return tuple(failed)
+
+
+def false_rejections(run: Run, expected: Mapping[str, Sequence[str]]) -> list[str]:
+    """``blueprint/artifact`` pairs the catalog declares that this run did not certify."""
+    return [
+        f"{bp}/{kind}"
+        for bp, kinds in sorted(expected.items())
+        for kind in kinds
+        if kind not in run.certified.get(bp, [])
+    ]
+
+
+def changes(runs: Sequence[Run]) -> dict[str, dict[str, str]]:
+    """Per route key whose route differs between runs: ``{key: {run index: route}}`` (``-`` where absent)."""
+    keys = sorted({k for r in runs for k in r.routes})
+    out = {}
+    for k in keys:
+        seen = {str(r.index): r.routes.get(k, "-") for r in runs}
+        if len(set(seen.values())) > 1:
+            out[k] = seen
+    return out
+
+
+def expected_kinds(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """What a clean catalog should certify: every artifact kind any run certified for each blueprint (a kind
+    no run certified, e.g. training skipped, is not expected)."""
+    out: dict[str, set[str]] = {}
+    for r in runs:
+        for bp, kinds in r.certified.items():
+            out.setdefault(bp, set()).update(kinds)
+    return {bp: sorted(k) for bp, k in sorted(out.items())}
+
+
+# -- the neighbours ------------------------------------------------------------------------------------------
+
+
+def matmul_loop(threads: int, report: Path) -> None:
+    """The neighbour: square matmuls on ``threads`` threads until SIGTERM; writes its GFLOP/s to ``report``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    stop = False
+
+    def on_term(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    t0, n = time.perf_counter(), 0
+    while not stop:
+        torch.mm(a, b)
+        n += 1
+    seconds = time.perf_counter() - t0
+    flops = 2 * MATMUL_SIZE**3 * n
+    figures = {"threads": threads, "matmuls": n, "seconds": seconds, "gflops": flops / seconds / 1e9}
+    report.write_text(json.dumps(figures))
+
+
+def certify_command(folder: Path, k: str | None) -> list[str]:
+    """``pytest --certify`` writing its generated modules, summary and JUnit report into ``folder``."""
+    cmd = [sys.executable, "-m", "pytest", "--certify", "-q", "-p", "no:cacheprovider"]
+    cmd += [f"--certify-build-dir={folder / 'certify'}", f"--junitxml={folder / 'junit.xml'}"]
+    return [*cmd, "-k", k] if k else cmd
+
+
+def certify_env(urza: Path, ci: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # cold: Tezzeret's cache beside this run's fresh Urza
+    env["ESPER_URZA"] = str(urza)
+    if ci:
+        env["CI"] = "true"
+    else:
+        env.pop("CI", None)
+    return env
+
+
+@contextmanager
+def neighbour(kind: str, threads: int, folder: Path, ci: bool) -> Iterator[dict[str, Any]]:
+    """Run the neighbour for the duration of the block; yields a dict filled with its figures afterwards."""
+    figures: dict[str, Any] = {"kind": kind}
+    if kind == "none":
+        yield figures
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    log = (folder / "neighbour.log").open("w")
+    if kind == "matmul":
+        report = folder / "neighbour.json"
+        cmd = [sys.executable, "-m", "benchmarks.stability", "--matmul-loop", str(threads), "--report", str(report)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    else:
+        report = None
+        env = certify_env(folder / "urza.db", ci)
+        proc = subprocess.Popen(certify_command(folder, None), cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        yield figures
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if report is not None and report.exists():
+            figures.update(json.loads(report.read_text()))
+
+
+# -- one run ---------------------------------------------------------------------------------------------------
+
+
+def read_routes(urza: Path) -> dict[str, str]:
+    """The certified routes in the Urza at ``urza`` (none when the run left no database)."""
+    from esper.urza import Urza
+
+    if not urza.exists():
+        return {}
+    with Urza(urza, readonly=True) as store:
+        rows = [
+            {
+                "id": e.id,
+                "status": e.status,
+                "kind": e.kind,
+                "variant": e.variant,
+                "blueprint": e.blueprint,
+                "artifact": e.artifact,
+                "profile": e.profile,
+            }
+            for e in store.entries(status="certified")
+        ]
+    return routes_from_rows(rows)
+
+
+def certify_once(index: int, opts: argparse.Namespace) -> Run:
+    folder = Path(opts.out) / f"run-{index}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    urza, junit = folder / "urza.db", folder / "junit.xml"
+    with neighbour(opts.neighbour, opts.threads, folder / "neighbour", opts.ci) as figures:
+        time.sleep(2)  # let the neighbour take the cores before the certification starts
+        t0 = time.perf_counter()
+        with (folder / "certify.log").open("w") as log:
+            done = subprocess.run(
+                certify_command(folder, opts.k),
+                cwd=ROOT,
+                env=certify_env(urza, opts.ci),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        seconds = time.perf_counter() - t0
+    routes = read_routes(urza)
+    return Run(
+        index=index,
+        returncode=done.returncode,
+        seconds=round(seconds, 1),
+        failed=failed_tests(junit),
+        routes=routes,
+        certified=certified_kinds(routes),
+        neighbour=figures,
+    )
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+
+
+def summarize(runs: Sequence[Run], opts: Mapping[str, Any]) -> dict[str, Any]:
+    expected = expected_kinds(runs)
+    return {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "options": dict(opts),
+        "runs": [asdict(r) for r in runs],
+        "false_rejections": {str(r.index): false_rejections(r, expected) for r in runs},
+        "verdict_changes": sorted({f for r in runs for f in false_rejections(r, expected)}),
+        "routing_changes": changes(runs),
+    }
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    runs = summary["runs"]
+    opts = summary["options"]
+    lines = [
+        "# Certificate stability: the catalog certified cold beside a busy neighbour",
+        "",
+        f"{len(runs)} cold `pytest --certify` runs of the catalog; neighbour: `{opts['neighbour']}`"
+        + (f" ({opts['threads']} threads)" if opts["neighbour"] == "matmul" else "")
+        + f"; {summary['machine']['cpus']} CPUs; CI={'true' if opts['ci'] else 'unset'}.",
+        "",
+        "| run | exit | wall s | failed checks | false rejections | neighbour GFLOP/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        fr = summary["false_rejections"][str(r["index"])]
+        gflops = r["neighbour"].get("gflops")
+        lines.append(
+            f"| {r['index']} | {r['returncode']} | {r['seconds']:.0f} | {len(r['failed'])} | "
+            f"{', '.join(fr) or 0} | {'' if gflops is None else f'{gflops:.1f}'} |"
+        )
+    failed = sorted({f for r in runs for f in r["failed"]})
+    if failed:
+        lines += ["", "Failed checks:", *[f"- `{f}`" for f in failed]]
+    keys = sorted({k for r in runs for k in r["routes"]})
+    lines += [
+        "",
+        "## Routes certified per run",
+        "",
+        "| blueprint/artifact/profile | " + " | ".join(f"run {r['index']}" for r in runs) + " | changed |",
+        "|---|" + "---|" * len(runs) + "---|",
+    ]
+    for k in keys:
+        row = [r["routes"].get(k, "-") for r in runs]
+        lines.append(f"| {k} | " + " | ".join(row) + f" | {'yes' if len(set(row)) > 1 else ''} |")
+    n_changed = len(summary["routing_changes"])
+    lines += [
+        "",
+        f"Verdict changes between runs: {len(summary['verdict_changes'])}"
+        + (f" ({', '.join(summary['verdict_changes'])})" if summary["verdict_changes"] else "")
+        + f". Routing changes: {n_changed} of {len(keys)} routes.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stability", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--neighbour", choices=("matmul", "certify", "none"), default="matmul")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the matmul neighbour's threads")
+    parser.add_argument("--out", default=str(ROOT / ".esper" / "bench" / "stability"))
+    parser.add_argument("-k", default=None, help="pytest -k expression: certify only some blueprints")
+    parser.add_argument("--ci", action="store_true", help="certify with CI=true (as .ci/run does)")
+    parser.add_argument("--matmul-loop", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--report", default=None, help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.matmul_loop is not None:
+        matmul_loop(opts.matmul_loop, Path(opts.report))
+        return 0
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[Run] = []
+    options = {k: v for k, v in vars(opts).items() if k not in ("matmul_loop", "report")}
+    for i in range(1, opts.runs + 1):
+        run = certify_once(i, opts)
+        runs.append(run)
+        print(f"run {i}: exit {run.returncode}, {run.seconds:.0f} s, {len(run.failed)} failed", flush=True)
+        summary = summarize(runs, options)  # written after every run: a long study keeps what it measured
+        (out / "stability.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "stability.md").write_text(markdown(summary))
+    print(markdown(summarize(runs, options)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Compiling a blueprint's candidates in parallel: a second process compiles the later candidates while the
+certification's own process compiles the first ones.
+
+An AOTInductor compile is one Python process lowering the graph, then one ``g++`` building one shared
+library: it keeps about one core busy. On the 2-core CI machine the catalog's compiles were most of a cold
+certification, one after another. A :class:`CompileAhead` takes a blueprint's planned compiles (the
+``test_compile`` items pytest collected, in order): the certification compiles from the front, worker processes
+take from the back, each candidate claimed by exactly one side. When ``test_compile`` reaches a candidate a
+worker has, it waits for that worker, then Tezzeret finds the entry the worker stored (same content hash and
+compatibility key) and reuses it. So the checks see exactly what a serial run would, and no parity or latency
+check runs beside a compile: every ``test_compile`` of a blueprint runs before its first check.
+
+Workers: ``ESPER_CERTIFY_COMPILE_WORKERS`` (``0``: compile serially); by default one per four cores, at least
+one on a machine with two cores or more, none on one core, and none inside a pytest-xdist worker (xdist already
+runs blueprints side by side).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WORKERS_ENV = "ESPER_CERTIFY_COMPILE_WORKERS"
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One candidate to compile: everything a fresh process needs to compile it into the same Urza."""
+
+    source: str  # the blueprint's file
+    blueprint: str
+    artifact: str
+    profile: str
+    variant: str
+    urza: str
+    device: str
+
+
+def workers(cpus: int | None = None, environ: dict[str, str] | None = None) -> int:
+    """How many compile workers a certification session starts (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    if env.get("PYTEST_XDIST_WORKER"):
+        return 0
+    raw = env.get(WORKERS_ENV)
+    if raw is not None and raw.strip():
+        try:
+            n = int(raw)
+        except ValueError:
+            raise ValueError(f"{WORKERS_ENV} must be a whole number of processes, not {raw!r}") from None
+        if n < 0:
+            raise ValueError(f"{WORKERS_ENV} must be 0 or more, not {n}")
+        return n
+    cpus = os.cpu_count() if cpus is None else cpus
+    return max(1, (cpus or 1) // 4) if (cpus or 1) >= 2 else 0
+
+
+def compile_job(job: CompileJob) -> int | None:
+    """Compile ``job`` with Tezzeret into its Urza (in a worker process); the entry's id."""
+    import torch
+
+    from esper.catalog import load_file
+    from esper.tezzeret.compiler import Tezzeret
+    from esper.urza import Urza
+    from esper.variants import VARIANTS
+
+    try:
+        declared = {bp.name: bp for bp in load_file(Path(job.source))}
+        with Urza(Path(job.urza)) as urza:
+            outcome = Tezzeret(urza, device=torch.device(job.device)).compile(
+                declared[job.blueprint], artifact=job.artifact, variant=VARIANTS[job.variant], profile=job.profile
+            )
+    except Exception as e:
+        # Crosses a process boundary: not every exception pickles (BlueprintError's constructor does not).
+        raise RuntimeError(f"{type(e).__name__}: {e}") from None
+    return outcome.entry.id
+
+
+class CompilePool:
+    """The session's compile worker processes (spawned, so no parent state leaks in), started on first use."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: CompileJob) -> Future[int | None]:
+        with self._lock:
+            if self._executor is None:
+                ctx = multiprocessing.get_context("spawn")
+                self._executor = ProcessPoolExecutor(max_workers=self.size, mp_context=ctx)
+            return self._executor.submit(compile_job, job)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+
+
+class CompileAhead:
+    """One blueprint's planned compiles, shared between the certification (from the front) and ``pool``'s
+    workers (from the back). Build it with :meth:`start` before the first ``test_compile`` runs."""
+
+    def __init__(self, jobs: Sequence[CompileJob], pool: CompilePool):
+        self._pending: deque[CompileJob] = deque(jobs)
+        self._taken: dict[CompileJob, Future[int | None]] = {}
+        self._lock = threading.Lock()
+        self._pool = pool
+        self._threads = [threading.Thread(target=self._drain, daemon=True) for _ in range(pool.size)]
+
+    @classmethod
+    def start(cls, jobs: Sequence[CompileJob], pool: CompilePool) -> CompileAhead:
+        ahead = cls(jobs, pool)
+        if len(jobs) > 1:  # one job: nothing to overlap
+            for t in ahead._threads:
+                t.start()
+        return ahead
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if len(self._pending) <= 1:  # the certification is about to take the last one itself
+                    return
+                job = self._pending.pop()
+                done: Future[int | None] = Future()
+                self._taken[job] = done
+            try:
+                done.set_result(self._pool.submit(job).result())
+            except BaseException as e:  # handed to the waiter, who compiles again itself
+                done.set_exception(e)
+
+    def claim(self, job: CompileJob) -> None:
+        """Before compiling ``job`` here: take it from the queue, or wait for the worker that has it. A worker
+        that failed is logged; the caller's own compile then does the work (or reports the failure)."""
+        with self._lock:
+            if job in self._pending:
+                self._pending.remove(job)
+                return
+            taken = self._taken.get(job)
+        if taken is None:
+            return
+        try:
+            taken.result()
+        except Exception as e:  # the caller compiles it again and reports what fails
+            log.warning("compile worker failed on %s %s %s: %s", job.blueprint, job.artifact, job.profile, e)

@@ -1,0 +1,64 @@
+"""The stability study's bookkeeping (benchmarks/stability.py), from plain rows: routes, false rejections,
+routing changes and the report. Nothing is certified here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import stability
+
+
+def row(i: int, bp: str, artifact: str, profile: str, status: str, kind: str = "aoti", variant: str = "default"):
+    return {
+        "id": i, "blueprint": bp, "artifact": artifact, "profile": profile, "status": status, "kind": kind,
+        "variant": variant,
+    }  # fmt: skip
+
+
+def run(index: int, routes: dict[str, str], failed: tuple[str, ...] = ()) -> stability.Run:
+    return stability.Run(index, 1 if failed else 0, 600.0, failed, routes, stability.certified_kinds(routes))
+
+
+def test_routes_are_the_newest_certified_row_per_profile() -> None:
+    rows = [
+        row(1, "mlp", "inference", "default", "certified", variant="default"),
+        row(2, "mlp", "inference", "default", "rejected", variant="freezing"),
+        row(3, "mlp", "inference", "default", "certified", variant="freezing"),
+        row(4, "mlp", "training", "default", "certified", kind="eager", variant="eager"),
+        row(5, "conv", "training", "default", "fallback", kind="eager", variant="default"),
+    ]
+    assert stability.routes_from_rows(rows) == {
+        "mlp/inference/default": "freezing",
+        "mlp/training/default": "eager",
+    }
+
+
+def test_false_rejections_and_changes_between_runs() -> None:
+    a = run(
+        1, {"mlp/inference/default": "freezing", "mlp/training/default": "default", "se/inference/default": "eager"}
+    )
+    b = run(2, {"mlp/inference/default": "eager", "mlp/training/default": "default"}, failed=("se::test_budgets",))
+    expected = stability.expected_kinds([a, b])
+    assert expected == {"mlp": ["inference", "training"], "se": ["inference"]}
+    assert stability.false_rejections(a, expected) == []
+    assert stability.false_rejections(b, expected) == ["se/inference"]
+    assert stability.changes([a, b]) == {
+        "mlp/inference/default": {"1": "freezing", "2": "eager"},
+        "se/inference/default": {"1": "eager", "2": "-"},
+    }
+    summary = stability.summarize([a, b], {"neighbour": "matmul", "threads": 2, "ci": True})
+    assert summary["verdict_changes"] == ["se/inference"]
+    text = stability.markdown(summary)
+    assert "| 2 | 1 | 600 | 1 | se/inference |" in text
+    assert "Routing changes: 2 of 3 routes." in text
+
+
+def test_failed_tests_read_from_junit(tmp_path: Path) -> None:
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite><testcase classname="m" name="test_ok"/>'
+        '<testcase classname="m" name="test_parity[x]"><failure message="no"/></testcase>'
+        '<testcase classname="m" name="test_guards"><error message="boom"/></testcase></testsuite></testsuites>'
+    )
+    assert stability.failed_tests(junit) == ("m::test_parity[x]", "m::test_guards")
+    assert stability.failed_tests(tmp_path / "missing.xml") == ()

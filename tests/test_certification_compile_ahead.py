@@ -1,0 +1,137 @@
+"""Compile workers: the certification compiles from the front, workers from the back, each job exactly once."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from esper.catalog import load_file
+from esper.certification.compile_ahead import CompileAhead, CompileJob, CompilePool, compile_job, workers
+from esper.tezzeret.compiler import Tezzeret
+from esper.urza import Urza
+from esper.variants import VARIANTS
+
+TINY = Path(__file__).parent / "fixtures" / "tiny"
+
+
+def one(source: Path, name: str, urza: Path) -> CompileJob:
+    return CompileJob(str(source), name, "inference", "default", "default", str(urza), "cpu")
+
+
+def jobs(n: int) -> list[CompileJob]:
+    return [CompileJob("bp.py", "bp", "inference", f"p{i}", "default", "urza.db", "cpu") for i in range(n)]
+
+
+class FakePool:
+    """Runs a job in a thread when released, recording which jobs the workers took."""
+
+    def __init__(self, size: int = 1, fail: bool = False):
+        self.size = size
+        self.fail = fail
+        self.taken: list[CompileJob] = []
+        self.release = threading.Event()
+
+    def submit(self, job: CompileJob) -> Future[int | None]:
+        self.taken.append(job)
+        done: Future[int | None] = Future()
+
+        def work() -> None:
+            self.release.wait(5)
+            if self.fail:
+                done.set_exception(RuntimeError("worker crashed"))
+            else:
+                done.set_result(7)
+
+        threading.Thread(target=work, daemon=True).start()
+        return done
+
+
+def test_workers_take_from_the_back_and_claim_waits_for_them() -> None:
+    pool = FakePool()
+    planned = jobs(4)
+    ahead = CompileAhead.start(planned, pool)  # type: ignore[arg-type]
+    for _ in range(100):  # the worker thread picks its first job at once
+        if pool.taken:
+            break
+        threading.Event().wait(0.01)
+    assert pool.taken == [planned[3]]
+    ahead.claim(planned[0])  # still queued: this side compiles it, nothing waits
+    assert planned[0] not in pool.taken
+    waiter = threading.Thread(target=ahead.claim, args=(planned[3],))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive(), "claiming a job a worker has must wait for it"
+    pool.release.set()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    for job in planned[1:3]:
+        ahead.claim(job)
+    taken = set(pool.taken)
+    assert planned[0] not in taken
+    assert taken <= set(planned[1:])
+    assert len(pool.taken) == len(taken), "no job ran twice"
+
+
+def test_the_last_job_is_left_to_the_certification() -> None:
+    pool = FakePool()
+    pool.release.set()
+    planned = jobs(2)
+    ahead = CompileAhead.start(planned, pool)  # type: ignore[arg-type]
+    ahead.claim(planned[0])
+    ahead.claim(planned[1])
+    assert len(pool.taken) <= 1
+    single = CompileAhead.start(jobs(1), pool)  # type: ignore[arg-type]
+    single.claim(jobs(1)[0])
+    assert len(pool.taken) <= 1, "one job: nothing to overlap, no worker"
+
+
+def test_a_failed_worker_is_logged_and_the_claim_returns(caplog: pytest.LogCaptureFixture) -> None:
+    pool = FakePool(fail=True)
+    pool.release.set()
+    planned = jobs(3)
+    ahead = CompileAhead.start(planned, pool)  # type: ignore[arg-type]
+    for _ in range(100):
+        if pool.taken:
+            break
+        threading.Event().wait(0.01)
+    ahead.claim(planned[2])  # the caller then compiles it itself
+    assert "worker crashed" in caplog.text
+
+
+def test_worker_count() -> None:
+    assert workers(2, {}) == 1
+    assert workers(1, {}) == 0
+    assert workers(16, {}) == 4
+    assert workers(16, {"ESPER_CERTIFY_COMPILE_WORKERS": "0"}) == 0
+    assert workers(2, {"ESPER_CERTIFY_COMPILE_WORKERS": "3"}) == 3
+    assert workers(8, {"PYTEST_XDIST_WORKER": "gw0"}) == 0
+    with pytest.raises(ValueError, match="whole number"):
+        workers(2, {"ESPER_CERTIFY_COMPILE_WORKERS": "many"})
+    with pytest.raises(ValueError, match="0 or more"):
+        workers(2, {"ESPER_CERTIFY_COMPILE_WORKERS": "-1"})
+
+
+def test_a_worker_process_imports_the_job_and_reports_its_error(tmp_path: Path) -> None:
+    """The real pool: a spawned process unpickles the job (the module must import there) and a failing
+    compile comes back as its own error, not a broken pool."""
+    pool = CompilePool(1)
+    job = one(tmp_path / "missing.py", "nope", tmp_path / "u.db")
+    try:
+        with pytest.raises(RuntimeError, match=r"BlueprintError: .*missing\.py"):
+            pool.submit(job).result(timeout=120)
+    finally:
+        pool.close()
+
+
+@pytest.mark.compiles
+def test_what_a_worker_compiles_the_certification_reuses(tmp_path: Path) -> None:
+    source = TINY / "tiny_mlp.py"
+    urza_path = tmp_path / "urza.db"
+    entry_id = compile_job(one(source, "tiny_mlp", urza_path))
+    [bp] = load_file(source)
+    with Urza(urza_path) as urza:
+        outcome = Tezzeret(urza).compile(bp, artifact="inference", variant=VARIANTS["default"], profile="default")
+    assert outcome.reused and outcome.entry.id == entry_id and outcome.entry.status == "compiled"
