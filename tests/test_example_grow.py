@@ -69,20 +69,22 @@ def test_grown_host_with_compiled_seeds_matches_the_eager_seed_run(grow_urza: Pa
     assert done.returncode == 0, done.stdout + done.stderr
     fig = json.loads(out.read_text())
 
-    # The script checked every step against its bound; the figures say so, and the drift stayed tiny.
-    assert 0 <= fig["max_bound_used"] <= 1
-    assert fig["max_loss_difference"] < 1e-3
+    # The script checked every step taken from eager's state against its bound; the figures say so, and in
+    # 40 steps on one thread the free-running runs stayed together too.
+    assert 0 <= fig["max_bound_used"] <= 1 and fig["max_step_difference"] < 1e-5
+    assert fig["max_loss_difference"] < 1e-3 and fig["parted_at"] is None
     acc = fig["validation_accuracy"]
     assert acc["compiled"].keys() == acc["eager"].keys()
     for step, compiled in acc["compiled"].items():
         assert abs(compiled - acc["eager"][step]) <= 1 / 360 + 1e-9, step  # at most one ambiguous digit
-    # Three seeds each trained and evaluated, every call on compiled code, nothing logged as a fallback.
-    assert len(fig["seed_calls"]) == 3
+    # Three seeds in each compiled run (free-running, from eager's state), every call on compiled code, nothing
+    # logged as a fallback.
+    assert len(fig["seed_calls"]) == 6
     assert all(calls.get("compiled", 0) > 0 and calls.get("eager", 0) == 0 for calls in fig["seed_calls"])
     assert [m for m in fig["kasmina_messages"] if m["level"] != "INFO"] == []
     assert fig["compiler_imported"] == []
     assert abs(fig["served_accuracy"] - acc["compiled"]["40"]) <= 1 / 360 + 1e-9
-    assert "agreement with the eager-seed run: at every step" in done.stdout
+    assert "agreement with the eager-seed run, step by step" in done.stdout
 
 
 def test_without_an_urza_the_example_says_how_to_certify(tmp_path: Path) -> None:
