@@ -3,6 +3,7 @@ every core busy, and what changed between runs.
 
     .venv/bin/python -m benchmarks.stability [--runs N] [--neighbour matmul|certify|none] [--threads N]
         [--out DIR] [-k EXPR] [--ci]
+    .venv/bin/python -m benchmarks.stability --runs N --neighbour pair   # two at once, both judged
 
 Each run is a real ``pytest --certify`` in a subprocess, cold: a fresh Urza in ``<out>/run-<i>/`` with its own
 Inductor cache beside it (``TORCHINDUCTOR_CACHE_DIR`` is unset, so Tezzeret puts it there), nothing reused
@@ -12,7 +13,12 @@ from an earlier run. While it runs, the neighbour runs too:
   (default: every core), the shared CI runner's other job at its most demanding. Its throughput (GFLOP/s) is
   reported, proof that it competed;
 - ``certify``: a second cold ``pytest --certify`` of the catalog into its own Urza (its outcome is not judged);
+- ``pair``: two cold certifications started together, each the other's neighbour, both judged (two CI jobs
+  sharing a runner, the report behind issue 13); ``--runs`` counts both;
 - ``none``: a quiet baseline.
+
+Each run also records how busy the machine's CPUs were over its wall time (``cpu_busy``, from
+``/proc/stat``: 1.0 is every core busy all the time), proof that the neighbour competed.
 
 Every catalog blueprint is correct, so a blueprint that is not certified for an artifact kind is a *false
 rejection*. Reported per run: the exit status, the failed checks, the wall time, and the route Urza
@@ -57,6 +63,7 @@ class Run:
     routes: dict[str, str]  # "blueprint/artifact/profile" -> variant or "eager"
     certified: dict[str, list[str]]  # blueprint -> artifact kinds with a certified route
     neighbour: dict[str, Any] = field(default_factory=dict)
+    cpu_busy: float | None = None  # busy fraction of all CPUs over the run (None where /proc/stat is not)
 
 
 def key_label(key: Key) -> str:
@@ -124,6 +131,23 @@ def expected_kinds(runs: Sequence[Run]) -> dict[str, list[str]]:
         for bp, kinds in r.certified.items():
             out.setdefault(bp, set()).update(kinds)
     return {bp: sorted(k) for bp, k in sorted(out.items())}
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from ``/proc/stat`` (``None`` where there is none)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The busy fraction of all CPUs between two :func:`cpu_times` readings."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 3)
 
 
 # -- the neighbours ------------------------------------------------------------------------------------------
@@ -227,34 +251,65 @@ def read_routes(urza: Path) -> dict[str, str]:
     return routes_from_rows(rows)
 
 
-def certify_once(index: int, opts: argparse.Namespace) -> Run:
+def fresh_folder(opts: argparse.Namespace, index: int) -> Path:
     folder = Path(opts.out) / f"run-{index}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    urza, junit = folder / "urza.db", folder / "junit.xml"
-    with neighbour(opts.neighbour, opts.threads, folder / "neighbour", opts.ci) as figures:
-        time.sleep(2)  # let the neighbour take the cores before the certification starts
-        t0 = time.perf_counter()
-        with (folder / "certify.log").open("w") as log:
-            done = subprocess.run(
-                certify_command(folder, opts.k),
-                cwd=ROOT,
-                env=certify_env(urza, opts.ci),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                check=False,
-            )
-        seconds = time.perf_counter() - t0
-    routes = read_routes(urza)
+    return folder
+
+
+def start_certify(folder: Path, opts: argparse.Namespace) -> subprocess.Popen[bytes]:
+    log = (folder / "certify.log").open("w")
+    with log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            certify_command(folder, opts.k),
+            cwd=ROOT,
+            env=certify_env(folder / "urza.db", opts.ci),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def outcome(index: int, folder: Path, returncode: int, seconds: float, **extra: Any) -> Run:
+    routes = read_routes(folder / "urza.db")
     return Run(
         index=index,
-        returncode=done.returncode,
+        returncode=returncode,
         seconds=round(seconds, 1),
-        failed=failed_tests(junit),
+        failed=failed_tests(folder / "junit.xml"),
         routes=routes,
         certified=certified_kinds(routes),
-        neighbour=figures,
+        **extra,
     )
+
+
+def certify_once(index: int, opts: argparse.Namespace) -> Run:
+    folder = fresh_folder(opts, index)
+    with neighbour(opts.neighbour, opts.threads, folder / "neighbour", opts.ci) as figures:
+        time.sleep(2)  # let the neighbour take the cores before the certification starts
+        t0, cpu0 = time.perf_counter(), cpu_times()
+        returncode = start_certify(folder, opts).wait()
+        seconds, busy = time.perf_counter() - t0, busy_fraction(cpu0, cpu_times())
+    return outcome(index, folder, returncode, seconds, neighbour=figures, cpu_busy=busy)
+
+
+def certify_pair(first: int, opts: argparse.Namespace) -> list[Run]:
+    """Runs ``first`` and ``first + 1`` at once, each the other's neighbour; each timed to its own end."""
+    folders = [fresh_folder(opts, first), fresh_folder(opts, first + 1)]
+    t0, cpu0 = time.perf_counter(), cpu_times()
+    procs = [start_certify(f, opts) for f in folders]
+    ended: dict[int, tuple[int, float, float | None]] = {}
+    while len(ended) < len(procs):
+        for i, proc in enumerate(procs):
+            if i not in ended and proc.poll() is not None:
+                ended[i] = (proc.returncode, time.perf_counter() - t0, busy_fraction(cpu0, cpu_times()))
+        time.sleep(1)
+    return [
+        outcome(
+            first + i, folder, *ended[i][:2], neighbour={"kind": "pair", "with": first + 1 - i}, cpu_busy=ended[i][2]
+        )
+        for i, folder in enumerate(folders)
+    ]
 
 
 # -- the report --------------------------------------------------------------------------------------------------
@@ -280,16 +335,22 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "",
         f"{len(runs)} cold `pytest --certify` runs of the catalog; neighbour: `{opts['neighbour']}`"
         + (f" ({opts['threads']} threads)" if opts["neighbour"] == "matmul" else "")
+        + (
+            " (two certifications at once, each the other's neighbour, both judged)"
+            if opts["neighbour"] == "pair"
+            else ""
+        )
         + f"; {summary['machine']['cpus']} CPUs; CI={'true' if opts['ci'] else 'unset'}.",
         "",
-        "| run | exit | wall s | failed checks | false rejections | neighbour GFLOP/s |",
-        "|---|---|---|---|---|---|",
+        "| run | exit | wall s | CPU busy | failed checks | false rejections | neighbour GFLOP/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         fr = summary["false_rejections"][str(r["index"])]
-        gflops = r["neighbour"].get("gflops")
+        gflops, busy = r["neighbour"].get("gflops"), r.get("cpu_busy")
         lines.append(
-            f"| {r['index']} | {r['returncode']} | {r['seconds']:.0f} | {len(r['failed'])} | "
+            f"| {r['index']} | {r['returncode']} | {r['seconds']:.0f} | {'' if busy is None else f'{busy:.0%}'} | "
+            f"{len(r['failed'])} | "
             f"{', '.join(fr) or 0} | {'' if gflops is None else f'{gflops:.1f}'} |"
         )
     failed = sorted({f for r in runs for f in r["failed"]})
@@ -320,7 +381,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--neighbour", choices=("matmul", "certify", "none"), default="matmul")
+    parser.add_argument("--neighbour", choices=("matmul", "certify", "pair", "none"), default="matmul")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the matmul neighbour's threads")
     parser.add_argument("--out", default=str(ROOT / ".esper" / "bench" / "stability"))
     parser.add_argument("-k", default=None, help="pytest -k expression: certify only some blueprints")
@@ -335,10 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     options = {k: v for k, v in vars(opts).items() if k not in ("matmul_loop", "report")}
-    for i in range(1, opts.runs + 1):
-        run = certify_once(i, opts)
-        runs.append(run)
-        print(f"run {i}: exit {run.returncode}, {run.seconds:.0f} s, {len(run.failed)} failed", flush=True)
+    step = 2 if opts.neighbour == "pair" else 1
+    for i in range(1, opts.runs + 1, step):
+        batch = certify_pair(i, opts) if step == 2 else [certify_once(i, opts)]
+        runs.extend(batch)
+        for run in batch:
+            print(f"run {run.index}: exit {run.returncode}, {run.seconds:.0f} s, {len(run.failed)} failed", flush=True)
         summary = summarize(runs, options)  # written after every run: a long study keeps what it measured
         (out / "stability.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "stability.md").write_text(markdown(summary))

@@ -48,7 +48,8 @@ passed everything:
   test_latency    each candidate against eager in interleaved rounds at each representative shape (training: a
                   step): the paired ratio with a confidence interval, and wins/even/loses/inconclusive
   test_select     per profile, the fastest candidate within budget that beats eager by {margin:.0%} with
-                  confidence; else eager if eager meets the budget; else the fastest candidate within budget
+                  confidence (the earliest in variant order within {margin:.0%} of it); else eager if eager
+                  meets the budget; else the fastest candidate within budget
   test_budgets    fails, with every route's figures, where no route meets the budget (p95 for inference,
                   the compiled/eager ratio cap)
   test_publish    winners `certified`, losers `rejected` by selection with their figures, eager routes stored

@@ -3,7 +3,11 @@ routing changes and the report. Nothing is certified here."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
+
+import pytest
 
 from benchmarks import stability
 
@@ -49,7 +53,7 @@ def test_false_rejections_and_changes_between_runs() -> None:
     summary = stability.summarize([a, b], {"neighbour": "matmul", "threads": 2, "ci": True})
     assert summary["verdict_changes"] == ["se/inference"]
     text = stability.markdown(summary)
-    assert "| 2 | 1 | 600 | 1 | se/inference |" in text
+    assert "| 2 | 1 | 600 |  | 1 | se/inference |" in text
     assert "Routing changes: 2 of 3 routes." in text
 
 
@@ -62,3 +66,39 @@ def test_failed_tests_read_from_junit(tmp_path: Path) -> None:
     )
     assert stability.failed_tests(junit) == ("m::test_parity[x]", "m::test_guards")
     assert stability.failed_tests(tmp_path / "missing.xml") == ()
+
+
+def test_cpu_busy_fraction() -> None:
+    assert stability.busy_fraction((100, 400), (300, 600)) == 1.0
+    assert stability.busy_fraction((100, 400), (150, 600)) == 0.25
+    assert stability.busy_fraction(None, (1, 2)) is None and stability.busy_fraction((1, 2), (1, 2)) is None
+    now = stability.cpu_times()
+    if now is not None:  # Linux
+        busy, total = now
+        assert 0 <= busy <= total
+
+
+def test_a_pair_runs_two_certifications_at_once_and_judges_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two stand-in certifications (each waits until the other has started, so they must overlap) are both
+    recorded, each with its own exit status and the other as its neighbour."""
+    script = (
+        "import sys, time, pathlib; d = pathlib.Path(sys.argv[1]); (d / 'started').touch(); "
+        "other = d.parent / sys.argv[2] / 'started'; t = time.time() + 30\n"
+        "while not other.exists() and time.time() < t: time.sleep(0.05)\n"
+        "sys.exit(0 if other.exists() and d.name == 'run-1' else 3)"
+    )
+
+    def command(folder: Path, k: str | None) -> list[str]:
+        other = "run-2" if folder.name == "run-1" else "run-1"
+        return [sys.executable, "-c", script, str(folder), other]
+
+    monkeypatch.setattr(stability, "certify_command", command)
+    opts = argparse.Namespace(out=str(tmp_path), k=None, ci=False)
+    runs = stability.certify_pair(1, opts)
+    assert [(r.index, r.returncode, r.neighbour) for r in runs] == [
+        (1, 0, {"kind": "pair", "with": 2}),
+        (2, 3, {"kind": "pair", "with": 1}),
+    ]
+    assert all(r.routes == {} and r.seconds < 30 for r in runs)

@@ -42,6 +42,21 @@ def test_the_fastest_winner_within_budget_is_routed() -> None:
     assert d.ratio == pytest.approx(0.6) and "wins: candidate/eager 0.600" in d.note
 
 
+def test_of_two_winners_within_the_margin_the_first_listed_is_routed() -> None:
+    """Ratios measured at different moments differ by noise: a winner faster by a hair must not take the
+    route from the first-listed one (the route would flip from run to run); faster by more than the margin,
+    it does."""
+    scored = {"p/default": both(timing.WINS, 0.80), "p/freezing": both(timing.WINS, 0.78)}
+    d = choose("p", LABELS, scored, Budget(), CPU)
+    assert d.winner == "p/default" and d.ratio == pytest.approx(0.80)
+    assert "preferred to p/freezing at 0.78x, within 5%" in d.note
+    scored["p/freezing"] = both(timing.WINS, 0.75)
+    assert choose("p", LABELS, scored, Budget(), CPU).winner == "p/freezing"
+    # Order is the blueprint's variant order, not the names'.
+    flipped = {"p/freezing": both(timing.WINS, 0.80), "p/default": both(timing.WINS, 0.78)}
+    assert choose("p", LABELS, flipped, Budget(), CPU).winner == "p/freezing"
+
+
 def test_an_inconclusive_comparison_routes_eager_and_says_so() -> None:
     d = choose("p", LABELS, {"p/default": both(timing.INCONCLUSIVE, 0.9)}, Budget(), CPU)
     assert d.winner is None and d.over_budget == ()

@@ -11,11 +11,13 @@ import torch
 
 from esper.gradients import exact_gradients, exact_step, floating_buffers, gradients, upstream
 from esper.parity import (
+    CHUNK,
     REDUCTION,
     Float64Casts,
     NotWidenable,
     ParityStats,
     assert_parity,
+    error_sums,
     float64_copy,
     float64_reference,
     judge,
@@ -95,6 +97,47 @@ def test_one_wrong_element_in_a_large_tensor_is_caught_by_the_pointwise_rule() -
     assert v.reason.startswith("output: differs from eager by 0.002")
     assert v.rmse_compiled <= v.outputs[0].allowed_rmse  # the RMSE rule alone would have missed it
     assert judge(honest, eager, exact, atol=1e-4, rtol=1e-4).passed
+
+
+def test_error_sums_in_chunks_equal_whole_tensor_figures() -> None:
+    """The chunked pass gives the figures a whole-tensor computation gives, wherever the worst element sits."""
+    n = 2 * CHUNK + 123  # a partial last chunk
+    g = torch.Generator().manual_seed(3)
+    exact = torch.randn(n, generator=g, dtype=torch.float64) * 10
+    eager, compiled = noisy(exact, 1e-5, 4), noisy(exact, 1e-5, 5)
+    compiled[n - 7] += 0.5  # the worst element, in the last chunk
+    s = error_sums(compiled, eager, exact, rtol=1e-3)
+    c64, e64 = compiled.double(), eager.double()
+    assert s.sq_compiled == pytest.approx(float((c64 - exact).square().sum()), rel=1e-12)
+    assert s.sq_eager == pytest.approx(float((e64 - exact).square().sum()), rel=1e-12)
+    assert s.sq_exact == pytest.approx(float(exact.square().sum()), rel=1e-12)
+    assert s.max_eager_error == float((e64 - exact).abs().max())
+    diff = (c64 - e64).abs()
+    assert s.max_diff == float(diff.max()) == s.worst_diff == float(diff[n - 7])
+    assert s.worst_scaled == pytest.approx(1e-3 * abs(float(eager[n - 7])), rel=1e-12)
+
+
+@pytest.mark.parametrize("where", [0, CHUNK - 1, CHUNK, 2 * CHUNK + 100])
+def test_large_tensors_are_judged_in_every_chunk(where: int) -> None:
+    """A wrong value, a misplaced NaN, or finite values whose float32 sum overflows: each anywhere in a
+    tensor of several chunks, judged as in a small one."""
+    n = 2 * CHUNK + 123
+    exact = torch.randn(n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    eager, honest = noisy(exact, 2e-7, 7), noisy(exact, 2e-7, 8)
+    assert judge(honest, eager, exact, atol=1e-5, rtol=1e-5).passed
+    wrong = honest.clone()
+    wrong[where] += 1e-4  # averaged away by the RMSE rule, caught pointwise
+    assert "at a finite element" in judge(wrong, eager, exact, atol=1e-5, rtol=1e-5).reason
+    nan = honest.clone()
+    nan[where] = float("nan")
+    v = judge(nan, eager, exact, atol=1e-5, rtol=1e-5)
+    assert not v.nonfinite_ok and f"[{where}]" in v.reason
+    huge = (exact.abs() + 1) * 1e34  # finite everywhere, but sums past float32's range: the exact path, same verdicts
+    assert not math.isfinite(float(huge.float().sum()))
+    assert judge(huge.float(), huge.float(), huge, atol=0.0, rtol=1e-6).passed
+    off = huge.float().clone()
+    off[where] *= 1.01
+    assert not judge(off, huge.float(), huge, atol=0.0, rtol=1e-6).passed
 
 
 def test_eager_exact_and_compiled_one_ulp_off_passes_the_floor() -> None:

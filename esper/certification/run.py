@@ -4,7 +4,8 @@
 its :class:`~esper.certification.kinds.KindChecks`. A kind's *candidates* (see :mod:`.plan`) are each
 checked (parity against a float64 reference over the planned cases, see :mod:`esper.parity`; guards) and
 timed against eager in interleaved rounds (:func:`esper.timing.compare`); then :func:`choose` picks each
-profile's route (see there: the fastest candidate that meets the budget and beats eager with confidence, else
+profile's route (see there: the fastest candidate that meets the budget and beats eager with confidence, the
+earliest in variant order within the margin of it, else
 eager when eager meets the budget, else the fastest candidate that meets it; nothing meets it: rejected by
 ``budgets``, with the figures). A failed check marks that candidate ``rejected`` at once, with the check's
 name and message and the figures measured so far;
@@ -168,7 +169,10 @@ def choose(
     1. a candidate is *within budget* when :func:`esper.budgets.check` finds nothing at every shape (its p95,
        and its paired compiled/eager ratio against the cap); candidates rank by the geometric mean of their
        paired ratios over the shapes (load cancels out of a ratio measured in interleaved rounds);
-    2. the fastest within-budget candidate that :func:`wins` is routed;
+    2. of the within-budget candidates that :func:`wins`, the first in the blueprint's variant order whose
+       ratio is within :data:`MARGIN` of the fastest one's is routed: two winners that close are the same
+       speed within the noise of ratios measured at different moments, and picking the faster by a hair
+       would flip the route from run to run on a busy machine;
     3. else eager, when eager meets the budget (its own p95 at every shape), with every candidate's reason;
     4. else the fastest within-budget candidate, though it does not beat eager by the margin with confidence;
     5. else no route meets the budget: eager, with ``over_budget`` naming every route's broken limits.
@@ -185,8 +189,13 @@ def choose(
     within = sorted((ratio[cid], cid) for cid in scored if not broken[cid])
     winners = [(r, cid) for r, cid in within if wins(scored[cid])]
     if winners:
-        r, cid = winners[0]
-        return Decision(profile, cid, r, f"{cid} at {r:.2f}x eager, " + _reasons(scored[cid], labels))
+        fastest = winners[0][0]
+        order = list(scored)  # the blueprint's variant order
+        r, cid = min((w for w in winners if w[0] <= fastest * (1 + MARGIN)), key=lambda w: order.index(w[1]))
+        note = f"{cid} at {r:.2f}x eager, " + _reasons(scored[cid], labels)
+        if cid != winners[0][1]:
+            note += f"; preferred to {winners[0][1]} at {fastest:.2f}x, within {MARGIN:.0%}"
+        return Decision(profile, cid, r, note)
     eager_broken = [str(v) for v in budgets.check(budget, budget_profile, eager_figures(scored, labels), p95=p95)]
     why = "; ".join(
         f"{cid}: over budget ({', '.join(broken[cid])})" if broken[cid] else f"{cid}: {_reasons(scored[cid], labels)}"
