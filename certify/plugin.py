@@ -97,6 +97,12 @@ def pytest_configure(config: pytest.Config) -> None:
     missing = missing_harness(config.pluginmanager.hasplugin)
     if missing:
         raise pytest.UsageError(usage_error(missing))
+    from esper.certification.compile_ahead import workers
+
+    try:
+        workers()  # a bad ESPER_CERTIFY_COMPILE_WORKERS is the user's, refused before anything runs
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from e
     session = _session(config)
     session.generate()
     _one_worker_per_module(config)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from esper.catalog import load_file
-from esper.certification.compile_ahead import CompileAhead, CompileJob, CompilePool, compile_job, workers
+from esper.certification.compile_ahead import (
+    CompileAhead,
+    CompileJob,
+    CompilePool,
+    compile_job,
+    workers,
+)
 from esper.tezzeret.compiler import Tezzeret
 from esper.urza import Urza
 from esper.variants import VARIANTS
@@ -135,3 +144,35 @@ def test_what_a_worker_compiles_the_certification_reuses(tmp_path: Path) -> None
     with Urza(urza_path) as urza:
         outcome = Tezzeret(urza).compile(bp, artifact="inference", variant=VARIANTS["default"], profile="default")
     assert outcome.reused and outcome.entry.id == entry_id and outcome.entry.status == "compiled"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # an orphan that ended may wait as a zombie for its new parent
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_worker_ends_when_the_certification_that_started_it_is_killed(tmp_path: Path) -> None:
+    """A certification killed by a signal runs no session finish: its worker must not outlive it."""
+    worker = (
+        "import os, sys, time; from esper.certification.compile_ahead import exit_with_parent; "
+        "exit_with_parent(os.getppid(), poll=0.05); print(os.getpid(), flush=True); time.sleep(60)"
+    )
+    # The "certification": starts the worker, waits for its pid, then dies without cleaning up.
+    parent = (
+        "import subprocess, sys, os; "
+        f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], stdout=subprocess.PIPE, text=True); "
+        "pid = p.stdout.readline().strip(); import time; time.sleep(0.3); "
+        "print(pid, p.poll() is None, flush=True); os._exit(9)"
+    )
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    pid, alive_with_parent = out.stdout.split()
+    assert alive_with_parent == "True"  # while its certification lives, a worker works
+    pid = int(pid)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the worker outlived its certification"

@@ -180,6 +180,16 @@ def test_plain_pytest_does_not_certify(project: Path, pytester: pytest.Pytester)
     assert not any("Esper certification" in line for line in result.outlines)
 
 
+def test_a_bad_compile_worker_count_is_a_usage_error(
+    project: Path, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ESPER_CERTIFY_COMPILE_WORKERS", "many")
+    result = pytester.runpytest_subprocess("--certify")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ESPER_CERTIFY_COMPILE_WORKERS must be a whole number of processes, not 'many'*"])
+    assert not (project / ".esper" / "certify").exists()
+
+
 def test_release_gate_against_a_stored_latency_record(project: Path, pytester: pytest.Pytester) -> None:
     checks = ["--certify", "--certify-recheck", "-k", "tiny_mlp", *FAST_BENCH]
     first = pytester.runpytest_subprocess(*checks)
