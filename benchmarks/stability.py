@@ -17,6 +17,10 @@ from an earlier run. While it runs, the neighbour runs too:
   sharing a runner, the report behind issue 13); ``--runs`` counts both;
 - ``none``: a quiet baseline.
 
+Each run's latency record (``latency.json``) also goes through the release gate (:mod:`esper.certification.gate`,
+20% with confidence) against ``--baseline`` (a stored record, e.g. a quiet run's) or else the first run's: every
+run certifies the same code, so a regression it reports is a *gate false alarm*.
+
 Each run also records how busy the machine's CPUs were over its wall time (``cpu_busy``, from
 ``/proc/stat``: 1.0 is every core busy all the time), proof that the neighbour competed.
 
@@ -42,7 +46,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +68,7 @@ class Run:
     certified: dict[str, list[str]]  # blueprint -> artifact kinds with a certified route
     neighbour: dict[str, Any] = field(default_factory=dict)
     cpu_busy: float | None = None  # busy fraction of all CPUs over the run (None where /proc/stat is not)
+    gate: list[str] | None = None  # the release gate's regressions against the baseline (None: not judged)
 
 
 def key_label(key: Key) -> str:
@@ -148,6 +153,34 @@ def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None)
     if before is None or after is None or after[1] == before[1]:
         return None
     return round((after[0] - before[0]) / (after[1] - before[1]), 3)
+
+
+def latency_record(folder: Path) -> Path:
+    """Where a run's certification wrote its latency record."""
+    return folder / "certify" / "latency.json"
+
+
+def gate_alarms(baseline: Path, current: Path) -> list[str] | None:
+    """The release gate's regressions of ``current`` against ``baseline`` (``None`` when either is missing)."""
+    from esper.certification.gate import DEFAULT_THRESHOLD, load, regressions
+
+    if not baseline.exists() or not current.exists():
+        return None
+    return regressions(load(baseline), load(current), DEFAULT_THRESHOLD)
+
+
+def gated(runs: Sequence[Run], out: Path, baseline: Path | None) -> list[Run]:
+    """``runs`` with the gate's verdict on each against ``baseline`` (default: the first run's record; the
+    first run itself is then not judged)."""
+    if not runs:
+        return []
+    base = baseline or latency_record(out / f"run-{runs[0].index}")
+    return [
+        r
+        if baseline is None and r is runs[0]
+        else replace(r, gate=gate_alarms(base, latency_record(out / f"run-{r.index}")))
+        for r in runs
+    ]
 
 
 # -- the neighbours ------------------------------------------------------------------------------------------
@@ -324,6 +357,7 @@ def summarize(runs: Sequence[Run], opts: Mapping[str, Any]) -> dict[str, Any]:
         "false_rejections": {str(r.index): false_rejections(r, expected) for r in runs},
         "verdict_changes": sorted({f for r in runs for f in false_rejections(r, expected)}),
         "routing_changes": changes(runs),
+        "gate_false_alarms": {str(r.index): r.gate for r in runs if r.gate},
     }
 
 
@@ -342,20 +376,24 @@ def markdown(summary: Mapping[str, Any]) -> str:
         )
         + f"; {summary['machine']['cpus']} CPUs; CI={'true' if opts['ci'] else 'unset'}.",
         "",
-        "| run | exit | wall s | CPU busy | failed checks | false rejections | neighbour GFLOP/s |",
-        "|---|---|---|---|---|---|---|",
+        "| run | exit | wall s | CPU busy | failed checks | false rejections | gate false alarms | neighbour GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         fr = summary["false_rejections"][str(r["index"])]
         gflops, busy = r["neighbour"].get("gflops"), r.get("cpu_busy")
         lines.append(
             f"| {r['index']} | {r['returncode']} | {r['seconds']:.0f} | {'' if busy is None else f'{busy:.0%}'} | "
-            f"{len(r['failed'])} | "
-            f"{', '.join(fr) or 0} | {'' if gflops is None else f'{gflops:.1f}'} |"
+            f"{len(r['failed'])} | {', '.join(fr) or 0} | {'' if r.get('gate') is None else len(r['gate'])} | "
+            f"{'' if gflops is None else f'{gflops:.1f}'} |"
         )
     failed = sorted({f for r in runs for f in r["failed"]})
     if failed:
         lines += ["", "Failed checks:", *[f"- `{f}`" for f in failed]]
+    alarms = summary.get("gate_false_alarms", {})
+    if alarms:
+        lines += ["", "Release gate false alarms (20% with confidence):"]
+        lines += [f"- run {i}: {a}" for i, found in alarms.items() for a in found]
     keys = sorted({k for r in runs for k in r["routes"]})
     lines += [
         "",
@@ -386,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / ".esper" / "bench" / "stability"))
     parser.add_argument("-k", default=None, help="pytest -k expression: certify only some blueprints")
     parser.add_argument("--ci", action="store_true", help="certify with CI=true (as .ci/run does)")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="a latency.json the release gate holds every run against"
+    )
     parser.add_argument("--matmul-loop", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--report", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -395,13 +436,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
-    options = {k: v for k, v in vars(opts).items() if k not in ("matmul_loop", "report")}
+    options = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items() if k not in ("matmul_loop", "report")
+    }
     step = 2 if opts.neighbour == "pair" else 1
     for i in range(1, opts.runs + 1, step):
         batch = certify_pair(i, opts) if step == 2 else [certify_once(i, opts)]
-        runs.extend(batch)
-        for run in batch:
-            print(f"run {run.index}: exit {run.returncode}, {run.seconds:.0f} s, {len(run.failed)} failed", flush=True)
+        runs = gated([*runs, *batch], out, opts.baseline)
+        for run in runs[-len(batch) :]:
+            gate = "" if run.gate is None else f", {len(run.gate)} gate alarm(s)"
+            print(
+                f"run {run.index}: exit {run.returncode}, {run.seconds:.0f} s, {len(run.failed)} failed{gate}",
+                flush=True,
+            )
         summary = summarize(runs, options)  # written after every run: a long study keeps what it measured
         (out / "stability.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "stability.md").write_text(markdown(summary))

@@ -4,6 +4,7 @@ routing changes and the report. Nothing is certified here."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_false_rejections_and_changes_between_runs() -> None:
     summary = stability.summarize([a, b], {"neighbour": "matmul", "threads": 2, "ci": True})
     assert summary["verdict_changes"] == ["se/inference"]
     text = stability.markdown(summary)
-    assert "| 2 | 1 | 600 |  | 1 | se/inference |" in text
+    assert "| 2 | 1 | 600 |  | 1 | se/inference |  |" in text
     assert "Routing changes: 2 of 3 routes." in text
 
 
@@ -102,3 +103,30 @@ def test_a_pair_runs_two_certifications_at_once_and_judges_both(
         (2, 3, {"kind": "pair", "with": 1}),
     ]
     assert all(r.routes == {} and r.seconds < 30 for r in runs)
+
+
+def test_the_release_gate_judges_every_run_against_the_first_or_a_baseline(tmp_path: Path) -> None:
+    """Every run certifies the same code: a regression the gate reports is a false alarm, counted per run."""
+    from esper.certification.gate import record
+
+    def write(index: int, ratios: list[float], folder: Path = tmp_path) -> Path:
+        path = stability.latency_record(folder / f"run-{index}")
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(record([(("mlp", "inference", "default/default", "batch=2"), ratios)], {})))
+        return path
+
+    steady = [0.80, 0.82, 0.79, 0.81, 0.80, 0.83, 0.78, 0.80]
+    write(1, steady)
+    write(2, [r * 1.03 for r in steady])  # noise
+    write(3, [r * 1.6 for r in steady])  # 60% slower, far outside both runs' spread
+    runs = stability.gated([run(1, {}), run(2, {}), run(3, {})], tmp_path, None)
+    assert [r.gate for r in runs[:2]] == [None, []]
+    assert len(runs[2].gate or []) == 1 and "mlp inference default/default batch=2" in runs[2].gate[0]
+    summary = stability.summarize(runs, {"neighbour": "pair", "threads": 2, "ci": True})
+    assert list(summary["gate_false_alarms"]) == ["3"]
+    text = stability.markdown(summary)
+    assert "| 2 | 0 | 600 |  | 0 | 0 | 0 |" in text and "- run 3: mlp inference" in text
+    # Against a stored baseline, the first run is judged too; a run with no record is not judged.
+    base = write(9, steady, tmp_path / "stored")
+    judged = stability.gated([run(1, {}), run(4, {})], tmp_path, base)
+    assert judged[0].gate == [] and judged[1].gate is None
