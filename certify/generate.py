@@ -32,8 +32,8 @@ What is certified
 Checks, in order, for each artifact kind: `inference` (the forward pass) and `training` (forward and backward
 compiled ahead of time, weights as inputs; ESPER_CERTIFY_TRAINING=0 skips it). A candidate is a shape profile
 compiled under a variant (training: one, the declared ranges under the default variant). A candidate that fails
-a check is marked `rejected` in Urza at once; test_publish certifies, per profile, the fastest candidate that
-passed everything:
+a check is marked `rejected` in Urza at once; test_publish certifies, per profile, the route test_select chose
+among the candidates that passed everything:
   test_compile    Tezzeret compiles the candidate (or reuses the entry with the same content hash and
                   compatibility key); a candidate it cannot compile is stored as an eager fallback with the
                   reason (e.g. dropout in training), and its checks skip, saying so
@@ -47,9 +47,9 @@ passed everything:
   test_guards     inputs just outside each range, of a wrong dtype, rank or fixed dim run eager, never compiled
   test_latency    each candidate against eager in interleaved rounds at each representative shape (training: a
                   step): the paired ratio with a confidence interval, and wins/even/loses/inconclusive
-  test_select     per profile, the fastest candidate within budget that beats eager by {margin:.0%} with
-                  confidence (the earliest in variant order within {margin:.0%} of it); else eager if eager
-                  meets the budget; else the fastest candidate within budget
+  test_select     per profile, a candidate within budget that beats eager by {margin:.0%} with confidence
+                  (of several, the first in variant order unless a later one is faster by {margin:.0%} with
+                  confidence); else eager if eager meets the budget; else the fastest candidate within budget
   test_budgets    fails, with every route's figures, where no route meets the budget (p95 for inference,
                   the compiled/eager ratio cap)
   test_publish    winners `certified`, losers `rejected` by selection with their figures, eager routes stored

@@ -3,6 +3,8 @@ judge the route that will serve, and rejection only when no route meets a declar
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from esper import timing
@@ -14,17 +16,21 @@ CPU = PROFILES["cpu-2core"]  # ratio cap 1.5
 LABELS = ["batch=2", "batch=8"]
 
 
-def cmp(decision: str, ratio: float, eager_ms: float = 1.0, p95_ms: float | None = None) -> timing.Comparison:
-    """A comparison as timing.compare returns it: candidate p50 = ratio x eager's, times in seconds."""
+def cmp(
+    decision: str, ratio: float, eager_ms: float = 1.0, p95_ms: float | None = None, spread: float = 0.02
+) -> timing.Comparison:
+    """A comparison as timing.compare returns it: candidate p50 = ratio x eager's, times in seconds, and 16
+    per-round ratios spread +-``spread`` around ``ratio``."""
     c50 = ratio * eager_ms / 1e3
     return timing.Comparison(
         decision, ratio, ratio * 0.95, ratio * 1.05, 0.05, 0.96, c50, eager_ms / 1e3,
         candidate_p95=(p95_ms if p95_ms is not None else ratio * eager_ms * 1.2) / 1e3,
         eager_p95=eager_ms * 1.2 / 1e3,
+        ratios=tuple(ratio * (1 + spread * (k / 7.5 - 1)) for k in range(16)),
     )  # fmt: skip
 
 
-def both(decision: str, ratio: float, **kw: float) -> dict[str, timing.Comparison]:
+def both(decision: str, ratio: float, **kw: Any) -> dict[str, timing.Comparison]:
     return {label: cmp(decision, ratio, **kw) for label in LABELS}
 
 
@@ -42,16 +48,22 @@ def test_the_fastest_winner_within_budget_is_routed() -> None:
     assert d.ratio == pytest.approx(0.6) and "wins: candidate/eager 0.600" in d.note
 
 
-def test_of_two_winners_within_the_margin_the_first_listed_is_routed() -> None:
-    """Ratios measured at different moments differ by noise: a winner faster by a hair must not take the
-    route from the first-listed one (the route would flip from run to run); faster by more than the margin,
-    it does."""
+def test_a_later_winner_takes_the_route_only_when_faster_by_the_margin_with_confidence() -> None:
+    """Two ratios measured at different moments differ by noise: a winner faster by a hair, or faster but
+    with a spread too wide to be sure (a busy machine), must not take the route from the first-listed one
+    (the route would flip from run to run); faster by more than the margin with confidence, it does."""
     scored = {"p/default": both(timing.WINS, 0.80), "p/freezing": both(timing.WINS, 0.78)}
     d = choose("p", LABELS, scored, Budget(), CPU)
     assert d.winner == "p/default" and d.ratio == pytest.approx(0.80)
-    assert "preferred to p/freezing at 0.78x, within 5%" in d.note
-    scored["p/freezing"] = both(timing.WINS, 0.75)
+    assert "preferred to p/freezing at 0.78x, not faster by 5% with confidence" in d.note
+    scored["p/freezing"] = both(timing.WINS, 0.70)
     assert choose("p", LABELS, scored, Budget(), CPU).winner == "p/freezing"
+    scored["p/freezing"] = both(timing.WINS, 0.70, spread=0.4)  # as fast on median, but all over the place
+    assert choose("p", LABELS, scored, Budget(), CPU).winner == "p/default"
+    # Faster at one shape but surely slower at another: not faster.
+    mixed = {"batch=2": cmp(timing.WINS, 0.6), "batch=8": cmp(timing.WINS, 0.9)}
+    scored["p/freezing"] = mixed
+    assert choose("p", LABELS, scored, Budget(), CPU).winner == "p/default"
     # Order is the blueprint's variant order, not the names'.
     flipped = {"p/freezing": both(timing.WINS, 0.80), "p/default": both(timing.WINS, 0.78)}
     assert choose("p", LABELS, flipped, Budget(), CPU).winner == "p/freezing"

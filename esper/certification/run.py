@@ -4,8 +4,8 @@
 its :class:`~esper.certification.kinds.KindChecks`. A kind's *candidates* (see :mod:`.plan`) are each
 checked (parity against a float64 reference over the planned cases, see :mod:`esper.parity`; guards) and
 timed against eager in interleaved rounds (:func:`esper.timing.compare`); then :func:`choose` picks each
-profile's route (see there: the fastest candidate that meets the budget and beats eager with confidence, the
-earliest in variant order within the margin of it, else
+profile's route (see there: the candidate that meets the budget and beats eager with confidence, the first in
+variant order unless a later one is faster by the margin with confidence, else
 eager when eager meets the budget, else the fastest candidate that meets it; nothing meets it: rejected by
 ``budgets``, with the figures). A failed check marks that candidate ``rejected`` at once, with the check's
 name and message and the figures measured so far;
@@ -154,6 +154,22 @@ def wins(by_label: Mapping[str, timing.Comparison]) -> bool:
     return timing.WINS in decisions and all(d in (timing.WINS, timing.EVEN) for d in decisions)
 
 
+def outpaces(a: Mapping[str, timing.Comparison], b: Mapping[str, timing.Comparison], labels: list[str]) -> bool:
+    """Whether candidate ``a`` is faster than candidate ``b`` by the margin with confidence: at one shape at
+    least the bootstrap interval of ``median(a's per-round ratios) / median(b's)`` lies below ``1 - MARGIN``,
+    and at no shape above 1. Each ratio is against eager in its own interleaved rounds, so load cancels
+    within a ratio but not between two measured at different moments: the interval carries both spreads."""
+    faster = False
+    for label in labels:
+        if not a[label].ratios or not b[label].ratios:
+            return False
+        _, low, high = timing.ratio_interval(b[label].ratios, a[label].ratios)
+        if low > 1.0:
+            return False
+        faster = faster or high < 1.0 - MARGIN
+    return faster
+
+
 def choose(
     profile: str,
     labels: list[str],
@@ -169,10 +185,9 @@ def choose(
     1. a candidate is *within budget* when :func:`esper.budgets.check` finds nothing at every shape (its p95,
        and its paired compiled/eager ratio against the cap); candidates rank by the geometric mean of their
        paired ratios over the shapes (load cancels out of a ratio measured in interleaved rounds);
-    2. of the within-budget candidates that :func:`wins`, the first in the blueprint's variant order whose
-       ratio is within :data:`MARGIN` of the fastest one's is routed: two winners that close are the same
-       speed within the noise of ratios measured at different moments, and picking the faster by a hair
-       would flip the route from run to run on a busy machine;
+    2. of the within-budget candidates that :func:`wins`, the first in the blueprint's variant order is
+       routed unless a later one :func:`outpaces` it (faster by the margin with confidence): picking the
+       faster of two winners by a hair flipped the route from run to run on a busy machine;
     3. else eager, when eager meets the budget (its own p95 at every shape), with every candidate's reason;
     4. else the fastest within-budget candidate, though it does not beat eager by the margin with confidence;
     5. else no route meets the budget: eager, with ``over_budget`` naming every route's broken limits.
@@ -189,12 +204,18 @@ def choose(
     within = sorted((ratio[cid], cid) for cid in scored if not broken[cid])
     winners = [(r, cid) for r, cid in within if wins(scored[cid])]
     if winners:
-        fastest = winners[0][0]
-        order = list(scored)  # the blueprint's variant order
-        r, cid = min((w for w in winners if w[0] <= fastest * (1 + MARGIN)), key=lambda w: order.index(w[1]))
+        winning = {cid for _, cid in winners}
+        ordered = [cid for cid in scored if cid in winning]  # the blueprint's variant order
+        cid = ordered[0]
+        for other in ordered[1:]:
+            if outpaces(scored[other], scored[cid], labels):
+                cid = other
+        r = ratio[cid]
         note = f"{cid} at {r:.2f}x eager, " + _reasons(scored[cid], labels)
         if cid != winners[0][1]:
-            note += f"; preferred to {winners[0][1]} at {fastest:.2f}x, within {MARGIN:.0%}"
+            note += (
+                f"; preferred to {winners[0][1]} at {winners[0][0]:.2f}x, not faster by {MARGIN:.0%} with confidence"
+            )
         return Decision(profile, cid, r, note)
     eager_broken = [str(v) for v in budgets.check(budget, budget_profile, eager_figures(scored, labels), p95=p95)]
     why = "; ".join(
