@@ -69,6 +69,7 @@ class Run:
     neighbour: dict[str, Any] = field(default_factory=dict)
     cpu_busy: float | None = None  # busy fraction of all CPUs over the run (None where /proc/stat is not)
     gate: list[str] | None = None  # the release gate's regressions against the baseline (None: not judged)
+    gate_note: str = ""  # what the gate judged (its load gauge, inconclusive or not)
 
 
 def key_label(key: Key) -> str:
@@ -160,13 +161,56 @@ def latency_record(folder: Path) -> Path:
     return folder / "certify" / "latency.json"
 
 
-def gate_alarms(baseline: Path, current: Path) -> list[str] | None:
-    """The release gate's regressions of ``current`` against ``baseline`` (``None`` when either is missing)."""
-    from esper.certification.gate import DEFAULT_THRESHOLD, load, regressions
+def record_from_urza(urza: Path) -> Any:
+    """A :class:`esper.certification.gate.Record` rebuilt from the comparisons an Urza's evidence keeps (the
+    same per-round ratios and eager p50 a version-2 ``latency.json`` holds): for runs whose record predates
+    eager timings, and for a baseline given as a run's ``urza.db``."""
+    from esper.certification.gate import Record
+    from esper.urza import Urza
 
-    if not baseline.exists() or not current.exists():
-        return None
-    return regressions(load(baseline), load(current), DEFAULT_THRESHOLD)
+    ratios: dict[str, list[float]] = {}
+    eager: dict[str, float] = {}
+    with Urza(urza, readonly=True) as store:
+        for e in store.entries():
+            for label, shape in ((e.performance or {}).get("certify") or {}).items():
+                cmp = shape.get("comparison") if isinstance(shape, dict) else None
+                if cmp and cmp.get("ratios"):
+                    key = "|".join((e.blueprint, str(e.artifact), f"{e.profile}/{e.variant}", label))
+                    ratios[key] = [float(r) for r in cmp["ratios"]]
+                    eager[key] = float(cmp["eager_p50_ms"])
+    return Record(ratios, eager)
+
+
+def load_gate_record(path: Path) -> Any:
+    """A run's record for the gate: a ``latency.json`` that keeps eager timings, else the ``urza.db`` beside
+    it (or ``path`` itself when it is an Urza); ``None`` when there is neither."""
+    from esper.certification.gate import load_record
+
+    if path.suffix == ".db":
+        return record_from_urza(path) if path.exists() else None
+    record = load_record(path) if path.exists() else None
+    urza = path.parent.parent / "urza.db"  # <run>/certify/latency.json -> <run>/urza.db
+    if (record is None or not record.eager_ms) and urza.exists():
+        return record_from_urza(urza)
+    return record
+
+
+def gate_alarms(baseline: Path, current: Path) -> tuple[list[str] | None, str]:
+    """The release gate on ``current`` against ``baseline``: the regressions that would fail it (``None`` when
+    either record is missing), and a line on what it judged."""
+    from esper.certification.gate import DEFAULT_THRESHOLD, judge
+
+    base, now = load_gate_record(baseline), load_gate_record(current)
+    if base is None or now is None:
+        return None, "no record"
+    v = judge(base, now, DEFAULT_THRESHOLD)
+    load = "" if v.load is None else f"eager {v.load:.2f}x the baseline's; "
+    if v.inconclusive:
+        return [], (
+            f"{load}inconclusive, not failed ({len(v.unjudged)} comparison(s) with eager's time beyond the limit, "
+            f"{len(v.regressions)} ratio regression(s) among the others)"
+        )
+    return (v.regressions, f"{load}{len(v.unjudged)} comparison(s) not judged under load")
 
 
 def gated(runs: Sequence[Run], out: Path, baseline: Path | None) -> list[Run]:
@@ -175,12 +219,14 @@ def gated(runs: Sequence[Run], out: Path, baseline: Path | None) -> list[Run]:
     if not runs:
         return []
     base = baseline or latency_record(out / f"run-{runs[0].index}")
-    return [
-        r
-        if baseline is None and r is runs[0]
-        else replace(r, gate=gate_alarms(base, latency_record(out / f"run-{r.index}")))
-        for r in runs
-    ]
+    out_runs = []
+    for r in runs:
+        if baseline is None and r is runs[0]:
+            out_runs.append(r)
+            continue
+        alarms, note = gate_alarms(base, latency_record(out / f"run-{r.index}"))
+        out_runs.append(replace(r, gate=alarms, gate_note=note))
+    return out_runs
 
 
 # -- the neighbours ------------------------------------------------------------------------------------------
@@ -390,6 +436,10 @@ def markdown(summary: Mapping[str, Any]) -> str:
     failed = sorted({f for r in runs for f in r["failed"]})
     if failed:
         lines += ["", "Failed checks:", *[f"- `{f}`" for f in failed]]
+    notes = [(r["index"], r.get("gate_note")) for r in runs if r.get("gate_note")]
+    if notes:
+        lines += ["", "Release gate per run (against " + str(opts.get("baseline") or "run 1") + "):"]
+        lines += [f"- run {i}: {n}" for i, n in notes]
     alarms = summary.get("gate_false_alarms", {})
     if alarms:
         lines += ["", "Release gate false alarms (20% with confidence):"]

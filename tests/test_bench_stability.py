@@ -126,6 +126,17 @@ def test_the_release_gate_judges_every_run_against_the_first_or_a_baseline(tmp_p
     assert list(summary["gate_false_alarms"]) == ["3"]
     text = stability.markdown(summary)
     assert "| 2 | 0 | 600 |  | 0 | 0 | 0 |" in text and "- run 3: mlp inference" in text
+    # A run whose eager ran 3x slower than the baseline's everywhere was measured on a busier machine: its
+    # 60% ratio regression is inconclusive, not an alarm.
+    path = write(5, [r * 1.6 for r in steady])
+    doc = json.loads(path.read_text())
+    doc["eager_ms"] = {k: 3.0 for k in doc["ratios"]}
+    path.write_text(json.dumps(doc))
+    base_doc = json.loads(stability.latency_record(tmp_path / "run-1").read_text())
+    base_doc["eager_ms"] = {k: 1.0 for k in base_doc["ratios"]}
+    stability.latency_record(tmp_path / "run-1").write_text(json.dumps(base_doc))
+    (busy,) = stability.gated([run(1, {}), run(5, {})], tmp_path, None)[1:]
+    assert busy.gate == [] and "eager 3.00x the baseline's; inconclusive, not failed" in busy.gate_note
     # Against a stored baseline, the first run is judged too; a run with no record is not judged.
     base = write(9, steady, tmp_path / "stored")
     judged = stability.gated([run(1, {}), run(4, {})], tmp_path, base)

@@ -203,10 +203,26 @@ def test_release_gate_against_a_stored_latency_record(project: Path, pytester: p
     same = pytester.runpytest_subprocess(*gate)
     assert same.ret == 0, same.outlines[-20:]
     same.stdout.fnmatch_lines(["release gate against *no regression"])
-    # A baseline five times faster: the candidate regressed beyond 20% with confidence, and the run fails.
-    baseline.write_text(json.dumps({**record, "ratios": {k: [r / 5 for r in v] for k, v in record["ratios"].items()}}))
+    # A baseline five times faster: the candidate regressed beyond 20% with confidence, and the run fails
+    # (judged on ratios alone: this baseline keeps no eager timings, as a version-1 record).
+    faster = {k: [r / 5 for r in v] for k, v in record["ratios"].items()}
+    baseline.write_text(json.dumps({**record, "ratios": faster, "eager_ms": {}}))
     slower = pytester.runpytest_subprocess(*gate)
     assert slower.ret == 1
     slower.stdout.fnmatch_lines(
         ["release gate against *regression(s)", "  tiny_mlp inference default/default batch=4: *"]
+    )
+    # The same baseline, but its eager ran 100x faster than this run's: this run was measured on a busier
+    # machine, its ratios are not comparable, and the gate says so instead of failing.
+    assert set(record["eager_ms"]) == set(record["ratios"])
+    quiet = {k: ms / 100 for k, ms in record["eager_ms"].items()}
+    baseline.write_text(json.dumps({**json.loads(baseline.read_text()), "eager_ms": quiet}))
+    busy = pytester.runpytest_subprocess(*gate)
+    assert busy.ret == 0, busy.outlines[-20:]
+    busy.stdout.fnmatch_lines(
+        [
+            "release gate against *: no regression",
+            "  INCONCLUSIVE, not failed: eager ran *x its baseline time*",
+            "  2 comparison(s) not judged: *",
+        ]
     )

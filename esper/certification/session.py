@@ -45,7 +45,7 @@ class CertifySession:
     errors: list[BlueprintError] = field(default_factory=list)
     baseline: Path | None = None  # the release gate's stored latency.json (see esper.certification.gate)
     regression: float = gate.DEFAULT_THRESHOLD
-    regressions: list[str] = field(default_factory=list)
+    verdict: gate.Verdict | None = None  # the release gate's, after finish() with a baseline
     # The collected ``test_compile`` items per blueprint, in order: (artifact, candidate).
     planned: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     pool: CompilePool | None = None
@@ -153,10 +153,11 @@ class CertifySession:
 
     # -- latency record and the release gate -------------------------------------------------------------
 
-    def latency_rows(self) -> list[tuple[gate.Key, list[float]]]:
-        """Every interleaved comparison of this session: its key and per-round compiled/eager ratios."""
+    def latency_rows(self) -> list[tuple[gate.Key, list[float], float]]:
+        """Every interleaved comparison of this session: its key, per-round compiled/eager ratios and eager's
+        median round time (ms)."""
         return [
-            ((name, str(run.artifact), c.id, label), list(cmp.ratios))
+            ((name, str(run.artifact), c.id, label), list(cmp.ratios), cmp.eager_p50 * 1e3)
             for name, bc in sorted(self.runs.items())
             for run in bc
             for c in run.candidates.values()
@@ -171,23 +172,32 @@ class CertifySession:
             from esper.context import machine_context
 
             self.build_dir.mkdir(parents=True, exist_ok=True)
-            doc = gate.record(rows, machine_context())
+            doc = gate.record([(k, r) for k, r, _ in rows], machine_context(), {k: ms for k, _, ms in rows})
             _write_if_changed(self.build_dir / "latency.json", json.dumps(doc, indent=1) + "\n")
         if self.baseline is None:
             return False
-        self.regressions = gate.regressions(
-            gate.load(self.baseline), dict(doc["ratios"]) if rows else {}, self.regression
-        )
-        return bool(self.regressions)
+        current = gate.Record({"|".join(k): r for k, r, _ in rows}, {"|".join(k): ms for k, _, ms in rows if ms > 0})
+        self.verdict = gate.judge(gate.load_record(self.baseline), current, self.regression)
+        return self.verdict.failed
 
     def gate_report(self) -> list[str]:
         """The release gate's lines for the terminal (none without ``--certify-baseline``)."""
         if self.baseline is None:
             return []
         head = f"release gate against {self.baseline} (limit +{self.regression:.0%}, with confidence): "
-        if not self.regressions:
-            return [head + "no regression"]
-        return [head + f"{len(self.regressions)} regression(s)", *(f"  {r}" for r in self.regressions)]
+        v = self.verdict
+        if v is None:
+            return [head + "nothing was timed"]
+        lines = [head + (f"{len(v.regressions)} regression(s)" if v.regressions else "no regression")]
+        lines += [f"  {r}" for r in v.regressions]
+        if v.inconclusive:
+            lines.append(f"  INCONCLUSIVE, not failed: {v.inconclusive}")
+        if v.unjudged:
+            lines.append(
+                f"  {len(v.unjudged)} comparison(s) not judged: eager's time moved beyond {gate.LOAD_LIMIT}x the "
+                f"baseline's there ({', '.join(v.unjudged[:3])}{', ...' if len(v.unjudged) > 3 else ''})"
+            )
+        return lines
 
     # -- summary -----------------------------------------------------------------------------------
 
