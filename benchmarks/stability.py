@@ -391,6 +391,14 @@ def certify_pair(first: int, opts: argparse.Namespace) -> list[Run]:
     ]
 
 
+def rejudged(recorded: Mapping[str, Any], out: Path) -> Run:
+    """A recorded run with its routes read again from its Urza (the gate is judged by :func:`gated`)."""
+    fields = {k: v for k, v in recorded.items() if k in Run.__dataclass_fields__ and k not in ("gate", "gate_note")}
+    fields["failed"] = tuple(fields.get("failed", ()))
+    routes = read_routes(out / f"run-{recorded['index']}" / "urza.db")
+    return Run(**{**fields, "routes": routes, "certified": certified_kinds(routes)})
+
+
 # -- the report --------------------------------------------------------------------------------------------------
 
 
@@ -475,7 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", default=None, help="pytest -k expression: certify only some blueprints")
     parser.add_argument("--ci", action="store_true", help="certify with CI=true (as .ci/run does)")
     parser.add_argument(
-        "--baseline", type=Path, default=None, help="a latency.json the release gate holds every run against"
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a latency.json (or a run's urza.db) the release gate holds every run against",
+    )
+    parser.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="certify nothing: judge the runs recorded in <out>/stability.json again (routes, gate) and rewrite it",
     )
     parser.add_argument("--matmul-loop", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--report", default=None, help=argparse.SUPPRESS)
@@ -487,8 +503,19 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     options = {
-        k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items() if k not in ("matmul_loop", "report")
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in vars(opts).items()
+        if k not in ("matmul_loop", "report", "rejudge")
     }
+    if opts.rejudge:
+        recorded = json.loads((out / "stability.json").read_text())
+        options = {**recorded["options"], "baseline": options["baseline"]}
+        runs = gated([rejudged(r, out) for r in recorded["runs"]], out, opts.baseline)
+        summary = summarize(runs, options)
+        (out / "stability.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "stability.md").write_text(markdown(summary))
+        print(markdown(summary))
+        return 0
     step = 2 if opts.neighbour == "pair" else 1
     for i in range(1, opts.runs + 1, step):
         batch = certify_pair(i, opts) if step == 2 else [certify_once(i, opts)]

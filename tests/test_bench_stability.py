@@ -141,3 +141,22 @@ def test_the_release_gate_judges_every_run_against_the_first_or_a_baseline(tmp_p
     base = write(9, steady, tmp_path / "stored")
     judged = stability.gated([run(1, {}), run(4, {})], tmp_path, base)
     assert judged[0].gate == [] and judged[1].gate is None
+
+
+def test_rejudge_rereads_a_recorded_study(tmp_path: Path) -> None:
+    """``--rejudge`` certifies nothing: it judges the recorded runs again (here: against a baseline given
+    afterwards) and rewrites the report."""
+    from esper.certification.gate import record
+
+    key = ("mlp", "inference", "default/default", "batch=2")
+    for index, scale in ((1, 1.0), (2, 1.6)):
+        path = stability.latency_record(tmp_path / f"run-{index}")
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(record([(key, [0.8 * scale, 0.81 * scale, 0.79 * scale] * 4)], {})))
+    options = {"neighbour": "pair", "threads": 2, "ci": True, "baseline": None}
+    recorded = stability.summarize([run(1, {}), run(2, {})], options)
+    (tmp_path / "stability.json").write_text(json.dumps(recorded))
+    assert stability.main(["--rejudge", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "stability.json").read_text())
+    assert list(summary["gate_false_alarms"]) == ["2"] and summary["options"]["neighbour"] == "pair"
+    assert "Release gate false alarms" in (tmp_path / "stability.md").read_text()
