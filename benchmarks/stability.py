@@ -282,15 +282,14 @@ def neighbour(kind: str, threads: int, folder: Path, ci: bool) -> Iterator[dict[
         yield figures
         return
     folder.mkdir(parents=True, exist_ok=True)
-    log = (folder / "neighbour.log").open("w")
+    report: Path | None = None
     if kind == "matmul":
         report = folder / "neighbour.json"
         cmd = [sys.executable, "-m", "benchmarks.stability", "--matmul-loop", str(threads), "--report", str(report)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with (folder / "neighbour.log").open("w") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     else:
-        report = None
-        env = certify_env(folder / "urza.db", ci)
-        proc = subprocess.Popen(certify_command(folder, None), cwd=ROOT, env=env, stdout=log, stderr=log)
+        proc = start_certify(folder, None, ci, "neighbour.log")
     try:
         yield figures
     finally:
@@ -300,7 +299,6 @@ def neighbour(kind: str, threads: int, folder: Path, ci: bool) -> Iterator[dict[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
         if report is not None and report.exists():
             figures.update(json.loads(report.read_text()))
 
@@ -337,13 +335,13 @@ def fresh_folder(opts: argparse.Namespace, index: int) -> Path:
     return folder
 
 
-def start_certify(folder: Path, opts: argparse.Namespace) -> subprocess.Popen[bytes]:
-    log = (folder / "certify.log").open("w")
-    with log:  # the child keeps its own descriptor
+def start_certify(folder: Path, k: str | None, ci: bool, log_name: str = "certify.log") -> subprocess.Popen[bytes]:
+    """A cold ``pytest --certify`` into ``folder`` (its own Urza), logging to ``folder / log_name``."""
+    with (folder / log_name).open("w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
-            certify_command(folder, opts.k),
+            certify_command(folder, k),
             cwd=ROOT,
-            env=certify_env(folder / "urza.db", opts.ci),
+            env=certify_env(folder / "urza.db", ci),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -367,7 +365,7 @@ def certify_once(index: int, opts: argparse.Namespace) -> Run:
     with neighbour(opts.neighbour, opts.threads, folder / "neighbour", opts.ci) as figures:
         time.sleep(2)  # let the neighbour take the cores before the certification starts
         t0, cpu0 = time.perf_counter(), cpu_times()
-        returncode = start_certify(folder, opts).wait()
+        returncode = start_certify(folder, opts.k, opts.ci).wait()
         seconds, busy = time.perf_counter() - t0, busy_fraction(cpu0, cpu_times())
     return outcome(index, folder, returncode, seconds, neighbour=figures, cpu_busy=busy)
 
@@ -376,7 +374,7 @@ def certify_pair(first: int, opts: argparse.Namespace) -> list[Run]:
     """Runs ``first`` and ``first + 1`` at once, each the other's neighbour; each timed to its own end."""
     folders = [fresh_folder(opts, first), fresh_folder(opts, first + 1)]
     t0, cpu0 = time.perf_counter(), cpu_times()
-    procs = [start_certify(f, opts) for f in folders]
+    procs = [start_certify(f, opts.k, opts.ci) for f in folders]
     ended: dict[int, tuple[int, float, float | None]] = {}
     while len(ended) < len(procs):
         for i, proc in enumerate(procs):

@@ -77,12 +77,16 @@ def record(
 
 def load_record(path: Path) -> Record:
     """A stored run's :class:`Record`; refuses a newer or unknown format."""
-    doc = json.loads(Path(path).read_text())
+    return parse_record(json.loads(Path(path).read_text()), str(path))
+
+
+def parse_record(doc: Any, source: str) -> Record:
+    """The :class:`Record` of a document :func:`record` wrote (``source`` names it in errors)."""
     if not isinstance(doc, dict) or doc.get("version") not in READABLE or not isinstance(doc.get("ratios"), dict):
-        raise ValueError(f"{path}: not an Esper latency record of version {', '.join(map(str, READABLE))}")
+        raise ValueError(f"{source}: not an Esper latency record of version {', '.join(map(str, READABLE))}")
     eager = doc.get("eager_ms", {})
     if not isinstance(eager, dict):
-        raise ValueError(f"{path}: eager_ms is not a mapping")
+        raise ValueError(f"{source}: eager_ms is not a mapping")
     return Record(
         {str(k): [float(x) for x in v] for k, v in doc["ratios"].items()},
         {str(k): float(v) for k, v in eager.items()},
@@ -122,7 +126,7 @@ def judge(baseline: Record, current: Record, limit: float) -> Verdict:
     load = statistics.median(slowdown.values()) if slowdown else None
     bound = math.log(LOAD_LIMIT)
     unjudged = [k for k, s in slowdown.items() if abs(math.log(s)) > bound]
-    judged = {k: baseline.ratios[k] for k in shared if k not in unjudged}
+    judged = {k: baseline.ratios[k] for k in set(shared).difference(unjudged)}
     found = regressions(judged, current.ratios, limit)
     inconclusive = ""
     if load is not None and abs(math.log(load)) > bound:

@@ -176,7 +176,7 @@ class CertifySession:
             _write_if_changed(self.build_dir / "latency.json", json.dumps(doc, indent=1) + "\n")
         if self.baseline is None:
             return False
-        current = gate.Record({"|".join(k): r for k, r, _ in rows}, {"|".join(k): ms for k, _, ms in rows if ms > 0})
+        current = gate.parse_record(doc, "this run") if rows else gate.Record({})
         self.verdict = gate.judge(gate.load_record(self.baseline), current, self.regression)
         return self.verdict.failed
 
