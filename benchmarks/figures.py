@@ -35,13 +35,20 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
     if p1:
         out["P1 Kasmina first use, median ms"] = sorted(v["kasmina_ms"] for v in p1.values())[len(p1) // 2]
         out["P1 cold torch.compile / Kasmina, min"] = min(v["cold_over_kasmina"] for v in p1.values())
-    ratios = {k: v["kasmina"] / v["eager"] for k, v in p2.items() if "kasmina" in v and "eager" in v}
+    ratios = {k: r for k, v in p2.items() if (r := p2_ratio(v, "kasmina")) is not None}
     if ratios:
         out["P2 Kasmina / eager, geomean"] = geomean(list(ratios.values()))
         out["P2 Kasmina / eager, worst"] = max(ratios.values())
-        before = [v["kasmina_default"] / v["eager"] for v in p2.values() if "kasmina_default" in v and "eager" in v]
+        out["P2 shapes where Kasmina is surely slower than eager"] = sum(
+            v.get("ratios", {}).get("kasmina", {}).get("decision") == "loses" for v in p2.values()
+        )
+        before = [r for v in p2.values() if (r := p2_ratio(v, "kasmina_default")) is not None]
         out["P2 default variant alone / eager, geomean (before)"] = geomean(before)
-        warm = [v["kasmina"] / v["compile_warm"] for v in p2.values() if "compile_warm" in v and "kasmina" in v]
+        warm = [
+            k / c
+            for v in p2.values()
+            if (k := p2_ratio(v, "kasmina")) is not None and (c := p2_ratio(v, "compile_warm"))
+        ]
         out["P2b Kasmina / warm torch.compile, geomean"] = geomean(warm)
     if figures.get("P3"):
         out["P3 guard + routing, max us"] = max(v["us"] for v in figures["P3"].values())
@@ -61,6 +68,16 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
     if "switch_cost_ms" in inference:
         out["seed switch (100 seeds, alternating every call), ms"] = inference["switch_cost_ms"]
     return out
+
+
+def p2_ratio(row: dict[str, Any], path: str) -> float | None:
+    """A P2 path's ratio to eager: the median of per-round ratios measured interleaved with eager (a record
+    without them, from before, divides the two medians)."""
+    if path in row.get("ratios", {}):
+        return float(row["ratios"][path]["ratio"])
+    if path in row and row.get("eager"):
+        return float(row[path] / row["eager"])
+    return None
 
 
 def training_ratios(figures: dict[str, Any]) -> dict[str, float]:
@@ -190,19 +207,21 @@ def markdown(figures: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| shape | eager ms | Kasmina / eager | default only / eager | Kasmina / warm compile |",
-        "|---|---|---|---|---|",
+        "| shape | eager ms | route | Kasmina / eager [95%] | default only / eager | Kasmina / warm compile |",
+        "|---|---|---|---|---|---|",
     ]
     for key, v in sorted(figures.get("P2", {}).items()):
         if "eager" not in v:
             continue
-
-        def r(a: str, b: str, v: dict[str, float] = v) -> str:
-            return f"{v[a] / v[b]:.2f}" if a in v and b in v else ""
-
+        k, d, c = (p2_ratio(v, path) for path in ("kasmina", "kasmina_default", "compile_warm"))
+        interval = v.get("ratios", {}).get("kasmina")
+        kasmina = "" if k is None else f"{k:.2f}"
+        if interval:
+            mark = {"wins": "*", "loses": "!"}.get(interval["decision"], "")
+            kasmina += f" [{interval['low']:.2f}-{interval['high']:.2f}]{mark}"
         lines.append(
-            f"| {key} | {v['eager']:.3g} | {r('kasmina', 'eager')} | {r('kasmina_default', 'eager')} "
-            f"| {r('kasmina', 'compile_warm')} |"
+            f"| {key} | {v['eager']:.3g} | {v.get('route', '')} | {kasmina} | {'' if d is None else f'{d:.2f}'} "
+            f"| {'' if k is None or not c else f'{k / c:.2f}'} |"
         )
     lines += extra_sections(figures)
     return "\n".join(lines) + "\n"

@@ -4,12 +4,13 @@
 - P4: certifying the whole catalog cold (new Urza, empty Inductor cache), then again with nothing changed.
 - P1: first use in a fresh process: Kasmina (load + guard + first call) against ``torch.compile(dynamic=True)``
   first call with an empty and with a warm Inductor cache.
-- P2: steady state per call, pytest-benchmark: eager, the Kasmina kernel (routed), the default variant alone
-  (what Kasmina ran before variants and buckets), and warm ``torch.compile(dynamic=True)`` (P2b).
+- P2: steady state per call against eager, in interleaved rounds (esper.timing.compare): the Kasmina kernel
+  (routed), the default variant alone (what Kasmina ran before variants and buckets), and warm
+  ``torch.compile(dynamic=True)`` (P2b).
 - P3: guard check + routing cost per call (``Kernel.select``), and the floor: the raw AOTInductor runner per
   call and Kasmina's whole overhead above it (benchmarks/floor.py).
 - levers: the lever study (benchmarks/levers.py), in a subprocess: ``ESPER_BENCH_LEVERS=quick`` (default:
-  default and freezing, first representative shape), ``full`` (every lever, every shape: long), ``reuse``
+  the served variants, first representative shape), ``full`` (every lever, every shape: long), ``reuse``
   (report the ``levers.json`` a separate run of the study wrote) or ``off``.
 - training and seeds: training-step ratios per blueprint and the seed-switch cost over 100 seeds of
   residual_mlp (benchmarks/seeds_and_training.py), in a subprocess.
@@ -161,45 +162,62 @@ def compiled_warm(out_dir: Path) -> dict[str, Any]:
     return {}
 
 
-PATHS = ["eager", "kasmina", "kasmina_default", "compile_warm"]
+PATHS = ["kasmina", "kasmina_default", "compile_warm"]
+# Fixed rounds, no early stop: every figure rests on the same evidence. Each round times 5 alternating pairs.
+P2_ROUNDS = 15
 
 
 # torch.compile itself warns about its own deprecated internals; that is not what this suite measures.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("name", "label"), CASES)
 def test_p2_steady_state(
-    benchmark: Any,
     name: str,
     label: str,
-    path: str,
     kernels: dict[str, Any],
     default_kernels: dict[tuple[str, str], Any],
     compiled_warm: dict[str, Any],
     out_dir: Path,
     results: dict[str, Any],
 ) -> None:
+    """Steady state per call against eager, interleaved: the Kasmina kernel (routed), the default variant
+    alone (what Kasmina ran before variants and buckets) and warm ``torch.compile(dynamic=True)`` (P2b), each
+    timed in rounds that alternate it with eager on the same inputs (:func:`esper.timing.compare`). A ratio is
+    the median of per-round ratios, so a neighbour that slows one round slows both sides of it; ``low``/``high``
+    is its 95% interval and ``decision`` says whether the path is surely slower than eager (``loses``)."""
+    from esper.timing import compare
+
     bp = next(b for b in BLUEPRINTS if b.name == name)
     sizes = next(dict(r) for r in bp.representative if Blueprint.shape_label(r) == label)
     args = example_inputs(bp, sizes)
-    if path == "eager":
-        module = bp.build().eval()
-        fn = lambda: module(*args)  # noqa: E731
-    elif path == "kasmina":
-        fn = lambda: kernels[name](*args)  # noqa: E731
-    elif path == "kasmina_default":
-        profile = next(p for p, r in bp.profiles().items() if contains(r, sizes))
-        fn = lambda: default_kernels[(name, profile)](*args)  # noqa: E731
-    else:
-        if name not in compiled_warm:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out_dir / "compile-cache" / name)
-            compiled_warm[name] = torch.compile(bp.build().eval(), dynamic=True)
-        fn = lambda: compiled_warm[name](*args)  # noqa: E731
-    benchmark.group = f"{name}[{label}]"
+    module = bp.build().eval()
+    profile = next(p for p, r in bp.profiles().items() if contains(r, sizes))
+    if name not in compiled_warm:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out_dir / "compile-cache" / name)
+        compiled_warm[name] = torch.compile(bp.build().eval(), dynamic=True)
+    paths = {
+        "kasmina": lambda: kernels[name](*args),
+        "kasmina_default": lambda: default_kernels[(name, profile)](*args),
+        "compile_warm": lambda: compiled_warm[name](*args),
+    }
+    row: dict[str, Any] = {"ratios": {}}
+    eager_ms = []
     with torch.no_grad():
-        fn()
-        benchmark(fn)
-    results["P2"].setdefault(f"{name}[{label}]", {})[path] = benchmark.stats.stats.median * 1e3
+        for path, fn in paths.items():
+            c = compare(
+                fn,
+                lambda: module(*args),
+                rounds=P2_ROUNDS,
+                min_rounds=P2_ROUNDS,
+                max_rounds=P2_ROUNDS,
+                calls=5,
+                warmup=3,
+            )
+            row[path] = c.candidate_p50 * 1e3
+            eager_ms.append(c.eager_p50 * 1e3)
+            row["ratios"][path] = {"ratio": c.ratio, "low": c.low, "high": c.high, "decision": c.decision}
+    row["eager"] = statistics.median(eager_ms)
+    row["route"] = kernels[name].last_path
+    results["P2"][f"{name}[{label}]"] = row
 
 
 @pytest.mark.parametrize("name", [bp.name for bp in BLUEPRINTS])

@@ -24,7 +24,22 @@ def _shape(ratio: float, decision: str) -> dict[str, Any]:
     }
 
 
+def _p2(kasmina: float, default: float, warm: float, decision: str = "wins") -> dict[str, Any]:
+    ratios = {"kasmina": kasmina, "kasmina_default": default, "compile_warm": warm}
+    return {
+        "eager": 2.0,
+        "route": "compiled",
+        # medians of other rounds than the ratios' (their quotient is not the figure)
+        **{k: 2.4 * v for k, v in ratios.items()},
+        "ratios": {
+            k: {"ratio": v, "low": v * 0.9, "high": v * 1.1, "decision": decision if k == "kasmina" else "even"}
+            for k, v in ratios.items()
+        },
+    }
+
+
 FIGURES: dict[str, Any] = {
+    "P2": {"a[batch=1]": _p2(0.5, 0.5, 1.0), "a[batch=8]": _p2(1.25, 1.0, 1.25, "loses")},
     "floor": {
         "blueprints": {
             "a": {
@@ -86,7 +101,13 @@ def test_perf_md_has_the_issue_14_sections() -> None:
     assert "## Training step" in md and "| a | compiled | batch=8: 0.50 | 0.50 |" in md
     assert "| conv | eager | dynamic height |  |" in md
     assert "| inference | 0.12 [0.1-0.2] |" in md
+    assert "| a[batch=8] | 2 | compiled | 1.25 [1.12-1.38]! | 1.00 | 1.00 |" in md
     head = figures.headline(FIGURES)
+    assert abs(head["P2 Kasmina / eager, geomean"] - (1.25 * 0.5) ** 0.5) < 1e-12
+    assert head["P2 Kasmina / eager, worst"] == 1.25
+    assert head["P2 shapes where Kasmina is surely slower than eager"] == 1
+    assert abs(head["P2 default variant alone / eager, geomean (before)"] - 0.5**0.5) < 1e-12
+    assert abs(head["P2b Kasmina / warm torch.compile, geomean"] - 0.5**0.5) < 1e-12
     assert head["floor: Kasmina overhead above the raw runner, max us"] == 1.5
     assert head["training step compiled / eager, geomean"] == 0.5
     assert head["seed switch (100 seeds, alternating every call), ms"] == 0.12
