@@ -162,7 +162,6 @@ def compiled_warm(out_dir: Path) -> dict[str, Any]:
     return {}
 
 
-PATHS = ["kasmina", "kasmina_default", "compile_warm"]
 # Fixed rounds, no early stop: every figure rests on the same evidence. Each round times 5 alternating pairs.
 P2_ROUNDS = 15
 

@@ -1,12 +1,11 @@
 """Compile variants: named sets of Inductor config overrides, each compiled into its own Urza entry.
 
 No single setting wins everywhere on a 2-core CPU. In the lever study (benchmarks/levers.py, one quiet run,
-ratios to eager): ``freezing`` (weights constant-folded into the graph and pre-packed for the GEMM library)
-beat ``default`` at 20 of 24 representative shapes (geomean 0.62 against 0.65); ``freezing_autotune_cpp``
-(Inductor's C++ GEMM template, autotuned against ATen at compile time) ran 0.21-0.36x eager at batch 2-8 of
-the GEMM blueprints, where ``default`` ran 0.51-0.67x, but lost to both at batch 64 and at convolutions.
-Certification benchmarks every variant of every shape profile and keeps a winner (see
-:mod:`esper.certification`), so a variant serves only where it pays.
+each setting against eager interleaved at the catalog's 24 representative shapes) ``freezing_autotune_cpp``
+(weights frozen into the graph, Inductor's C++ GEMM template autotuned against ATen at compile time) ran
+0.21-0.36x eager at batch 2-8 of the GEMM blueprints, where ``default`` ran 0.51-0.67x, but lost to ``default``
+at batch 64 and at 4 of 6 convolution shapes. Certification benchmarks every declared variant of every shape
+profile and keeps a winner (see :mod:`esper.certification`), so a variant serves only where it pays.
 """
 
 from __future__ import annotations
@@ -56,14 +55,23 @@ CANDIDATES: dict[str, Variant] = {
         Variant("threads_1", {"cpp.threads": 1}),
     )
 }
-# Measured and not served: wrapper_o2/o3 (g++ 12 crashes compiling the wrapper: an internal compiler error),
-# wrapper_o3_lto (Inductor applies LTO with clang only), threads_1 (geomean 0.73: slower than default at 15
-# of 24 shapes, 1.35-1.58x eager at the larger norm_act_chain and squeeze_excitation shapes), runtime_constant_
-# folding (geomean 0.62, within 10% of freezing at 20 of 24 shapes; freezing already serves), static (a bucket
-# of one size: geomean 0.51 at the 8 smallest shapes, where the served variants' best is 0.34).
-SERVED = ("default", "freezing", "freezing_autotune_cpp")
-VARIANTS: dict[str, Variant] = {name: CANDIDATES[name] for name in SERVED}
-DEFAULT_VARIANTS = tuple(VARIANTS)
+# What a blueprint compiles unless it declares ``variants``: the study's pick. Measured and not served by
+# default (a blueprint may still declare any of them):
+# - freezing: faster than default at 20 of 24 shapes, by more than 5% at 10 (ratios to eager, each measured
+#   against eager on its own), and at 6 of those freezing_autotune_cpp was faster still. A cold certification
+#   serving all three (2026-11-27) routed none of 11 profiles to it (a quiet one serving default and freezing,
+#   1 of 11), and the third variant took that certification from 417 s to 724 s.
+# - wrapper_o2/o3: g++ 12 crashes compiling the wrapper (an internal compiler error); wrapper_o3_lto: Inductor
+#   applies LTO with clang only.
+# - threads_1: geomean 0.73, slower than default at 15 of 24 shapes (1.35-1.58x eager at the larger
+#   norm_act_chain and squeeze_excitation shapes).
+# - runtime_constant_folding: geomean 0.62, within 10% of freezing at 20 of 24 shapes.
+# - static (an exact-size export, a bucket of one size): geomean 0.51 at the 8 smallest shapes, where the
+#   served variants' best is 0.34.
+SERVED = ("default", "freezing_autotune_cpp")
+# Every candidate is a variant a blueprint may declare; an entry's identity includes its name and settings.
+VARIANTS: dict[str, Variant] = CANDIDATES
+DEFAULT_VARIANTS = SERVED
 
 
 def get(name: str) -> Variant:
