@@ -298,18 +298,39 @@ def _int_literal(value: Any) -> str:
     return str(value)
 
 
-def _predicate_source(schema: GuardSchema, device_index: int | None = None) -> str:
-    """Python source of a straight-line predicate for ``schema``: no loops, every constant inlined.
+def same_but_ranges(a: GuardSchema, b: GuardSchema) -> bool:
+    """Whether ``a`` and ``b`` differ at most in their dynamic dims' ranges (the shape profiles of one
+    blueprint version do): then one generated dispatcher can check both."""
+    if a.device != b.device or len(a.inputs) != len(b.inputs):
+        return False
+    for x, y in zip(a.inputs, b.inputs, strict=True):
+        if (x.name, x.dtype, x.rank) != (y.name, y.dtype, y.rank):
+            return False
+        if any((d.size, d.name) != (e.size, e.name) for d, e in zip(x.dims, y.dims, strict=True)):
+            return False
+    return True
+
+
+def _guard_source(
+    schemas: Sequence[GuardSchema], device_index: int | None, *, name: str, hit: Callable[[str], str], miss: str
+) -> str:
+    """Python source of a straight-line function ``name(args)`` for ``schemas`` (which must be
+    :func:`same_but_ranges`): every check the schemas share once, then each schema's ranges in order; the
+    first that holds returns ``hit(index)`` (``index`` as source text), any refusal ``miss``. No loops, every
+    constant inlined.
 
     Only integers (checked again here, whatever the schema's construction did) and fixed names are written
     into the source: dtypes are bound as ``d0``, ``d1``... in the namespace, never spelled from stored text.
     """
+    schema = schemas[0]
     if schema.device not in DEVICE_TYPES or len(schema.inputs) > MAX_COUNT:
         raise EntryFormatError(COLUMN, f"predicate generator refused device {quote(schema.device)}")
+    if not all(same_but_ranges(schema, other) for other in schemas[1:]):
+        raise EntryFormatError(COLUMN, "predicate generator refused schemas that differ beyond their ranges")
     device_test = {"cpu": "not {x}.is_cpu", "cuda": "not {x}.is_cuda"}[schema.device]
     if device_index is not None and schema.device == "cuda":
         device_test += " or {x}.get_device() != " + _int_literal(device_index)
-    lines = ["def accepts(args):", f"    if len(args) != {_int_literal(len(schema.inputs))}:", "        return False"]
+    lines = [f"def {name}(args):", f"    if len(args) != {_int_literal(len(schema.inputs))}:", f"        return {miss}"]
     first_seen: dict[str, str] = {}
     for n, inp in enumerate(schema.inputs):
         if inp.dtype not in TORCH_DTYPES:
@@ -319,41 +340,66 @@ def _predicate_source(schema: GuardSchema, device_index: int | None = None) -> s
             f"    {x} = args[{n}]",
             f"    t = type({x})",
             f"    if (t is not Tensor and t is not Parameter) or {x}.dtype is not d{n}:",
-            "        return False",
+            f"        return {miss}",
             f"    if {device_test.format(x=x)} or {x}.layout is not strided or {x}.is_nested or {x}.is_neg():",
-            "        return False",
+            f"        return {miss}",
             f"    if {KIND_TEST.format(x=x)}:",
-            "        return False",
+            f"        return {miss}",
             f"    s{n} = {x}.shape",
             f"    if len(s{n}) != {_int_literal(inp.rank)}:",
-            "        return False",
+            f"        return {miss}",
         ]
         for k, d in enumerate(inp.dims):
             v = f"s{n}[{k}]"
             if not d.dynamic:
-                lines += [f"    if {v} != {_int_literal(d.size)}:", "        return False"]
+                lines += [f"    if {v} != {_int_literal(d.size)}:", f"        return {miss}"]
             elif d.name in first_seen:
-                lines += [f"    if {v} != {first_seen[d.name]}:", "        return False"]
+                lines += [f"    if {v} != {first_seen[d.name]}:", f"        return {miss}"]
             else:
                 first_seen[str(d.name)] = v
-                lines += [f"    if not {_int_literal(d.min)} <= {v} <= {_int_literal(d.max)}:", "        return False"]
-    lines.append("    return True")
+    for index, each in enumerate(schemas):
+        ranges = each.dim_ranges()
+        held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in first_seen.items()]
+        lines += [f"    if {' and '.join(held) or 'True'}:", f"        return {hit(_int_literal(index))}"]
+    lines.append(f"    return {miss}")
     return "\n".join(lines)
 
 
-def compile_predicate(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], bool]:
-    """A predicate generated for ``schema``: straight-line code with every constant inlined (about a
-    microsecond for one input). Kasmina runs it on every call. ``device_index``: see :func:`explain`."""
-    source = _predicate_source(schema, device_index)  # validates every dtype and literal first
+def _predicate_source(schema: GuardSchema, device_index: int | None = None) -> str:
+    return _guard_source([schema], device_index, name="accepts", hit=lambda _: "True", miss="False")
+
+
+def _compile_guard(
+    schemas: Sequence[GuardSchema], device_index: int | None, *, name: str, hit: Callable[[str], str], miss: str
+) -> Callable[[Sequence[Any]], Any]:
+    source = _guard_source(schemas, device_index, name=name, hit=hit, miss=miss)  # validates every literal first
     namespace: dict[str, Any] = {
         "Tensor": torch.Tensor,
         "Parameter": torch.nn.Parameter,
         "strided": torch.strided,
         **predicate_namespace(),
-        **{f"d{n}": TORCH_DTYPES[i.dtype] for n, i in enumerate(schema.inputs)},
+        **{f"d{n}": TORCH_DTYPES[i.dtype] for n, i in enumerate(schemas[0].inputs)},
     }
-    exec(compile(source, "<guard predicate>", "exec"), namespace)
-    return namespace["accepts"]
+    exec(compile(source, f"<guard {name}>", "exec"), namespace)
+    return namespace[name]  # type: ignore[no-any-return]
+
+
+def compile_predicate(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], bool]:
+    """A predicate generated for ``schema``: straight-line code with every constant inlined (about a
+    microsecond for one input). Kasmina runs it on every call. ``device_index``: see :func:`explain`."""
+    return _compile_guard([schema], device_index, name="accepts", hit=lambda _: "True", miss="False")  # type: ignore[return-value]
+
+
+def compile_dispatch(
+    schemas: Sequence[GuardSchema], *, device_index: int | None = None
+) -> Callable[[Sequence[Any]], int] | None:
+    """A dispatcher generated for the schemas of a kernel's routes: it returns the index of the first schema
+    that accepts the inputs, ``-1`` when none does, at the cost of one predicate whatever the number of
+    routes (the checks they share run once). ``None`` when the schemas differ beyond their ranges, or there
+    are none: check each route's predicate in turn then."""
+    if not schemas or not all(same_but_ranges(schemas[0], s) for s in schemas[1:]):
+        return None
+    return _compile_guard(schemas, device_index, name="route_of", hit=str, miss="-1")  # type: ignore[return-value]
 
 
 def compile_check(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], str | None]:

@@ -71,3 +71,75 @@ def test_check_accepts_exactly_the_allowed_shapes(x_shape: tuple[int, ...], m_sh
 def test_refusals_say_why(args: tuple[object, ...], fragment: str) -> None:
     why = CHECK(args)
     assert why is not None and fragment in why
+
+
+def bucket(lo: int, hi: int, dtype: str = "float32", width: int = 4) -> GuardSchema:
+    """SCHEMA with ``batch`` in ``[lo, hi]`` (a shape profile's narrower range)."""
+    return GuardSchema(
+        inputs=(
+            InputGuard(
+                "x",
+                dtype,
+                (DimGuard(name="batch", min=lo, max=hi), DimGuard(name="seq", min=2, max=6), DimGuard(size=width)),
+            ),
+            InputGuard("mask", "bool", (DimGuard(name="batch", min=lo, max=hi), DimGuard(name="seq", min=2, max=6))),
+        )
+    )
+
+
+BUCKETS = [bucket(1, 2), bucket(3, 5), bucket(6, 8)]
+
+
+@given(
+    x_shape=st.lists(st.integers(0, 10), min_size=2, max_size=4).map(tuple),
+    m_shape=st.lists(st.integers(0, 10), min_size=1, max_size=3).map(tuple),
+)
+def test_the_dispatcher_picks_the_bucket_each_predicate_would(
+    x_shape: tuple[int, ...], m_shape: tuple[int, ...]
+) -> None:
+    from esper.guards import compile_dispatch, compile_predicate
+
+    route_of = compile_dispatch(BUCKETS)
+    assert route_of is not None
+    args = (torch.zeros(x_shape), torch.zeros(m_shape, dtype=torch.bool))
+    expected = next((i for i, s in enumerate(BUCKETS) if compile_predicate(s)(args)), -1)
+    assert route_of(args) == expected
+    if allowed(x_shape, m_shape):  # inside the union of the buckets: the bucket whose range holds the batch
+        assert route_of(args) == next(
+            i for i, (lo, hi) in enumerate([(1, 2), (3, 5), (6, 8)]) if lo <= x_shape[0] <= hi
+        )
+
+
+def test_the_dispatcher_checks_every_shared_property_once() -> None:
+    from esper.guards import compile_dispatch
+
+    route_of = compile_dispatch(BUCKETS)
+    assert route_of is not None
+    good = (torch.zeros(4, 3, 4), torch.zeros(4, 3, dtype=torch.bool))
+    assert route_of(good) == 1
+    assert route_of((good[0].double(), good[1])) == -1  # dtype
+    assert route_of((torch.zeros(4, 3, 5), good[1])) == -1  # a fixed size
+    assert route_of((good[0], torch.zeros(5, 3, dtype=torch.bool))) == -1  # a shared dim that disagrees
+    assert route_of((good[0].to_sparse(), good[1])) == -1  # layout
+    assert route_of((good[0],)) == -1  # count
+    assert route_of((torch.zeros(9, 3, 4), torch.zeros(9, 3, dtype=torch.bool))) == -1  # beyond every bucket
+
+
+def test_schemas_that_differ_beyond_their_ranges_get_no_dispatcher() -> None:
+    from esper.guards import compile_dispatch, same_but_ranges
+
+    assert same_but_ranges(BUCKETS[0], BUCKETS[2])
+    for other in (bucket(3, 5, dtype="float64"), bucket(3, 5, width=8), SCHEMA.__class__(inputs=SCHEMA.inputs[:1])):
+        assert not same_but_ranges(BUCKETS[0], other)
+        assert compile_dispatch([BUCKETS[0], other]) is None
+    assert compile_dispatch([]) is None
+
+
+def test_a_forged_range_in_any_bucket_never_reaches_exec() -> None:
+    from esper.guards import compile_dispatch
+    from esper.validate import EntryFormatError
+
+    forged = bucket(3, 5)
+    object.__setattr__(forged.inputs[0].dims[0], "max", "__import__('os').getpid()")
+    with pytest.raises(EntryFormatError, match="predicate generator refused"):
+        compile_dispatch([BUCKETS[0], forged])

@@ -28,6 +28,7 @@ def bucketed(buckets: list[tuple[int, int]]) -> Blueprint:
         inputs=(Input("x", "float32", (Dim("batch", 1, 64), 4)),),
         representative=({"batch": 2}, {"batch": 8}),
         buckets={"batch": buckets},
+        variants=("default", "freezing"),  # the two variants these tests model, whatever the default set is
     )
 
 
@@ -137,3 +138,31 @@ def test_a_profile_where_no_variant_beats_eager_with_confidence_routes_eager(tmp
     assert decisions["batch=1-4"].winner is None and "even: candidate/eager 0.970" in decisions["batch=1-4"].note
     assert decisions["batch=5-64"].winner == "batch=5-64/freezing"
     assert decisions["batch=5-64"].ratio == pytest.approx(0.5)
+
+
+def test_routes_that_differ_beyond_their_ranges_are_tried_in_turn() -> None:
+    """One generated dispatcher serves routes that differ only in ranges; any other mix tries each route's own
+    predicate, in order, with the same answer."""
+    from types import SimpleNamespace
+
+    from esper.guards import DimGuard, GuardSchema, InputGuard
+    from esper.kasmina.kernel import Route, route_dispatch
+
+    def route(dtype: str, lo: int, hi: int) -> Route:
+        schema = GuardSchema(
+            inputs=(InputGuard("x", dtype, (DimGuard(name="batch", min=lo, max=hi), DimGuard(size=8))),)
+        )
+        return Route.of(SimpleNamespace(guards=schema), None)  # type: ignore[arg-type]
+
+    same = [route("float32", 1, 4), route("float32", 5, 64)]
+    mixed = [route("float64", 1, 64), route("float32", 1, 4), route("float32", 5, 64)]
+    assert route_dispatch(same).__name__ == "route_of" and route_dispatch(mixed).__name__ == "each"
+    for batch, dtype, in_same, in_mixed in (
+        (3, torch.float32, 0, 1),
+        (9, torch.float32, 1, 2),
+        (9, torch.float64, -1, 0),
+        (65, torch.float32, -1, -1),
+    ):
+        args = (torch.zeros(batch, 8, dtype=dtype),)
+        assert route_dispatch(same)(args) == in_same
+        assert route_dispatch(mixed)(args) == in_mixed

@@ -13,14 +13,14 @@ from typing import Any
 import torch
 import torch.nn.modules.module as _nn_module
 
-from esper.guards import compile_check, compile_predicate
+from esper.guards import compile_check, compile_dispatch, compile_predicate
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.seeds import Weights, bind
 from esper.kasmina.unusable import Unusable
 from esper.urza import Entry
 
-__all__ = ["COMPILED", "EAGER", "DeferredPackage", "Kernel", "Route"]
+__all__ = ["COMPILED", "EAGER", "DeferredPackage", "Kernel", "Route", "route_dispatch"]
 
 Package = Callable[[Sequence[torch.Tensor]], Any]
 
@@ -81,6 +81,7 @@ class Route:
     check: Callable[[Sequence[Any]], str | None]
     package: Package | None = None
     accepts: Callable[[Sequence[Any]], bool] | None = None
+    device_index: int | None = None
 
     @classmethod
     def of(cls, entry: Entry, package: Package | None, *, device_index: int | None = None) -> Route:
@@ -92,6 +93,7 @@ class Route:
             compile_check(entry.guards, device_index=device_index),
             package,
             compile_predicate(entry.guards, device_index=device_index),
+            device_index,
         )
 
     def with_package(self, package: Package | None) -> Route:
@@ -106,6 +108,30 @@ class Route:
     def deferred(self) -> bool:
         """Whether the package loads on the first call this route accepts (it is not loaded yet)."""
         return type(self.package) is DeferredPackage
+
+
+def route_dispatch(routes: Sequence[Route]) -> Callable[[Sequence[Any]], int]:
+    """The index of the first of ``routes`` whose guards accept the arguments (``-1``: none does).
+
+    The routes of one blueprint version differ only in their shape profiles' ranges, so one generated
+    dispatcher checks them all (:func:`esper.guards.compile_dispatch`): a call to the second bucket costs what
+    a call to the first does. Routes that differ otherwise try each route's own predicate in turn."""
+    schemas = [r.entry.guards for r in routes]
+    devices = {r.device_index for r in routes}
+    guarded = all(s is not None for s in schemas) and all(r.accepts is not None for r in routes)
+    if routes and guarded and len(devices) == 1:
+        dispatch = compile_dispatch(schemas, device_index=devices.pop())  # type: ignore[arg-type]
+        if dispatch is not None:
+            return dispatch
+    predicates = [r.accepts for r in routes]
+
+    def each(args: Sequence[Any]) -> int:
+        for index, accepts in enumerate(predicates):
+            if accepts is not None and accepts(args):
+                return index
+        return -1
+
+    return each
 
 
 class Kernel(KernelBase):
@@ -128,6 +154,7 @@ class Kernel(KernelBase):
     ):
         super().__init__(blueprint, reason=reason)
         self.routes = tuple(routes)
+        self._route_of = route_dispatch(self.routes)
         self._eager_factory = eager_factory
         self._eager: torch.nn.Module | None = None
         # Set past nn.Module.__setattr__: the origin is no submodule (its weights are not this kernel's).
@@ -164,10 +191,10 @@ class Kernel(KernelBase):
 
     def select(self, args: Sequence[Any]) -> tuple[Route | None, str | None]:
         """The route that accepts ``args``, or ``None`` and why none does."""
-        # Refusals are explained only once no route accepts: a call to the second bucket pays two predicates.
-        for r in self.routes:
-            if r.accepts is not None and r.accepts(args):
-                return r, None
+        # Refusals are explained only once no route accepts.
+        index = self._route_of(args) if self.routes else -1
+        if index >= 0:
+            return self.routes[index], None
         why = None
         for r in self.routes:
             why = r.check(args)
@@ -215,10 +242,9 @@ class Kernel(KernelBase):
             args = positional
         routes = self.routes
         if routes:
-            for route in routes:
-                if route.accepts is not None and route.accepts(args):
-                    why = None
-                    break
+            index = self._route_of(args)
+            if index >= 0:
+                route, why = routes[index], None
             else:
                 route, why = self.select(args)
             package = route.package if route is not None else None
