@@ -71,13 +71,10 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def p2_ratio(row: dict[str, Any], path: str) -> float | None:
-    """A P2 path's ratio to eager: the median of per-round ratios measured interleaved with eager (a record
-    without them, from before, divides the two medians)."""
-    if path in row.get("ratios", {}):
-        return float(row["ratios"][path]["ratio"])
-    if path in row and row.get("eager"):
-        return float(row[path] / row["eager"])
-    return None
+    """A P2 path's ratio to eager: the median of per-round ratios measured interleaved with eager (``None``
+    when the path was not measured)."""
+    ratio = row.get("ratios", {}).get(path)
+    return None if ratio is None else float(ratio["ratio"])
 
 
 def training_ratios(figures: dict[str, Any]) -> dict[str, float]:

@@ -191,10 +191,13 @@ class Kernel(KernelBase):
 
     def select(self, args: Sequence[Any]) -> tuple[Route | None, str | None]:
         """The route that accepts ``args``, or ``None`` and why none does."""
-        # Refusals are explained only once no route accepts.
         index = self._route_of(args) if self.routes else -1
         if index >= 0:
             return self.routes[index], None
+        return self._explain(args)
+
+    def _explain(self, args: Sequence[Any]) -> tuple[Route | None, str | None]:
+        """Why no route accepts ``args`` (after the dispatcher refused them): each route's readable check."""
         why = None
         for r in self.routes:
             why = r.check(args)
@@ -246,7 +249,7 @@ class Kernel(KernelBase):
             if index >= 0:
                 route, why = routes[index], None
             else:
-                route, why = self.select(args)
+                route, why = self._explain(args)
             package = route.package if route is not None else None
             if package is not None:
                 if torch.is_grad_enabled() and any(a.requires_grad for a in args):
