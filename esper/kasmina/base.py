@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +43,9 @@ class KernelBase(torch.nn.Module):
         self.last_path: str | None = None
         self.calls: Counter[str] = Counter()
         self._warned: set[str] = set()
+        # How to load this kernel again through Kasmina's load path (set by the loader; ``None`` for a kernel
+        # built elsewhere): a pickled kernel is this and its seed's state, never native code.
+        self.source: Callable[[], KernelBase] | None = None
 
     @property
     def route(self) -> str:
