@@ -63,3 +63,15 @@ def _state() -> dict[str, torch.Tensor]:
     from .conftest import TINY
 
     return load_catalog([TINY]).get("tiny_mlp").build().state_dict()
+
+
+def test_copies_share_the_loaded_package_and_pickling_refuses(compiled_urza: Path) -> None:
+    import copy
+    import pickle
+
+    package = CompiledPackage(_package(compiled_urza))
+    assert copy.deepcopy(package) is package and copy.copy(package) is package
+    holder = copy.deepcopy({"kernel": [package]})
+    assert holder["kernel"][0] is package
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(package)

@@ -44,6 +44,18 @@ class CompiledPackage:
         # Which caller's constants are loaded (run_with_constants), and those tensors, kept alive while aliased.
         self._active: tuple[Hashable, dict[str, torch.Tensor]] | None = None
 
+    def __copy__(self) -> CompiledPackage:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledPackage:
+        # A loaded package is read-only compiled code whose own lock serializes calls: copies of a kernel share it.
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a loaded package ({self.path}) cannot be pickled: pickle what loads it again (its kernel's source)"
+        )
+
     def metadata(self) -> dict[str, str]:
         return dict(self._loader.get_metadata())
 
