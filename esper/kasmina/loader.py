@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -39,25 +41,45 @@ from esper.weights import load_state
 if TYPE_CHECKING:
     from esper.signing import Verifier
 
-__all__ = ["Kasmina", "Unusable", "choose_entries"]
+__all__ = ["Kasmina", "KernelSource", "Unusable", "choose_entries"]
 
 K = TypeVar("K", bound=KernelBase)
 
 
-def _verifier(public_key: str | Path | Verifier | None) -> tuple[Verifier | None, str | None]:
-    """The signature verifier for ``public_key`` (else ``$ESPER_PUBLIC_KEY``), or why the key is unusable.
+def _verifier(public_key: str | Path | bytes | Verifier | None) -> tuple[Verifier | None, str | None]:
+    """The signature verifier for ``public_key`` (a key file, PEM bytes of a public key, or a verifier; else
+    ``$ESPER_PUBLIC_KEY``), or why the key is unusable.
 
     A bad key does not raise: the training run goes on, eager, with a WARNING naming the key problem. A key
     that is set but empty is such a problem, never "verification off" (a typo must not disable signing).
     """
     if public_key is None and "ESPER_PUBLIC_KEY" not in os.environ:  # esper.signing.PUBLIC_KEY_ENV
         return None, None  # signing not configured: cryptography is not even imported
-    from esper.signing import SigningError, verifier_for
+    from esper.signing import SigningError, Verifier, key_id, verifier_for
 
+    if isinstance(public_key, bytes):
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            key = serialization.load_pem_public_key(public_key)
+        except (ValueError, TypeError) as e:
+            return None, f"the public key given as bytes is not a PEM public key: {e}"
+        if not isinstance(key, Ed25519PublicKey):
+            return None, f"the public key given as bytes is a {type(key).__name__}, not an Ed25519 public key"
+        return Verifier(key, key_id(key)), None
     try:
         return verifier_for(public_key), None
     except SigningError as e:
         return None, str(e)
+
+
+def _key_material(verifier: Verifier) -> bytes:
+    """A verifier's public key as PEM bytes: what a pickled :class:`Kasmina` carries for a key it was handed
+    without a file (a key object itself cannot be pickled)."""
+    from cryptography.hazmat.primitives import serialization
+
+    return verifier.public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _min_snapshot(value: int | None) -> tuple[int | None, str | None]:
@@ -82,13 +104,45 @@ def _one_per_code(problems: list[Unusable]) -> list[Unusable]:
     return [Unusable(code, "; ".join(dict.fromkeys(details))) for code, details in by_code.items()]
 
 
+class LoadMethod(StrEnum):
+    """Which of :class:`Kasmina`'s load methods built a kernel."""
+
+    LOAD = "load"
+    LOAD_SEEDS = "load_seeds"
+    LOAD_ENTRY = "load_entry"
+    LOAD_TRAINING = "load_training"
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """How to load a kernel again: ``source()`` runs the same load method of ``kasmina`` with the same
+    blueprint and entry id, through the whole load path (choose, verify, load). Picklable: ``kasmina``
+    pickles as its constructor arguments. A seed's weights are not part of it (the kernels carry those)."""
+
+    kasmina: Kasmina
+    method: LoadMethod
+    name: str
+    entry_id: int | None = None
+
+    def __call__(self) -> KernelBase:
+        k = self.kasmina
+        if self.method is LoadMethod.LOAD_TRAINING:
+            return k.load_training(self.name, entry_id=self.entry_id)
+        if self.method is LoadMethod.LOAD_ENTRY and self.entry_id is not None:
+            return k.load_entry(self.name, self.entry_id)
+        if self.method is LoadMethod.LOAD_SEEDS:
+            return k.load_seeds(self.name)
+        return k.load(self.name)
+
+
 class Kasmina:
     """The runtime loader. ``Kasmina(urza_path).load(name)`` returns a :class:`Kernel`.
 
     ``urza`` defaults to the resolved setting (``ESPER_URZA`` or ``.esper/urza.db``). The catalog (for
     rebuilding the eager module) is read from ``blueprint_paths`` (default: the project's setting), only
-    when an eager module is first needed. ``public_key`` (default ``$ESPER_PUBLIC_KEY``): when set, only
-    entries signed by the matching private key are loaded (see docs/security.md).
+    when an eager module is first needed. ``public_key`` (default ``$ESPER_PUBLIC_KEY``; a key file, a
+    public key's PEM bytes, or a :class:`~esper.signing.Verifier`): when set, only entries signed by the
+    matching private key are loaded (see docs/security.md). A Kasmina pickles as its constructor arguments.
     """
 
     def __init__(
@@ -99,7 +153,7 @@ class Kasmina:
         catalog: Catalog | None = None,
         device: str | torch.device = "cpu",
         public_key: str | Path | Verifier | None = None,
-        min_snapshot_version: int | None = None,
+        min_snapshot_version: int | str | None = None,
     ):
         settings = None
         if urza is None or (blueprint_paths is None and catalog is None):
@@ -117,6 +171,39 @@ class Kasmina:
         self.key = compat.current(self.device)
         self.verifier, self._public_key_error = _verifier(public_key)
         self.min_snapshot_version, self._min_snapshot_error = _min_snapshot(min_snapshot_version)
+        # What a copy is built from when the resolved value is unusable: the same value, so it refuses too.
+        self._public_key_given = public_key if isinstance(public_key, str | Path | bytes) else None
+        self._min_snapshot_given = (
+            min_snapshot_version if min_snapshot_version is not None else os.environ.get("ESPER_MIN_SNAPSHOT")
+        )
+
+    def __reduce__(self) -> tuple[Callable[[], Kasmina], tuple[()]]:
+        """A Kasmina pickles as its constructor arguments, resolved (settings and environment variables read
+        once, here, so a copy in another process loads from the same Urza under the same key); the catalog is
+        read again from its folders when a copy first needs it."""
+        if self.verifier is not None:
+            public_key: str | Path | bytes | None = (
+                self.verifier.path if self.verifier.path is not None else _key_material(self.verifier)
+            )
+        else:
+            public_key = self._public_key_given if self._public_key_error is not None else None
+        min_snapshot = self.min_snapshot_version if self._min_snapshot_error is None else self._min_snapshot_given
+        rebuild = partial(
+            type(self),
+            self.urza_path,
+            blueprint_paths=self._folders(),
+            device=str(self.device),
+            public_key=public_key,
+            min_snapshot_version=min_snapshot,
+        )
+        return rebuild, ()
+
+    def _folders(self) -> list[Path]:
+        """The folders the catalog is read from: the given ones, else those of a given catalog's files."""
+        if self._blueprint_paths or self._catalog is None:
+            return list(self._blueprint_paths)
+        sources = (bp.source for bp in self._catalog.blueprints.values() if bp.source is not None)
+        return list(dict.fromkeys(Path(src).parent for src in sources))
 
     @property
     def catalog(self) -> Catalog:
@@ -126,18 +213,18 @@ class Kasmina:
 
     def load(self, name: str) -> Kernel:
         """A kernel for blueprint ``name``: its certified routes for this process, else eager."""
-        return self._run(name, self._inference(choose_entries))
+        return self._run(name, self._inference(choose_entries), KernelSource(self, LoadMethod.LOAD, name))
 
     def load_entry(self, name: str, entry_id: int) -> Kernel:
         """A kernel for one specific compiled entry of ``name``, whatever its status (certification tests an
         entry before it is certified, through exactly the path :meth:`load` uses). Compatibility applies."""
         choose = partial(choose_entry_id, entry_id=entry_id, kind=ArtifactKind.INFERENCE)
-        return self._run(name, self._inference(choose))
+        return self._run(name, self._inference(choose), KernelSource(self, LoadMethod.LOAD_ENTRY, name, entry_id))
 
     def load_seeds(self, name: str) -> Kernel:
         """Like :meth:`load`, for binding seeds (``.bind(weights)``): where a profile's certified winner folds
         the weights into its code, the newest swappable candidate that passed every check routes instead."""
-        return self._run(name, self._inference(choose_seed_entries))
+        return self._run(name, self._inference(choose_seed_entries), KernelSource(self, LoadMethod.LOAD_SEEDS, name))
 
     def load_training(
         self, name: str, weights: Weights | None = None, *, entry_id: int | None = None
@@ -163,13 +250,14 @@ class Kasmina:
         loader = TrainingLoader(
             choose, self.device, build=build, inference=partial(self.load_seeds, name), weights=weights
         )
-        return self._run(name, loader)
+        return self._run(name, loader, KernelSource(self, LoadMethod.LOAD_TRAINING, name, entry_id))
 
     def _inference(self, choose: Callable[[Sequence[Entry], compat.CompatKey], list[Entry]]) -> InferenceLoader:
         return InferenceLoader(choose, self.device, eager_module=self._eager_module)
 
-    def _run(self, name: str, kind: ArtifactLoader[K]) -> K:
-        """The one load path: choose, verify, load, pre-warm, build the kernel (see the module docstring)."""
+    def _run(self, name: str, kind: ArtifactLoader[K], source: KernelSource) -> K:
+        """The one load path: choose, verify, load, pre-warm, build the kernel (see the module docstring).
+        ``source`` loads the same kernel again (``kernel.source``: copies and pickles are built from it)."""
         started = time.perf_counter()
         entries: list[Entry] = []
         chosen: list[Entry] = []
@@ -216,6 +304,7 @@ class Kasmina:
             if x.artifact is None:
                 telemetry.eager_by_evidence(name, kind.evidence_label(x.entry), x.entry.id)
         kernel = kind.kernel(LoadResult(name, entries, chosen, loaded, problems))
+        kernel.source = source
         if kernel.route == COMPILED:
             telemetry.loaded(name, [x.entry.id for x in loaded], time.perf_counter() - started)
         return kernel
