@@ -9,13 +9,17 @@ behaviour this wrapper relies on.
 
 from __future__ import annotations
 
+import re
 import threading
+import zipfile
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from esper.kasmina.tensors import DTYPES
 
 
 class PackageLoadError(RuntimeError):
@@ -43,6 +47,7 @@ class CompiledPackage:
         self.device_index = device_index
         # Which caller's constants are loaded (run_with_constants), and those tensors, kept alive while aliased.
         self._active: tuple[Hashable, dict[str, torch.Tensor]] | None = None
+        self._constant_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] | bool | None = False
 
     def __copy__(self) -> CompiledPackage:
         return self
@@ -62,6 +67,14 @@ class CompiledPackage:
     def constant_names(self) -> list[str]:
         """Fully qualified names of the package's constants (its weights and buffers)."""
         return list(self._loader.get_constant_fqns())
+
+    def constant_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]] | None:
+        """Shape and dtype of each constant, by fully qualified name, as the compiled code reads it (``None``
+        when they cannot be read). The loader checks neither when constants are loaded, and reports no shapes:
+        they are read from the package's own wrapper source, which declares every constant's metadata."""
+        if self._constant_specs is False:
+            self._constant_specs = _read_constant_specs(self.path, self.constant_names())
+        return self._constant_specs  # type: ignore[return-value]
 
     def load_constants(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the package's constants (all of them) without recompiling."""
@@ -91,6 +104,37 @@ class CompiledPackage:
                 self._active = (key, tensors)
             flat = self._loader.run(list(args))
         return pytree.tree_unflatten(flat, self._out_spec)
+
+
+# One constant's metadata in an AOTInductor wrapper: ``constants_info_[0].shape = {8, 8};`` and the like.
+_CONSTANT_FIELD = re.compile(r"constants_info_\[(\d+)\]\.(dtype|shape|original_fqn) = ([^;\n]*);")
+_DTYPE_NAME = re.compile(r"cached_torch_dtype_([a-z0-9_]+)")
+
+
+def _read_constant_specs(path: Path, names: Sequence[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]] | None:
+    """Each of ``names``' shape and dtype from the package's wrapper source; ``None`` unless every one parses
+    into validated values (ints, a dtype from a fixed table)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            wrappers = [n for n in z.namelist() if n.endswith(".wrapper.cpp")]
+            if len(wrappers) != 1:
+                return None
+            source = z.read(wrappers[0]).decode("utf-8", errors="replace")
+    except (OSError, zipfile.BadZipFile):
+        return None
+    fields: dict[int, dict[str, str]] = {}
+    for index, field, value in _CONSTANT_FIELD.findall(source):
+        fields.setdefault(int(index), {})[field] = value.strip()
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for f in fields.values():
+        fqn, shape, dtype = f.get("original_fqn", ""), f.get("shape", ""), _DTYPE_NAME.fullmatch(f.get("dtype", ""))
+        if not (fqn.startswith('"') and fqn.endswith('"') and shape.startswith("{") and shape.endswith("}")):
+            return None
+        dims = [d.strip() for d in shape[1:-1].split(",") if d.strip()]
+        if dtype is None or dtype.group(1) not in DTYPES or not all(d.isdigit() for d in dims):
+            return None
+        specs[fqn[1:-1]] = (tuple(int(d) for d in dims), DTYPES[dtype.group(1)])
+    return specs if set(names) <= set(specs) else None
 
 
 def device_index(device: torch.device) -> int:
