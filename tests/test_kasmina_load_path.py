@@ -178,9 +178,9 @@ def test_binding_derives_from_the_loaded_kernel_and_warns_once_per_origin(caplog
     x = torch.randn(2, 8)
     with torch.no_grad():
         a(x)
-    assert set(a.state_dict()) == {f"_eager.{k}" for k in state}
+    assert set(a.state_dict()) == {f"seed.{k}" for k in state}
     with torch.no_grad():
-        torch.testing.assert_close(a.state_dict()["_eager.fc.bias"], state["fc.bias"])
+        torch.testing.assert_close(a.state_dict()["seed.fc.bias"], state["fc.bias"])
 
 
 def test_binding_refuses_a_route_that_holds_no_loaded_package() -> None:

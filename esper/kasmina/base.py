@@ -52,6 +52,22 @@ class KernelBase(torch.nn.Module):
         """``"compiled"`` or ``"eager"``."""
         raise NotImplementedError
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Never native state: a pickled kernel is how to load it again through Kasmina's load path
+        # (verification included) and its seed's module, bound again once loaded.
+        if self.source is None:
+            raise TypeError(
+                f"a kernel of {self.blueprint!r} that Kasmina did not load cannot be pickled: it holds loaded "
+                "native code and no source to load it again from"
+            )
+        return _reload, (self.source, self._modules.get("seed"))
+
+    def __copy__(self) -> KernelBase:
+        # What copy.copy did before __reduce_ex__ was overridden: a new object sharing this one's attributes.
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     @property
     def entry(self) -> Entry | None:
         """The Urza entry whose compiled code runs (``None`` when nothing compiled is loaded)."""
@@ -83,3 +99,9 @@ class KernelBase(torch.nn.Module):
         if kind not in self._warned:
             self._warned.add(kind)
             telemetry.fallback(self.blueprint, code, detail)
+
+
+def _reload(source: Callable[[], KernelBase], seed: torch.nn.Module | None) -> KernelBase:
+    """What unpickling a kernel runs: load it again from ``source``, and bind ``seed`` when it had one."""
+    kernel = source()
+    return kernel if seed is None else kernel.bind(seed)  # type: ignore[attr-defined, no-any-return]

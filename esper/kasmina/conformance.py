@@ -23,10 +23,19 @@ from typing import Any
 import torch
 import torch.nn.modules.module as _nn_module
 
-__all__ = ["SeedForm", "mode_problem"]
+__all__ = ["MODE_QUERIES", "SeedForm", "mode_problem"]
 
 # nn.Module's process-wide forward hook tables (private to torch; mutated in place, never rebound).
 _GLOBAL_FORWARD_HOOKS = (_nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks)
+
+
+# The thread-state queries mode_problem makes, for a hot path that inlines them (each one C call, true when
+# something is active): autocast on any device, the TorchFunctionMode stack, the TorchDispatchMode stack.
+MODE_QUERIES = (
+    torch._C._is_any_autocast_enabled,
+    torch._C._len_torch_function_stack,
+    torch._C._len_torch_dispatch_stack,
+)
 
 
 def mode_problem() -> str | None:
@@ -71,6 +80,31 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+def _code(cls: type) -> list[tuple[str, str, Any]]:
+    """Every function a class and its bases up to ``nn.Module`` define, as (class, name, bytecode and constants)."""
+    out = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch."):
+            break
+        for name, value in vars(klass).items():
+            code = getattr(value, "__code__", None)
+            out.append((klass.__qualname__, name, None if code is None else (code.co_code, code.co_consts)))
+    return out
+
+
+def _same_class(a: type, b: type) -> bool:
+    """``a`` is ``b``, or the same class from another import of the same blueprint file (a catalog loaded twice
+    imports each file again): same module and qualified name, and the same code in every method."""
+    if a is b:
+        return True
+    if (a.__module__, a.__qualname__) != (b.__module__, b.__qualname__) or a.__module__.startswith("torch."):
+        return False
+    try:
+        return bool(_code(a) == _code(b))
+    except Exception:  # a class attribute whose == raises is not provably the same
+        return False
+
+
 @dataclass(frozen=True)
 class SeedForm:
     """The form of the module certification compiled: each submodule's name, class and attributes."""
@@ -91,7 +125,7 @@ class SeedForm:
             return f"its submodules are {[n for n, _ in mine]}, the blueprint's {names}"
         for (name, cls, attributes), (_, m) in zip(self.modules, mine, strict=True):
             where = f"submodule {name!r}" if name else "the seed module"
-            if type(m) is not cls:
+            if not _same_class(type(m), cls):
                 return f"{where} is a {type(m).__qualname__}, the blueprint's is a {cls.__qualname__}"
             hooks = [h for h in _HOOKS if getattr(m, h)]
             if hooks:

@@ -4,6 +4,7 @@ module when no route accepts it."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from collections.abc import Callable, Sequence
@@ -16,11 +17,12 @@ import torch.nn.modules.module as _nn_module
 from esper.guards import compile_check, compile_dispatch, compile_predicate
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
-from esper.kasmina.seeds import Weights, bind
+from esper.kasmina.conformance import MODE_QUERIES, mode_problem
+from esper.kasmina.seeds import BoundPackage, Weights, bind
 from esper.kasmina.unusable import Unusable
 from esper.urza import Entry
 
-__all__ = ["COMPILED", "EAGER", "DeferredPackage", "Kernel", "Route", "route_dispatch"]
+__all__ = ["COMPILED", "EAGER", "BoundKernel", "DeferredPackage", "Kernel", "Route", "route_dispatch"]
 
 Package = Callable[[Sequence[torch.Tensor]], Any]
 
@@ -32,6 +34,9 @@ _GLOBAL_HOOKS = (
     _nn_module._global_backward_pre_hooks,
     _nn_module._global_backward_hooks,
 )
+# The calling thread's dispatch state that eager honours and compiled code would not (one C call each; any
+# true: conformance.mode_problem says which).
+_AUTOCAST, _FUNCTION_MODES, _DISPATCH_MODES = MODE_QUERIES
 
 
 class DeferredPackage:
@@ -67,6 +72,10 @@ class DeferredPackage:
 
     def __call__(self, args: Sequence[torch.Tensor]) -> Any:
         return self.resolve()(args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DeferredPackage:
+        # Copies of a kernel share its packages read-only, the ones still to load included (loaded once).
+        return self
 
     def __repr__(self) -> str:
         state = "pending" if self._outcome is None else type(self._outcome).__name__
@@ -156,6 +165,7 @@ class Kernel(KernelBase):
         self.routes = tuple(routes)
         self._route_of = route_dispatch(self.routes)
         self._eager_factory = eager_factory
+        # Kasmina's own eager module, kept out of ``_modules`` (see eager_module).
         self._eager: torch.nn.Module | None = None
         # Set past nn.Module.__setattr__: the origin is no submodule (its weights are not this kernel's).
         object.__setattr__(self, "_origin", origin)
@@ -175,10 +185,15 @@ class Kernel(KernelBase):
         return self._origin or self  # type: ignore[no-any-return]
 
     def eager_module(self) -> torch.nn.Module:
-        """The eager module (built on first use)."""
-        if self._eager is None:
-            self._eager = self._eager_factory()
-        return self._eager
+        """The eager module (built on first use, in eval mode).
+
+        It is Kasmina's, not the user's: set past ``nn.Module.__setattr__`` so that it is no submodule, in
+        neither the host's state dict nor its ``train()``/``eval()``, as the compiled code has no state there."""
+        eager = self._eager
+        if eager is None:
+            eager = self._eager_factory().eval()
+            self.__dict__["_eager"] = eager
+        return eager
 
     def build_eager(self) -> torch.nn.Module:
         """A fresh eager module from this kernel's factory (not cached; :meth:`eager_module` is)."""
@@ -229,6 +244,16 @@ class Kernel(KernelBase):
             return torch.nn.Module.__call__(self, *args, **kwargs)
         return self.forward(*args, **kwargs)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Kernel:
+        # nn.Module's own deepcopy goes through pickling, which a loaded package refuses. A copy shares what is
+        # read-only (packages, guards, its origin, its source) and copies the rest: its own seed module, whose
+        # tensors its compiled path then follows (an EMA update of the copy leaves the original alone).
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key in _SHARED else copy.deepcopy(value, memo)
+        return new
+
     def took(self, path: str) -> None:
         # KernelBase.took, past nn.Module.__setattr__ (its Parameter/Module isinstance checks cost more than
         # the guard): ``last_path`` is a plain attribute, never a parameter, buffer or submodule.
@@ -252,7 +277,9 @@ class Kernel(KernelBase):
                 route, why = self._explain(args)
             package = route.package if route is not None else None
             if package is not None:
-                if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+                if _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+                    self.warn_once(telemetry.MODE, f"{mode_problem()}; this call runs eager")
+                elif torch.is_grad_enabled() and any(a.requires_grad for a in args):
                     self.warn_once(telemetry.NEEDS_GRAD, "inputs require grad and this artifact has no backward")
                 else:
                     if type(package) is DeferredPackage:
@@ -288,13 +315,86 @@ class Kernel(KernelBase):
             if route.deferred:
                 self._resolve(route)
 
-    def bind(self, weights: Weights) -> Kernel:
-        """This kernel's compiled code with a seed's own weights (its module, or a state dict): a new kernel.
-        Names, shapes and dtypes are checked first; see :mod:`esper.kasmina.seeds`. Deferred routes are
-        loaded first (a seed shares the loaded package)."""
-        self.origin.resolve_all()
-        return bind(self, weights)
+    def bind(self, weights: Weights) -> BoundKernel:
+        """This kernel's compiled code with a seed's own weights (its module, or a state dict): a new kernel
+        whose submodule ``seed`` is the seed's module. Names, shapes and dtypes are checked first; see
+        :mod:`esper.kasmina.seeds`. Deferred routes are loaded first (a seed shares the loaded package)."""
+        origin = self.origin
+        origin.resolve_all()
+        module, wire = bind(self, weights)
+        return BoundKernel(origin, module, wire)
 
     def extra_repr(self) -> str:
         routes = ", ".join(f"{r.entry.profile}/{r.entry.variant}->{r.path}#{r.entry.id}" for r in self.routes)
         return f"{self.blueprint!r}, route={self.route}, routes=[{routes}], reason={self.reason!r}"
+
+
+# What a copy of a kernel shares with the original rather than copies (see Kernel.__deepcopy__).
+_SHARED = frozenset({"_origin", "source", "_eager_factory", "_route_of"})
+
+
+class BoundKernel(Kernel):
+    """A kernel running its origin's compiled code with one seed's weights (:meth:`Kernel.bind`).
+
+    ``seed`` is the seed's module, a submodule: the user's state, in the host's state dict and mode switches.
+    Every call checks that the seed is still what the compiled code computes (see :mod:`esper.kasmina.seeds`);
+    a call that is not, or that no route accepts, runs ``seed`` itself.
+    """
+
+    def __init__(
+        self, origin: Kernel, seed: torch.nn.Module, wire: Callable[[dict[str, torch.nn.Module]], Sequence[Route]]
+    ):
+        super().__init__(
+            origin.blueprint, eager_factory=origin.build_eager, reason=f"{origin.reason}; seed weights", origin=origin
+        )
+        self.seed = seed
+        self.routes = tuple(wire(self._modules))  # type: ignore[arg-type]
+        self._route_of = route_dispatch(self.routes)
+        self.source = origin.source
+        # Said at bind, in the words a call would use, so that the calls that follow add no second WARNING.
+        for route in self.routes:
+            problem = route.package.problem() if type(route.package) is BoundPackage else None
+            if problem is not None:
+                self.warn_once(problem[0], f"{problem[1]}; this call runs eager")
+
+    def eager_module(self) -> torch.nn.Module:
+        """The seed's own module: what a call the compiled code may not take runs."""
+        return self.seed  # type: ignore[no-any-return]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            positional = self.positional(self.routes[0].entry.guards if self.routes else None, args, kwargs)
+            if positional is None:
+                self.took(EAGER)
+                return self.seed(*args, **kwargs)
+            args = positional
+        routes = self.routes
+        if routes:
+            index = self._route_of(args)
+            if index >= 0:
+                route, why = routes[index], None
+            else:
+                route, why = self._explain(args)
+            package = route.package if route is not None else None
+            if package is not None:
+                if _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+                    self.warn_once(telemetry.MODE, f"{mode_problem()}; this call runs eager")
+                elif torch.is_grad_enabled() and (
+                    any(a.requires_grad for a in args)
+                    or (type(package) is BoundPackage and package.seed_requires_grad())
+                ):
+                    self.warn_once(telemetry.NEEDS_GRAD, "a graph through the inputs or the seed's weights needs eager")
+                else:
+                    problem = package.problem() if type(package) is BoundPackage else None
+                    if problem is None:
+                        for a in args:
+                            if not a.is_contiguous():
+                                args = tuple(a.contiguous() for a in args)
+                                break
+                        self.took(COMPILED)
+                        return package(args)
+                    self.warn_once(problem[0], f"{problem[1]}; this call runs eager")
+            elif why is not None:
+                self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
+        self.took(EAGER)
+        return self.seed(*args)

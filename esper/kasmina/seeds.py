@@ -2,37 +2,65 @@
 
 Every seed grown from a blueprint has its own weights. A seed is bound to a kernel by a state dict or by
 the seed's own module; its names, shapes and dtypes are checked against the artifact's weight schema first,
-and a mismatch is a :class:`WeightSchemaError` naming the tensor.
+and a mismatch is a :class:`WeightSchemaError` naming the tensor. The bound kernel holds the seed's module as
+its submodule ``seed`` (a state dict is copied into a fresh build of the blueprint): its state is in the
+host's state dict under that name, and its mode follows the host's ``train()``/``eval()``.
 
 Inference packages hold their weights as constants. All seeds bound from one kernel share one extra loaded
 copy of the package (the base kernel's own copy keeps the builder's weights) and take turns in it: before a
 call, the seed's tensors are handed to the loader, aliased rather than copied (``user_managed``), whenever
-the package holds another seed's, or this seed's weights changed in place since (tensor version counters
-tell). Swapping costs ~0.1 ms; each seed holds only its own weights.
+the package holds another seed's, or this seed's tensors changed since. A tensor in another layout than the
+row-major one the code reads (a column-major view) is handed as a contiguous copy, made again whenever the
+live tensor changes. Swapping costs ~0.1 ms; each seed holds only its own weights.
+
+A bound kernel follows the seed module as it is at each call, never as it was at bind: the tensors handed
+to the package are the module's current parameters and buffers. Each call checks, at the cost of a few
+attribute reads per submodule and tensor, that nothing changed since the last call that was validated (a
+:class:`SeedBinding` watch: the same submodule, parameter and buffer objects, their version counters,
+storage, shape, strides and dtype, the same attribute objects, no hooks). Anything else (``load_state_dict``
+with ``assign=True``, pruning, a replaced ``Parameter``, ``.data`` assigned, ``train()``, a hook or attribute
+set) validates the module again before the compiled code may run, and a shape change never reaches it.
+
+The rule for "the compiled code computes what this seed's module would" is structural, not proven
+equivalence (:class:`~esper.kasmina.conformance.SeedForm`, against a fresh build of the blueprint in eval
+mode): the same class at every submodule, no forward or backward hooks, every attribute besides the weights
+equal to the blueprint's (LoRA's ``scaling``), every submodule in eval mode, and weights of the blueprint's
+shapes and dtypes on the entry's device. A seed that differs in any of these runs its own module eagerly, with
+one WARNING (``seed-form`` or ``weights-changed``) naming the difference, even where its answer would happen
+to agree: proving that would mean running both. The same holds for a call under autocast or an active torch
+function or dispatch mode (``mode``).
 
 Inductor may fold a weight into the compiled code at compile time (it then leaves the package's constant
 list). Such a weight cannot take a seed's value: a seed whose folded weight differs from the blueprint's
-runs eager, with the WARNING that names the tensor.
+runs eager, with the WARNING that names the tensor. Which weights are constants, and their shapes, is read
+from the loaded package itself, never from the row: a row whose recorded constants disagree with its package
+(an unsigned row altered), or that claims weights a frozen package folded, makes that route eager for seeds,
+with a WARNING naming the entry.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from esper.kasmina import telemetry
+from esper.kasmina.conformance import SeedForm
 from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
 
 if TYPE_CHECKING:
-    from esper.kasmina.kernel import Kernel
+    from esper.kasmina.kernel import Kernel, Route
     from esper.urza import Entry
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
+# Why a seed's call runs eager: (telemetry code, detail).
+Problem = tuple[str, str]
 
 
 def state_of(weights: Weights) -> dict[str, torch.Tensor]:
@@ -80,6 +108,8 @@ def seed_module(
 # -- inference kernels bound to a seed's weights ---------------------------------------------------------
 
 _serial = itertools.count(1)
+# nn.Module's own tables in every instance's __dict__; every other entry (``training`` too) is an attribute.
+_TABLES = frozenset(vars(torch.nn.Module())) - {"training"}
 # One extra loaded copy of a package per base package, shared by every seed bound from it.
 _seed_packages: weakref.WeakKeyDictionary[CompiledPackage, CompiledPackage] = weakref.WeakKeyDictionary()
 
@@ -92,112 +122,267 @@ def _shared_package(base: CompiledPackage) -> CompiledPackage:
     return pkg
 
 
+@dataclass(frozen=True)
+class SeedPlan:
+    """What one compiled route reads of a seed: its package's constants (name, shape, dtype, as the package
+    declares them) and the floating-point weights it folded (which must keep the blueprint's values)."""
+
+    entry: Entry
+    constants: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    folded: tuple[str, ...]
+
+
+def plan_route(entry: Entry, package: CompiledPackage, builder: Mapping[str, torch.Tensor]) -> SeedPlan | Problem:
+    """How ``entry``'s loaded ``package`` takes a seed's weights, or why it cannot (the row is checked against
+    the package, never trusted over it)."""
+    where = f"entry #{entry.id} (variant {entry.variant!r})"
+    if not entry.meta.get("swappable", True):
+        return telemetry.UNBINDABLE, f"{where} folds the weights into its compiled code"
+    specs = package.constant_specs()
+    if specs is None:
+        return telemetry.UNBINDABLE, f"{where}: its package's constant shapes cannot be read"
+    recorded = entry.meta.get("constants") or {}
+    try:
+        row = {n: TensorSpec.from_dict(n, s) for n, s in recorded.items()}
+    except (KeyError, TypeError, ValueError):
+        row = {}
+    actual = {n: TensorSpec(n, shape, str(dtype).removeprefix("torch.")) for n, (shape, dtype) in specs.items()}
+    if row != actual:
+        return telemetry.FORMAT, (
+            f"{where}'s recorded constants {sorted(s.describe() + ' ' + n for n, s in row.items())} disagree "
+            f"with its package's {sorted(s.describe() + ' ' + n for n, s in actual.items())}"
+        )
+    for name, spec in actual.items():
+        mine = builder.get(name)
+        if mine is None or TensorSpec.of(name, mine) != spec:
+            have = "lacks it" if mine is None else f"has {TensorSpec.of(name, mine).describe()}"
+            return telemetry.UNBINDABLE, f"{where}'s package reads {name!r} as {spec.describe()}; the blueprint {have}"
+    folded = tuple(n for n, t in builder.items() if n not in specs and t.is_floating_point())
+    return SeedPlan(entry, tuple((n, shape, dtype) for n, (shape, dtype) in specs.items()), folded)
+
+
+class SeedBinding:
+    """A seed module bound to compiled routes: validates it, hands each route its current tensors, and keeps a
+    watch that tells, cheaply on every call, whether anything changed since the last validation.
+
+    ``holder`` is the bound kernel's submodule table (the seed is ``holder["seed"]``, which the user may
+    replace); ``plans`` the routes' :class:`SeedPlan`; ``builder`` the blueprint's own weights (what folded
+    weights must equal); ``form`` the blueprint's :class:`SeedForm`; ``device`` the entries' device type.
+    """
+
+    def __init__(
+        self,
+        holder: dict[str, torch.nn.Module],
+        plans: Sequence[SeedPlan],
+        *,
+        builder: Mapping[str, torch.Tensor],
+        form: SeedForm,
+        device: str,
+    ):
+        self._holder = holder
+        self.plans = tuple(plans)
+        self._builder = builder
+        self._form = form
+        self._device = device
+        self._expected = schema_of(builder)
+        # The watch: (module, its __dict__, #entries, attributes as (key, object), parameter and buffer tables
+        # with their (name, object)); (tensor, version, an alias of its view then, dtype).
+        self._root: torch.nn.Module | None = None
+        self._modules: list[tuple[Any, ...]] = []
+        self._tensors: list[tuple[torch.Tensor, int, torch.Tensor, torch.dtype]] = []
+        self.generation = 0
+        self.problem: Problem | None = None
+        self.route_problems: list[Problem | None] = [None] * len(self.plans)
+        self.handed: list[dict[str, torch.Tensor]] = [{} for _ in self.plans]
+        self.validate()
+
+    def unchanged(self) -> bool:
+        """Whether the seed is exactly as at the last validation (object identities, version counters, views)."""
+        if self._holder.get("seed") is not self._root:
+            return False
+        for m, d, n, attributes, params, pnames, buffers, bnames, children, cnames in self._modules:
+            if (
+                m._forward_pre_hooks
+                or m._forward_hooks
+                or m._backward_pre_hooks
+                or m._backward_hooks
+                or len(d) != n
+                or len(params) != len(pnames)
+                or len(buffers) != len(bnames)
+                or len(children) != len(cnames)
+            ):
+                return False
+            for key, value in attributes:
+                if d.get(key) is not value:
+                    return False
+            for key, value in pnames:
+                if params.get(key) is not value:
+                    return False
+            for key, value in bnames:
+                if buffers.get(key) is not value:
+                    return False
+            for key, value in cnames:
+                if children.get(key) is not value:
+                    return False
+        for t, version, seen, dtype in self._tensors:
+            if t._version != version or t.dtype is not dtype or not t.is_set_to(seen):
+                return False
+        return True
+
+    def requires_grad(self) -> bool:
+        """Whether any of the seed's tensors requires grad (a call with grad on then needs eager's graph)."""
+        return any(t.requires_grad for t, _, _, _ in self._tensors)
+
+    def validate(self) -> Problem | None:
+        """Check the seed as it is now, hand each route its tensors, and watch from here; the problem that
+        sends every route eager (``None``: none does; :attr:`route_problems` has each route's own)."""
+        seed = self._holder.get("seed")
+        self._root = seed
+        self._modules, self._tensors = [], []
+        self.generation += 1
+        self.problem = self._check(seed)
+        return self.problem
+
+    def _check(self, seed: torch.nn.Module | None) -> Problem | None:
+        if not isinstance(seed, torch.nn.Module):
+            return telemetry.SEED_FORM, f"the bound kernel's seed is a {type(seed).__name__}, not a module"
+        for m in seed.modules(remove_duplicate=False):
+            d = vars(m)
+            self._modules.append(
+                (
+                    m,
+                    d,
+                    len(d),
+                    tuple((k, v) for k, v in d.items() if k not in _TABLES),
+                    m._parameters,
+                    tuple(m._parameters.items()),
+                    m._buffers,
+                    tuple(m._buffers.items()),
+                    m._modules,
+                    tuple(m._modules.items()),
+                )
+            )
+        live = dict(seed.named_parameters(remove_duplicate=False))
+        live.update(seed.named_buffers(remove_duplicate=False))
+        self._tensors = [(t, t._version, t.detach(), t.dtype) for t in live.values()]
+        form = self._form.problem(seed, training=False)
+        if form is not None:
+            return telemetry.SEED_FORM, f"the seed module's form is not the blueprint's: {form}"
+        for name, spec in self._expected.items():
+            t = live.get(name)
+            if t is None:
+                return telemetry.WEIGHTS_CHANGED, f"the seed module has no weight {name!r} now"
+            got = TensorSpec.of(name, t)
+            if got != spec or t.device.type != self._device or t.layout != torch.strided:
+                return telemetry.WEIGHTS_CHANGED, (
+                    f"seed weight {name!r} is now {got.describe()} ({t.layout}) on {t.device}; the compiled "
+                    f"code reads {spec.describe()} on {self._device}"
+                )
+        for i, plan in enumerate(self.plans):
+            self.route_problems[i] = None
+            for name in plan.folded:
+                if not torch.equal(live[name].detach().cpu(), self._builder[name].detach().cpu()):
+                    self.route_problems[i] = telemetry.UNBINDABLE, (
+                        f"weight {name!r} was folded into the compiled code of entry #{plan.entry.id}, and this "
+                        "seed's differs"
+                    )
+                    break
+            # A layout the compiled code cannot read is handed as a contiguous copy, made again when it changes.
+            self.handed[i] = {
+                n: live[n].detach() if live[n].is_contiguous() else live[n].detach().contiguous()
+                for n, _, _ in plan.constants
+            }
+        return None
+
+
 class BoundPackage:
-    """A shared package called with one seed's tensors as its constants (see the module docstring)."""
+    """A shared package called with one seed's current tensors as its constants (see the module docstring)."""
 
-    def __init__(self, package: CompiledPackage, tensors: Mapping[str, torch.Tensor]):
+    def __init__(self, package: CompiledPackage, binding: SeedBinding, index: int):
         self._package = package
+        self._binding = binding
+        self._index = index
         self._serial = next(_serial)
-        self._names = tuple(tensors)
-        self._tensors = tuple(tensors.values())
 
-    def _key(self) -> Hashable:
-        return (self._serial, *((t.data_ptr(), t._version) for t in self._tensors))
+    def problem(self) -> Problem | None:
+        """Why this call may not run compiled (``None``: it may). Cheap while the seed is unchanged."""
+        b = self._binding
+        problem = b.problem if b.unchanged() else b.validate()
+        return problem or b.route_problems[self._index]
+
+    def seed_requires_grad(self) -> bool:
+        """Whether any of the seed's tensors requires grad (a call with grad on then needs eager's graph)."""
+        return self._binding.requires_grad()
 
     def _constants(self) -> dict[str, torch.Tensor]:
-        return {n: t.detach() for n, t in zip(self._names, self._tensors, strict=True)}
+        return self._binding.handed[self._index]
 
-    def __call__(self, args: list[torch.Tensor]) -> Any:
-        return self._package.run_with_constants(self._key(), self._constants, args)
+    def __call__(self, args: Sequence[torch.Tensor]) -> Any:
+        return self._package.run_with_constants((self._serial, self._binding.generation), self._constants, args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BoundPackage:
+        # A copy is another seed in the same shared package: its own serial, so it never serves this one's tensors.
+        return BoundPackage(self._package, copy.deepcopy(self._binding, memo), self._index)
 
     def metadata(self) -> dict[str, str]:
         return self._package.metadata()
 
     def constant_names(self) -> list[str]:
-        return list(self._names)
+        return [n for n, _, _ in self._binding.plans[self._index].constants]
 
 
-def _live_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """The module's own parameter and buffer objects by state-dict name (their version counters move)."""
-    live = dict(module.named_parameters(remove_duplicate=False))
-    live.update(module.named_buffers(remove_duplicate=False))
-    return {n: live[n] for n in names}
+def bind(kernel: Kernel, weights: Weights) -> tuple[torch.nn.Module, Callable[[dict[str, torch.nn.Module]], Any]]:
+    """The seed module for ``weights`` and how to wire it: ``wire(holder)`` returns the routes of a kernel
+    running ``kernel``'s compiled code with the seed's weights, ``holder`` being that kernel's submodule table
+    (where the seed will be ``holder["seed"]``).
 
-
-def _unbindable(entry: Entry, state: Mapping[str, torch.Tensor], builder: Mapping[str, torch.Tensor]) -> str | None:
-    """Why a compiled entry cannot run with this seed's weights (``None``: it can).
-
-    Weights that are not package constants were folded into the code (or are unused). Tezzeret records the
-    folded ones (``meta["folded_constants"]``); for an entry from before it did, every floating-point weight
-    that is not a constant counts as possibly folded. A folded weight is fine only at the blueprint's value.
-    """
-    meta = entry.meta
-    if not meta.get("swappable", True):
-        return (
-            f"entry #{entry.id} (variant {entry.variant!r}) folds the weights into its compiled code "
-            "(Kasmina.load_seeds routes seeds to swappable code)"
-        )
-    constants = meta.get("constants")
-    if not constants:
-        return f"entry #{entry.id} records no constant schema"
-    if "folded_constants" in meta:
-        suspects = [n for n in meta["folded_constants"] if n in state]
-    else:
-        suspects = [n for n, t in state.items() if n not in constants and t.is_floating_point()]
-    for name in suspects:
-        if not torch.equal(state[name].detach().cpu(), builder[name].detach().cpu()):
-            return f"weight {name!r} was folded into the compiled code of entry #{entry.id}, and this seed's differs"
-    return None
-
-
-def bind(kernel: Kernel, weights: Weights) -> Kernel:
-    """An inference kernel running ``kernel``'s compiled code with a seed's own weights.
-
-    ``weights`` is the seed's module (used as is, also as the eager fallback) or a state dict (copied into a
-    fresh build of the blueprint). Names, shapes and dtypes must match the blueprint's state dict and each
-    compiled entry's constant schema, else :class:`WeightSchemaError` names the tensor. A route whose code
-    cannot take the seed's weights runs eager for this seed, with a WARNING saying why. Binding a bound
-    kernel binds the kernel it was bound from (its ``origin``).
+    ``weights`` is the seed's module (used as is, also as the eager path) or a state dict (copied into a
+    fresh build of the blueprint). Names, shapes and dtypes must match the blueprint's state dict, else
+    :class:`WeightSchemaError` names the tensor. A route whose package cannot take the seed's weights runs
+    eager for every seed, with a WARNING saying why; a route a seed cannot use as it is now runs eager for
+    that seed's calls, with a WARNING (see the module docstring).
     """
     base = kernel.origin
     builder = base.eager_module().state_dict()
-    against = f"blueprint {base.blueprint!r}"
     expected = schema_of(builder)
-    for r in base.routes:
-        for name, spec in (r.entry.meta.get("constants") or {}).items():
-            if expected.get(name) != TensorSpec.from_dict(name, spec):
-                raise WeightSchemaError(
-                    f"blueprint {base.blueprint!r} no longer matches entry #{r.entry.id}'s weight {name!r}"
-                )
 
     def build() -> torch.nn.Module:
         return base.build_eager().eval()
 
-    module = seed_module(weights, build, expected, against=against)
-    state = module.state_dict()
-    routes = []
-    for r in base.routes:
-        if r.package is None:
-            routes.append(r)
-            continue
-        problem = _unbindable(r.entry, state, builder)
-        if problem is None:
-            names = sorted(r.entry.meta["constants"])
-            tensors = _live_tensors(module, names)
-            wrong = next((n for n, t in tensors.items() if t.device.type != r.entry.compat.device_type), None)
-            if wrong is not None:
-                raise WeightSchemaError(
-                    f"seed weight {wrong!r} is on {tensors[wrong].device}, entry #{r.entry.id} "
-                    f"runs on {r.entry.compat.device_type}"
-                )
+    module = seed_module(weights, build, expected, against=f"blueprint {base.blueprint!r}")
+    form = base.__dict__.get("_seed_form")
+    if form is None:
+        form = SeedForm.of(build())
+        base.__dict__["_seed_form"] = form
+
+    def wire(holder: dict[str, torch.nn.Module]) -> list[Route]:
+        routes: list[Route] = []
+        plans: list[SeedPlan] = []
+        slots: list[tuple[int, CompiledPackage]] = []
+        for r in base.routes:
+            if r.package is None:
+                routes.append(r)
+                continue
             if not isinstance(r.package, CompiledPackage):
                 raise TypeError(
                     f"entry #{r.entry.id}'s route calls a {type(r.package).__name__}, not a loaded package: "
                     "only a kernel Kasmina loaded can be bound to seeds"
                 )
-            routes.append(r.with_package(BoundPackage(_shared_package(r.package), tensors)))
-        else:
-            # Once per origin kernel and reason, not once per seed: a hundred seeds are one problem.
-            base.warn_once(telemetry.UNBINDABLE, f"{problem}; profile {r.entry.profile} runs eager for such seeds")
-            routes.append(r.with_package(None))
-    return base.derive(routes=routes, eager_factory=lambda: module, reason=f"{base.reason}; seed weights")
+            plan = plan_route(r.entry, r.package, builder)
+            if isinstance(plan, SeedPlan):
+                slots.append((len(routes), r.package))
+                plans.append(plan)
+            else:
+                # Once per origin kernel and reason, not once per seed: a hundred seeds are one problem.
+                code, detail = plan
+                base.warn_once(code, f"{detail}; profile {r.entry.profile} runs eager for seeds")
+                r = r.with_package(None)
+            routes.append(r)
+        if plans:
+            device = plans[0].entry.compat.device_type
+            binding = SeedBinding(holder, plans, builder=builder, form=form, device=device)
+            for i, (at, package) in enumerate(slots):
+                routes[at] = routes[at].with_package(BoundPackage(_shared_package(package), binding, i))
+        return routes
+
+    return module, wire
