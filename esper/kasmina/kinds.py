@@ -36,7 +36,7 @@ from esper.kasmina.runtime import CompiledPackage, PackageLoadError, device_inde
 from esper.kasmina.seeds import Weights
 from esper.kasmina.tensors import torch_dtype
 from esper.kasmina.training_artifact import ArtifactFormatError, open_artifact
-from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
+from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram, manifest_problem
 from esper.kasmina.unusable import Unusable
 from esper.urza import Entry
 from esper.urza.schema import EntryMeta
@@ -231,11 +231,11 @@ class TrainingLoader(ArtifactLoader[TrainingKernel]):
             **dict(built.named_parameters(remove_duplicate=False)),
             **dict(built.named_buffers(remove_duplicate=False)),
         }
-        missing = [s.name for s in (*m.params, *m.buffers) if s.name not in tensors]
-        if missing:
-            raise Unusable(
-                telemetry.LOAD_FAILED, f"training entry #{entry.id} reads {missing}, which the blueprint's module lacks"
-            )
+        # Before any native code runs: a manifest that disagrees with the blueprint (an unsigned row's, or one
+        # whose blueprint changed) is Urza's content, so the kernel trains eager rather than raise at binding.
+        problem = manifest_problem(m, built)
+        if problem is not None:
+            raise Unusable(telemetry.FORMAT, f"training entry #{entry.id}'s manifest {problem}")
         params = [tensors[s.name].detach() for s in m.params]
         buffers = [tensors[s.name].detach().clone() for s in m.buffers]
         try:

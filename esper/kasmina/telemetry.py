@@ -29,6 +29,13 @@ NO_TRAINING_ARTIFACT = "no-training-artifact"
 WEIGHTS_CHANGED = "weights-changed"
 # Seeds only: the artifact cannot take this seed's weights (a weight folded into the code differs).
 UNBINDABLE = "unbindable"
+# The calling thread's dispatch state changes what eager computes (autocast, a TorchFunctionMode or
+# TorchDispatchMode, a process-wide forward hook): compiled code would not honour it.
+MODE = "mode"
+# A seed module whose forward may not be the blueprint's (another class, hooks, changed attributes, mode).
+SEED_FORM = "seed-form"
+# Training only: a backward with create_graph=True through a compiled step, recomputed eagerly.
+DOUBLE_BACKWARD = "double-backward"
 
 
 def fallback(blueprint: str, code: str, detail: str) -> None:

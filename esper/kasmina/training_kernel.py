@@ -1,14 +1,44 @@
 """Kasmina in training: a seed's kernel that runs its forward and backward as compiled code.
 
 A :class:`TrainingKernel` is an ``nn.Module`` holding the seed's own module (``kernel.seed``), so its
-``parameters()`` are the seed's and an optimizer steps them in place. In ``train()`` mode each call whose
-inputs the guards accept runs the training artifact's forward package through a ``torch.autograd.Function``
-whose backward runs the backward package; the weights are inputs of both, so optimizer steps take effect
-without rebinding, and buffers the forward mutates (BatchNorm's running statistics and batch counter) are
-updated from the package's outputs, as eager updates them. A call the guards refuse, or weights that no
-longer match the artifact (another dtype, a frozen parameter made trainable), runs the seed's eager module,
-with one WARNING per kind of refusal. In ``eval()`` mode it runs the certified inference kernel bound to the
-seed's weights (see :mod:`esper.kasmina.seeds`), or eager.
+``parameters()`` and its state dict are the seed's and an optimizer steps them in place. In ``train()`` mode
+each call whose inputs the guards accept runs the training artifact's forward package through a
+``torch.autograd.Function`` whose backward runs the backward package; the weights are inputs of both, so
+optimizer steps take effect without rebinding, and buffers the forward mutates (BatchNorm's running statistics
+and batch counter) are updated from the package's outputs, as eager updates them. In ``eval()`` mode it runs
+the certified inference kernel bound to the seed's weights (see :mod:`esper.kasmina.seeds`), or eager.
+
+The compiled step is the blueprint's forward traced in train mode, so a call takes it only while eager would
+compute the same thing; otherwise the seed's own module runs it, with one WARNING per kind of refusal:
+
+- the guards refuse the inputs (``outside-guards``);
+- the calling thread's dispatch state changes what eager computes: autocast, a ``TorchFunctionMode`` or
+  ``TorchDispatchMode``, a process-wide forward hook (``mode``, :func:`esper.kasmina.conformance.mode_problem`);
+- the seed module's form is not the blueprint's: another class at some submodule, a forward or backward hook
+  (``torch.nn.utils.prune`` adds one), a changed attribute such as LoRA's ``scaling``, a submodule not in
+  train mode (``seed-form``, :class:`esper.kasmina.conformance.SeedForm`). The rule is structural: a seed that
+  differs in form is refused even where its computation would agree, since proving that means running both;
+- a weight the call would hand the compiled code has another dtype, shape or device than the artifact's, is
+  no parameter any more, or requires grad where the artifact froze it (``weights-changed``).
+
+The kernel follows the seed module at each call: the tensors it hands the packages are the module's current
+parameters and buffers, found again by name whenever the module changed (``load_state_dict(assign=True)``, a
+replaced ``Parameter`` or submodule). The full form check runs at binding and again only when a per-call
+identity comparison (every submodule's class, hook tables, attributes, children, parameters and buffers)
+sees a change. A parameter that is not contiguous (a column-major view) is handed to the compiled code as a
+contiguous copy made in the call, through autograd, so its gradient reaches the user's parameter.
+
+A double backward (``torch.autograd.grad(..., create_graph=True)`` then a backward through that gradient:
+gradient penalties) cannot run through the backward package, whose gradients are not differentiable. Such a
+backward recomputes that step eagerly, with ``torch.func.functional_call`` on a private build of the blueprint
+from the step's own inputs, parameters and buffers as they were before the step (buffers cloned, nothing
+mutated twice), and returns differentiable gradients, with one WARNING (``double-backward``). The first-order
+backward keeps the compiled package.
+
+``copy.deepcopy`` copies the seed module and shares the loaded program (read-only); the copy follows its own
+weights. Pickling (``torch.save`` of a host) stores the kernel's ``source`` (how Kasmina loads it again) and
+the seed module, never native code; unpickling loads the kernel again and binds the seed. A kernel without a
+source cannot be pickled (``TypeError``).
 
 Every seed of a blueprint shares one loaded :class:`TrainingProgram` (the packages and the manifest); each
 holds only its own weights. Nothing here compiles or imports the compiler; loading from Urza is
@@ -17,7 +47,10 @@ holds only its own weights. Nothing here compiles or imports the compiler; loadi
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Callable, Sequence
+from operator import is_
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +59,7 @@ from torch.utils import _pytree as pytree
 from esper.guards import compile_check
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
+from esper.kasmina.conformance import SeedForm, mode_problem
 from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.seeds import Weights, seed_module
 from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
@@ -35,7 +69,7 @@ from esper.urza import Entry
 if TYPE_CHECKING:
     from esper.kasmina.kernel import Kernel
 
-__all__ = ["COMPILED", "EAGER", "TrainingKernel", "TrainingProgram"]
+__all__ = ["COMPILED", "EAGER", "TrainingKernel", "TrainingProgram", "manifest_problem", "restore_training_kernel"]
 
 
 class TrainingProgram:
@@ -56,6 +90,8 @@ class TrainingProgram:
             which, table = index[kind]
             self._fw_in.append((which, key if table is None else table[key]))
         self._mutations = [(j, buffers[s[1]]) for j, s in enumerate(m.forward_outputs) if s[0] == "mutation"]
+        # The buffers the forward updates (indices into ``manifest.buffers``).
+        self.mutated_buffers = tuple(b for _, b in self._mutations)
         self._outputs = [0] * m.n_outputs
         for j, s in enumerate(m.forward_outputs):
             if s[0] == "output":
@@ -70,6 +106,13 @@ class TrainingProgram:
         ]
         self._sizes = m.sizes
         self._out_spec = pytree.treespec_loads(m.out_spec)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrainingProgram:
+        # Loaded compiled code, read-only once built: every copy of a kernel shares it.
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a loaded training program cannot be pickled: pickle what loads it again (its kernel's source)")
 
     def forward(
         self, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]
@@ -110,56 +153,151 @@ class TrainingProgram:
 
 
 class _CompiledStep(torch.autograd.Function):
-    """Forward package in ``forward``, backward package in ``backward``; buffers ride along untracked."""
+    """Forward package in ``forward``, backward package in ``backward``; buffers ride along untracked.
+
+    The step's inputs and parameters are saved too, and the buffers as they were before the forward (the
+    mutated ones cloned), so that a backward with ``create_graph=True`` can recompute the step eagerly."""
 
     @staticmethod
-    def forward(ctx: Any, program: TrainingProgram, buffers: list[torch.Tensor], n_inputs: int, *tensors: Any) -> Any:
+    def forward(
+        ctx: Any,
+        shared: _Shared,
+        warn: Callable[[str, str], None],
+        buffers: list[torch.Tensor],
+        n_inputs: int,
+        *tensors: Any,
+    ) -> Any:
+        program = shared.program
+        assert program is not None
         inputs, params = tensors[:n_inputs], tensors[n_inputs:]
+        before = list(buffers)
+        for b in program.mutated_buffers:
+            before[b] = buffers[b].clone()
         outputs, saved, sizes = program.forward(inputs, params, buffers)
-        ctx.program, ctx.sizes, ctx.n_inputs = program, sizes, n_inputs
-        ctx.save_for_backward(*saved)
+        ctx.shared, ctx.warn, ctx.sizes, ctx.n_inputs, ctx.n_saved = shared, warn, sizes, n_inputs, len(saved)
+        ctx.buffers = before
+        ctx.save_for_backward(*saved, *tensors)
         differentiable = set(program.manifest.differentiable)
         ctx.mark_non_differentiable(*(o for k, o in enumerate(outputs) if k not in differentiable))
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
-        input_grads, param_grads = ctx.program.backward(ctx.sizes, ctx.saved_tensors, grads)
-        return (None, None, None, *input_grads, *param_grads)
-
-
-def _slots(module: torch.nn.Module, names: Sequence[str], table: str) -> list[tuple[dict[str, Any], str]]:
-    """(owner's parameter or buffer table, attribute) per name: a call reads the live objects through them."""
-    out = []
-    for name in names:
-        prefix, _, attr = name.rpartition(".")
-        owner = module.get_submodule(prefix) if prefix else module
-        tables = getattr(owner, table)
-        if attr not in tables:
-            raise WeightSchemaError(f"the seed's module has no {table.strip('_')[:-1]} {name!r}")
-        out.append((tables, attr))
-    return out
-
-
-def _check_nonpersistent(
-    slots: Sequence[tuple[dict[str, Any], str]], manifest: TrainingManifest, *, against: str
-) -> None:
-    """Raise :class:`WeightSchemaError` when a non-persistent buffer of the seed's module has another shape or
-    dtype than the artifact's: the weight schema a seed is checked against at binding covers its state dict,
-    which does not hold these (a seed bound as a module brings its own)."""
-    for (table, attr), spec in zip(slots, manifest.buffers, strict=True):
-        if spec.name not in manifest.nonpersistent:
-            continue
-        got = TensorSpec.of(spec.name, table[attr])
-        if got != spec:
-            raise WeightSchemaError(
-                f"the seed's non-persistent buffer {spec.name!r} is {got.describe()}; {against} expects "
-                f"{spec.describe()}"
+        stored = ctx.saved_tensors
+        saved, tensors = stored[: ctx.n_saved], stored[ctx.n_saved :]
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward package's gradients are constants to autograd; recompute eagerly.
+            ctx.warn(
+                telemetry.DOUBLE_BACKWARD,
+                "a backward with create_graph=True (a double backward, e.g. a gradient penalty) cannot run "
+                "through the compiled backward; such steps' gradients are recomputed eagerly",
             )
+            return (None, None, None, None, *ctx.shared.recompute(ctx.n_inputs, tensors, ctx.buffers, grads))
+        input_grads, param_grads = ctx.shared.program.backward(ctx.sizes, saved, grads)
+        return (None, None, None, None, *input_grads, *param_grads)
+
+
+# The keys nn.Module keeps in every instance's __dict__ (its tables and hook dicts); ``training`` is a mode
+# the form includes, so it is watched like an attribute.
+_MODULE_KEYS = frozenset(vars(torch.nn.Module())) - {"training"}
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+class _Watch:
+    """The seed module as its form and tensors were last checked in full, and the verdict.
+
+    A call compares, by identity, every watched value (each submodule's attributes, mode, children,
+    parameters and buffers, and the kernel's ``seed``), whether any hook table holds a hook, and every
+    submodule's class with what they were then: three C-level passes, no Python loop per item. Any
+    difference sends the call through the full check again (:meth:`TrainingKernel._rewatch`). Mutating an
+    attribute's value in place (not rebinding it) is not seen."""
+
+    __slots__ = ("buffers", "dicts", "hooked", "hooks", "keys", "modules", "params", "problem", "types", "values")
+
+    def __init__(self, kernel: TrainingKernel) -> None:
+        seed = kernel.seed
+        modules = [m for _, m in seed.named_modules(remove_duplicate=False)]
+        dicts: list[dict[str, Any]] = [kernel._modules]
+        keys: list[str] = ["seed"]
+        for m in modules:
+            own = m.__dict__
+            dicts += [own] * sum(1 for k in own if k not in _MODULE_KEYS)
+            keys += [k for k in own if k not in _MODULE_KEYS]
+            for table in (m._modules, m._parameters, m._buffers):
+                dicts += [table] * len(table)
+                keys += list(table)
+        self.dicts, self.keys = dicts, keys
+        self.values = list(map(dict.get, dicts, keys))
+        self.hooks = [getattr(m, h) for m in modules for h in _HOOKS]
+        self.hooked = any(self.hooks)
+        self.modules = modules
+        self.types = list(map(type, modules))
+        self.problem: tuple[str, str] | None = None
+        self.params: list[tuple[torch.Tensor, str, torch.dtype, tuple[int, ...], bool]] = []
+        self.buffers: list[tuple[torch.Tensor, str, torch.dtype, tuple[int, ...]]] = []
+
+    def unchanged(self) -> bool:
+        return (
+            all(map(is_, map(dict.get, self.dicts, self.keys), self.values))
+            and any(self.hooks) is self.hooked
+            and all(map(is_, map(type, self.modules), self.types))
+        )
+
+
+def _tensor(module: torch.nn.Module, name: str, table: str) -> torch.Tensor | None:
+    """The parameter or buffer ``name`` of ``module`` as it is now (``None``: it is not one any more)."""
+    prefix, _, attr = name.rpartition(".")
+    try:
+        owner = module.get_submodule(prefix) if prefix else module
+    except AttributeError:
+        return None
+    t = getattr(owner, table).get(attr)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _check_nonpersistent(module: torch.nn.Module, manifest: TrainingManifest, *, against: str) -> None:
+    """Raise :class:`WeightSchemaError` when the seed's module lacks a tensor the artifact reads, or a
+    non-persistent buffer of it has another shape or dtype than the artifact's: the weight schema a seed is
+    checked against at binding covers its state dict, which does not hold these (a seed bound as a module
+    brings its own)."""
+    for spec, table in [*((s, "_parameters") for s in manifest.params), *((s, "_buffers") for s in manifest.buffers)]:
+        t = _tensor(module, spec.name, table)
+        if t is None:
+            raise WeightSchemaError(f"the seed's module has no {table.strip('_')[:-1]} {spec.name!r}")
+        if spec.name in manifest.nonpersistent:
+            got = TensorSpec.of(spec.name, t)
+            if got != spec:
+                raise WeightSchemaError(
+                    f"the seed's non-persistent buffer {spec.name!r} is {got.describe()}; {against} expects "
+                    f"{spec.describe()}"
+                )
+
+
+def manifest_problem(manifest: TrainingManifest, reference: torch.nn.Module) -> str | None:
+    """Why a training artifact's manifest disagrees with the blueprint's module ``reference`` (a fresh build):
+    a tensor it names that the module lacks or holds with another shape or dtype, or a weight of the module's
+    state dict it does not read. ``None``: they agree. Urza's content, never the caller's: a kernel with such
+    an artifact trains eager."""
+    tensors = {
+        **dict(reference.named_parameters(remove_duplicate=False)),
+        **dict(reference.named_buffers(remove_duplicate=False)),
+    }
+    missing = [s.name for s in (*manifest.params, *manifest.buffers) if s.name not in tensors]
+    if missing:
+        return f"reads {missing}, which the blueprint's module lacks"
+    for spec in (*manifest.params, *manifest.buffers):
+        have = TensorSpec.of(spec.name, tensors[spec.name])
+        if have != spec:
+            return f"names {spec.name!r} as {spec.describe()}; the blueprint's module holds {have.describe()}"
+    unread = sorted(set(reference.state_dict()) - set(manifest.weights()))
+    if unread:
+        return f"does not read the blueprint's weight {unread[0]!r}"
+    return None
 
 
 class _Shared:
-    """What every seed of one blueprint shares: the program, the guards, and how to build and serve eval."""
+    """What every seed of one blueprint shares: the program, the guards, the blueprint's form and weight
+    schema, and how to build and serve eval."""
 
     def __init__(
         self,
@@ -180,31 +318,88 @@ class _Shared:
         self.check = (
             compile_check(entry.guards, device_index=index) if program is not None and entry and entry.guards else None
         )
+        self.device = entry.guards.device if entry is not None and entry.guards is not None else "cpu"
+        # The CUDA index the program runs on (-1: the CPU).
+        self.device_index = program.device_index if program is not None and self.device != "cpu" else -1
         self._inference = inference
         self._inference_kernel: Kernel | None = None
+        self._lock = threading.Lock()
         self._schema: dict[str, TensorSpec] | None = None
+        self._form: SeedForm | None = None
+        # A private build in train mode: the module a double backward recomputes a compiled step with.
+        self._trainer: torch.nn.Module | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self  # the program, guards and blueprint are read-only: copies of a kernel share them
 
     def inference_kernel(self) -> Kernel | None:
-        if self._inference_kernel is None and self._inference is not None:
-            self._inference_kernel = self._inference()
-            self._inference = None
-        return self._inference_kernel
+        with self._lock:
+            if self._inference_kernel is None and self._inference is not None:
+                self._inference_kernel = self._inference()
+                self._inference = None
+            return self._inference_kernel
+
+    def _reference(self) -> None:
+        reference = self.build()
+        self._schema = schema_of(reference.state_dict())
+        self._form = SeedForm.of(reference)
 
     def schema(self) -> dict[str, TensorSpec]:
-        if self.program is not None:
-            return self.program.manifest.weights()
+        """The blueprint's weight schema: what a seed's weights must match (the artifact was checked against
+        the blueprint when it loaded)."""
         if self._schema is None:
-            self._schema = schema_of(self.build().state_dict())
+            self._reference()
+        assert self._schema is not None
         return self._schema
+
+    def form(self) -> SeedForm:
+        if self._form is None:
+            self._reference()
+        assert self._form is not None
+        return self._form
 
     def seed(self, weights: Weights | None) -> torch.nn.Module:
         """The module holding a seed's weights (a fresh build when ``None``), checked against the schema."""
         if weights is None:
             return self.build()
-        against = f"the training artifact of {self.blueprint!r}" + (
-            f" (Urza entry #{self.entry.id})" if self.entry is not None and self.program is not None else ""
-        )
-        return seed_module(weights, self.build, self.schema(), against=against)
+        return seed_module(weights, self.build, self.schema(), against=f"blueprint {self.blueprint!r}")
+
+    def recompute(
+        self,
+        n_inputs: int,
+        tensors: Sequence[torch.Tensor],
+        buffers: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+    ) -> list[torch.Tensor | None]:
+        """Differentiable gradients of one compiled step, recomputed eagerly: the blueprint's module, in train
+        mode, called with the step's ``tensors`` (inputs, then parameters) and clones of its ``buffers`` as
+        they were before the step, differentiated with ``create_graph=True``."""
+        from torch.func import functional_call
+
+        program = self.program
+        assert program is not None
+        m = program.manifest
+        state: dict[str, torch.Tensor] = {s.name: p for s, p in zip(m.params, tensors[n_inputs:], strict=True)}
+        state.update({s.name: b.clone() for s, b in zip(m.buffers, buffers, strict=True)})
+        with self._lock:  # functional_call swaps the module's tensors while it runs
+            if self._trainer is None:
+                self._trainer = self.build().train()
+            out = functional_call(self._trainer, state, tuple(tensors[:n_inputs]))
+        flat = pytree.tree_leaves(out)
+        pairs = [(o, g) for o, g in zip(flat, grads, strict=True) if isinstance(o, torch.Tensor) and o.requires_grad]
+        wrt = [i for i, t in enumerate(tensors) if t.requires_grad]
+        result: list[torch.Tensor | None] = [None] * len(tensors)
+        if pairs and wrt:
+            got = torch.autograd.grad(
+                [o for o, _ in pairs],
+                [tensors[i] for i in wrt],
+                [g for _, g in pairs],
+                create_graph=True,
+                allow_unused=True,
+            )
+            for i, g in zip(wrt, got, strict=True):
+                result[i] = g
+        return result
 
 
 class TrainingKernel(KernelBase):
@@ -222,15 +417,13 @@ class TrainingKernel(KernelBase):
         self._eval_kernel: Kernel | None = None
         program = shared.program
         if program is not None:
-            m = program.manifest
-            self._param_slots = _slots(seed, [s.name for s in m.params], "_parameters")
-            self._buffer_slots = _slots(seed, [s.name for s in m.buffers], "_buffers")
-            _check_nonpersistent(self._buffer_slots, m, against=f"the training artifact of {shared.blueprint!r}")
-            trainable = set(m.trainable)
-            self._param_specs = [(s.name, s.torch_dtype, s.shape, s.name in trainable) for s in m.params]
-            self._buffer_specs = [(s.name, s.torch_dtype, s.shape) for s in m.buffers]
-            self._device = _entry_device(shared.entry)
+            _check_nonpersistent(seed, program.manifest, against=f"the training artifact of {shared.blueprint!r}")
         self.train()
+        self.__dict__["_watch"] = None
+        if program is not None:
+            problem = self._rewatch().problem
+            if problem is not None:
+                self.warn_once(problem[0], f"{problem[1]}; this seed's training calls run eager")
 
     @classmethod
     def create(
@@ -245,7 +438,7 @@ class TrainingKernel(KernelBase):
         weights: Weights | None = None,
     ) -> TrainingKernel:
         """A kernel for a seed holding ``weights`` (the seed's module, used as is, or a state dict, copied into
-        ``build()``; a fresh ``build()`` when ``None``), checked against the program's weight schema.
+        ``build()``; a fresh ``build()`` when ``None``), checked against the blueprint's weight schema.
 
         ``program`` is ``None`` for an eager kernel; ``entry`` is the Urza entry it came from (its guards
         gate compiled calls); ``inference`` builds, on first use in ``eval()`` mode, the inference kernel to
@@ -290,32 +483,94 @@ class TrainingKernel(KernelBase):
 
     def bind(self, weights: Weights) -> TrainingKernel:
         """A kernel for another seed of the same blueprint: same compiled code, ``weights`` its own (a module,
-        used as is, or a state dict, copied into a fresh build). Checked against the artifact's schema."""
-        return TrainingKernel(self._shared, self._shared.seed(weights))
+        used as is, or a state dict, copied into a fresh build). Checked against the blueprint's schema."""
+        kernel = TrainingKernel(self._shared, self._shared.seed(weights))
+        kernel.source = self.source
+        return kernel
 
     def check(self, *args: Any) -> str | None:
         """Why the compiled training path would refuse this call (``None``: it accepts it)."""
         if self._shared.check is None:
             return self.reason
-        return self._shared.check(args) or self._weights_problem()
+        why = self._shared.check(args) or mode_problem()
+        if why is None:
+            problem = self._seed_problem()
+            why = problem[1] if problem is not None else None
+        return why
 
-    def _weights_problem(self) -> str | None:
-        for (table, attr), (name, dtype, shape, trainable) in zip(self._param_slots, self._param_specs, strict=True):
-            p = table[attr]
-            if p.dtype != dtype or tuple(p.shape) != shape or p.device.type != self._device:
-                now = f"{p.dtype} {tuple(p.shape)} on {p.device}"
-                return f"parameter {name!r} is now {now}; the artifact has {dtype} {shape} on {self._device}"
-            if p.requires_grad and not trainable:
-                return f"parameter {name!r} requires grad, but the artifact was compiled with it frozen"
-            if not p.is_contiguous():
-                return f"parameter {name!r} is not contiguous"
-        # A buffer replaced since binding (a resized mask) would reach the compiled code with another shape.
-        for (table, attr), (name, dtype, shape) in zip(self._buffer_slots, self._buffer_specs, strict=True):
-            b = table[attr]
-            if b.dtype != dtype or tuple(b.shape) != shape or b.device.type != self._device:
-                now = f"{b.dtype} {tuple(b.shape)} on {b.device}"
-                return f"buffer {name!r} is now {now}; the artifact has {dtype} {shape} on {self._device}"
+    def _rewatch(self) -> _Watch:
+        """Check the seed module in full (form, then every tensor the artifact reads, found by name) and
+        watch it as it is now."""
+        shared = self._shared
+        program = shared.program
+        assert program is not None
+        watch = _Watch(self)
+        why = shared.form().problem(self.seed, training=True)
+        if why is not None:
+            watch.problem = (telemetry.SEED_FORM, f"the seed module's form is not the blueprint's: {why}")
+        trainable = set(program.manifest.trainable)
+        for s in program.manifest.params:
+            p = _tensor(self.seed, s.name, "_parameters")
+            if p is None and watch.problem is None:
+                watch.problem = (telemetry.WEIGHTS_CHANGED, f"{s.name!r} is no parameter of the seed's module now")
+            watch.params.append((p, s.name, s.torch_dtype, s.shape, s.name in trainable))  # type: ignore[arg-type]
+        for s in program.manifest.buffers:
+            b = _tensor(self.seed, s.name, "_buffers")
+            if b is None and watch.problem is None:
+                watch.problem = (telemetry.WEIGHTS_CHANGED, f"{s.name!r} is no buffer of the seed's module now")
+            watch.buffers.append((b, s.name, s.torch_dtype, s.shape))  # type: ignore[arg-type]
+        self.__dict__["_watch"] = watch
+        return watch
+
+    def _seed_problem(self) -> tuple[str, str] | None:
+        """Why the seed module cannot run the compiled step now (reason code, detail), ``None`` when it can."""
+        watch = self.__dict__["_watch"]
+        if watch is None or not watch.unchanged():
+            watch = self._rewatch()
+        if watch.problem is not None:
+            return watch.problem  # type: ignore[no-any-return]
+        # One condition per tensor on the accepting path; the explanation only for a refusal.
+        cpu, index = self._shared.device == "cpu", self._shared.device_index
+        for p, _, dtype, shape, trainable in watch.params:
+            if (
+                p.dtype is not dtype
+                or p.shape != shape
+                or not (p.is_cpu if cpu else p.get_device() == index)
+                or (p.requires_grad and not trainable)
+            ):
+                return self._tensor_refusal()
+        for b, _, dtype, shape in watch.buffers:
+            if b.dtype is not dtype or b.shape != shape or not (b.is_cpu if cpu else b.get_device() == index):
+                return self._tensor_refusal()
+            if not b.is_contiguous():
+                return self._tensor_refusal()
         return None
+
+    def _tensor_refusal(self) -> tuple[str, str]:
+        """Why a parameter or buffer of the seed cannot be handed to the compiled code (after the accepting
+        path's condition refused one)."""
+        watch = self.__dict__["_watch"]
+        where = self._shared.device if self._shared.device_index < 0 else f"cuda:{self._shared.device_index}"
+        for t, name, dtype, shape, *trainable in (*watch.params, *watch.buffers):
+            kind = "parameter" if trainable else "buffer"
+            now = f"{t.dtype} {tuple(t.shape)} on {t.device}"
+            device_ok = t.is_cpu if where == "cpu" else t.get_device() == self._shared.device_index
+            if t.dtype is not dtype or t.shape != shape or not device_ok:
+                return (
+                    telemetry.WEIGHTS_CHANGED,
+                    f"{kind} {name!r} is now {now}; the artifact has {dtype} {shape} on {where}",
+                )
+            if trainable and t.requires_grad and not trainable[0]:
+                return (
+                    telemetry.WEIGHTS_CHANGED,
+                    f"parameter {name!r} requires grad, but the artifact was compiled with it frozen",
+                )
+            if not trainable and not t.is_contiguous():
+                return (
+                    telemetry.WEIGHTS_CHANGED,
+                    f"buffer {name!r} is not contiguous (the compiled step updates it in place)",
+                )
+        return telemetry.WEIGHTS_CHANGED, "a weight changed"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -327,25 +582,34 @@ class TrainingKernel(KernelBase):
             args = positional
         if not self.training:
             return self._evaluate(args)
-        program = self._shared.program
-        if program is not None:
-            why = self._shared.check(args) if self._shared.check is not None else "no guard schema"
+        shared = self._shared
+        if shared.program is not None:
+            why = shared.check(args) if shared.check is not None else "no guard schema"
             code = telemetry.OUTSIDE_GUARDS
             if why is None:
-                why, code = self._weights_problem(), telemetry.WEIGHTS_CHANGED
+                why, code = mode_problem(), telemetry.MODE
             if why is None:
-                self.took(COMPILED)
-                return self._compiled(program, args)
+                problem = self._seed_problem()
+                if problem is None:
+                    self.took(COMPILED)
+                    return self._compiled(args)
+                code, why = problem
             self.warn_once(code, f"{why}; this training call runs eager")
         self.took(EAGER)
         return self.seed(*args)
 
-    def _compiled(self, program: TrainingProgram, args: Sequence[torch.Tensor]) -> Any:
+    def _compiled(self, args: Sequence[torch.Tensor]) -> Any:
+        shared = self._shared
+        program = shared.program
+        assert program is not None
+        watch = self.__dict__["_watch"]
         inputs = [a if a.is_contiguous() else a.contiguous() for a in args]
-        params = [table[attr] for table, attr in self._param_slots]
-        buffers = [table[attr] for table, attr in self._buffer_slots]
+        # A non-contiguous parameter (a column-major view) is read through a contiguous copy made here, in the
+        # autograd graph: its gradient flows back to the parameter itself.
+        params = [p if p.is_contiguous() else p.contiguous() for p, *_ in watch.params]
+        buffers = [b for b, *_ in watch.buffers]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *params)):
-            outputs = _CompiledStep.apply(program, buffers, len(inputs), *inputs, *params)
+            outputs = _CompiledStep.apply(shared, self.warn_once, buffers, len(inputs), *inputs, *params)
         else:
             with torch.no_grad():
                 outputs, _, _ = program.forward(inputs, params, buffers)
@@ -370,10 +634,46 @@ class TrainingKernel(KernelBase):
         self.took(kernel.last_path or EAGER)
         return out
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrainingKernel:
+        """A copy holding a deep copy of the seed module and sharing the loaded program (read-only): it
+        follows its own weights. EMA and checkpoint utilities copy modules this way."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        if self.source is not None:
+            memo.setdefault(id(self.source), self.source)  # a recipe, not state: shared like the program
+        for key, value in self.__dict__.items():
+            if key in ("_eval_kernel", "_watch"):
+                new.__dict__[key] = None  # bound to this kernel's seed: built again for the copy's
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled as its ``source`` (how Kasmina loads it again) and its seed module, never native code."""
+        if self.source is None:
+            raise TypeError(
+                f"this training kernel of {self.blueprint!r} was not loaded by Kasmina (it has no source to load "
+                "it again), so it cannot be pickled: pickle its seed module (kernel.seed) instead"
+            )
+        modes = [m.training for m in self.seed.modules()]
+        return restore_training_kernel, (self.source, self.seed, self.training, modes)
+
     def extra_repr(self) -> str:
         entry = f"entry=#{self.entry.id}, " if self.entry is not None else ""
         return f"{self.blueprint!r}, route={self.route}, {entry}reason={self.reason!r}"
 
 
-def _entry_device(entry: Entry | None) -> str:
-    return entry.guards.device if entry is not None and entry.guards is not None else "cpu"
+def restore_training_kernel(
+    source: Callable[[], KernelBase], seed: torch.nn.Module, training: bool, modes: Sequence[bool]
+) -> TrainingKernel:
+    """What a pickled :class:`TrainingKernel` loads as: ``source()`` (Kasmina's whole load path again, so a
+    process that cannot use the artifact trains eager with its WARNING) bound to the unpickled ``seed``, in
+    the modes it was pickled in."""
+    loaded = source()
+    if not isinstance(loaded, TrainingKernel):
+        raise TypeError(f"a training kernel's source loaded a {type(loaded).__name__}")
+    kernel = loaded.bind(seed)
+    kernel.training = training
+    for m, mode in zip(seed.modules(), modes, strict=False):
+        m.training = mode
+    return kernel
