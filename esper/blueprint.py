@@ -250,12 +250,10 @@ class Blueprint:
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a builder with torch's global RNG seeded, restoring the caller's RNG state afterwards."""
-    import torch
+    """Run a builder with its random draws seeded by ``seed``: they come from a private generator of this
+    thread (:class:`esper.seeding.PrivateDraws`), the same numbers ``torch.manual_seed(seed)`` would give,
+    whatever other threads draw meanwhile. torch's global generator is neither read nor changed."""
+    from esper.seeding import PrivateDraws
 
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with PrivateDraws(seed):
         yield
-    finally:
-        torch.random.set_rng_state(state)
