@@ -8,8 +8,9 @@ Subclasses (:class:`~esper.kasmina.kernel.Kernel` for inference,
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,6 +18,9 @@ import torch
 from esper.guards import GuardSchema, bind_arguments
 from esper.kasmina import telemetry
 from esper.urza import Entry
+
+# A seed's weights: its module, or a state dict.
+Weights = torch.nn.Module | Mapping[str, torch.Tensor]
 
 COMPILED = "compiled"
 EAGER = "eager"
@@ -60,7 +64,7 @@ class KernelBase(torch.nn.Module):
                 f"a kernel of {self.blueprint!r} that Kasmina did not load cannot be pickled: it holds loaded "
                 "native code and no source to load it again from"
             )
-        return _reload, (self.source, self._modules.get("seed"))
+        return _reload, (self.source, _picklable(self._modules.get("seed")))
 
     def __copy__(self) -> KernelBase:
         # What copy.copy did before __reduce_ex__ was overridden: a new object sharing this one's attributes.
@@ -101,7 +105,19 @@ class KernelBase(torch.nn.Module):
             telemetry.fallback(self.blueprint, code, detail)
 
 
-def _reload(source: Callable[[], KernelBase], seed: torch.nn.Module | None) -> KernelBase:
+def _picklable(seed: torch.nn.Module | None) -> Weights | None:
+    """The seed itself when pickle can find its class again by name, else its state dict (a blueprint file's
+    class is imported under a private module name that another process does not have)."""
+    if seed is None:
+        return None
+    cls = type(seed)
+    owner = sys.modules.get(cls.__module__)
+    if owner is not None and getattr(owner, cls.__qualname__, None) is cls:
+        return seed
+    return {k: v.detach() for k, v in seed.state_dict().items()}
+
+
+def _reload(source: Callable[[], KernelBase], seed: Weights | None) -> KernelBase:
     """What unpickling a kernel runs: load it again from ``source``, and bind ``seed`` when it had one."""
     kernel = source()
     return kernel if seed is None else kernel.bind(seed)  # type: ignore[attr-defined, no-any-return]

@@ -132,12 +132,17 @@ class SeedPlan:
     folded: tuple[str, ...]
 
 
-def plan_route(entry: Entry, package: CompiledPackage, builder: Mapping[str, torch.Tensor]) -> SeedPlan | Problem:
+def plan_route(entry: Entry, package: object, builder: Mapping[str, torch.Tensor]) -> SeedPlan | Problem:
     """How ``entry``'s loaded ``package`` takes a seed's weights, or why it cannot (the row is checked against
-    the package, never trusted over it)."""
+    the package, never trusted over it). A route that calls anything but a loaded package is a TypeError."""
     where = f"entry #{entry.id} (variant {entry.variant!r})"
     if not entry.meta.get("swappable", True):
         return telemetry.UNBINDABLE, f"{where} folds the weights into its compiled code"
+    if not isinstance(package, CompiledPackage):
+        raise TypeError(
+            f"entry #{entry.id}'s route calls a {type(package).__name__}, not a loaded package: "
+            "only a kernel Kasmina loaded can be bound to seeds"
+        )
     specs = package.constant_specs()
     if specs is None:
         return telemetry.UNBINDABLE, f"{where}: its package's constant shapes cannot be read"
@@ -363,13 +368,9 @@ def bind(kernel: Kernel, weights: Weights) -> tuple[torch.nn.Module, Callable[[d
             if r.package is None:
                 routes.append(r)
                 continue
-            if not isinstance(r.package, CompiledPackage):
-                raise TypeError(
-                    f"entry #{r.entry.id}'s route calls a {type(r.package).__name__}, not a loaded package: "
-                    "only a kernel Kasmina loaded can be bound to seeds"
-                )
             plan = plan_route(r.entry, r.package, builder)
             if isinstance(plan, SeedPlan):
+                assert isinstance(r.package, CompiledPackage)
                 slots.append((len(routes), r.package))
                 plans.append(plan)
             else:
