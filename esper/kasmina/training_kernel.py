@@ -423,7 +423,7 @@ class TrainingKernel(KernelBase):
         if program is not None:
             problem = self._rewatch().problem
             if problem is not None:
-                self.warn_once(problem[0], f"{problem[1]}; this seed's training calls run eager")
+                self.warn_once(problem[0], f"{problem[1]}; this training call runs eager")
 
     @classmethod
     def create(
@@ -649,14 +649,23 @@ class TrainingKernel(KernelBase):
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        """Pickled as its ``source`` (how Kasmina loads it again) and its seed module, never native code."""
+        """Pickled as its ``source`` (how Kasmina loads it again) and its seed, never native code.
+
+        A seed of the blueprint's form is pickled as its state (parameters with their ``requires_grad``,
+        persistent buffers) and its modes, and rebuilt from the blueprint when it loads: a blueprint's class
+        lives in a module the catalog imports from a file, which pickle cannot import by name. Any other seed
+        module is pickled as itself."""
         if self.source is None:
             raise TypeError(
                 f"this training kernel of {self.blueprint!r} was not loaded by Kasmina (it has no source to load "
                 "it again), so it cannot be pickled: pickle its seed module (kernel.seed) instead"
             )
-        modes = [m.training for m in self.seed.modules()]
-        return restore_training_kernel, (self.source, self.seed, self.training, modes)
+        seed = self.seed
+        modes = [m.training for m in seed.modules()]
+        weights: Weights = seed
+        if self._shared.form().problem(seed, training=seed.training) is None:
+            weights = seed.state_dict(keep_vars=True)
+        return restore_training_kernel, (self.source, weights, self.training, modes)
 
     def extra_repr(self) -> str:
         entry = f"entry=#{self.entry.id}, " if self.entry is not None else ""
@@ -664,16 +673,22 @@ class TrainingKernel(KernelBase):
 
 
 def restore_training_kernel(
-    source: Callable[[], KernelBase], seed: torch.nn.Module, training: bool, modes: Sequence[bool]
+    source: Callable[[], KernelBase], weights: Weights, training: bool, modes: Sequence[bool]
 ) -> TrainingKernel:
     """What a pickled :class:`TrainingKernel` loads as: ``source()`` (Kasmina's whole load path again, so a
-    process that cannot use the artifact trains eager with its WARNING) bound to the unpickled ``seed``, in
-    the modes it was pickled in."""
+    process that cannot use the artifact trains eager with its WARNING) bound to the unpickled seed module, or
+    to a fresh build holding the unpickled state (parameters keep their ``requires_grad``), in the modes it
+    was pickled in."""
     loaded = source()
     if not isinstance(loaded, TrainingKernel):
         raise TypeError(f"a training kernel's source loaded a {type(loaded).__name__}")
-    kernel = loaded.bind(seed)
+    kernel = loaded.bind(weights)
+    if not isinstance(weights, torch.nn.Module):
+        for name, p in kernel.seed.named_parameters():
+            given = weights.get(name)
+            if given is not None:
+                p.requires_grad_(given.requires_grad)
     kernel.training = training
-    for m, mode in zip(seed.modules(), modes, strict=False):
+    for m, mode in zip(kernel.seed.modules(), modes, strict=False):
         m.training = mode
     return kernel
