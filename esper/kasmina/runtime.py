@@ -5,12 +5,21 @@ and a training node must not carry it). The C++ loader underneath, ``torch._C._a
 loads the package in milliseconds without it. Its positional signature is
 ``(path, model_name, run_single_threaded, num_runners, device_index)``; tests/test_runtime.py pins the
 behaviour this wrapper relies on.
+
+Given a ``.pt2`` file, the loader extracts it into a temporary folder that only its destructor removes: a
+process killed, ended by ``os._exit``, or finalized with packages still reachable leaves the folder behind.
+Given an extracted folder, it loads from there and leaves the folder alone; so packages are extracted here,
+into folders Esper owns and removes (:mod:`esper.kasmina.extraction`).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import shutil
 import threading
+import weakref
 import zipfile
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -19,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from esper.kasmina import extraction
 from esper.kasmina.tensors import DTYPES
 
 
@@ -33,11 +43,23 @@ class CompiledPackage:
     than trusting the runner pool's own locking.
     """
 
-    def __init__(self, path: str | Path, *, device_index: int = -1, num_runners: int = 1):
+    def __init__(self, path: str | Path, *, member: str | None = None, device_index: int = -1, num_runners: int = 1):
+        """Load the package file ``path``, or the package stored as ``member`` of the zip ``path``."""
+        folder: Path | None = None
         try:
-            self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, num_runners, device_index)
+            folder = extraction.package_folder()
+            if member is None:
+                extraction.extract(path, folder)
+            else:
+                with zipfile.ZipFile(path) as outer:
+                    extraction.extract(io.BytesIO(outer.read(member)), folder)
+            self._loader = torch._C._aoti.AOTIModelPackageLoader(str(folder), "model", False, num_runners, device_index)
         except Exception as e:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
             raise PackageLoadError(f"{type(e).__name__}: {e}") from e
+        weakref.finalize(self, extraction.discard, folder, os.getpid())
+        self.member = member
         _, out_spec = self._loader.get_call_spec()
         self._out_spec = pytree.treespec_loads(out_spec)
         # Most blueprints return one tensor: skip rebuilding the output structure on every call.
@@ -89,7 +111,7 @@ class CompiledPackage:
 
     def reload(self) -> CompiledPackage:
         """Another loaded copy of the same package file (its own constants, the same compiled code on disk)."""
-        return CompiledPackage(self.path, device_index=self.device_index)
+        return CompiledPackage(self.path, member=self.member, device_index=self.device_index)
 
     def run_with_constants(
         self, key: Hashable, constants: Callable[[], dict[str, torch.Tensor]], args: Sequence[torch.Tensor]

@@ -2,8 +2,7 @@
 
 Tezzeret writes it (stored, uncompressed: the packages are zips already) as the single content-addressed
 artifact of an Urza entry whose ``artifact`` column is ``"training"``; Kasmina verifies the zip's checksum
-before it opens it (:func:`open_artifact`), extracts the two packages into a private temporary folder, loads
-them and removes the folder.
+before it opens it (:func:`open_artifact`) and loads the two packages from their members.
 
 The manifest says, for each graph input and output, what it is (plain JSON, versioned):
 
@@ -24,8 +23,6 @@ Format 1 manifests, from before the flag, hold persistent buffers only.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -201,7 +198,7 @@ def write_artifact(path: Path, forward: Path, backward: Path, manifest: Training
 def open_artifact(path: Path, *, device_index: int = -1) -> tuple[TrainingManifest, CompiledPackage, CompiledPackage]:
     """Load a training artifact whose checksum the caller has verified: the manifest and both packages.
 
-    The packages are extracted into a private temporary folder, which is removed once they are loaded.
+    Each package is loaded from its member of the zip (no copy of the package beside it).
     """
     try:
         with zipfile.ZipFile(path) as z:
@@ -209,13 +206,8 @@ def open_artifact(path: Path, *, device_index: int = -1) -> tuple[TrainingManife
             if names != sorted(MEMBERS):
                 raise ArtifactFormatError(f"training artifact holds {names}, expected {sorted(MEMBERS)}")
             manifest = TrainingManifest.from_json(z.read(MANIFEST))
-            with tempfile.TemporaryDirectory(prefix="esper-train-") as tmp:
-                os.chmod(tmp, 0o700)
-                packages = []
-                for member in (FORWARD, BACKWARD):
-                    target = Path(tmp) / member
-                    target.write_bytes(z.read(member))
-                    packages.append(CompiledPackage(target, device_index=device_index))
     except zipfile.BadZipFile as e:
         raise ArtifactFormatError(f"training artifact is not a zip: {e}") from e
-    return manifest, packages[0], packages[1]
+    forward = CompiledPackage(path, member=FORWARD, device_index=device_index)
+    backward = CompiledPackage(path, member=BACKWARD, device_index=device_index)
+    return manifest, forward, backward
