@@ -108,3 +108,31 @@ def test_eager_modules_are_the_same_whatever_another_thread_draws(name: str, tmp
                 kernels.append(kernel(*args))
     wrong = sum(not torch.equal(y, expected) for y in kernels)
     assert wrong == 0, f"{wrong} of {len(kernels)} eager modules built while another thread drew differ"
+
+
+def test_a_stale_blueprint_runs_its_new_code_with_its_new_weights(tmp_path: Path) -> None:
+    """A builder changed without a version bump: the eager route of ``load`` does not load the old entry's
+    stored weights into the new code; it answers as the new build does, and as ``load_training`` does."""
+    from esper.tezzeret.compiler import Tezzeret
+    from esper.urza import Urza
+    from tests.conftest import BROKEN
+
+    folder = tmp_path / "bps"
+    folder.mkdir()
+    source = folder / "not_exportable.py"
+    source.write_text((BROKEN / "not_exportable.py").read_text())
+    urza_path = tmp_path / "urza.db"
+    with Urza(urza_path, signer=None) as urza:
+        stored = Tezzeret(urza).compile(load_catalog([folder]).get("not_exportable")).entry
+    assert stored.kind == "eager"  # the fallback entry stores the builder's weights as its artifact
+    # Another seed, one more character (so no cached bytecode of the old file can stand in for it).
+    source.write_text(source.read_text().replace("seeded(0)", "seeded(17)"))
+    oracle = load_catalog([folder]).get("not_exportable").build().eval()
+    x = torch.rand(4, 8) + 0.1  # a positive sum: the forward's linear branch
+    with torch.no_grad():
+        expected = oracle(x)
+        kasmina = Kasmina(urza_path, blueprint_paths=[folder])
+        inference = kasmina.load("not_exportable")(x)
+        training = kasmina.load_training("not_exportable").eval()(x)
+    assert torch.equal(inference, expected)
+    assert torch.equal(training, expected)

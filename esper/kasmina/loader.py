@@ -10,6 +10,7 @@ differs per kind (inference, training) lives in :mod:`esper.kasmina.kinds`.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from esper.kasmina.kernel import Kernel
 from esper.kasmina.kinds import ArtifactLoader, InferenceLoader, Loaded, LoadResult, TrainingLoader
 from esper.kasmina.seeds import Weights
 from esper.kasmina.training_kernel import TrainingKernel
-from esper.kasmina.unusable import Unusable
+from esper.kasmina.unusable import Unusable, removed_profiles
 from esper.provenance import stale_reason
 from esper.settings import resolve
 from esper.urza import ArtifactError, ArtifactStore, Entry, Urza, UrzaError
@@ -39,6 +40,7 @@ from esper.validate import EntryFormatError
 from esper.weights import load_state
 
 if TYPE_CHECKING:
+    from esper.blueprint import Blueprint
     from esper.signing import Verifier
 
 __all__ = ["Kasmina", "KernelSource", "Unusable", "choose_entries"]
@@ -102,6 +104,27 @@ def _one_per_code(problems: list[Unusable]) -> list[Unusable]:
     for u in problems:
         by_code.setdefault(u.code, []).append(u.detail)
     return [Unusable(code, "; ".join(dict.fromkeys(details))) for code, details in by_code.items()]
+
+
+def _still_runs(loaded: Sequence[Loaded], refused: Sequence[Unusable]) -> str:
+    """What a kernel serves despite refused rows: its compiled and certified-eager entries, and the profiles
+    the refusals took away (those run eager)."""
+    compiled = [x.entry for x in loaded if x.artifact is not None]
+    eager = [x.entry for x in loaded if x.artifact is None]
+    parts = []
+    if compiled:
+        parts.append("runs compiled: " + ", ".join(f"entry #{e.id} (profile {e.profile})" for e in compiled))
+    if eager:
+        parts.append("certified eager: " + ", ".join(f"entry #{e.id} (profile {e.profile})" for e in eager))
+    lost = sorted({u.profile for u in removed_profiles(refused, (x.entry.profile for x in loaded)) if u.profile})
+    if lost:
+        parts.append("eager for lack of a usable row: profile " + ", ".join(repr(p) for p in lost))
+    return "; ".join(parts)
+
+
+def _served_profile(status: str, profile: str | None) -> str | None:
+    """The shape profile a refused row would have served: a certified row's (the others serve none)."""
+    return profile if status == "certified" else None
 
 
 class LoadMethod(StrEnum):
@@ -289,6 +312,8 @@ class Kasmina:
                 urza.close()
         except Unusable as u:
             problems.append(u)
+        except (OSError, sqlite3.Error, UrzaError) as e:  # whatever reading Urza raises: eager, never a crash
+            problems.append(Unusable(telemetry.URZA_UNAVAILABLE, f"reading Urza failed: {type(e).__name__}: {e}"))
         loaded = []
         for entry, path in verified:
             try:
@@ -298,7 +323,12 @@ class Kasmina:
                 loaded.append(Loaded(entry, None if path is None else self._ready(kind, entry, path)))
             except Unusable as u:
                 problems.append(u)
-        for u in _one_per_code(problems):
+        # Refused rows are reported as refusals while something certified still serves: they did not make
+        # the kernel eager. When nothing serves, every problem is a reason it runs eager.
+        refused = [u for u in problems if u.row_refused] if loaded else []
+        for u in _one_per_code(refused):
+            telemetry.refused(name, u.code, u.detail, _still_runs(loaded, refused))
+        for u in _one_per_code([u for u in problems if u not in refused]):
             telemetry.fallback(name, u.code, u.detail)
         for x in loaded:
             if x.artifact is None:
@@ -317,14 +347,15 @@ class Kasmina:
             raise Unusable(telemetry.SIGNATURE, f"public key unusable: {self._public_key_error}; refusing every row")
         trusted = []
         for entry in entries:
+            refusal = partial(Unusable, entry_id=entry.id, profile=_served_profile(entry.status, entry.profile))
             try:
                 self._check_signature(entry)
                 EntryMeta.from_entry(entry)
             except Unusable as u:
-                problems.append(u)
+                problems.append(refusal(u.code, u.detail))
                 continue
             except EntryFormatError as e:
-                problems.append(Unusable(telemetry.FORMAT, f"entry #{entry.id}: {e}"))
+                problems.append(refusal(telemetry.FORMAT, f"entry #{entry.id}: {e}"))
                 continue
             trusted.append(entry)
         return trusted
@@ -400,11 +431,18 @@ class Kasmina:
         crash, and does not hide the blueprint's other rows."""
         try:
             rows = urza.stored_rows(name, newest_first=True)
-        except UrzaError as e:
+        except (UrzaError, sqlite3.Error) as e:
             raise Unusable(telemetry.URZA_UNAVAILABLE, str(e)) from e
         for row in rows:
             if row.entry is None:
-                problems.append(Unusable(telemetry.FORMAT, f"entry #{row.id} is unreadable: {row.problem}"))
+                problems.append(
+                    Unusable(
+                        telemetry.FORMAT,
+                        f"entry #{row.id} is unreadable: {row.problem}",
+                        entry_id=row.id,
+                        profile=_served_profile(row.status, row.profile),
+                    )
+                )
         return [row.entry for row in rows if row.entry is not None]
 
     def _verified(self, store: ArtifactStore, entry: Entry) -> Path:
@@ -412,7 +450,7 @@ class Kasmina:
         self._check_signature(entry)
         try:
             return store.verify(entry.checksum, entry.artifact_size)
-        except ArtifactError as e:
+        except (ArtifactError, OSError) as e:
             raise Unusable(telemetry.INTEGRITY, f"entry #{entry.id}: {e}") from e
 
     def _check_signature(self, entry: Entry) -> None:
@@ -428,15 +466,25 @@ class Kasmina:
         except SignatureError as e:
             raise Unusable(telemetry.SIGNATURE, f"entry #{entry.id}: {e}") from e
 
+    @staticmethod
+    def _same_source(bp: Blueprint, entry: Entry) -> bool:
+        """Whether ``entry`` was stored from ``bp``'s source as it is now (not stale)."""
+        try:
+            return stale_reason(bp, EntryMeta.from_entry(entry).source_digest) is None
+        except EntryFormatError:
+            return False
+
     def _eager_module(self, name: str, weights: Entry | None) -> torch.nn.Module:
-        """The builder's module; with a fallback entry's stored weights when it is the same blueprint version.
+        """The builder's module; with a fallback entry's stored weights when they were stored by the same
+        blueprint: its version and its source (the digest the stale check compares). A blueprint whose builder
+        changed runs its new code with its new weights, as its training kernel and its certification do.
 
         Stored weights are read only after the store vouches for them; if it cannot, the builder's own
         (seeded, so identical for an unchanged blueprint) weights stay.
         """
         bp = self.catalog.get(name)
         module = bp.build().to(self.device).eval()
-        if weights is not None and weights.blueprint_version == bp.version:
+        if weights is not None and weights.blueprint_version == bp.version and self._same_source(bp, weights):
             try:
                 self._check_signature(weights)
                 with Urza(self.urza_path, readonly=True) as urza:

@@ -49,6 +49,20 @@ def fallback(blueprint: str, code: str, detail: str) -> None:
     )
 
 
+def refused(blueprint: str, code: str, detail: str, runs: str) -> None:
+    """Emit the WARNING that Urza rows of ``blueprint`` were refused (reason ``code``) while something
+    certified still runs (``runs`` says what): a refusal that leaves the kernel compiled must not say it runs
+    eager."""
+    log.warning(
+        "blueprint %r: Urza row refused (%s): %s; %s",
+        blueprint,
+        code,
+        detail,
+        runs,
+        extra={"esper": {"event": "refused", "blueprint": blueprint, "reason": code, "detail": detail, "runs": runs}},
+    )
+
+
 def loaded(blueprint: str, entry_ids: list[int | None], seconds: float) -> None:
     log.info(
         "blueprint %r runs compiled (Urza entries %s, ready in %.1f ms)",

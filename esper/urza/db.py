@@ -47,7 +47,8 @@ class UrzaError(RuntimeError):
 @dataclass(frozen=True)
 class StoredRow:
     """One stored row as upkeep sees it: its id, blueprint, status and checksum columns as stored, and either
-    the parsed ``entry`` or the ``problem`` that makes it unreadable."""
+    the parsed ``entry`` or the ``problem`` that makes it unreadable. ``profile``: the profile column when it
+    is readable text (an unreadable row may still say which shape profile it was for)."""
 
     id: int
     blueprint: str
@@ -55,6 +56,24 @@ class StoredRow:
     checksum: str | None
     entry: Entry | None
     problem: str | None
+    profile: str | None = None
+
+
+class Undecodable(bytes):
+    """A text value that is not valid UTF-8, as its raw bytes: what a row's column holds instead of a
+    ``str`` when it cannot be decoded, so the row is reported unreadable and the others still are read."""
+
+    def __str__(self) -> str:
+        return self.decode("utf-8", errors="backslashreplace")
+
+
+def _text(data: bytes) -> str | Undecodable:
+    """SQLite's text to ``str``; undecodable bytes to :class:`Undecodable` rather than an error that would
+    abort the whole query (and with it every other row)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Undecodable(data)
 
 
 def _m001_entries(db: sqlite_utils.Database) -> None:
@@ -151,8 +170,18 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     else:
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.text_factory = _text
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return conn
+
+
+def _plain(value: Any) -> str | None:
+    """A column's value when it is readable text, else ``None``."""
+    return value if type(value) is str else None
+
+
+def _os_problem(e: OSError) -> str:
+    return f"{e.strerror or type(e).__name__}" + (f" ({e.filename})" if e.filename else "")
 
 
 def _resolve_signer(signer: Signer | str | None) -> Signer | None:
@@ -177,7 +206,11 @@ class Urza:
         self.path = Path(path)
         self.readonly = readonly
         self.store = ArtifactStore(self.path.parent / "objects")
-        if readonly and not self.path.is_file():
+        try:
+            exists = self.path.is_file()
+        except OSError as e:  # a folder on the way that cannot be searched, a symlink loop, ...
+            raise UrzaError(f"Urza database {self.path} cannot be reached: {_os_problem(e)}") from e
+        if readonly and not exists:
             raise UrzaError(f"Urza database {self.path} does not exist")
         self.signer = None if readonly else _resolve_signer(signer)
         if not readonly:
@@ -188,7 +221,7 @@ class Urza:
             self.conn = conn
             self._db: sqlite_utils.Database | None = None
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, OSError, RuntimeError) as e:  # RuntimeError: resolve() of a symlink loop
             if conn is not None:
                 conn.close()
             hint = ""
@@ -197,6 +230,12 @@ class Urza:
             raise UrzaError(f"{self.path} is not a usable Urza database: {e}{hint}") from e
         try:
             self._check_schema(version)
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            if not readonly:
+                raise  # a writer's failure (a full disk during a migration): the caller reports it as such
+            # A reader's damaged schema (sqlite_master, the header's text encoding): not a usable database.
+            raise UrzaError(f"{self.path} is not a usable Urza database: {e}") from e
         except BaseException:
             self.conn.close()
             raise
@@ -304,6 +343,10 @@ class Urza:
 
     def _parse(self, row: dict[str, Any]) -> Entry:
         try:
+            undecodable = [k for k, value in row.items() if isinstance(value, Undecodable)]
+            if undecodable:
+                shown = ", ".join(f"{k!r} ({str(row[k])[:40]})" for k in undecodable)
+                raise ValueError(f"column {shown} is not valid UTF-8 text")
             return Entry.from_row(row)
         except (SchemaVersionError, KeyError, ValueError, TypeError) as e:
             raise UrzaError(f"{self.path}: unreadable entry: {e}") from e
@@ -325,12 +368,13 @@ class Urza:
                 entry, problem = None, str(e.__cause__ or e)
             out.append(
                 StoredRow(
-                    id=int(row.get("id") or 0),
+                    id=row["id"] if isinstance(row.get("id"), int) else 0,
                     blueprint=str(row.get("blueprint")),
                     status=str(row.get("status")),
-                    checksum=row.get("checksum") if isinstance(row.get("checksum"), str) else None,
+                    checksum=_plain(row.get("checksum")),
                     entry=entry,
                     problem=problem,
+                    profile=_plain(row.get("profile")),
                 )
             )
         return out

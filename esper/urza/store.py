@@ -95,6 +95,14 @@ class ArtifactStore:
         """
         path = self.path_for(checksum)
         try:
+            return self._verify(path, checksum, size, rehash)
+        except OSError as e:  # unreadable: permissions, a symlink loop, a fan-out folder that is a file, EIO
+            why = e.strerror or type(e).__name__
+            raise ArtifactError(f"artifact {checksum[:12]} cannot be read ({path}): {why}") from e
+
+    @staticmethod
+    def _verify(path: Path, checksum: str, size: int | None, rehash: bool) -> Path:
+        try:
             st = path.stat()
         except FileNotFoundError:
             st = None
