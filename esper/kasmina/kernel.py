@@ -19,7 +19,7 @@ from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.conformance import MODE_QUERIES, mode_problem
 from esper.kasmina.seeds import BoundPackage, Weights, bind
-from esper.kasmina.unusable import Unusable
+from esper.kasmina.unusable import Unusable, refusal_note
 from esper.urza import Entry
 
 __all__ = ["COMPILED", "EAGER", "BoundKernel", "DeferredPackage", "Kernel", "Route", "route_dispatch"]
@@ -160,8 +160,11 @@ class Kernel(KernelBase):
         routes: Sequence[Route] = (),
         reason: str,
         origin: Kernel | None = None,
+        refused: Sequence[Unusable] = (),
     ):
         super().__init__(blueprint, reason=reason)
+        # Profiles whose Urza row was refused at load: a call outside every route is told so (see _explain).
+        self.refused_note = refusal_note(refused)
         self.routes = tuple(routes)
         self._route_of = route_dispatch(self.routes)
         self._eager_factory = eager_factory
@@ -220,6 +223,9 @@ class Kernel(KernelBase):
                 return r, None
         if len(self.routes) > 1:
             why = f"no certified shape profile accepts the inputs (last refusal: {why})"
+        note = self.origin.refused_note
+        if why is not None and note is not None:
+            why = f"{why}; {note}"
         return None, why
 
     def check(self, *args: Any) -> str | None:

@@ -37,7 +37,7 @@ from esper.kasmina.seeds import Weights
 from esper.kasmina.tensors import torch_dtype
 from esper.kasmina.training_artifact import ArtifactFormatError, open_artifact
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram, manifest_problem
-from esper.kasmina.unusable import Unusable
+from esper.kasmina.unusable import Unusable, removed_profiles
 from esper.urza import Entry
 from esper.urza.schema import EntryMeta
 
@@ -175,7 +175,8 @@ class InferenceLoader(ArtifactLoader[Kernel]):
             reason = result.problems[0].detail if result.problems else "certification measured eager as fastest"
         else:
             reason = "certified entries " + ", ".join(f"#{r.entry.id}" for r in routes)
-        return Kernel(result.name, eager_factory=eager_factory, routes=routes, reason=reason)
+        refused = removed_profiles(result.problems, (r.entry.profile for r in routes))
+        return Kernel(result.name, eager_factory=eager_factory, routes=routes, reason=reason, refused=refused)
 
 
 # Loaded programs by (artifact checksum, device index): every kernel of one artifact shares one.
