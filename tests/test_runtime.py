@@ -75,3 +75,27 @@ def test_copies_share_the_loaded_package_and_pickling_refuses(compiled_urza: Pat
     assert holder["kernel"][0] is package
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(package)
+
+
+def test_loader_loads_an_extracted_folder_and_leaves_it_in_place(compiled_urza: Path, tmp_path: Path) -> None:
+    """CompiledPackage extracts packages itself (esper.kasmina.extraction): the loader must accept the folder
+    (only the package's ``<model>/data/`` files), run from it, and never remove it."""
+    import gc
+    import zipfile
+
+    folder = tmp_path / "extracted"
+    with zipfile.ZipFile(_package(compiled_urza)) as z:
+        z.extractall(folder, [n for n in z.namelist() if n.split("/")[1:2] == ["data"]])
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(folder), "model", False, 1, -1)
+    assert loader.get_metadata()["AOTI_DEVICE_KEY"] == "cpu"
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loader.run([x])[0], x + torch.relu(torch.nn.functional.linear(x, **_weights())))
+    del loader
+    gc.collect()
+    assert sorted(p for p in folder.rglob("*") if p.is_file()) == files
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    state = _state()
+    return {"weight": state["fc.weight"], "bias": state["fc.bias"]}
