@@ -39,6 +39,10 @@ def _open_urza(path: Path, *, readonly: bool) -> Any:
         raise click.ClickException(str(e)) from e
 
 
+# Context meta key: how many rows a listing command left out because they could not be read (exit status 1).
+LEFT_OUT = "esper.left_out"
+
+
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--json`` / ``--nl`` / table, shared by every listing command (the command returns rows)."""
 
@@ -47,6 +51,7 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, as_json: bool, nl: bool, **kwargs: Any) -> None:
         rows: list[dict[str, Any]] = fn(*args, **kwargs)
+        left_out = click.get_current_context().meta.get(LEFT_OUT, 0)
         if as_json:
             click.echo(json.dumps(rows, indent=2, default=str))
         elif nl:
@@ -58,6 +63,9 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(tabulate([_flat(r) for r in rows], headers="keys"))
         else:
             click.echo("(no entries)")
+        if left_out:
+            click.echo(f"{left_out} unreadable entr{'y' if left_out == 1 else 'ies'} left out of the listing", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -185,9 +193,22 @@ def _summary(entry: Any) -> dict[str, Any]:
 def urza_list(
     urza: Path | None, blueprint: str | None, status: str | None, artifact: str | None
 ) -> list[dict[str, Any]]:
-    """List entries, newest first, with their artifact kind and evidence."""
+    """List entries, newest first, with their artifact kind and evidence. A row that cannot be read is one line
+    on stderr and the listing goes on (exit 1 at the end, with their count)."""
     with _open_urza(_settings(urza).urza, readonly=True) as store:
-        return [_summary(e) for e in store.entries(blueprint, status=status, artifact=artifact)]
+        rows = store.stored_rows(blueprint, newest_first=True)
+    listed, unreadable = [], []
+    for row in rows:
+        e = row.entry
+        if e is None:
+            if status is None or row.status == status:
+                unreadable.append(f"entry #{row.id} ({row.blueprint}): unreadable row: {row.problem}")
+        elif (status is None or e.status == status) and (artifact is None or str(e.artifact) == artifact):
+            listed.append(_summary(e))
+    for line in unreadable:
+        click.echo(line, err=True)
+    click.get_current_context().meta[LEFT_OUT] = len(unreadable)
+    return listed
 
 
 @urza.command(name="show")
@@ -322,11 +343,19 @@ def urza_export(dest: Path, urza: Path | None, snapshot_version: int | None) -> 
     its version in snapshot.json, signed with $ESPER_SIGNING_KEY when set (readers refuse older versions with
     ESPER_MIN_SNAPSHOT)."""
     from esper.urza import UrzaError
-    from esper.urza.maintenance import export
+    from esper.urza.maintenance import ExportError, export
 
     with _open_urza(_settings(urza).urza, readonly=True) as store:
         try:
             report = export(store, dest, version=snapshot_version)
+        except ExportError as e:
+            for line in e.problems:
+                click.echo(f"PROBLEM: {line}", err=True)
+            n = len(e.problems)
+            raise click.ClickException(
+                f"nothing exported: {n} certified entr{'y' if n == 1 else 'ies'} cannot be exported; "
+                "run `esper urza verify`"
+            ) from e
         except UrzaError as e:
             raise click.ClickException(str(e)) from e
     signed = "signed" if report.signed else "unsigned: no $ESPER_SIGNING_KEY, readers requiring a version refuse it"

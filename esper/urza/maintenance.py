@@ -171,10 +171,12 @@ class GcReport:
     bytes: int
     kept_recent: tuple[Path, ...]
     dry_run: bool
+    unreadable: tuple[str, ...] = ()  # one line per row that could not be read (its files are kept if named)
 
     def lines(self) -> list[str]:
         verb = "would remove" if self.dry_run else "removed"
-        out = [f"{verb} {p}" for p in self.removed]
+        out = [f"unreadable {u}" for u in self.unreadable]
+        out += [f"{verb} {p}" for p in self.removed]
         if self.kept_recent:
             out.append(
                 f"kept {len(self.kept_recent)} unreferenced file(s) younger than the grace period "
@@ -191,7 +193,9 @@ def collect_garbage(urza: Urza, *, dry_run: bool = False, grace_seconds: float =
     written until it is renamed: so only files older than ``grace_seconds`` are removed, never one that a
     writer running now may still publish. The database is only read.
     """
-    referenced = _named(urza.stored_rows())
+    rows = urza.stored_rows()
+    referenced = _named(rows)
+    unreadable = tuple(f"entry #{r.id} ({r.blueprint}): {r.problem}" for r in rows if r.entry is None)
     now = time.time()
     candidates = _unreferenced(urza, referenced) + urza.store.leftovers()
     removed, kept, freed = [], [], 0
@@ -211,7 +215,7 @@ def collect_garbage(urza: Urza, *, dry_run: bool = False, grace_seconds: float =
         for folder in urza.store.root.glob("??"):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-    return GcReport(tuple(removed), freed, tuple(kept), dry_run)
+    return GcReport(tuple(removed), freed, tuple(kept), dry_run, unreadable)
 
 
 def _unreferenced(urza: Urza, referenced: set[str]) -> list[Path]:
@@ -224,6 +228,18 @@ def _unreferenced(urza: Urza, referenced: set[str]) -> list[Path]:
         for p in root.glob("??/*")
         if SHA256_RE.match(p.name) and not p.is_dir() and (p.name not in referenced or p.parent.name != p.name[:2])
     )
+
+
+class ExportError(UrzaError):
+    """Certified rows that cannot be exported (unreadable rows, bad artifacts): one line each in ``problems``.
+    A snapshot holds every certified row or is not written."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = tuple(problems)
+        super().__init__(
+            f"cannot export: {len(problems)} certified entr{'y' if len(problems) == 1 else 'ies'} with problems "
+            f"({'; '.join(problems)}); run `esper urza verify`"
+        )
 
 
 @dataclass(frozen=True)
@@ -260,20 +276,22 @@ def export(
         raise UrzaError(f"{dest} exists and is not an empty folder; refusing to overwrite it")
     certified = []
     sources = {}
+    problems = []
     for row in urza.stored_rows():
         if row.status != "certified":
             continue
         if row.entry is None:
-            raise UrzaError(
-                f"cannot export entry #{row.id} ({row.blueprint}): unreadable row: {row.problem}; "
-                "run `esper urza verify`"
-            )
+            problems.append(f"entry #{row.id} ({row.blueprint}): unreadable row: {row.problem}")
+            continue
         e = row.entry
         try:
             sources[e.checksum] = urza.store.verify(e.checksum, e.artifact_size, rehash=True)
         except ArtifactError as err:
-            raise UrzaError(f"cannot export entry #{e.id} ({e.blueprint}): {err}; run `esper urza verify`") from err
+            problems.append(f"entry #{e.id} ({e.blueprint}): {err}")
+            continue
         certified.append(e)
+    if problems:
+        raise ExportError(problems)
     snapshot_signer = _snapshot_signer(urza, signer)
     number = _number(urza, version)
     dest.parent.mkdir(parents=True, exist_ok=True)
