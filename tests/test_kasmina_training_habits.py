@@ -14,6 +14,7 @@ import json
 import logging
 import pickle
 import shutil
+import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.nn.utils import prune
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -485,3 +488,94 @@ def test_a_hosts_state_dict_and_modes_are_the_seeds(training_urza: Path) -> None
     for n, b in oracle.named_buffers():  # train calls update the statistics exactly as eager's
         torch.testing.assert_close(fresh.get_buffer(n.replace("slot.", "slot.seed.")), b, msg=n)
     assert set(fresh.state_dict()) == names
+
+
+# -- a training loop's operations in any order ---------------------------------------------------------------------
+
+OPERATIONS = (
+    "step",
+    "no_grad",
+    "load_state_dict",
+    "assign",
+    "replace_parameter",
+    "prune",
+    "unprune",
+    "eval",
+    "train",
+    "deepcopy",
+    "autocast",
+    "thread",
+)
+
+
+def _collecting(call: Callable[[], None], errors: list[BaseException]) -> None:
+    try:
+        call()
+    except BaseException as e:  # re-raised in the test's thread
+        errors.append(e)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.sampled_from(OPERATIONS), min_size=1, max_size=10), seed=st.integers(0, 2**16))
+def test_any_sequence_of_training_loop_operations_matches_eager(training_urza: Path, ops: list[str], seed: int) -> None:
+    """tiny_bn (weights and BatchNorm statistics) driven through a random sequence of what a training loop
+    does, each operation applied to the kernel's seed and to the oracle alike; every call compared."""
+    state = perturbed("tiny_bn", seed)
+    kernel, oracle = load(training_urza, "tiny_bn", state), build("tiny_bn", state)
+    gen = torch.Generator().manual_seed(seed)
+    pruned = False
+
+    def compare(grad: bool = True) -> None:
+        x = torch.randn(int(torch.randint(2, 12, (1,), generator=gen)), 8, generator=gen)
+        if grad:
+            got_out, got = step(kernel, x)
+            want_out, want = step(oracle, x)
+            for n in want:
+                torch.testing.assert_close(
+                    got[n if n == "input" else f"seed.{n}"], want[n], atol=1e-4, rtol=1e-4, msg=n
+                )
+        else:
+            with torch.no_grad():
+                got_out, want_out = kernel(x), oracle(x)
+        torch.testing.assert_close(got_out, want_out, atol=1e-4, rtol=1e-4)
+        for n, b in oracle.named_buffers():
+            torch.testing.assert_close(kernel.seed.get_buffer(n), b, atol=1e-5, rtol=1e-5, msg=n)
+
+    for op in ops:
+        if op == "load_state_dict" or op == "assign":
+            new = perturbed("tiny_bn", int(torch.randint(0, 2**16, (1,), generator=gen)))
+            if pruned:  # a pruned module's state dict holds weight_orig and weight_mask instead
+                new = {**new, "fc.weight_orig": new.pop("fc.weight"), "fc.weight_mask": oracle.fc.weight_mask.clone()}
+            for m in (kernel.seed, oracle):
+                m.load_state_dict({k: v.clone() for k, v in new.items()}, assign=op == "assign")
+        elif op == "replace_parameter":
+            bias = torch.randn(8, generator=gen)
+            for m in (kernel.seed, oracle):
+                m.fc.bias = torch.nn.Parameter(bias.clone())
+        elif op == "prune" and not pruned:
+            for m in (kernel.seed, oracle):
+                prune.l1_unstructured(m.fc, "weight", amount=0.25)
+            pruned = True
+        elif op == "unprune" and pruned:
+            for m in (kernel.seed, oracle):
+                prune.remove(m.fc, "weight")
+            pruned = False
+        elif op == "eval":
+            kernel.eval()
+            oracle.eval()
+        elif op == "train":
+            kernel.train()
+            oracle.train()
+        elif op == "deepcopy":
+            kernel, oracle = copy.deepcopy(kernel), copy.deepcopy(oracle)
+        elif op == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                compare()
+        elif op == "thread":
+            errors: list[BaseException] = []
+            worker = threading.Thread(target=_collecting, args=(compare, errors))
+            worker.start()
+            worker.join()
+            if errors:
+                raise errors[0]
+        compare(grad=op != "no_grad")
