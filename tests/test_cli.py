@@ -144,3 +144,66 @@ def test_compile_reports_hostile_blueprint_files_by_name_and_goes_on(
     assert result.exit_code == 1, result.output
     assert "quits.py" in result.output and "SystemExit: 3" in result.output
     assert "evil.py" in result.output and "'../../etc/evil' must match" in result.output
+
+
+def damaged_library(tmp_path: Path) -> Path:
+    """An Urza of three certified rows (each with its own artifact) plus one whose meta does not parse and
+    one whose failure_reason is not UTF-8."""
+    import sqlite3
+
+    db = tmp_path / "lib" / "urza.db"
+    with Urza(db, signer=None) as urza:
+        for i in range(3):
+            make_entry(urza, tmp_path, name=f"bp{i}", content=f"artifact {i}".encode(), status="certified")
+        make_entry(urza, tmp_path, name="bp3", content=b"artifact 3")
+        make_entry(urza, tmp_path, name="bp4", content=b"artifact 4", status="rejected")
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE entries SET meta = '{not json' WHERE id = 4")
+    conn.execute("UPDATE entries SET failure_reason = CAST(? AS TEXT) WHERE id = 5", [b"A\xffB"])
+    conn.commit()
+    conn.close()
+    return db
+
+
+def test_list_reports_an_unparseable_row_as_one_line_and_goes_on(tmp_path: Path) -> None:
+    db = damaged_library(tmp_path)
+    result = CliRunner().invoke(cli, ["urza", "list", "--json", "--urza", str(db)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [r["blueprint"] for r in json.loads(result.stdout)] == ["bp2", "bp1", "bp0"]
+    errors = result.stderr.splitlines()
+    assert [line.split(" (")[0] for line in errors[:2]] == ["entry #5", "entry #4"]
+    assert errors[-1] == "2 unreadable entries left out of the listing"
+
+
+def test_gc_dry_run_reports_an_undecodable_row_and_goes_on(tmp_path: Path) -> None:
+    db = damaged_library(tmp_path)
+    result = CliRunner().invoke(cli, ["urza", "gc", "--dry-run", "--grace", "0", "--urza", str(db)])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert "unreadable entry #5 (bp4)" in result.output and "would remove 0 file(s)" in result.output
+
+
+def test_verify_export_and_merge_report_every_row_whose_artifact_cannot_be_read(tmp_path: Path) -> None:
+    """``objects/`` replaced by a file: every row's artifact read fails with an OSError; each is one line."""
+    import shutil
+
+    db = damaged_library(tmp_path)
+    shutil.rmtree(db.parent / "objects")
+    (db.parent / "objects").write_text("not a folder")
+    runner = CliRunner()
+    verify = runner.invoke(cli, ["urza", "verify", "--urza", str(db)])
+    assert verify.exit_code == 1 and "Traceback" not in verify.output
+    for i in range(1, 6):
+        assert f"entry #{i} " in verify.output
+    assert "5 entries checked, 5 problem(s)" in verify.output
+    export = runner.invoke(cli, ["urza", "export", str(tmp_path / "snap"), "--urza", str(db)])
+    assert export.exit_code == 1 and "Traceback" not in export.output
+    assert [line.split(" (")[0] for line in export.stderr.splitlines()[:3]] == [
+        "PROBLEM: entry #1",
+        "PROBLEM: entry #2",
+        "PROBLEM: entry #3",
+    ]
+    assert "3 certified entries cannot be exported" in export.output and not (tmp_path / "snap").exists()
+    merge = runner.invoke(cli, ["urza", "merge", str(db), "--into", str(tmp_path / "merged.db")])
+    assert merge.exit_code == 1 and "Traceback" not in merge.output
+    refused = [line for line in merge.output.splitlines() if line.startswith("refused ")]
+    assert len(refused) == 5 and "5 refused" in merge.output
