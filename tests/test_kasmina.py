@@ -173,7 +173,7 @@ def _newer_schema(p: Path) -> None:
         (_tamper, "integrity", "checksum mismatch"),
         (_truncate, "integrity", "truncated"),
         (_escape, "format", "checksum '../../../../etc/passwd'"),  # rows are validated before any path
-        (_unloadable, "load-failed", "RuntimeError: Failed to initialize zip archive"),
+        (_unloadable, "load-failed", "ExtractionError: not a zip"),
         (_garbage_db, "urza-unavailable", "not a usable Urza database"),
         (_newer_schema, "urza-unavailable", "newer than this Esper"),
     ],

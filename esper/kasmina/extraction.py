@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -49,7 +48,7 @@ _TRASH = re.compile(r"\.trash-[A-Za-z0-9_]+")
 
 
 class ExtractionError(OSError):
-    """A package could not be extracted into Esper's folder."""
+    """A package could not be extracted into Esper's folder (the message says why)."""
 
 
 def base_folder() -> Path:
@@ -89,7 +88,7 @@ def process_folder() -> Path:
         try:
             creating = Path(tempfile.mkdtemp(prefix=f".{pid}-", dir=base))
         except OSError as e:
-            raise ExtractionError(e.errno, f"cannot create a folder in {base}: {e.strerror}") from e
+            raise ExtractionError(f"cannot create a folder in {base}: {e.strerror}") from e
         fd = None
         try:
             fd = _hold_lock(creating / LOCK)
@@ -99,7 +98,7 @@ def process_folder() -> Path:
             if fd is not None:
                 os.close(fd)
             shutil.rmtree(creating, ignore_errors=True)
-            raise ExtractionError(e.errno, f"cannot create a folder in {base}: {e.strerror}") from e
+            raise ExtractionError(f"cannot create a folder in {base}: {e.strerror}") from e
         _current = _ProcessFolder(final, pid, fd)
         if not _exit_registered:
             atexit.register(release)
@@ -149,7 +148,7 @@ def extract(source: str | Path | IO[bytes], into: Path) -> None:
                     continue
                 parts = PurePosixPath(info.filename).parts
                 if not parts or info.filename.startswith("/") or "\\" in info.filename or ".." in parts:
-                    raise ExtractionError(errno.EINVAL, f"package member {info.filename!r} leaves its folder")
+                    raise ExtractionError(f"package member {info.filename!r} leaves its folder")
                 if len(parts) < 3 or parts[1] != "data":
                     continue  # the archive's own bookkeeping (format, version, byte order): file creation is slow
                 target = into.joinpath(*parts)
@@ -159,7 +158,7 @@ def extract(source: str | Path | IO[bytes], into: Path) -> None:
                 with z.open(info) as src, open(target, "xb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
     except zipfile.BadZipFile as e:
-        raise ExtractionError(errno.EINVAL, f"not a zip: {e}") from e
+        raise ExtractionError(f"not a zip: {e}") from e
 
 
 def sweep(base: Path | None = None) -> list[Path]:
@@ -249,11 +248,11 @@ def _ensure_private_dir(base: Path) -> None:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(base)
     except OSError as e:
-        raise ExtractionError(e.errno, f"cannot use {base} for package extraction: {e.strerror}") from e
+        raise ExtractionError(f"cannot use {base} for package extraction: {e.strerror}") from e
     if not stat.S_ISDIR(st.st_mode):
-        raise ExtractionError(errno.ENOTDIR, f"{base} is not a folder (a link?): packages are not extracted there")
+        raise ExtractionError(f"{base} is not a folder (a link?): packages are not extracted there")
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-        raise ExtractionError(errno.EPERM, f"{base} belongs to another user: packages are not extracted there")
+        raise ExtractionError(f"{base} belongs to another user: packages are not extracted there")
 
 
 def _forget_in_child() -> None:
