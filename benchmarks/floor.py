@@ -15,6 +15,8 @@ under ``torch.no_grad()``:
 - ``kernel``: the Kasmina kernel, ``kernel(*args)``: ``nn.Module.__call__``, guard, routing, the grad check,
   contiguity, bookkeeping, lock, output. ``kernel_grad`` is the same call with grad mode on (the default).
 - ``select``: guard + routing alone (``Kernel.select``), and ``eager`` for scale.
+- ``bound``: a seed's kernel, ``Kasmina.load_seeds(name).bind(module)`` called the same way, where it routes
+  compiled at that shape: what following the seed's module costs on top (its runner is a second loaded copy).
 
 Paths are interleaved: every round runs each path ``--number`` times in a shuffled order, and the figure is
 the median of per-round per-call times with the spread (min-max of the round medians). The overhead is
@@ -95,7 +97,7 @@ def timer_us(run: Callable[[list[torch.Tensor]], Any], args: list[torch.Tensor])
     return m.median * 1e6
 
 
-def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int) -> dict[str, Any]:
+def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: Any = None) -> dict[str, Any]:
     from esper.inputs import example_inputs
     from esper.kasmina.runtime import CompiledPackage
 
@@ -127,6 +129,11 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int) -> dict
         "select": lambda: per_call_us(lambda: select(args), number),
         "eager": lambda: per_call_us(lambda: eager(*args), max(1, number // 4)),
     }
+    if bound is not None:
+        with torch.no_grad():
+            bound(*args)
+        if bound.last_path == "compiled":
+            paths["bound"] = lambda: per_call_us(lambda: bound(*args), number)
     with torch.no_grad():
         for fn in paths.values():
             fn()  # warm every path once
@@ -145,6 +152,8 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int) -> dict
         "target_us": target,
         "meets_target": overhead <= target,
         "routes": len(kernel.routes),
+        # A seed's kernel (load_seeds().bind) pays for following its module; its own runner is another copy.
+        "bound_overhead_us": figures["bound"]["us"] - raw if "bound" in figures else None,
     }
 
 
@@ -154,12 +163,12 @@ def markdown(results: dict[str, Any]) -> str:
         "interleaved rounds; [min-max] of rounds)",
         "",
         "| blueprint | shape | raw run us | Timer us | package us | kernel us | overhead us (grad on) | target us |"
-        " select us | eager us |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " select us | eager us | bound seed us (overhead) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in sorted(results["blueprints"].items()):
         if "skipped" in r:
-            lines.append(f"| {name} | {r['shape']} | skipped: {r['skipped']} | | | | | | | |")
+            lines.append(f"| {name} | {r['shape']} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         p = r["paths"]
 
@@ -167,10 +176,11 @@ def markdown(results: dict[str, Any]) -> str:
             return f"{p[k]['us']:.2f} [{p[k]['min_us']:.2f}-{p[k]['max_us']:.2f}]"
 
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+        bound = f"{cell('bound')} ({r['bound_overhead_us']:.2f})" if r.get("bound_overhead_us") is not None else "-"
         lines.append(
             f"| {name} | {shape} | {cell('raw')} | {r['raw_timer_us']:.2f} | {cell('package')} | {cell('kernel')} "
             f"| {r['overhead_us']:.2f} ({r['overhead_grad_us']:.2f}) | {r['target_us']:.2f}"
-            f"{'' if r['meets_target'] else ' MISSED'} | {cell('select')} | {cell('eager')} |"
+            f"{'' if r['meets_target'] else ' MISSED'} | {cell('select')} | {cell('eager')} | {bound} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -195,7 +205,8 @@ def run_floor(urza: Path, catalog_dir: Path, names: list[str], *, rounds: int, n
         if kernel.route != "compiled":
             out["blueprints"][bp.name] = {"shape": smallest_shape(bp), "skipped": kernel.reason}
             continue
-        out["blueprints"][bp.name] = r = measure_blueprint(kernel, bp, rounds=rounds, number=number)
+        bound = kasmina.load_seeds(bp.name).bind(bp.build().eval())
+        out["blueprints"][bp.name] = r = measure_blueprint(kernel, bp, rounds=rounds, number=number, bound=bound)
         if "skipped" not in r:
             print(
                 f"{bp.name}: raw {r['paths']['raw']['us']:.2f} us, kernel {r['paths']['kernel']['us']:.2f} us, "
