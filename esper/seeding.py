@@ -75,13 +75,24 @@ class PrivateDraws(TorchDispatchMode):
             self._generators[device] = g
         return g
 
-    def __torch_dispatch__(
-        self, func: torch._ops.OpOverload, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded in func.tags and kwargs.get(GENERATOR) is None:
-            target = with_generator(func)
-            device = _device(args, kwargs)
-            if target is not None and device.type != "meta":  # nothing is drawn on meta tensors
-                return target(*args, **{**kwargs, GENERATOR: self.generator(device)})
-        return func(*args, **kwargs)
+
+def _dispatch(
+    self: PrivateDraws,
+    func: torch._ops.OpOverload,
+    types: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    kwargs = kwargs or {}
+    if torch.Tag.nondeterministic_seeded in func.tags and kwargs.get(GENERATOR) is None:
+        target = with_generator(func)
+        device = _device(args, kwargs)
+        if target is not None and device.type != "meta":  # nothing is drawn on meta tensors
+            return target(*args, **{**kwargs, GENERATOR: self.generator(device)})
+    return func(*args, **kwargs)
+
+
+# Set after the class is made: TorchDispatchMode wraps a subclass's own __torch_dispatch__ in a "disable
+# Dynamo" shim whose first call imports torch._dynamo, which a Kasmina process must never import (it builds
+# eager modules under this mode). Nothing here is traced, so the shim has nothing to do.
+PrivateDraws.__torch_dispatch__ = _dispatch  # type: ignore[method-assign]

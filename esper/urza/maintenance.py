@@ -236,10 +236,7 @@ class ExportError(UrzaError):
 
     def __init__(self, problems: list[str]):
         self.problems = tuple(problems)
-        super().__init__(
-            f"cannot export: {len(problems)} certified entr{'y' if len(problems) == 1 else 'ies'} with problems "
-            f"({'; '.join(problems)}); run `esper urza verify`"
-        )
+        super().__init__("; ".join(f"cannot export {p}" for p in problems) + "; run `esper urza verify`")
 
 
 @dataclass(frozen=True)
