@@ -136,3 +136,18 @@ def test_a_stale_blueprint_runs_its_new_code_with_its_new_weights(tmp_path: Path
         training = kasmina.load_training("not_exportable").eval()(x)
     assert torch.equal(inference, expected)
     assert torch.equal(training, expected)
+
+
+def test_a_seeded_build_imports_no_compiler(tmp_path: Path) -> None:
+    """Kasmina builds eager modules under ``seeded``: the mode must not pull in torch._dynamo or Inductor."""
+    import subprocess
+
+    code = (
+        "import sys, torch\n"
+        "from esper.blueprint import seeded\n"
+        "with seeded(0):\n"
+        "    torch.nn.Linear(4, 4); torch.randn(3)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "[]", out.stdout
