@@ -282,6 +282,24 @@ def test_column_major_weights_train_compiled_with_gradients_on_the_users_paramet
     assert warnings_of(caplog) == []
 
 
+def test_a_strided_buffer_trains_eager_and_is_updated_as_eager_updates_it(
+    training_urza: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = perturbed("tiny_bn", 13)
+    kernel, oracle = load(training_urza, "tiny_bn", state), build("tiny_bn", state)
+    for m in (kernel.seed, oracle):
+        strided = torch.zeros(16)[::2]
+        strided.copy_(m.bn.running_mean)
+        m.bn.running_mean = strided
+    with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
+        same_step(kernel, oracle, torch.randn(6, 8), EAGER)
+    torch.testing.assert_close(kernel.seed.bn.running_mean, oracle.bn.running_mean)
+    (record,) = warnings_of(caplog)
+    assert (
+        record.esper["reason"] == "weights-changed" and "'bn.running_mean' is not contiguous" in record.esper["detail"]
+    )
+
+
 # -- double backward ---------------------------------------------------------------------------------------------
 
 
@@ -359,6 +377,8 @@ def test_deepcopy_and_an_ema_copy_follow_their_own_weights(training_urza: Path) 
     host = Host(kernel)
     copied = copy.deepcopy(kernel)
     assert copied.program is kernel.program and copied.seed is not kernel.seed
+    shallow = copy.copy(kernel)  # nn.Module's shallow copy: the same seed module, nothing loaded again
+    assert shallow.seed is kernel.seed and shallow.program is kernel.program
     ema = AveragedModel(host, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -545,7 +565,8 @@ def test_any_sequence_of_training_loop_operations_matches_eager(training_urza: P
         if op == "load_state_dict" or op == "assign":
             new = perturbed("tiny_bn", int(torch.randint(0, 2**16, (1,), generator=gen)))
             if pruned:  # a pruned module's state dict holds weight_orig and weight_mask instead
-                new = {**new, "fc.weight_orig": new.pop("fc.weight"), "fc.weight_mask": oracle.fc.weight_mask.clone()}
+                weight = new.pop("fc.weight")
+                new = {**new, "fc.weight_orig": weight, "fc.weight_mask": oracle.fc.weight_mask.clone()}
             for m in (kernel.seed, oracle):
                 m.load_state_dict({k: v.clone() for k, v in new.items()}, assign=op == "assign")
         elif op == "replace_parameter":
@@ -566,6 +587,10 @@ def test_any_sequence_of_training_loop_operations_matches_eager(training_urza: P
         elif op == "train":
             kernel.train()
             oracle.train()
+        elif op == "deepcopy" and pruned:
+            for m in (kernel, oracle):  # torch cannot deepcopy a pruned module (its weight is no graph leaf)
+                with pytest.raises(RuntimeError, match="graph leaves"):
+                    copy.deepcopy(m)
         elif op == "deepcopy":
             kernel, oracle = copy.deepcopy(kernel), copy.deepcopy(oracle)
         elif op == "autocast":

@@ -648,6 +648,14 @@ class TrainingKernel(KernelBase):
                 new.__dict__[key] = copy.deepcopy(value, memo)
         return new
 
+    def __copy__(self) -> TrainingKernel:
+        """A shallow copy, as ``nn.Module`` makes one (the same seed module and tables), without the state
+        bound to this kernel's seed check; pickling's ``__reduce_ex__`` is not the way to it."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(_eval_kernel=None, _watch=None, calls=self.calls.copy(), _warned=set(self._warned))
+        return new
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Pickled as its ``source`` (how Kasmina loads it again) and its seed, never native code.
 
