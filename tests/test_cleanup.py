@@ -224,3 +224,33 @@ def test_certification_leaves_no_extraction_folders(
     assert left_behind(private_tmp) == []
     with Urza(tmp_path / "urza" / "urza.db", readonly=True) as urza:
         assert any(e.kind == "aoti" for e in urza.entries("tiny_mlp"))  # packages were compiled and loaded
+
+
+def test_a_compile_worker_orphaned_by_a_killed_certification_removes_its_folder_itself(
+    compiled_urza: Path, private_tmp: Path
+) -> None:
+    """The worker ends itself with ``os._exit`` once its certification is gone: it removes what it extracted
+    first, so nothing waits for a next start."""
+    with Urza(compiled_urza, readonly=True) as urza:
+        (entry,) = urza.entries("tiny_mlp")
+        package = urza.store.verify(entry.checksum, entry.artifact_size)
+    worker = (
+        "import os, sys, torch; from esper.certification.compile_ahead import exit_with_parent; "
+        "from esper.kasmina.runtime import CompiledPackage; "
+        f"p = CompiledPackage({str(package)!r}); p([torch.ones(2, 8)]); "
+        "exit_with_parent(os.getppid(), poll=0.05); print(os.getpid(), flush=True); import time; time.sleep(60)"
+    )
+    certification = (
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+    )
+    env = {**os.environ, "TMPDIR": str(private_tmp)}
+    env.pop(extraction.EXTRACT_DIR_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-c", certification], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip().isdigit()  # the worker has loaded its package
+    assert left_behind(private_tmp)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.stdout.read() == ""  # end of file: the worker, which shares the pipe, has ended too
+    proc.stdout.close()
+    assert left_behind(private_tmp) == []
