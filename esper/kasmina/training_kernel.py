@@ -275,9 +275,9 @@ def _check_nonpersistent(module: torch.nn.Module, manifest: TrainingManifest, *,
 
 def manifest_problem(manifest: TrainingManifest, reference: torch.nn.Module) -> str | None:
     """Why a training artifact's manifest disagrees with the blueprint's module ``reference`` (a fresh build):
-    a tensor it names that the module lacks or holds with another shape or dtype, or a weight of the module's
-    state dict it does not read. ``None``: they agree. Urza's content, never the caller's: a kernel with such
-    an artifact trains eager."""
+    a tensor it names that the module lacks or holds with another shape or dtype, or a parameter or buffer of
+    the module it does not name (the compiled step would ignore the seed's value of it). ``None``: they
+    agree. Urza's content, never the caller's: a kernel with such an artifact trains eager."""
     tensors = {
         **dict(reference.named_parameters(remove_duplicate=False)),
         **dict(reference.named_buffers(remove_duplicate=False)),
@@ -289,9 +289,10 @@ def manifest_problem(manifest: TrainingManifest, reference: torch.nn.Module) -> 
         have = TensorSpec.of(spec.name, tensors[spec.name])
         if have != spec:
             return f"names {spec.name!r} as {spec.describe()}; the blueprint's module holds {have.describe()}"
-    unread = sorted(set(reference.state_dict()) - set(manifest.weights()))
+    named = {s.name for s in (*manifest.params, *manifest.buffers)}
+    unread = sorted({n for n, _ in (*reference.named_parameters(), *reference.named_buffers())} - named)
     if unread:
-        return f"does not read the blueprint's weight {unread[0]!r}"
+        return f"does not read the blueprint's tensor {unread[0]!r}"
     return None
 
 
@@ -624,7 +625,14 @@ class TrainingKernel(KernelBase):
         kernel = self._eval_kernel
         if kernel is None:
             base = self._shared.inference_kernel()
-            kernel = base.bind(self.seed) if base is not None else None
+            try:
+                kernel = base.bind(self.seed) if base is not None else None
+            except WeightSchemaError as e:
+                # The seed's state dict no longer has the blueprint's names (a pruned module holds weight_orig
+                # and weight_mask): its own forward serves eval, and binding is tried again at the next call.
+                self.warn_once(telemetry.WEIGHTS_CHANGED, f"the seed cannot be bound for eval ({e}); eval runs eager")
+                self.took(EAGER)
+                return self.seed(*args)
             # Set past nn.Module.__setattr__: the bound kernel holds the seed's module, a submodule already.
             object.__setattr__(self, "_eval_kernel", kernel)
         if kernel is None:
