@@ -83,7 +83,8 @@ OPTIONS = {
     "device": Option("device", "device to compile for: cpu or cuda[:N] (default cpu)", _device, "DEVICE"),
     "build_dir": Option(
         "build-dir",
-        "where generated modules, latency.json and the summary go (default: .esper/certify in the project)",
+        "where the run's files go: latency.json, the summary and (pytest) the generated modules (default: "
+        ".esper/certify in the project)",
         _path,
         "DIR",
     ),

@@ -10,6 +10,7 @@ import pytest
 
 from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input
+from esper.certification.extras import missing_library
 from esper.certification.results import Check, CheckResult, Outcome
 from esper.certification.run import BlueprintCertification
 from esper.certification.session import CertifySession
@@ -82,3 +83,9 @@ def test_a_bad_shard_is_a_clear_error(bad: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="K/N"):
         parse_shard(bad)
     assert parse_shard("2/3") == Shard(2, 3) and str(Shard(2, 3)) == "2/3"
+
+
+def test_the_library_needs_hypothesis_not_pytest() -> None:
+    assert missing_library(lambda module: True) == []
+    assert missing_library(lambda module: module != "hypothesis") == ["hypothesis"]
+    assert missing_library(lambda module: module not in ("pytest", "pytest_benchmark")) == []
