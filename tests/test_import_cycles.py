@@ -3,6 +3,7 @@ import-cycle tool, tests/import_cycles.py, run over every top-level folder that 
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,17 @@ def test_the_tool_would_catch_a_cycle_between_two_packages(tmp_path: Path) -> No
         (tmp_path / name / "core.py").write_text(f"def f():\n    from {other}.core import f\n")
     done = run_tool(tmp_path, package_folders(tmp_path))
     assert done.returncode == 1 and "package lib <-> package plugin" in done.stdout
+
+
+def test_nothing_under_esper_imports_pytest_or_the_plugin() -> None:
+    """The library is driven by pytest (through certify/), never the other way round."""
+    hits = []
+    for path in sorted((ROOT / "esper").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            hits += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("pytest", "_pytest", "certify")
+            ]
+    assert hits == []

@@ -141,8 +141,9 @@ class CertifySession:
         return self.runs[bp.name]
 
     def plan_compiles(self, compiles: Mapping[str, list[tuple[str, str]]]) -> None:
-        """Note the ``test_compile`` items pytest collected, per blueprint ``(artifact, candidate)`` in run
-        order: what the compile workers may take (see :mod:`esper.certification.compile_ahead`)."""
+        """Note the compiles this run will make, per blueprint ``(artifact, candidate)`` in run order (the
+        ``test_compile`` items pytest collected, or every candidate of :meth:`certify`): what the compile
+        workers may take (see :mod:`esper.certification.compile_ahead`)."""
         self.planned = {name: list(items) for name, items in compiles.items()}
 
     def _compile_ahead(self, run: BlueprintCertification) -> CompileAhead | None:
