@@ -16,6 +16,7 @@ from esper.certification.results import Check, CheckResult, Outcome
 from esper.certification.run import BlueprintCertification
 from esper.compat import current
 from esper.kasmina import choose_entries
+from esper.kasmina.unusable import Unusable
 from esper.urza import Urza
 
 from .conftest import TINY
@@ -112,8 +113,15 @@ def decided(urza_path: Path) -> set[tuple[str, str, str, str, str, str]]:
 
 def routed(urza_path: Path) -> set[str]:
     """The blueprints Kasmina routes to a certified entry (compiled or eager) in this process."""
+    out = set()
     with Urza(urza_path, readonly=True) as urza:
-        return {name for name in NAMES if choose_entries(urza.entries(name), current())}
+        for name in NAMES:
+            try:
+                choose_entries(urza.entries(name), current())
+            except Unusable:
+                continue
+            out.add(name)
+    return out
 
 
 @pytest.fixture(scope="module")
