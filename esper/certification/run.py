@@ -1,4 +1,5 @@
-"""One blueprint's certification: the checks a generated test module calls, and the decision it publishes.
+"""One blueprint's certification: the checks a generated test module (or ``esper certify``) calls, and the
+decision it publishes. Each check returns a :class:`~esper.certification.results.CheckResult` and records it.
 
 :class:`Certification` is the one skeleton for every artifact kind (inference, training), parameterized by
 its :class:`~esper.certification.kinds.KindChecks`. A kind's *candidates* (see :mod:`.plan`) are each
