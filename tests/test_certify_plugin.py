@@ -185,6 +185,8 @@ def test_a_bad_compile_worker_count_is_a_usage_error(
     project: Path, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ESPER_CERTIFY_COMPILE_WORKERS", "many")
+    # Under pytest-xdist the run below would inherit this worker's variable, and take no compile workers at all.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     result = pytester.runpytest_subprocess("--certify")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*ESPER_CERTIFY_COMPILE_WORKERS must be a whole number of processes, not 'many'*"])
