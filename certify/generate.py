@@ -1,18 +1,23 @@
 """The module generator: one readable, self-contained pytest module per blueprint.
 
 The text depends only on the declaration (never on time, paths of the machine or run state), so
-regenerating an unchanged blueprint gives the same file byte for byte.
+regenerating an unchanged blueprint gives the same file byte for byte. Each test calls one check of
+:mod:`esper.certification.run` and hands its result to :func:`certify.results.verdict`.
 """
 
 from __future__ import annotations
 
 import pprint
+from pathlib import Path
 
 from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint, BlueprintError, Dim
 from esper.certification import plan
 from esper.certification.run import MARGIN
+from esper.certification.session import CertifySession, error_name, write_if_changed
 from esper.coverage import summarize
+
+__all__ = ["GENERATED_PREFIX", "generate", "render_broken", "render_module"]
 
 GENERATED_PREFIX = "test_certify_"
 
@@ -57,7 +62,7 @@ among the candidates that passed everything:
 
 import pytest
 
-from esper.certification import strategies as cs
+from certify.results import verdict
 
 BLUEPRINT = {name!r}
 SOURCE = {source!r}
@@ -76,44 +81,39 @@ pytestmark = pytest.mark.esper_certify(BLUEPRINT)
 
 @pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
 def test_compile(certification, artifact, candidate):
-    certification[artifact].compile(candidate)
+    verdict(certification[artifact].compile(candidate))
 
 
 @pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
 def test_parity(certification, artifact, candidate):
     run = certification[artifact]
-    run.check_parity(candidate)
-    profile = candidate.split("/")[0]
-
-    def check(sizes, regime):
-        run.check_drawn(candidate, sizes, regime)
-
-    cs.check_cases(check, PROFILES[artifact][profile], [])
+    verdict(run.check_parity(candidate))
+    verdict(run.check_drawn_cases(candidate))  # hypothesis draws inside the candidate's PROFILES ranges
 
 
 @pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
 def test_guards(certification, artifact, candidate):
-    certification[artifact].check_guards(candidate)
+    verdict(certification[artifact].check_guards(candidate))
 
 
 @pytest.mark.parametrize(("artifact", "candidate", "shape"), LATENCY)
 def test_latency(certification, artifact, candidate, shape):
-    certification[artifact].compare_latency(candidate, shape)
+    verdict(certification[artifact].compare_latency(candidate, shape))
 
 
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 def test_select(certification, artifact):
-    certification[artifact].select()
+    verdict(certification[artifact].select())
 
 
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 def test_budgets(certification, artifact):
-    certification[artifact].check_budgets()
+    verdict(certification[artifact].check_budgets())
 
 
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 def test_publish(certification, artifact):
-    certification[artifact].publish()
+    verdict(certification[artifact].publish())
 '''
 
 BROKEN = '''"""A blueprint declaration that cannot be certified.
@@ -185,3 +185,21 @@ def _assign(name: str, value: object) -> str:
 def render_broken(error: BlueprintError) -> str:
     """A module with one failing test that reports ``error`` (naming the file and the field)."""
     return BROKEN.format(error=str(error))
+
+
+def generate(session: CertifySession) -> list[Path]:
+    """Write one module per blueprint of the session (and one per unusable declaration) into its build folder.
+
+    Files are rewritten only when their text changes, and generated files of blueprints that are no longer
+    in the run (gone from the catalog, or in another shard) are removed.
+    """
+    texts = {
+        f"{GENERATED_PREFIX}{bp.name}.py": render_module(bp, session.relative(bp.source)) for bp in session.select()
+    }
+    for err in session.errors:
+        texts[f"{GENERATED_PREFIX}error_{error_name(err)}.py"] = render_broken(err)
+    session.build_dir.mkdir(parents=True, exist_ok=True)
+    for stale in session.build_dir.glob(f"{GENERATED_PREFIX}*.py"):
+        if stale.name not in texts:
+            stale.unlink()
+    return [write_if_changed(session.build_dir / name, text) for name, text in sorted(texts.items())]

@@ -413,5 +413,68 @@ def report(urza: Path | None, device: str | None, out_dir: Path) -> None:
     click.echo(f"wrote {md} and {page}")
 
 
+@cli.command(name="certify")
+@click.argument("names", nargs=-1)
+@click_option("urza")
+@click_option("blueprints")
+@click_option("budget_profile")
+@click_option("device")
+@click_option("build_dir")
+@click_option("baseline")
+@click_option("regression")
+@click_option("recheck")
+@click_option("shard")
+def certify_cmd(
+    names: tuple[str, ...],
+    urza: Path | None,
+    blueprints: tuple[Path, ...],
+    budget_profile: str | None,
+    device: str | None,
+    build_dir: Path | None,
+    baseline: Path | None,
+    regression: float,
+    recheck: bool,
+    shard: Any,
+) -> None:
+    """Certify blueprints (all by default) as `pytest --certify` does, without pytest: compile, parity, guards,
+    latency, select, budgets and publish, with the same options. Exit 1 when a check or the release gate
+    fails."""
+    from esper.catalog import UnknownBlueprintError
+    from esper.certification.extras import INSTALL, missing_library
+
+    missing = missing_library()
+    if missing:
+        raise click.ClickException(f"esper certify needs {', '.join(missing)} (not installed): {INSTALL}")
+    from esper.certification.session import DEFAULT_BUILD_DIR, CertifySession
+
+    settings = _settings(urza, blueprints, budget_profile)
+    session = CertifySession(
+        settings=settings,
+        build_dir=(build_dir or settings.root / DEFAULT_BUILD_DIR).resolve(),
+        enabled=True,
+        recheck=recheck,
+        device=device or "cpu",
+        baseline=baseline,
+        regression=regression,
+        shard=shard,
+    )
+    try:
+        session.certify(names)
+    except UnknownBlueprintError as e:
+        raise click.ClickException(str(e)) from e
+    gate_failed = session.finish()
+    failures = session.failures()
+    for line in failures:
+        click.echo(f"FAILED {line}", err=True)
+    if session.runs or session.errors:
+        path = session.write_summary()
+        click.echo(session.summary_table())
+        click.echo(f"(summary written to {path})")
+    for line in session.gate_report():
+        click.echo(line)
+    if failures or gate_failed:
+        sys.exit(1)
+
+
 def main() -> None:
     cli()

@@ -15,6 +15,8 @@ from typing import Any
 import click
 
 from esper.budgets import PROFILES
+from esper.certification.gate import DEFAULT_THRESHOLD, threshold
+from esper.certification.shard import parse_shard
 
 
 def _existing_dir(value: str) -> Path:
@@ -43,6 +45,10 @@ def _device(value: str) -> str:
     return value
 
 
+def _path(value: str) -> Path:
+    return Path(value)
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -50,6 +56,8 @@ class Option:
     parse: Callable[[str], Any]
     metavar: str
     multiple: bool = False
+    default: Any = None
+    flag: bool = False
 
 
 OPTIONS = {
@@ -73,18 +81,55 @@ OPTIONS = {
         "NAME",
     ),
     "device": Option("device", "device to compile for: cpu or cuda[:N] (default cpu)", _device, "DEVICE"),
+    "build_dir": Option(
+        "build-dir",
+        "where the run's files go: latency.json, the summary and (pytest) the generated modules (default: "
+        ".esper/certify in the project)",
+        _path,
+        "DIR",
+    ),
+    "baseline": Option(
+        "baseline",
+        "release gate: fail when a candidate's compiled/eager latency ratio regressed against this stored "
+        "latency.json (a previous run's), with confidence",
+        _path,
+        "FILE",
+    ),
+    "regression": Option(
+        "regression",
+        "the slowdown the release gate tolerates (default 20%)",
+        threshold,
+        "PCT",
+        default=DEFAULT_THRESHOLD,
+    ),
+    "recheck": Option(
+        "recheck",
+        "run every check again, even for entries already certified with the same content hash",
+        bool,
+        "",
+        flag=True,
+    ),
+    "shard": Option(
+        "shard",
+        "certify only shard K of N of the blueprints (round-robin by sorted name), e.g. 1/2 on one machine and "
+        "2/2 on another; `esper urza merge` joins their Urzas",
+        parse_shard,
+        "K/N",
+    ),
 }
 
 
 def click_option(key: str) -> Callable[[Any], Any]:
     """The ``--NAME`` click option for ``OPTIONS[key]``."""
     opt = OPTIONS[key]
+    if opt.flag:
+        return click.option(f"--{opt.name}", key, is_flag=True, help=opt.help)
 
     def convert(ctx: click.Context | None, param: click.Parameter, value: Any) -> Any:
         try:
             if opt.multiple:
                 return tuple(opt.parse(v) for v in value)
-            return None if value is None else opt.parse(value)
+            return opt.default if value is None else opt.parse(value)
         except argparse.ArgumentTypeError as e:
             raise click.BadParameter(str(e)) from e
 
@@ -96,12 +141,17 @@ def click_option(key: str) -> Callable[[Any], Any]:
 def add_pytest_option(group: Any, key: str, prefix: str) -> None:
     """Add ``--{prefix}{NAME}`` for ``OPTIONS[key]`` to a pytest option group."""
     opt = OPTIONS[key]
+    dest = f"{prefix.replace('-', '_')}{key}"
+    if opt.flag:
+        group.addoption(f"--{prefix}{opt.name}", dest=dest, action="store_true", help=opt.help)
+        return
     group.addoption(
         f"--{prefix}{opt.name}",
-        dest=f"{prefix.replace('-', '_')}{key}",
+        dest=dest,
         type=opt.parse,
         metavar=opt.metavar,
-        help=opt.help,
+        # pytest's help formatter is argparse's: a literal percent sign must be doubled
+        help=opt.help.replace("%", "%%"),
         action="append" if opt.multiple else "store",
-        default=[] if opt.multiple else None,
+        default=[] if opt.multiple else opt.default,
     )

@@ -6,6 +6,7 @@ records coverage and both RMSEs in the evidence."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input, Tolerance, seeded
 from esper.budgets import PROFILES
 from esper.certification import plan
+from esper.certification.results import Check, CheckFailure
 from esper.certification.run import Certification
 from esper.compat import current
 from esper.guards import DimGuard, GuardSchema, InputGuard
 from esper.kasmina import COMPILED
-from esper.urza import Entry
+from esper.urza import Entry, Urza
 
 
 class Noisy(torch.nn.Module):
@@ -79,15 +81,23 @@ def certification(tmp_path: Path, bp: Blueprint, defect: Any = lambda x, y: y) -
     schema = GuardSchema(
         inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=24), DimGuard(size=4))),)
     )
-    for c in cert.candidates.values():
-        c.entry = Entry(bp.name, 1, "h", current(), "aoti", "compiled", "0" * 64, 1, schema, id=1)
-        c.kernel = StandIn(bp.build(), defect)
+    # Real rows: a failed check rejects its candidate's entry in Urza.
+    artifact = tmp_path / "artifact.bin"
+    artifact.write_bytes(b"stand-in")
+    with Urza(cert.urza_path) as urza:
+        checksum, size = urza.store.add(artifact)
+        for c in cert.candidates.values():
+            c.entry = urza.publish(
+                Entry(bp.name, 1, "c" * 64, current(), "aoti", "compiled", checksum, size, schema, variant=c.variant)
+            )
+            c.kernel = StandIn(bp.build(), defect)
     return cert
 
 
 def test_a_right_kernel_passes_every_planned_case_with_coverage_in_the_evidence(tmp_path: Path) -> None:
     cert = certification(tmp_path, blueprint())
-    covered = cert.check_parity("default/default")
+    assert cert.check_parity("default/default").passed
+    covered = cert.coverage("default")
     assert covered.values_tried == {"batch": (24, 24)} and covered.value_cases == len(cert.cases("default"))
     assert set(covered.regimes) == {"unit", "tiny", "large", "some-zeros", "all-zeros", "mixed"}
     evidence = cert.parity_evidence(cert.candidates["default/default"])
@@ -97,22 +107,43 @@ def test_a_right_kernel_passes_every_planned_case_with_coverage_in_the_evidence(
 
 def test_a_kernel_wrong_at_one_batch_size_is_rejected_naming_the_case(tmp_path: Path) -> None:
     cert = certification(tmp_path, blueprint(), lambda x, y: y + 1e-3 * (x.shape[0] == 13))
-    with pytest.raises(pytest.fail.Exception, match=r"at \{'batch': 13\}, \S+ seed 0: output: RMSE against float64"):
-        cert.check_parity("default/default")
+    result = cert.check_parity("default/default")
+    assert result.failed and result.error is None
+    assert re.search(r"at \{'batch': 13\}, \S+ seed 0: output: RMSE against float64", result.reason)
+    # The check recorded its own result, and the candidate's entry holds Esper's words, not a test runner's.
+    assert cert.outcomes[(Check.PARITY, "default/default")] == result
+    with Urza(cert.urza_path, readonly=True) as urza:
+        (entry,) = urza.entries("p")
+    assert entry.status == "rejected" and entry.failed_check == "parity" and entry.failure_reason == result.reason
 
 
 def test_a_kernel_that_loses_precision_inside_the_tolerance_is_rejected(tmp_path: Path) -> None:
     bp = blueprint()
     bp = Blueprint(**{**bp.__dict__, "tolerance": Tolerance(atol=1e-2, rtol=1e-2)})
     cert = certification(tmp_path, bp, lambda x, y: y.to(torch.bfloat16).float())
-    with pytest.raises(pytest.fail.Exception, match=r"output: RMSE against float64 .* exceeds"):
-        cert.check_parity("default/default")
+    result = cert.check_parity("default/default")
+    assert result.failed and re.search(r"output: RMSE against float64 .* exceeds", result.reason)
+
+
+def test_a_crash_in_a_check_is_a_failure_with_its_type_and_message(tmp_path: Path) -> None:
+    def crash(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("kernel exploded")
+
+    cert = certification(tmp_path, blueprint(), crash)
+    result = cert.check_parity("default/default")
+    assert result.failed and result.reason == "RuntimeError: kernel exploded"
+    assert isinstance(result.error, RuntimeError)
+    with Urza(cert.urza_path, readonly=True) as urza:
+        (entry,) = urza.entries("p")
+    assert entry.status == "rejected" and entry.failure_reason == "RuntimeError: kernel exploded"
+    with pytest.raises(CheckFailure, match="parity failed: RuntimeError"):
+        result.raise_for_outcome()
 
 
 def test_nondeterministic_eager_is_reported_not_compared(tmp_path: Path) -> None:
     cert = certification(tmp_path, blueprint(noisy))
-    with pytest.raises(pytest.fail.Exception, match="nondeterministic"):
-        cert.check_parity("default/default")
+    result = cert.check_parity("default/default")
+    assert result.failed and "nondeterministic" in result.reason
     assert cert.candidates["default/default"].nondeterministic is True
 
 
@@ -124,7 +155,7 @@ def test_each_cases_references_are_computed_once_for_the_profiles_candidates(
     expected = cert.kind.expected
     monkeypatch.setattr(cert.kind, "expected", lambda args, seed: calls.append(1) or expected(args, seed))
     for candidate in ("default/default", "default/freezing"):
-        cert.check_parity(candidate)
+        assert cert.check_parity(candidate).passed
     assert len(calls) == len(cert.cases("default"))
 
 

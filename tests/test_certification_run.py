@@ -12,7 +12,8 @@ from esper.blueprint import Blueprint, Dim, Input
 from esper.budgets import PROFILES
 from esper.certification import plan
 from esper.certification.kinds import InferenceChecks, TrainingChecks
-from esper.certification.run import BlueprintCertification, Outcome
+from esper.certification.results import Check, CheckResult, Outcome
+from esper.certification.run import BlueprintCertification
 from esper.evidence import geomean
 from esper.variants import DEFAULT_VARIANTS
 
@@ -50,15 +51,16 @@ def test_each_kind_has_its_own_candidates_and_checks(certification: BlueprintCer
 
 def test_outcomes_are_kept_by_kind_and_check(certification: BlueprintCertification) -> None:
     # The same check name under both kinds: neither overwrites the other, whatever the test was called.
-    certification.record("training", Outcome("parity", "failed", "gradient of w differs", "default/default"))
-    certification.record("inference", Outcome("parity", "passed", "", "batch=1-4/default"))
-    certification.record("inference", Outcome("select", "passed"))
+    failed = CheckResult(Check.PARITY, Outcome.FAILED, "gradient of w differs", "default/default")
+    passed = CheckResult(Check.PARITY, Outcome.PASSED, "", "batch=1-4/default")
+    selected = CheckResult(Check.SELECT, Outcome.PASSED)
+    certification.record("training", failed)
+    certification.record("inference", passed)
+    certification.record("inference", selected)
     assert certification.outcomes() == {
-        (ArtifactKind.TRAINING, "parity", "default/default"): Outcome(
-            "parity", "failed", "gradient of w differs", "default/default"
-        ),
-        (ArtifactKind.INFERENCE, "parity", "batch=1-4/default"): Outcome("parity", "passed", "", "batch=1-4/default"),
-        (ArtifactKind.INFERENCE, "select", None): Outcome("select", "passed"),
+        (ArtifactKind.TRAINING, Check.PARITY, "default/default"): failed,
+        (ArtifactKind.INFERENCE, Check.PARITY, "batch=1-4/default"): passed,
+        (ArtifactKind.INFERENCE, Check.SELECT, None): selected,
     }
     assert ("parity", "default/default") not in certification["inference"].outcomes
 
@@ -66,8 +68,8 @@ def test_outcomes_are_kept_by_kind_and_check(certification: BlueprintCertificati
 def test_a_check_keeps_its_worst_outcome(certification: BlueprintCertification) -> None:
     run = certification["inference"]
     for outcome in ("passed", "failed", "passed", "skipped"):
-        run.record(Outcome("parity", outcome, outcome, "batch=1-4/default"))
-    assert run.outcomes[("parity", "batch=1-4/default")].outcome == "failed"
+        run.record(CheckResult(Check.PARITY, Outcome(outcome), outcome, "batch=1-4/default"))
+    assert run.outcomes[(Check.PARITY, "batch=1-4/default")].outcome is Outcome.FAILED
 
 
 def test_training_checks_are_off_with_the_environment(
@@ -76,8 +78,9 @@ def test_training_checks_are_off_with_the_environment(
     monkeypatch.setenv("ESPER_CERTIFY_TRAINING", "0")
     training = certification["training"]
     assert "ESPER_CERTIFY_TRAINING=0" in (training.skip_reason(training.candidates["default/default"]) or "")
-    with pytest.raises(pytest.skip.Exception, match="off"):
-        training.compile("default/default")
+    result = training.compile("default/default")
+    assert result.outcome is Outcome.SKIPPED and "off" in result.reason
+    assert training.outcomes[(Check.COMPILE, "default/default")] == result
     assert certification["inference"].kind.disabled() is None
     monkeypatch.setenv("ESPER_CERTIFY_TRAINING", "1")
     assert training.kind.disabled() is None

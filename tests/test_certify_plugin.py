@@ -103,6 +103,7 @@ def test_wrong_only_off_the_representative_shapes_is_rejected(certify_run: pytes
     assert (entry.status, entry.failed_check) == ("rejected", "parity")
     assert entry.parity["certify"]["max_abs"] == pytest.approx(1.0, abs=1e-5)  # the injected `+ batch % 2`
     reason = entry.failure_reason or ""
+    assert reason.startswith("inference default/default at ")  # Esper's words, not pytest's "Failed: ..."
     assert "output: " in reason and int(re.search(r"'batch': (\d+)", reason).group(1)) % 2 == 1  # type: ignore[union-attr]
     certify_run.stdout.fnmatch_lines(
         ["FAILED .esper/certify/test_certify_tiny_odd.py::test_parity[[]inference-default/default[]]*"]
@@ -184,6 +185,8 @@ def test_a_bad_compile_worker_count_is_a_usage_error(
     project: Path, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ESPER_CERTIFY_COMPILE_WORKERS", "many")
+    # Under pytest-xdist the run below would inherit this worker's variable, and take no compile workers at all.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     result = pytester.runpytest_subprocess("--certify")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*ESPER_CERTIFY_COMPILE_WORKERS must be a whole number of processes, not 'many'*"])

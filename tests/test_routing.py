@@ -12,7 +12,8 @@ import torch
 from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint, BlueprintError, Dim, Input
 from esper.budgets import PROFILES
-from esper.certification.run import Certification, Outcome
+from esper.certification.results import CheckResult, Outcome
+from esper.certification.run import CANDIDATE_CHECKS, Certification
 from esper.guards import DimGuard, GuardSchema, InputGuard
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.urza import Urza
@@ -131,9 +132,10 @@ def test_a_profile_where_no_variant_beats_eager_with_confidence_routes_eager(tmp
                 decision, ratio, ratio * 0.98, ratio * 1.02, 0.05, 0.96, ratio * 1e-3, 1e-3, ratios=rounds
             )
         }
-        for check in ("compile", "parity", "guards", "latency"):
-            cert.outcomes[(check, cid)] = Outcome(check, "passed", candidate=cid)
-    decisions = cert.select()
+        for check in CANDIDATE_CHECKS:
+            cert.outcomes[(check, cid)] = CheckResult(check, Outcome.PASSED, candidate=cid)
+    assert cert.select().passed
+    decisions = cert.decisions
     # freezing at 0.97x eager is even with eager, not a win by the 5% margin: eager it is.
     assert decisions["batch=1-4"].winner is None and "even: candidate/eager 0.970" in decisions["batch=1-4"].note
     assert decisions["batch=5-64"].winner == "batch=5-64/freezing"

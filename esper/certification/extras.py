@@ -14,6 +14,8 @@ from collections.abc import Callable
 INSTALL = "pip install 'esper[certify]'"
 # The modules the harness imports, with the distribution that provides each.
 HARNESS = {"hypothesis": "hypothesis", "pytest_benchmark": "pytest-benchmark"}
+# What the library itself needs to certify (``esper certify``): hypothesis draws the parity cases.
+LIBRARY = {"hypothesis": "hypothesis"}
 # pytest-benchmark's pytest plugin name: installed but disabled (-p no:benchmark) is as good as missing.
 BENCHMARK_PLUGIN = "benchmark"
 
@@ -33,6 +35,11 @@ def missing_harness(has_plugin: Callable[[str], bool], can_import: Callable[[str
     if "pytest-benchmark" not in missing and not has_plugin(BENCHMARK_PLUGIN):
         missing.append("pytest-benchmark")
     return missing
+
+
+def missing_library(can_import: Callable[[str], bool] = importable) -> list[str]:
+    """The distributions ``esper certify`` needs and cannot import here (pytest is not one of them)."""
+    return [dist for module, dist in LIBRARY.items() if not can_import(module)]
 
 
 def usage_error(missing: list[str]) -> str:

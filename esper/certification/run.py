@@ -1,4 +1,5 @@
-"""One blueprint's certification: the checks a generated test module calls, and the decision it publishes.
+"""One blueprint's certification: the checks a generated test module (or ``esper certify``) calls, and the
+decision it publishes. Each check returns a :class:`~esper.certification.results.CheckResult` and records it.
 
 :class:`Certification` is the one skeleton for every artifact kind (inference, training), parameterized by
 its :class:`~esper.certification.kinds.KindChecks`. A kind's *candidates* (see :mod:`.plan`) are each
@@ -27,7 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from esper import budgets, coverage, timing
@@ -37,6 +37,7 @@ from esper.certification import plan
 from esper.certification.cases import RefusedCase, refused_cases
 from esper.certification.compile_ahead import CompileAhead, CompileJob
 from esper.certification.kinds import KINDS, Expected, KindChecks
+from esper.certification.results import CANDIDATE_CHECKS, Check, CheckResult, Fail, Skip, check
 from esper.context import machine_context
 from esper.evidence import geomean
 from esper.inputs import Regime, make_inputs
@@ -47,8 +48,7 @@ from esper.values import make_case_inputs
 
 log = logging.getLogger("esper.certify")
 
-CHECKS = ("compile", "parity", "guards", "latency", "select", "budgets", "publish")
-CANDIDATE_CHECKS = ("compile", "parity", "guards", "latency")
+CHECKS = tuple(Check)
 # A compiled route must beat eager by this much, with confidence (interleaved rounds), or eager it is.
 MARGIN = 0.05
 # Interleaved rounds of a latency comparison before an undecided one is called inconclusive (and routes eager).
@@ -57,8 +57,6 @@ MAX_ROUNDS = 24
 REFERENCE_CACHE_BYTES = 256 * 2**20
 SELECTION = "selection"
 NO_CONTENDER = "no candidate passed its checks"
-# A check with several tests (one per case) keeps its worst outcome.
-RANK = {"passed": 0, "skipped": 1, "failed": 2}
 
 
 @contextlib.contextmanager
@@ -72,16 +70,6 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one test of a generated module (``candidate`` is ``None`` for blueprint-wide checks)."""
-
-    check: str
-    outcome: str  # "passed" | "failed" | "skipped"
-    message: str = ""
-    candidate: str | None = None
 
 
 @dataclass
@@ -239,7 +227,8 @@ def _reasons(by_label: Mapping[str, timing.Comparison], labels: list[str]) -> st
 
 @dataclass
 class Certification:
-    """State and checks of one artifact kind of one blueprint in one pytest session."""
+    """State and checks of one artifact kind of one blueprint in one certification session. Each check returns
+    a :class:`~esper.certification.results.CheckResult` and records it (see :meth:`record`)."""
 
     bp: Blueprint
     artifact: ArtifactKind
@@ -249,8 +238,9 @@ class Certification:
     recheck: bool = False
     candidates: dict[str, Candidate] = field(default_factory=dict)
     decisions: dict[str, Decision] = field(default_factory=dict)
-    outcomes: dict[tuple[str, str | None], Outcome] = field(default_factory=dict)
+    outcomes: dict[tuple[Check, str | None], CheckResult] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)  # candidates whose checks ran in this session
+    published: list[Entry] = field(default_factory=list)  # what the last publish wrote
     kind: KindChecks = field(init=False)
     # Expected results of planned cases by (profile, case index), shared by the profile's candidates.
     _expected: dict[tuple[str, int], Expected] = field(default_factory=dict, repr=False)
@@ -275,18 +265,19 @@ class Certification:
 
     # -- 1. compile --------------------------------------------------------------------------------
 
-    def compile(self, candidate: str) -> Entry:
+    @check(Check.COMPILE)
+    def compile(self, candidate: str) -> dict[str, Any]:
         """Compile one candidate with Tezzeret, or reuse the entry with the same content hash and key."""
         off = self.kind.disabled()
         if off:
-            pytest.skip(off)
+            raise Skip(off)
         c = self.candidates[candidate]
         job = self.job(candidate) if self.ahead is not None else None
         if job is not None:
             self.ahead.claim(job)  # type: ignore[union-attr]
         outcome = self.kind.compile(profile=c.profile, variant=c.variant)
         c.entry, c.reused, c.compile_seconds = outcome.entry, outcome.reused, outcome.seconds
-        return c.entry
+        return {"entry": c.entry.id, "kind": c.entry.kind, "reused": c.reused, "seconds": c.compile_seconds}
 
     def job(self, candidate: str) -> CompileJob | None:
         """``candidate`` as a job a compile worker can run (``None``: this kind is off, no such candidate, or a
@@ -328,7 +319,7 @@ class Certification:
         c = self.candidates[candidate]
         why = self.skip_reason(c)
         if why:
-            pytest.skip(why)
+            raise Skip(why)
         self.checked.add(candidate)
         return c
 
@@ -338,7 +329,7 @@ class Certification:
         if c.kernel is None:
             c.kernel = self.kind.load(c.entry.id)
         if c.kernel.route != COMPILED:
-            pytest.fail(f"Kasmina cannot load {self.artifact} entry #{c.entry.id}: {c.kernel.reason}")
+            raise Fail(f"Kasmina cannot load {self.artifact} entry #{c.entry.id}: {c.kernel.reason}")
         return c.kernel
 
     def _inputs(self, sizes: Mapping[str, int], regime: Regime | None = None) -> tuple[torch.Tensor, ...]:
@@ -376,10 +367,10 @@ class Certification:
     ) -> None:
         refused = kernel.check(*args)
         if refused is not None:
-            pytest.fail(f"guards refuse a shape inside the profile's range, {where}: {refused}")
+            raise Fail(f"guards refuse a shape inside the profile's range, {where}: {refused}")
         path, verdicts = self.kind.judge(kernel, args, expected, seed)
         if path != COMPILED:
-            pytest.fail(f"Kasmina ran {path} for accepted inputs, {where}")
+            raise Fail(f"Kasmina ran {path} for accepted inputs, {where}")
         c.parity.cases += 1
         for part, v in verdicts.items():
             c.verdicts.setdefault(part, []).append(v)
@@ -393,20 +384,23 @@ class Certification:
                 if o.rmse_eager or o.rmse_compiled
                 else ""
             )
-            pytest.fail(f"{self.artifact} {c.id} at {where}: {o.reason}{figures}")
+            raise Fail(f"{self.artifact} {c.id} at {where}: {o.reason}{figures}")
         broken = [v for v in verdicts.values() if not v.passed]  # a structural failure, no output to blame
         if broken:
-            pytest.fail(f"{self.artifact} {c.id} at {where}: {broken[0].reason}")
+            raise Fail(f"{self.artifact} {c.id} at {where}: {broken[0].reason}")
 
-    def check_parity(self, candidate: str) -> coverage.Coverage:
+    @check(Check.PARITY)
+    def check_parity(self, candidate: str) -> dict[str, Any]:
         """The candidate (loaded once, as Kasmina loads it) against eager and a float64 reference on every
         planned case of its profile (every size of each dim, pairwise sizes, value regimes, seeds), judged by
         :func:`esper.parity.judge`; stops at the first failing case, naming it. Eager that differs between
-        two identical runs is reported as nondeterministic instead. Returns the profile's coverage."""
+        two identical runs is reported as nondeterministic instead. Its figures: the cases judged and the
+        profile's coverage."""
         c = self.ready(candidate)
         kernel = self._kernel(c)
         with one_thread():
-            return self._check_planned(c, kernel)
+            covered = self._check_planned(c, kernel)
+        return {"cases": c.parity.cases, "max_abs": c.parity.max_abs, "coverage": covered.evidence()}
 
     def _check_planned(self, c: Candidate, kernel: Any) -> coverage.Coverage:
         cases = self.cases(c.profile)
@@ -414,7 +408,7 @@ class Certification:
         args = make_case_inputs(self.bp, first.sizes, self.kind.value_case(first.values), self.device)
         c.nondeterministic = self.kind.nondeterministic(args)
         if c.nondeterministic:
-            pytest.fail(
+            raise Fail(
                 f"eager {self.artifact} is nondeterministic: two identical runs at {dict(first.sizes)} differ, so "
                 "parity has no reference to hold the compiled code to (make the blueprint deterministic)"
             )
@@ -427,8 +421,23 @@ class Certification:
             )
         return self.coverage(c.profile)
 
-    def check_drawn(self, candidate: str, sizes: Mapping[str, int], regime: Regime) -> None:
-        """One hypothesis-drawn case (on top of the planned ones), judged the same way."""
+    @check(Check.PARITY)
+    def check_drawn(self, candidate: str, sizes: Mapping[str, int], regime: Regime) -> dict[str, Any]:
+        """One drawn case (on top of the planned ones), judged the same way."""
+        self._drawn(candidate, sizes, regime)
+        return {"drawn": self.candidates[candidate].drawn}
+
+    @check(Check.PARITY)
+    def check_drawn_cases(self, candidate: str) -> dict[str, Any]:
+        """A few hypothesis-drawn cases inside the candidate's profile (:func:`.strategies.check_cases`); a
+        failing one is shrunk by hypothesis and reported as the smallest case that fails."""
+        from esper.certification import strategies
+
+        c = self.ready(candidate)
+        strategies.check_cases(lambda sizes, regime: self._drawn(candidate, sizes, regime), c.ranges, [])
+        return {"drawn": c.drawn}
+
+    def _drawn(self, candidate: str, sizes: Mapping[str, int], regime: Regime) -> None:
         c = self.ready(candidate)
         kernel = self._kernel(c)
         regime = self.kind.parity_regime(regime)
@@ -448,21 +457,24 @@ class Certification:
         base_sizes = self.labels()[plan.labels_in(self.bp, c.ranges)[0]]
         return refused_cases(c.entry.guards, base_sizes, self._inputs)
 
-    def check_guards(self, candidate: str) -> None:
+    @check(Check.GUARDS)
+    def check_guards(self, candidate: str) -> dict[str, Any]:
         """Every refused case is refused by the guard check and served eagerly, never by compiled code."""
         c = self.ready(candidate)
         kernel = self._kernel(c)
         for case in self.refused_cases(candidate):
             if kernel.check(*case.args) is None:
-                pytest.fail(f"guards accept an input they must refuse: {case.what}")
+                raise Fail(f"guards accept an input they must refuse: {case.what}")
             path, compiled_calls = self.kind.run_refused(kernel, case.args)
             if path != EAGER or compiled_calls:
-                pytest.fail(f"{case.what}: reached the compiled code")
+                raise Fail(f"{case.what}: reached the compiled code")
             c.guards_refused += 1
+        return {"refused": c.guards_refused}
 
     # -- 4. latency --------------------------------------------------------------------------------
 
-    def compare_latency(self, candidate: str, label: str) -> timing.Comparison:
+    @check(Check.LATENCY)
+    def compare_latency(self, candidate: str, label: str) -> dict[str, Any]:
         """The candidate against eager at one representative shape, in interleaved rounds on the same inputs
         (:func:`esper.timing.compare`): the paired ratio with its confidence interval and a decision."""
         c = self.ready(candidate)
@@ -473,9 +485,9 @@ class Certification:
         with torch.set_grad_enabled(self.kind.grad_enabled):
             cmp = timing.compare(compiled_fn, eager_fn, margin=MARGIN, max_rounds=MAX_ROUNDS)
             if kernel.last_path != COMPILED:
-                pytest.fail(f"compiled timing ran {kernel.last_path}: {kernel.reason}")
+                raise Fail(f"compiled timing ran {kernel.last_path}: {kernel.reason}")
         c.comparisons[label] = cmp
-        return cmp
+        return {"shape": label, **cmp.evidence()}
 
     # -- 5. select ---------------------------------------------------------------------------------
 
@@ -485,16 +497,18 @@ class Certification:
             c.entry is not None
             and not self.skip_reason(c)
             and c.failed is None
-            and all(
-                self.outcomes.get((check, c.id), Outcome(check, "not run")).outcome == "passed"
-                for check in CANDIDATE_CHECKS
-            )
+            and all(self._passed(name, c.id) for name in CANDIDATE_CHECKS)
         )
 
-    def select(self) -> dict[str, Decision]:
+    def _passed(self, name: Check, candidate: str | None) -> bool:
+        result = self.outcomes.get((name, candidate))
+        return result is not None and result.passed
+
+    @check(Check.SELECT, per_candidate=False)
+    def select(self) -> dict[str, Any]:
         """Per profile, the route :func:`choose` picks from the candidates that passed every check."""
         if all(self.skip_reason(c) for c in self.candidates.values()):
-            pytest.skip("every candidate is decided already or a fallback")
+            raise Skip("every candidate is decided already or a fallback")
         self.decisions = {}
         for pname, ranges in self.profiles().items():
             labels = plan.labels_in(self.bp, ranges)
@@ -506,29 +520,32 @@ class Certification:
             self.decisions[pname] = choose(
                 pname, labels, scored, self.bp.budget, self.budget_profile, p95=self.kind.p95_budget
             )
-        return self.decisions
+        return {p: {"winner": d.winner, "ratio": d.ratio, "note": d.note} for p, d in self.decisions.items()}
 
     # -- 6. budgets --------------------------------------------------------------------------------
 
-    def check_budgets(self) -> None:
+    @check(Check.BUDGETS, per_candidate=False)
+    def check_budgets(self) -> dict[str, Any]:
         """Every profile has a route within the blueprint's budget on this budget profile (selection prefers
         one); fails, with every route's figures, where none is."""
         if not self.decisions:
-            pytest.skip("no selection was made in this session")
+            raise Skip("no selection was made in this session")
         violations = [v for d in self.decisions.values() for v in d.over_budget]
         if violations:
-            pytest.fail(f"no route meets the budget ({self.budget_profile.name} profile): " + "; ".join(violations))
+            raise Fail(f"no route meets the budget ({self.budget_profile.name} profile): " + "; ".join(violations))
+        return {"budget_profile": self.budget_profile.name}
 
     # -- 7. publish --------------------------------------------------------------------------------
 
-    def publish(self) -> list[Entry]:
+    @check(Check.PUBLISH, per_candidate=False)
+    def publish(self) -> dict[str, Any]:
         """Write every decision: winners certified, losers rejected by selection, eager routes certified."""
         if not self.decisions:
-            pytest.skip("no selection was made in this session")
-        for check in ("select", "budgets"):
-            o = self.outcomes.get((check, None))
-            if o is None or o.outcome != "passed":
-                pytest.fail(f"not certified: {check} {'did not run' if o is None else o.outcome}")
+            raise Skip("no selection was made in this session")
+        for name in (Check.SELECT, Check.BUDGETS):
+            o = self.outcomes.get((name, None))
+            if o is None or not o.passed:
+                raise Fail(f"not certified: {name} {'did not run' if o is None else o.outcome}")
         published: list[Entry] = []
         with Urza(self.urza_path) as urza:
             for decision in self.decisions.values():
@@ -561,7 +578,8 @@ class Certification:
                         reason=decision.note,
                     )
                     published.append(route)
-        return published
+        self.published = published
+        return {"entries": [e.id for e in published]}
 
     def eager_latency(self, profile: str) -> dict[str, dict[str, float]]:
         """Eager's p50/p95 (ms) per representative shape of ``profile``: the median over the profile's
@@ -646,30 +664,31 @@ class Certification:
             "meta": {**(entry.meta if entry else {}), "certification": certification},
         }
 
-    def record(self, outcome: Outcome) -> None:
-        """Note a test's outcome; a failed candidate check rejects that candidate's entry at once, with the
-        check and the reason. A check with several tests keeps its worst outcome."""
-        key = (outcome.check, outcome.candidate)
+    def record(self, result: CheckResult) -> None:
+        """Note a check's result (every check records its own); a failed candidate check rejects that
+        candidate's entry at once, with the check and the reason. A check with several results (one per case
+        or shape) keeps its worst."""
+        key = (result.check, result.candidate)
         previous = self.outcomes.get(key)
-        if previous is None or RANK[outcome.outcome] >= RANK[previous.outcome]:
-            self.outcomes[key] = outcome
-        if outcome.outcome != "failed" or outcome.check == "publish":
+        if previous is None or result.outcome.rank >= previous.outcome.rank:
+            self.outcomes[key] = result
+        if not result.failed or result.check is Check.PUBLISH:
             return
-        if outcome.candidate is None:
+        if result.candidate is None:
             # A blueprint-wide check (select, budgets) failed: no candidate of this session may be routed.
             hit = [c for c in self.candidates.values() if not self.skip_reason(c)]
         else:
-            hit = [self.candidates[outcome.candidate]] if outcome.candidate in self.candidates else []
+            hit = [self.candidates[result.candidate]] if result.candidate in self.candidates else []
         for c in hit:
             if c.entry is None or c.entry.kind != "aoti" or c.failed is not None:
                 continue
-            c.failed = outcome.check
+            c.failed = str(result.check)
             with Urza(self.urza_path) as urza:
                 c.entry = urza.update(
                     c.entry.id,  # type: ignore[arg-type]
                     status="rejected",
-                    failed_check=outcome.check,
-                    failure_reason=outcome.message[:4000],
+                    failed_check=str(result.check),
+                    failure_reason=result.reason[:4000],
                     **self.evidence(c),
                 )
 
@@ -708,13 +727,33 @@ class BlueprintCertification:
     def bp(self) -> Blueprint:
         return next(iter(self)).bp
 
-    def record(self, artifact: str, outcome: Outcome) -> None:
-        """Note a test's outcome on the certification of ``artifact``."""
-        self[artifact].record(outcome)
+    def record(self, artifact: str, result: CheckResult) -> None:
+        """Note a check's result on the certification of ``artifact``."""
+        self[artifact].record(result)
 
-    def outcomes(self) -> dict[tuple[ArtifactKind, str, str | None], Outcome]:
-        """Every recorded outcome by ``(kind, check, candidate)``."""
-        return {(run.artifact, check, cid): o for run in self for (check, cid), o in run.outcomes.items()}
+    def outcomes(self) -> dict[tuple[ArtifactKind, Check, str | None], CheckResult]:
+        """Every recorded result by ``(kind, check, candidate)``."""
+        return {(run.artifact, name, cid): r for run in self for (name, cid), r in run.outcomes.items()}
+
+    def certify(self) -> list[CheckResult]:
+        """Every check of every kind, in the order a generated test module runs them (each check over every
+        kind and candidate before the next check); a candidate's parity draws run only after its planned
+        cases pass. The results are recorded as they come: failures reject their candidates in Urza."""
+        results: list[CheckResult] = []
+        for run in self:
+            results += [run.compile(cid) for cid in plan.candidate_ids(self.bp, run.artifact)]
+        for run in self:
+            for cid in plan.candidate_ids(self.bp, run.artifact):
+                results.append(run.check_parity(cid))
+                if results[-1].passed:
+                    results.append(run.check_drawn_cases(cid))
+        for run in self:
+            results += [run.check_guards(cid) for cid in plan.candidate_ids(self.bp, run.artifact)]
+        for run in self:
+            results += [run.compare_latency(cid, label) for cid, label in plan.latency_cases(self.bp, run.artifact)]
+        for step in (Certification.select, Certification.check_budgets, Certification.publish):
+            results += [step(run) for run in self]
+        return results
 
 
 def _side(cmp: timing.Comparison, path: str) -> dict[str, float]:

@@ -1,8 +1,11 @@
-"""The certify session: one per pytest run. The plugin's hooks delegate here.
+"""The certify session: one per certification run, whoever drives it (``pytest --certify`` through the plugin
+in ``certify/``, or ``esper certify``).
 
-It generates one test module per blueprint, hands each module its :class:`BlueprintCertification` (one
-certification per artifact kind), records test outcomes by kind, and renders the end-of-run summary
-(terminal table plus ``summary.json``/``summary.md``): inference columns, then training's beside them.
+It selects the blueprints of the run (validated, this run's shard of them), hands each its
+:class:`BlueprintCertification` (one certification per artifact kind, whose checks record their own results),
+runs the compile workers, writes ``latency.json`` and judges the release gate, and renders the end-of-run
+summary (terminal table plus ``summary.json``/``summary.md``): inference columns, then training's beside them.
+It knows no test runner: :meth:`CertifySession.certify` runs every check itself.
 """
 
 from __future__ import annotations
@@ -10,12 +13,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from certify.generate import GENERATED_PREFIX, render_broken, render_module
 from esper.artifacts import ArtifactKind
 from esper.blueprint import Blueprint, BlueprintError
 from esper.budgets import PROFILES, BudgetProfile
@@ -23,13 +25,18 @@ from esper.catalog import load_catalog, load_file, module_file_name, validate_mo
 from esper.certification import gate, plan
 from esper.certification.compile_ahead import CompileAhead, CompilePool, workers
 from esper.certification.kinds import TRAINING_ENV
-from esper.certification.run import BlueprintCertification, Certification, Outcome
+from esper.certification.results import CheckResult
+from esper.certification.run import BlueprintCertification, Certification
+from esper.certification.shard import Shard
 from esper.compat import CompatKey
 from esper.evidence import geomean, latency_table, parity_error, speedup, speedups
 from esper.kasmina import COMPILED, EAGER
 from esper.profiles import contains
 from esper.settings import Settings
 from esper.urza import Entry, Urza
+
+# Where generated modules, latency.json and the summary go, under the project root.
+DEFAULT_BUILD_DIR = Path(".esper") / "certify"
 
 
 @dataclass
@@ -49,48 +56,63 @@ class CertifySession:
     # The collected ``test_compile`` items per blueprint, in order: (artifact, candidate).
     planned: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     pool: CompilePool | None = None
+    shard: Shard | None = None  # certify only this shard of the selected blueprints
 
     @property
     def budget_profile(self) -> BudgetProfile:
         return PROFILES[self.settings.budget_profile]
 
-    # -- generation --------------------------------------------------------------------------------
+    # -- selection ----------------------------------------------------------------------------------
 
-    def generate(self) -> list[Path]:
-        """Write one module per blueprint (and one per unusable file) into the build folder.
+    def select(self, names: Iterable[str] = ()) -> list[Blueprint]:
+        """The blueprints of this run: the named ones (all by default), validated, this run's shard of them.
 
-        Blueprints are validated here, before anything compiles; an invalid one gets a module whose single
-        test fails with the error. Files are rewritten only when their text changes, and generated files of
-        blueprints that no longer exist are removed.
+        Blueprints are validated here, before anything compiles; an invalid one, and a file that cannot be
+        used, lands in :attr:`errors` (with names given, only the named blueprints' errors). Raises
+        :class:`~esper.catalog.UnknownBlueprintError` for a name no folder declares.
         """
+        chosen = list(names)
         catalog = load_catalog(self.settings.blueprint_paths, strict=False)
-        self.errors = list(catalog.errors)
-        texts: dict[str, str] = {}
-        for bp in catalog.select([]):
+        errors = [] if chosen else list(catalog.errors)
+        valid = []
+        for bp in catalog.select(chosen):
             try:
                 validate_module(bp)
             except BlueprintError as e:
-                self.errors.append(e)
+                errors.append(e)
                 continue
-            texts[f"{GENERATED_PREFIX}{bp.name}.py"] = render_module(bp, self._relative(bp.source))
-        for err in self.errors:
-            # A validated blueprint name, else a sanitized file stem: nothing a file declares reaches a path.
-            texts[f"{GENERATED_PREFIX}error_{err.blueprint or module_file_name(err.source)}.py"] = render_broken(err)
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.build_dir.glob(f"{GENERATED_PREFIX}*.py"):
-            if stale.name not in texts:
-                stale.unlink()
-        paths = []
-        for name, text in sorted(texts.items()):
-            paths.append(_write_if_changed(self.build_dir / name, text))
-        return paths
+            valid.append(bp)
+        if self.shard is not None:
+            valid = self.shard.take(valid, lambda bp: bp.name)
+            errors = self.shard.take(errors, error_name)
+        self.errors = errors
+        return valid
 
-    def _relative(self, source: str | None) -> str:
+    def relative(self, source: str | None) -> str:
+        """A blueprint file's path relative to the project root (as given when it lies outside)."""
         path = Path(source or "")
         try:
             return path.relative_to(self.settings.root).as_posix()
         except ValueError:
             return path.as_posix()
+
+    # -- the run without a test runner ------------------------------------------------------------------
+
+    def certify(self, names: Iterable[str] = ()) -> list[CheckResult]:
+        """Run every check of the selected blueprints (see :meth:`select`) in the order a generated test
+        module runs them, compile workers included; every result, in order. An invalid declaration is in
+        :attr:`errors`, not a result."""
+        chosen = self.select(names)
+        self.plan_compiles(
+            {bp.name: [(str(k), cid) for k in ArtifactKind for cid in plan.candidate_ids(bp, k)] for bp in chosen}
+        )
+        results: list[CheckResult] = []
+        try:
+            for bp in chosen:
+                results += self.certification_of(bp).certify()
+        finally:
+            self.close()
+        return results
 
     # -- per-blueprint state -----------------------------------------------------------------------
 
@@ -103,18 +125,25 @@ class CertifySession:
             declared = {bp.name: bp for bp in load_file(path)}
             if name not in declared:
                 raise BlueprintError("name", f"{path} no longer declares {name!r}; regenerate with --certify")
+            self.certification_of(declared[name])
+        return self.runs[name]
+
+    def certification_of(self, bp: Blueprint) -> BlueprintCertification:
+        """The certification of blueprint ``bp`` in this session (created on first use)."""
+        if bp.name not in self.runs:
             run = BlueprintCertification.create(
-                declared[name], self.settings.urza, self.budget_profile, device=self.device, recheck=self.recheck
+                bp, self.settings.urza, self.budget_profile, device=self.device, recheck=self.recheck
             )
             ahead = self._compile_ahead(run)
             for kind in run:
                 kind.ahead = ahead
-            self.runs[name] = run
-        return self.runs[name]
+            self.runs[bp.name] = run
+        return self.runs[bp.name]
 
     def plan_compiles(self, compiles: Mapping[str, list[tuple[str, str]]]) -> None:
-        """Note the ``test_compile`` items pytest collected, per blueprint ``(artifact, candidate)`` in run
-        order: what the compile workers may take (see :mod:`esper.certification.compile_ahead`)."""
+        """Note the compiles this run will make, per blueprint ``(artifact, candidate)`` in run order (the
+        ``test_compile`` items pytest collected, or every candidate of :meth:`certify`): what the compile
+        workers may take (see :mod:`esper.certification.compile_ahead`)."""
         self.planned = {name: list(items) for name, items in compiles.items()}
 
     def _compile_ahead(self, run: BlueprintCertification) -> CompileAhead | None:
@@ -133,23 +162,15 @@ class CertifySession:
             self.pool.close()
             self.pool = None
 
-    def record(
-        self, name: str, artifact: str, check: str, outcome: str, message: str, candidate: str | None = None
-    ) -> None:
-        """Note the outcome of one test of blueprint ``name``'s certification of ``artifact``."""
-        run = self.runs.get(name)
-        if run is not None:
-            run.record(artifact, Outcome(check, outcome, message, candidate))
-
-    def record_test(self, name: str, test: str, params: Mapping[str, Any], outcome: str, message: str) -> None:
-        """Note the outcome of generated test ``test`` (``test_<check>``) of blueprint ``name``: its parameters
-        name the artifact kind and the candidate (or the benchmarked path), as :mod:`certify.generate` writes
-        them. A test without an artifact kind is not a check."""
-        if "artifact" not in params:
-            return
-        path = params.get("path")
-        candidate = params.get("candidate") or (path if path != EAGER else None)
-        self.record(name, params["artifact"], test.removeprefix("test_"), outcome, message, candidate)
+    def failures(self) -> list[str]:
+        """One line per failed check of this session, and per unusable declaration."""
+        lines = [
+            f"{name} {kind} {check}{f' {cid}' if cid else ''}: {result.reason}"
+            for name, run in sorted(self.runs.items())
+            for (kind, check, cid), result in run.outcomes().items()
+            if result.failed
+        ]
+        return lines + [f"invalid: {err}" for err in self.errors]
 
     # -- latency record and the release gate -------------------------------------------------------------
 
@@ -173,7 +194,7 @@ class CertifySession:
 
             self.build_dir.mkdir(parents=True, exist_ok=True)
             doc = gate.record([(k, r) for k, r, _ in rows], machine_context(), {k: ms for k, _, ms in rows})
-            _write_if_changed(self.build_dir / "latency.json", json.dumps(doc, indent=1) + "\n")
+            write_if_changed(self.build_dir / "latency.json", json.dumps(doc, indent=1) + "\n")
         if self.baseline is None:
             return False
         current = gate.parse_record(doc, "this run") if rows else gate.Record({})
@@ -401,11 +422,18 @@ def _joined(d: Any) -> str:
     return "/".join(f"{v:.3g}" for v in d.values() if v is not None) if isinstance(d, dict) else ""
 
 
-def _write_if_changed(path: Path, text: str) -> Path:
+def error_name(error: BlueprintError) -> str:
+    """A name for an unusable declaration: the validated blueprint name, else a sanitized file stem, so that
+    nothing a file declares reaches a path."""
+    return error.blueprint or module_file_name(error.source)
+
+
+def write_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` unless it holds it already (an unchanged file keeps its time stamp)."""
     if path.is_file() and path.read_text() == text:
         return path
     # Write-then-rename: parallel workers regenerate the same files and must never read half of one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gen-", suffix=".py")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gen-", suffix=path.suffix)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
