@@ -317,3 +317,59 @@ def test_recorded_constants_that_disagree_with_the_package_run_eager_naming_the_
         agrees(bound, module, EAGER)
     (record,) = warnings_of(caplog)
     assert "entry #" in record.esper["detail"] and "package" in record.esper["detail"]  # type: ignore[attr-defined]
+
+
+# -- the watch: what it must still see, and what it may let through ---------------------------------------
+
+
+class Doubled(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_submodule_whose_class_is_reassigned_runs_its_own_forward(
+    habits_urza: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = seed(12)
+    bound = load(habits_urza).bind(module)
+    agrees(bound, module, COMPILED)
+    module.fc.__class__ = Doubled  # same __dict__, same tensors: only the class says the forward differs
+    with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
+        agrees(bound, module, EAGER)
+    (record,) = warnings_of(caplog)
+    assert record.esper["reason"] == "seed-form"  # type: ignore[attr-defined]
+
+
+def test_a_replaced_parameter_that_requires_grad_gets_its_gradient(habits_urza: Path) -> None:
+    module = seed(13).requires_grad_(False)  # a frozen seed: calls with grad on may run compiled
+    bound = load(habits_urza).bind(module)
+    x = torch.randn(4, 8)
+    bound(x)
+    assert bound.last_path == COMPILED
+    module.fc.weight = torch.nn.Parameter(torch.randn(8, 8))  # requires grad, unlike the tensor it replaces
+    bound(x).sum().backward()
+    assert bound.last_path == EAGER
+    want = copy.deepcopy(module)
+    want(x).sum().backward()
+    assert module.fc.weight.grad is not None and want.fc.weight.grad is not None
+    torch.testing.assert_close(module.fc.weight.grad, want.fc.weight.grad)
+
+
+def test_new_views_of_the_same_memory_are_seen_and_in_place_steps_are_served(habits_urza: Path) -> None:
+    module = seed(14)
+    bound = load(habits_urza).bind(module)
+    agrees(bound, module, COMPILED)
+    with torch.no_grad():
+        for _ in range(3):  # an optimizer's in-place steps reach the compiled code through its alias
+            module.fc.weight.add_(torch.randn(8, 8))
+            agrees(bound, module, COMPILED)
+        module.fc.weight.data = module.fc.weight.data.t()  # the same memory, now column-major
+        agrees(bound, module, COMPILED)
+        module.fc.weight.data = module.fc.weight.data.t()
+        agrees(bound, module, COMPILED)
+        module.norm.running_var.data = module.norm.running_var.data.flip(0).contiguous()  # a folded buffer
+        agrees(bound, module, EAGER)
+        module.fc.weight.data = module.fc.weight.data.view(4, 16)  # the same memory, another shape
+        with pytest.raises(RuntimeError):
+            bound(torch.randn(4, 8))
+        assert bound.last_path == EAGER

@@ -385,21 +385,24 @@ class BoundKernel(Kernel):
             if package is not None:
                 if _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
                     self.warn_once(telemetry.MODE, f"{mode_problem()}; this call runs eager")
-                elif torch.is_grad_enabled() and (
-                    any(a.requires_grad for a in args)
-                    or (type(package) is BoundPackage and package.seed_requires_grad())
-                ):
-                    self.warn_once(telemetry.NEEDS_GRAD, "a graph through the inputs or the seed's weights needs eager")
                 else:
-                    problem = package.problem() if type(package) is BoundPackage else None
-                    if problem is None:
+                    # First: a seed that changed is validated again, and the grad check then sees its tensors now.
+                    problem = package.problem()  # type: ignore[attr-defined]
+                    if torch.is_grad_enabled() and (
+                        any(a.requires_grad for a in args) or package.seed_requires_grad()  # type: ignore[attr-defined]
+                    ):
+                        self.warn_once(
+                            telemetry.NEEDS_GRAD, "a graph through the inputs or the seed's weights needs eager"
+                        )
+                    elif problem is not None:
+                        self.warn_once(problem[0], f"{problem[1]}; this call runs eager")
+                    else:
                         for a in args:
                             if not a.is_contiguous():
                                 args = tuple(a.contiguous() for a in args)
                                 break
                         self.took(COMPILED)
                         return package(args)
-                    self.warn_once(problem[0], f"{problem[1]}; this call runs eager")
             elif why is not None:
                 self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
         self.took(EAGER)

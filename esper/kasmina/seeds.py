@@ -14,12 +14,14 @@ row-major one the code reads (a column-major view) is handed as a contiguous cop
 live tensor changes. Swapping costs ~0.1 ms; each seed holds only its own weights.
 
 A bound kernel follows the seed module as it is at each call, never as it was at bind: the tensors handed
-to the package are the module's current parameters and buffers. Each call checks, at the cost of a few
-attribute reads per submodule and tensor, that nothing changed since the last call that was validated (a
-:class:`SeedBinding` watch: the same submodule, parameter and buffer objects, their version counters,
-storage, shape, strides and dtype, the same attribute objects, no hooks). Anything else (``load_state_dict``
-with ``assign=True``, pruning, a replaced ``Parameter``, ``.data`` assigned, ``train()``, a hook or attribute
-set) validates the module again before the compiled code may run, and a shape change never reaches it.
+to the package are the module's current parameters and buffers. Each call checks that nothing that could
+change an answer changed since the last call that was validated, with one function generated for the seed
+(:func:`compile_watch`: the same submodule classes, attribute, parameter, buffer and child objects, no hooks;
+the same data pointer, layout, shape and dtype of each tensor; the same version of each tensor whose value the
+compiled code holds apart, a folded weight or a contiguous copy). Anything else (``load_state_dict`` with
+``assign=True``, pruning, a replaced ``Parameter``, ``.data`` assigned, ``train()``, a hook or attribute set,
+a class reassigned) validates the module again before the compiled code may run, and a shape change never
+reaches it. An in-place step (an optimizer's) reaches the compiled code through its alias, unvalidated.
 
 The rule for "the compiled code computes what this seed's module would" is structural, not proven
 equivalence (:class:`~esper.kasmina.conformance.SeedForm`, against a fresh build of the blueprint in eval
@@ -41,9 +43,10 @@ with a WARNING naming the entry.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +113,8 @@ def seed_module(
 _serial = itertools.count(1)
 # nn.Module's own tables in every instance's __dict__; every other entry (``training`` too) is an attribute.
 _TABLES = frozenset(vars(torch.nn.Module())) - {"training"}
+# The tables whose entries would run besides the module's forward.
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 # One extra loaded copy of a package per base package, shared by every seed bound from it.
 _seed_packages: weakref.WeakKeyDictionary[CompiledPackage, CompiledPackage] = weakref.WeakKeyDictionary()
 
@@ -120,6 +125,78 @@ def _shared_package(base: CompiledPackage) -> CompiledPackage:
         pkg = base.reload()
         _seed_packages[base] = pkg
     return pkg
+
+
+def _never() -> bool:
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _watch_factory(source: str) -> Callable[..., Callable[[], bool]]:
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<seed watch>", "exec"), namespace)
+    return namespace["make"]  # type: ignore[no-any-return]
+
+
+def compile_watch(
+    holder: Mapping[str, object], seed: object, *, views: Collection[int], versions: Collection[int]
+) -> Callable[[], bool]:
+    """A function telling, at the cost of one Python call, whether ``holder["seed"]`` is still ``seed`` as it is
+    now: the same object; at every submodule the same class, the same attribute objects (the number of entries
+    in its ``__dict__`` and each attribute's identity), no hook, the same parameter, buffer and child objects;
+    each tensor whose id is in ``views`` the same view (data pointer, contiguity or strides, shape, dtype), and
+    each in ``versions`` at the same version. The caller keeps an alias of each watched view alive, so that no
+    tensor made later can take its data pointer.
+
+    Generated as straight-line code, one check per watched object, the objects bound as closure cells: no loop,
+    no unpacking, no attribute lookup on a module. The source holds only indices and depends on the seed's
+    structure alone, so seeds of one blueprint share one compiled factory."""
+    objects: list[object] = []
+
+    def ref(obj: object) -> str:
+        objects.append(obj)
+        return f"o{len(objects) - 1}"
+
+    checks = [f"{ref(holder)}[{ref('seed')}] is not {ref(seed)}"]
+    modules = {id(m): m for m in seed.modules(remove_duplicate=False)} if isinstance(seed, torch.nn.Module) else {}
+    tensors: dict[int, torch.Tensor] = {}
+    for m in modules.values():
+        d = vars(m)
+        dn = ref(d)
+        checks.append(f"type({ref(m)}) is not {ref(type(m))} or len({dn}) != {ref(len(d))}")
+        checks += [f"{dn}[{ref(k)}] is not {ref(v)}" for k, v in d.items() if k not in _TABLES]
+        checks.append(" or ".join(f"{dn}[{ref(h)}]" for h in _HOOK_TABLES))
+        for table in (m._parameters, m._buffers, m._modules):
+            tn = ref(table)
+            checks.append(f"len({tn}) != {ref(len(table))}" if table else tn)  # an empty table: its truth
+            checks += [f"{tn}[{ref(k)}] is not {ref(v)}" for k, v in table.items()]
+            if table is not m._modules:
+                tensors.update((id(t), t) for t in table.values() if isinstance(t, torch.Tensor))
+    for t in tensors.values():
+        if id(t) not in views:
+            continue
+        tn = ref(t)
+        # An exact layout check costs less as contiguity than as strides; is_set_to costs more than all four.
+        layout = f"not {tn}.is_contiguous()" if t.is_contiguous() else f"{tn}.stride() != {ref(t.stride())}"
+        checks.append(
+            f"{tn}.data_ptr() != {ref(t.data_ptr())} or {layout} or {tn}.shape != {ref(t.shape)} "
+            f"or {tn}.dtype is not {ref(t.dtype)}"
+        )
+        if id(t) in versions:
+            checks.append(f"{tn}._version != {ref(t._version)}")
+    source = "\n".join(
+        [
+            f"def make({', '.join(f'o{i}' for i in range(len(objects)))}):",
+            "    def unchanged():",
+            "        try:",
+            *(f"            if {c}:\n                return False" for c in checks),
+            "        except Exception:  # an entry removed and another added: a KeyError",
+            "            return False",
+            "        return True",
+            "    return unchanged",
+        ]
+    )
+    return _watch_factory(source)(*objects)
 
 
 @dataclass(frozen=True)
@@ -190,86 +267,47 @@ class SeedBinding:
         self._form = form
         self._device = device
         self._expected = schema_of(builder)
-        # The watch: (module, its __dict__, #entries, attributes as (key, object), parameter and buffer tables
-        # with their (name, object)); (tensor, version, an alias of its view then, dtype).
-        self._root: torch.nn.Module | None = None
-        self._modules: list[tuple[Any, ...]] = []
-        self._tensors: list[tuple[torch.Tensor, int, torch.Tensor, torch.dtype]] = []
+        self._folded = frozenset(n for plan in self.plans for n in plan.folded)
+        self._taken = frozenset(n for plan in self.plans for n, _, _ in plan.constants)
+        # Whether the seed is exactly as at the last validation (see compile_watch); every tensor of it then.
+        self.unchanged: Callable[[], bool] = _never
+        self._tensors: tuple[torch.Tensor, ...] = ()
+        self._aliases: tuple[torch.Tensor, ...] = ()
         self.generation = 0
         self.problem: Problem | None = None
         self.route_problems: list[Problem | None] = [None] * len(self.plans)
         self.handed: list[dict[str, torch.Tensor]] = [{} for _ in self.plans]
         self.validate()
 
-    def unchanged(self) -> bool:
-        """Whether the seed is exactly as at the last validation (object identities, version counters, views)."""
-        if self._holder.get("seed") is not self._root:
-            return False
-        for m, d, n, attributes, params, pnames, buffers, bnames, children, cnames in self._modules:
-            if (
-                m._forward_pre_hooks
-                or m._forward_hooks
-                or m._backward_pre_hooks
-                or m._backward_hooks
-                or len(d) != n
-                or len(params) != len(pnames)
-                or len(buffers) != len(bnames)
-                or len(children) != len(cnames)
-            ):
-                return False
-            for key, value in attributes:
-                if d.get(key) is not value:
-                    return False
-            for key, value in pnames:
-                if params.get(key) is not value:
-                    return False
-            for key, value in bnames:
-                if buffers.get(key) is not value:
-                    return False
-            for key, value in cnames:
-                if children.get(key) is not value:
-                    return False
-        for t, version, seen, dtype in self._tensors:
-            if t._version != version or t.dtype is not dtype or not t.is_set_to(seen):
-                return False
-        return True
-
     def requires_grad(self) -> bool:
-        """Whether any of the seed's tensors requires grad (a call with grad on then needs eager's graph)."""
-        return any(t.requires_grad for t, _, _, _ in self._tensors)
+        """Whether any of the seed's tensors (as at the last validation) requires grad."""
+        return any(t.requires_grad for t in self._tensors)
 
     def validate(self) -> Problem | None:
         """Check the seed as it is now, hand each route its tensors, and watch from here; the problem that
         sends every route eager (``None``: none does; :attr:`route_problems` has each route's own)."""
         seed = self._holder.get("seed")
-        self._root = seed
-        self._modules, self._tensors = [], []
         self.generation += 1
-        self.problem = self._check(seed)
+        live: dict[str, torch.Tensor] = {}
+        if isinstance(seed, torch.nn.Module):
+            live.update(seed.named_parameters(remove_duplicate=False))
+            live.update(seed.named_buffers(remove_duplicate=False))
+        # Only what can change an answer is watched (the seed's form aside). The compiled code reads a taken
+        # tensor through an alias, so an in-place change reaches it, but a new view (``.data =``) does not; it
+        # reads a contiguous copy of a taken tensor in another layout, and a folded weight's value, which both
+        # an in-place change leaves stale. An integer tensor that no route takes (``num_batches_tracked``)
+        # changes no answer of an eval-mode seed and is not compared when validating: only its object is.
+        views = {id(t): t for n, t in live.items() if n in self._taken or t.is_floating_point()}
+        versions = {id(t) for n, t in live.items() if n in self._folded or (n in self._taken and not t.is_contiguous())}
+        self.unchanged = compile_watch(self._holder, seed, views=views.keys(), versions=versions)
+        self._tensors = tuple({id(t): t for t in live.values()}.values())
+        self._aliases = tuple(t.detach() for t in views.values())
+        self.problem = self._check(seed, live)
         return self.problem
 
-    def _check(self, seed: torch.nn.Module | None) -> Problem | None:
+    def _check(self, seed: torch.nn.Module | None, live: Mapping[str, torch.Tensor]) -> Problem | None:
         if not isinstance(seed, torch.nn.Module):
             return telemetry.SEED_FORM, f"the bound kernel's seed is a {type(seed).__name__}, not a module"
-        for m in seed.modules(remove_duplicate=False):
-            d = vars(m)
-            self._modules.append(
-                (
-                    m,
-                    d,
-                    len(d),
-                    tuple((k, v) for k, v in d.items() if k not in _TABLES),
-                    m._parameters,
-                    tuple(m._parameters.items()),
-                    m._buffers,
-                    tuple(m._buffers.items()),
-                    m._modules,
-                    tuple(m._modules.items()),
-                )
-            )
-        live = dict(seed.named_parameters(remove_duplicate=False))
-        live.update(seed.named_buffers(remove_duplicate=False))
-        self._tensors = [(t, t._version, t.detach(), t.dtype) for t in live.values()]
         form = self._form.problem(seed, training=False)
         if form is not None:
             return telemetry.SEED_FORM, f"the seed module's form is not the blueprint's: {form}"
@@ -285,19 +323,24 @@ class SeedBinding:
                 )
         for i, plan in enumerate(self.plans):
             self.route_problems[i] = None
-            for name in plan.folded:
-                if not torch.equal(live[name].detach().cpu(), self._builder[name].detach().cpu()):
-                    self.route_problems[i] = telemetry.UNBINDABLE, (
-                        f"weight {name!r} was folded into the compiled code of entry #{plan.entry.id}, and this "
-                        "seed's differs"
-                    )
-                    break
+            differs = [n for n in plan.folded if not torch.equal(live[n].detach().cpu(), self._builder[n].cpu())]
+            if differs:
+                detail = f"weight {differs[0]!r} was folded into the compiled code of entry #{plan.entry.id}"
+                self.route_problems[i] = (telemetry.UNBINDABLE, f"{detail}, and this seed's differs")
             # A layout the compiled code cannot read is handed as a contiguous copy, made again when it changes.
-            self.handed[i] = {
-                n: live[n].detach() if live[n].is_contiguous() else live[n].detach().contiguous()
-                for n, _, _ in plan.constants
-            }
+            self.handed[i] = {n: live[n].detach().contiguous() for n, _, _ in plan.constants}
         return None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SeedBinding:
+        # A copy follows its own seed (the copied module, through the copied holder): the watch and the tensors
+        # handed are this seed's, so the copy validates at its first call.
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new._holder = copy.deepcopy(self._holder, memo)
+        new.unchanged, new._tensors, new._aliases = _never, (), ()
+        new.route_problems = list(self.route_problems)
+        new.handed = [{} for _ in self.plans]
+        return new
 
 
 class BoundPackage:
@@ -310,13 +353,15 @@ class BoundPackage:
         self._serial = next(_serial)
 
     def problem(self) -> Problem | None:
-        """Why this call may not run compiled (``None``: it may). Cheap while the seed is unchanged."""
+        """Why this call may not run compiled (``None``: it may): the seed is validated again first if anything
+        changed since the last call. Cheap while the seed is unchanged."""
         b = self._binding
         problem = b.problem if b.unchanged() else b.validate()
         return problem or b.route_problems[self._index]
 
     def seed_requires_grad(self) -> bool:
-        """Whether any of the seed's tensors requires grad (a call with grad on then needs eager's graph)."""
+        """Whether any of the seed's tensors requires grad (a call with grad on then needs eager's graph), the
+        tensors as :meth:`problem` last saw them: call it first."""
         return self._binding.requires_grad()
 
     def _constants(self) -> dict[str, torch.Tensor]:
