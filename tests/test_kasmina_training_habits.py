@@ -257,6 +257,29 @@ def test_the_kernel_follows_the_seed_module_through_replacement_pruning_and_resi
     assert reasons == ["seed-form", "weights-changed"], reasons
 
 
+def test_functional_call_and_torch_func_grad_over_the_seeds_parameters_match_eager(training_urza: Path) -> None:
+    from torch.func import functional_call, grad
+
+    kernel, oracle = load(training_urza, "lora_adapter"), build("lora_adapter")
+    x = torch.randn(4, X_LORA)
+    new = {n: p.detach() + 0.01 for n, p in oracle.named_parameters()}
+    got = functional_call(kernel, {f"seed.{n}": p for n, p in new.items()}, (x,))
+    assert kernel.last_path == COMPILED  # plain tensors swapped in: the compiled step reads them
+    torch.testing.assert_close(got, functional_call(oracle, new, (x,)), atol=1e-4, rtol=1e-4)
+    trainable = {n: t for n, t in new.items() if n.startswith("lora")}
+
+    def loss(module: torch.nn.Module, prefix: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        return lambda p: functional_call(module, {prefix + n: t for n, t in p.items()}, (x,)).square().mean()
+
+    got_grads = grad(loss(kernel, "seed."))(trainable)
+    assert kernel.last_path == EAGER  # functorch-wrapped weights: compiled code cannot read them
+    want = grad(loss(oracle, ""))(trainable)
+    for n in want:
+        torch.testing.assert_close(got_grads[n], want[n], atol=1e-4, rtol=1e-4, msg=n)
+    kernel(x)
+    assert kernel.last_path == COMPILED
+
+
 def column_major(module: torch.nn.Module) -> torch.nn.Module:
     for name in ("base.weight", "lora_a.weight", "lora_b.weight"):
         owner, _, attr = name.rpartition(".")

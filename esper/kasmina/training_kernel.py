@@ -64,6 +64,7 @@ from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.seeds import Weights, seed_module
 from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
 from esper.kasmina.training_artifact import TrainingManifest
+from esper.tensor_kinds import kind_problem
 from esper.urza import Entry
 
 if TYPE_CHECKING:
@@ -510,6 +511,7 @@ class TrainingKernel(KernelBase):
         if why is not None:
             watch.problem = (telemetry.SEED_FORM, f"the seed module's form is not the blueprint's: {why}")
         trainable = set(program.manifest.trainable)
+        index = shared.device_index if shared.device_index >= 0 else None
         for s in program.manifest.params:
             p = _tensor(self.seed, s.name, "_parameters")
             if p is None and watch.problem is None:
@@ -520,6 +522,12 @@ class TrainingKernel(KernelBase):
             if b is None and watch.problem is None:
                 watch.problem = (telemetry.WEIGHTS_CHANGED, f"{s.name!r} is no buffer of the seed's module now")
             watch.buffers.append((b, s.name, s.torch_dtype, s.shape))  # type: ignore[arg-type]
+        # A tensor swapped in (torch.func.functional_call under grad or vmap, a forward-AD dual, a subclass)
+        # that compiled code cannot read: identities change whenever one is, so this runs only then.
+        for t, name, *_ in (*watch.params, *watch.buffers):
+            kind = kind_problem(t, shared.device, index) if watch.problem is None else None
+            if kind is not None:
+                watch.problem = (telemetry.WEIGHTS_CHANGED, f"the seed's tensor {name!r} {kind}")
         self.__dict__["_watch"] = watch
         return watch
 
