@@ -124,8 +124,8 @@ class CompiledPackage:
                 self._active = None  # a failed load leaves nobody's constants trusted
                 self._loader.load_constants(tensors, False, True, True)
                 self._active = (key, tensors)
-            flat = self._loader.run(list(args))
-        return pytree.tree_unflatten(flat, self._out_spec)
+            flat = self._loader.run(args)
+        return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
 
 
 # One constant's metadata in an AOTInductor wrapper: ``constants_info_[0].shape = {8, 8};`` and the like.
