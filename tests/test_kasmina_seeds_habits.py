@@ -172,7 +172,7 @@ def test_a_seed_that_changes_form_after_bind_runs_its_own_forward_with_one_warni
     assert record.esper["reason"] == "seed-form"  # type: ignore[attr-defined]
 
 
-def test_a_subclass_with_the_same_weights_is_refused_at_bind(
+def test_a_subclass_with_the_same_weights_is_refused_with_one_warning(
     habits_urza: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     module = Subclassed()
@@ -180,9 +180,22 @@ def test_a_subclass_with_the_same_weights_is_refused_at_bind(
     module.eval()
     with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
         bound = load(habits_urza).bind(module)
-    assert [r.esper["reason"] for r in warnings_of(caplog)] == ["seed-form"]  # type: ignore[attr-defined]
-    agrees(bound, module, EAGER)
-    agrees(bound, module, EAGER, torch.randn(40, 8))  # outside the guards: the same forward
+        agrees(bound, module, EAGER)
+        agrees(bound, module, EAGER)
+        agrees(bound, module, EAGER, torch.randn(40, 8))  # outside the guards: the same forward
+    assert [r.esper["reason"] for r in warnings_of(caplog)][:1] == ["seed-form"]  # type: ignore[attr-defined]
+    assert [r.esper["reason"] for r in warnings_of(caplog)].count("seed-form") == 1  # type: ignore[attr-defined]
+
+
+def test_a_seed_bound_in_train_mode_and_served_in_eval_mode_says_nothing(
+    habits_urza: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A trained seed is bound while still in train mode, then its host is put in eval mode before serving.
+    module = seed(5).train()
+    with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
+        host = torch.nn.Sequential(load(habits_urza).bind(module)).eval()
+        agrees(host[0], module, COMPILED)
+    assert warnings_of(caplog) == []
 
 
 # -- finding 4: modes --------------------------------------------------------------------------------------

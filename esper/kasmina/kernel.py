@@ -18,7 +18,7 @@ from esper.guards import compile_check, compile_dispatch, compile_predicate
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.conformance import MODE_QUERIES, mode_problem
-from esper.kasmina.seeds import BoundPackage, Weights, bind
+from esper.kasmina.seeds import Weights, bind
 from esper.kasmina.unusable import Unusable, refusal_note
 from esper.urza import Entry
 
@@ -357,11 +357,8 @@ class BoundKernel(Kernel):
         self.routes = tuple(wire(self._modules))  # type: ignore[arg-type]
         self._route_of = route_dispatch(self.routes)
         self.source = origin.source
-        # Said at bind, in the words a call would use, so that the calls that follow add no second WARNING.
-        for route in self.routes:
-            problem = route.package.problem() if type(route.package) is BoundPackage else None
-            if problem is not None:
-                self.warn_once(problem[0], f"{problem[1]}; this call runs eager")
+        # Nothing is said at bind: a seed bound in train mode is usually put in eval mode before its first call.
+        # The first call that runs eager says why.
 
     def eager_module(self) -> torch.nn.Module:
         """The seed's own module: what a call the compiled code may not take runs."""
