@@ -59,14 +59,19 @@ def compiled_urza(tmp_path_factory: pytest.TempPathFactory, tiny_catalog, induct
     return path
 
 
-@pytest.fixture
-def urza_copy(compiled_urza: Path, tmp_path: Path) -> Path:
-    """A private copy of the compiled Urza (database and artifacts) that a test may damage."""
+def copy_of(urza: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the Urza at ``urza`` (database and artifacts) that a test may damage."""
     dest = tmp_path / "urza"
-    shutil.copytree(compiled_urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))
+    shutil.copytree(urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))
     for p in dest.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
     return dest / "urza.db"
+
+
+@pytest.fixture
+def urza_copy(compiled_urza: Path, tmp_path: Path) -> Path:
+    """A private copy of the compiled Urza that a test may damage."""
+    return copy_of(compiled_urza, tmp_path)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -100,3 +105,9 @@ def training_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path
             urza.update(entry.id, status="certified")  # type: ignore[arg-type]
         assert tezzeret.compile(catalog.get("tiny_dropout"), artifact=ArtifactKind.TRAINING).entry.kind == "eager"
     return path
+
+
+@pytest.fixture
+def training_copy(training_urza: Path, tmp_path: Path) -> Path:
+    """A private copy of the training Urza that a test may damage."""
+    return copy_of(training_urza, tmp_path)

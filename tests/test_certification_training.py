@@ -3,7 +3,6 @@ the checks, the decision, a failed check, an eager training route, turning it of
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from .conftest import CATALOG, TRAINING
 pytestmark = pytest.mark.compiles
 
 CATALOG_TRAINING = load_catalog([TRAINING, CATALOG])
-
-
-@pytest.fixture
-def training_copy(training_urza: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "urza"
-    shutil.copytree(training_urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))
-    for p in dest.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return dest / "urza.db"
 
 
 def training_run(urza: Path, name: str = "tiny_bn") -> Certification:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -53,15 +52,6 @@ def perturbed(name: str, seed: int) -> dict[str, torch.Tensor]:
         k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
         for k, v in build(name).state_dict().items()
     }
-
-
-@pytest.fixture
-def training_copy(training_urza: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "urza"
-    shutil.copytree(training_urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))
-    for p in dest.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return dest / "urza.db"
 
 
 def test_fresh_process_trains_a_catalog_seed_like_eager_without_the_compiler(training_urza: Path) -> None:

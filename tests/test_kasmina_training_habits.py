@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import pickle
-import shutil
 import threading
 import zipfile
 from collections.abc import Callable
@@ -91,15 +90,6 @@ def same_step(kernel: TrainingKernel, oracle: torch.nn.Module, x: torch.Tensor, 
     assert set(got) == set(want), (sorted(got), sorted(want))
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=tol, rtol=tol, msg=n)
-
-
-@pytest.fixture
-def training_copy(training_urza: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "urza"
-    shutil.copytree(training_urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))
-    for p in dest.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return dest / "urza.db"
 
 
 # -- modes ------------------------------------------------------------------------------------------------------

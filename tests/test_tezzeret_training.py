@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +44,6 @@ def perturbed(name: str, seed: int) -> dict[str, torch.Tensor]:
         k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
         for k, v in build(name).state_dict().items()
     }
-
-
-@pytest.fixture
-def training_copy(training_urza: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "urza"
-    shutil.copytree(training_urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))
-    for p in dest.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return dest / "urza.db"
 
 
 @pytest.mark.parametrize("name", ["lora_adapter", "tiny_bn"])
