@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.modules.module as _nn_module
 
-__all__ = ["MODE_QUERIES", "SeedForm", "mode_problem"]
+__all__ = ["HOOK_TABLES", "MODE_QUERIES", "MODULE_TABLES", "SeedForm", "mode_problem"]
 
 # nn.Module's process-wide forward hook tables (private to torch; mutated in place, never rebound).
 _GLOBAL_FORWARD_HOOKS = (_nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks)
@@ -55,12 +55,14 @@ def mode_problem() -> str | None:
 
 # The entries nn.Module keeps in every instance's __dict__ (its parameter, buffer, module and hook tables):
 # everything else in a submodule's __dict__ is an attribute its forward may read.
-_MODULE_KEYS = frozenset(vars(torch.nn.Module()))
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+# nn.Module's own tables and hook dicts in every instance's __dict__ (``training`` is a mode, not a table:
+# watchers treat it like an attribute), and the hook tables that change what a forward computes.
+MODULE_TABLES = frozenset(vars(torch.nn.Module())) - {"training"}
+HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
 def _attributes(module: torch.nn.Module) -> dict[str, Any]:
-    return {k: v for k, v in vars(module).items() if k not in _MODULE_KEYS}
+    return {k: v for k, v in vars(module).items() if k not in MODULE_TABLES and k != "training"}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -127,7 +129,7 @@ class SeedForm:
             where = f"submodule {name!r}" if name else "the seed module"
             if not _same_class(type(m), cls):
                 return f"{where} is a {type(m).__qualname__}, the blueprint's is a {cls.__qualname__}"
-            hooks = [h for h in _HOOKS if getattr(m, h)]
+            hooks = [h for h in HOOK_TABLES if getattr(m, h)]
             if hooks:
                 return f"{where} has {', '.join(h.strip('_').replace('_', ' ') for h in hooks)}"
             if m.training != training:

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esper.kasmina import telemetry
-from esper.kasmina.conformance import SeedForm
+from esper.kasmina.conformance import HOOK_TABLES, MODULE_TABLES, SeedForm
 from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
 
@@ -111,10 +111,6 @@ def seed_module(
 # -- inference kernels bound to a seed's weights ---------------------------------------------------------
 
 _serial = itertools.count(1)
-# nn.Module's own tables in every instance's __dict__; every other entry (``training`` too) is an attribute.
-_TABLES = frozenset(vars(torch.nn.Module())) - {"training"}
-# The tables whose entries would run besides the module's forward.
-_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 # One extra loaded copy of a package per base package, shared by every seed bound from it.
 _seed_packages: weakref.WeakKeyDictionary[CompiledPackage, CompiledPackage] = weakref.WeakKeyDictionary()
 
@@ -164,8 +160,8 @@ def compile_watch(
         d = vars(m)
         dn = ref(d)
         checks.append(f"type({ref(m)}) is not {ref(type(m))} or len({dn}) != {ref(len(d))}")
-        checks += [f"{dn}[{ref(k)}] is not {ref(v)}" for k, v in d.items() if k not in _TABLES]
-        checks.append(" or ".join(f"{dn}[{ref(h)}]" for h in _HOOK_TABLES))
+        checks += [f"{dn}[{ref(k)}] is not {ref(v)}" for k, v in d.items() if k not in MODULE_TABLES]
+        checks.append(" or ".join(f"{dn}[{ref(h)}]" for h in HOOK_TABLES))
         for table in (m._parameters, m._buffers, m._modules):
             tn = ref(table)
             checks.append(f"len({tn}) != {ref(len(table))}" if table else tn)  # an empty table: its truth

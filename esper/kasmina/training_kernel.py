@@ -59,7 +59,7 @@ from torch.utils import _pytree as pytree
 from esper.guards import compile_check
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
-from esper.kasmina.conformance import SeedForm, mode_problem
+from esper.kasmina.conformance import HOOK_TABLES, MODULE_TABLES, SeedForm, mode_problem
 from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.seeds import Weights, seed_module
 from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
@@ -198,12 +198,6 @@ class _CompiledStep(torch.autograd.Function):
         return (None, None, None, None, *input_grads, *param_grads)
 
 
-# The keys nn.Module keeps in every instance's __dict__ (its tables and hook dicts); ``training`` is a mode
-# the form includes, so it is watched like an attribute.
-_MODULE_KEYS = frozenset(vars(torch.nn.Module())) - {"training"}
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
 class _Watch:
     """The seed module as its form and tensors were last checked in full, and the verdict.
 
@@ -222,14 +216,14 @@ class _Watch:
         keys: list[str] = ["seed"]
         for m in modules:
             own = m.__dict__
-            dicts += [own] * sum(1 for k in own if k not in _MODULE_KEYS)
-            keys += [k for k in own if k not in _MODULE_KEYS]
+            dicts += [own] * sum(1 for k in own if k not in MODULE_TABLES)
+            keys += [k for k in own if k not in MODULE_TABLES]
             for table in (m._modules, m._parameters, m._buffers):
                 dicts += [table] * len(table)
                 keys += list(table)
         self.dicts, self.keys = dicts, keys
         self.values = list(map(dict.get, dicts, keys))
-        self.hooks = [getattr(m, h) for m in modules for h in _HOOKS]
+        self.hooks = [getattr(m, h) for m in modules for h in HOOK_TABLES]
         self.hooked = any(self.hooks)
         self.modules = modules
         self.types = list(map(type, modules))
