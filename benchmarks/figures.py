@@ -99,7 +99,7 @@ def lever_geomeans(levers: dict[str, Any]) -> dict[str, tuple[float | None, int,
 
 
 def extra_sections(figures: dict[str, Any]) -> list[str]:
-    """The floor, the lever study, training steps and seeds (issue 14), where measured."""
+    """The floor, the lever study, training steps and seeds, where measured."""
     lines: list[str] = []
     floor = figures.get("floor", {}).get("blueprints", {})
     if floor:

@@ -1,4 +1,4 @@
-"""The floor (issue 14, P3): what the raw AOTInductor runner costs per call, and Kasmina's own overhead above it.
+"""The floor: what the raw AOTInductor runner costs per call, and Kasmina's own overhead above it.
 
     .venv/bin/python -m benchmarks.floor [--urza PATH] [--catalog DIR] [--blueprint NAME ...] [--rounds N]
         [--number N] [--json PATH]

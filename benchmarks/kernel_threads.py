@@ -1,4 +1,4 @@
-"""What serializing a kernel's calls costs when 8 threads share it (issue 6).
+"""What serializing a kernel's calls costs when 8 threads share it.
 
 ``CompiledPackage`` runs one call at a time (a lock around its single AOTInductor runner). This script
 measures, for one certified blueprint at a few batch sizes:

@@ -1,4 +1,4 @@
-"""The lever study (issue 14): each catalog blueprint compiled under each candidate setting, measured against
+"""The lever study: each catalog blueprint compiled under each candidate setting, measured against
 eager interleaved in one process, at each representative shape.
 
     .venv/bin/python -m benchmarks.levers [--blueprint NAME ...] [--lever NAME ...] [--quick]

@@ -1,4 +1,4 @@
-"""Certificate stability (issue 13): the catalog certified cold several times beside a neighbour that keeps
+"""Certificate stability: the catalog certified cold several times beside a neighbour that keeps
 every core busy, and what changed between runs.
 
     .venv/bin/python -m benchmarks.stability [--runs N] [--neighbour matmul|certify|none] [--threads N]
@@ -14,7 +14,7 @@ from an earlier run. While it runs, the neighbour runs too:
   reported, proof that it competed;
 - ``certify``: a second cold ``pytest --certify`` of the catalog into its own Urza (its outcome is not judged);
 - ``pair``: two cold certifications started together, each the other's neighbour, both judged (two CI jobs
-  sharing a runner, the report behind issue 13); ``--runs`` counts both;
+  sharing a runner, the report that asked for this study); ``--runs`` counts both;
 - ``none``: a quiet baseline.
 
 Each run's latency record (``latency.json``) also goes through the release gate (:mod:`esper.certification.gate`,

@@ -1,4 +1,4 @@
-"""The performance suite: P1-P5 of issue 7, measured in one run on one machine.
+"""The performance suite: P1-P5, measured in one run on one machine.
 
 - P5: import cost of the runtime (``import esper.kasmina``) beyond ``import torch``, in fresh processes.
 - P4: certifying the whole catalog cold (new Urza, empty Inductor cache), then again with nothing changed.

@@ -1,4 +1,4 @@
-"""Disk full, database full, read-only: I/O failures as one-line messages instead of tracebacks (finding 8).
+"""Disk full, database full, read-only: I/O failures as one-line messages instead of tracebacks.
 
 A full disk during a compile or a full database during ``esper urza sign`` loses nothing (every write is
 atomic: see docs/security.md), but the user must be told what happened and what to do. :func:`describe`

@@ -1,4 +1,4 @@
-"""Which source files a compiled entry came from, and a cheap digest of them (issue 12, finding 7: stale code).
+"""Which source files a compiled entry came from, and a cheap digest of them (stale code).
 
 Editing a blueprint's source without bumping its version used to leave Kasmina serving the old compiled code
 inside the guards and the new eager code outside them. Tezzeret stores :func:`current_source_digest` of the

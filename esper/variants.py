@@ -27,7 +27,7 @@ class Variant:
     swappable: bool = True
 
 
-# Every Inductor setting the lever study (benchmarks/levers.py, issue 14) measures, by name: the one place
+# Every Inductor setting the lever study (benchmarks/levers.py) measures, by name: the one place
 # that maps a lever to its settings. What certification compiles is VARIANTS below, a subset chosen by the
 # study's figures on a quiet machine: adopting a lever is adding its name to SERVED.
 CANDIDATES: dict[str, Variant] = {

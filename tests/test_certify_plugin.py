@@ -37,7 +37,7 @@ PROJECT_FILES = {
     .replace("    description=", '    budget=Budget(p95_ms={"batch=4": 1e-6}),\n    description=')
     .replace("import Blueprint,", "import Blueprint, Budget,"),
     "raises.py": "raise ImportError('no such dependency')\n",
-    # Issue 12, finding 6: a name that would leave the build folder, and a file that exits the interpreter.
+    # A name that would leave the build folder, and a file that exits the interpreter.
     "evil.py": (TINY / "tiny_mlp.py").read_text().replace('name="tiny_mlp"', 'name="../../etc/evil"'),
     "quits.py": "import sys\nsys.exit(3)\n",
 }

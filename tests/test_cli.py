@@ -132,7 +132,7 @@ def test_bad_option_values_are_argparse_style_errors(tmp_path: Path) -> None:
 def test_compile_reports_hostile_blueprint_files_by_name_and_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 12, finding 6: a file calling sys.exit(3) or declaring a path as its name is reported by file name;
+    """A file calling sys.exit(3) or declaring a path as its name is reported by file name;
     ``esper compile`` neither exits with the file's status nor stops the rest of the catalog."""
     (tmp_path / "pyproject.toml").write_text('[tool.esper]\nblueprint-paths = ["bps"]\n')
     bps = tmp_path / "bps"

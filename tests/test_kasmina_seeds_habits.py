@@ -81,7 +81,7 @@ def agrees(kernel: torch.nn.Module, module: torch.nn.Module, path: str, x: torch
     assert last == path
 
 
-# -- finding 1: weights in another layout --------------------------------------------------------------------
+# -- weights in another layout --------------------------------------------------------------------
 
 
 def test_column_major_weights_are_read_as_they_are(habits_urza: Path) -> None:
@@ -100,7 +100,7 @@ def test_column_major_weights_are_read_as_they_are(habits_urza: Path) -> None:
         agrees(bound, module, COMPILED)
 
 
-# -- finding 2: the seed as it is at each call -------------------------------------------------------------
+# -- the seed as it is at each call -------------------------------------------------------------
 
 
 def test_a_bound_seed_follows_its_module_through_assign_prune_and_replaced_parameters(habits_urza: Path) -> None:
@@ -137,7 +137,7 @@ def test_a_weight_of_another_shape_never_reaches_the_compiled_code(
     agrees(bound, module, COMPILED)
 
 
-# -- finding 3: a seed whose forward is not the blueprint's -------------------------------------------------
+# -- a seed whose forward is not the blueprint's -------------------------------------------------
 
 
 class Subclassed(type(oracle())):  # type: ignore[misc]
@@ -198,7 +198,7 @@ def test_a_seed_bound_in_train_mode_and_served_in_eval_mode_says_nothing(
     assert warnings_of(caplog) == []
 
 
-# -- finding 4: modes --------------------------------------------------------------------------------------
+# -- modes --------------------------------------------------------------------------------------
 
 
 class Counting(TorchDispatchMode):
@@ -231,7 +231,7 @@ def test_autocast_and_dispatch_modes_run_eager_for_bound_and_unbound_kernels(
     assert {r.esper["reason"] for r in warnings_of(caplog)} == {"mode"}  # type: ignore[attr-defined]
 
 
-# -- finding 5: a good citizen of nn.Module ----------------------------------------------------------------
+# -- a good citizen of nn.Module ----------------------------------------------------------------
 
 
 def test_kasminas_eager_module_is_in_neither_the_state_dict_nor_the_mode(tmp_path: Path) -> None:
@@ -266,7 +266,7 @@ def test_a_bound_seed_is_the_hosts_state_under_a_stable_name(habits_urza: Path) 
     agrees(host, module, EAGER)
 
 
-# -- finding 6: copies and pickles ---------------------------------------------------------------------------
+# -- copies and pickles ---------------------------------------------------------------------------
 
 
 def test_a_deep_copy_follows_its_own_weights(habits_urza: Path) -> None:
@@ -294,7 +294,7 @@ def test_a_pickled_kernel_loads_again_and_binds_its_seed(habits_urza: Path) -> N
         pickle.dumps(built)
 
 
-# -- finding 7: unsigned rows that disagree with their package -------------------------------------------------
+# -- unsigned rows that disagree with their package -------------------------------------------------
 
 
 def altered(urza: Path, tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> Path:

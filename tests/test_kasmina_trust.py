@@ -1,4 +1,4 @@
-"""Urza as a trust boundary, at the load path (issue 12): whatever a row holds, Kasmina never raises, never
+"""Urza as a trust boundary, at the load path: whatever a row holds, Kasmina never raises, never
 runs data as code, never serves a wrong result, and says why it went eager with a WARNING.
 
 Each numbered finding of the issue has a test here; ``test_any_mutated_row_is_served_safely`` mutates every
@@ -85,7 +85,7 @@ def served_safely(kernel: torch.nn.Module, caplog: pytest.LogCaptureFixture) -> 
         assert warnings_of(caplog), "went eager without a WARNING"
 
 
-# -- finding 1: an unsigned row's guard JSON never reaches exec ----------------------------------------------
+# -- an unsigned row's guard JSON never reaches exec ----------------------------------------------
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -123,7 +123,7 @@ def test_an_unsigned_well_formed_eager_row_is_never_used_when_a_key_is_set(
     assert "(signature)" in message and "not signed" in message
 
 
-# -- finding 2 and 3: bad values in any column give eager and a WARNING, never an exception ------------------
+# -- bad values in any column give eager and a WARNING, never an exception ------------------
 
 
 def _meta(change: dict[str, Any]) -> Any:
@@ -174,7 +174,7 @@ def test_bad_values_give_eager_and_a_warning(urza_copy: Path, caplog: pytest.Log
     assert kernel.route == EAGER
     (message,) = warnings_of(caplog)
     assert "(format)" in message, message
-    assert "certification measured eager" not in kernel.reason  # finding 3: never a silent, wrong reason
+    assert "certification measured eager" not in kernel.reason  # never a silent, wrong reason
 
 
 def test_a_garbage_page_gives_eager_and_a_warning(urza_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -188,7 +188,7 @@ def test_a_garbage_page_gives_eager_and_a_warning(urza_copy: Path, caplog: pytes
     assert any("(urza-unavailable)" in m or "(format)" in m for m in warnings_of(caplog))
 
 
-# -- finding 4: an empty key is never "verification off" -----------------------------------------------------
+# -- an empty key is never "verification off" -----------------------------------------------------
 
 
 @pytest.mark.parametrize("how", ["environment", "argument"])
@@ -207,7 +207,7 @@ def test_an_empty_public_key_refuses_everything(
     assert "(signature)" in message and "public key unusable" in message
 
 
-# -- finding 5: tensors the compiled code cannot serve run eager, with the eager answer ---------------------
+# -- tensors the compiled code cannot serve run eager, with the eager answer ---------------------
 
 
 @pytest.fixture
@@ -282,7 +282,7 @@ def test_keyword_arguments_are_accepted_by_input_name(kernel: Any, caplog: pytes
     assert kernel.last_path == EAGER
 
 
-# -- finding 7: a blueprint edited without a version bump is served eager, never mixed -----------------------
+# -- a blueprint edited without a version bump is served eager, never mixed -----------------------
 
 
 def test_edited_source_without_a_version_bump_is_stale(urza_copy: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -399,7 +399,7 @@ def test_zz_report_figures(capsys: pytest.CaptureFixture[str]) -> None:
 def test_an_unsigned_eager_training_row_never_switches_training_to_eager(
     training_urza: Path, tmp_path: Path, keys: signing.KeyPair, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Finding 1 for training: with a key set, an unsigned ``certified`` eager training row is refused like any
+    """For training: with a key set, an unsigned ``certified`` eager training row is refused like any
     other row (it used to switch training to eager with only an INFO line); the signed artifact still trains."""
     dest = tmp_path / "urza"
     shutil.copytree(training_urza.parent, dest, ignore=shutil.ignore_patterns("inductor-cache"))

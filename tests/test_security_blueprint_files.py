@@ -1,4 +1,4 @@
-"""Blueprint files (issue 12, finding 6): an invalid name never reaches a path, and any exception a file
+"""Blueprint files: an invalid name never reaches a path, and any exception a file
 raises on import (SystemExit included) is reported by file name while the rest of the catalog loads."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Disk full and database full (issue 12, finding 8): a message, never a raw traceback, and nothing half-made."""
+"""Disk full and database full: a message, never a raw traceback, and nothing half-made."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stale code (issue 12, finding 7): a cheap, torch-free digest of a blueprint's declaring source files."""
+"""Stale code: a cheap, torch-free digest of a blueprint's declaring source files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Data is data (issue 12, findings 1-3): every stored value is parsed into validated, typed values, and
+"""Data is data: every stored value is parsed into validated, typed values, and
 nothing read from a row reaches ``exec``, ``getattr`` or a path. Each hostile value raises one exception
 class, :class:`EntryFormatError`, naming the column."""
 
@@ -26,7 +26,7 @@ def attack(marker: Path) -> str:
 
 
 def test_code_in_a_guard_size_never_runs(tmp_path: Path) -> None:
-    """Finding 1: a dim size holding Python used to be pasted into the predicate's source and exec'd."""
+    """A dim size holding Python used to be pasted into the predicate's source and exec'd."""
     marker = tmp_path / "x"
     data = GOOD.to_dict()
     data["inputs"][0]["dims"][1] = {"size": attack(marker)}
@@ -181,14 +181,14 @@ def test_meta_kasmina_reads_is_parsed() -> None:
 @pytest.mark.parametrize(
     ("meta", "column"),
     [
-        ({"representative": [{"batch": -1}]}, "meta.representative"),  # finding 2: pre-warm RuntimeError
+        ({"representative": [{"batch": -1}]}, "meta.representative"),  # pre-warm RuntimeError
         ({"representative": [{"batch": 5}]}, "meta.representative"),  # outside the guard
-        ({"representative": [{}]}, "meta.representative"),  # finding 2: KeyError
+        ({"representative": [{}]}, "meta.representative"),  # KeyError
         ({"representative": [{"batch": 2, "seq": 3}]}, "meta.representative"),
         ({"representative": [{"batch": "2"}]}, "meta.representative"),
         ({"representative": 5}, "meta.representative"),
-        ({"profiles": 5}, "meta.profiles"),  # finding 2: TypeError
-        ({"profiles": ["nope"]}, "meta.profiles"),  # finding 3: eager with the wrong reason, no WARNING
+        ({"profiles": 5}, "meta.profiles"),  # TypeError
+        ({"profiles": ["nope"]}, "meta.profiles"),  # eager with the wrong reason, no WARNING
         ({"profiles": ["batch=1-4", "../x"]}, "meta.profiles"),
         ({"constants": {"w": {"shape": [8], "dtype": "complex64"}}}, "meta.constants"),
         ({"constants": {"w": {"shape": [-8], "dtype": "float32"}}}, "meta.constants"),

@@ -1,4 +1,4 @@
-"""Tensor kinds the guard must not pass to compiled code (issue 12, finding 5), keyword arguments bound by
+"""Tensor kinds the guard must not pass to compiled code, keyword arguments bound by
 input name, and pins of the private torch calls esper.tensor_kinds relies on."""
 
 from __future__ import annotations

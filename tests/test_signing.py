@@ -343,7 +343,7 @@ def test_sign_command_signs_rows_whose_artifact_verifies(
 def test_an_empty_public_key_is_an_error_not_verification_off(
     empty: str, keys: signing.KeyPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Finding 4: ESPER_PUBLIC_KEY="" (or public_key="") used to turn verification off silently."""
+    """ESPER_PUBLIC_KEY="" (or public_key="") used to turn verification off silently."""
     with pytest.raises(SigningError, match="public_key is empty"):
         signing.verifier_for(empty, environ={})
     with pytest.raises(SigningError, match=r"\$ESPER_PUBLIC_KEY is empty"):

@@ -144,7 +144,7 @@ def test_an_unreadable_row_is_reported_and_its_artifact_kept(tmp_path: Path) -> 
     assert odd_path.exists()  # a file that a row names is never garbage, even when the row cannot be read
 
 
-# -- verify checks everything Kasmina's load relies on (issue 12, finding 2) -------------------------------
+# -- verify checks everything Kasmina's load relies on -------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Fleets (issue 12): ``esper urza merge SRC... --into DEST`` (esper/urza/merge.py) merges Urza libraries, one per
+"""Fleets: ``esper urza merge SRC... --into DEST`` (esper/urza/merge.py) merges Urza libraries, one per
 machine class, into one: signatures verified on the way in, artifacts copied content-addressed and verified,
 duplicates skipped, a conflict (two certified artifacts for one identity) reported and never overwritten; the
 merged library verifies, exports and loads in Kasmina like any other."""

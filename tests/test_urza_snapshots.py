@@ -1,4 +1,4 @@
-"""Rollback (issue 12): every exported snapshot carries a signed, increasing version (esper/urza/snapshot.py), and
+"""Rollback: every exported snapshot carries a signed, increasing version (esper/urza/snapshot.py), and
 Kasmina configured with a minimum version refuses an older signed snapshot put back in place, eagerly and with
 one WARNING ``rollback``, never an exception."""
 
