@@ -335,7 +335,7 @@ def test_a_gradient_penalty_through_a_compiled_step_matches_eager(
 ) -> None:
     state = perturbed(name, 8)
     kernel, oracle = load(training_urza, name, state), build(name, state)
-    x = torch.randn(6, X_LORA if name == "lora_adapter" else 8)
+    x = torch.randn(6, X_LORA if name == "lora_adapter" else 8, generator=torch.Generator().manual_seed(8))
     with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
         same_step(kernel, oracle, x, COMPILED)  # first order: the compiled backward, no WARNING
         assert warnings_of(caplog) == []
@@ -344,7 +344,10 @@ def test_a_gradient_penalty_through_a_compiled_step_matches_eager(
             assert kernel.last_path == COMPILED
             assert set(got) == set(want)
             for n in want:
-                torch.testing.assert_close(got[n], want[n], atol=1e-4, rtol=1e-4, msg=n)
+                # A penalty's gradients reach thousands (lora_adapter's input gradient): fp32 rounding of the
+                # compiled forward is judged against each tensor's own scale, not a fixed absolute bound.
+                scale = float(want[n].abs().max())
+                torch.testing.assert_close(got[n], want[n], atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=n)
     # Buffers moved once per forward, as eager's did (the recomputation updates none).
     for n, b in oracle.named_buffers():
         torch.testing.assert_close(kernel.seed.get_buffer(n), b, msg=n)
