@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.utils.prune
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
 
 from .conftest import FIXTURES, TRAINING
+from .support import CountingOps
 
 pytestmark = pytest.mark.compiles
 
@@ -201,16 +201,6 @@ def test_a_seed_bound_in_train_mode_and_served_in_eval_mode_says_nothing(
 # -- modes --------------------------------------------------------------------------------------
 
 
-class Counting(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_autocast_and_dispatch_modes_run_eager_for_bound_and_unbound_kernels(
     habits_urza: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -222,7 +212,7 @@ def test_autocast_and_dispatch_modes_run_eager_for_bound_and_unbound_kernels(
             got, want = k(x), copy.deepcopy(reference)(x)
         assert got.dtype == want.dtype and k.last_path == EAGER
         torch.testing.assert_close(got, want, atol=0, rtol=0)  # eager's bfloat16 arithmetic, exactly
-        with torch.no_grad(), Counting() as mode:
+        with torch.no_grad(), CountingOps() as mode:
             k(x)
         assert mode.ops > 0 and k.last_path == EAGER
         with torch.no_grad():

@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils import prune
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from esper.catalog import load_catalog
 from esper.kasmina import Kasmina
@@ -35,6 +34,7 @@ from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
 from esper.urza import Urza
 
 from .conftest import CATALOG, TRAINING
+from .support import CountingOps
 
 pytestmark = pytest.mark.compiles
 
@@ -95,18 +95,6 @@ def same_step(kernel: TrainingKernel, oracle: torch.nn.Module, x: torch.Tensor, 
 # -- modes ------------------------------------------------------------------------------------------------------
 
 
-class Recording(TorchDispatchMode):
-    """Counts every aten op it sees: a mode that eager runs through and compiled code would bypass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 class DoubledLinear(TorchFunctionMode):
     """Changes what eager computes: every ``F.linear`` returns twice its value."""
 
@@ -129,7 +117,7 @@ def test_autocast_and_dispatch_modes_train_eager_as_eager_does(
         assert kernel.last_path == COMPILED
         with DoubledLinear():
             same_step(kernel, oracle, x, EAGER)
-        recording = Recording()
+        recording = CountingOps()
         with recording:
             kernel(x)
         assert kernel.last_path == EAGER and recording.ops > 0
