@@ -14,7 +14,7 @@ import torch
 mode, urza, folder, name, sizes_json = sys.argv[1:6]
 sizes = json.loads(sizes_json)
 from esper.catalog import load_catalog  # noqa: E402
-from esper.inputs import example_inputs  # noqa: E402
+from esper.numerics.inputs import example_inputs  # noqa: E402
 
 bp = load_catalog([folder]).get(name)
 args = example_inputs(bp, sizes)

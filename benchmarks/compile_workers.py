@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def trial(source: Path, name: str, parallel: bool) -> float:
-    from esper.artifacts import ArtifactKind
+    from esper.artifacts.kinds import ArtifactKind
     from esper.catalog import load_file
     from esper.certification import plan
     from esper.certification.compile_ahead import CompileAhead, CompileJob, CompilePool, compile_job

@@ -6,7 +6,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from esper import evidence
+from esper.urza import evidence
 
 TARGETS = {
     "P1": "median <= 15 ms, >= 1000x faster than cold torch.compile",

@@ -11,7 +11,7 @@ under ``torch.no_grad()``:
   already a list): the runner with nothing of ours around it. The loop's own cost (about 30 ns a call) is
   inside it, so the overhead below is, if anything, understated by that much.
 - ``raw_timer``: the same call timed by ``torch.utils.benchmark.Timer`` (blocked autorange), as a cross-check.
-- ``package``: :class:`~esper.kasmina.runtime.CompiledPackage` (lock, output unflattening).
+- ``package``: :class:`~esper.artifacts.runtime.CompiledPackage` (lock, output unflattening).
 - ``kernel``: the Kasmina kernel, ``kernel(*args)``: ``nn.Module.__call__``, guard, routing, the grad check,
   contiguity, bookkeeping, lock, output. ``kernel_grad`` is the same call with grad mode on (the default).
 - ``select``: guard + routing alone (``Kernel.select``), and ``eager`` for scale.
@@ -83,7 +83,7 @@ def interleaved(paths: dict[str, Callable[[], float]], rounds: int, seed: int = 
 
 def smallest_shape(bp: Any) -> dict[str, int]:
     """The representative shape with the fewest input elements."""
-    from esper.inputs import example_inputs
+    from esper.numerics.inputs import example_inputs
 
     return min((dict(r) for r in bp.representative), key=lambda s: sum(a.numel() for a in example_inputs(bp, s)))
 
@@ -98,8 +98,8 @@ def timer_us(run: Callable[[list[torch.Tensor]], Any], args: list[torch.Tensor])
 
 
 def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: Any = None) -> dict[str, Any]:
-    from esper.inputs import example_inputs
-    from esper.kasmina.runtime import CompiledPackage
+    from esper.artifacts.runtime import CompiledPackage
+    from esper.numerics.inputs import example_inputs
 
     sizes = smallest_shape(bp)
     args = example_inputs(bp, sizes)

@@ -4,21 +4,21 @@ eager interleaved in one process, at each representative shape.
     .venv/bin/python -m benchmarks.levers [--blueprint NAME ...] [--lever NAME ...] [--quick]
         [--catalog DIR] [--out DIR] [--cache DIR] [--static-shapes first|all]
 
-A lever is an Inductor setting (a :data:`esper.variants.CANDIDATES` entry: the one place that maps a name to
+A lever is an Inductor setting (a :data:`esper.artifacts.variants.CANDIDATES` entry: the one place that maps a name to
 its settings) and how the blueprint is exported: with its declared dynamic dims, as Kasmina serves it, or
 ``static`` at one representative shape (an exact-size specialization: a static batch can take MKL's packed
 GEMM where a dynamic one takes oneDNN's). Each lever goes through the real pipeline pieces:
 :func:`esper.tezzeret.export.export_blueprint` (or ``torch.export`` at a static shape),
-:func:`esper.tezzeret.aoti.compile_package`, :class:`esper.kasmina.runtime.CompiledPackage`.
+:func:`esper.tezzeret.aoti.compile_package`, :class:`esper.artifacts.runtime.CompiledPackage`.
 
-Each (lever, shape) is timed against eager with :func:`esper.timing.compare`: interleaved rounds on the same
-inputs, the ratio is the median of per-round ratios (candidate / eager, each a ratio of per-round medians),
+Each (lever, shape) is timed against eager with :func:`~esper.certification.timing.compare`: interleaved rounds on the
+same inputs, the ratio is the median of per-round ratios (candidate / eager, each a ratio of per-round medians),
 with a distribution-free 95% interval and the min-max of the rounds. The output's max abs error against eager
 flags a lever that is fast because it is wrong. Writes ``<out>/levers.json`` and ``levers.md`` (default
 ``.esper/bench``). ``--quick``: the served variants only, fewer rounds and calls, the first representative shape only.
 
 Adopting a lever that wins by more than the noise somewhere is adding its name to
-:data:`esper.variants.SERVED`; a static lever is a shape-profile bucket of one size instead.
+:data:`esper.artifacts.variants.SERVED`; a static lever is a shape-profile bucket of one size instead.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ from typing import Any
 
 import torch
 
-from esper.variants import SERVED
+from esper.artifacts.variants import SERVED
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
 class Lever:
-    """One candidate: an Inductor variant (by name, from esper.variants.CANDIDATES) and the export."""
+    """One candidate: an Inductor variant (by name, from esper.artifacts.variants.CANDIDATES) and the export."""
 
     name: str
     variant: str
@@ -52,7 +52,7 @@ class Lever:
     note: str = ""
 
 
-# The study's candidates, in table order. The settings of each live in esper.variants.CANDIDATES.
+# The study's candidates, in table order. The settings of each live in esper.artifacts.variants.CANDIDATES.
 LEVERS: dict[str, Lever] = {
     lv.name: lv
     for lv in (
@@ -73,7 +73,7 @@ QUICK_LEVERS = SERVED
 
 
 def settings_of(lever: Lever) -> dict[str, Any]:
-    from esper.variants import CANDIDATES
+    from esper.artifacts.variants import CANDIDATES
 
     return dict(CANDIDATES[lever.variant].settings)
 
@@ -97,8 +97,8 @@ def label(sizes: dict[str, int]) -> str:
 
 def compile_lever(bp: Any, lever: Lever, sizes: dict[str, int] | None, workdir: Path) -> tuple[Any, float]:
     """The lever's loaded package and its compile seconds (export + AOTInductor)."""
-    from esper.inputs import example_inputs
-    from esper.kasmina.runtime import CompiledPackage
+    from esper.artifacts.runtime import CompiledPackage
+    from esper.numerics.inputs import example_inputs
     from esper.tezzeret.aoti import compile_package
     from esper.tezzeret.export import export_blueprint
 
@@ -118,7 +118,7 @@ def compile_lever(bp: Any, lever: Lever, sizes: dict[str, int] | None, workdir: 
 
 
 def measure(package: Any, eager: torch.nn.Module, args: list[torch.Tensor], quick: bool) -> dict[str, Any]:
-    from esper.timing import compare
+    from esper.certification.timing import compare
 
     with torch.no_grad():
         expected = eager(*args)
@@ -156,7 +156,7 @@ def _leaves(out: Any) -> list[torch.Tensor]:
 
 
 def study_blueprint(bp: Any, levers: list[Lever], *, quick: bool, static_shapes: str, workdir: Path) -> dict[str, Any]:
-    from esper.inputs import example_inputs
+    from esper.numerics.inputs import example_inputs
 
     shapes = [dict(r) for r in bp.representative][: 1 if quick else None]
     eager = bp.build().eval()

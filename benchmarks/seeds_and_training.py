@@ -25,9 +25,9 @@ from torch.utils import _pytree as pytree
 
 from esper.blueprint import Blueprint
 from esper.catalog import load_catalog
-from esper.gradients import step, upstream
-from esper.inputs import example_inputs
 from esper.kasmina import Kasmina
+from esper.numerics.gradients import step, upstream
+from esper.numerics.inputs import example_inputs
 from esper.urza import Urza
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def p50_ms(fn: Any, seconds: float) -> float:
 
 def compile_all(urza_path: Path, blueprints: list[Blueprint]) -> dict[str, dict[str, Any]]:
     """Each blueprint's training artifact (or its eager route), marked certified in this benchmark's Urza."""
-    from esper.artifacts import ArtifactKind
+    from esper.artifacts.kinds import ArtifactKind
     from esper.tezzeret.compiler import Tezzeret
 
     rows: dict[str, dict[str, Any]] = {}

@@ -4,7 +4,7 @@
 - P4: certifying the whole catalog cold (new Urza, empty Inductor cache), then again with nothing changed.
 - P1: first use in a fresh process: Kasmina (load + guard + first call) against ``torch.compile(dynamic=True)``
   first call with an empty and with a warm Inductor cache.
-- P2: steady state per call against eager, in interleaved rounds (esper.timing.compare): the Kasmina kernel
+- P2: steady state per call against eager, in interleaved rounds (certification.timing.compare): the Kasmina kernel
   (routed), the default variant alone (what Kasmina ran before variants and buckets), and warm
   ``torch.compile(dynamic=True)`` (P2b).
 - P3: guard check + routing cost per call (``Kernel.select``), and the floor: the raw AOTInductor runner per
@@ -33,10 +33,10 @@ import pytest
 import torch
 
 from benchmarks.conftest import CATALOG, ROOT
-from esper.bench import measure
 from esper.blueprint import Blueprint
 from esper.catalog import load_catalog
-from esper.inputs import example_inputs
+from esper.numerics.bench import measure
+from esper.numerics.inputs import example_inputs
 from esper.profiles import contains
 
 BLUEPRINTS = sorted(load_catalog([CATALOG]).blueprints.values(), key=lambda b: b.name)
@@ -180,10 +180,11 @@ def test_p2_steady_state(
 ) -> None:
     """Steady state per call against eager, interleaved: the Kasmina kernel (routed), the default variant
     alone (what Kasmina ran before variants and buckets) and warm ``torch.compile(dynamic=True)`` (P2b), each
-    timed in rounds that alternate it with eager on the same inputs (:func:`esper.timing.compare`). A ratio is
-    the median of per-round ratios, so a neighbour that slows one round slows both sides of it; ``low``/``high``
-    is its 95% interval and ``decision`` says whether the path is surely slower than eager (``loses``)."""
-    from esper.timing import compare
+    timed in rounds that alternate it with eager on the same inputs (:func:`~esper.certification.timing.compare`).
+    A ratio is the median of per-round ratios, so a neighbour that slows one round slows both sides of it;
+    ``low``/``high`` is its 95% interval and ``decision`` says whether the path is surely slower than eager
+    (``loses``)."""
+    from esper.certification.timing import compare
 
     bp = next(b for b in BLUEPRINTS if b.name == name)
     sizes = next(dict(r) for r in bp.representative if Blueprint.shape_label(r) == label)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pprint
 from pathlib import Path
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, BlueprintError, Dim
 from esper.certification import plan
 from esper.certification.run import MARGIN
 from esper.certification.session import CertifySession, error_name, write_if_changed
-from esper.coverage import summarize
+from esper.numerics.coverage import summarize
 
 __all__ = ["GENERATED_PREFIX", "generate", "render_broken", "render_module"]
 

@@ -31,12 +31,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from esper.artifacts.validate import DTYPES as VALID_DTYPES
+from esper.artifacts.variants import DEFAULT_VARIANTS, VARIANTS
 from esper.profiles import bucket_problem, contains, profiles
-from esper.validate import DTYPES as VALID_DTYPES
-from esper.variants import DEFAULT_VARIANTS, VARIANTS
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-DTYPES = VALID_DTYPES  # the one fixed list (esper.validate.DTYPES)
+DTYPES = VALID_DTYPES  # the one fixed list (esper.artifacts.validate.DTYPES)
 
 
 class BlueprintError(ValueError):

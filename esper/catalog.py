@@ -152,7 +152,7 @@ def validate_module(bp: Blueprint) -> None:
     """
     import torch
 
-    from esper.inputs import example_inputs
+    from esper.numerics.inputs import example_inputs
 
     def fail(field_name: str, problem: str) -> BlueprintError:
         return BlueprintError(field_name, problem, source=bp.source, name=bp.name)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import BlueprintError
 from esper.options import click_option
 from esper.settings import Settings, SettingsError, resolve
@@ -169,8 +169,8 @@ def urza() -> None:
 
 
 def _summary(entry: Any) -> dict[str, Any]:
-    """:func:`esper.evidence.summarize` with the entry's artifact kind beside its blueprint version."""
-    from esper.evidence import summarize
+    """:func:`esper.urza.evidence.summarize` with the entry's artifact kind beside its blueprint version."""
+    from esper.urza.evidence import summarize
 
     row = summarize(entry)
     if "artifact" in row:
@@ -243,7 +243,7 @@ def urza_show(name: str, urza: Path | None, as_json: bool) -> None:
 )
 def urza_verify(urza: Path | None, public_key: Path | None) -> None:
     """Check every entry's artifact file (present, whole, matching its sha256) and signature; exit 1 on problems."""
-    from esper.signing import SigningError, verifier_for
+    from esper.artifacts.signing import SigningError, verifier_for
     from esper.urza.maintenance import verify
 
     try:
@@ -315,7 +315,7 @@ def urza_merge(sources: tuple[Path, ...], dest: Path, public_key: Path | None) -
     """Merge Urza libraries SOURCES (databases, or snapshot folders) and their artifacts into one (--into), e.g.
     one per machine class from a CI matrix. Duplicates are skipped; two different certified artifacts for one
     identity are a conflict, reported and never overwritten. Exit 1 on conflicts or refused rows."""
-    from esper.signing import SigningError, verifier_for
+    from esper.artifacts.signing import SigningError, verifier_for
     from esper.urza import UrzaError
     from esper.urza.merge import merge
 
@@ -377,7 +377,7 @@ def urza_export(dest: Path, urza: Path | None, snapshot_version: int | None) -> 
 )
 def keygen(out_dir: Path) -> None:
     """Create an Ed25519 key pair for signing Urza entries (never overwrites an existing key)."""
-    from esper.signing import PUBLIC_KEY_ENV, SIGNING_KEY_ENV, SigningError, generate_keypair
+    from esper.artifacts.signing import PUBLIC_KEY_ENV, SIGNING_KEY_ENV, SigningError, generate_keypair
 
     try:
         pair = generate_keypair(out_dir)
@@ -402,7 +402,7 @@ def keygen(out_dir: Path) -> None:
 def report(urza: Path | None, device: str | None, out_dir: Path) -> None:
     """Render the latest certification evidence in Urza, one section per artifact kind, as a Markdown and a
     self-contained HTML page (the plots need the report extra: pip install 'esper[report]')."""
-    from esper.compat import current
+    from esper.artifacts.compat import current
     from esper.report import ReportError, render
     from esper.urza import UrzaError
 

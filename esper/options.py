@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from esper.budgets import PROFILES
+from esper.certification.budgets import PROFILES
 from esper.certification.gate import DEFAULT_THRESHOLD, threshold
 from esper.certification.shard import parse_shard
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper.artifacts import ArtifactKind
-from esper.compat import CompatKey
-from esper.evidence import parity_error
+from esper.artifacts.compat import CompatKey
+from esper.artifacts.kinds import ArtifactKind
 from esper.urza import Entry, Urza
+from esper.urza.evidence import parity_error
 
 INSTALL_HINT = "pip install 'esper[report]'"
 ROUTED = "routed"

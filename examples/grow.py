@@ -56,8 +56,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from esper.blueprint import Blueprint, Dim, Tolerance
-from esper.gradients import SLACK, tolerance
 from esper.kasmina import COMPILED, Kasmina, TrainingKernel
+from esper.numerics.gradients import SLACK, tolerance
 from esper.settings import resolve
 
 CERTIFY_HINT = (
@@ -402,8 +402,8 @@ class Disagreement(AssertionError):
 
 def step_tolerance(tol: Tolerance, eager: Any, references: Sequence[Any]) -> Tolerance:
     """The tolerance certification promises for compiled against eager, for one step of training: the
-    blueprint's ``atol``, widened by :data:`esper.gradients.SLACK` times how far eager moves when only its
-    rounding changes (:func:`esper.gradients.tolerance`, the rule grad parity is certified by, against each
+    blueprint's ``atol``, widened by :data:`esper.numerics.gradients.SLACK` times how far eager moves when only its
+    rounding changes (:func:`esper.numerics.gradients.tolerance`, the rule grad parity is certified by, against each
     reference: the same run in float64, and in float32 with each batch's rows reversed), and its ``rtol``.
 
     Rounding compounds over steps, and where training nears a tipping point two float32 runs that differ only

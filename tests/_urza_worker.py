@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from esper.compat import current
-from esper.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.compat import current
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
 from esper.urza import Entry, Urza
 
 POOL = 8
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> None:
     elif mode == "update":
         update(urza_path, int(argv[3]), argv[4], int(argv[5]))
     elif mode == "zygote":
-        import esper.signing  # noqa: F401  (what a child's Urza() would import: pay for it once, here)
+        import esper.artifacts.signing  # noqa: F401  (what a child's Urza() would import: pay for it once, here)
 
         current()
         print("ready", flush=True)

@@ -90,7 +90,7 @@ def training_certification_off() -> Iterator[None]:
 def training_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) -> Path:
     """A session Urza holding training artifacts marked certified: the catalog's ``lora_adapter`` (a frozen
     base weight) and ``tiny_bn`` (BatchNorm) compiled, and ``tiny_dropout``'s eager training route."""
-    from esper.artifacts import ArtifactKind
+    from esper.artifacts.kinds import ArtifactKind
     from esper.catalog import load_catalog
     from esper.tezzeret.compiler import Tezzeret
     from esper.urza import Urza

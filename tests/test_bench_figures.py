@@ -1,12 +1,12 @@
 """The performance suite's reports render the issue-14 figures (floor, levers, training, seeds) from plain
-figures, without measuring anything; and the lever study names only settings esper.variants defines."""
+figures, without measuring anything; and the lever study names only settings esper.artifacts.variants defines."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from benchmarks import figures, levers
-from esper import variants
+from esper.artifacts import variants
 
 
 def _shape(ratio: float, decision: str) -> dict[str, Any]:

@@ -14,9 +14,9 @@ import torch
 
 from esper.blueprint import seeded
 from esper.catalog import load_catalog
-from esper.inputs import example_inputs
 from esper.kasmina import EAGER, Kasmina
 from esper.kasmina.conformance import mode_problem
+from esper.numerics.inputs import example_inputs
 from tests.conftest import CATALOG
 
 

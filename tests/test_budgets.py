@@ -1,9 +1,9 @@
-"""Latency budgets (esper.budgets): limits scaled by the budget profile, and what a measurement breaks."""
+"""Latency budgets (esper.certification.budgets): limits scaled by the budget profile, and what a measurement breaks."""
 
 from __future__ import annotations
 
 from esper.blueprint import Budget
-from esper.budgets import PROFILES, Figures, Violation, check, limits
+from esper.certification.budgets import PROFILES, Figures, Violation, check, limits
 
 BUDGET = Budget(p95_ms={"batch=8": 2.0}, max_ratio=1.2)
 

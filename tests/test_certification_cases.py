@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
 from esper.certification.cases import refused_cases
-from esper.guards import DimGuard, GuardSchema, InputGuard
 
 GUARDS = GuardSchema(
     inputs=(

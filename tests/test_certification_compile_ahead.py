@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from esper.artifacts.variants import VARIANTS
 from esper.catalog import load_file
 from esper.certification.compile_ahead import (
     CompileAhead,
@@ -21,7 +22,6 @@ from esper.certification.compile_ahead import (
 )
 from esper.tezzeret.compiler import Tezzeret
 from esper.urza import Urza
-from esper.variants import VARIANTS
 
 TINY = Path(__file__).parent / "fixtures" / "tiny"
 

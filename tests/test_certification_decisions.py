@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from esper import timing
 from esper.blueprint import Budget
-from esper.budgets import PROFILES, Figures, check
+from esper.certification import timing
+from esper.certification.budgets import PROFILES, Figures, check
 from esper.certification.run import NO_CONTENDER, choose, eager_figures, figures, wins
 
 CPU = PROFILES["cpu-2core"]  # ratio cap 1.5

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from esper.artifacts import ArtifactKind
-from esper.budgets import PROFILES
+from esper.artifacts.compat import current
+from esper.artifacts.kinds import ArtifactKind
+from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, CheckResult, Outcome
 from esper.certification.run import BlueprintCertification
-from esper.compat import current
 from esper.kasmina import choose_entries
 from esper.kasmina.unusable import Unusable
 from esper.urza import Urza

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
 from esper.urza import Entry, Urza
 
 from .conftest import FIXTURES

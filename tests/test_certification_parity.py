@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.compat import current
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input, Tolerance, seeded
-from esper.budgets import PROFILES
 from esper.certification import plan
+from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, CheckFailure
 from esper.certification.run import Certification
-from esper.compat import current
-from esper.guards import DimGuard, GuardSchema, InputGuard
 from esper.kasmina import COMPILED
 from esper.urza import Entry, Urza
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.variants import DEFAULT_VARIANTS
 from esper.blueprint import Blueprint, Dim, Input
-from esper.budgets import PROFILES
 from esper.certification import plan
+from esper.certification.budgets import PROFILES
 from esper.certification.kinds import InferenceChecks, TrainingChecks
 from esper.certification.results import Check, CheckResult, Outcome
 from esper.certification.run import BlueprintCertification
-from esper.evidence import geomean
-from esper.variants import DEFAULT_VARIANTS
+from esper.urza.evidence import geomean
 
 
 def bucketed() -> Blueprint:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input
 from esper.certification.extras import missing_library
 from esper.certification.results import Check, CheckResult, Outcome

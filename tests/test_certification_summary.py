@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.compat import current
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input
-from esper.budgets import PROFILES
+from esper.certification.budgets import PROFILES
 from esper.certification.run import BlueprintCertification
 from esper.certification.session import TABLE_HEADERS, summary_row, table_row
-from esper.compat import current
-from esper.guards import DimGuard, GuardSchema, InputGuard
 from esper.urza import Entry
 
 BP = Blueprint(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from esper import timing
-from esper.artifacts import ArtifactKind
-from esper.budgets import PROFILES
+from esper.artifacts.kinds import ArtifactKind
 from esper.catalog import load_catalog
+from esper.certification import timing
+from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, CheckResult, Outcome
 from esper.certification.run import Certification
 from esper.urza import Urza

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.compat import current
+from esper.artifacts.compat import current
 from esper.kasmina import EAGER, Kasmina, choose_entries
 from esper.urza import Urza
 

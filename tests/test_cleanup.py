@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from esper.artifacts import extraction
+from esper.artifacts.runtime import CompiledPackage
 from esper.catalog import load_catalog
-from esper.kasmina import COMPILED, extraction
-from esper.kasmina.runtime import CompiledPackage
+from esper.kasmina import COMPILED
 from esper.urza import Urza
 
 from .conftest import TINY
@@ -236,7 +237,7 @@ def test_a_compile_worker_orphaned_by_a_killed_certification_removes_its_folder_
         package = urza.store.verify(entry.checksum, entry.artifact_size)
     worker = (
         "import os, sys, torch; from esper.certification.compile_ahead import exit_with_parent; "
-        "from esper.kasmina.runtime import CompiledPackage; "
+        "from esper.artifacts.runtime import CompiledPackage; "
         f"p = CompiledPackage({str(package)!r}); p([torch.ones(2, 8)]); "
         "exit_with_parent(os.getppid(), poll=0.05); print(os.getpid(), flush=True); import time; time.sleep(60)"
     )

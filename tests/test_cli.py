@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
 from esper.cli import cli
 from esper.tezzeret.compiler import CompileOutcome

@@ -180,5 +180,5 @@ def test_certify_under_xdist_two_workers(pytester: pytest.Pytester, urza_copy: P
     assert certified, (text[-3000:], [(e.id, e.kind, e.status, e.failure_reason) for e in tiny])
     latency = certified[0].performance["certify"]
     assert set(latency) == {"batch=4", "batch=16"}, latency
-    # Certification's own interleaved measurement (esper.timing.compare: at least 8 rounds), xdist or not.
+    # Certification's own interleaved measurement (esper.certification.timing.compare: at least 8 rounds), xdist or not.
     assert all(row["eager"]["p50_ms"] > 0 and row["eager"]["rounds"] >= 8 for row in latency.values()), latency

@@ -1,4 +1,4 @@
-"""Size and value coverage (esper.coverage, esper.values): pure, deterministic, and complete where promised."""
+"""Size and value coverage (numerics.coverage, numerics.inputs): pure, deterministic, and complete where promised."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from esper.blueprint import Blueprint, Dim, Input
-from esper.coverage import (
+from esper.numerics.coverage import (
     EVERY_SIZE_CAP,
     VALUE_REGIMES,
     ValueCase,
@@ -22,7 +22,7 @@ from esper.coverage import (
     spread,
     summarize,
 )
-from esper.values import make_case_inputs
+from esper.numerics.inputs import make_inputs
 
 ATTN = {"batch": (1, 16), "seq": (2, 128)}
 
@@ -148,7 +148,7 @@ BP = Blueprint(
 
 def test_value_regimes_draw_what_they_say() -> None:
     def x(regime: str, seed: int = 0) -> torch.Tensor:
-        return make_case_inputs(BP, {"batch": 2}, ValueCase(regime, seed))[0]
+        return make_inputs(BP, {"batch": 2}, ValueCase(regime, seed))[0]
 
     assert 0.5 < x("unit").abs().mean() < 1.5
     assert x("tiny").abs().max() < 1e-2
@@ -160,7 +160,7 @@ def test_value_regimes_draw_what_they_say() -> None:
     rows_mixed = ((m > 100).any(-1) & ((m > 0) & (m < 1e-2)).any(-1)).all()
     assert rows_mixed  # mixed inside one tensor, even inside one row
     assert torch.equal(x("mixed", 1), x("mixed", 1)) and not torch.equal(x("mixed", 1), x("mixed", 2))
-    ints = make_case_inputs(BP, {"batch": 1}, ValueCase("mixed", 0))[1]
+    ints = make_inputs(BP, {"batch": 1}, ValueCase("mixed", 0))[1]
     assert ints.dtype == torch.int64 and int(ints.min()) >= 0 and int(ints.max()) <= 5
     with pytest.raises(ValueError, match="unknown value regime"):
-        make_case_inputs(BP, {"batch": 1}, ValueCase("huge", 0))
+        make_inputs(BP, {"batch": 1}, ValueCase("huge", 0))

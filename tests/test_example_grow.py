@@ -44,7 +44,7 @@ def run_example(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def grow_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) -> Path:
     """An Urza holding ``tiny_residual``'s inference and training artifacts, compiled and marked certified."""
-    from esper.artifacts import ArtifactKind
+    from esper.artifacts.kinds import ArtifactKind
     from esper.catalog import load_catalog
     from esper.tezzeret.compiler import Tezzeret
     from esper.urza import Urza

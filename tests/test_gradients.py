@@ -1,12 +1,12 @@
-"""esper.gradients: one training step's gradients, its float64 reference, and the mutated buffers."""
+"""esper.numerics.gradients: one training step's gradients, its float64 reference, and the mutated buffers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from esper.gradients import SLACK, exact_gradients, exact_step, floating_buffers, gradients, tolerance
-from esper.parity import judge, max_errors
+from esper.numerics.gradients import SLACK, exact_gradients, exact_step, floating_buffers, gradients, tolerance
+from esper.numerics.parity import judge, max_errors
 
 
 def net() -> torch.nn.Module:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from esper.guards import DimGuard, GuardSchema, InputGuard, SchemaVersionError, compile_check
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard, SchemaVersionError, compile_check
 
 SCHEMA = GuardSchema(
     inputs=(
@@ -97,7 +97,7 @@ BUCKETS = [bucket(1, 2), bucket(3, 5), bucket(6, 8)]
 def test_the_dispatcher_picks_the_bucket_each_predicate_would(
     x_shape: tuple[int, ...], m_shape: tuple[int, ...]
 ) -> None:
-    from esper.guards import compile_dispatch, compile_predicate
+    from esper.artifacts.guards import compile_dispatch, compile_predicate
 
     route_of = compile_dispatch(BUCKETS)
     assert route_of is not None
@@ -111,7 +111,7 @@ def test_the_dispatcher_picks_the_bucket_each_predicate_would(
 
 
 def test_the_dispatcher_checks_every_shared_property_once() -> None:
-    from esper.guards import compile_dispatch
+    from esper.artifacts.guards import compile_dispatch
 
     route_of = compile_dispatch(BUCKETS)
     assert route_of is not None
@@ -126,7 +126,7 @@ def test_the_dispatcher_checks_every_shared_property_once() -> None:
 
 
 def test_schemas_that_differ_beyond_their_ranges_get_no_dispatcher() -> None:
-    from esper.guards import compile_dispatch, same_but_ranges
+    from esper.artifacts.guards import compile_dispatch, same_but_ranges
 
     assert same_but_ranges(BUCKETS[0], BUCKETS[2])
     for other in (bucket(3, 5, dtype="float64"), bucket(3, 5, width=8), SCHEMA.__class__(inputs=SCHEMA.inputs[:1])):
@@ -136,8 +136,8 @@ def test_schemas_that_differ_beyond_their_ranges_get_no_dispatcher() -> None:
 
 
 def test_a_forged_range_in_any_bucket_never_reaches_exec() -> None:
-    from esper.guards import compile_dispatch
-    from esper.validate import EntryFormatError
+    from esper.artifacts.guards import compile_dispatch
+    from esper.artifacts.validate import EntryFormatError
 
     forged = bucket(3, 5)
     object.__setattr__(forged.inputs[0].dims[0], "max", "__import__('os').getpid()")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.runtime import CompiledPackage
 from esper.kasmina import COMPILED, EAGER, Kasmina, telemetry
 from esper.kasmina.kernel import DeferredPackage
-from esper.kasmina.runtime import CompiledPackage
 from esper.urza import Entry, Urza
 from esper.urza import store as store_module
 from esper.urza.store import forget_verified

@@ -15,14 +15,14 @@ import torch
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
-from esper.artifacts import ArtifactKind
-from esper.compat import current
-from esper.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.compat import current
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.tensors import TensorSpec
+from esper.artifacts.training_manifest import TrainingManifest
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel, Route, Unusable, WeightSchemaError
 from esper.kasmina.base import refusal_kind
 from esper.kasmina.choose import choose_entry_id, choose_training_entry
-from esper.kasmina.tensors import TensorSpec
-from esper.kasmina.training_artifact import TrainingManifest
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
 from esper.urza import Entry, Urza
 
@@ -294,7 +294,7 @@ def test_a_stored_dtype_name_must_name_a_dtype() -> None:
 
 
 def test_a_manifest_naming_no_dtype_is_a_format_error() -> None:
-    from esper.kasmina.training_artifact import ArtifactFormatError
+    from esper.artifacts.training_manifest import ArtifactFormatError
 
     text = linear_program().manifest.to_json().replace('"float32"', '"Tensor"', 1)
     with pytest.raises(ArtifactFormatError, match="'Tensor' is not a torch dtype"):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from esper.catalog import load_catalog
-from esper.inputs import example_inputs
 from esper.kasmina import COMPILED, EAGER, Kasmina
+from esper.numerics.inputs import example_inputs
 from tests.conftest import CATALOG, TINY, TRAINING
 
 X = torch.randn(4, 8)
@@ -227,7 +227,7 @@ def test_a_refused_rejected_row_does_not_say_runs_eager(
 ) -> None:
     """A tampered rejected row changes nothing about what runs: the WARNING says it was refused and that
     the kernel runs compiled."""
-    from esper.signing import Signer, generate_keypair
+    from esper.artifacts.signing import Signer, generate_keypair
     from esper.urza import Urza
 
     pair = generate_keypair(tmp_path / "keys")

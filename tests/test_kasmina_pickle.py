@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from esper.artifacts.signing import Verifier, generate_keypair
 from esper.kasmina import COMPILED, Kasmina
-from esper.signing import Verifier, generate_keypair
 from tests.conftest import TINY
 
 

@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 import torch
 
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.tensors import WeightSchemaError
+from esper.artifacts.training_manifest import TrainingManifest
 from esper.catalog import load_catalog
-from esper.gradients import gradients
 from esper.kasmina import Kasmina
-from esper.kasmina.tensors import WeightSchemaError
-from esper.kasmina.training_artifact import TrainingManifest, is_training_entry
 from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
+from esper.numerics.gradients import gradients
 from esper.urza import Urza
 
 from .conftest import CATALOG, TRAINING
@@ -224,7 +225,7 @@ def test_seeds_share_the_program_and_hold_their_own_weights(training_urza: Path)
 
 def test_a_damaged_training_artifact_trains_eager(training_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
     with Urza(training_copy, readonly=True) as urza:
-        (entry,) = [e for e in urza.entries("tiny_bn") if is_training_entry(e)]
+        (entry,) = [e for e in urza.entries("tiny_bn") if e.artifact == ArtifactKind.TRAINING]
         path = urza.store.path_for(entry.checksum)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -239,7 +240,7 @@ def test_a_damaged_training_artifact_trains_eager(training_copy: Path, caplog: p
 def test_an_eager_route_chosen_by_measurement_loads_without_a_warning(
     training_copy: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from esper.artifacts import ArtifactKind
+    from esper.artifacts.kinds import ArtifactKind
     from esper.tezzeret.compiler import Tezzeret
 
     with Urza(training_copy) as urza:
@@ -270,7 +271,7 @@ def test_manifest_round_trips_and_refuses_a_newer_format(training_urza: Path) ->
     import zipfile
 
     with Urza(training_urza, readonly=True) as urza:
-        (entry,) = [e for e in urza.entries("tiny_bn") if is_training_entry(e)]
+        (entry,) = [e for e in urza.entries("tiny_bn") if e.artifact == ArtifactKind.TRAINING]
         with zipfile.ZipFile(urza.store.verify(entry.checksum, entry.artifact_size)) as z:
             text = z.read("manifest.json")
     manifest = TrainingManifest.from_json(text)
@@ -278,7 +279,7 @@ def test_manifest_round_trips_and_refuses_a_newer_format(training_urza: Path) ->
     assert manifest.mutated() == ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
     assert set(manifest.weights()) == set(build("tiny_bn").state_dict())
     newer = {**json.loads(text), "version": 99}
-    from esper.guards import SchemaVersionError
+    from esper.artifacts.guards import SchemaVersionError
 
     with pytest.raises(SchemaVersionError):
         TrainingManifest.from_json(json.dumps(newer))
@@ -287,7 +288,7 @@ def test_manifest_round_trips_and_refuses_a_newer_format(training_urza: Path) ->
 def test_inference_routing_ignores_training_entries(training_urza: Path) -> None:
     with Urza(training_urza, readonly=True) as urza:
         (entry,) = urza.entries("tiny_bn")
-    assert entry.status == "certified" and is_training_entry(entry)  # a certified entry, of the other kind
+    assert entry.status == "certified" and entry.artifact == ArtifactKind.TRAINING  # certified, the other kind
     kernel = Kasmina(training_urza, blueprint_paths=[TRAINING, CATALOG]).load("tiny_bn")
     assert kernel.route == EAGER and kernel.routes == ()
     assert kernel.reason == "Urza has no entry for it"

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from torch.nn.utils import prune
 from torch.overrides import TorchFunctionMode
 
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.tensors import WeightSchemaError
 from esper.catalog import load_catalog
 from esper.kasmina import Kasmina
-from esper.kasmina.tensors import WeightSchemaError
-from esper.kasmina.training_artifact import is_training_entry
 from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
 from esper.urza import Urza
 
@@ -433,7 +433,7 @@ def test_a_pickled_host_loads_its_kernel_again_and_binds_the_seed(training_urza:
 def rewrite_manifest(urza_path: Path, name: str, change: Callable[[dict[str, Any]], None]) -> int:
     """Replace ``name``'s training artifact by one whose manifest ``change`` edited (an unsigned row)."""
     with Urza(urza_path) as urza:
-        (entry,) = [e for e in urza.entries(name) if is_training_entry(e)]
+        (entry,) = [e for e in urza.entries(name) if e.artifact == ArtifactKind.TRAINING]
         src = urza.store.verify(entry.checksum, entry.artifact_size)
         out = urza_path.parent / "edited.zip"
         with zipfile.ZipFile(src) as z, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as w:

@@ -21,9 +21,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esper import signing
+from esper.artifacts import signing
+from esper.artifacts.signing import Signer
 from esper.kasmina import COMPILED, EAGER, Kasmina
-from esper.signing import Signer
 from esper.urza import Urza
 from esper.urza.maintenance import sign_all
 

@@ -21,11 +21,10 @@ from hypothesis import strategies as st
 
 from esper.blueprint import Blueprint
 from esper.catalog import load_file
-from esper.coverage import Case, edge_sizes, plan
-from esper.gradients import gradients, tolerance
-from esper.inputs import Regime, make_inputs
-from esper.parity import ParityVerdict, assert_parity, float64_copy, judge, to_float64
-from esper.values import make_case_inputs
+from esper.numerics.coverage import Case, edge_sizes, plan
+from esper.numerics.gradients import gradients, tolerance
+from esper.numerics.inputs import Regime, make_inputs
+from esper.numerics.parity import ParityVerdict, assert_parity, float64_copy, judge, to_float64
 
 FIXTURES = Path(__file__).parent / "fixtures" / "miscompiles"
 
@@ -83,10 +82,10 @@ class Subject:
         return judge(compiled, eager, exact, atol=tol.atol, rtol=tol.rtol)
 
     def new_check(self) -> list[tuple[Case, ParityVerdict]]:
-        """The new parity check: every case of :func:`esper.coverage.plan`; returns the failures."""
+        """The new parity check: every case of :func:`esper.numerics.coverage.plan`; returns the failures."""
         failures = []
         for case in plan(self.ranges, self.bp.representative):
-            v = self.judge(make_case_inputs(self.bp, case.sizes, case.values))
+            v = self.judge(make_inputs(self.bp, case.sizes, case.values))
             if not v.passed:
                 failures.append((case, v))
         return failures
@@ -136,12 +135,12 @@ class Subject:
         return out_c, grads_c, out_e, grads_e
 
     def new_grad_check(self) -> list[tuple[Case, str]]:
-        """Gradient parity with the new rules over every case of :func:`esper.coverage.plan`: the output
+        """Gradient parity with the new rules over every case of :func:`esper.numerics.coverage.plan`: the output
         and every gradient judged against the float64 step. Returns the failures with their reasons."""
         failures = []
         tol = self.bp.tolerance
         for case in plan(self.ranges, self.bp.representative):
-            args = make_case_inputs(self.bp, case.sizes, case.values)
+            args = make_inputs(self.bp, case.sizes, case.values)
             out_c, grads_c, out_e, grads_e = self.step(args)
             out_x, grads_x = gradients(self.double, to_float64(args), seed=0)  # exact_gradients, one copy
             for v in (
@@ -154,7 +153,7 @@ class Subject:
 
     def old_grad_check(self, sizes: list[dict[str, int]]) -> list[dict[str, int]]:
         """The old gradient parity at ``sizes``: ``assert_close`` at the declared tolerance widened by
-        eager's own float64 error (:func:`esper.gradients.tolerance`). Returns the failing sizes."""
+        eager's own float64 error (:func:`esper.numerics.gradients.tolerance`). Returns the failing sizes."""
         failures = []
         tol = self.bp.tolerance
         for size in sizes:
@@ -211,7 +210,7 @@ def test_clean_twins_pass_old_and_new_checks(name: str, monkeypatch: pytest.Monk
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_a_real_package_carries_the_size_class_defect(tmp_path: Path) -> None:
     """One real export + AOTInductor compile: the package is wrong exactly where the simulation says."""
-    from esper.kasmina.runtime import CompiledPackage
+    from esper.artifacts.runtime import CompiledPackage
     from esper.tezzeret.export import export_blueprint
 
     bp = blueprint("miscompile_size_class")
@@ -266,12 +265,12 @@ def buffer_failures(s: Subject, cases: list[tuple[dict[str, int], Any]]) -> list
     the float64 step's (new rule) for each ``(sizes, value case)``; returns the failures with their reasons."""
     import copy
 
-    from esper.gradients import exact_step, floating_buffers
+    from esper.numerics.gradients import exact_step, floating_buffers
 
     tol = s.bp.tolerance
     failures = []
     for sizes, values in cases:
-        args = make_case_inputs(s.bp, sizes, values)
+        args = make_inputs(s.bp, sizes, values)
         compiled, eager = copy.deepcopy(s.module).train(), copy.deepcopy(s.module).train()
         with as_compiled(s.monkeypatch):
             gradients(compiled, args, seed=0)
@@ -288,7 +287,7 @@ def buffer_failures(s: Subject, cases: list[tuple[dict[str, int], Any]]) -> list
 def test_buffer_only_defect_caught_by_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wrong only in the running-mean update, only at batch % 16 == 11: the old sizes miss it, every size
     catches it, in the buffer and nowhere else (the forward is right)."""
-    from esper.coverage import ValueCase
+    from esper.numerics.coverage import ValueCase
 
     s = Subject("miscompile_buffer_size_class", monkeypatch)
     s.old_check()  # eval-mode forward: right everywhere; records the sizes the old sampling tries

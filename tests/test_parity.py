@@ -1,4 +1,4 @@
-"""Sound parity (esper.parity.judge): compiled and eager both against a float64 reference."""
+"""Sound parity (esper.numerics.parity.judge): compiled and eager both against a float64 reference."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from esper.gradients import exact_gradients, exact_step, floating_buffers, gradients, upstream
-from esper.parity import (
+from esper.numerics.gradients import exact_gradients, exact_step, floating_buffers, gradients, upstream
+from esper.numerics.parity import (
     CHUNK,
     REDUCTION,
     Float64Casts,

@@ -18,8 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from esper.artifacts.runtime import CompiledPackage
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
-from esper.kasmina.runtime import CompiledPackage
 
 from .conftest import TINY
 

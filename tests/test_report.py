@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.compat import current
+from esper.artifacts.kinds import ArtifactKind
 from esper.cli import cli
-from esper.compat import current
 from esper.report import collect, render, series
 from esper.urza import Entry, Urza
 
@@ -106,7 +106,8 @@ def test_report_renders_from_urza_without_compiling(urza_copy: Path, tmp_path: P
         }
         urza.update(e.id, performance={**e.performance, "certify": perf})  # type: ignore[arg-type]
     code = (
-        "import sys; from pathlib import Path; from esper.compat import current; from esper.report import render; "
+        "import sys; from pathlib import Path; from esper.artifacts.compat import current; "
+        "from esper.report import render; "
         f"render(Path({str(urza_copy)!r}), Path({str(tmp_path / 'out')!r}), current()); "
         "print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))"
     )

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, BlueprintError, Dim, Input
-from esper.budgets import PROFILES
+from esper.certification.budgets import PROFILES
 from esper.certification.results import CheckResult, Outcome
 from esper.certification.run import CANDIDATE_CHECKS, Certification
-from esper.guards import DimGuard, GuardSchema, InputGuard
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.urza import Urza
 
@@ -60,8 +60,8 @@ def guards(lo: int, hi: int) -> GuardSchema:
 @pytest.mark.compiles
 def test_routing_picks_the_entry_whose_guards_accept(urza_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Three certified profiles of one blueprint: two compiled (same package, narrower guards), one eager."""
+    from esper.artifacts.weights import save_state
     from esper.catalog import load_catalog
-    from esper.weights import save_state
 
     weights = urza_copy.parent / "weights.safetensors"
     save_state(load_catalog([TINY]).get("tiny_mlp").build(), weights, blueprint="tiny_mlp", version=1)
@@ -109,8 +109,8 @@ def test_routing_picks_the_entry_whose_guards_accept(urza_copy: Path, caplog: py
 
 
 def test_a_profile_where_no_variant_beats_eager_with_confidence_routes_eager(tmp_path: Path) -> None:
-    from esper import timing
-    from esper.compat import current
+    from esper.artifacts.compat import current
+    from esper.certification import timing
     from esper.urza import Entry
 
     bp = bucketed([(1, 4), (5, 64)])
@@ -147,7 +147,7 @@ def test_routes_that_differ_beyond_their_ranges_are_tried_in_turn() -> None:
     predicate, in order, with the same answer."""
     from types import SimpleNamespace
 
-    from esper.guards import DimGuard, GuardSchema, InputGuard
+    from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
     from esper.kasmina.kernel import Route, route_dispatch
 
     def route(dtype: str, lo: int, hi: int) -> Route:

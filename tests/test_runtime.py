@@ -1,4 +1,4 @@
-"""Pins the private AOTInductor C++ loader behaviour that esper.kasmina.runtime relies on."""
+"""Pins the private AOTInductor C++ loader behaviour that esper.artifacts.runtime relies on."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.kasmina.runtime import CompiledPackage, PackageLoadError
+from esper.artifacts.runtime import CompiledPackage, PackageLoadError
 from esper.urza import Urza
 
 pytestmark = pytest.mark.compiles
@@ -78,7 +78,7 @@ def test_copies_share_the_loaded_package_and_pickling_refuses(compiled_urza: Pat
 
 
 def test_loader_loads_an_extracted_folder_and_leaves_it_in_place(compiled_urza: Path, tmp_path: Path) -> None:
-    """CompiledPackage extracts packages itself (esper.kasmina.extraction): the loader must accept the folder
+    """CompiledPackage extracts packages itself (esper.artifacts.extraction): the loader must accept the folder
     (only the package's ``<model>/data/`` files), run from it, and never remove it."""
     import gc
     import zipfile

@@ -11,9 +11,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from esper import io_errors, signing
+from esper import io_errors
+from esper.artifacts import signing
+from esper.artifacts.signing import SigningError
 from esper.cli import ReportedCommand, cli
-from esper.signing import SigningError
 
 
 def full_database(tmp_path: Path) -> sqlite3.OperationalError:

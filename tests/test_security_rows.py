@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esper import guards
-from esper.compat import CompatKey
-from esper.guards import DimGuard, GuardSchema, InputGuard, SchemaVersionError, compile_check
+from esper.artifacts import guards
+from esper.artifacts.compat import CompatKey
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard, SchemaVersionError, compile_check
 from esper.urza.schema import Entry, EntryFormatError, EntryMeta
 
 GOOD = GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=4), DimGuard(size=8))),))

@@ -1,5 +1,5 @@
 """Tensor kinds the guard must not pass to compiled code, keyword arguments bound by
-input name, and pins of the private torch calls esper.tensor_kinds relies on."""
+input name, and pins of the private torch calls esper.artifacts.servable relies on."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from esper import tensor_kinds
-from esper.guards import DimGuard, GuardSchema, InputGuard, bind_arguments, compile_check, compile_predicate
+from esper.artifacts import servable as tensor_kinds
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard, bind_arguments, compile_check, compile_predicate
 
 SCHEMA = GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=8), DimGuard(size=4))),))
 ACCEPTS = compile_predicate(SCHEMA)
@@ -103,7 +103,7 @@ def test_functorch_wrapped_tensors_are_refused() -> None:
 
 def test_cuda_schemas_check_the_exact_device_index() -> None:
     cuda = GuardSchema(inputs=SCHEMA.inputs, device="cuda")
-    from esper import guards
+    from esper.artifacts import guards
 
     assert "get_device() != 1" in guards._predicate_source(cuda, device_index=1)
     assert "get_device()" not in guards._predicate_source(cuda)
@@ -111,7 +111,7 @@ def test_cuda_schemas_check_the_exact_device_index() -> None:
 
 
 def test_private_torch_calls_are_pinned() -> None:
-    """esper.tensor_kinds reads these; if torch moves them, this fails before the guard silently weakens."""
+    """esper.artifacts.servable reads these; if torch moves them, this fails before the guard silently weakens."""
     assert fwAD._current_level == -1
     with fwAD.dual_level():
         assert fwAD._current_level == 0

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from esper.artifacts.tensors import WeightSchemaError
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
 from esper.kasmina.seeds import BoundPackage
-from esper.kasmina.tensors import WeightSchemaError
 
 from .conftest import TINY
 
@@ -161,8 +161,8 @@ def test_a_bound_seed_outside_the_guards_runs_its_own_eager_module(compiled_urza
 
 
 def test_seeds_route_to_swappable_code_where_a_folding_variant_won() -> None:
-    from esper.compat import current
-    from esper.guards import GuardSchema
+    from esper.artifacts.compat import current
+    from esper.artifacts.guards import GuardSchema
     from esper.kasmina.choose import choose_entries, choose_seed_entries
     from esper.urza import Entry
 

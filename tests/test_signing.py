@@ -15,13 +15,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from esper import signing
+from esper.artifacts import signing
+from esper.artifacts.compat import CompatKey
+from esper.artifacts.guards import DimGuard
+from esper.artifacts.signing import SignatureError, Signer, SigningError, Verifier, generate_keypair
 from esper.cli import cli
-from esper.compat import CompatKey
-from esper.guards import DimGuard
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.kasmina.telemetry import SIGNATURE
-from esper.signing import SignatureError, Signer, SigningError, Verifier, generate_keypair
 from esper.urza import Entry, Urza, UrzaError
 
 from .conftest import TINY

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.weights import load_state
 from esper.catalog import load_catalog
-from esper.guards import DimGuard, GuardSchema, InputGuard
 from esper.tezzeret.compiler import Tezzeret
 from esper.tezzeret.content import source_digest
 from esper.urza import Urza
-from esper.weights import load_state
 
 from .conftest import BROKEN
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
 from esper.catalog import load_catalog
 from esper.provenance import source_files

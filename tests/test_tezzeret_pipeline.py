@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.variants import VARIANTS
 from esper.blueprint import Blueprint
-from esper.guards import DimGuard, GuardSchema, InputGuard
 from esper.tezzeret import compiler
 from esper.tezzeret.compiler import Tezzeret
 from esper.tezzeret.content import source_digest
@@ -24,7 +25,6 @@ from esper.tezzeret.inference import InferencePipeline
 from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, stage
 from esper.tezzeret.training_compile import TrainingPipeline
 from esper.urza import Urza
-from esper.variants import VARIANTS
 
 GUARDS = GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=32), DimGuard(size=8))),))
 

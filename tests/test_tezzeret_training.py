@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
 from esper.catalog import load_catalog
-from esper.coverage import edge_sizes
-from esper.gradients import exact_gradients, gradients, tolerance
 from esper.kasmina import Kasmina
-from esper.kasmina.training_artifact import is_training_entry
 from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
+from esper.numerics.coverage import edge_sizes
+from esper.numerics.gradients import exact_gradients, gradients, tolerance
 from esper.tezzeret.content import source_digest
 from esper.urza import Urza
 
@@ -77,7 +77,7 @@ def test_a_dropout_blueprint_takes_the_eager_training_route_with_its_reason(
     training_urza: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with Urza(training_urza, readonly=True) as urza:
-        (entry,) = [e for e in urza.entries("tiny_dropout") if is_training_entry(e)]
+        (entry,) = [e for e in urza.entries("tiny_dropout") if e.artifact == ArtifactKind.TRAINING]
     assert entry.kind == "eager" and entry.status == "fallback"
     assert (entry.artifact, entry.variant, entry.failed_check) == ("training", "default", "train_compile")
     assert "failed_stage" not in entry.meta  # a decision, not a failing stage

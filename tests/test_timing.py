@@ -1,4 +1,4 @@
-"""Interleaved, confidence-based timing decisions (esper.timing), on synthetic clocks: nothing real is timed."""
+"""Interleaved, confidence-based timing decisions (certification.timing), on synthetic clocks: nothing real is timed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from esper.timing import (
+from esper.certification.timing import (
     EVEN,
     INCONCLUSIVE,
     LOSES,

@@ -14,12 +14,12 @@ import torch
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
-from esper.artifacts import ArtifactKind
-from esper.compat import current
-from esper.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.compat import current
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.tensors import TensorSpec, WeightSchemaError
+from esper.artifacts.training_manifest import ArtifactFormatError, TrainingManifest
 from esper.kasmina.kinds import TrainingLoader
-from esper.kasmina.tensors import TensorSpec, WeightSchemaError
-from esper.kasmina.training_artifact import ArtifactFormatError, TrainingManifest
 from esper.kasmina.training_kernel import COMPILED, TrainingKernel, TrainingProgram
 from esper.kasmina.unusable import Unusable
 from esper.urza import Entry

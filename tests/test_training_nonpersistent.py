@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.tensors import WeightSchemaError
 from esper.catalog import load_catalog
-from esper.gradients import exact_gradients, gradients, tolerance
 from esper.kasmina import Kasmina
-from esper.kasmina.tensors import WeightSchemaError
 from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
+from esper.numerics.gradients import exact_gradients, gradients, tolerance
 from esper.urza import Urza
 
 from .conftest import FIXTURES

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from esper.compat import CompatKey, current
-from esper.guards import DimGuard, GuardSchema, InputGuard
+from esper.artifacts.compat import CompatKey, current
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
 from esper.urza import SCHEMA_VERSION, ArtifactError, Entry, Urza, UrzaError
 from esper.urza.db import MIGRATIONS
 from esper.urza.store import ArtifactStore

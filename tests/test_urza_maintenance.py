@@ -213,7 +213,7 @@ def test_verify_reports_a_damaged_database_without_a_traceback(tmp_path: Path) -
 
 
 def test_verify_says_a_row_signed_under_format_1_needs_re_signing(tmp_path: Path) -> None:
-    from esper import signing
+    from esper.artifacts import signing
 
     keys = signing.generate_keypair(tmp_path / "keys")
     signer = signing.Signer.from_file(keys.private)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from esper import signing
+from esper.artifacts import signing
+from esper.artifacts.compat import CompatKey, current
 from esper.cli import cli
-from esper.compat import CompatKey, current
 from esper.urza import Urza, UrzaError
 from esper.urza.maintenance import export, sign_all, verify
 from esper.urza.merge import identity, merge

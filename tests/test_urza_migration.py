@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.signing import Signer, Verifier, generate_keypair
 from esper.cli import cli
-from esper.signing import Signer, Verifier, generate_keypair
 from esper.urza import SCHEMA_VERSION, Urza, UrzaError
 from esper.urza.db import MIGRATIONS
 from esper.urza.maintenance import sign_all, verify

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from esper import signing
+from esper.artifacts import signing
 from esper.cli import cli
 from esper.urza import Urza, UrzaError
 from esper.urza import snapshot as snap

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esper.guards import GuardSchema
+from esper.artifacts.guards import GuardSchema
 
 MakeInputs = Callable[[Mapping[str, int]], tuple[torch.Tensor, ...]]
 

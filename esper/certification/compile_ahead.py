@@ -69,10 +69,10 @@ def compile_job(job: CompileJob) -> int | None:
     """Compile ``job`` with Tezzeret into its Urza (in a worker process); the entry's id."""
     import torch
 
+    from esper.artifacts.variants import VARIANTS
     from esper.catalog import load_file
     from esper.tezzeret.compiler import Tezzeret
     from esper.urza import Urza
-    from esper.variants import VARIANTS
 
     try:
         declared = {bp.name: bp for bp in load_file(Path(job.source))}
@@ -95,7 +95,7 @@ def exit_with_parent(parent: int, poll: float = PARENT_POLL_SECONDS) -> None:
     no session finish, and its worker would otherwise finish the compile under way as an orphan (measured:
     about a minute of one core, beside whatever ran next). ``os._exit`` runs no exit handler: the packages
     this worker extracted are removed first."""
-    from esper.kasmina import extraction
+    from esper.artifacts import extraction
 
     def watch() -> None:
         while os.getppid() == parent:

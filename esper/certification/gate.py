@@ -2,10 +2,10 @@
 
 Every certify run writes ``latency.json`` beside its summary: per blueprint, artifact kind, candidate and
 representative shape, the per-round compiled/eager ratios of the interleaved comparison
-(:func:`esper.timing.compare`), with the machine context. Keep one run's file as the baseline; a later run
+(:func:`esper.certification.timing.compare`), with the machine context. Keep one run's file as the baseline; a later run
 given ``--certify-baseline FILE`` fails when any candidate, at any shape both runs measured, is slower than
 the baseline by more than ``--certify-regression`` (default 20%) *with confidence*:
-:func:`esper.timing.regressed` on the two runs' per-round ratios (a bootstrap interval of the ratio of their
+:func:`~.timing.regressed` on the two runs' per-round ratios (a bootstrap interval of the ratio of their
 medians, so the spread of both runs counts, not the medians alone). Ratios, not times: a neighbour that slows
 a whole run slows its eager rounds too and cancels out.
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esper.timing import ratio_interval, regressed
+from esper.certification.timing import ratio_interval, regressed
 
 VERSION = 2
 READABLE = (1, 2)  # version 1 has no eager timings: its comparisons are judged without the load gauge

@@ -7,11 +7,11 @@ select, budgets, publish); it asks its :class:`KindChecks` only what a kind chan
   against the eval-mode module and its float64 copy; the budget's p95 limits apply.
 - training: one training step (forward and backward, weights as inputs) of a seed bound to the kernel that
   ``Kasmina.load_training`` loads, judged against eager autograd and the same step in float64
-  (:func:`esper.gradients.exact_step`): the output, every input and parameter gradient, every floating
+  (:func:`esper.numerics.gradients.exact_step`): the output, every input and parameter gradient, every floating
   buffer the step mutates; the budget's ratio cap applies, not its p95 limits (declared for the forward
   pass). ``ESPER_CERTIFY_TRAINING=0`` turns the training checks off.
 
-Both judge with :func:`esper.parity.judge` (see there for the rule); :meth:`KindChecks.expected` computes the
+Both judge with :func:`esper.numerics.parity.judge` (see there for the rule); :meth:`KindChecks.expected` computes the
 eager and float64 side of a case once, so that every candidate of a profile is judged against the same one.
 """
 
@@ -29,18 +29,18 @@ from typing import Any, ClassVar
 import torch
 from torch.utils import _pytree as pytree
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.guards import GuardSchema
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.variants import VARIANTS
 from esper.blueprint import Blueprint
 from esper.catalog import Catalog
-from esper.coverage import ValueCase
-from esper.gradients import exact_step, floating_buffers, gradients, step, upstream
-from esper.guards import GuardSchema
-from esper.inputs import Regime
 from esper.kasmina import COMPILED, Kasmina
-from esper.parity import REDUCTION, ParityVerdict, float64_copy, judge, nondeterministic, to_float64
+from esper.numerics.coverage import ValueCase
+from esper.numerics.gradients import exact_step, floating_buffers, gradients, step, upstream
+from esper.numerics.inputs import Regime
+from esper.numerics.parity import REDUCTION, ParityVerdict, float64_copy, judge, nondeterministic, to_float64
 from esper.tezzeret.compiler import CompileOutcome, Tezzeret
 from esper.urza import Entry, Urza
-from esper.variants import VARIANTS
 
 TRAINING_ENV = "ESPER_CERTIFY_TRAINING"
 
@@ -138,7 +138,7 @@ class KindChecks(ABC):
         self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int
     ) -> tuple[str | None, dict[str, ParityVerdict]]:
         """Run one accepted parity case through ``kernel``: the path the compiled side took, and one
-        :func:`esper.parity.judge` verdict per part the kind compares (``output``; ``gradient``, ``buffer``)."""
+        :func:`~esper.numerics.parity.judge` per part the kind compares (``output``; ``gradient``, ``buffer``)."""
 
     @abstractmethod
     def nondeterministic(self, args: Sequence[torch.Tensor]) -> bool:
@@ -146,7 +146,7 @@ class KindChecks(ABC):
 
     def _judged(self, part: str, got: Any, expected: Expected) -> ParityVerdict:
         tol = self.bp.tolerance
-        # Gradients and buffers are reductions of a whole step (see esper.parity.REDUCTION).
+        # Gradients and buffers are reductions of a whole step (see esper.numerics.parity.REDUCTION).
         reduction = REDUCTION if part in ("gradient", "buffer") else 1.0
         return judge(
             got,

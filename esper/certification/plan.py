@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from esper import coverage
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
+from esper.numerics import coverage
 from esper.profiles import DEFAULT_PROFILE, contains
 
 Ranges = Mapping[str, tuple[int, int]]
@@ -58,7 +58,7 @@ def latency_cases(bp: Blueprint, artifact: ArtifactKind) -> list[tuple[str, str]
     return cases
 
 
-# The planned parity cases of a profile (esper.coverage.plan), sized so that the whole catalog certifies cold
+# The planned parity cases of a profile (esper.numerics.coverage.plan), sized so that the whole catalog certifies cold
 # within 10 minutes on 2 cores (compiling takes most of it): every representative and edge shape under every
 # value regime, PARITY_SEEDS seed(s); EXTRA_SEEDS more seeds of every regime at the smallest representative
 # shape (the cheapest; the largest shapes cost most: at conv_bn_relu's 32x64x64 a float64 training step is

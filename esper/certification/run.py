@@ -3,8 +3,8 @@ decision it publishes. Each check returns a :class:`~esper.certification.results
 
 :class:`Certification` is the one skeleton for every artifact kind (inference, training), parameterized by
 its :class:`~esper.certification.kinds.KindChecks`. A kind's *candidates* (see :mod:`.plan`) are each
-checked (parity against a float64 reference over the planned cases, see :mod:`esper.parity`; guards) and
-timed against eager in interleaved rounds (:func:`esper.timing.compare`); then :func:`choose` picks each
+checked (parity against a float64 reference over the planned cases, see :mod:`esper.numerics.parity`; guards) and
+timed against eager in interleaved rounds (:func:`esper.certification.timing.compare`); then :func:`choose` picks each
 profile's route (see there: the candidate that meets the budget and beats eager with confidence, the first in
 variant order unless a later one is faster by the margin with confidence, else
 eager when eager meets the budget, else the fastest candidate that meets it; nothing meets it: rejected by
@@ -30,21 +30,20 @@ from typing import Any
 
 import torch
 
-from esper import budgets, coverage, timing
-from esper.artifacts import ArtifactKind
+from esper.artifacts.context import machine_context
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
-from esper.certification import plan
+from esper.certification import budgets, plan, timing
 from esper.certification.cases import RefusedCase, refused_cases
 from esper.certification.compile_ahead import CompileAhead, CompileJob
 from esper.certification.kinds import KINDS, Expected, KindChecks
 from esper.certification.results import CANDIDATE_CHECKS, Check, CheckResult, Fail, Skip, check
-from esper.context import machine_context
-from esper.evidence import geomean
-from esper.inputs import Regime, make_inputs
 from esper.kasmina import COMPILED, EAGER
-from esper.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
+from esper.numerics import coverage
+from esper.numerics.inputs import Regime, make_inputs
+from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
 from esper.urza import Entry, Urza
-from esper.values import make_case_inputs
+from esper.urza.evidence import geomean
 
 log = logging.getLogger("esper.certify")
 
@@ -170,7 +169,7 @@ def choose(
     """The route of ``profile`` from each contender's interleaved comparisons with eager at the profile's
     representative shapes (``scored``: the candidates that passed every check). The decision rule:
 
-    1. a candidate is *within budget* when :func:`esper.budgets.check` finds nothing at every shape (its p95,
+    1. a candidate is *within budget* when :func:`~.budgets.check` finds nothing at every shape (its p95,
        and its paired compiled/eager ratio against the cap); candidates rank by the geometric mean of their
        paired ratios over the shapes (load cancels out of a ratio measured in interleaved rounds);
     2. of the within-budget candidates that :func:`wins`, the first in the blueprint's variant order is
@@ -393,7 +392,7 @@ class Certification:
     def check_parity(self, candidate: str) -> dict[str, Any]:
         """The candidate (loaded once, as Kasmina loads it) against eager and a float64 reference on every
         planned case of its profile (every size of each dim, pairwise sizes, value regimes, seeds), judged by
-        :func:`esper.parity.judge`; stops at the first failing case, naming it. Eager that differs between
+        :func:`esper.numerics.parity.judge`; stops at the first failing case, naming it. Eager that differs between
         two identical runs is reported as nondeterministic instead. Its figures: the cases judged and the
         profile's coverage."""
         c = self.ready(candidate)
@@ -405,7 +404,7 @@ class Certification:
     def _check_planned(self, c: Candidate, kernel: Any) -> coverage.Coverage:
         cases = self.cases(c.profile)
         first = cases[0]
-        args = make_case_inputs(self.bp, first.sizes, self.kind.value_case(first.values), self.device)
+        args = make_inputs(self.bp, first.sizes, self.kind.value_case(first.values), self.device)
         c.nondeterministic = self.kind.nondeterministic(args)
         if c.nondeterministic:
             raise Fail(
@@ -414,7 +413,7 @@ class Certification:
             )
         for index, case in enumerate(cases):
             values = self.kind.value_case(case.values)
-            args = make_case_inputs(self.bp, case.sizes, values, self.device)
+            args = make_inputs(self.bp, case.sizes, values, self.device)
             expected = self._case_expected(c.profile, index, args, values.seed)
             self._judge(
                 c, kernel, args, expected, values.seed, f"{dict(case.sizes)}, {values.regime} seed {values.seed}"
@@ -476,7 +475,7 @@ class Certification:
     @check(Check.LATENCY)
     def compare_latency(self, candidate: str, label: str) -> dict[str, Any]:
         """The candidate against eager at one representative shape, in interleaved rounds on the same inputs
-        (:func:`esper.timing.compare`): the paired ratio with its confidence interval and a decision."""
+        (:func:`esper.certification.timing.compare`): the paired ratio with its confidence interval and a decision."""
         c = self.ready(candidate)
         kernel = self._kernel(c)
         args = self._inputs(self.labels()[label])
@@ -612,7 +611,7 @@ class Certification:
             "nondeterministic": c.nondeterministic,
             "rule": {
                 "reference": "float64",
-                # The module's own casts to lower precision run in float64 too (esper.parity.Float64Casts); a
+                # The module's own casts to lower precision run in float64 too (esper.numerics.parity.Float64Casts); a
                 # part's "degenerate_reference" says where the reference still matched eager bit for bit.
                 "reference_casts": "widened to float64",
                 "rmse": "RMSE(compiled, fp64) <= m * RMSE(eager, fp64) + floor (m 2 for float32 >= 1000 elements, "

@@ -18,22 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.compat import CompatKey
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, BlueprintError
-from esper.budgets import PROFILES, BudgetProfile
 from esper.catalog import load_catalog, load_file, module_file_name, validate_module
 from esper.certification import gate, plan
+from esper.certification.budgets import PROFILES, BudgetProfile
 from esper.certification.compile_ahead import CompileAhead, CompilePool, workers
 from esper.certification.kinds import TRAINING_ENV
 from esper.certification.results import CheckResult
 from esper.certification.run import BlueprintCertification, Certification
 from esper.certification.shard import Shard
-from esper.compat import CompatKey
-from esper.evidence import geomean, latency_table, parity_error, speedup, speedups
 from esper.kasmina import COMPILED, EAGER
 from esper.profiles import contains
 from esper.settings import Settings
 from esper.urza import Entry, Urza
+from esper.urza.evidence import geomean, latency_table, parity_error, speedup, speedups
 
 # Where generated modules, latency.json and the summary go, under the project root.
 DEFAULT_BUILD_DIR = Path(".esper") / "certify"
@@ -190,7 +190,7 @@ class CertifySession:
         whether the gate failed."""
         rows = self.latency_rows()
         if rows:
-            from esper.context import machine_context
+            from esper.artifacts.context import machine_context
 
             self.build_dir.mkdir(parents=True, exist_ok=True)
             doc = gate.record([(k, r) for k, r, _ in rows], machine_context(), {k: ms for k, _, ms in rows})
@@ -224,7 +224,7 @@ class CertifySession:
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """One row per blueprint, read back from Urza: what Kasmina will route, and the evidence for it."""
-        from esper.compat import current
+        from esper.artifacts.compat import current
 
         key = current(self.device)
         rows = []

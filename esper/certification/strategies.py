@@ -1,7 +1,7 @@
 """Hypothesis strategies over a blueprint's guards: shapes inside the ranges, and input values.
 
-Values are described by a small :class:`~esper.inputs.Regime` (scale, zeros, seed) that hypothesis draws
-and shrinks; :func:`esper.inputs.make_inputs` turns it into tensors with a seeded torch generator. Drawing
+Values are described by a small :class:`~esper.numerics.inputs.Regime` (scale, zeros, seed) that hypothesis draws
+and shrinks; :func:`esper.numerics.inputs.make_inputs` turns it into tensors with a seeded torch generator. Drawing
 whole tensors element by element through hypothesis would be slow and shrink badly.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from esper.inputs import Regime
+from esper.numerics.inputs import Regime
 
 Ranges = Mapping[str, tuple[int, int]]
 

@@ -5,11 +5,11 @@
 may import the compiler stack; tests/test_kasmina_static.py enforces it.
 """
 
+from esper.artifacts.tensors import WeightSchemaError
 from esper.kasmina.base import COMPILED, EAGER
 from esper.kasmina.choose import choose_entries
 from esper.kasmina.kernel import Kernel, Route
 from esper.kasmina.loader import Kasmina
-from esper.kasmina.tensors import WeightSchemaError
 from esper.kasmina.training_kernel import TrainingKernel
 from esper.kasmina.unusable import Unusable
 

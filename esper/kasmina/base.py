@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from esper.guards import GuardSchema, bind_arguments
+from esper.artifacts.guards import GuardSchema, bind_arguments
 from esper.kasmina import telemetry
 from esper.urza import Entry
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from esper.artifacts import ArtifactKind
-from esper.compat import CompatKey
+from esper.artifacts.compat import CompatKey
+from esper.artifacts.kinds import ArtifactKind
 from esper.kasmina import telemetry
 from esper.kasmina.unusable import Unusable
 from esper.urza import Entry

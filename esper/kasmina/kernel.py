@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.modules.module as _nn_module
 
-from esper.guards import compile_check, compile_dispatch, compile_predicate
+from esper.artifacts.guards import compile_check, compile_dispatch, compile_predicate
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.conformance import MODE_QUERIES, mode_problem
@@ -123,7 +123,7 @@ def route_dispatch(routes: Sequence[Route]) -> Callable[[Sequence[Any]], int]:
     """The index of the first of ``routes`` whose guards accept the arguments (``-1``: none does).
 
     The routes of one blueprint version differ only in their shape profiles' ranges, so one generated
-    dispatcher checks them all (:func:`esper.guards.compile_dispatch`): a call to the second bucket costs what
+    dispatcher checks them all (:func:`esper.artifacts.guards.compile_dispatch`): a call to the second bucket costs what
     a call to the first does. Routes that differ otherwise try each route's own predicate in turn."""
     schemas = [r.entry.guards for r in routes]
     devices = {r.device_index for r in routes}

@@ -26,16 +26,16 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from esper.artifacts import ArtifactKind
-from esper.compat import CompatKey
+from esper.artifacts.compat import CompatKey
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.runtime import CompiledPackage, PackageLoadError, device_index
+from esper.artifacts.tensors import torch_dtype
+from esper.artifacts.training_manifest import ArtifactFormatError, open_artifact
 from esper.kasmina import telemetry
 from esper.kasmina.base import KernelBase
 from esper.kasmina.choose import NOUN
 from esper.kasmina.kernel import DeferredPackage, Kernel, Route
-from esper.kasmina.runtime import CompiledPackage, PackageLoadError, device_index
 from esper.kasmina.seeds import Weights
-from esper.kasmina.tensors import torch_dtype
-from esper.kasmina.training_artifact import ArtifactFormatError, open_artifact
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram, manifest_problem
 from esper.kasmina.unusable import Unusable, removed_profiles
 from esper.urza import Entry

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from esper import compat
-from esper.artifacts import ArtifactKind
+from esper.artifacts import compat
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.validate import EntryFormatError
+from esper.artifacts.weights import load_state
 from esper.catalog import Catalog, UnknownBlueprintError, load_catalog
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, KernelBase
@@ -36,12 +38,10 @@ from esper.provenance import stale_reason
 from esper.settings import resolve
 from esper.urza import ArtifactError, ArtifactStore, Entry, Urza, UrzaError
 from esper.urza.schema import EntryMeta
-from esper.validate import EntryFormatError
-from esper.weights import load_state
 
 if TYPE_CHECKING:
+    from esper.artifacts.signing import Verifier
     from esper.blueprint import Blueprint
-    from esper.signing import Verifier
 
 __all__ = ["Kasmina", "KernelSource", "Unusable", "choose_entries"]
 
@@ -55,9 +55,9 @@ def _verifier(public_key: str | Path | bytes | Verifier | None) -> tuple[Verifie
     A bad key does not raise: the training run goes on, eager, with a WARNING naming the key problem. A key
     that is set but empty is such a problem, never "verification off" (a typo must not disable signing).
     """
-    if public_key is None and "ESPER_PUBLIC_KEY" not in os.environ:  # esper.signing.PUBLIC_KEY_ENV
+    if public_key is None and "ESPER_PUBLIC_KEY" not in os.environ:  # esper.artifacts.signing.PUBLIC_KEY_ENV
         return None, None  # signing not configured: cryptography is not even imported
-    from esper.signing import SigningError, Verifier, key_id, verifier_for
+    from esper.artifacts.signing import SigningError, Verifier, key_id, verifier_for
 
     if isinstance(public_key, bytes):
         from cryptography.hazmat.primitives import serialization
@@ -164,7 +164,7 @@ class Kasmina:
     ``urza`` defaults to the resolved setting (``ESPER_URZA`` or ``.esper/urza.db``). The catalog (for
     rebuilding the eager module) is read from ``blueprint_paths`` (default: the project's setting), only
     when an eager module is first needed. ``public_key`` (default ``$ESPER_PUBLIC_KEY``; a key file, a
-    public key's PEM bytes, or a :class:`~esper.signing.Verifier`): when set, only entries signed by the
+    public key's PEM bytes, or a :class:`~esper.artifacts.signing.Verifier`): when set, only entries signed by the
     matching private key are loaded (see docs/security.md). A Kasmina pickles as its constructor arguments.
     """
 
@@ -259,7 +259,7 @@ class Kasmina:
         artifact through this very path before certifying it). See :mod:`esper.kasmina.training_kernel`.
 
         A ``weights`` that does not match the blueprint's weight schema raises
-        :class:`~esper.kasmina.tensors.WeightSchemaError` naming the tensor: that is the caller's input.
+        :class:`~esper.artifacts.tensors.WeightSchemaError` naming the tensor: that is the caller's input.
         """
         choose = (
             choose_training_entry
@@ -459,7 +459,7 @@ class Kasmina:
             raise Unusable(telemetry.SIGNATURE, f"public key unusable: {self._public_key_error}")
         if self.verifier is None:
             return
-        from esper.signing import SignatureError
+        from esper.artifacts.signing import SignatureError
 
         try:
             self.verifier.verify(entry)

@@ -52,10 +52,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from esper.artifacts.runtime import CompiledPackage
+from esper.artifacts.tensors import TensorSpec, WeightSchemaError, schema_of
 from esper.kasmina import telemetry
 from esper.kasmina.conformance import HOOK_TABLES, MODULE_TABLES, SeedForm
-from esper.kasmina.runtime import CompiledPackage
-from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
 
 if TYPE_CHECKING:
     from esper.kasmina.kernel import Kernel, Route

@@ -56,15 +56,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
-from esper.guards import compile_check
+from esper.artifacts.guards import compile_check
+from esper.artifacts.runtime import CompiledPackage
+from esper.artifacts.servable import kind_problem
+from esper.artifacts.tensors import TensorSpec, WeightSchemaError, schema_of
+from esper.artifacts.training_manifest import TrainingManifest
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.conformance import HOOK_TABLES, MODULE_TABLES, SeedForm, mode_problem
-from esper.kasmina.runtime import CompiledPackage
 from esper.kasmina.seeds import Weights, seed_module
-from esper.kasmina.tensors import TensorSpec, WeightSchemaError, schema_of
-from esper.kasmina.training_artifact import TrainingManifest
-from esper.tensor_kinds import kind_problem
 from esper.urza import Entry
 
 if TYPE_CHECKING:

@@ -1,6 +1,7 @@
 """Tezzeret's one compile pipeline, for every artifact kind: content hash -> reuse -> stages -> fallback -> publish.
 
-What differs per kind (:class:`~esper.artifacts.ArtifactKind`) is an :class:`~esper.tezzeret.pipeline.ArtifactPipeline`:
+What differs per kind (:class:`~esper.artifacts.kinds.ArtifactKind`) is a
+:class:`~esper.tezzeret.pipeline.ArtifactPipeline`:
 inference (:mod:`esper.tezzeret.inference`: export -> guards -> one package) and training
 (:mod:`esper.tezzeret.training_compile`: trace joint -> plan -> export forward/backward -> two packages in
 one artifact). A failure at any stage after the module is built stores an eager fallback entry (the weights,
@@ -19,11 +20,13 @@ from typing import Any
 
 import torch
 
-from esper import compat
-from esper.artifacts import ArtifactKind
+from esper.artifacts import compat
+from esper.artifacts.context import machine_context
+from esper.artifacts.guards import GuardSchema
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.variants import EAGER_ROUTE, VARIANTS, Variant
+from esper.artifacts.weights import save_state
 from esper.blueprint import Blueprint
-from esper.context import machine_context
-from esper.guards import GuardSchema
 from esper.profiles import contains
 from esper.provenance import current_source_digest
 from esper.tezzeret.aoti import use_persistent_cache
@@ -32,8 +35,6 @@ from esper.tezzeret.inference import InferencePipeline
 from esper.tezzeret.pipeline import ArtifactPipeline, Built, CompileJob, EagerRoute, StageError
 from esper.tezzeret.training_compile import TrainingPipeline
 from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, Urza
-from esper.variants import EAGER_ROUTE, VARIANTS, Variant
-from esper.weights import save_state
 
 log = logging.getLogger("esper.tezzeret")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, Dim
 from esper.provenance import digest_files, source_files
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch.export import Dim, ExportedProgram, export
 
+from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
 from esper.blueprint import Blueprint
-from esper.guards import DimGuard, GuardSchema, InputGuard
-from esper.inputs import example_inputs
+from esper.numerics.inputs import example_inputs
 
 
 class GuardMismatchError(RuntimeError):

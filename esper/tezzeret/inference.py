@@ -1,6 +1,6 @@
 """The inference artifact's stages: export -> guards -> one AOTInductor package -> pre-warm, parity, latency.
 
-One shape profile under one variant (:mod:`esper.variants`) per artifact: the module (in ``eval()`` mode) is
+One shape profile under one variant (:mod:`esper.artifacts.variants`) per artifact: the module (in ``eval()`` mode) is
 exported with the profile's ranges as named dims, the guard schema is read back from the export, and the
 package's parity and latency against eager are measured at the profile's representative shapes.
 """
@@ -14,16 +14,16 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-from esper.artifacts import ArtifactKind
-from esper.bench import measure
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.runtime import CompiledPackage, device_index
+from esper.artifacts.variants import VARIANTS, Variant
 from esper.blueprint import Blueprint
-from esper.inputs import example_inputs
-from esper.kasmina.runtime import CompiledPackage, device_index
-from esper.parity import max_errors
+from esper.numerics.bench import measure
+from esper.numerics.inputs import example_inputs
+from esper.numerics.parity import max_errors
 from esper.tezzeret.aoti import compile_package
 from esper.tezzeret.export import export_blueprint, guards_from_export
 from esper.tezzeret.pipeline import Built, CompileJob, profile_ranges, stage
-from esper.variants import VARIANTS, Variant
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ data, what the two packages of the training artifact look like:
 - which dims of each package input are dynamic, by declared dim name (a size linear in one declared dim, such
   as ``4*batch`` for batch times heads, is a :class:`Linear` derived dim; other compound sizes such as
   ``batch*seq`` are :data:`COMPOUND`: export chooses);
-- the manifest's slots (see :mod:`esper.kasmina.training_artifact`).
+- the manifest's slots (see :mod:`esper.artifacts.training_manifest`).
 """
 
 from __future__ import annotations

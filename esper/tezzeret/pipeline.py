@@ -1,6 +1,6 @@
 """What Tezzeret's one compile pipeline asks of an artifact kind, and the pieces every kind shares.
 
-:class:`esper.tezzeret.compiler.Tezzeret` runs the same skeleton for every :class:`~esper.artifacts.ArtifactKind`:
+:class:`esper.tezzeret.compiler.Tezzeret` runs the same skeleton for every :class:`~esper.artifacts.kinds.ArtifactKind`:
 content hash -> reuse -> stages -> fallback (or eager route) -> publish. What differs per kind is small and
 lives behind :class:`ArtifactPipeline`: how the module is built, which ranges it is compiled for, and the
 stages that turn it into one artifact file (:mod:`esper.tezzeret.inference`,
@@ -17,11 +17,11 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from esper.artifacts import ArtifactKind
+from esper.artifacts.guards import GuardSchema
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.variants import Variant
 from esper.blueprint import Blueprint
-from esper.guards import GuardSchema
 from esper.urza import Entry
-from esper.variants import Variant
 
 MAX_REASON = 4000
 T = TypeVar("T")

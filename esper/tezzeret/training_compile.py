@@ -10,7 +10,7 @@ trace -> plan -> export forward/backward -> two AOTInductor packages -> load -> 
   training mutates, e.g. BatchNorm's running statistics), the outputs and the activations the backward
   needs; the backward takes the size carrier, the saved activations and the upstream gradients and returns
   the gradients of the inputs and of every trainable parameter;
-- both go into one zip with the manifest (:mod:`esper.kasmina.training_artifact`), with guards read from the
+- both go into one zip with the manifest (:mod:`esper.artifacts.training_manifest`), with guards read from the
   forward export exactly as for inference, and gradient parity and step latency as evidence.
 
 A blueprint whose training graph draws random numbers (dropout: exact parity with eager is impossible) is
@@ -29,18 +29,19 @@ import torch
 from torch.export import Dim, ExportedProgram, export
 from torch.utils import _pytree as pytree
 
-from esper.artifacts import ArtifactKind
-from esper.bench import measure
+from esper.artifacts.guards import GuardSchema
+from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.runtime import CompiledPackage, device_index
+from esper.artifacts.tensors import TensorSpec
+from esper.artifacts.training_manifest import TrainingManifest, write_artifact
+from esper.artifacts.variants import VARIANTS, Variant
 from esper.blueprint import Blueprint
-from esper.coverage import edge_sizes
-from esper.gradients import exact_gradients, gradients, step, tolerance, upstream
-from esper.guards import GuardSchema
-from esper.inputs import example_inputs
-from esper.kasmina.runtime import CompiledPackage, device_index
-from esper.kasmina.tensors import TensorSpec
-from esper.kasmina.training_artifact import TrainingManifest, write_artifact
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
-from esper.parity import assert_parity, max_errors
+from esper.numerics.bench import measure
+from esper.numerics.coverage import edge_sizes
+from esper.numerics.gradients import exact_gradients, gradients, step, tolerance, upstream
+from esper.numerics.inputs import example_inputs
+from esper.numerics.parity import assert_parity, max_errors
 from esper.tezzeret.aoti import compile_package
 from esper.tezzeret.export import guards_from_values
 from esper.tezzeret.joint import JointGraphs, evaluate_size, trace_joint
@@ -55,7 +56,6 @@ from esper.tezzeret.joint_plan import (
 )
 from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, full_ranges, stage
 from esper.urza import DEFAULT_PROFILE, Entry
-from esper.variants import VARIANTS, Variant
 
 # Tezzeret routes a blueprint eager when compiled and eager disagree by more than this many tolerances at a
 # verified shape: compiled code that is plainly wrong there (certification then checks at the tolerance).

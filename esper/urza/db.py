@@ -21,15 +21,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esper.compat import CompatKey
-from esper.guards import SchemaVersionError
+from esper.artifacts.compat import CompatKey
+from esper.artifacts.guards import SchemaVersionError
 from esper.urza.schema import Entry
 from esper.urza.store import ArtifactStore
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-    from esper.signing import Signer
+    from esper.artifacts.signing import Signer
 
 BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_TABLE = "_urza_migrations"
@@ -187,7 +187,7 @@ def _os_problem(e: OSError) -> str:
 def _resolve_signer(signer: Signer | str | None) -> Signer | None:
     if signer != FROM_ENV:
         return signer  # type: ignore[return-value]
-    from esper.signing import SigningError, signer_from_env
+    from esper.artifacts.signing import SigningError, signer_from_env
 
     try:
         return signer_from_env()
@@ -198,7 +198,7 @@ def _resolve_signer(signer: Signer | str | None) -> Signer | None:
 class Urza:
     """One Urza library: ``path`` is the database; artifacts live in ``objects/`` beside it.
 
-    ``signer`` (writers only): a :class:`esper.signing.Signer` that signs every row written, ``None`` for
+    ``signer`` (writers only): a :class:`esper.artifacts.signing.Signer` that signs every row written, ``None`` for
     none, or by default the key named by ``$ESPER_SIGNING_KEY``.
     """
 
@@ -497,7 +497,7 @@ class Urza:
         if self.signer is not None:
             return entry.with_(signature=self.signer.sign(entry))
         if before is not None and before.signature and entry.signature == before.signature:
-            from esper.signing import payload
+            from esper.artifacts.signing import payload
 
             if payload(entry) != payload(before):
                 return entry.with_(signature=None)

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from esper.guards import compile_predicate
+from esper.artifacts.guards import compile_predicate
+from esper.artifacts.validate import EntryFormatError
 from esper.urza import snapshot
 from esper.urza.db import FROM_ENV, StoredRow, Urza, UrzaError
 from esper.urza.schema import Entry, EntryMeta
 from esper.urza.store import SHA256_RE, ArtifactError
-from esper.validate import EntryFormatError
 
 if TYPE_CHECKING:
-    from esper.signing import Signer, Verifier
+    from esper.artifacts.signing import Signer, Verifier
 
 SNAPSHOT_DB = "urza.db"
 
@@ -136,7 +136,7 @@ def _snapshot(urza: Urza, verifier: Verifier | None) -> tuple[str | None, str | 
 def _signature(entry: Entry, verifier: Verifier | None) -> str | None:
     if verifier is None:
         return None
-    from esper.signing import SignatureError
+    from esper.artifacts.signing import SignatureError
 
     try:
         verifier.verify(entry)
@@ -326,7 +326,7 @@ def _snapshot_signer(urza: Urza, signer: Signer | str | None) -> Signer | None:
         return signer  # type: ignore[return-value]
     if urza.signer is not None:
         return urza.signer
-    from esper.signing import SigningError, signer_from_env
+    from esper.artifacts.signing import SigningError, signer_from_env
 
     try:
         return signer_from_env()

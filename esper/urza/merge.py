@@ -35,7 +35,7 @@ from esper.urza.schema import Entry
 from esper.urza.store import ArtifactError
 
 if TYPE_CHECKING:
-    from esper.signing import Verifier
+    from esper.artifacts.signing import Verifier
 
 Identity = tuple[str, int, str, str, str, str, str, str, str, str]
 
@@ -191,7 +191,7 @@ def _clash(entry: Entry, same: list[_Known], origin: int) -> _Known | None:
 def _untrusted(entry: Entry, verifier: Verifier | None) -> str | None:
     """Why ``entry`` may not come in (signature, then values), else ``None``."""
     if verifier is not None:
-        from esper.signing import SignatureError
+        from esper.artifacts.signing import SignatureError
 
         try:
             verifier.verify(entry)

@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from esper import validate as v
-from esper.artifacts import ARTIFACT_KINDS, ArtifactKind
-from esper.compat import CompatKey
-from esper.guards import GuardSchema
-from esper.validate import EntryFormatError
+from esper.artifacts import validate as v
+from esper.artifacts.compat import CompatKey
+from esper.artifacts.guards import GuardSchema
+from esper.artifacts.kinds import ARTIFACT_KINDS, ArtifactKind
+from esper.artifacts.validate import EntryFormatError
 
 __all__ = ["Entry", "EntryFormatError", "EntryMeta", "WeightSpec"]
 

@@ -5,7 +5,7 @@
     {"created_at":"...","digest":"<sha256>","entries":N,"format":"esper-snapshot/1","signature":"ed25519:...",
     "version":N}
 
-The signature (made with the writers' signing key, :meth:`esper.signing.Signer.sign_bytes`) is over the
+The signature (made with the writers' signing key, :meth:`esper.artifacts.signing.Signer.sign_bytes`) is over the
 canonical JSON of every field but ``signature``; its ``format`` keeps it from ever passing for a row's
 signature, and a row's for it. ``digest`` binds the manifest to the rows: the sha256 of the canonical JSON
 list of ``[id, signature]`` of every row, in id order (each row's signature covers its content, so this covers
@@ -29,11 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esper import validate as v
-from esper.validate import EntryFormatError
+from esper.artifacts import validate as v
+from esper.artifacts.validate import EntryFormatError
 
 if TYPE_CHECKING:
-    from esper.signing import Signer, Verifier
+    from esper.artifacts.signing import Signer, Verifier
     from esper.urza.db import Urza
 
 MANIFEST = "snapshot.json"
@@ -47,7 +47,7 @@ class SnapshotError(ValueError):
 
 
 def _canonical(data: Any) -> bytes:
-    # The same canonical form as esper.signing.canonical, without importing cryptography for unsigned exports.
+    # The same canonical form as esper.artifacts.signing.canonical, without importing cryptography for unsigned exports.
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
@@ -161,7 +161,7 @@ def check(urza: Urza, verifier: Verifier | None, min_version: int) -> SnapshotMa
             "(ESPER_PUBLIC_KEY or Kasmina(public_key=...))"
         )
     manifest = read(urza)
-    from esper.signing import SignatureError
+    from esper.artifacts.signing import SignatureError
 
     try:
         verifier.verify_bytes(manifest.signature, manifest.payload(), what="snapshot manifest")

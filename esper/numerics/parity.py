@@ -65,7 +65,7 @@ def assert_parity(got: Any, want: Any, *, atol: float, rtol: float, context: str
 # ---------------------------------------------------------------------------------------------------------
 
 # How many times eager's own worst float32 error (against float64) widens the declared atol in the pointwise
-# rule of :func:`judge`. Same figure as ``esper.gradients.SLACK``: an honest kernel's worst element is within
+# rule of :func:`judge`. Same figure as ``esper.numerics.gradients.SLACK``: an honest kernel's worst element is within
 # a few times eager's worst; a wrong one is off by the value's own magnitude.
 POINTWISE_SLACK = 32.0
 # The RMSE rule's floor, in units of the output dtype's machine epsilon times the reference's RMS. Where

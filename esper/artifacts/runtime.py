@@ -9,7 +9,7 @@ behaviour this wrapper relies on.
 Given a ``.pt2`` file, the loader extracts it into a temporary folder that only its destructor removes: a
 process killed, ended by ``os._exit``, or finalized with packages still reachable leaves the folder behind.
 Given an extracted folder, it loads from there and leaves the folder alone; so packages are extracted here,
-into folders Esper owns and removes (:mod:`esper.kasmina.extraction`).
+into folders Esper owns and removes (:mod:`esper.artifacts.extraction`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from esper.kasmina import extraction
-from esper.kasmina.tensors import DTYPES
+from esper.artifacts import extraction
+from esper.artifacts.tensors import DTYPES
 
 
 class PackageLoadError(RuntimeError):

@@ -9,7 +9,7 @@ lives elsewhere gives wrong results or an error inside compiled code, where eage
   or ``__torch_function__`` would be bypassed;
 - a conjugate or negative-bit view (``x.is_conj()``, ``x.is_neg()``): the bit is a lazy operation;
 - a non-strided layout (sparse, mkldnn, jagged) or a nested tensor; a quantized tensor (its dtype is never
-  one of :data:`esper.validate.DTYPES`, so the dtype check already refuses it).
+  one of :data:`esper.artifacts.validate.DTYPES`, so the dtype check already refuses it).
 
 torch offers no public predicate for two of these, so the private calls live here and nowhere else, pinned
 by ``tests/test_security_tensor_kinds.py``:
@@ -33,7 +33,7 @@ PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 #: Source text of the generated predicate's kind test for tensor ``{x}`` (after its type, dtype, device, layout,
-#: nested and negative-bit tests), and the names it uses, for :func:`esper.guards.compile_predicate`. The C
+#: nested and negative-bit tests), and the names it uses, for :func:`esper.artifacts.guards.compile_predicate`. The C
 #: function is bound directly: a Python wrapper would double its cost on the accepting path.
 KIND_TEST = "wrapped({x}) or (forward_ad._current_level >= 0 and has_tangent({x}))"
 

@@ -2,7 +2,7 @@
 of each dim, pairwise coverage of the dims, and the value regimes each shape meets.
 
 Pure functions of the dim ranges (no hypothesis, no torch), shared by Tezzeret's compile-time checks and
-certification. :mod:`esper.values` turns a :class:`ValueCase` into tensors.
+certification. :mod:`esper.numerics.inputs` turns a :class:`ValueCase` into tensors.
 """
 
 from __future__ import annotations

@@ -29,11 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper.artifacts import ArtifactKind
-from esper.guards import SchemaVersionError
-from esper.kasmina.runtime import CompiledPackage
-from esper.kasmina.tensors import TensorSpec
-from esper.urza import Entry
+from esper.artifacts.guards import SchemaVersionError
+from esper.artifacts.runtime import CompiledPackage
+from esper.artifacts.tensors import TensorSpec
 
 FORMAT = "esper-training/2"
 FORMAT_VERSION = 2
@@ -47,11 +45,6 @@ Slot = tuple[Any, ...]
 
 class ArtifactFormatError(ValueError):
     """The zip is not a training artifact this Esper can read (the message says what is wrong)."""
-
-
-def is_training_entry(entry: Entry) -> bool:
-    """Whether an Urza entry is a training artifact (or a blueprint's eager training route)."""
-    return entry.artifact == ArtifactKind.TRAINING
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from esper.parity import float64_copy, max_errors, to_float64
+from esper.numerics.parity import float64_copy, max_errors, to_float64
 
 
 def _differentiable(out: Any) -> list[torch.Tensor]:

@@ -2,12 +2,12 @@
 
 AOTInductor code does not check its inputs (unless ``AOTI_RUNTIME_CHECK_INPUTS=1`` was set at compile time):
 a wrong feature size silently runs and reads out of bounds. This check is what stands between a training
-run and garbage, so it is exact: tensor kind (plain, strided, dense: see :mod:`esper.tensor_kinds`), dtype,
+run and garbage, so it is exact: tensor kind (plain, strided, dense: see :mod:`esper.artifacts.servable`), dtype,
 rank, device, every fixed dim, every dynamic range, and equality of dims that share a name. The schema is
 plain, versioned, frozen data, written by Tezzeret from the exported program and stored in Urza as JSON.
 
 Data is data: every field is validated when a schema is constructed (ints in range, dtypes from
-:data:`esper.validate.DTYPES`, names that are identifiers, ``min <= max``), so a schema read from a row can
+:data:`esper.artifacts.validate.DTYPES`, names that are identifiers, ``min <= max``), so a schema read from a row can
 only hold values the predicate generator may inline; anything else is an :class:`EntryFormatError`.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from esper.tensor_kinds import KIND_TEST, kind_problem, predicate_namespace
-from esper.validate import (
+from esper.artifacts.servable import KIND_TEST, kind_problem, predicate_namespace
+from esper.artifacts.validate import (
     DEVICE_TYPES,
     DTYPES,
     MAX_COUNT,

@@ -51,7 +51,7 @@ class Violation:
 class Figures:
     """Measured latency at one representative shape, in milliseconds: the route's (compiled, or eager where
     certification routes eager) and eager's. ``paired_ratio``, when given, is the route/eager ratio measured
-    in interleaved rounds (:func:`esper.timing.compare`: the median of per-round ratios), which a neighbour's
+    in interleaved rounds (:func:`~.timing.compare`: the median of per-round ratios), which a neighbour's
     load cancels out of; it is the ratio the cap is checked against, instead of the ratio of two p50s."""
 
     compiled_p50: float
