@@ -18,6 +18,7 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import BlueprintError
 from esper.options import click_option
 from esper.settings import Settings, SettingsError, resolve
+from esper.urza.schema import EntryStatus
 
 if TYPE_CHECKING:
     from esper.tezzeret.compiler import CompileOutcome
@@ -169,25 +170,17 @@ def urza() -> None:
 
 
 def _summary(entry: Any) -> dict[str, Any]:
-    """:func:`esper.urza.evidence.summarize` with the entry's artifact kind beside its blueprint version."""
+    """The entry's row as :class:`esper.urza.evidence.Evidence` reads it (the reader the report and the
+    certification summary share)."""
     from esper.urza.evidence import summarize
 
-    row = summarize(entry)
-    if "artifact" in row:
-        return row
-    out: dict[str, Any] = {}
-    for k, v in row.items():
-        out[k] = v
-        if k == "v":
-            out["artifact"] = str(entry.artifact)
-    out.setdefault("artifact", str(entry.artifact))
-    return out
+    return summarize(entry)
 
 
 @urza.command(name="list")
 @click_option("urza")
 @click.option("--blueprint", help="only this blueprint's entries")
-@click.option("--status", type=click.Choice(["compiled", "certified", "rejected", "fallback"]))
+@click.option("--status", type=click.Choice([s.value for s in EntryStatus]))
 @click.option("--artifact", type=ARTIFACT_CHOICE, help="only entries of this artifact kind")
 @output_options
 def urza_list(
@@ -226,7 +219,8 @@ def urza_show(name: str, urza: Path | None, as_json: bool) -> None:
             raise click.ClickException(str(e)) from e
         if not entries:
             raise click.ClickException(f"Urza has no entry for {name!r}")
-        full = [e.to_dict() for e in entries]
+        # The stored columns in full, and the headline figures as the shared reader reads them.
+        full = [{**e.to_dict(), "summary": _summary(e)} for e in entries]
     if as_json:
         click.echo(json.dumps(full, indent=2, default=str))
         return

@@ -23,8 +23,8 @@ from typing import Any
 
 from esper.artifacts.compat import CompatKey
 from esper.artifacts.kinds import ArtifactKind
-from esper.urza import Entry, Urza
-from esper.urza.evidence import parity_error
+from esper.urza import Entry, EntryKind, Urza
+from esper.urza.evidence import Evidence
 
 INSTALL_HINT = "pip install 'esper[report]'"
 ROUTED = "routed"
@@ -84,7 +84,7 @@ def collect_kind(entries: Sequence[Entry], kind: ArtifactKind, key: CompatKey) -
     version = routes[0].blueprint_version if routes else mine[0].blueprint_version
     newest: dict[tuple[str, str, str], Entry] = {}
     for e in mine:
-        if e.blueprint_version == version and "certify" in e.performance:
+        if e.blueprint_version == version and Evidence.of(e).certified:
             newest.setdefault((e.profile, e.variant, e.kind), e)
     return KindEvidence(kind, tuple(routes), tuple(newest.values()), problem)
 
@@ -122,22 +122,23 @@ def series(ev: KindEvidence) -> tuple[str | None, dict[str, dict[int, float]]]:
     out: dict[str, dict[int, float]] = defaultdict(dict)
     dim = None
     for e in ev.candidates:
-        for label, row in e.performance["certify"].items():
+        for label, row in Evidence.of(e).performance.certify.items():
             x = _x(label)
             if x is None:
                 continue
             dim, size = x
-            if EAGER in row:
-                out[EAGER].setdefault(size, row[EAGER]["p50_ms"])
-            if "compiled" in row:
-                out[e.variant][size] = min(row["compiled"]["p50_ms"], out[e.variant].get(size, math.inf))
+            if row.eager is not None and row.eager.p50_ms is not None:
+                out[EAGER].setdefault(size, row.eager.p50_ms)
+            if row.compiled is not None and row.compiled.p50_ms is not None:
+                out[e.variant][size] = min(row.compiled.p50_ms, out[e.variant].get(size, math.inf))
     for r in ev.routes:
-        path = "compiled" if r.kind == "aoti" else EAGER
-        for label, row in r.performance.get("certify", {}).items():
+        evidence = Evidence.of(r)
+        for label, row in evidence.performance.certify.items():
             x = _x(label)
-            if x is not None and path in row:
+            p50 = row.side(evidence.route_path()).p50_ms
+            if x is not None and p50 is not None:
                 dim = dim or x[0]
-                out[ROUTED][x[1]] = row[path]["p50_ms"]
+                out[ROUTED][x[1]] = p50
     return dim, dict(out)
 
 
@@ -157,7 +158,7 @@ def plot(name: str, ev: KindEvidence, path: Path) -> Path | None:
         style = {"linewidth": 3, "alpha": 0.5, "color": "black"} if label == ROUTED else {"marker": "o"}
         ax.plot(xs, [points[x] for x in xs], label=label, **style)  # type: ignore[arg-type]
     for e in ev.routes:
-        lo = e.meta.get("ranges", {}).get(dim, [None])[0]
+        lo = Evidence.of(e).meta.ranges.get(dim, (None, None))[0]
         if lo and lo > 1:
             ax.axvline(lo - 0.5, linestyle="--", color="grey")
     ax.set_xscale("log", base=2)
@@ -181,19 +182,20 @@ def rows(ev: KindEvidence) -> list[list[str]]:
     out = []
     route_ids = {r.id for r in ev.routes}
     for e in sorted(ev.candidates, key=lambda e: (e.profile, e.variant, e.kind)):
-        err, cases = parity_error(e)
+        evidence = Evidence.of(e)
+        err, cases = evidence.parity.error()
         cells = "; ".join(
-            f"{label}: {_fmt(row.get('compiled', row.get(EAGER, {})).get('p50_ms'))}"
-            + (f" ({_fmt(row['ratio'], 2)}x)" if "ratio" in row else "")
-            for label, row in e.performance["certify"].items()
+            f"{label}: {_fmt((row.compiled or row.side(EAGER)).p50_ms)}"
+            + (f" ({_fmt(row.ratio, 2)}x)" if row.ratio is not None else "")
+            for label, row in evidence.performance.certify.items()
         )
         why = (e.failure_reason or "").splitlines()[0][:90] if e.failure_reason else ""
         out.append(
             [
                 e.profile,
                 e.variant,
-                e.kind,
-                e.status + (" (routed)" if e.id in route_ids else ""),
+                str(e.kind),
+                str(e.status) + (" (routed)" if e.id in route_ids else ""),
                 f"#{e.id}",
                 _fmt(err, 2),
                 str(cases or ""),
@@ -208,12 +210,14 @@ HEADERS = ["profile", "variant", "kind", "status", "entry", "parity max|err|", "
 
 
 def _routes_line(ev: KindEvidence) -> str:
-    routes = ", ".join(f"{r.profile} -> {r.variant if r.kind == 'aoti' else EAGER} (#{r.id})" for r in ev.routes)
+    routes = ", ".join(
+        f"{r.profile} -> {r.variant if r.kind == EntryKind.AOTI else EAGER} (#{r.id})" for r in ev.routes
+    )
     return f"Routes: {routes or 'none: ' + (ev.problem or '')}. Figures: {MEASURES[ev.kind]}."
 
 
 def _context_line(ev: BlueprintEvidence) -> str:
-    context = next((e.meta.get("certification", {}).get("context") for k in ev.kinds for e in k.candidates), None) or {}
+    context = next((Evidence.of(e).meta.context() for k in ev.kinds for e in k.candidates), None) or {}
     return (
         f"Measured on {context.get('host', '?')} ({context.get('cpu_count', '?')} cores, "
         f"{context.get('cpu_capability', '?')}, torch {context.get('torch', '?')}, "

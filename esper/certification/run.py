@@ -23,7 +23,7 @@ import contextlib
 import logging
 import statistics
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,17 @@ from esper.kasmina import COMPILED, EAGER
 from esper.numerics import coverage
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
-from esper.urza import Entry, Urza
-from esper.urza.evidence import geomean
+from esper.urza import Entry, EntryKind, EntryStatus, Urza
+from esper.urza.evidence import (
+    CertificationRecord,
+    CertifiedParity,
+    DecisionRecord,
+    Parity,
+    Performance,
+    ShapeTiming,
+    Timing,
+    geomean,
+)
 
 log = logging.getLogger("esper.certify")
 
@@ -299,11 +308,11 @@ class Certification:
             return off
         if c.entry is None:
             return f"{self.artifact} {c.id} was not compiled in this session (test_compile failed or did not run)"
-        if c.entry.status == "fallback" or c.entry.kind == "eager":
+        if c.entry.status == EntryStatus.FALLBACK or c.entry.kind == EntryKind.EAGER:
             return f"{self.artifact} eager fallback (entry #{c.entry.id}): {c.entry.failure_reason}"
         peers = [p for p in self.candidates.values() if p.profile == c.profile and p.entry is not None]
         decided = all(
-            p.entry.status in ("certified", "fallback") or p.entry.failed_check == SELECTION  # type: ignore[union-attr]
+            p.entry.status in (EntryStatus.CERTIFIED, EntryStatus.FALLBACK) or p.entry.failed_check == SELECTION  # type: ignore[union-attr]
             for p in peers
         )
         if decided and not self.recheck:
@@ -554,7 +563,7 @@ class Certification:
                     if c.id == decision.winner:
                         c.entry = urza.update(
                             c.entry.id,
-                            status="certified",
+                            status=EntryStatus.CERTIFIED,
                             failure_reason=None,
                             failed_check=None,
                             **self.evidence(c, decision),
@@ -563,7 +572,7 @@ class Certification:
                     else:
                         c.entry = urza.update(
                             c.entry.id,
-                            status="rejected",
+                            status=EntryStatus.REJECTED,
                             failed_check=SELECTION,
                             failure_reason=f"not routed: {decision.note}",
                             **self.evidence(c, decision),
@@ -593,23 +602,27 @@ class Certification:
         }
 
     def parity_evidence(self, c: Candidate) -> dict[str, Any]:
+        """:meth:`certified_parity` as stored."""
+        return self.certified_parity(c).to_json()
+
+    def certified_parity(self, c: Candidate) -> CertifiedParity:
         """The candidate's parity figures: cases judged, coverage, and per part (output, gradient, buffer)
         the worst RMSE against float64, compiled's and eager's, and their ratio."""
         tol = self.bp.tolerance
         parts = {part: summarize(vs).evidence() for part, vs in c.verdicts.items()}
         ratios = [p["rmse_ratio"] for p in parts.values() if p["rmse_ratio"] is not None]
         worst = max(parts.values(), key=lambda p: p["rmse_ratio"] or 0.0, default={})
-        return {
-            "cases": c.parity.cases,
-            "drawn": c.drawn,
-            "max_abs": c.parity.max_abs,
-            "rmse_ratio": max(ratios) if ratios else None,
-            "rmse_compiled": worst.get("rmse_compiled"),
-            "rmse_eager": worst.get("rmse_eager"),
-            "parts": parts,
-            "coverage": self.coverage(c.profile).evidence(),
-            "nondeterministic": c.nondeterministic,
-            "rule": {
+        return CertifiedParity(
+            cases=c.parity.cases,
+            drawn=c.drawn,
+            max_abs=c.parity.max_abs,
+            rmse_ratio=max(ratios) if ratios else None,
+            rmse_compiled=worst.get("rmse_compiled"),
+            rmse_eager=worst.get("rmse_eager"),
+            parts=parts,
+            coverage=self.coverage(c.profile).evidence(),
+            nondeterministic=c.nondeterministic,
+            rule={
                 "reference": "float64",
                 # The module's own casts to lower precision run in float64 too (esper.numerics.parity.Float64Casts); a
                 # part's "degenerate_reference" says where the reference still matched eager bit for bit.
@@ -619,48 +632,49 @@ class Certification:
                 "floor_ulps": FLOOR_ULPS,
                 "pointwise_slack": POINTWISE_SLACK,
             },
-            "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
-            "guards_refused": c.guards_refused,
-        }
+            tolerance={"atol": tol.atol, "rtol": tol.rtol},
+            guards_refused=c.guards_refused,
+        )
 
     def evidence(self, c: Candidate | None, decision: Decision | None = None) -> dict[str, Any]:
         """Parity, performance and meta columns carrying this session's evidence for ``c`` (an eager route
         when ``None``), merged over what the entry already holds."""
         entry = c.entry if c is not None else None
-        latency: dict[str, Any] = {}
+        latency: dict[str, ShapeTiming] = {}
         if c is not None:
             for label, cmp in c.comparisons.items():
-                latency[label] = {
-                    EAGER: _side(cmp, EAGER),
-                    COMPILED: _side(cmp, COMPILED),
-                    "ratio": cmp.ratio,
-                    "comparison": {**cmp.evidence(), "ratios": list(cmp.ratios)},
-                }
+                latency[label] = ShapeTiming(
+                    compiled=_timing(_side(cmp, COMPILED)),
+                    eager=_timing(_side(cmp, EAGER)),
+                    ratio=cmp.ratio,
+                    comparison={**cmp.evidence(), "ratios": list(cmp.ratios)},
+                )
         elif decision is not None:
-            latency = {label: {EAGER: figs} for label, figs in self.eager_latency(decision.profile).items()}
+            latency = {
+                label: ShapeTiming(eager=_timing(figs)) for label, figs in self.eager_latency(decision.profile).items()
+            }
         p95_limits, max_ratio = budgets.limits(self.bp.budget, self.budget_profile)
         limits: dict[str, Any] = {"max_ratio": max_ratio, "margin": MARGIN}
         if self.kind.p95_budget:
             limits["p95_ms"] = p95_limits
-        certification: dict[str, Any] = {
-            "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "artifact": str(self.artifact),
-            "budget_profile": self.budget_profile.name,
-            "limits": limits,
-            "context": machine_context(),
-        }
-        if decision is not None:
-            certification["decision"] = {"winner": decision.winner, "ratio": decision.ratio, "note": decision.note}
-        parity = dict(entry.parity) if entry else {}
+        certification = CertificationRecord(
+            at=datetime.now(UTC).isoformat(timespec="seconds"),
+            artifact=str(self.artifact),
+            budget_profile=self.budget_profile.name,
+            limits=limits,
+            context=machine_context(),
+            decision=None if decision is None else DecisionRecord(decision.winner, decision.ratio, decision.note),
+        )
+        parity = Parity.from_json(entry.parity if entry else {})
         if c is not None and c.parity.cases:
-            parity["certify"] = self.parity_evidence(c)
-        performance = dict(entry.performance) if entry else {}
+            parity = replace(parity, certify=self.certified_parity(c))
+        performance = Performance.from_json(entry.performance if entry else {})
         if latency:
-            performance["certify"] = latency
+            performance = replace(performance, certify=latency)
         return {
-            "parity": parity,
-            "performance": performance,
-            "meta": {**(entry.meta if entry else {}), "certification": certification},
+            "parity": parity.to_json(),
+            "performance": performance.to_json(),
+            "meta": {**(entry.meta if entry else {}), "certification": certification.to_json()},
         }
 
     def record(self, result: CheckResult) -> None:
@@ -679,13 +693,13 @@ class Certification:
         else:
             hit = [self.candidates[result.candidate]] if result.candidate in self.candidates else []
         for c in hit:
-            if c.entry is None or c.entry.kind != "aoti" or c.failed is not None:
+            if c.entry is None or c.entry.kind != EntryKind.AOTI or c.failed is not None:
                 continue
             c.failed = str(result.check)
             with Urza(self.urza_path) as urza:
                 c.entry = urza.update(
                     c.entry.id,  # type: ignore[arg-type]
-                    status="rejected",
+                    status=EntryStatus.REJECTED,
                     failed_check=str(result.check),
                     failure_reason=result.reason[:4000],
                     **self.evidence(c),
@@ -753,6 +767,10 @@ class BlueprintCertification:
         for step in (Certification.select, Certification.check_budgets, Certification.publish):
             results += [step(run) for run in self]
         return results
+
+
+def _timing(figures: Mapping[str, float]) -> Timing:
+    return Timing.from_json(figures) or Timing()
 
 
 def _side(cmp: timing.Comparison, path: str) -> dict[str, float]:

@@ -32,8 +32,8 @@ from esper.certification.shard import Shard
 from esper.kasmina import COMPILED, EAGER
 from esper.profiles import contains
 from esper.settings import Settings
-from esper.urza import Entry, Urza
-from esper.urza.evidence import geomean, latency_table, parity_error, speedup, speedups
+from esper.urza import Entry, EntryKind, EntryStatus, Urza
+from esper.urza.evidence import Evidence, ShapeTiming, geomean, speedups
 
 # Where generated modules, latency.json and the summary go, under the project root.
 DEFAULT_BUILD_DIR = Path(".esper") / "certify"
@@ -273,10 +273,10 @@ def summary_row(run: BlueprintCertification, entries: list[Entry], key: CompatKe
         "parity_max_abs": max_abs,
         "cases": cases,
         "parity_rmse_ratio": parity_ratio(inference, routes),
-        "p50_ms": {k: v.get(COMPILED, {}).get("p50_ms") for k, v in latency.items()},
-        "p95_ms": {k: v.get(COMPILED, {}).get("p95_ms") for k, v in latency.items()},
-        "eager_p50_ms": {k: v.get(EAGER, {}).get("p50_ms") for k, v in latency.items()},
-        "eager_p95_ms": {k: v.get(EAGER, {}).get("p95_ms") for k, v in latency.items()},
+        "p50_ms": {k: v.side(COMPILED).p50_ms for k, v in latency.items()},
+        "p95_ms": {k: v.side(COMPILED).p95_ms for k, v in latency.items()},
+        "eager_p50_ms": {k: v.side(EAGER).p50_ms for k, v in latency.items()},
+        "eager_p95_ms": {k: v.side(EAGER).p95_ms for k, v in latency.items()},
         "speedup": round(geomean(ratios), 3) if ratios else None,
         **training_columns(run[ArtifactKind.TRAINING], entries, key),
         "entries": ",".join(f"#{e.id}" for e in routes),
@@ -301,22 +301,25 @@ def inference_status(run: Certification, routes: list[Entry], entries: list[Entr
     n_profiles = len(run.profiles())
     tried = [c for c in run.candidates.values() if c.entry is not None]
     if len(routes) == n_profiles:
-        return "certified" + (" (reused)" if tried and not run.checked else "")
+        return EntryStatus.CERTIFIED + (" (reused)" if tried and not run.checked else "")
     if routes:
         return f"partial ({len(routes)}/{n_profiles} profiles)"
     inference = [e for e in entries if e.artifact == ArtifactKind.INFERENCE]
     return inference[0].status if inference else "error"
 
 
-def routed_latency(bp: Blueprint, routes: list[Entry]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per representative shape, the figures of the route serving it: ``{"compiled": route, "eager": eager}``
-    (an eager route's own figures are eager's)."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+def routed_latency(bp: Blueprint, routes: list[Entry]) -> dict[str, ShapeTiming]:
+    """Per representative shape, the figures of the route serving it as ``compiled`` beside eager's (an eager
+    route's own figures are eager's)."""
+    out: dict[str, ShapeTiming] = {}
     for label, sizes in plan.shape_labels(bp).items():
         route = next((e for e in routes if contains(bp.profiles().get(e.profile, {}), sizes)), None)
-        row = latency_table(route).get(label, {}) if route is not None else {}
-        path = COMPILED if route is not None and route.kind == "aoti" else EAGER
-        out[label] = {COMPILED: row.get(path, {}), EAGER: row.get(EAGER, {})}
+        if route is None:
+            out[label] = ShapeTiming()
+            continue
+        evidence = Evidence.of(route)
+        row = evidence.latency().get(label, ShapeTiming())
+        out[label] = ShapeTiming(compiled=row.side(evidence.route_path()), eager=row.side(EAGER))
     return out
 
 
@@ -325,7 +328,7 @@ def parity_summary(run: Certification, routes: list[Entry]) -> tuple[float | Non
     stats = [c.parity for c in run.candidates.values() if c.parity.cases]
     if stats:
         return max(s.max_abs for s in stats), sum(s.cases for s in stats)
-    figures = [parity_error(e) for e in routes]
+    figures = [Evidence.of(e).parity.error() for e in routes]
     errors = [err for err, _ in figures if err is not None]
     return (max(errors) if errors else None), (sum(n for _, n in figures if n) or None)
 
@@ -333,9 +336,9 @@ def parity_summary(run: Certification, routes: list[Entry]) -> tuple[float | Non
 def parity_ratio(run: Certification, routes: list[Entry]) -> float | None:
     """The worst RMSE ratio to eager's own error against float64 (how close the kernel is to eager's best):
     over the candidates checked in this session, else the routes' evidence."""
-    ratios = [run.parity_evidence(c)["rmse_ratio"] for c in run.candidates.values() if c.verdicts]
+    ratios = [run.certified_parity(c).rmse_ratio for c in run.candidates.values() if c.verdicts]
     if not ratios:
-        ratios = [e.parity.get("certify", {}).get("rmse_ratio") for e in routes]
+        ratios = [Evidence.of(e).parity.rmse_ratio() for e in routes]
     known = [r for r in ratios if r is not None]
     return round(max(known), 3) if known else None
 
@@ -344,7 +347,7 @@ def inference_notes(run: Certification, routes: list[Entry], entries: list[Entry
     """The decisions of this session (or the routes' variants), rejections, and why nothing routes."""
     notes = [f"{d.profile}: {d.note}" for d in run.decisions.values()]
     if not run.decisions:
-        notes = [f"{e.profile}: {e.variant if e.kind == 'aoti' else EAGER}" for e in routes]
+        notes = [f"{e.profile}: {e.variant if e.kind == EntryKind.AOTI else EAGER}" for e in routes]
     failed = [f"{c.id} {c.failed}" for c in run.candidates.values() if c.failed]
     if failed:
         notes.append("rejected: " + ", ".join(failed))
@@ -366,16 +369,17 @@ def training_columns(run: Certification, entries: list[Entry], key: CompatKey) -
         off = run.kind.disabled()
         status = training[0].status if training else (f"off ({TRAINING_ENV}=0)" if off else "none")
         return {"train_route": status, "train_ratio": None}
-    return {"train_route": COMPILED if route.kind == "aoti" else EAGER, "train_ratio": training_ratio(route)}
+    return {"train_route": COMPILED if route.kind == EntryKind.AOTI else EAGER, "train_ratio": training_ratio(route)}
 
 
 def training_ratio(route: Entry) -> float | None:
     """The compiled/eager training-step ratio certification decided on (an eager route carries the losing
     compiled figure), else the inverse of the route's measured speedup."""
-    decided = route.meta.get("certification", {}).get("decision", {}).get("ratio")
+    evidence = Evidence.of(route)
+    decided = evidence.meta.decided_ratio()
     if decided is not None:
         return round(decided, 3)
-    gain = speedup(route)
+    gain = evidence.speedup()
     return round(1 / gain, 3) if gain else None
 
 

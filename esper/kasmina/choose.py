@@ -13,7 +13,7 @@ from esper.artifacts.compat import CompatKey
 from esper.artifacts.kinds import ArtifactKind
 from esper.kasmina import telemetry
 from esper.kasmina.unusable import Unusable
-from esper.urza import Entry
+from esper.urza import Entry, EntryKind, EntryStatus
 
 # How messages name an entry of each kind, and the reason code when a kind has no usable entry.
 NOUN = {ArtifactKind.INFERENCE: "entry", ArtifactKind.TRAINING: "training entry"}
@@ -31,7 +31,7 @@ def choose_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
     :class:`Unusable` says why there are none. ``entries`` are one blueprint's, newest first.
     """
     entries = of_kind(entries, ArtifactKind.INFERENCE)
-    certified = [e for e in entries if e.status == "certified"]
+    certified = [e for e in entries if e.status == EntryStatus.CERTIFIED]
     if not certified:
         if not entries:
             raise Unusable(telemetry.NO_CERTIFIED_ENTRY, "Urza has no entry for it")
@@ -66,14 +66,14 @@ def choose_seed_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]
     inference = of_kind(entries, ArtifactKind.INFERENCE)
     chosen = []
     for e in choose_entries(inference, key):
-        if e.kind == "aoti" and not e.meta.get("swappable", True):
+        if e.kind == EntryKind.AOTI and not e.meta.get("swappable", True):
             e = next(
                 (
                     c
                     for c in inference
                     if c.profile == e.profile
                     and c.blueprint_version == e.blueprint_version
-                    and c.kind == "aoti"
+                    and c.kind == EntryKind.AOTI
                     and c.failed_check == "selection"
                     and c.meta.get("swappable", True)
                     and c.guards is not None
@@ -92,7 +92,7 @@ def choose_training_entry(entries: Sequence[Entry], key: CompatKey) -> list[Entr
     training = of_kind(entries, ArtifactKind.TRAINING)
     if not training:
         raise Unusable(telemetry.NO_TRAINING_ARTIFACT, "Urza has no training artifact for it")
-    certified = [e for e in training if e.status == "certified"]
+    certified = [e for e in training if e.status == EntryStatus.CERTIFIED]
     for e in certified:
         if key.mismatch(e.compat) is None:
             return [e]
@@ -100,7 +100,7 @@ def choose_training_entry(entries: Sequence[Entry], key: CompatKey) -> list[Entr
         newest = certified[0]
         raise Unusable(telemetry.INCOMPATIBLE, f"training entry #{newest.id}: {key.mismatch(newest.compat)}")
     newest = training[0]
-    if newest.kind == "eager":
+    if newest.kind == EntryKind.EAGER:
         raise Unusable(
             telemetry.NO_TRAINING_ARTIFACT, f"eager training route (entry #{newest.id}): {newest.failure_reason}"
         )
@@ -114,7 +114,7 @@ def choose_entry_id(entries: Sequence[Entry], key: CompatKey, entry_id: int, *, 
     """One compiled entry of ``kind`` by id, whatever its status (certification tests an entry before it is
     certified, through the very path a run loads it by); compatibility still applies."""
     entry = next((e for e in entries if e.id == entry_id), None)
-    if entry is None or entry.kind != "aoti" or entry.artifact != kind:
+    if entry is None or entry.kind != EntryKind.AOTI or entry.artifact != kind:
         raise Unusable(MISSING[kind], f"entry #{entry_id} is not a compiled {kind} artifact")
     mismatch = key.mismatch(entry.compat)
     if mismatch:

@@ -1,4 +1,5 @@
-"""Compiled-vs-eager numeric comparison: error figures, and the assertion certification makes."""
+"""Compiled-vs-eager numeric comparison: the one parity rule (:func:`judge`) that Tezzeret's compile-time checks and
+certification both apply, and the float64 reference it judges against."""
 
 from __future__ import annotations
 
@@ -13,28 +14,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 
-def _leaves(x: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
-
-
-def max_errors(got: Any, want: Any) -> tuple[float, float]:
-    """Largest absolute and relative error over every tensor of two (nested) outputs."""
-    abs_err = rel_err = 0.0
-    for g, w in zip(_leaves(got), _leaves(want), strict=True):
-        if g.numel() == 0:
-            continue
-        diff = (g.detach().double() - w.detach().double()).abs_()
-        scale = w.detach().double().abs_().clamp_min_(torch.finfo(torch.float32).tiny)
-        if not math.isfinite(float(diff.max())):  # a NaN or an inf somewhere: judge the finite elements
-            finite = torch.isfinite(diff)
-            if not finite.any():
-                continue
-            diff, scale = diff[finite], scale[finite]
-        abs_err = max(abs_err, float(diff.max()))
-        rel_err = max(rel_err, float(diff.div_(scale).max()))
-    return abs_err, rel_err
-
-
 @dataclass
 class ParityStats:
     """Running totals over the cases a certification compared."""
@@ -47,17 +26,6 @@ class ParityStats:
         self.cases += 1
         self.max_abs = max(self.max_abs, abs_err)
         self.max_rel = max(self.max_rel, rel_err)
-
-
-def assert_parity(got: Any, want: Any, *, atol: float, rtol: float, context: str) -> None:
-    """``torch.testing.assert_close`` over every output tensor, naming the case that failed."""
-    got_l, want_l = _leaves(got), _leaves(want)
-    if len(got_l) != len(want_l):
-        raise AssertionError(f"{context}: compiled returned {len(got_l)} tensors, eager {len(want_l)}")
-    for k, (g, w) in enumerate(zip(got_l, want_l, strict=True)):
-        torch.testing.assert_close(
-            g, w, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m, k=k: f"{context}, output {k}: {m}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from esper.tezzeret.content import content_hash
 from esper.tezzeret.inference import InferencePipeline
 from esper.tezzeret.pipeline import ArtifactPipeline, Built, CompileJob, EagerRoute, StageError
 from esper.tezzeret.training_compile import TrainingPipeline
-from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, Urza
+from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, EntryKind, EntryStatus, Urza
+from esper.urza.evidence import CompileRecord, Parity, Performance
 
 log = logging.getLogger("esper.tezzeret")
 
@@ -60,7 +61,7 @@ class CompileOutcome:
     @property
     def route(self) -> str:
         """``"compiled"`` when the entry holds compiled code, else ``"eager"`` (a fallback or eager route)."""
-        return "compiled" if self.entry.kind == "aoti" else "eager"
+        return "compiled" if self.entry.kind == EntryKind.AOTI else "eager"
 
 
 def pipeline_for(artifact: ArtifactKind | str) -> ArtifactPipeline:
@@ -146,8 +147,8 @@ class Tezzeret:
             blueprint_version=bp.version,
             content_hash=digest,
             compat=key,
-            kind="aoti",
-            status="compiled",
+            kind=EntryKind.AOTI,
+            status=EntryStatus.COMPILED,
             checksum="",
             artifact_size=0,
             guards=None,
@@ -186,10 +187,8 @@ class Tezzeret:
                 log.warning("%s: %s; storing the eager %s route", bp.name, e, pipeline.kind.value)
                 entry = self._fallback(job, pipeline, e)
         seconds = time.perf_counter() - started
-        said = sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20]
-        entry = self.urza.publish(
-            entry.with_(meta={**entry.meta, "compile_seconds": round(seconds, 3), "compile_warnings": said})
-        )
+        said = tuple(sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20])
+        entry = self.urza.publish(entry.with_(meta={**entry.meta, **CompileRecord(seconds, said).to_json()}))
         return CompileOutcome(entry, False, seconds)
 
     def compile_candidates(
@@ -230,16 +229,16 @@ class Tezzeret:
                 blueprint_version=bp.version,
                 content_hash=digest,
                 compat=compat.current(self.device),
-                kind="eager",
-                status="certified",
+                kind=EntryKind.EAGER,
+                status=EntryStatus.CERTIFIED,
                 checksum=checksum,
                 artifact_size=size,
                 guards=guards,
                 profile=profile,
                 variant=EAGER_ROUTE,
                 artifact=pipeline.kind.value,
-                parity=dict(evidence.get("parity", {})),
-                performance=dict(evidence.get("performance", {})),
+                parity=Parity.from_json(evidence.get("parity")).to_json(),
+                performance=Performance.from_json(evidence.get("performance")).to_json(),
                 meta={
                     **entry_meta(bp, module, ranges),
                     "profiles": pipeline.meta(bp, VARIANTS["default"])["profiles"],
@@ -256,8 +255,8 @@ class Tezzeret:
             meta["failed_stage"] = error.stage
         checksum, size = store_weights(self.urza, job.bp, job.module, job.tmp)
         return job.base.with_(
-            kind="eager",
-            status="fallback",
+            kind=EntryKind.EAGER,
+            status=EntryStatus.FALLBACK,
             checksum=checksum,
             artifact_size=size,
             meta=meta,
@@ -272,6 +271,6 @@ class Tezzeret:
             artifact_size=size,
             guards=built.guards,
             meta={**meta, **built.meta},
-            parity={"representative": built.parity},
-            performance={"tezzeret": built.performance},
+            parity=Parity(representative=built.parity).to_json(),
+            performance=Performance(tezzeret=built.performance).to_json(),
         )

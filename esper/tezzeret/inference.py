@@ -18,12 +18,13 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.artifacts.runtime import CompiledPackage, device_index
 from esper.artifacts.variants import VARIANTS, Variant
 from esper.blueprint import Blueprint
-from esper.numerics.bench import measure
+from esper.numerics.bench import Latency, measure
 from esper.numerics.inputs import example_inputs
-from esper.numerics.parity import max_errors
+from esper.numerics.parity import float64_reference, judge
 from esper.tezzeret.aoti import compile_package
 from esper.tezzeret.export import export_blueprint, guards_from_export
 from esper.tezzeret.pipeline import Built, CompileJob, profile_ranges, stage
+from esper.urza.evidence import ShapeParity, ShapeTiming, Timing
 
 
 @dataclass(frozen=True)
@@ -63,19 +64,27 @@ class InferencePipeline:
         package = stage("compile", lambda: compile_package(ep, job.tmp / "model.pt2", job.variant.settings))
         t2 = time.perf_counter()
         loaded = stage("load", lambda: CompiledPackage(package, device_index=device_index(device)))
-        latency: dict[str, Any] = {}
-        parity: dict[str, Any] = {}
+        latency: dict[str, ShapeTiming] = {}
+        parity: dict[str, ShapeParity] = {}
+        tol = bp.tolerance
         with torch.no_grad():
             for sizes in job.representative:
                 label = Blueprint.shape_label(sizes)
                 args = example_inputs(bp, sizes, device=device)
                 got = stage("pre-warm", lambda args=args: loaded(args))
-                abs_err, rel_err = max_errors(got, module(*args))
-                parity[label] = {"max_abs": abs_err, "max_rel": rel_err}
-                latency[label] = {
-                    "compiled": measure(lambda args=args: loaded(args)).to_dict(),
-                    "eager": measure(lambda args=args: module(*args)).to_dict(),
-                }
+                # Evidence only: certification judges every planned case by the same rule and decides.
+                verdict = stage(
+                    "verify",
+                    lambda args=args, got=got: judge(
+                        got, module(*args), float64_reference(module, args), atol=tol.atol, rtol=tol.rtol
+                    ),
+                )
+                figures = verdict.evidence()
+                parity[label] = ShapeParity(verdict.max_abs, figures["rmse_ratio"], verdict.passed)
+                latency[label] = ShapeTiming(
+                    compiled=timing(measure(lambda args=args: loaded(args))),
+                    eager=timing(measure(lambda args=args: module(*args))),
+                )
         meta = {
             "export_seconds": round(t1 - t0, 3),
             "aoti_seconds": round(t2 - t1, 3),
@@ -84,6 +93,11 @@ class InferencePipeline:
             "folded_constants": folded_constants(ep, loaded),
         }
         return Built(path=package, guards=guards, meta=meta, parity=parity, performance=latency)
+
+
+def timing(latency: Latency) -> Timing:
+    """Evidence of one side's :func:`~esper.numerics.bench.measure`."""
+    return Timing(latency.p50_ms, latency.p95_ms, {"n": latency.n})
 
 
 def constant_schema(module: torch.nn.Module, loaded: CompiledPackage) -> dict[str, dict[str, Any]]:

@@ -39,11 +39,12 @@ from esper.blueprint import Blueprint
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
 from esper.numerics.bench import measure
 from esper.numerics.coverage import edge_sizes
-from esper.numerics.gradients import exact_gradients, gradients, step, tolerance, upstream
+from esper.numerics.gradients import exact_gradients, gradients, step, upstream
 from esper.numerics.inputs import example_inputs
-from esper.numerics.parity import assert_parity, max_errors
+from esper.numerics.parity import POINTWISE_SLACK, REDUCTION, judge
 from esper.tezzeret.aoti import compile_package
 from esper.tezzeret.export import guards_from_values
+from esper.tezzeret.inference import timing
 from esper.tezzeret.joint import JointGraphs, evaluate_size, trace_joint
 from esper.tezzeret.joint_plan import (
     COMPOUND,
@@ -56,9 +57,11 @@ from esper.tezzeret.joint_plan import (
 )
 from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, full_ranges, stage
 from esper.urza import DEFAULT_PROFILE, Entry
+from esper.urza.evidence import ShapeParity, ShapeTiming
 
-# Tezzeret routes a blueprint eager when compiled and eager disagree by more than this many tolerances at a
-# verified shape: compiled code that is plainly wrong there (certification then checks at the tolerance).
+# Tezzeret routes a blueprint eager when compiled and eager disagree at a verified shape by more than this many
+# times what certification's rule (esper.numerics.parity.judge) allows: compiled code that is plainly wrong there
+# (certification then judges every planned case at the rule's own bounds).
 GROSS = 10.0
 
 
@@ -285,7 +288,7 @@ def evidence(
     representative: list[dict[str, int]],
     traced: dict[str, int],
     device: torch.device,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, ShapeParity], dict[str, ShapeTiming]]:
     """Gradient parity at the representative shapes and every dim's edges, and training-step latency at the
     representative shapes, compiled against eager.
 
@@ -296,8 +299,8 @@ def evidence(
     shapes = [dict(r) for r in representative]
     shapes += [e for e in edge_sizes(full_ranges(bp)) if e not in shapes]
     tol = bp.tolerance
-    parity: dict[str, Any] = {}
-    latency: dict[str, Any] = {}
+    parity: dict[str, ShapeParity] = {}
+    latency: dict[str, ShapeTiming] = {}
     for sizes in shapes:
         label = Blueprint.shape_label(sizes)
         args = example_inputs(bp, sizes, device=device)
@@ -316,21 +319,28 @@ def evidence(
         want_out, want = gradients(eager, args)
         if kernel.last_path != "compiled":
             raise RuntimeError(f"the training kernel ran {kernel.last_path} at {label}: {kernel.check(*args)}")
-        pairs = [("output", got_out, want_out, exact_out)]
-        pairs += [(f"gradient of {n}", got[n], want[n], exact[n]) for n in want]
-        for what, g, w, x in pairs:
-            atol, rtol = tolerance(tol.atol, tol.rtol, w, x)
-            assert_parity(g, w, atol=atol * GROSS, rtol=rtol * GROSS, context=f"{what} at {label}")
-        errors = [max_errors(g, w) for _, g, w, _ in pairs]
-        parity[label] = {"max_abs": max(e[0] for e in errors), "max_rel": max(e[1] for e in errors)}
+        loose = dict(atol=tol.atol * GROSS, rtol=tol.rtol * GROSS, slack=POINTWISE_SLACK * GROSS)
+        verdicts = [
+            judge(got_out, want_out, exact_out, label="output", reduction=GROSS, **loose),
+            # Gradients are reductions of a whole step (see esper.numerics.parity.REDUCTION).
+            judge(got, want, exact, label="gradient", reduction=REDUCTION * GROSS, **loose),
+        ]
+        wrong = next((v for v in verdicts if not v.passed), None)
+        if wrong is not None:
+            raise RuntimeError(
+                f"the compiled training step is plainly wrong at {label} (beyond {GROSS:g} times the parity "
+                f"rule's bounds): {wrong.reason}"
+            )
+        ratios = [r for r in (v.evidence()["rmse_ratio"] for v in verdicts) if r is not None]
+        parity[label] = ShapeParity(max(v.max_abs for v in verdicts), max(ratios) if ratios else None, True)
         if sizes not in representative:
             continue
         timed = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
         with torch.no_grad():
             flat = [t for t in pytree.tree_leaves(eager(*args)) if isinstance(t, torch.Tensor)]
         grads = upstream(flat)
-        latency[label] = {
-            "compiled": measure(lambda k=kernel, a=timed, g=grads: step(k, a, g)).to_dict(),
-            "eager": measure(lambda m=eager, a=timed, g=grads: step(m, a, g)).to_dict(),
-        }
+        latency[label] = ShapeTiming(
+            compiled=timing(measure(lambda k=kernel, a=timed, g=grads: step(k, a, g))),
+            eager=timing(measure(lambda m=eager, a=timed, g=grads: step(m, a, g))),
+        )
     return parity, latency

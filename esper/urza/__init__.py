@@ -4,7 +4,7 @@ Upkeep (verify, gc, sign, export) is in :mod:`esper.urza.maintenance`, as functi
 """
 
 from esper.urza.db import SCHEMA_VERSION, StoredRow, Urza, UrzaError
-from esper.urza.schema import DEFAULT_PROFILE, DEFAULT_VARIANT, KINDS, STATUSES, Entry
+from esper.urza.schema import DEFAULT_PROFILE, DEFAULT_VARIANT, KINDS, STATUSES, Entry, EntryKind, EntryStatus
 from esper.urza.store import ArtifactError, ArtifactStore
 
 __all__ = [
@@ -16,6 +16,8 @@ __all__ = [
     "ArtifactError",
     "ArtifactStore",
     "Entry",
+    "EntryKind",
+    "EntryStatus",
     "StoredRow",
     "Urza",
     "UrzaError",

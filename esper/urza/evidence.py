@@ -1,27 +1,443 @@
-"""Reading an entry's evidence into the flat rows that listings and summaries show.
+"""An entry's evidence as typed values: what Tezzeret and certification write, and the one reader everything shares.
 
-Tezzeret writes ``performance["tezzeret"]`` (its own quick measurement right after compiling) and
-``parity["representative"]``; certification writes ``performance["certify"]`` (each representative shape's
-interleaved comparison with eager: both sides' p50/p95, the paired ratio and its interval) and
-``parity["certify"]`` (the planned and drawn cases judged against float64: coverage, both RMSEs, their
-ratio). Certification's figures win where both exist.
+Writers build the frozen dataclasses here and store their ``to_json()`` in the entry's ``parity``, ``performance``
+and ``meta`` columns; ``esper urza list``/``show``, ``esper report`` and certification's summary read them back
+through :meth:`Evidence.of`, never by indexing the JSON themselves.
+
+- :class:`Performance`: Tezzeret's own quick measurement right after compiling (``tezzeret``) and
+  certification's interleaved comparison with eager per representative shape (``certify``); certification's
+  figures win where both exist.
+- :class:`Parity`: Tezzeret's compile-time judgement at each verified shape (``representative``) and
+  certification's over every planned and drawn case (``certify``).
+- :class:`CompileRecord` and :class:`CertificationRecord`: the flat ``meta`` keys Tezzeret adds after compiling
+  and certification's ``meta["certification"]``; :class:`Meta` reads the figures a listing shows.
+
+Every value carries ``version`` (:data:`EVIDENCE_VERSION`). The reader is tolerant: rows written before the
+version field existed, fields of the wrong type, and keys it does not know read as "not recorded" (``None``, empty)
+rather than failing, and unknown keys are kept so that rewriting a row loses nothing.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from esper.urza.schema import Entry
+from esper.urza.schema import Entry, EntryKind
+
+__all__ = [
+    "EVIDENCE_VERSION",
+    "CertificationRecord",
+    "CertifiedParity",
+    "CompileRecord",
+    "DecisionRecord",
+    "Evidence",
+    "Meta",
+    "Parity",
+    "Performance",
+    "ShapeParity",
+    "ShapeTiming",
+    "Timing",
+    "geomean",
+    "speedups",
+    "summarize",
+]
+
+#: The evidence layout this release writes. Rows without a ``version`` are the layout of the releases before it
+#: (the same keys, unversioned), which the reader reads alike.
+EVIDENCE_VERSION = 1
+
+COMPILED = "compiled"
+EAGER = "eager"
+JSON = dict[str, Any]
 
 
-def latency_table(entry: Entry) -> dict[str, dict[str, dict[str, float]]]:
-    """``{label: {"compiled": {"p50_ms", "p95_ms"}, "eager": {...}}}`` from the best available source, in the
-    blueprint's representative order (JSON columns come back with sorted keys)."""
-    table = entry.performance.get("certify") or entry.performance.get("tezzeret") or {}
-    order = [",".join(f"{k}={v}" for k, v in r.items()) or "static" for r in entry.meta.get("representative", [])]
-    return {label: table[label] for label in sorted(table, key=lambda k: order.index(k) if k in order else len(order))}
+# -- tolerant field readers ----------------------------------------------------------------------------------
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, else ``None`` (bools, text, NaN and inf are not recorded figures)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _version(raw: Mapping[str, Any]) -> int:
+    """The recorded version; 0 for the unversioned layout of earlier releases."""
+    return _count(raw.get("version")) or 0
+
+
+def _extra(raw: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    skip = {*known, "version"}
+    return {k: v for k, v in raw.items() if k not in skip}
+
+
+def _put(out: JSON, **values: Any) -> JSON:
+    """``out`` with every value that is not ``None``."""
+    out.update({k: v for k, v in values.items() if v is not None})
+    return out
+
+
+# -- performance ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One side's latency at one shape, in milliseconds; ``extra`` keeps what else the measurement recorded
+    (sample counts, rounds)."""
+
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Timing | None:
+        if not isinstance(raw, Mapping):
+            return None
+        return cls(_number(raw.get("p50_ms")), _number(raw.get("p95_ms")), _extra(raw, ("p50_ms", "p95_ms")))
+
+    def to_json(self) -> JSON:
+        return _put(dict(self.extra), p50_ms=self.p50_ms, p95_ms=self.p95_ms)
+
+
+@dataclass(frozen=True)
+class ShapeTiming:
+    """Compiled and eager latency at one representative shape. ``ratio`` (compiled/eager) and ``comparison``
+    (the interleaved comparison's figures) are certification's; Tezzeret records the two sides only. An eager
+    route records eager's side alone."""
+
+    compiled: Timing | None = None
+    eager: Timing | None = None
+    ratio: float | None = None
+    comparison: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ShapeTiming:
+        raw = _mapping(raw)
+        comparison = raw.get("comparison")
+        return cls(
+            Timing.from_json(raw.get(COMPILED)),
+            Timing.from_json(raw.get(EAGER)),
+            _number(raw.get("ratio")),
+            dict(comparison) if isinstance(comparison, Mapping) else None,
+        )
+
+    def to_json(self) -> JSON:
+        return _put(
+            {},
+            compiled=self.compiled.to_json() if self.compiled else None,
+            eager=self.eager.to_json() if self.eager else None,
+            ratio=self.ratio,
+            comparison=dict(self.comparison) if self.comparison is not None else None,
+        )
+
+    def side(self, path: str) -> Timing:
+        """``compiled`` or ``eager``'s figures (empty when not measured)."""
+        got = self.compiled if path == COMPILED else self.eager
+        return got or Timing()
+
+    def speedup(self) -> float | None:
+        """Eager p50 / compiled p50, where both were measured."""
+        c, e = self.side(COMPILED).p50_ms, self.side(EAGER).p50_ms
+        return e / c if c and e and c > 0 and e > 0 else None
+
+
+def _table(raw: Any) -> dict[str, ShapeTiming]:
+    return {str(k): ShapeTiming.from_json(v) for k, v in _mapping(raw).items()}
+
+
+@dataclass(frozen=True)
+class Performance:
+    """The ``performance`` column: latency tables by shape label, Tezzeret's and certification's."""
+
+    tezzeret: Mapping[str, ShapeTiming] = field(default_factory=dict)
+    certify: Mapping[str, ShapeTiming] = field(default_factory=dict)
+    version: int = EVIDENCE_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Performance:
+        raw = _mapping(raw)
+        return cls(
+            _table(raw.get("tezzeret")),
+            _table(raw.get("certify")),
+            _version(raw),
+            _extra(raw, ("tezzeret", "certify")),
+        )
+
+    def to_json(self) -> JSON:
+        out: JSON = {**self.extra, "version": EVIDENCE_VERSION}
+        if self.tezzeret:
+            out["tezzeret"] = {k: v.to_json() for k, v in self.tezzeret.items()}
+        if self.certify:
+            out["certify"] = {k: v.to_json() for k, v in self.certify.items()}
+        return out
+
+    def best(self) -> Mapping[str, ShapeTiming]:
+        """Certification's table where it measured, else Tezzeret's."""
+        return self.certify or self.tezzeret
+
+
+# -- parity --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShapeParity:
+    """Tezzeret's compile-time parity at one verified shape: the largest |compiled - eager| and, judged against
+    float64 (:func:`esper.numerics.parity.judge`), the worst RMSE ratio to eager's own and whether it passed.
+    Rows of earlier releases recorded ``max_rel`` instead of the judgement."""
+
+    max_abs: float | None = None
+    rmse_ratio: float | None = None
+    passed: bool | None = None
+    max_rel: float | None = None
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ShapeParity:
+        raw = _mapping(raw)
+        return cls(
+            _number(raw.get("max_abs")),
+            _number(raw.get("rmse_ratio")),
+            _flag(raw.get("passed")),
+            _number(raw.get("max_rel")),
+        )
+
+    def to_json(self) -> JSON:
+        return _put({}, max_abs=self.max_abs, rmse_ratio=self.rmse_ratio, passed=self.passed, max_rel=self.max_rel)
+
+
+@dataclass(frozen=True)
+class CertifiedParity:
+    """Certification's parity over every case it judged: cases, the largest |compiled - eager|, the worst RMSE
+    against float64 (compiled's, eager's, their ratio), and the detail it was judged with (``parts``: per part
+    output/gradient/buffer; ``coverage``; ``rule``; ``tolerance``), kept as recorded."""
+
+    cases: int | None = None
+    max_abs: float | None = None
+    rmse_ratio: float | None = None
+    rmse_compiled: float | None = None
+    rmse_eager: float | None = None
+    drawn: int | None = None
+    nondeterministic: bool | None = None
+    guards_refused: int | None = None
+    parts: Mapping[str, Any] = field(default_factory=dict)
+    coverage: Mapping[str, Any] = field(default_factory=dict)
+    rule: Mapping[str, Any] = field(default_factory=dict)
+    tolerance: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _SCALARS = (
+        "cases", "max_abs", "rmse_ratio", "rmse_compiled", "rmse_eager", "drawn", "nondeterministic", "guards_refused"
+    )  # fmt: skip
+    _DETAIL = ("parts", "coverage", "rule", "tolerance")
+
+    @classmethod
+    def from_json(cls, raw: Any) -> CertifiedParity | None:
+        if not isinstance(raw, Mapping) or not raw:
+            return None
+        return cls(
+            cases=_count(raw.get("cases")),
+            max_abs=_number(raw.get("max_abs")),
+            rmse_ratio=_number(raw.get("rmse_ratio")),
+            rmse_compiled=_number(raw.get("rmse_compiled")),
+            rmse_eager=_number(raw.get("rmse_eager")),
+            drawn=_count(raw.get("drawn")),
+            nondeterministic=_flag(raw.get("nondeterministic")),
+            guards_refused=_count(raw.get("guards_refused")),
+            **{k: dict(_mapping(raw.get(k))) for k in cls._DETAIL},
+            extra=_extra(raw, (*cls._SCALARS, *cls._DETAIL)),
+        )
+
+    def to_json(self) -> JSON:
+        out = _put(dict(self.extra), **{k: getattr(self, k) for k in self._SCALARS})
+        # A ratio of None is a recorded figure (eager was exact), not a missing one.
+        out.setdefault("rmse_ratio", None)
+        out.update({k: dict(getattr(self, k)) for k in self._DETAIL})
+        return out
+
+
+@dataclass(frozen=True)
+class Parity:
+    """The ``parity`` column: Tezzeret's per-shape judgement and certification's over every case."""
+
+    representative: Mapping[str, ShapeParity] = field(default_factory=dict)
+    certify: CertifiedParity | None = None
+    version: int = EVIDENCE_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Parity:
+        raw = _mapping(raw)
+        return cls(
+            {str(k): ShapeParity.from_json(v) for k, v in _mapping(raw.get("representative")).items()},
+            CertifiedParity.from_json(raw.get("certify")),
+            _version(raw),
+            _extra(raw, ("representative", "certify")),
+        )
+
+    def to_json(self) -> JSON:
+        out: JSON = {**self.extra, "version": EVIDENCE_VERSION}
+        if self.representative:
+            out["representative"] = {k: v.to_json() for k, v in self.representative.items()}
+        if self.certify is not None:
+            out["certify"] = self.certify.to_json()
+        return out
+
+    def error(self) -> tuple[float | None, int | None]:
+        """Max |compiled - eager| and the number of cases it covers: certification's, else Tezzeret's."""
+        if self.certify is not None:
+            return self.certify.max_abs, self.certify.cases
+        errors = [p.max_abs for p in self.representative.values() if p.max_abs is not None]
+        if not errors:
+            return None, None
+        return max(errors), len(self.representative)
+
+    def rmse_ratio(self) -> float | None:
+        """Certification's worst RMSE ratio to eager's own error against float64."""
+        return self.certify.rmse_ratio if self.certify is not None else None
+
+
+# -- meta ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompileRecord:
+    """What Tezzeret adds to ``meta`` once a compile is done: its wall time and what torch's compiler warned.
+    Stored as flat keys beside the rest of ``meta`` (Kasmina reads that column's other fields)."""
+
+    compile_seconds: float
+    compile_warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> JSON:
+        return {
+            "evidence_version": EVIDENCE_VERSION,
+            "compile_seconds": round(self.compile_seconds, 3),
+            "compile_warnings": list(self.compile_warnings),
+        }
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """Certification's routing decision for one profile: the winning candidate (``None``: eager), the
+    compiled/eager ratio it decided on, and why."""
+
+    winner: str | None
+    ratio: float | None
+    note: str
+
+    @classmethod
+    def from_json(cls, raw: Any) -> DecisionRecord | None:
+        if not isinstance(raw, Mapping):
+            return None
+        return cls(_text(raw.get("winner")), _number(raw.get("ratio")), _text(raw.get("note")) or "")
+
+    def to_json(self) -> JSON:
+        return {"winner": self.winner, "ratio": self.ratio, "note": self.note}
+
+
+@dataclass(frozen=True)
+class CertificationRecord:
+    """``meta["certification"]``: when and where certification measured, under which budget and limits, and its
+    decision (where the session decided one)."""
+
+    at: str | None
+    artifact: str | None
+    budget_profile: str | None
+    limits: Mapping[str, Any] = field(default_factory=dict)
+    context: Mapping[str, Any] = field(default_factory=dict)
+    decision: DecisionRecord | None = None
+    version: int = EVIDENCE_VERSION
+
+    @classmethod
+    def from_json(cls, raw: Any) -> CertificationRecord | None:
+        if not isinstance(raw, Mapping):
+            return None
+        return cls(
+            at=_text(raw.get("at")),
+            artifact=_text(raw.get("artifact")),
+            budget_profile=_text(raw.get("budget_profile")),
+            limits=dict(_mapping(raw.get("limits"))),
+            context=dict(_mapping(raw.get("context"))),
+            decision=DecisionRecord.from_json(raw.get("decision")),
+            version=_version(raw),
+        )
+
+    def to_json(self) -> JSON:
+        out: JSON = {
+            "version": EVIDENCE_VERSION,
+            "at": self.at,
+            "artifact": self.artifact,
+            "budget_profile": self.budget_profile,
+            "limits": dict(self.limits),
+            "context": dict(self.context),
+        }
+        if self.decision is not None:
+            out["decision"] = self.decision.to_json()
+        return out
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The ``meta`` figures a listing shows (Kasmina's own fields are :class:`esper.urza.schema.EntryMeta`)."""
+
+    compile_seconds: float | None = None
+    representative: tuple[str, ...] = ()  # shape labels, in the blueprint's order
+    ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    certification: CertificationRecord | None = None
+    eager_reason: str | None = None
+    version: int = 0
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Meta:
+        raw = _mapping(raw)
+        reps = raw.get("representative")
+        labels = tuple(
+            ",".join(f"{k}={v}" for k, v in r.items()) or "static"
+            for r in (reps if isinstance(reps, list) else [])
+            if isinstance(r, Mapping)
+        )
+        ranges = {
+            str(k): (int(r[0]), int(r[1]))
+            for k, r in _mapping(raw.get("ranges")).items()
+            if isinstance(r, list | tuple) and len(r) == 2 and all(_count(x) is not None for x in r)
+        }
+        return cls(
+            compile_seconds=_number(raw.get("compile_seconds")),
+            representative=labels,
+            ranges=ranges,
+            certification=CertificationRecord.from_json(raw.get("certification")),
+            eager_reason=_text(raw.get("eager_reason")) or _text(_mapping(raw.get("training")).get("reason")),
+            version=_count(raw.get("evidence_version")) or 0,
+        )
+
+    def context(self) -> Mapping[str, Any]:
+        """The machine certification measured on (empty when not certified)."""
+        return self.certification.context if self.certification is not None else {}
+
+    def decided_ratio(self) -> float | None:
+        """The compiled/eager ratio certification decided on (an eager route carries the losing compiled one)."""
+        c = self.certification
+        return c.decision.ratio if c is not None and c.decision is not None else None
+
+
+# -- the reader ----------------------------------------------------------------------------------------------
 
 
 def geomean(values: Iterable[float]) -> float:
@@ -36,31 +452,77 @@ def geomean(values: Iterable[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
-def speedups(table: dict[str, dict[str, dict[str, float]]]) -> list[float]:
-    """Eager p50 / route p50 per shape of a latency table, where both were measured (``compiled`` is the
-    route's column)."""
-    return [
-        t["eager"]["p50_ms"] / t["compiled"]["p50_ms"]
-        for t in table.values()
-        if t.get("compiled", {}).get("p50_ms", 0) > 0 and t.get("eager", {}).get("p50_ms", 0) > 0
-    ]
+def speedups(table: Mapping[str, ShapeTiming]) -> list[float]:
+    """Eager p50 / compiled p50 per shape of a latency table, where both were measured."""
+    return [s for s in (t.speedup() for t in table.values()) if s is not None]
 
 
-def speedup(entry: Entry) -> float | None:
-    """Geometric mean of eager p50 / compiled p50 over the representative shapes."""
-    ratios = speedups(latency_table(entry))
-    return geomean(ratios) if ratios else None
+@dataclass(frozen=True)
+class Evidence:
+    """One entry's evidence, read: what ``esper urza list``/``show``, ``esper report`` and the certification
+    summary all read an entry through."""
 
+    entry: Entry
+    parity: Parity
+    performance: Performance
+    meta: Meta
 
-def parity_error(entry: Entry) -> tuple[float | None, int | None]:
-    """Max absolute compiled-vs-eager error and the number of cases it covers."""
-    cert = entry.parity.get("certify")
-    if cert:
-        return cert.get("max_abs"), cert.get("cases")
-    rep = entry.parity.get("representative") or {}
-    if not rep:
-        return None, None
-    return max(v["max_abs"] for v in rep.values()), len(rep)
+    @classmethod
+    def of(cls, entry: Entry) -> Evidence:
+        return cls(
+            entry,
+            Parity.from_json(entry.parity),
+            Performance.from_json(entry.performance),
+            Meta.from_json(entry.meta),
+        )
+
+    @property
+    def certified(self) -> bool:
+        """Whether certification measured this entry (its latency table is certification's)."""
+        return bool(self.performance.certify)
+
+    def latency(self) -> dict[str, ShapeTiming]:
+        """The best latency table (:meth:`Performance.best`) in the blueprint's representative order."""
+        table = self.performance.best()
+        order = self.meta.representative
+        return {k: table[k] for k in sorted(table, key=lambda k: order.index(k) if k in order else len(order))}
+
+    def route_path(self) -> str:
+        """``compiled`` for an entry holding compiled code, else ``eager``."""
+        return COMPILED if self.entry.kind == EntryKind.AOTI else EAGER
+
+    def speedup(self) -> float | None:
+        """Geometric mean of eager p50 / compiled p50 over the representative shapes."""
+        ratios = speedups(self.latency())
+        return geomean(ratios) if ratios else None
+
+    def summary(self) -> dict[str, Any]:
+        """One flat row: identity, status and headline evidence."""
+        e = self.entry
+        table = self.latency()
+        err, cases = self.parity.error()
+        reason = (e.failure_reason or "").strip().splitlines()
+        return {
+            "id": e.id,
+            "blueprint": e.blueprint,
+            "v": e.blueprint_version,
+            "artifact": str(e.artifact),
+            "profile": e.profile,
+            "variant": e.variant,
+            "kind": str(e.kind),
+            "status": str(e.status),
+            "compat": f"{e.compat.isa}/{e.compat.device_type}",
+            "compile_s": self.meta.compile_seconds,
+            "parity_max_abs": _r(err),
+            "cases": cases,
+            "p50_ms": {k: _r(v.side(COMPILED).p50_ms) for k, v in table.items()},
+            "p95_ms": {k: _r(v.side(COMPILED).p95_ms) for k, v in table.items()},
+            "eager_p50_ms": {k: _r(v.side(EAGER).p50_ms) for k, v in table.items()},
+            "speedup": _r(self.speedup(), 3),
+            "failed_check": e.failed_check,
+            "reason": reason[0][:120] if reason else None,
+            "updated": e.updated_at,
+        }
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:
@@ -68,27 +530,5 @@ def _r(x: float | None, digits: int = 4) -> float | None:
 
 
 def summarize(entry: Entry) -> dict[str, Any]:
-    """One flat row per entry: identity, status and headline evidence."""
-    table = latency_table(entry)
-    err, cases = parity_error(entry)
-    reason = (entry.failure_reason or "").strip().splitlines()
-    return {
-        "id": entry.id,
-        "blueprint": entry.blueprint,
-        "v": entry.blueprint_version,
-        "profile": entry.profile,
-        "variant": entry.variant,
-        "kind": entry.kind,
-        "status": entry.status,
-        "compat": f"{entry.compat.isa}/{entry.compat.device_type}",
-        "compile_s": entry.meta.get("compile_seconds"),
-        "parity_max_abs": _r(err),
-        "cases": cases,
-        "p50_ms": {k: _r(v.get("compiled", {}).get("p50_ms")) for k, v in table.items()},
-        "p95_ms": {k: _r(v.get("compiled", {}).get("p95_ms")) for k, v in table.items()},
-        "eager_p50_ms": {k: _r(v.get("eager", {}).get("p50_ms")) for k, v in table.items()},
-        "speedup": _r(speedup(entry), 3),
-        "failed_check": entry.failed_check,
-        "reason": reason[0][:120] if reason else None,
-        "updated": entry.updated_at,
-    }
+    """:meth:`Evidence.summary` of ``entry``."""
+    return Evidence.of(entry).summary()

@@ -19,7 +19,7 @@ from esper.artifacts.guards import compile_predicate
 from esper.artifacts.validate import EntryFormatError
 from esper.urza import snapshot
 from esper.urza.db import FROM_ENV, StoredRow, Urza, UrzaError
-from esper.urza.schema import Entry, EntryMeta
+from esper.urza.schema import Entry, EntryMeta, EntryStatus
 from esper.urza.store import SHA256_RE, ArtifactError
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ def export(
     sources = {}
     problems = []
     for row in urza.stored_rows():
-        if row.status != "certified":
+        if row.status != EntryStatus.CERTIFIED:
             continue
         if row.entry is None:
             problems.append(f"entry #{row.id} ({row.blueprint}): unreadable row: {row.problem}")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from esper.urza.db import Urza, UrzaError
 from esper.urza.maintenance import SNAPSHOT_DB, value_problem
-from esper.urza.schema import Entry
+from esper.urza.schema import Entry, EntryStatus
 from esper.urza.store import ArtifactError
 
 if TYPE_CHECKING:
@@ -181,10 +181,11 @@ def _remember(known: dict[Identity, list[_Known]], entry: Entry, origin: int, wh
 
 def _clash(entry: Entry, same: list[_Known], origin: int) -> _Known | None:
     """A certified row of another origin whose artifact differs from certified ``entry``'s, if any."""
-    if entry.status != "certified":
+    if entry.status != EntryStatus.CERTIFIED:
         return None
     return next(
-        (k for k in same if k.status == "certified" and k.checksum != entry.checksum and k.origin != origin), None
+        (k for k in same if k.status == EntryStatus.CERTIFIED and k.checksum != entry.checksum and k.origin != origin),
+        None,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from esper.artifacts import validate as v
@@ -17,10 +18,27 @@ from esper.artifacts.guards import GuardSchema
 from esper.artifacts.kinds import ARTIFACT_KINDS, ArtifactKind
 from esper.artifacts.validate import EntryFormatError
 
-__all__ = ["Entry", "EntryFormatError", "EntryMeta", "WeightSpec"]
+__all__ = ["Entry", "EntryFormatError", "EntryKind", "EntryMeta", "EntryStatus", "WeightSpec"]
 
-STATUSES = ("compiled", "certified", "rejected", "fallback")
-KINDS = ("aoti", "eager")
+
+class EntryStatus(StrEnum):
+    """Where an entry stands. Stored as its value, so rows read the same text as before the enum existed."""
+
+    COMPILED = "compiled"  # Tezzeret compiled it; not yet certified
+    CERTIFIED = "certified"  # Kasmina may route to it
+    REJECTED = "rejected"  # a certification check failed, or selection did not route it
+    FALLBACK = "fallback"  # the compile failed or decided eager: the weights run eager
+
+
+class EntryKind(StrEnum):
+    """What an entry's artifact holds: compiled code (an AOTInductor package) or the weights, run eager."""
+
+    AOTI = "aoti"
+    EAGER = "eager"
+
+
+STATUSES = tuple(s.value for s in EntryStatus)
+KINDS = tuple(k.value for k in EntryKind)
 DEFAULT_PROFILE = "default"
 DEFAULT_VARIANT = "default"
 
@@ -33,8 +51,8 @@ class Entry:
     blueprint_version: int
     content_hash: str
     compat: CompatKey
-    kind: str
-    status: str
+    kind: EntryKind
+    status: EntryStatus
     checksum: str
     artifact_size: int
     guards: GuardSchema | None
@@ -52,8 +70,9 @@ class Entry:
     id: int | None = None
 
     def __post_init__(self) -> None:
-        v.choice(self.kind, KINDS, "kind", "entry kind")
-        v.choice(self.status, STATUSES, "status", "entry status")
+        # Plain text is accepted and stored as the enum, so that every reader compares against the enums.
+        object.__setattr__(self, "kind", EntryKind(v.choice(self.kind, KINDS, "kind", "entry kind")))
+        object.__setattr__(self, "status", EntryStatus(v.choice(self.status, STATUSES, "status", "entry status")))
         v.choice(self.artifact, ARTIFACT_KINDS, "artifact", "entry artifact")
 
     def with_(self, **changes: Any) -> Entry:
@@ -72,8 +91,8 @@ class Entry:
             "platform": self.compat.platform,
             "isa": self.compat.isa,
             "device_type": self.compat.device_type,
-            "kind": self.kind,
-            "status": self.status,
+            "kind": str(self.kind),
+            "status": str(self.status),
             "checksum": self.checksum,
             "artifact_size": self.artifact_size,
             "guards": self.guards.to_json() if self.guards else None,
