@@ -266,9 +266,8 @@ class CertifiedParity:
         )
 
     def to_json(self) -> JSON:
-        out = _put(dict(self.extra), **{k: getattr(self, k) for k in self._SCALARS})
-        # A ratio of None is a recorded figure (eager was exact), not a missing one.
-        out.setdefault("rmse_ratio", None)
+        # Every figure is written, ``None`` included: a ratio of None is a recorded figure (eager was exact).
+        out = {**self.extra, **{k: getattr(self, k) for k in self._SCALARS}}
         out.update({k: dict(getattr(self, k)) for k in self._DETAIL})
         return out
 
