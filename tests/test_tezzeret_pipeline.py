@@ -25,6 +25,7 @@ from esper.tezzeret.inference import InferencePipeline
 from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, stage
 from esper.tezzeret.training_compile import TrainingPipeline
 from esper.urza import Urza
+from esper.urza.evidence import EVIDENCE_VERSION, ShapeParity
 
 GUARDS = GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=32), DimGuard(size=8))),))
 
@@ -70,7 +71,7 @@ class Stub:
             stage(self.fail, lambda: 1 / 0)
         path = job.tmp / "artifact.bin"
         path.write_bytes(f"{self.kind}/{job.variant.name}/{sorted(job.ranges.items())}".encode())
-        parity = {Blueprint.shape_label(s): {"max_abs": 0.0} for s in job.representative}
+        parity = {Blueprint.shape_label(s): ShapeParity(max_abs=0.0) for s in job.representative}
         return Built(path=path, guards=GUARDS, meta={"stub": True}, parity=parity, performance={})
 
 
@@ -104,7 +105,10 @@ def test_a_compile_publishes_one_entry_of_its_kind_and_is_reused(urza, tiny_cata
     )
     assert entry.guards == GUARDS and entry.meta["stub"] and entry.meta["compile_seconds"] >= 0
     assert entry.meta["source_digest"] == source_digest(bp, bp.build())
-    assert entry.parity == {"representative": {"batch=4": {"max_abs": 0.0}, "batch=16": {"max_abs": 0.0}}}
+    assert entry.parity == {
+        "version": EVIDENCE_VERSION,
+        "representative": {"batch=4": {"max_abs": 0.0}, "batch=16": {"max_abs": 0.0}},
+    }
     urza.store.verify(entry.checksum, entry.artifact_size)
     again = tezzeret.compile(bp, artifact=kind)
     assert again.reused and again.entry.id == entry.id and stubs[kind].runs == ["default"]
@@ -189,7 +193,11 @@ def test_the_eager_route_writer_serves_every_kind(urza, tiny_catalog, kind) -> N
         bp, artifact=kind, profile="default", guards=GUARDS, evidence=evidence, reason="eager measured faster"
     )
     assert (e.kind, e.status, e.variant, e.artifact) == ("eager", "certified", "eager", kind.value)
-    assert e.guards == GUARDS and e.performance == evidence["performance"] and e.meta["note"]
+    assert (
+        e.guards == GUARDS
+        and e.performance == {**evidence["performance"], "version": EVIDENCE_VERSION}
+        and e.meta["note"]
+    )
     assert e.meta["source_digest"] == source_digest(bp, bp.build())
     if kind is ArtifactKind.TRAINING:
         assert e.meta["training"] == {"route": "eager", "reason": "eager measured faster"}
