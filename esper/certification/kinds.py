@@ -47,6 +47,7 @@ from esper.urza import Entry, Urza
 # The variable that turns training certification off (the training spec's opt-out).
 TRAINING_ENV = str(spec(ArtifactKind.TRAINING).opt_out)
 
+
 @dataclass(frozen=True)
 class Expected:
     """What a parity case is judged against, computed once per case and reused for every candidate: eager's
