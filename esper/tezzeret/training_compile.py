@@ -173,13 +173,13 @@ class BackwardGraph(torch.nn.Module):
         super().__init__()
         self.gm = graphs.backward
         self.layout = [
-            ("size", graphs.size_exprs[ref]) if kind == "size" else (kind, ref) for kind, ref in plan.backward_layout
+            ("size", graphs.size_exprs[ref]) if slot == "size" else (slot, ref) for slot, ref in plan.backward_layout
         ]
         self.symbols = list(plan.size_symbols)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         values = {sym: tensors[0].shape[i] for i, sym in enumerate(self.symbols)}
-        args = [evaluate_size(ref, values) if kind == "size" else tensors[ref] for kind, ref in self.layout]
+        args = [evaluate_size(ref, values) if slot == "size" else tensors[ref] for slot, ref in self.layout]
         return tuple(g for g in self.gm(*args) if g is not None)
 
 
