@@ -21,7 +21,7 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.artifacts.tensors import TensorSpec
 from esper.artifacts.training_manifest import TrainingManifest
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel, Route, Unusable, WeightSchemaError
-from esper.kasmina.base import refusal_kind
+from esper.kasmina.base import refusal_pattern
 from esper.kasmina.choose import choose_entry_id, choose_training_entry
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
 from esper.urza import Entry, Urza
@@ -108,13 +108,13 @@ def test_for_program_trains_through_the_program_like_eager() -> None:
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def test_training_kernel_warns_once_per_kind_of_refusal_not_per_size(caplog: pytest.LogCaptureFixture) -> None:
-    """The drift bug: the training kernel warned once per refused size, the inference kernel once per kind."""
+def test_training_kernel_warns_once_per_refusal_pattern_not_per_size(caplog: pytest.LogCaptureFixture) -> None:
+    """The drift bug: the training kernel warned once per refused size, the inference kernel once per pattern."""
     kernel = linear_kernel(linear())
     with caplog.at_level(logging.WARNING, logger="esper.kasmina"):
         for batch in (65, 70, 65, 100):
             kernel(torch.randn(batch, 8))
-        with pytest.raises(RuntimeError):  # another kind of refusal (a fixed dim), which eager rejects too
+        with pytest.raises(RuntimeError):  # another refusal pattern (a fixed dim), which eager rejects too
             kernel(torch.randn(3, 9))
     assert kernel.calls == {EAGER: 5}
     details = [r.esper["detail"] for r in warnings_of(caplog)]  # type: ignore[attr-defined]
@@ -124,11 +124,11 @@ def test_training_kernel_warns_once_per_kind_of_refusal_not_per_size(caplog: pyt
     assert {r.esper["reason"] for r in warnings_of(caplog)} == {"outside-guards"}  # type: ignore[attr-defined]
 
 
-def test_refusal_kind_ignores_numbers_only() -> None:
-    assert refusal_kind("input 'x' dim 0 is 65, outside [1, 64]") == refusal_kind(
+def test_refusal_pattern_ignores_numbers_only() -> None:
+    assert refusal_pattern("input 'x' dim 0 is 65, outside [1, 64]") == refusal_pattern(
         "input 'x' dim 0 is 70, outside [1, 64]"
     )
-    assert refusal_kind("input 'x' dim 0 is 65") != refusal_kind("input 'y' dim 0 is 65")
+    assert refusal_pattern("input 'x' dim 0 is 65") != refusal_pattern("input 'y' dim 0 is 65")
 
 
 def test_bound_training_kernels_share_the_program_and_check_the_schema() -> None:

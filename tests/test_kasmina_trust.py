@@ -267,7 +267,7 @@ def test_a_dual_tensor_keeps_its_tangent(kernel: Any) -> None:
         pytest.param(lambda m: m(torch.complex(X, T).conj().imag), id="conj-imag-view"),
     ],
 )
-def test_tensor_kinds_the_guard_refuses_run_eager_with_the_eager_answer(kernel: Any, make: Any) -> None:
+def test_tensors_the_guard_refuses_run_eager_with_the_eager_answer(kernel: Any, make: Any) -> None:
     with torch.no_grad():
         _same_as_eager(kernel, make)
 

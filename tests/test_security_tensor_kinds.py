@@ -1,4 +1,4 @@
-"""Tensor kinds the guard must not pass to compiled code, keyword arguments bound by
+"""Tensors the guard must not pass to compiled code, keyword arguments bound by
 input name, and pins of the private torch calls esper.artifacts.servable relies on."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from esper.artifacts import servable as tensor_kinds
+from esper.artifacts import servable
 from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard, bind_arguments, compile_check, compile_predicate
 
 SCHEMA = GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=8), DimGuard(size=4))),))
@@ -62,7 +62,7 @@ def test_plain_tensors_and_parameters_are_accepted() -> None:
         (lambda: torch.randn(2, 4, dtype=torch.complex64).conj(), "dtype torch.complex64"),
     ],
 )
-def test_tensor_kinds_compiled_code_cannot_serve_are_refused(make: Callable[[], torch.Tensor], fragment: str) -> None:
+def test_tensors_compiled_code_cannot_serve_are_refused(make: Callable[[], torch.Tensor], fragment: str) -> None:
     refused((make(),), fragment)
 
 
@@ -115,9 +115,9 @@ def test_private_torch_calls_are_pinned() -> None:
     assert fwAD._current_level == -1
     with fwAD.dual_level():
         assert fwAD._current_level == 0
-    assert tensor_kinds.dual_level() == -1
+    assert servable.dual_level() == -1
     assert torch._C._functorch.is_functorch_wrapped_tensor(torch.randn(2)) is False
-    assert tensor_kinds.functorch_wrapped(torch.randn(2)) is False
+    assert servable.functorch_wrapped(torch.randn(2)) is False
 
 
 def test_keyword_arguments_are_bound_by_input_name() -> None:

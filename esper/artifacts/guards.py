@@ -2,7 +2,7 @@
 
 AOTInductor code does not check its inputs (unless ``AOTI_RUNTIME_CHECK_INPUTS=1`` was set at compile time):
 a wrong feature size silently runs and reads out of bounds. This check is what stands between a training
-run and garbage, so it is exact: tensor kind (plain, strided, dense: see :mod:`esper.artifacts.servable`), dtype,
+run and garbage, so it is exact: a servable tensor (plain, strided, dense: see :mod:`esper.artifacts.servable`), dtype,
 rank, device, every fixed dim, every dynamic range, and equality of dims that share a name. The schema is
 plain, versioned, frozen data, written by Tezzeret from the exported program and stored in Urza as JSON.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from esper.artifacts.servable import KIND_TEST, kind_problem, predicate_namespace
+from esper.artifacts.servable import WRAPPED_TEST, predicate_namespace, serving_problem
 from esper.artifacts.validate import (
     DEVICE_TYPES,
     DTYPES,
@@ -271,7 +271,7 @@ def explain(schema: GuardSchema, *, device_index: int | None = None) -> Callable
         for x, (name, dtype, rank, dims) in zip(args, specs, strict=True):
             if isinstance(x, torch.Tensor) and x.dtype != dtype:
                 return f"input {name!r} has dtype {x.dtype}, guard requires {dtype}"
-            problem = kind_problem(x, device_type, index)
+            problem = serving_problem(x, device_type, index)
             if problem is not None:
                 return f"input {name!r} {problem}"
             shape = x.shape
@@ -343,7 +343,7 @@ def _guard_source(
             f"        return {miss}",
             f"    if {device_test.format(x=x)} or {x}.layout is not strided or {x}.is_nested or {x}.is_neg():",
             f"        return {miss}",
-            f"    if {KIND_TEST.format(x=x)}:",
+            f"    if {WRAPPED_TEST.format(x=x)}:",
             f"        return {miss}",
             f"    s{n} = {x}.shape",
             f"    if len(s{n}) != {_int_literal(inp.rank)}:",

@@ -32,14 +32,14 @@ from torch._C import _functorch
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-#: Source text of the generated predicate's kind test for tensor ``{x}`` (after its type, dtype, device, layout,
+#: Source text of the generated predicate's wrapper test for tensor ``{x}`` (after its type, dtype, device, layout,
 #: nested and negative-bit tests), and the names it uses, for :func:`esper.artifacts.guards.compile_predicate`. The C
 #: function is bound directly: a Python wrapper would double its cost on the accepting path.
-KIND_TEST = "wrapped({x}) or (forward_ad._current_level >= 0 and has_tangent({x}))"
+WRAPPED_TEST = "wrapped({x}) or (forward_ad._current_level >= 0 and has_tangent({x}))"
 
 
 def predicate_namespace() -> dict[str, Any]:
-    """The names :data:`KIND_TEST` refers to."""
+    """The names :data:`WRAPPED_TEST` refers to."""
     return {
         "wrapped": _functorch.is_functorch_wrapped_tensor,
         "forward_ad": _forward_ad,
@@ -62,9 +62,9 @@ def has_tangent(x: torch.Tensor) -> bool:
     return _forward_ad.unpack_dual(x).tangent is not None
 
 
-def kind_problem(x: Any, device_type: str, device_index: int | None = None) -> str | None:
+def serving_problem(x: Any, device_type: str, device_index: int | None = None) -> str | None:
     """Why compiled code for ``device_type`` (and ``device_index``, when given) cannot serve ``x``; ``None``
-    when it can. The readable twin of the generated predicate's kind checks: slower, says why."""
+    when it can. The readable twin of the generated predicate's tensor checks: slower, says why."""
     if not isinstance(x, torch.Tensor):
         return f"is a {type(x).__name__}, not a Tensor"
     if type(x) not in PLAIN_TYPES:

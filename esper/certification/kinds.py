@@ -11,6 +11,9 @@ select, budgets, publish); it asks its :class:`KindChecks` only what a kind chan
   buffer the step mutates; the budget's ratio cap applies, not its p95 limits (declared for the forward
   pass). ``ESPER_CERTIFY_TRAINING=0`` turns the training checks off.
 
+The facts (which candidates, over which ranges, whether the kind can be turned off) are the kind's
+:class:`~esper.artifacts.kinds.KindSpec`; a :class:`KindChecks` holds only how a kind is checked.
+
 Both judge with :func:`esper.numerics.parity.judge` (see there for the rule); :meth:`KindChecks.expected` computes the
 eager and float64 side of a case once, so that every candidate of a profile is judged against the same one.
 """
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -30,7 +32,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from esper.artifacts.guards import GuardSchema
-from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind, KindSpec, spec
 from esper.artifacts.variants import VARIANTS
 from esper.blueprint import Blueprint
 from esper.catalog import Catalog
@@ -42,12 +44,8 @@ from esper.numerics.parity import REDUCTION, ParityVerdict, float64_copy, judge,
 from esper.tezzeret.compiler import CompileOutcome, Tezzeret
 from esper.urza import Entry, Urza
 
-TRAINING_ENV = "ESPER_CERTIFY_TRAINING"
-
-
-def training_enabled() -> bool:
-    """Whether training checks run (``ESPER_CERTIFY_TRAINING`` unset, or not 0/no/false/off)."""
-    return os.environ.get(TRAINING_ENV, "1").strip().lower() not in ("0", "no", "false", "off")
+# The variable that turns training certification off (the training spec's opt-out).
+TRAINING_ENV = str(spec(ArtifactKind.TRAINING).opt_out)
 
 
 @dataclass(frozen=True)
@@ -73,10 +71,6 @@ class KindChecks(ABC):
     """The checks of one artifact kind for one blueprint on one device (see the module docstring)."""
 
     artifact: ClassVar[ArtifactKind]
-    # Whether a timed call records autograd.
-    grad_enabled: ClassVar[bool]
-    # Whether the blueprint's p95 limits (declared for the forward pass) apply to this kind's latency.
-    p95_budget: ClassVar[bool]
 
     def __init__(self, bp: Blueprint, urza_path: Path, device: str = "cpu"):
         self.bp, self.urza_path, self.device = bp, urza_path, device
@@ -84,9 +78,24 @@ class KindChecks(ABC):
         self._float64: torch.nn.Module | None = None
         self._built: torch.nn.Module | None = None
 
+    @property
+    def spec(self) -> KindSpec:
+        """The declarative facts of this kind (candidates, ranges, opt-out)."""
+        return spec(self.artifact)
+
+    @property
+    def grad_enabled(self) -> bool:
+        """Whether a timed call records autograd: the kind's compiled code serves the backward."""
+        return self.spec.backward
+
+    @property
+    def p95_budget(self) -> bool:
+        """Whether the blueprint's p95 limits (declared for the forward pass) apply to this kind's latency."""
+        return not self.spec.backward
+
     def disabled(self) -> str | None:
         """Why this kind is not certified in this run (``None``: it is)."""
-        return None
+        return self.spec.disabled()
 
     def compile(self, *, profile: str, variant: str) -> CompileOutcome:
         """Compile one candidate with Tezzeret, or reuse the entry with the same content hash and key."""
@@ -179,8 +188,6 @@ class InferenceChecks(KindChecks):
     """The forward pass, under ``no_grad``, against the eval-mode module."""
 
     artifact = ArtifactKind.INFERENCE
-    grad_enabled = False
-    p95_budget = True
 
     def load(self, entry_id: int) -> Any:
         return self.kasmina().load_entry(self.bp.name, entry_id)
@@ -223,11 +230,6 @@ class TrainingChecks(KindChecks):
     """One training step of a seed bound to the kernel, against eager autograd on a fresh module."""
 
     artifact = ArtifactKind.TRAINING
-    grad_enabled = True
-    p95_budget = False
-
-    def disabled(self) -> str | None:
-        return None if training_enabled() else f"training certification is off ({TRAINING_ENV}=0)"
 
     def load(self, entry_id: int) -> Any:
         return self.kasmina().load_training(self.bp.name, entry_id=entry_id)

@@ -1,7 +1,8 @@
 """What a blueprint's certification checks, per artifact kind: pure functions of the declaration.
 
 The generated module lists these values and the certification run iterates over them, so both read them from
-here. A *candidate* is one shape profile compiled under one Inductor variant, named ``"profile/variant"``.
+here. A *candidate* is one shape profile compiled under one Inductor variant, named ``"profile/variant"``; which
+candidates a kind has is its :class:`~esper.artifacts.kinds.KindSpec`'s rule, the one Tezzeret compiles by.
 Inference competes every profile under every variant the blueprint allows; the training artifact is one
 candidate, the whole declared range under the default variant.
 """
@@ -11,31 +12,28 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind, spec
 from esper.blueprint import Blueprint
 from esper.numerics import coverage
-from esper.profiles import DEFAULT_PROFILE, contains
+from esper.profiles import contains
 
 Ranges = Mapping[str, tuple[int, int]]
 
-DEFAULT_VARIANT = "default"
-
 
 def profiles(bp: Blueprint, artifact: ArtifactKind) -> dict[str, dict[str, tuple[int, int]]]:
-    """The shape profiles certified for ``artifact``, each with its dim ranges."""
-    if artifact is ArtifactKind.TRAINING:
-        return {DEFAULT_PROFILE: {n: (d.min, d.max) for n, d in bp.dims.items()}}
-    return bp.profiles()
+    """The shape profiles certified for ``artifact``, each with its dim ranges (:meth:`KindSpec.profiles`)."""
+    return spec(artifact).profiles(bp)
 
 
 def variants(bp: Blueprint, artifact: ArtifactKind) -> tuple[str, ...]:
-    """The Inductor variants that compete for ``artifact``."""
-    return (DEFAULT_VARIANT,) if artifact is ArtifactKind.TRAINING else tuple(bp.variants)
+    """The Inductor variants that compete for ``artifact``, in preference order."""
+    return spec(artifact).variant_names(bp)
 
 
 def candidate_ids(bp: Blueprint, artifact: ArtifactKind) -> list[str]:
-    """Every candidate of ``artifact``, ``"profile/variant"``, profiles in declaration order."""
-    return [f"{p}/{v}" for p in profiles(bp, artifact) for v in variants(bp, artifact)]
+    """Every candidate of ``artifact``, ``"profile/variant"``, profiles in declaration order: the candidates
+    Tezzeret compiles (:meth:`KindSpec.candidates`)."""
+    return [c.id for c in spec(artifact).candidates(bp)]
 
 
 def shape_labels(bp: Blueprint) -> dict[str, dict[str, int]]:

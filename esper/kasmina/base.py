@@ -1,5 +1,5 @@
 """What every Kasmina kernel keeps, whatever artifact kind it runs: its route and the reason for it, which
-path the last call took, per-path call counts, and one WARNING per kind of refusal.
+path the last call took, per-path call counts, and one WARNING per refusal pattern.
 
 Subclasses (:class:`~esper.kasmina.kernel.Kernel` for inference,
 :class:`~esper.kasmina.training_kernel.TrainingKernel` for training) add only how a call is dispatched.
@@ -26,9 +26,9 @@ COMPILED = "compiled"
 EAGER = "eager"
 
 
-def refusal_kind(detail: str) -> str:
-    """The kind of a refusal: its detail with every number replaced by ``N`` (``"dim 0 is 65"`` and
-    ``"dim 0 is 70"`` are one kind), so a loop over out-of-range sizes is one WARNING, not one per size."""
+def refusal_pattern(detail: str) -> str:
+    """The pattern of a refusal: its detail with every number replaced by ``N`` (``"dim 0 is 65"`` and
+    ``"dim 0 is 70"`` are one pattern), so a loop over out-of-range sizes is one WARNING, not one per size."""
     return re.sub(r"\d+", "N", detail)
 
 
@@ -97,11 +97,11 @@ class KernelBase(torch.nn.Module):
             return None
 
     def warn_once(self, code: str, detail: str) -> None:
-        """Emit the fallback WARNING (reason ``code``) unless one of the same kind was emitted by this kernel:
-        the kind is the detail with its numbers normalized (:func:`refusal_kind`)."""
-        kind = refusal_kind(detail)
-        if kind not in self._warned:
-            self._warned.add(kind)
+        """Emit the fallback WARNING (reason ``code``) unless one of the same pattern was emitted by this kernel:
+        the pattern is the detail with its numbers normalized (:func:`refusal_pattern`)."""
+        pattern = refusal_pattern(detail)
+        if pattern not in self._warned:
+            self._warned.add(pattern)
             telemetry.fallback(self.blueprint, code, detail)
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from esper.artifacts.compat import CompatKey
-from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind, spec
 from esper.kasmina import telemetry
 from esper.kasmina.unusable import Unusable
 from esper.urza import Entry, EntryKind, EntryStatus
 
-# How messages name an entry of each kind, and the reason code when a kind has no usable entry.
-NOUN = {ArtifactKind.INFERENCE: "entry", ArtifactKind.TRAINING: "training entry"}
+# The reason code when a kind has no usable entry.
 MISSING = {ArtifactKind.INFERENCE: telemetry.NO_CERTIFIED_ENTRY, ArtifactKind.TRAINING: telemetry.NO_TRAINING_ARTIFACT}
 
 
@@ -118,5 +117,5 @@ def choose_entry_id(entries: Sequence[Entry], key: CompatKey, entry_id: int, *, 
         raise Unusable(MISSING[kind], f"entry #{entry_id} is not a compiled {kind} artifact")
     mismatch = key.mismatch(entry.compat)
     if mismatch:
-        raise Unusable(telemetry.INCOMPATIBLE, f"{NOUN[kind]} #{entry_id} is incompatible: {mismatch}")
+        raise Unusable(telemetry.INCOMPATIBLE, f"{spec(kind).noun} #{entry_id} is incompatible: {mismatch}")
     return [entry]

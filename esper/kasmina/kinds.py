@@ -27,13 +27,12 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from esper.artifacts.compat import CompatKey
-from esper.artifacts.kinds import ArtifactKind
+from esper.artifacts.kinds import ArtifactKind, KindSpec, spec
 from esper.artifacts.runtime import CompiledPackage, PackageLoadError, device_index
 from esper.artifacts.tensors import torch_dtype
 from esper.artifacts.training_manifest import ArtifactFormatError, open_artifact
 from esper.kasmina import telemetry
 from esper.kasmina.base import KernelBase
-from esper.kasmina.choose import NOUN
 from esper.kasmina.kernel import DeferredPackage, Kernel, Route
 from esper.kasmina.seeds import Weights
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram, manifest_problem
@@ -74,18 +73,26 @@ class ArtifactLoader(ABC, Generic[K]):
     """
 
     kind: ArtifactKind
-    # Whether an eager entry is a route for the inputs its guards accept (so it needs a guard schema), rather
-    # than for every call.
-    guarded_eager: bool
 
     def __init__(self, choose: Chooser, device: torch.device):
         self._choose = choose
         self.device = device
 
     @property
+    def spec(self) -> KindSpec:
+        """The declarative facts of this loader's kind."""
+        return spec(self.kind)
+
+    @property
     def noun(self) -> str:
         """How messages name an entry of this kind (``"training entry #3"``)."""
-        return NOUN[self.kind]
+        return self.spec.noun
+
+    @property
+    def guarded_eager(self) -> bool:
+        """Whether an eager entry is a route for the inputs its guards accept (so it needs a guard schema),
+        rather than for every call."""
+        return self.spec.guarded_eager
 
     def choose(self, entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
         """The entries to route to, newest first; :class:`Unusable` says why there are none."""
@@ -130,7 +137,6 @@ class InferenceLoader(ArtifactLoader[Kernel]):
     """Inference: one package per chosen shape profile; eager routes where certification measured eager."""
 
     kind = ArtifactKind.INFERENCE
-    guarded_eager = True
 
     def __init__(
         self, choose: Chooser, device: torch.device, *, eager_module: Callable[[str, Entry | None], torch.nn.Module]
@@ -189,7 +195,6 @@ class TrainingLoader(ArtifactLoader[TrainingKernel]):
     ``inference`` (the seed-routing inference kernel, built on first use)."""
 
     kind = ArtifactKind.TRAINING
-    guarded_eager = False
 
     def __init__(
         self,

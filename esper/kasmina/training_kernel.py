@@ -9,7 +9,7 @@ and batch counter) are updated from the package's outputs, as eager updates them
 the certified inference kernel bound to the seed's weights (see :mod:`esper.kasmina.seeds`), or eager.
 
 The compiled step is the blueprint's forward traced in train mode, so a call takes it only while eager would
-compute the same thing; otherwise the seed's own module runs it, with one WARNING per kind of refusal:
+compute the same thing; otherwise the seed's own module runs it, with one WARNING per distinct refusal:
 
 - the guards refuse the inputs (``outside-guards``);
 - the calling thread's dispatch state changes what eager computes: autocast, a ``TorchFunctionMode`` or
@@ -58,7 +58,7 @@ from torch.utils import _pytree as pytree
 
 from esper.artifacts.guards import compile_check
 from esper.artifacts.runtime import CompiledPackage
-from esper.artifacts.servable import kind_problem
+from esper.artifacts.servable import serving_problem
 from esper.artifacts.tensors import TensorSpec, WeightSchemaError, schema_of
 from esper.artifacts.training_manifest import TrainingManifest
 from esper.kasmina import telemetry
@@ -87,8 +87,8 @@ class TrainingProgram:
         buffers = {s.name: i for i, s in enumerate(m.buffers)}
         index = {"input": (0, None), "param": (1, params), "buffer": (2, buffers)}
         self._fw_in = []
-        for kind, key in m.forward_inputs:
-            which, table = index[kind]
+        for source, key in m.forward_inputs:
+            which, table = index[source]
             self._fw_in.append((which, key if table is None else table[key]))
         self._mutations = [(j, buffers[s[1]]) for j, s in enumerate(m.forward_outputs) if s[0] == "mutation"]
         # The buffers the forward updates (indices into ``manifest.buffers``).
@@ -126,7 +126,7 @@ class TrainingProgram:
         with torch.no_grad():
             for j, b in self._mutations:
                 buffers[b].copy_(outs[j])
-        saved = [args[i] if kind == "forward_input" else outs[i] for kind, i in self._saved]
+        saved = [args[i] if source == "forward_input" else outs[i] for source, i in self._saved]
         sizes = tuple(inputs[k].shape[d] for k, d in self._sizes)
         return [outs[j] for j in self._outputs], saved, sizes
 
@@ -519,9 +519,9 @@ class TrainingKernel(KernelBase):
         # A tensor swapped in (torch.func.functional_call under grad or vmap, a forward-AD dual, a subclass)
         # that compiled code cannot read: identities change whenever one is, so this runs only then.
         for t, name, *_ in (*watch.params, *watch.buffers):
-            kind = kind_problem(t, shared.device, index) if watch.problem is None else None
-            if kind is not None:
-                watch.problem = (telemetry.WEIGHTS_CHANGED, f"the seed's tensor {name!r} {kind}")
+            problem = serving_problem(t, shared.device, index) if watch.problem is None else None
+            if problem is not None:
+                watch.problem = (telemetry.WEIGHTS_CHANGED, f"the seed's tensor {name!r} {problem}")
         self.__dict__["_watch"] = watch
         return watch
 
@@ -555,13 +555,13 @@ class TrainingKernel(KernelBase):
         watch = self.__dict__["_watch"]
         where = self._shared.device if self._shared.device_index < 0 else f"cuda:{self._shared.device_index}"
         for t, name, dtype, shape, *trainable in (*watch.params, *watch.buffers):
-            kind = "parameter" if trainable else "buffer"
+            role = "parameter" if trainable else "buffer"
             now = f"{t.dtype} {tuple(t.shape)} on {t.device}"
             device_ok = t.is_cpu if where == "cpu" else t.get_device() == self._shared.device_index
             if t.dtype is not dtype or t.shape != shape or not device_ok:
                 return (
                     telemetry.WEIGHTS_CHANGED,
-                    f"{kind} {name!r} is now {now}; the artifact has {dtype} {shape} on {where}",
+                    f"{role} {name!r} is now {now}; the artifact has {dtype} {shape} on {where}",
                 )
             if trainable and t.requires_grad and not trainable[0]:
                 return (

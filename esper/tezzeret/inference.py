@@ -16,31 +16,22 @@ from torch.export import ExportedProgram
 
 from esper.artifacts.kinds import ArtifactKind
 from esper.artifacts.runtime import CompiledPackage, device_index
-from esper.artifacts.variants import VARIANTS, Variant
+from esper.artifacts.variants import Variant
 from esper.blueprint import Blueprint
 from esper.numerics.bench import Latency, measure
 from esper.numerics.inputs import example_inputs
 from esper.numerics.parity import float64_reference, judge
 from esper.tezzeret.aoti import compile_package
 from esper.tezzeret.export import export_blueprint, guards_from_export
-from esper.tezzeret.pipeline import Built, CompileJob, profile_ranges, stage
+from esper.tezzeret.pipeline import Built, CompileJob, SpecPipeline, stage
 from esper.urza.evidence import ShapeParity, ShapeTiming, Timing
 
 
 @dataclass(frozen=True)
-class InferencePipeline:
-    """Forward only, weights inside the package: every shape profile under every variant."""
+class InferencePipeline(SpecPipeline):
+    """Forward only, weights inside the package: every shape profile under every variant (its spec's rule)."""
 
     kind: ArtifactKind = ArtifactKind.INFERENCE
-    compile_check: str = "compile"
-
-    def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> dict[str, tuple[int, int]]:
-        """The profile's ranges (every variant is allowed)."""
-        return profile_ranges(bp, profile)
-
-    def candidates(self, bp: Blueprint) -> list[tuple[str, Variant]]:
-        """Every shape profile under every variant the blueprint allows."""
-        return [(p, VARIANTS[v]) for p in bp.profiles() for v in bp.variants]
 
     def build(self, bp: Blueprint, device: torch.device) -> torch.nn.Module:
         """The blueprint's module in eval mode."""
@@ -48,7 +39,7 @@ class InferencePipeline:
 
     def meta(self, bp: Blueprint, variant: Variant) -> dict[str, Any]:
         """Every profile of the blueprint (Kasmina routes between them) and whether seeds may swap weights."""
-        return {"profiles": list(bp.profiles()), "swappable": variant.swappable}
+        return {"profiles": list(self.spec.profiles(bp)), "swappable": variant.swappable}
 
     def eager_meta(self, reason: str | None) -> dict[str, Any]:
         """The reason, when one is given (a fallback's is also its ``failure_reason``)."""

@@ -263,9 +263,9 @@ def trace_joint(
     mode, fakes = fake_inputs(examples, dynamic)
     captured: dict[str, torch.fx.GraphModule] = {}
 
-    def capture(kind: str) -> Any:
+    def capture(graph: str) -> Any:
         def compiler(gm: torch.fx.GraphModule, _args: Any) -> torch.fx.GraphModule:
-            captured[kind] = gm
+            captured[graph] = gm
             return gm
 
         return compiler

@@ -2,9 +2,9 @@
 
 :class:`esper.tezzeret.compiler.Tezzeret` runs the same skeleton for every :class:`~esper.artifacts.kinds.ArtifactKind`:
 content hash -> reuse -> stages -> fallback (or eager route) -> publish. What differs per kind is small and
-lives behind :class:`ArtifactPipeline`: how the module is built, which ranges it is compiled for, and the
-stages that turn it into one artifact file (:mod:`esper.tezzeret.inference`,
-:mod:`esper.tezzeret.training_compile`).
+lives behind :class:`ArtifactPipeline`: how the module is built and the stages that turn it into one artifact
+file (:mod:`esper.tezzeret.inference`, :mod:`esper.tezzeret.training_compile`). Which candidates and ranges a
+kind compiles is its :class:`~esper.artifacts.kinds.KindSpec`'s rule, read through :class:`SpecPipeline`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from esper.artifacts.guards import GuardSchema
-from esper.artifacts.kinds import ArtifactKind
-from esper.artifacts.variants import Variant
+from esper.artifacts.kinds import ArtifactKind, KindSpec, spec
+from esper.artifacts.kinds import full_ranges as full_ranges  # the training stages' edge shapes
+from esper.artifacts.variants import VARIANTS, Variant
 from esper.blueprint import Blueprint
 from esper.urza import Entry
 
@@ -83,8 +84,11 @@ class ArtifactPipeline(Protocol):
     """What differs per artifact kind; everything else is :class:`~esper.tezzeret.compiler.Tezzeret`'s."""
 
     kind: ArtifactKind
-    # The failed_check recorded on a fallback of this kind.
-    compile_check: str
+
+    @property
+    def compile_check(self) -> str:
+        """The failed_check recorded on a fallback of this kind."""
+        ...
 
     def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> dict[str, tuple[int, int]]:
         """The dim ranges to compile for; refuses a profile or variant this kind does not build."""
@@ -111,14 +115,24 @@ class ArtifactPipeline(Protocol):
         ...
 
 
-def full_ranges(bp: Blueprint) -> dict[str, tuple[int, int]]:
-    """Every declared dim's whole range."""
-    return {n: (d.min, d.max) for n, d in bp.dims.items()}
+class SpecPipeline:
+    """The facts of an :class:`ArtifactPipeline` that are its kind's :class:`~esper.artifacts.kinds.KindSpec`'s:
+    a pipeline inherits them and declares only ``kind`` and its stages."""
 
+    kind: ArtifactKind
 
-def profile_ranges(bp: Blueprint, profile: str) -> dict[str, tuple[int, int]]:
-    """The ranges of one shape profile of ``bp``; a clear error for a profile it does not have."""
-    profiles = bp.profiles()
-    if profile not in profiles:
-        raise ValueError(f"blueprint {bp.name!r} has no shape profile {profile!r} (profiles: {', '.join(profiles)})")
-    return dict(profiles[profile])
+    @property
+    def spec(self) -> KindSpec:
+        return spec(self.kind)
+
+    @property
+    def compile_check(self) -> str:
+        return self.spec.compile_check
+
+    def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> dict[str, tuple[int, int]]:
+        """The kind's ranges for ``profile`` (:meth:`KindSpec.ranges`: refuses what the kind does not build)."""
+        return self.spec.ranges(bp, profile, variant)
+
+    def candidates(self, bp: Blueprint) -> list[tuple[str, Variant]]:
+        """The kind's candidates (:meth:`KindSpec.candidates`, the rule certification plans by), variants resolved."""
+        return [(c.profile, VARIANTS[c.variant]) for c in self.spec.candidates(bp)]

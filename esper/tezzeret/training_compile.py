@@ -34,7 +34,7 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.artifacts.runtime import CompiledPackage, device_index
 from esper.artifacts.tensors import TensorSpec
 from esper.artifacts.training_manifest import TrainingManifest, write_artifact
-from esper.artifacts.variants import VARIANTS, Variant
+from esper.artifacts.variants import Variant
 from esper.blueprint import Blueprint
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
 from esper.numerics.bench import measure
@@ -55,8 +55,8 @@ from esper.tezzeret.joint_plan import (
     plan_artifact,
     trace_sizes,
 )
-from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, full_ranges, stage
-from esper.urza import DEFAULT_PROFILE, Entry
+from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, SpecPipeline, full_ranges, stage
+from esper.urza import Entry
 from esper.urza.evidence import ShapeParity, ShapeTiming
 
 # Tezzeret routes a blueprint eager when compiled and eager disagree at a verified shape by more than this many
@@ -66,27 +66,11 @@ GROSS = 10.0
 
 
 @dataclass(frozen=True)
-class TrainingPipeline:
+class TrainingPipeline(SpecPipeline):
     """Forward + backward with the weights as inputs: the whole declared range, the default variant only
-    (Inductor settings that fold weights into the code cannot apply to weights passed in)."""
+    (its spec's rule: Inductor settings that fold weights into the code cannot apply to weights passed in)."""
 
     kind: ArtifactKind = ArtifactKind.TRAINING
-    compile_check: str = "train_compile"
-
-    def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> dict[str, tuple[int, int]]:
-        """Every dim's declared range; refuses another profile or variant than the default."""
-        if profile != DEFAULT_PROFILE:
-            raise ValueError(
-                f"training artifacts cover the whole declared range: profile must be {DEFAULT_PROFILE!r}, "
-                f"not {profile!r} ({bp.name})"
-            )
-        if variant.name != "default" or variant.settings:
-            raise ValueError(f"training artifacts compile under the 'default' variant only, not {variant.name!r}")
-        return full_ranges(bp)
-
-    def candidates(self, bp: Blueprint) -> list[tuple[str, Variant]]:
-        """One artifact: the default profile under the default variant."""
-        return [(DEFAULT_PROFILE, VARIANTS["default"])]
 
     def build(self, bp: Blueprint, device: torch.device) -> torch.nn.Module:
         """The blueprint's module as built (it is traced in train mode)."""
@@ -94,7 +78,7 @@ class TrainingPipeline:
 
     def meta(self, bp: Blueprint, variant: Variant) -> dict[str, Any]:
         """One profile: a training artifact serves the whole range."""
-        return {"profiles": [DEFAULT_PROFILE]}
+        return {"profiles": list(self.spec.profiles(bp))}
 
     def eager_meta(self, reason: str | None) -> dict[str, Any]:
         """The training route and its reason (Kasmina's training kernel reports it)."""
@@ -192,13 +176,13 @@ class BackwardGraph(torch.nn.Module):
         super().__init__()
         self.gm = graphs.backward
         self.layout = [
-            ("size", graphs.size_exprs[ref]) if kind == "size" else (kind, ref) for kind, ref in plan.backward_layout
+            ("size", graphs.size_exprs[ref]) if slot == "size" else (slot, ref) for slot, ref in plan.backward_layout
         ]
         self.symbols = list(plan.size_symbols)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         values = {sym: tensors[0].shape[i] for i, sym in enumerate(self.symbols)}
-        args = [evaluate_size(ref, values) if kind == "size" else tensors[ref] for kind, ref in self.layout]
+        args = [evaluate_size(ref, values) if slot == "size" else tensors[ref] for slot, ref in self.layout]
         return tuple(g for g in self.gm(*args) if g is not None)
 
 
