@@ -125,9 +125,7 @@ MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_l
 def _dense_formats(t: torch.Tensor) -> tuple[torch.memory_format, ...]:
     """The memory formats ``t`` is contiguous in (those whose rank fits)."""
     ranks = {torch.channels_last: 4, torch.channels_last_3d: 5}
-    return tuple(
-        f for f in MEMORY_FORMATS if ranks.get(f, t.dim()) == t.dim() and t.is_contiguous(memory_format=f)
-    )
+    return tuple(f for f in MEMORY_FORMATS if ranks.get(f, t.dim()) == t.dim() and t.is_contiguous(memory_format=f))
 
 
 def check_metadata(compiled: Any, eager: Any) -> ClauseResult:

@@ -390,11 +390,7 @@ def residue_design(ranges: Ranges, *, moduli: Sequence[int] = INDUCTOR_MODULI) -
         key, r = min(todo, key=lambda t: (keys.index(t[0]), t[1]))
         # The values of key's dims whose product has residue r, smallest product first.
         choice = min(
-            (
-                combo
-                for combo in itertools.product(*(candidates[n] for n in key))
-                if math.prod(combo) % m == r
-            ),
+            (combo for combo in itertools.product(*(candidates[n] for n in key)) if math.prod(combo) % m == r),
             key=lambda combo: (math.prod(combo), combo),
         )
         shape: dict[str, int] = dict(zip(key, choice, strict=True))

@@ -4,6 +4,7 @@ that differs from it in exactly one way."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -153,15 +154,13 @@ def test_mutation_of_a_running_statistic_is_judged_against_float64() -> None:
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3)) * 100
     m_e, m_c = bn, torch.nn.BatchNorm1d(8).train()
     before = snapshot(named_state([], m_e))
-    m64 = float64_reference  # the float64 step's buffers: run a float64 copy of the module
-    copy64 = torch.nn.BatchNorm1d(8).double().train()
+    copy64 = torch.nn.BatchNorm1d(8).double().train()  # the float64 step's buffers
     with torch.no_grad():
         m_e(x)
         copy64(x.double())
         m_c.momentum = 0.15  # a compiled update with the wrong momentum
         m_c(x)
     exact = named_state([], copy64)
-    assert m64 is not None
     result = check_mutation(before, named_state([], m_c), named_state([], m_e), exact, atol=1e-5, rtol=1e-5)
     assert not result.passed and "buffer['running_mean']" in result.reason
     twin = torch.nn.BatchNorm1d(8).train()
@@ -220,7 +219,10 @@ def test_nonfinite_admits_a_finite_value_where_only_eager_overflowed() -> None:
     scaled = mean(x / 4) * 4  # a kernel that rescales first: finite, float64's value
     assert check_nonfinite(scaled, eager, exact, atol=0, rtol=1e-6).passed
     wrong = torch.tensor([1.0])
-    assert "compiled finite where eager is +inf and float64 finite" in check_nonfinite(wrong, eager, exact, atol=0, rtol=1e-6).reason
+    assert (
+        "compiled finite where eager is +inf and float64 finite"
+        in check_nonfinite(wrong, eager, exact, atol=0, rtol=1e-6).reason
+    )
 
 
 # -- weight sets ------------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ SCHEDULE = alternate(
 
 def test_alternate_changes_shape_and_weights_between_calls_and_keeps_every_call() -> None:
     assert len(SCHEDULE) == 8
-    assert all(a.label != b.label or a.weights != b.weights for a, b in zip(SCHEDULE, SCHEDULE[1:], strict=False))
+    assert all(a.label != b.label or a.weights != b.weights for a, b in itertools.pairwise(SCHEDULE))
     first, second = SCHEDULE[:2]
     assert first.label != second.label and first.weights != second.weights
     for start in (0, 4):  # each round holds every (shape, weights) once
