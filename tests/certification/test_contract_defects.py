@@ -128,6 +128,7 @@ def test_nan_and_inf_turned_finite_are_caught(compile_kernel, name: str, defect:
         assert torch.allclose(compiled_call(kernel, args), eager(*args), atol=1e-5, rtol=1e-5)
 
 
+@HEAVY
 @pytest.mark.parametrize(
     ("name", "defect"), [("contract_weight_growth", True), ("contract_weight_growth_clean", False)]
 )
@@ -152,6 +153,7 @@ def test_a_kernel_exact_only_at_the_blueprints_weights_is_caught_by_weight_sets(
     assert bool(failed) is defect
 
 
+@HEAVY
 @pytest.mark.parametrize(
     ("name", "defect"), [("contract_product_residue", True), ("contract_product_residue_clean", False)]
 )
@@ -176,6 +178,7 @@ def test_a_defect_at_a_residue_of_a_product_is_met_by_the_shape_design(
     assert not any(s["batch"] * s["seq"] % 16 == 11 for s in sweep)
 
 
+@HEAVY
 @pytest.mark.parametrize(("name", "defect"), [("contract_output_alias", True), ("contract_output_alias_clean", False)])
 def test_an_output_aliasing_the_input_is_caught(heavy: None, compile_kernel, name: str, defect: bool) -> None:  # type: ignore[no-untyped-def]
     kernel = compile_kernel(name)
@@ -189,6 +192,7 @@ def test_an_output_aliasing_the_input_is_caught(heavy: None, compile_kernel, nam
     assert check_metadata(got, want).passed
 
 
+@HEAVY
 @pytest.mark.parametrize(("name", "defect"), [("contract_column_major", True), ("contract_column_major_clean", False)])
 def test_an_output_in_another_layout_is_caught(heavy: None, compile_kernel, name: str, defect: bool) -> None:  # type: ignore[no-untyped-def]
     kernel = compile_kernel(name)
@@ -201,6 +205,7 @@ def test_an_output_in_another_layout_is_caught(heavy: None, compile_kernel, name
     assert result.passed is not defect, result.reason
 
 
+@HEAVY
 @pytest.mark.parametrize(("name", "defect"), [("contract_stateful", True), ("contract_stateful_clean", False)])
 def test_state_kept_across_calls_is_caught_by_repeated_calls_and_the_buffer_check(
     heavy: None, compile_kernel, name: str, defect: bool
