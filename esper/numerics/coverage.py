@@ -254,3 +254,174 @@ def summarize(cases: Sequence[Case], ranges: Ranges) -> Coverage:
         pairs_total=total,
         regimes=tuple(dict.fromkeys(c.values.regime for c in cases)),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shape design: every pair of values where affordable, else every residue of the extents compiled loops run.
+# ---------------------------------------------------------------------------------------------------------
+
+# The widths Inductor's generated loops step by: CPU vector lanes (4 for float64 or SSE float32, 8 for AVX2
+# float32, 16 for AVX-512 float32 or AVX2 bfloat16) and the tile sizes of its tiled and reduction loops (32, 64).
+# A kernel's remainder path runs for the extent modulo the width, so a defect in one shows at one residue.
+# Covering every residue modulo 64 covers every residue modulo each divisor of it; the smaller widths are
+# named for the coverage report.
+INDUCTOR_MODULI = (4, 8, 16, 32, 64)
+
+
+def _residues(values: Iterable[int], modulus: int) -> frozenset[int]:
+    return frozenset(v % modulus for v in values)
+
+
+def _extents(names: Sequence[str]) -> list[tuple[str, ...]]:
+    """The extents a design covers residues of: each dim, the product of every two dims, and the product of
+    all dims (when there are more than two): the flattened extents a compiled loop iterates over."""
+    keys: list[tuple[str, ...]] = [(n,) for n in names]
+    keys += [tuple(p) for p in itertools.combinations(names, 2)]
+    if len(names) > 2:
+        keys.append(tuple(names))
+    return keys
+
+
+def _extent_residues(ranges: Ranges, key: Sequence[str], modulus: int) -> frozenset[int]:
+    """The residues modulo ``modulus`` that the product of ``key``'s dims can take inside ``ranges``."""
+    reach = frozenset({1 % modulus})
+    for name in key:
+        lo, hi = ranges[name]
+        dim = _residues(range(lo, min(hi, lo + modulus - 1) + 1), modulus)
+        reach = frozenset((a * b) % modulus for a in reach for b in dim)
+    return reach
+
+
+def _value_with(lo: int, hi: int, residue: int, modulus: int) -> int | None:
+    """The smallest value of ``[lo, hi]`` congruent to ``residue`` modulo ``modulus`` (``None`` if none)."""
+    v = lo + (residue - lo) % modulus
+    return v if v <= hi else None
+
+
+@dataclass(frozen=True)
+class ResidueCount:
+    """Residues of the design's extents modulo one width: covered out of those the ranges can reach."""
+
+    modulus: int
+    covered: int
+    total: int
+
+
+@dataclass(frozen=True)
+class ShapeCoverage:
+    """What a shape design covers over a profile: its kind (``all-pairs`` or ``residues``), its shapes, the
+    value pairs of every two dims covered out of all there are, and the residues (of each dim, of every two
+    dims' product and of all dims' product) covered out of those reachable, in total and per modulus."""
+
+    kind: str
+    shapes: int
+    pairs_covered: int
+    pairs_total: int
+    residues_covered: int
+    residues_total: int
+    per_modulus: tuple[ResidueCount, ...]
+
+    def evidence(self) -> dict[str, Any]:
+        """JSON-safe dict for Urza evidence."""
+        return {
+            "kind": self.kind,
+            "shapes": self.shapes,
+            "pairs_covered": self.pairs_covered,
+            "pairs_total": self.pairs_total,
+            "residues_covered": self.residues_covered,
+            "residues_total": self.residues_total,
+            "per_modulus": {str(r.modulus): [r.covered, r.total] for r in self.per_modulus},
+        }
+
+
+def shape_coverage(
+    shapes: Sequence[Mapping[str, int]], ranges: Ranges, *, kind: str = "", moduli: Sequence[int] = INDUCTOR_MODULI
+) -> ShapeCoverage:
+    """The :class:`ShapeCoverage` of any list of ``shapes`` over ``ranges`` (a design's, or a plan's)."""
+    names = list(ranges)
+    unique = _unique({n: s[n] for n in names} for s in shapes)
+    pairs = set().union(*(_pairs_of(s, names) for s in unique)) if unique else set()
+    pairs_total = sum(
+        (ra[1] - ra[0] + 1) * (rb[1] - rb[0] + 1) for ra, rb in itertools.combinations(ranges.values(), 2)
+    )
+    counts: list[ResidueCount] = []
+    for m in moduli:
+        covered = total = 0
+        for key in _extents(names):
+            reach = _extent_residues(ranges, key, m)
+            hit = {math.prod(s[n] for n in key) % m for s in unique}
+            covered += len(hit & reach)
+            total += len(reach)
+        counts.append(ResidueCount(m, covered, total))
+    return ShapeCoverage(
+        kind=kind,
+        shapes=len(unique),
+        pairs_covered=len(pairs),
+        pairs_total=pairs_total,
+        residues_covered=sum(c.covered for c in counts),
+        residues_total=sum(c.total for c in counts),
+        per_modulus=tuple(counts),
+    )
+
+
+def residue_design(ranges: Ranges, *, moduli: Sequence[int] = INDUCTOR_MODULI) -> list[Sizes]:
+    """Shapes inside ``ranges`` that cover, modulo the largest common multiple ``M`` of ``moduli`` (so modulo
+    each of them), every residue each dim, the product of every two dims, and the product of all dims can
+    take, plus the edges (:func:`edge_sizes`). Greedy and deterministic: while a residue is missing, the first
+    missing one (in extent order) is realised with the smallest values that give it, and every other dim
+    takes the value (smallest of its residue class) that covers most missing residues."""
+    names = list(ranges)
+    shapes = _unique(edge_sizes(ranges))
+    if not names:
+        return shapes
+    m = math.lcm(*moduli)
+    keys = _extents(names)
+    todo = {(key, r) for key in keys for r in _extent_residues(ranges, key, m)}
+    todo -= {(key, math.prod(s[n] for n in key) % m) for s in shapes for key in keys}
+    # One candidate value per reachable residue class of each dim: the smallest (the cheapest shape to run).
+    candidates = {
+        n: [v for r in range(m) if (v := _value_with(lo, hi, r, m)) is not None] for n, (lo, hi) in ranges.items()
+    }
+
+    def gain(shape: Mapping[str, int]) -> int:
+        return sum((key, math.prod(shape[n] for n in key) % m) in todo for key in keys if all(n in shape for n in key))
+
+    while todo:
+        key, r = min(todo, key=lambda t: (keys.index(t[0]), t[1]))
+        # The values of key's dims whose product has residue r, smallest product first.
+        choice = min(
+            (combo for combo in itertools.product(*(candidates[n] for n in key)) if math.prod(combo) % m == r),
+            key=lambda combo: (math.prod(combo), combo),
+        )
+        shape: dict[str, int] = dict(zip(key, choice, strict=True))
+        for n in names:
+            if n not in shape:
+                shape[n] = max(candidates[n], key=lambda v, n=n: (gain({**shape, n: v}), -v))
+        shape = {n: shape[n] for n in names}
+        todo -= {(k, math.prod(shape[n] for n in k) % m) for k in keys}
+        shapes.append(shape)
+    return _unique(shapes)
+
+
+def shape_design(
+    ranges: Ranges,
+    *,
+    budget: int = PAIR_BUDGET,
+    cap: int = EVERY_SIZE_CAP,
+    moduli: Sequence[int] = INDUCTOR_MODULI,
+) -> tuple[list[Sizes], ShapeCoverage]:
+    """A profile's covering design and its coverage report: every pair of values of every two dims (a
+    covering array of :func:`dim_values`, with the edges) when that fits ``budget`` shapes, else
+    :func:`residue_design`. One dim: every value when that fits ``budget``, else the residue design (every
+    residue modulo each width, and the edges)."""
+    names = list(ranges)
+    values = {n: dim_values(lo, hi, cap) for n, (lo, hi) in ranges.items()}
+    full = all(len(values[n]) == hi - lo + 1 for n, (lo, hi) in ranges.items())
+    sizes = sorted((len(v) for v in values.values()), reverse=True)
+    affordable = full and (sizes[0] * (sizes[1] if len(sizes) > 1 else 1) <= budget if sizes else True)
+    if affordable:
+        shapes = _unique([*edge_sizes(ranges), *covering_array(values)])
+        if len(shapes) <= budget or len(names) < 2:
+            return shapes, shape_coverage(shapes, ranges, kind="all-pairs", moduli=moduli)
+    shapes = residue_design(ranges, moduli=moduli)
+    return shapes, shape_coverage(shapes, ranges, kind="residues", moduli=moduli)
