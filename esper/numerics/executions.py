@@ -99,7 +99,8 @@ class Reordered(TorchDispatchMode):
     - ``convolution``: the input channels, within each group, of the input and the weight;
     - ``sum``, ``mean``, ``linalg_vector_norm``, ``var``, ``std`` over dims: each reduced dim;
     - softmax, log-softmax: the softmax dim, un-permuted on the result; ``native_layer_norm``: the last
-      normalized dim of input, weight and bias, un-permuted on the output;
+      normalized dim of input, weight and bias, un-permuted on the output; ``native_batch_norm`` in training:
+      the batch, un-permuted on the output;
     - the fused CPU attention kernel: keys and values permuted together along the sequence (an attention
       mask's columns with them, a causal mask made explicit first), and the query-key contraction dim.
 
@@ -140,6 +141,7 @@ class Reordered(TorchDispatchMode):
             aten.dot.default: self._contract(0, 0, 0),
             aten.convolution.default: self._convolution,
             aten.native_layer_norm.default: self._layer_norm,
+            aten.native_batch_norm.default: self._batch_norm,
         }.get(func)
 
     def _contract(self, at: int, dim_a: int, dim_b: int) -> Callable[[Any, list[Any], dict[str, Any]], Any]:
@@ -195,6 +197,15 @@ class Reordered(TorchDispatchMode):
         args[3] = bias.index_select(-1, p) if bias is not None else None
         out, mean, rstd = func(*args, **kwargs)
         return out.index_select(-1, _inverse(p)), mean, rstd
+
+    def _batch_norm(self, func: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        x, training = args[0], bool(args[5] if len(args) > 5 else kwargs.get("training"))
+        if not training or x.dim() == 0:
+            return func(*args, **kwargs)  # normalizing by running statistics is elementwise: nothing to reorder
+        p = _perm(x.shape[0], self.generator)  # the batch statistics summed over the batch in another order
+        args[0] = x.index_select(0, p)
+        out, *stats = func(*args, **kwargs)
+        return (out.index_select(0, _inverse(p)), *stats)
 
     def _attention(self, func: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
         names = ("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale")
@@ -317,13 +328,17 @@ class Spread:
                     "rmse_eager": o.canonical_rmse,
                     "rmse_min": o.rmse_min,
                     "rmse_max": o.rmse_max,
-                    "spread_ratio": o.ratio,
-                    "disagreement_ulps": o.disagreement_ulps,
+                    "spread_ratio": _finite_or_none(o.ratio),
+                    "disagreement_ulps": _finite_or_none(o.disagreement_ulps),
                     "max_abs": o.max_abs,
                 }
                 for o in self.outputs
             },
         }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _named_floats(x: Any) -> list[tuple[str, torch.Tensor]]:

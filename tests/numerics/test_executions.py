@@ -89,6 +89,10 @@ LEGITIMATE = {
     "softmax": (Softmax, lambda: [torch.randn(4, 9, 33, generator=_gen())]),
     "reductions": (Reductions, lambda: [torch.randn(4, 9, 33, generator=_gen())]),
     "conv": (Conv, lambda: [torch.randn(2, 8, 10, 10, generator=_gen())]),
+    "batch_norm_train": (
+        lambda: nn.Sequential(nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6)).train(),
+        lambda: [torch.randn(24, 6, 5, generator=_gen()) * 2 + 3],
+    ),
     "sdpa": (Attention, lambda: _qkv((2, 3, 17, 16))),
     "sdpa_causal": (lambda: Attention(causal=True), lambda: _qkv((2, 3, 17, 16))),
     "sdpa_masked": (lambda: Attention(masked=True), lambda: _qkv((2, 3, 17, 16))),
