@@ -618,6 +618,7 @@ def allowed_error(
 
 
 __all__ = [
+    "ILL_CONDITIONED_ULPS",
     "Allowed",
     "Conditioning",
     "Execution",
