@@ -2,7 +2,7 @@
 
 The text depends only on the declaration (never on time, paths of the machine or run state), so
 regenerating an unchanged blueprint gives the same file byte for byte. Each test calls one check of
-:mod:`esper.certification.run` and hands its result to :func:`certify.results.verdict`.
+:mod:`esper.certification.run` and hands its result to :func:`esper_certify.results.verdict`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ among the candidates that passed everything:
 
 import pytest
 
-from certify.results import verdict
+from esper_certify.results import verdict
 
 BLUEPRINT = {name!r}
 SOURCE = {source!r}

@@ -1,6 +1,6 @@
 """The plugin's state for one pytest run: the library's :class:`~esper.certification.session.CertifySession`,
 built from the ``--certify-*`` options, and what pytest tells it (the collected compiles, the end of the run).
-Every hook of :mod:`certify.plugin` is one call on this object, kept in ``config.stash``."""
+Every hook of :mod:`esper_certify.plugin` is one call on this object, kept in ``config.stash``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from esper.certification.extras import missing_harness, usage_error
+from esper.certification.extras import missing_library, usage_error
 
 if TYPE_CHECKING:
     from esper.certification.run import BlueprintCertification
@@ -70,16 +70,17 @@ class PytestCertify:
 
     def configure(self) -> None:
         """With ``--certify``: refuse a missing harness or a bad worker count, generate the modules (see
-        :func:`certify.generate.generate`) and run them (alone, unless paths were given)."""
+        :func:`esper_certify.generate.generate`) and run them (alone, unless paths were given)."""
         config = self.config
         config.addinivalue_line("markers", "esper_certify(name): a generated certification test of blueprint NAME")
         if not config.getoption("certify"):
             return
-        missing = missing_harness(config.pluginmanager.hasplugin)
+        missing = missing_library()
         if missing:
             raise pytest.UsageError(usage_error(missing))
-        from certify.generate import generate
         from esper.certification.compile_ahead import workers
+
+        from .generate import generate
 
         try:
             workers()  # a bad ESPER_CERTIFY_COMPILE_WORKERS is the user's, refused before anything runs

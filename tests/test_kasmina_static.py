@@ -40,7 +40,7 @@ def test_importing_kasmina_imports_no_compiler() -> None:
 
 
 def test_the_plugin_does_not_import_torch() -> None:
-    code = "import sys, certify.plugin; print('torch' in sys.modules)"
+    code = "import sys, esper_certify.plugin; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

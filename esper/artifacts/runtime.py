@@ -106,7 +106,7 @@ class CompiledPackage:
     def __call__(self, args: Sequence[torch.Tensor]) -> Any:
         # ``run`` takes any sequence (a tuple or a list of tensors): no copy of the arguments per call.
         with self._lock:
-            flat = self._loader.run(args)
+            flat = self._loader.run(args)  # type: ignore[arg-type]
         return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
 
     def reload(self) -> CompiledPackage:
@@ -124,7 +124,7 @@ class CompiledPackage:
                 self._active = None  # a failed load leaves nobody's constants trusted
                 self._loader.load_constants(tensors, False, True, True)
                 self._active = (key, tensors)
-            flat = self._loader.run(args)
+            flat = self._loader.run(args)  # type: ignore[arg-type]
         return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
 
 

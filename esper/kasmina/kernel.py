@@ -152,6 +152,8 @@ class Kernel(KernelBase):
     (:meth:`bind`) is *derived* from its ``origin``, the kernel Kasmina loaded.
     """
 
+    _origin: Kernel | None
+
     def __init__(
         self,
         blueprint: str,
@@ -185,7 +187,7 @@ class Kernel(KernelBase):
     @property
     def origin(self) -> Kernel:
         """The kernel Kasmina loaded that this one was derived from (itself when it was not derived)."""
-        return self._origin or self  # type: ignore[no-any-return]
+        return self._origin or self
 
     def eager_module(self) -> torch.nn.Module:
         """The eager module (built on first use, in eval mode).
@@ -277,6 +279,7 @@ class Kernel(KernelBase):
         routes = self.routes
         if routes:
             index = self._route_of(args)
+            route: Route | None
             if index >= 0:
                 route, why = routes[index], None
             else:
@@ -362,7 +365,7 @@ class BoundKernel(Kernel):
 
     def eager_module(self) -> torch.nn.Module:
         """The seed's own module: what a call the compiled code may not take runs."""
-        return self.seed  # type: ignore[no-any-return]
+        return self.seed
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -374,6 +377,7 @@ class BoundKernel(Kernel):
         routes = self.routes
         if routes:
             index = self._route_of(args)
+            route: Route | None
             if index >= 0:
                 route, why = routes[index], None
             else:

@@ -84,7 +84,7 @@ def _key_material(verifier: Verifier) -> bytes:
     return verifier.public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _min_snapshot(value: int | None) -> tuple[int | None, str | None]:
+def _min_snapshot(value: int | str | None) -> tuple[int | None, str | None]:
     """The minimum snapshot version (else ``$ESPER_MIN_SNAPSHOT``), or why it is unusable: an unusable one
     refuses everything rather than turning the check off."""
     env = os.environ.get("ESPER_MIN_SNAPSHOT")  # esper.urza.snapshot.MIN_SNAPSHOT_ENV
@@ -175,7 +175,7 @@ class Kasmina:
         blueprint_paths: Iterable[str | Path] | None = None,
         catalog: Catalog | None = None,
         device: str | torch.device = "cpu",
-        public_key: str | Path | Verifier | None = None,
+        public_key: str | Path | bytes | Verifier | None = None,
         min_snapshot_version: int | str | None = None,
     ):
         settings = None
@@ -325,11 +325,11 @@ class Kasmina:
                 problems.append(u)
         # Refused rows are reported as refusals while something certified still serves: they did not make
         # the kernel eager. When nothing serves, every problem is a reason it runs eager.
-        refused = [u for u in problems if u.row_refused] if loaded else []
-        for u in _one_per_code(refused):
-            telemetry.refused(name, u.code, u.detail, _still_runs(loaded, refused))
-        for u in _one_per_code([u for u in problems if u not in refused]):
-            telemetry.fallback(name, u.code, u.detail)
+        refused = [p for p in problems if p.row_refused] if loaded else []
+        for problem in _one_per_code(refused):
+            telemetry.refused(name, problem.code, problem.detail, _still_runs(loaded, refused))
+        for problem in _one_per_code([p for p in problems if p not in refused]):
+            telemetry.fallback(name, problem.code, problem.detail)
         for x in loaded:
             if x.artifact is None:
                 telemetry.eager_by_evidence(name, kind.evidence_label(x.entry), x.entry.id)

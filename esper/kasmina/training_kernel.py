@@ -531,7 +531,7 @@ class TrainingKernel(KernelBase):
         if watch is None or not watch.unchanged():
             watch = self._rewatch()
         if watch.problem is not None:
-            return watch.problem  # type: ignore[no-any-return]
+            return watch.problem
         # One condition per tensor on the accepting path; the explanation only for a refusal.
         cpu, index = self._shared.device == "cpu", self._shared.device_index
         for p, _, dtype, shape, trainable in watch.params:
