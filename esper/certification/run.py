@@ -38,7 +38,7 @@ from esper.certification.cases import RefusedCase, refused_cases
 from esper.certification.compile_ahead import CompileAhead, CompileJob
 from esper.certification.kinds import KINDS, Expected, KindChecks
 from esper.certification.results import CANDIDATE_CHECKS, Check, CheckResult, Fail, Skip, check
-from esper.kasmina import COMPILED, EAGER
+from esper.kasmina import COMPILED, EAGER, telemetry
 from esper.numerics import coverage
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
@@ -473,7 +473,8 @@ class Certification:
         for case in self.refused_cases(candidate):
             if kernel.check(*case.args) is None:
                 raise Fail(f"guards accept an input they must refuse: {case.what}")
-            path, compiled_calls = self.kind.run_refused(kernel, case.args)
+            with telemetry.expected(telemetry.OUTSIDE_GUARDS):
+                path, compiled_calls = self.kind.run_refused(kernel, case.args)
             if path != EAGER or compiled_calls:
                 raise Fail(f"{case.what}: reached the compiled code")
             c.guards_refused += 1

@@ -246,6 +246,7 @@ class CertifySession:
 
     def write_summary(self) -> Path:
         rows = self.summary_rows()
+        self.build_dir.mkdir(parents=True, exist_ok=True)
         (self.build_dir / "summary.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
         path = self.build_dir / "summary.md"
         path.write_text(
