@@ -11,8 +11,7 @@ import pytest
 
 from esper.blueprint import BlueprintError
 from esper.catalog import load_catalog, module_file_name, validate_module
-
-from .test_blueprint import good, write
+from tests.support import good, write
 
 EVIL = good("lin").replace('name="lin"', 'name="../../etc/evil"')
 

@@ -90,8 +90,7 @@ def test_urza_sign_on_a_full_database_is_a_message(tmp_path: Path, monkeypatch: 
 
 def test_compile_on_a_full_disk_is_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from esper.tezzeret.compiler import Tezzeret
-
-    from .test_blueprint import good, write
+    from tests.support import good, write
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "objects" / ".tmp-x"))

@@ -10,8 +10,7 @@ import torch
 
 from esper.catalog import load_file
 from esper.provenance import current_source_digest, digest_files, source_files, stale_reason
-
-from .test_blueprint import good, write
+from tests.support import good, write
 
 HELPER = """
 import torch

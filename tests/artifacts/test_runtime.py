@@ -59,8 +59,7 @@ def test_garbage_package_raises_a_catchable_error(tmp_path: Path) -> None:
 
 def _state() -> dict[str, torch.Tensor]:
     from esper.catalog import load_catalog
-
-    from .conftest import TINY
+    from tests.support import TINY
 
     return load_catalog([TINY]).get("tiny_mlp").build().state_dict()
 

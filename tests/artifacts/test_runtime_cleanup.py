@@ -24,8 +24,7 @@ from esper.artifacts.runtime import CompiledPackage
 from esper.catalog import load_catalog
 from esper.kasmina import COMPILED
 from esper.urza import Urza
-
-from .conftest import TINY
+from tests.support import TINY
 
 pytestmark = pytest.mark.compiles
 

@@ -23,9 +23,7 @@ from esper.cli import cli
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.kasmina.telemetry import SIGNATURE
 from esper.urza import Entry, Urza, UrzaError
-
-from .conftest import TINY
-from .test_urza import GUARDS, make_entry
+from tests.support import GUARDS, TINY, make_entry
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ from esper.certification.compile_ahead import (
 )
 from esper.tezzeret.compiler import Tezzeret
 from esper.urza import Urza
-
-TINY = Path(__file__).parent / "fixtures" / "tiny"
+from tests.support import TINY
 
 
 def one(source: Path, name: str, urza: Path) -> CompileJob:

@@ -18,8 +18,7 @@ from esper.certification.run import BlueprintCertification
 from esper.kasmina import choose_entries
 from esper.kasmina.unusable import Unusable
 from esper.urza import Urza
-
-from .conftest import TINY
+from tests.support import TINY
 
 pytestmark = pytest.mark.compiles
 

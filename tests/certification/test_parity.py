@@ -1,6 +1,6 @@
 """The parity check of the certification skeleton (Certification.check_parity) without compiling: a stand-in
 kernel that wraps the module, right or wrong under a condition. The float64 rule itself is tested in
-tests/test_parity.py; here, that certification runs it over the planned cases, stops at the first failing
+tests/numerics/test_parity.py; here, that certification runs it over the planned cases, stops at the first failing
 one naming it, reports nondeterministic eager, computes each case's references once per profile, and
 records coverage and both RMSEs in the evidence."""
 

@@ -16,8 +16,7 @@ from esper.certification.run import BlueprintCertification
 from esper.certification.session import CertifySession
 from esper.certification.shard import Shard, parse_shard
 from esper.settings import Settings
-
-from .conftest import TINY
+from tests.support import TINY
 
 BP = Blueprint(
     name="b",

@@ -14,8 +14,7 @@ from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, CheckResult, Outcome
 from esper.certification.run import Certification
 from esper.urza import Urza
-
-from .conftest import CATALOG, TRAINING
+from tests.support import CATALOG, TRAINING
 
 pytestmark = pytest.mark.compiles
 

@@ -21,8 +21,7 @@ import pytest
 
 from esper.artifacts.kinds import ArtifactKind
 from esper.urza import Entry, Urza
-
-from .conftest import FIXTURES
+from tests.support import FIXTURES
 
 pytestmark = [pytest.mark.compiles, pytest.mark.miscompiles]
 

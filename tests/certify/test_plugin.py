@@ -13,8 +13,7 @@ import pytest
 from esper.artifacts.compat import current
 from esper.kasmina import EAGER, Kasmina, choose_entries
 from esper.urza import Urza
-
-from .conftest import BROKEN, TINY
+from tests.support import BROKEN, TINY
 
 pytestmark = pytest.mark.compiles
 

@@ -18,8 +18,7 @@ from esper.kasmina.kernel import DeferredPackage
 from esper.urza import Entry, Urza
 from esper.urza import store as store_module
 from esper.urza.store import forget_verified
-
-from .conftest import TINY
+from tests.support import TINY
 
 pytestmark = pytest.mark.compiles
 

@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from esper.artifacts.runtime import CompiledPackage
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
-
-from .conftest import TINY
+from tests.support import TINY
 
 pytestmark = pytest.mark.compiles
 

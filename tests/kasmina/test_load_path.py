@@ -25,8 +25,7 @@ from esper.kasmina.base import refusal_kind
 from esper.kasmina.choose import choose_entry_id, choose_training_entry
 from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram
 from esper.urza import Entry, Urza
-
-from .conftest import TINY
+from tests.support import TINY
 
 GUARDS = GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=64), DimGuard(size=8))),))
 

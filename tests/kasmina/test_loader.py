@@ -17,8 +17,7 @@ import torch
 
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
 from esper.urza import Urza
-
-from .conftest import TINY
+from tests.support import TINY
 
 pytestmark = pytest.mark.compiles
 

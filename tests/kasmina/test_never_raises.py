@@ -17,7 +17,7 @@ import torch
 from esper.catalog import load_catalog
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.numerics.inputs import example_inputs
-from tests.conftest import CATALOG, TINY, TRAINING
+from tests.support import CATALOG, TINY, TRAINING
 
 X = torch.randn(4, 8)
 
@@ -178,7 +178,7 @@ def test_a_deferred_route_whose_store_breaks_after_load_runs_eager(
 ) -> None:
     """The first-call load path: a route verified on first use finds ``objects/`` replaced by a file."""
     from esper.urza.store import forget_verified
-    from tests.test_kasmina_first_use import two_routes
+    from tests.kasmina.test_first_use import two_routes
 
     two_routes(urza_copy)
     kernel = Kasmina(urza_copy, blueprint_paths=[TINY]).load("tiny_mlp")
@@ -202,7 +202,7 @@ def undecodable(db: Path, entry_id: int, column: str) -> None:
 def test_a_refused_certified_row_names_its_profile_instead_of_blaming_the_input(
     urza_copy: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tests.test_kasmina_first_use import two_routes
+    from tests.kasmina.test_first_use import two_routes
 
     small, big = two_routes(urza_copy)
     undecodable(urza_copy, big.id, "failure_reason")  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import torch
 
 from esper.artifacts.signing import Verifier, generate_keypair
 from esper.kasmina import COMPILED, Kasmina
-from tests.conftest import TINY
+from tests.support import TINY
 
 
 def test_kasmina_pickles_as_its_arguments(compiled_urza: Path) -> None:

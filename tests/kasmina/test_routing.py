@@ -17,8 +17,7 @@ from esper.certification.results import CheckResult, Outcome
 from esper.certification.run import CANDIDATE_CHECKS, Certification
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.urza import Urza
-
-from .conftest import TINY
+from tests.support import TINY
 
 
 def bucketed(buckets: list[tuple[int, int]]) -> Blueprint:

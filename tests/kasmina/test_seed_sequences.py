@@ -21,8 +21,7 @@ from torch.nn.utils import prune
 
 from esper.catalog import load_catalog
 from esper.kasmina import COMPILED, Kasmina
-
-from .conftest import TINY
+from tests.support import TINY
 
 pytestmark = pytest.mark.compiles
 

@@ -15,8 +15,7 @@ import torch
 from esper.artifacts.tensors import WeightSchemaError
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
 from esper.kasmina.seeds import BoundPackage
-
-from .conftest import TINY
+from tests.support import TINY
 
 pytestmark = pytest.mark.compiles
 

@@ -20,9 +20,7 @@ import torch
 import torch.nn.utils.prune
 
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
-
-from .conftest import FIXTURES, TRAINING
-from .support import CountingOps
+from tests.support import FIXTURES, TRAINING, CountingOps
 
 pytestmark = pytest.mark.compiles
 

@@ -32,9 +32,7 @@ from esper.catalog import load_catalog
 from esper.kasmina import Kasmina
 from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
 from esper.urza import Urza
-
-from .conftest import CATALOG, TRAINING
-from .support import CountingOps
+from tests.support import CATALOG, TRAINING, CountingOps
 
 pytestmark = pytest.mark.compiles
 

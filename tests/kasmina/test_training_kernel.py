@@ -27,8 +27,7 @@ from esper.kasmina import Kasmina
 from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
 from esper.numerics.gradients import gradients
 from esper.urza import Urza
-
-from .conftest import CATALOG, TRAINING
+from tests.support import CATALOG, TRAINING
 
 pytestmark = pytest.mark.compiles
 

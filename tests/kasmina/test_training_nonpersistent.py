@@ -21,8 +21,7 @@ from esper.kasmina import Kasmina
 from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
 from esper.numerics.gradients import exact_gradients, gradients, tolerance
 from esper.urza import Urza
-
-from .conftest import FIXTURES
+from tests.support import FIXTURES
 
 pytestmark = pytest.mark.compiles
 

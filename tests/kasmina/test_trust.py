@@ -26,8 +26,7 @@ from esper.artifacts.signing import Signer
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.urza import Urza
 from esper.urza.maintenance import sign_all
-
-from .conftest import CATALOG, TINY, TRAINING
+from tests.support import CATALOG, TINY, TRAINING
 
 pytestmark = pytest.mark.compiles
 

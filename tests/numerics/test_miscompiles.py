@@ -25,8 +25,9 @@ from esper.numerics.coverage import Case, edge_sizes, plan
 from esper.numerics.gradients import gradients, tolerance
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import ParityVerdict, assert_parity, float64_copy, judge, to_float64
+from tests import support
 
-FIXTURES = Path(__file__).parent / "fixtures" / "miscompiles"
+FIXTURES = support.FIXTURES / "miscompiles"
 
 
 def blueprint(name: str) -> Blueprint:

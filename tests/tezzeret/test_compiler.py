@@ -13,8 +13,7 @@ from esper.catalog import load_catalog
 from esper.tezzeret.compiler import Tezzeret
 from esper.tezzeret.content import source_digest
 from esper.urza import Urza
-
-from .conftest import BROKEN
+from tests.support import BROKEN
 
 pytestmark = pytest.mark.compiles
 

@@ -2,7 +2,7 @@
 publish, and the one eager-route writer.
 
 The skeleton is driven with stub kinds whose stages write a file instead of compiling (no Inductor here); the
-real kinds' own stages are tested in tests/test_tezzeret.py and tests/test_tezzeret_training.py.
+real kinds' own stages are tested in tests/tezzeret/test_compiler.py and tests/tezzeret/test_training_compile.py.
 """
 
 from __future__ import annotations

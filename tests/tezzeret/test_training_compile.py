@@ -18,8 +18,7 @@ from esper.numerics.coverage import edge_sizes
 from esper.numerics.gradients import exact_gradients, gradients, tolerance
 from esper.tezzeret.content import source_digest
 from esper.urza import Urza
-
-from .conftest import CATALOG, TRAINING
+from tests.support import CATALOG, TRAINING
 
 pytestmark = pytest.mark.compiles
 

@@ -18,9 +18,7 @@ from esper.kasmina import COMPILED, Kasmina
 from esper.urza import Urza
 from esper.urza.db import MIGRATIONS
 from esper.urza.maintenance import verify
-
-from .conftest import TINY
-from .test_urza import make_entry
+from tests.support import TINY, make_entry
 
 WORKER = Path(__file__).parent / "_urza_worker.py"
 ENV = {**os.environ, "ESPER_SIGNING_KEY": ""}
@@ -138,7 +136,7 @@ def test_one_kernel_called_from_8_threads_gives_correct_outputs(compiled_urza: P
 def test_certify_under_xdist_two_workers(pytester: pytest.Pytester, urza_copy: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """``pytest --certify -n 2``: each blueprint's module runs in one worker (the plugin forces loadfile),
     both workers write one Urza, and latency is measured although pytest-benchmark disables itself."""
-    from .conftest import BROKEN
+    from tests.support import BROKEN
 
     pytester.makepyprojecttoml('[tool.esper]\nblueprint-paths = ["bps"]\n')
     bps = pytester.mkdir("bps")

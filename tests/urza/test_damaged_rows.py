@@ -13,7 +13,7 @@ import torch
 from esper.catalog import load_catalog
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.urza import Urza
-from tests.conftest import TINY
+from tests.support import TINY
 
 COLUMNS = ["failure_reason", "meta", "profile", "variant", "guards", "parity", "created_at"]
 

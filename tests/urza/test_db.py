@@ -3,40 +3,16 @@ artifact store only ever hands out files that hash to what the row says."""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from esper.artifacts.compat import CompatKey, current
-from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
 from esper.urza import SCHEMA_VERSION, ArtifactError, Entry, Urza, UrzaError
 from esper.urza.db import MIGRATIONS
 from esper.urza.store import ArtifactStore
-
-GUARDS = GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=4), DimGuard(size=8))),))
-
-
-def make_entry(urza: Urza, tmp_path: Path, *, name: str = "b", content: bytes = b"artifact", **kw: object) -> Entry:
-    src = tmp_path / f"{name}-{hashlib.sha256(content).hexdigest()[:6]}.bin"
-    src.write_bytes(content)
-    checksum, size = urza.store.add(src)
-    fields: dict[str, object] = dict(
-        blueprint=name,
-        blueprint_version=1,
-        content_hash="c" * 64,
-        compat=current(),
-        kind="aoti",
-        status="compiled",
-        checksum=checksum,
-        artifact_size=size,
-        guards=GUARDS,
-        parity={"representative": {"batch=2": {"max_abs": 0.0, "max_rel": 0.0}}},
-        meta={"compile_seconds": 1.5},
-    )
-    fields.update(kw)
-    return urza.publish(Entry(**fields))  # type: ignore[arg-type]
+from tests.support import GUARDS, make_entry
 
 
 def test_entry_round_trip(tmp_path: Path) -> None:

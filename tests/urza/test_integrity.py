@@ -1,7 +1,7 @@
 """Integrity: corrupt, foreign and newer databases are clear CLI errors and eager fallbacks, never overwritten;
 an entry built for another platform or device is never loaded; Kasmina reads an exported snapshot from a
 read-only filesystem without writing anything. (The upkeep commands themselves, verify, gc, sign and export,
-are tested in tests/test_urza_maintenance.py.)"""
+are tested in tests/urza/test_maintenance.py.)"""
 
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ from esper.cli import cli
 from esper.kasmina import COMPILED, EAGER, Kasmina
 from esper.urza import SCHEMA_VERSION, Urza
 from esper.urza.maintenance import export
-
-from .conftest import TINY
+from tests.support import TINY
 
 
 def sql(path: Path, *statements: str) -> None:

@@ -1,7 +1,7 @@
 """Urza upkeep (esper/urza/maintenance.py and its ``esper urza`` commands): ``verify`` reports every row against
 its files, ``gc`` removes only what no row names once it is old enough, ``sign`` signs only rows whose artifact
-verifies (tested beside the keys, in tests/test_signing.py), and ``export`` writes a complete read-only snapshot
-of the certified entries or nothing."""
+verifies (tested beside the keys, in tests/artifacts/test_signing.py), and ``export`` writes a complete read-only
+snapshot of the certified entries or nothing."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from click.testing import CliRunner
 from esper.cli import cli
 from esper.urza import Urza, UrzaError
 from esper.urza.maintenance import export, verify
-
-from .test_urza import make_entry
+from tests.support import make_entry
 
 
 def sql(path: Path, *statements: str) -> None:

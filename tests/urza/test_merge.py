@@ -20,9 +20,7 @@ from esper.cli import cli
 from esper.urza import Urza, UrzaError
 from esper.urza.maintenance import export, sign_all, verify
 from esper.urza.merge import identity, merge
-
-from .conftest import TINY
-from .test_urza import make_entry
+from tests.support import TINY, make_entry
 
 OTHER_CLASS = CompatKey("2.13.0", "linux-x86_64", "AVX512", "cpu")  # another CI runner's machine class
 

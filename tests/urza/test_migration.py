@@ -18,8 +18,7 @@ from esper.cli import cli
 from esper.urza import SCHEMA_VERSION, Urza, UrzaError
 from esper.urza.db import MIGRATIONS
 from esper.urza.maintenance import sign_all, verify
-
-from .conftest import FIXTURES
+from tests.support import FIXTURES
 
 PREVIOUS = FIXTURES / "urza_v1"
 

@@ -20,9 +20,7 @@ from esper.urza import Urza, UrzaError
 from esper.urza import snapshot as snap
 from esper.urza.maintenance import export, sign_all
 from esper.urza.snapshot import SnapshotError, check
-
-from .conftest import TINY
-from .test_urza import make_entry
+from tests.support import TINY, make_entry
 
 
 @pytest.fixture(scope="module")
