@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 
 from esper.artifacts.kinds import ArtifactKind
-from esper.catalog import load_catalog
 from esper.certification import timing
 from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, CheckResult, Outcome
 from esper.certification.run import Certification
 from esper.urza import Urza
-from tests.support import CATALOG, TRAINING
+from tests.support import training_catalog
 
 pytestmark = pytest.mark.compiles
 
-CATALOG_TRAINING = load_catalog([TRAINING, CATALOG])
+CATALOG_TRAINING = training_catalog()
 
 
 def training_run(urza: Path, name: str = "tiny_bn") -> Certification:

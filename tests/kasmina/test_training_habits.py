@@ -28,40 +28,20 @@ from torch.overrides import TorchFunctionMode
 
 from esper.artifacts.kinds import ArtifactKind
 from esper.artifacts.tensors import WeightSchemaError
-from esper.catalog import load_catalog
-from esper.kasmina import Kasmina
 from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
 from esper.urza import Urza
-from tests.support import CATALOG, TRAINING, CountingOps
+from tests.support import CountingOps, build_training, perturbed
+from tests.support import kasmina_warnings as warnings_of
+from tests.support import load_training as load
 
 pytestmark = pytest.mark.compiles
 
-CATALOG_TRAINING = load_catalog([TRAINING, CATALOG])
 X_LORA = 256
-
-
-def load(urza: Path, name: str, weights: Any = None) -> TrainingKernel:
-    return Kasmina(urza, blueprint_paths=[TRAINING, CATALOG]).load_training(name, weights)
 
 
 def build(name: str, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The oracle: the blueprint's module from the catalog, with ``state`` loaded, in train mode."""
-    module = CATALOG_TRAINING.get(name).build()
-    if state is not None:
-        module.load_state_dict(state)
-    return module.train()
-
-
-def perturbed(name: str, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-        for k, v in CATALOG_TRAINING.get(name).build().state_dict().items()
-    }
-
-
-def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "esper.kasmina" and r.levelno == logging.WARNING]
+    return build_training(name, state).train()
 
 
 def step(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

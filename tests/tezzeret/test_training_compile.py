@@ -4,45 +4,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
-from esper.catalog import load_catalog
-from esper.kasmina import Kasmina
-from esper.kasmina.training_kernel import COMPILED, EAGER, TrainingKernel
+from esper.kasmina.training_kernel import COMPILED, EAGER
 from esper.numerics.coverage import edge_sizes
 from esper.numerics.gradients import exact_gradients, gradients, tolerance
 from esper.tezzeret.content import source_digest
 from esper.urza import Urza
-from tests.support import CATALOG, TRAINING
+from tests.support import build_training as build
+from tests.support import kasmina_warnings as warnings_of
+from tests.support import load_training as load
+from tests.support import training_catalog
 
 pytestmark = pytest.mark.compiles
 
-CATALOG_TRAINING = load_catalog([TRAINING, CATALOG])
-
-
-def load(urza: Path, name: str, weights: Any = None) -> TrainingKernel:
-    return Kasmina(urza, blueprint_paths=[TRAINING, CATALOG]).load_training(name, weights)
-
-
-def build(name: str) -> torch.nn.Module:
-    return CATALOG_TRAINING.get(name).build()
-
-
-def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "esper.kasmina" and r.levelno == logging.WARNING]
-
-
-def perturbed(name: str, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-        for k, v in build(name).state_dict().items()
-    }
+CATALOG_TRAINING = training_catalog()
 
 
 @pytest.mark.parametrize("name", ["lora_adapter", "tiny_bn"])
