@@ -17,7 +17,7 @@ import torch
 
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
 from esper.urza import Urza
-from tests.support import TINY
+from tests.support import TINY, blueprint_module
 
 pytestmark = pytest.mark.compiles
 
@@ -27,9 +27,7 @@ def load(urza_path: Path) -> Kernel:
 
 
 def reference() -> torch.nn.Module:
-    from esper.catalog import load_catalog
-
-    return load_catalog([TINY]).get("tiny_mlp").build()
+    return blueprint_module("tiny_mlp")
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -55,8 +53,9 @@ def test_fresh_process_loads_compiled_without_the_compiler(compiled_urza: Path) 
             y = kernel(x)
         first_use = time.perf_counter() - t0
         path = kernel.last_path
+        from esper.catalog import load_catalog  # the oracle: the blueprint itself, not Kasmina's eager module
         with torch.no_grad():
-            want = kernel.eager_module()(x)
+            want = load_catalog([{str(TINY)!r}]).get("tiny_mlp").build().eval()(x)
         print(json.dumps({{
             "path": path, "route": kernel.route, "max_err": float((y - want).abs().max()),
             "first_use_ms": first_use * 1e3,
