@@ -20,7 +20,7 @@ import torch
 import torch.nn.utils.prune
 
 from esper.kasmina import COMPILED, EAGER, Kasmina, Kernel
-from tests.support import FIXTURES, TRAINING, CountingOps
+from tests.support import FIXTURES, TRAINING, CountingOps, blueprint_module
 
 pytestmark = pytest.mark.compiles
 
@@ -44,9 +44,7 @@ def habits_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) 
 
 def oracle(state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The blueprint's module built independently of Kasmina, with ``state`` loaded."""
-    from esper.catalog import load_catalog
-
-    module = load_catalog([HABITS]).get(NAME).build().eval()
+    module = blueprint_module(NAME, HABITS)
     if state is not None:
         module.load_state_dict({k: v.detach().clone() for k, v in state.items()})
     return module
