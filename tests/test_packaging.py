@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from .conftest import TINY
+from tests.support import TINY
 
 ROOT = Path(__file__).parents[1]
 HARNESS = ("pytest", "_pytest", "pytest_benchmark", "hypothesis", "matplotlib")

@@ -15,8 +15,7 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.cli import cli
 from esper.report import collect, render, series
 from esper.urza import Entry, Urza
-
-from .test_urza import make_entry
+from tests.support import make_entry
 
 
 def figures(compiled: float, eager: float) -> dict[str, object]:

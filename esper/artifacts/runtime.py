@@ -3,7 +3,7 @@
 torch's public loader for AOT-compiled ``.pt2`` packages imports the whole compiler stack (about a second,
 and a training node must not carry it). The C++ loader underneath, ``torch._C._aoti.AOTIModelPackageLoader``,
 loads the package in milliseconds without it. Its positional signature is
-``(path, model_name, run_single_threaded, num_runners, device_index)``; tests/test_runtime.py pins the
+``(path, model_name, run_single_threaded, num_runners, device_index)``; tests/artifacts/test_runtime.py pins the
 behaviour this wrapper relies on.
 
 Given a ``.pt2`` file, the loader extracts it into a temporary folder that only its destructor removes: a
