@@ -33,8 +33,7 @@ from esper.urza.evidence import (
     ShapeTiming,
     Timing,
 )
-
-from .conftest import FIXTURES
+from tests.support import FIXTURES
 
 OLD = json.loads((FIXTURES / "evidence_13101fa.json").read_text())["rows"]
 

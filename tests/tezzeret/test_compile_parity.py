@@ -17,8 +17,7 @@ from esper.tezzeret import training_compile
 from esper.tezzeret.compiler import Tezzeret
 from esper.urza import EntryKind, EntryStatus, Urza
 from esper.urza.evidence import Evidence
-
-from .conftest import CATALOG, TRAINING
+from tests.support import CATALOG, TRAINING
 
 
 def test_an_honest_training_step_is_stored_with_the_judgement_per_shape(training_urza: Path) -> None:

@@ -14,8 +14,7 @@ from esper.catalog import load_catalog
 from esper.kasmina import COMPILED, Kasmina
 from esper.tezzeret.compiler import Tezzeret
 from esper.urza import Urza
-
-from .conftest import FIXTURES
+from tests.support import FIXTURES
 
 SEQUENTIAL = FIXTURES / "sequential"
 
