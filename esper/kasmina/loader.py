@@ -158,6 +158,17 @@ class KernelSource:
         return k.load(self.name)
 
 
+
+def built(bp: Blueprint, device: torch.device) -> torch.nn.Module:
+    """``bp``'s module on ``device``, built outside any functorch transform of the calling thread.
+
+    Kasmina builds an eager module on the first call that needs it, which may come inside ``torch.func.vmap``
+    or ``grad``: vmap refuses a builder's random initialisation, and grad would make the weights its own
+    tensors. A build is the blueprint's, not the transform's."""
+    # torch has no public form of this guard; it is what torch.func's own internals use to step outside.
+    with torch._C._DisableFuncTorch():
+        return bp.build().to(device)
+
 class Kasmina:
     """The runtime loader. ``Kasmina(urza_path).load(name)`` returns a :class:`Kernel`.
 
@@ -268,7 +279,7 @@ class Kasmina:
         )
 
         def build() -> torch.nn.Module:
-            return self.catalog.get(name).build().to(self.device)
+            return built(self.catalog.get(name), self.device)
 
         loader = TrainingLoader(
             choose, self.device, build=build, inference=partial(self.load_seeds, name), weights=weights
@@ -483,7 +494,7 @@ class Kasmina:
         (seeded, so identical for an unchanged blueprint) weights stay.
         """
         bp = self.catalog.get(name)
-        module = bp.build().to(self.device).eval()
+        module = built(bp, self.device).eval()
         if weights is not None and weights.blueprint_version == bp.version and self._same_source(bp, weights):
             try:
                 self._check_signature(weights)

@@ -116,6 +116,25 @@ def test_inputs_needing_grad_run_eager(compiled_urza: Path, caplog: pytest.LogCa
     assert record.esper["reason"] == "needs-grad"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_a_first_call_inside_a_functorch_transform_builds_the_eager_module_outside_it(
+    compiled_urza: Path, transform: str
+) -> None:
+    # The first eager call builds the eager module; under vmap the builder's random initialisation would be
+    # refused ("vmap: called random operation"), under grad its weights would be the transform's tensors.
+    kernel = load(compiled_urza)
+    oracle = blueprint_module("tiny_mlp", TINY)
+    x = torch.randn(3, 4, 8)
+    if transform == "vmap":
+        got = torch.func.vmap(kernel)(x)
+        want = torch.func.vmap(oracle)(x)
+    else:
+        got = torch.func.grad(lambda t: kernel(t).sum())(x[0])
+        want = torch.func.grad(lambda t: oracle(t).sum())(x[0])
+    assert kernel.last_path == EAGER
+    torch.testing.assert_close(got, want)
+
+
 def _uncertify(p: Path) -> None:
     sql(p, "UPDATE entries SET status = 'compiled'")
 
