@@ -4,7 +4,7 @@ Certification stores, with an entry it certified, the cells of the profile's sha
 beat eager with confidence. Kasmina serves the compiled code only in those cells and eager elsewhere, by
 evidence: no WARNING, ``last_path == "eager"``. The lookup runs on every call its route's guards accept, so it
 is generated once at load as straight-line code: read each dim's size from the arguments where the guards read
-it (the dim's first occurrence in the guard schema), place it among the integer cut points with ``bisect``, and
+it (the dim's first occurrence in the guard schema), find its cell along each dim from the integer cut points, and
 index a tuple of booleans. An entry without a table (rows certified before tables existed) has no lookup:
 compiled everywhere in its profile.
 """
@@ -25,6 +25,10 @@ __all__ = ["Lookup", "lookup", "region_lookup"]
 Lookup = Callable[[Sequence[Any]], bool]
 
 
+# Ranges up to this size index a tuple by the size itself; wider ones bisect the cut points.
+DIRECT_SIZES = 1 << 14
+
+
 def _int(value: int) -> str:
     if type(value) is not int or value < 0:
         raise ValueError(f"the region lookup generator refused {value!r}")
@@ -33,7 +37,11 @@ def _int(value: int) -> str:
 
 def lookup(table: RouteTable, schema: GuardSchema) -> Lookup | None:
     """The generated lookup for ``table`` under the guards ``schema``; ``None`` when the table names a dim the
-    guards do not have (it is then ignored: compiled everywhere, as without a table)."""
+    guards do not have (it is then ignored: compiled everywhere, as without a table).
+
+    Each dim's offset into the cells is a tuple indexed by the size itself (the guards bound it to the dim's
+    range; ranges wider than :data:`DIRECT_SIZES` place the size with ``bisect`` instead), and each input's
+    shape is read once: a call pays a shape read, a tuple index per dim and one more for the cell."""
     where: dict[str, tuple[int, int]] = {}
     for n, inp in enumerate(schema.inputs):
         for k, d in enumerate(inp.dims):
@@ -41,22 +49,33 @@ def lookup(table: RouteTable, schema: GuardSchema) -> Lookup | None:
                 where.setdefault(d.name, (n, k))
     if any(d not in where for d in table.dims):
         return None
+    ranges = schema.dim_ranges()
+    compiled = tuple(c.path == COMPILED for c in table.cells)
     cuts = table.cuts()
+    namespace: dict[str, Any] = {"bisect": bisect.bisect_right, "cells": compiled}
     terms = []
     stride = 1
     for i in reversed(range(len(table.dims))):
-        n, k = where[table.dims[i]]
-        size = f"args[{_int(n)}].shape[{_int(k)}]"
-        term = f"bisect(c{_int(i)}, {size})" if cuts[i] else "0"
-        terms.append(term if stride == 1 else f"{term} * {_int(stride)}")
+        dim = table.dims[i]
+        n, k = where[dim]
+        size = f"s{_int(n)}[{_int(k)}]"
+        high = ranges[dim][1]
+        if high <= DIRECT_SIZES:
+            offsets = tuple(bisect.bisect_right(cuts[i], v) * stride for v in range(high + 1))
+            if len(table.dims) == 1:
+                namespace[f"r{i}"] = tuple(compiled[o] for o in offsets)  # straight to the answer
+            else:
+                namespace[f"r{i}"] = offsets
+            terms.append(f"r{_int(i)}[{size}]")
+        else:
+            namespace[f"c{i}"] = cuts[i]
+            terms.append(f"bisect(c{_int(i)}, {size})" + (f" * {_int(stride)}" if stride != 1 else ""))
         stride *= len(table.values[i])
-    source = f"def compiled_at(args):\n    return cells[{' + '.join(reversed(terms))}]\n"
-    namespace: dict[str, Any] = {
-        "bisect": bisect.bisect_right,
-        "cells": tuple(c.path == COMPILED for c in table.cells),
-        **{f"c{i}": tuple(cs) for i, cs in enumerate(cuts)},
-    }
-    exec(compile(source, "<region lookup>", "exec"), namespace)
+    inputs = sorted({n for n, _ in where.values()})
+    lines = ["def compiled_at(args):", *(f"    s{_int(n)} = args[{_int(n)}].shape" for n in inputs)]
+    direct = len(table.dims) == 1 and ranges[table.dims[0]][1] <= DIRECT_SIZES
+    lines.append(f"    return {terms[0]}" if direct else f"    return cells[{' + '.join(reversed(terms))}]")
+    exec(compile("\n".join(lines) + "\n", "<region lookup>", "exec"), namespace)
     return namespace["compiled_at"]  # type: ignore[no-any-return]
 
 
