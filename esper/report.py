@@ -222,8 +222,14 @@ def plot_regions(name: str, ev: KindEvidence, path: Path) -> Path | None:
             low, high = c.low if c.low is not None else c.ratio, c.high if c.high is not None else c.ratio
             ax.errorbar([x], [c.ratio], yerr=[[c.ratio - low], [high - c.ratio]], fmt="o", color=color, capsize=2)
             ax.annotate(c.label, (x, c.ratio), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        for cut in t.cuts()[d]:
+        cuts = t.cuts()[d]
+        for cut in cuts:
             ax.axvline(cut - 0.5, linestyle=":", color="grey", linewidth=0.8)
+        if len(t.dims) == 1:  # one dim: the cells are intervals, shaded by the path they serve
+            edges = [t.values[0][0], *(c - 0.5 for c in cuts), t.values[0][-1]]
+            for i, c in enumerate(t.cells):
+                color = "tab:green" if c.path == COMPILED else "tab:red"
+                ax.axvspan(edges[i], edges[i + 1], color=color, alpha=0.08, linewidth=0)
         ax.axhline(1.0, color="black", linewidth=0.8)
         if t.margin is not None:
             ax.axhline(1.0 - t.margin, color="tab:green", linestyle="--", linewidth=0.8)
