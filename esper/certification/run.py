@@ -4,7 +4,9 @@ decision it publishes. Each check returns a :class:`~esper.certification.results
 :class:`Certification` is the one skeleton for every artifact kind (inference, training), parameterized by
 its :class:`~esper.certification.kinds.KindChecks`. A kind's *candidates* (see :mod:`.plan`) are each
 checked (parity against a float64 reference over the planned cases, see :mod:`esper.numerics.parity`; guards) and
-timed against eager in interleaved rounds (:func:`esper.certification.timing.compare`); then :func:`choose` picks each
+timed against eager in interleaved rounds (:func:`esper.certification.timing.compare`) at the representative shapes
+and over a grid across the profile (:mod:`.regions`); then :func:`choose_regions` picks each profile's route and
+its route table (compiled only where the candidate won), or, where no grid was measured, :func:`choose` picks each
 profile's route (see there: the candidate that meets the budget and beats eager with confidence, the first in
 variant order unless a later one is faster by the margin with confidence, else
 eager when eager meets the budget, else the fastest candidate that meets it; nothing meets it: rejected by
@@ -23,6 +25,7 @@ import contextlib
 import logging
 import math
 import statistics
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -582,8 +585,9 @@ class Certification:
         """The candidate against eager over its profile's grid (:func:`esper.certification.regions.grid`), each
         point in interleaved rounds as at a representative shape (those are reused from
         :meth:`compare_latency`), then where neighbouring points decided differently their midpoints
-        (:func:`~esper.certification.regions.refine`). The points beyond :data:`GRID_SECONDS` of estimated
-        measuring, the costliest first, are left unmeasured (eager there). Its figures: the grid and, per point,
+        (:func:`~esper.certification.regions.refine`), when the budget affords them all. Points are measured
+        cheapest first; those beyond :data:`GRID_SECONDS` (each point counted at its estimated cost or the time
+        it took, whichever is more) are left unmeasured, and run eager. Its figures: the grid and, per point,
         the decision and ratio."""
         c = self.ready(candidate)
         kernel = self._kernel(c)
@@ -595,21 +599,25 @@ class Certification:
         g = regions.grid(c.ranges, [labels[name] for name in reps.values()])
         measured: dict[str, timing.Comparison] = {point: c.comparisons[name] for point, name in reps.items()}
         per_call = self._per_call_seconds(c, reps)
+
+        def cost(sizes: Mapping[str, int]) -> float:
+            return per_call(sizes) * 2 * (GRID_CALLS * GRID_MIN_ROUNDS + 1)
+
         spent = 0.0
-        for pending in (g.points, None):
-            if pending is None:
-                refined = regions.refine(g, {k: v.decision for k, v in measured.items()})
-                known = {regions.label(p) for p in g.points}
-                pending, g = [p for p in refined.points if regions.label(p) not in known], refined
-            for sizes in sorted(pending, key=lambda p: math.prod(p.values())):
-                point = regions.label(sizes)
-                if point in measured:
-                    continue
-                cost = per_call(sizes) * 2 * (GRID_CALLS * GRID_MIN_ROUNDS + 1)
-                if spent + cost > GRID_SECONDS:
-                    continue
-                spent += cost
-                measured[point] = self._compare(c, kernel, sizes, point)
+        for sizes in sorted(g.points, key=lambda p: math.prod(p.values())):
+            point = regions.label(sizes)
+            if point in measured or spent + cost(sizes) > GRID_SECONDS:
+                continue  # the costliest points beyond the budget stay unmeasured: eager there
+            started = time.perf_counter()
+            measured[point] = self._compare(c, kernel, sizes, point)
+            spent += max(cost(sizes), time.perf_counter() - started)
+        refined = regions.refine(g, {k: v.decision for k, v in measured.items()})
+        added = [p for p in refined.points if regions.label(p) not in measured]
+        # A midpoint left unmeasured would make part of a decided cell eager: refine only what the budget affords.
+        if added and spent + sum(map(cost, added)) <= GRID_SECONDS:
+            for sizes in added:
+                measured[regions.label(sizes)] = self._compare(c, kernel, sizes, regions.label(sizes))
+            g = refined
         c.grid, c.grid_comparisons = g, measured
         table = c.route_table()
         assert table is not None

@@ -28,7 +28,9 @@ def table(dims: dict[str, tuple[int, ...]], compiled: set[tuple[int, ...]]) -> R
     for values in dims.values():
         points = [(*p, v) for p in points for v in values]
     cells = tuple(
-        RegionCell(dict(zip(names, p, strict=True)), COMPILED if p in compiled else EAGER, "wins" if p in compiled else "loses")
+        RegionCell(
+            dict(zip(names, p, strict=True)), COMPILED if p in compiled else EAGER, "wins" if p in compiled else "loses"
+        )
         for p in points
     )
     return RouteTable(names, tuple(dims.values()), cells, 0.05)
@@ -46,9 +48,7 @@ def test_the_generated_lookup_agrees_with_the_table_at_every_size() -> None:
     schema = GuardSchema(
         inputs=(
             InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=32), DimGuard(size=4))),
-            InputGuard(
-                "m", "float32", (DimGuard(name="batch", min=1, max=32), DimGuard(name="seq", min=2, max=128))
-            ),
+            InputGuard("m", "float32", (DimGuard(name="batch", min=1, max=32), DimGuard(name="seq", min=2, max=128))),
         )
     )
     compiled_at = lookup(t, schema)
