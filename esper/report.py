@@ -139,7 +139,8 @@ def series(ev: KindEvidence) -> tuple[str | None, dict[str, dict[int, float]]]:
         evidence = Evidence.of(r)
         for label, row in evidence.performance.certify.items():
             x = _x(label)
-            p50 = row.side(evidence.route_path()).p50_ms
+            sizes = {k: int(v) for k, v in (p.split("=") for p in label.split(",") if "=" in p)}
+            p50 = row.side(evidence.path_at(sizes)).p50_ms
             if x is not None and p50 is not None:
                 dim = dim or x[0]
                 out[ROUTED][x[1]] = p50

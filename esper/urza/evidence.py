@@ -668,6 +668,14 @@ class Evidence:
         """``compiled`` for an entry holding compiled code, else ``eager``."""
         return COMPILED if self.entry.kind == EntryKind.AOTI else EAGER
 
+    def path_at(self, sizes: Mapping[str, int]) -> str:
+        """The path a call of shape ``sizes`` takes on this route: :meth:`route_path`, except where the route
+        table (if any) sends that shape's cell to eager."""
+        table = self.meta.route_table
+        if self.route_path() == EAGER or table is None or not all(d in sizes for d in table.dims):
+            return self.route_path()
+        return table.cell_of(sizes).path
+
     def speedup(self) -> float | None:
         """Geometric mean of eager p50 / compiled p50 over the representative shapes."""
         ratios = speedups(self.latency())

@@ -5,6 +5,7 @@ comparison here is synthetic: no timing runs."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -52,7 +53,7 @@ def test_a_dims_sizes_are_log_spaced_across_its_range_with_the_ends_and_the_repr
     assert values[0] == 1 and values[-1] == 64 and {3, 50} <= set(values)
     assert len(values) <= regions.GRID_PER_DIM and list(values) == sorted(set(values))
     # Log-spaced: every gap between neighbours is at most a fixed factor, far below a linear grid's first one.
-    assert max(b / a for a, b in zip(values, values[1:], strict=False)) <= 4
+    assert max(b / a for a, b in itertools.pairwise(values)) <= 4
     assert g.points == tuple({"batch": v} for v in values)
 
 
@@ -281,3 +282,18 @@ def test_without_a_measured_grid_selection_keeps_the_representative_rule(
 
 def test_a_region_cell_labels_its_full_shape() -> None:
     assert RegionCell({"batch": 2, "seq": 16}, COMPILED).label == "batch=2,seq=16"
+
+
+def test_the_evidence_reader_says_which_path_a_shape_takes_on_a_regional_route() -> None:
+    from esper.artifacts.compat import current
+    from esper.urza.evidence import Evidence
+
+    t = table_of({1: 0.5, 8: 1.2, 64: 0.8})
+    regional = Entry(
+        "b", 1, "h", current(), "aoti", "certified", "0" * 64, 1, None, id=1, meta={ROUTE_TABLE: t.to_json()}
+    )
+    assert [Evidence.of(regional).path_at({"batch": b}) for b in (1, 2, 3, 8, 22, 23, 64)] == [
+        COMPILED, COMPILED, EAGER, EAGER, EAGER, COMPILED, COMPILED
+    ]  # fmt: skip
+    everywhere = Entry("b", 1, "h", current(), "aoti", "certified", "0" * 64, 1, None, id=2)
+    assert Evidence.of(everywhere).path_at({"batch": 8}) == COMPILED  # no table: compiled everywhere
