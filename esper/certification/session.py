@@ -320,7 +320,7 @@ def routed_latency(bp: Blueprint, routes: list[Entry]) -> dict[str, ShapeTiming]
             continue
         evidence = Evidence.of(route)
         row = evidence.latency().get(label, ShapeTiming())
-        out[label] = ShapeTiming(compiled=row.side(evidence.route_path()), eager=row.side(EAGER))
+        out[label] = ShapeTiming(compiled=row.side(evidence.path_at(sizes)), eager=row.side(EAGER))
     return out
 
 

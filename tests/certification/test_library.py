@@ -30,6 +30,7 @@ MODULE_ORDER = [
     Check.GUARDS,
     Check.LATENCY,
     Check.LATENCY,
+    Check.REGIONS,  # the grid across the profile's range
     Check.SELECT,
     Check.BUDGETS,
     Check.PUBLISH,
@@ -53,6 +54,9 @@ def test_every_check_is_a_plain_call_returning_a_recorded_result(
         "batch=4",
         "batch=16",
     }
+    grid = inference[6].figures  # tiny_mlp's batch 1..32: log-spaced sizes with both ends and 4 and 16
+    assert grid["dims"] == ["batch"] and grid["values"][0][0] == 1 and grid["values"][0][-1] == 32
+    assert {4, 16} <= set(grid["values"][0]) and grid["measured"] >= len(grid["values"][0])
     # Training is off in this suite: its checks skip, saying why, and nothing of it fails.
     training = certification[ArtifactKind.TRAINING]
     assert {r.outcome for r in training.outcomes.values()} == {Outcome.SKIPPED}
