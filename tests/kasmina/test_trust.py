@@ -1,8 +1,8 @@
 """Urza as a trust boundary, at the load path: whatever a row holds, Kasmina never raises, never
 runs data as code, never serves a wrong result, and says why it went eager with a WARNING.
 
-Each numbered finding of the issue has a test here; ``test_any_mutated_row_is_served_safely`` mutates every
-column of a real certified row with hypothesis. The session fixture ``compiled_urza`` holds ``tiny_mlp``
+Each way a hostile or damaged row can mislead Kasmina has a test here; ``test_any_mutated_row_is_served_safely``
+mutates every column of a real certified row with hypothesis. The session fixture ``compiled_urza`` holds ``tiny_mlp``
 compiled and certified; every test works on a private copy.
 """
 
