@@ -589,9 +589,12 @@ class Certification:
         c.comparisons[label] = cmp
         return {"shape": label, **cmp.evidence()}
 
-    def measure_latency(self, candidate: str, label: str, *, look: int = 0) -> timing.Comparison:
+    def measure_latency(
+        self, candidate: str, label: str, *, look: int = 0, seed: int | None = None
+    ) -> timing.Comparison:
         """One interleaved comparison of the candidate with eager at representative shape ``label``; ``look``
-        > 0 measures it again (seeded by the look, deciding at :func:`~.timing.confirmation_confidence`)."""
+        > 0 measures it again, deciding at :func:`~.timing.confirmation_confidence` (seeded by ``seed``, by
+        default the look)."""
         c = self.candidates[candidate]
         kernel = self._kernel(c)
         args = self._inputs(self.labels()[label])
@@ -600,7 +603,12 @@ class Certification:
         confidence = timing.confirmation_confidence(CONFIDENCE, look)
         with torch.set_grad_enabled(self.kind.grad_enabled):
             cmp = timing.compare(
-                compiled_fn, eager_fn, margin=MARGIN, max_rounds=MAX_ROUNDS, confidence=confidence, seed=look
+                compiled_fn,
+                eager_fn,
+                margin=MARGIN,
+                max_rounds=MAX_ROUNDS,
+                confidence=confidence,
+                seed=look if seed is None else seed,
             )
             if kernel.last_path != COMPILED:
                 raise Fail(f"compiled timing ran {kernel.last_path}: {kernel.reason}")

@@ -306,7 +306,7 @@ def confirm(
     settled: Callable[[K, Comparison], bool],
     *,
     budget_s: float,
-    max_passes: int = 8,
+    max_passes: int | None = None,
     pause_s: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
     wait: Callable[[float], Any] = time.sleep,
@@ -315,18 +315,19 @@ def confirm(
     comparison, e.g. :func:`compare` seeded and at :func:`confirmation_confidence` by ``attempt``; ``None``
     when the key cannot be measured again, which drops it) until
     ``settled(key, comparison)``, pass after pass over the keys still unsettled, waiting ``pause_s`` between
-    passes (a neighbour's burst passes while nothing is measured), for at most ``max_passes`` passes.
+    passes (a neighbour's burst passes while nothing is measured), for at most ``max_passes`` passes (``None``:
+    the budget alone bounds them).
 
     No measurement starts once ``budget_s`` seconds have passed since the call; one under way finishes, so the
     budget can be overrun by one comparison. ``clock`` and ``wait`` are injectable for tests."""
-    if budget_s < 0 or max_passes < 0 or pause_s < 0:
+    if budget_s < 0 or (max_passes is not None and max_passes < 0) or pause_s < 0:
         raise ValueError("need budget_s >= 0, max_passes >= 0, pause_s >= 0")
     start = clock()
     done: dict[K, Comparison] = {}
     last: dict[K, Comparison] = {}
     pending = list(dict.fromkeys(keys))
     passes = 0
-    while pending and passes < max_passes:
+    while pending and (max_passes is None or passes < max_passes):
         if passes and pause_s:
             wait(max(0.0, min(pause_s, budget_s - (clock() - start))))
         if clock() - start >= budget_s:
