@@ -290,3 +290,17 @@ def test_session_fails_a_real_regression_under_either_policy(tmp_path: Path) -> 
     for policy in Policy:
         s = TimedSession(tmp_path, Runner(compiled=1.0e-3, seed=8), baseline=path, inconclusive=policy)
         assert s.finish() and s.exit_status() == 1
+
+
+def test_both_front_ends_share_the_policy_option(pytester: pytest.Pytester) -> None:
+    from click.testing import CliRunner
+
+    from esper.cli import cli
+
+    done = CliRunner().invoke(cli, ["certify", "--inconclusive", "retry"])
+    assert done.exit_code == 2 and "must be one of pass, fail" in done.output
+    help_text = CliRunner().invoke(cli, ["certify", "--help"]).output
+    assert "--inconclusive" in help_text and "--confirm-seconds" in help_text and "75" in help_text
+    result = pytester.runpytest_subprocess("--certify", "--certify-inconclusive", "retry")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--certify-inconclusive*must be one of pass, fail*"])
