@@ -26,9 +26,10 @@ from esper.certification import gate, plan
 from esper.certification.budgets import PROFILES, BudgetProfile
 from esper.certification.compile_ahead import CompileAhead, CompilePool, workers
 from esper.certification.kinds import TRAINING_ENV
-from esper.certification.results import CheckResult
+from esper.certification.results import CheckResult, Fail
 from esper.certification.run import BlueprintCertification, Certification
 from esper.certification.shard import Shard
+from esper.certification.timing import Comparison
 from esper.kasmina import COMPILED, EAGER
 from esper.profiles import contains
 from esper.settings import Settings
@@ -217,11 +218,9 @@ class CertifySession:
             )
         return self.verdict.failed
 
-    def measure_again(self, key: str, look: int) -> Any:
+    def measure_again(self, key: str, look: int) -> Comparison | None:
         """One comparison of this session (``"bp|artifact|candidate|shape"``) measured afresh, or ``None`` when
         it cannot be (its kernel is not loaded, or the measurement fails)."""
-        from esper.certification.results import Fail
-
         name, artifact, cid, label = key.split("|")
         if name not in self.runs:
             return None
