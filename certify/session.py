@@ -65,6 +65,8 @@ class PytestCertify:
             device=option("certify_device") or "cpu",
             baseline=option("certify_baseline"),
             regression=option("certify_regression"),
+            inconclusive=option("certify_inconclusive"),
+            confirm_seconds=option("certify_confirm_seconds"),
             shard=option("certify_shard"),
         )
 
@@ -121,12 +123,18 @@ class PytestCertify:
         self._session.plan_compiles(compiles)
 
     def finish(self, session: pytest.Session) -> None:
-        """Stop the compile workers, write the latency record, and fail the run when the release gate fails."""
+        """Stop the compile workers, write the latency record, and fail the run when the release gate fails:
+        exit 1 for a regression; for a run the gate could not judge under ``--certify-inconclusive=fail``, its
+        own status (:data:`~esper.certification.gate.INCONCLUSIVE_EXIT`) unless the run failed otherwise."""
         if self._session is None:
             return
         self._session.close()
-        if self._session.finish():
+        self._session.finish()
+        status = self._session.exit_status()
+        if status == pytest.ExitCode.TESTS_FAILED:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        elif status and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = status
 
     def summary(self, terminalreporter: Any) -> None:
         """The certification summary table, where the summary files went, and the release gate's lines."""
@@ -137,5 +145,6 @@ class PytestCertify:
         terminalreporter.section("Esper certification")
         terminalreporter.write_line(session.summary_table())
         terminalreporter.write_line(f"(summary written to {path})")
+        undecided = session.verdict is not None and session.verdict.outcome == "inconclusive"
         for line in session.gate_report():
-            terminalreporter.write_line(line)
+            terminalreporter.write_line(line, yellow=undecided and "INCONCLUSIVE" in line)

@@ -65,8 +65,14 @@ log = logging.getLogger("esper.certify")
 CHECKS = tuple(Check)
 # A compiled route must beat eager by this much, with confidence (interleaved rounds), or eager it is.
 MARGIN = 0.05
+CONFIDENCE = 0.95  # of a latency decision's interval
 # Interleaved rounds of a latency comparison before an undecided one is called inconclusive (and routes eager).
 MAX_ROUNDS = 24
+# An inconclusive comparison at a representative shape is measured again (fresh interleaved rounds, each look at
+# a stricter confidence: :func:`esper.certification.timing.confirm`) at most this often, and no new look starts
+# once this many seconds were spent on it; still undecided, it stays inconclusive.
+CONFIRM_LOOKS = 2
+CONFIRM_SECONDS = 3.0
 # A grid point's comparison (:meth:`Certification.compare_regions`): fewer calls a round and fewer rounds than at
 # a representative shape, stopping as soon as the interval decides; at most about GRID_SECONDS a candidate,
 # estimated from the representative shapes' timings (the costliest points are left unmeasured, and run eager).
@@ -570,16 +576,43 @@ class Certification:
         """The candidate against eager at one representative shape, in interleaved rounds on the same inputs
         (:func:`esper.certification.timing.compare`): the paired ratio with its confidence interval and a decision."""
         c = self.ready(candidate)
+        cmp = self.measure_latency(candidate, label)
+        if cmp.decision == timing.INCONCLUSIVE:
+            again = timing.confirm(
+                [label],
+                lambda _, look: self.measure_latency(candidate, label, look=look),
+                timing.decided,
+                budget_s=CONFIRM_SECONDS,
+                max_passes=CONFIRM_LOOKS,
+            )
+            cmp = again.settled.get(label) or again.unsettled.get(label) or cmp
+        c.comparisons[label] = cmp
+        return {"shape": label, **cmp.evidence()}
+
+    def measure_latency(
+        self, candidate: str, label: str, *, look: int = 0, seed: int | None = None
+    ) -> timing.Comparison:
+        """One interleaved comparison of the candidate with eager at representative shape ``label``; ``look``
+        > 0 measures it again, deciding at :func:`~.timing.confirmation_confidence` (seeded by ``seed``, by
+        default the look)."""
+        c = self.candidates[candidate]
         kernel = self._kernel(c)
         args = self._inputs(self.labels()[label])
         compiled_fn = self.kind.timed(kernel, args)
         eager_fn = self.kind.timed(self.kind.eager(), args)
+        confidence = timing.confirmation_confidence(CONFIDENCE, look)
         with torch.set_grad_enabled(self.kind.grad_enabled):
-            cmp = timing.compare(compiled_fn, eager_fn, margin=MARGIN, max_rounds=MAX_ROUNDS)
+            cmp = timing.compare(
+                compiled_fn,
+                eager_fn,
+                margin=MARGIN,
+                max_rounds=MAX_ROUNDS,
+                confidence=confidence,
+                seed=look if seed is None else seed,
+            )
             if kernel.last_path != COMPILED:
                 raise Fail(f"compiled timing ran {kernel.last_path}: {kernel.reason}")
-        c.comparisons[label] = cmp
-        return {"shape": label, **cmp.evidence()}
+        return cmp
 
     @check(Check.REGIONS)
     def compare_regions(self, candidate: str) -> dict[str, Any]:
