@@ -444,6 +444,8 @@ def _guard_source(
         ranges = each.dim_ranges()
         held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in first_seen.items()]
         region = regions[index] if index < len(regions) else None
+        if region is not None:  # validated again, whatever its construction did
+            region = Regions(region.dims, region.cuts, region.compiled)
         answer = hit(_int_literal(index)) if region is None else _region_expression(region, index, first_seen, ranges)
         lines += [f"    if {' and '.join(held) or 'True'}:", f"        return {answer}"]
     lines.append(f"    return {miss}")

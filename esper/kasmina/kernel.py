@@ -382,7 +382,7 @@ class Kernel(KernelBase):
         d["last_path"] = EAGER
         d["calls"][EAGER] += 1
         eager = d["_eager"]
-        return (eager if eager is not None else self.eager_module())(*args)
+        return _run_eager(eager if eager is not None else self.eager_module(), args)
 
     def _resolve(self, route: Route) -> Package | None:
         """Load a deferred route's package (first call it accepts) and put the outcome in its place: the
@@ -489,7 +489,29 @@ class BoundKernel(Kernel):
                         return package(args)
         d["last_path"] = EAGER
         d["calls"][EAGER] += 1
-        return d["_modules"]["seed"](*args)
+        return _run_eager(d["_modules"]["seed"], args)
+
+
+def _run_eager(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
+    """``module(*args)``. nn.Module.__call__ costs more than this kernel's own dispatch: where it would only
+    call ``forward`` (no hook on the module or process-wide, no ``Module.compile()``: what it checks itself),
+    call ``forward`` here; anything else takes nn.Module's own path. Submodules are called as usual."""
+    d = module.__dict__
+    try:
+        plain = not (
+            d["_forward_pre_hooks"]
+            or d["_forward_hooks"]
+            or d["_backward_pre_hooks"]
+            or d["_backward_hooks"]
+            or "_compiled_call_impl" in d
+            or _FORWARD_PRE_HOOKS
+            or _FORWARD_HOOKS
+            or _BACKWARD_PRE_HOOKS
+            or _BACKWARD_HOOKS
+        )
+    except KeyError:  # a module that keeps its state elsewhere (a ScriptModule): its own __call__ decides
+        plain = False
+    return module.forward(*args) if plain else module(*args)
 
 
 def _any_requires_grad(args: tuple[Any, ...]) -> bool:
