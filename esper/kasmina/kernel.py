@@ -184,7 +184,8 @@ class Kernel(KernelBase):
 
     ``route`` is ``"compiled"`` when at least one compiled route is loaded, and ``reason`` says why (or why
     not). Routes come from disjoint shape profiles, so at most one accepts a call: dispatch is the first that
-    does. The eager module is built only when a call needs it. A kernel bound to a seed's weights
+    does. A kernel without a compiled route serves every call eager without checking the arguments: there is
+    nothing to refuse them for. The eager module is built only when a call needs it. A kernel bound to a seed's weights
     (:meth:`bind`) is *derived* from its ``origin``, the kernel Kasmina loaded.
     """
 
