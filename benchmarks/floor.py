@@ -17,6 +17,13 @@ under ``torch.no_grad()``:
 - ``select``: guard + routing alone (``Kernel.select``), and ``eager`` for scale.
 - ``bound``: a seed's kernel, ``Kasmina.load_seeds(name).bind(module)`` called the same way, where it routes
   compiled at that shape: what following the seed's module costs on top (its runner is a second loaded copy).
+- ``dispatch``: the kernel's generated dispatcher alone, and ``dispatch_plain`` the same routes' dispatcher
+  without their route tables: the region lookup's cost is the difference (regional kernels only).
+
+The eager floor, for every blueprint (whatever it routes): ``bare``, the blueprint's module called directly,
+against ``eager_route``, a kernel serving that module eager (the loaded kernel where the shape routes eager,
+else one derived from it with every route eager), interleaved in the same rounds at the smallest shape. The
+target is ``eager_route <= 1.02 x bare``.
 
 Paths are interleaved: every round runs each path ``--number`` times in a shuffled order, and the figure is
 the median of per-round per-call times with the spread (min-max of the round medians). The overhead is
@@ -41,6 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_US = 2.0
 TARGET_SHARE = 0.05
+EAGER_TARGET_SHARE = 0.02
 
 
 # The clock: wall time (what a caller waits), or this thread's CPU time, which a busy machine's preemptions do
@@ -134,6 +142,12 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
             bound(*args)
         if bound.last_path == "compiled":
             paths["bound"] = lambda: per_call_us(lambda: bound(*args), number)
+    if any(r.regional for r in kernel.routes):
+        from esper.kasmina.kernel import route_dispatch
+
+        dispatch, plain = kernel._route_of, route_dispatch([r.everywhere() for r in kernel.routes])
+        paths["dispatch"] = lambda: per_call_us(lambda: dispatch(args), number)
+        paths["dispatch_plain"] = lambda: per_call_us(lambda: plain(args), number)
     with torch.no_grad():
         for fn in paths.values():
             fn()  # warm every path once
@@ -154,6 +168,41 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
         "routes": len(kernel.routes),
         # A seed's kernel (load_seeds().bind) pays for following its module; its own runner is another copy.
         "bound_overhead_us": figures["bound"]["us"] - raw if "bound" in figures else None,
+        "region_lookup_us": figures["dispatch"]["us"] - figures["dispatch_plain"]["us"]
+        if "dispatch" in figures
+        else None,
+    }
+
+
+def measure_eager(kernel: Any, bp: Any, *, rounds: int, number: int) -> dict[str, Any]:
+    """The eager floor at ``bp``'s smallest shape: the bare module against a kernel serving it eager."""
+    from esper.numerics.inputs import example_inputs
+
+    sizes = smallest_shape(bp)
+    args = example_inputs(bp, sizes)
+    with torch.no_grad():
+        kernel(*args)
+    served = kernel
+    if kernel.last_path != "eager":  # compiled here: the same blueprint with every route eager
+        served = kernel.derive(
+            routes=[r.with_package(None) for r in kernel.routes], eager_factory=kernel.build_eager, reason="floor"
+        )
+    bare = served.eager_module()  # the very module the route calls: the comparison is the dispatch alone
+    paths: dict[str, Callable[[], float]] = {
+        "bare": lambda: per_call_us(lambda: bare(*args), number),
+        "eager_route": lambda: per_call_us(lambda: served(*args), number),
+    }
+    with torch.no_grad():
+        for fn in paths.values():
+            fn()
+        figures = interleaved(paths, rounds, seed=1)
+    ratio = figures["eager_route"]["us"] / figures["bare"]["us"]
+    return {
+        "shape": sizes,
+        "paths": figures,
+        "loaded_route": served is kernel,
+        "ratio": ratio,
+        "meets_target": ratio <= 1 + EAGER_TARGET_SHARE,
     }
 
 
@@ -182,6 +231,20 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['overhead_us']:.2f} ({r['overhead_grad_us']:.2f}) | {r['target_us']:.2f}"
             f"{'' if r['meets_target'] else ' MISSED'} | {cell('select')} | {cell('eager')} | {bound} |"
         )
+    lines += [
+        "",
+        f"Eager floor: a kernel serving the module eager against the bare module (target <= {1 + EAGER_TARGET_SHARE})",
+        "",
+        "| blueprint | shape | bare us | eager route us | ratio | route |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in sorted(results.get("eager", {}).items()):
+        p = e["paths"]
+        shape = ",".join(f"{k}={v}" for k, v in e["shape"].items())
+        lines.append(
+            f"| {name} | {shape} | {p['bare']['us']:.2f} | {p['eager_route']['us']:.2f} | {e['ratio']:.3f}"
+            f"{'' if e['meets_target'] else ' MISSED'} | {'loaded' if e['loaded_route'] else 'derived'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -199,9 +262,12 @@ def run_floor(urza: Path, catalog_dir: Path, names: list[str], *, rounds: int, n
         "number": number,
         "clock": "thread" if clock is time.thread_time_ns else "wall",
         "blueprints": {},
+        "eager": {},
     }
     for bp in chosen:
         kernel = kasmina.load(bp.name)
+        out["eager"][bp.name] = e = measure_eager(kernel, bp, rounds=rounds, number=max(1, number // 10))
+        print(f"{bp.name}: eager route {e['ratio']:.3f}x the bare module", flush=True)
         if kernel.route != "compiled":
             out["blueprints"][bp.name] = {"shape": smallest_shape(bp), "skipped": kernel.reason}
             continue

@@ -13,6 +13,7 @@ only hold values the predicate generator may inline; anything else is an :class:
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -291,6 +292,79 @@ def explain(schema: GuardSchema, *, device_index: int | None = None) -> Callable
     return check
 
 
+@dataclass(frozen=True)
+class Regions:
+    """Where in a schema's shape space its compiled code serves: cells along ``dims`` (dynamic dim names of
+    the schema), cut at ``cuts[d]`` (ascending integers: a size at or above the ``i``-th cut lies past the
+    ``i``-th cell of dim ``d``), and ``compiled``, one flag per cell, row-major over the dims (the last varies
+    fastest). Validated on construction, as a guard schema is: only integers and identifiers."""
+
+    dims: tuple[str, ...]
+    cuts: tuple[tuple[int, ...], ...]
+    compiled: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if not self.dims or len(self.dims) != len(self.cuts) or len(set(self.dims)) != len(self.dims):
+            raise EntryFormatError(COLUMN, "regions need one list of cuts per distinct dim")
+        for d in self.dims:
+            identifier(d, COLUMN, "a region's dim")
+        for cuts in self.cuts:
+            if any(type(c) is not int or not 0 <= c <= MAX_SIZE for c in cuts) or list(cuts) != sorted(cuts):
+                raise EntryFormatError(COLUMN, f"region cuts {quote(cuts)} are not ascending validated integers")
+        cells = 1
+        for cuts in self.cuts:
+            cells *= len(cuts) + 1
+        if len(self.compiled) != cells or not all(type(c) is bool for c in self.compiled):
+            raise EntryFormatError(COLUMN, f"regions need {cells} cell flags, not {len(self.compiled)}")
+
+
+# Ranges up to this size index a tuple by the size itself; wider ones bisect the cut points.
+DIRECT_SIZES = 1 << 14
+
+
+def _region_tables(region: Regions, index: int, count: int, ranges: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """The tables :func:`_region_expression` reads for schema ``index`` of ``count``: ``g{index}`` the code of
+    each cell (``index`` where compiled, ``count + index`` elsewhere), and per dim ``j`` either ``o{index}_{j}``,
+    the cell offset of every size up to the range's max, or ``c{index}_{j}``, its cuts (a wide range)."""
+    codes = tuple(index if c else count + index for c in region.compiled)
+    tables: dict[str, Any] = {}
+    stride = 1
+    for j in reversed(range(len(region.dims))):
+        cuts, high = region.cuts[j], ranges[region.dims[j]][1]
+        if high <= DIRECT_SIZES:
+            offsets = tuple(bisect.bisect_right(cuts, v) * stride for v in range(high + 1))
+            # One dim: the size indexes the codes themselves.
+            tables[f"o{index}_{j}"] = tuple(codes[o] for o in offsets) if len(region.dims) == 1 else offsets
+        else:
+            tables[f"c{index}_{j}"] = cuts
+        stride *= len(cuts) + 1
+    tables[f"g{index}"] = codes
+    return tables
+
+
+def _region_expression(
+    region: Regions, index: int, sizes: Mapping[str, str], ranges: Mapping[str, tuple[int, int]]
+) -> str:
+    """Source of schema ``index``'s answer under ``region``: its cell's code, from the sizes the guards read
+    (``sizes``: dim name -> the generated expression that holds it)."""
+    if any(d not in sizes for d in region.dims):
+        raise EntryFormatError(COLUMN, "dispatch generator refused a region over a dim the guards do not read")
+    i = _int_literal(index)
+    terms: list[str] = []
+    stride = 1
+    for j in reversed(range(len(region.dims))):
+        dim, cuts = region.dims[j], region.cuts[j]
+        if ranges[dim][1] <= DIRECT_SIZES:
+            terms.append(f"o{i}_{_int_literal(j)}[{sizes[dim]}]")
+        else:
+            scaled = f" * {_int_literal(stride)}" if stride != 1 else ""
+            terms.append(f"bisect(c{i}_{_int_literal(j)}, {sizes[dim]}){scaled}")
+        stride *= len(cuts) + 1
+    if len(region.dims) == 1 and ranges[region.dims[0]][1] <= DIRECT_SIZES:
+        return terms[0]
+    return f"g{i}[{' + '.join(reversed(terms))}]"
+
+
 def _int_literal(value: Any) -> str:
     """``value``'s source text, only for a validated int: the generator's last line of defence."""
     if type(value) is not int or not 0 <= value <= MAX_SIZE:
@@ -312,15 +386,24 @@ def same_but_ranges(a: GuardSchema, b: GuardSchema) -> bool:
 
 
 def _guard_source(
-    schemas: Sequence[GuardSchema], device_index: int | None, *, name: str, hit: Callable[[str], str], miss: str
+    schemas: Sequence[GuardSchema],
+    device_index: int | None,
+    *,
+    name: str,
+    hit: Callable[[str], str],
+    miss: str,
+    regions: Sequence[Regions | None] = (),
 ) -> str:
     """Python source of a straight-line function ``name(args)`` for ``schemas`` (which must be
     :func:`same_but_ranges`): every check the schemas share once, then each schema's ranges in order; the
     first that holds returns ``hit(index)`` (``index`` as source text), any refusal ``miss``. No loops, every
-    constant inlined.
+    constant inlined. Where ``regions[index]`` is given, that schema's hit is instead the code its
+    :class:`Regions` places the sizes in (``index``, or ``len(schemas) + index`` outside its compiled cells),
+    read from tables bound in the namespace (:func:`_region_tables`).
 
     Only integers (checked again here, whatever the schema's construction did) and fixed names are written
-    into the source: dtypes are bound as ``d0``, ``d1``... in the namespace, never spelled from stored text.
+    into the source: dtypes are bound as ``d0``, ``d1``... in the namespace, never spelled from stored text,
+    and a region's tables as ``g0``, ``o0_1``, ``c0_1``... (names made of integers).
     """
     schema = schemas[0]
     if schema.device not in DEVICE_TYPES or len(schema.inputs) > MAX_COUNT:
@@ -360,7 +443,11 @@ def _guard_source(
     for index, each in enumerate(schemas):
         ranges = each.dim_ranges()
         held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in first_seen.items()]
-        lines += [f"    if {' and '.join(held) or 'True'}:", f"        return {hit(_int_literal(index))}"]
+        region = regions[index] if index < len(regions) else None
+        if region is not None:  # validated again, whatever its construction did
+            region = Regions(region.dims, region.cuts, region.compiled)
+        answer = hit(_int_literal(index)) if region is None else _region_expression(region, index, first_seen, ranges)
+        lines += [f"    if {' and '.join(held) or 'True'}:", f"        return {answer}"]
     lines.append(f"    return {miss}")
     return "\n".join(lines)
 
@@ -370,16 +457,27 @@ def _predicate_source(schema: GuardSchema, device_index: int | None = None) -> s
 
 
 def _compile_guard(
-    schemas: Sequence[GuardSchema], device_index: int | None, *, name: str, hit: Callable[[str], str], miss: str
+    schemas: Sequence[GuardSchema],
+    device_index: int | None,
+    *,
+    name: str,
+    hit: Callable[[str], str],
+    miss: str,
+    regions: Sequence[Regions | None] = (),
 ) -> Callable[[Sequence[Any]], Any]:
-    source = _guard_source(schemas, device_index, name=name, hit=hit, miss=miss)  # validates every literal first
+    # Validates every literal first.
+    source = _guard_source(schemas, device_index, name=name, hit=hit, miss=miss, regions=regions)
     namespace: dict[str, Any] = {
         "Tensor": torch.Tensor,
         "Parameter": torch.nn.Parameter,
         "strided": torch.strided,
+        "bisect": bisect.bisect_right,
         **predicate_namespace(),
         **{f"d{n}": TORCH_DTYPES[i.dtype] for n, i in enumerate(schemas[0].inputs)},
     }
+    for index, region in enumerate(regions):
+        if region is not None:
+            namespace.update(_region_tables(region, index, len(schemas), schemas[index].dim_ranges()))
     exec(compile(source, f"<guard {name}>", "exec"), namespace)
     return namespace[name]
 
@@ -391,15 +489,22 @@ def compile_predicate(schema: GuardSchema, *, device_index: int | None = None) -
 
 
 def compile_dispatch(
-    schemas: Sequence[GuardSchema], *, device_index: int | None = None
+    schemas: Sequence[GuardSchema], *, device_index: int | None = None, regions: Sequence[Regions | None] = ()
 ) -> Callable[[Sequence[Any]], int] | None:
     """A dispatcher generated for the schemas of a kernel's routes: it returns the index of the first schema
     that accepts the inputs, ``-1`` when none does, at the cost of one predicate whatever the number of
     routes (the checks they share run once). ``None`` when the schemas differ beyond their ranges, or there
-    are none: check each route's predicate in turn then."""
+    are none: check each route's predicate in turn then.
+
+    ``regions``, one per schema (``None``, or missing at the end: none), splits a schema's range into cells: an
+    accepted call outside the compiled cells of its schema's :class:`Regions` returns ``len(schemas) + index``
+    rather than ``index``. The sizes the guards read are looked up where they were read: the region costs a
+    tuple index per dim, not a second pass over the arguments."""
     if not schemas or not all(same_but_ranges(schemas[0], s) for s in schemas[1:]):
         return None
-    return _compile_guard(schemas, device_index, name="route_of", hit=str, miss="-1")
+    if len(regions) > len(schemas):
+        raise ValueError("more regions than schemas")
+    return _compile_guard(schemas, device_index, name="route_of", hit=str, miss="-1", regions=regions)
 
 
 def compile_check(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], str | None]:

@@ -18,7 +18,7 @@ from esper.artifacts.guards import compile_check, compile_dispatch, compile_pred
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.conformance import MODE_QUERIES, mode_problem
-from esper.kasmina.regions import Lookup, region_lookup
+from esper.kasmina.regions import Lookup, region_lookup, regions_of
 from esper.kasmina.seeds import Weights, bind
 from esper.kasmina.unusable import Unusable, refusal_note
 from esper.urza import Entry
@@ -29,13 +29,12 @@ __all__ = ["COMPILED", "EAGER", "BoundKernel", "DeferredPackage", "Kernel", "Rou
 Package = Callable[[Sequence[torch.Tensor]], Any]
 
 # nn.Module's process-wide hook tables (private to torch; mutated in place, never rebound, so holding them
-# is enough). Kernel.__call__ takes nn.Module's full path whenever one holds a hook: see there.
-_GLOBAL_HOOKS = (
-    _nn_module._global_forward_pre_hooks,
-    _nn_module._global_forward_hooks,
-    _nn_module._global_backward_pre_hooks,
-    _nn_module._global_backward_hooks,
-)
+# is enough). Kernel.__call__ takes nn.Module's full path whenever one holds a hook: see there. Module globals
+# rather than a tuple: the hot path reads each with one cached global load.
+_FORWARD_PRE_HOOKS = _nn_module._global_forward_pre_hooks
+_FORWARD_HOOKS = _nn_module._global_forward_hooks
+_BACKWARD_PRE_HOOKS = _nn_module._global_backward_pre_hooks
+_BACKWARD_HOOKS = _nn_module._global_backward_hooks
 # The calling thread's dispatch state that eager honours and compiled code would not (one C call each; any
 # true: conformance.mode_problem says which).
 _AUTOCAST, _FUNCTION_MODES, _DISPATCH_MODES = MODE_QUERIES
@@ -145,23 +144,35 @@ class Route:
 
 
 def route_dispatch(routes: Sequence[Route]) -> Callable[[Sequence[Any]], int]:
-    """The index of the first of ``routes`` whose guards accept the arguments (``-1``: none does).
+    """The index of the first of ``routes`` whose guards accept the arguments (``-1``: none does), plus
+    ``len(routes)`` when that route is regional and the call falls outside its compiled cells (eager by
+    evidence).
 
     The routes of one blueprint version differ only in their shape profiles' ranges, so one generated
-    dispatcher checks them all (:func:`esper.artifacts.guards.compile_dispatch`): a call to the second bucket costs what
-    a call to the first does. Routes that differ otherwise try each route's own predicate in turn."""
+    dispatcher checks them all, route tables included (:func:`esper.artifacts.guards.compile_dispatch`): a call
+    to the second bucket costs what a call to the first does, and a regional route's cell is looked up from the
+    sizes the guards just read. Routes that differ otherwise try each route's own predicate in turn."""
+    count = len(routes)
     schemas = [r.entry.guards for r in routes]
     devices = {r.device_index for r in routes}
     guarded = all(s is not None for s in schemas) and all(r.accepts is not None for r in routes)
     if routes and guarded and len(devices) == 1:
-        dispatch = compile_dispatch(schemas, device_index=devices.pop())  # type: ignore[arg-type]
-        if dispatch is not None:
-            return dispatch
-    predicates = [r.accepts for r in routes]
+        regions = [
+            regions_of(r.table, r.entry.guards) if r.regional and r.table is not None else None  # type: ignore[arg-type]
+            for r in routes
+        ]
+        # A table the guards cannot place has no lookup either (Route.of): such a route is not regional.
+        if all(g is not None or not r.regional for g, r in zip(regions, routes, strict=True)):
+            dispatch = compile_dispatch(schemas, device_index=devices.pop(), regions=regions)  # type: ignore[arg-type]
+            if dispatch is not None:
+                return dispatch
+    plain = tuple(routes)
 
     def each(args: Sequence[Any]) -> int:
-        for index, accepts in enumerate(predicates):
-            if accepts is not None and accepts(args):
+        for index, r in enumerate(plain):
+            if r.accepts is not None and r.accepts(args):
+                if r.regional and not r.compiled_at(args):  # type: ignore[misc]
+                    return count + index
                 return index
         return -1
 
@@ -173,7 +184,8 @@ class Kernel(KernelBase):
 
     ``route`` is ``"compiled"`` when at least one compiled route is loaded, and ``reason`` says why (or why
     not). Routes come from disjoint shape profiles, so at most one accepts a call: dispatch is the first that
-    does. The eager module is built only when a call needs it. A kernel bound to a seed's weights
+    does. A kernel without a compiled route serves every call eager without checking the arguments: there is
+    nothing to refuse them for. The eager module is built only when a call needs it. A kernel bound to a seed's weights
     (:meth:`bind`) is *derived* from its ``origin``, the kernel Kasmina loaded.
     """
 
@@ -193,12 +205,33 @@ class Kernel(KernelBase):
         # Profiles whose Urza row was refused at load: a call outside every route is told so (see _explain).
         self.refused_note = refusal_note(refused)
         self.routes = tuple(routes)
-        self._route_of = route_dispatch(self.routes)
         self._eager_factory = eager_factory
         # Kasmina's own eager module, kept out of ``_modules`` (see eager_module).
         self._eager: torch.nn.Module | None = None
         # Set past nn.Module.__setattr__: the origin is no submodule (its weights are not this kernel's).
         object.__setattr__(self, "_origin", origin)
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """The certified routes, in dispatch order."""
+        return self.__dict__["_routes"]  # type: ignore[no-any-return]
+
+    @routes.setter
+    def routes(self, routes: Sequence[Route]) -> None:
+        # The dispatcher and the compiled flag follow the routes wherever they are set (written past
+        # nn.Module.__setattr__: plain attributes the hot path reads from the instance dict).
+        routes = tuple(routes)
+        self.__dict__.update(
+            _routes=routes,
+            _route_of=route_dispatch(routes),
+            _count=len(routes),
+            _serves_compiled=any(r.package is not None for r in routes),
+        )
+
+    def _replace_route(self, old: Route, new: Route) -> None:
+        """``old`` replaced by ``new``, which differs only in its package: the dispatcher stays valid."""
+        routes = tuple(new if r is old else r for r in self.routes)
+        self.__dict__.update(_routes=routes, _serves_compiled=any(r.package is not None for r in routes))
 
     @property
     def route(self) -> str:
@@ -238,7 +271,7 @@ class Kernel(KernelBase):
         """The route that accepts ``args``, or ``None`` and why none does."""
         index = self._route_of(args) if self.routes else -1
         if index >= 0:
-            return self.routes[index], None
+            return self.routes[index % len(self.routes)], None
         return self._explain(args)
 
     def _explain(self, args: Sequence[Any]) -> tuple[Route | None, str | None]:
@@ -261,21 +294,25 @@ class Kernel(KernelBase):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # nn.Module.__call__ costs about as much as the guard (a JIT tracing-state query and eight hook-table
-        # checks, ~0.5-1 us): with no hook anywhere and no ``Module.compile()``, call forward directly. Any
-        # hook (on this kernel or process-wide) or a compiled call takes nn.Module's own path, unchanged.
+        # checks): with no hook anywhere and no ``Module.compile()``, serve the call here. Any hook (on this
+        # kernel or process-wide) or a compiled call takes nn.Module's own path, unchanged. Attributes are read
+        # from the instance dict: nn.Module's __getattr__ makes every ``self.name`` a slow lookup.
+        d = self.__dict__
         if (
-            self._forward_pre_hooks
-            or self._forward_hooks
-            or self._backward_pre_hooks
-            or self._backward_hooks
-            or self._compiled_call_impl is not None
-            or _GLOBAL_HOOKS[0]
-            or _GLOBAL_HOOKS[1]
-            or _GLOBAL_HOOKS[2]
-            or _GLOBAL_HOOKS[3]
+            d["_forward_pre_hooks"]
+            or d["_forward_hooks"]
+            or d["_backward_pre_hooks"]
+            or d["_backward_hooks"]
+            or "_compiled_call_impl" in d  # set on the instance by Module.compile() only
+            or _FORWARD_PRE_HOOKS
+            or _FORWARD_HOOKS
+            or _BACKWARD_PRE_HOOKS
+            or _BACKWARD_HOOKS
         ):
             return torch.nn.Module.__call__(self, *args, **kwargs)
-        return self.forward(*args, **kwargs)
+        if kwargs:
+            return self.forward(*args, **kwargs)
+        return self._serve(d, args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Kernel:
         # nn.Module's own deepcopy goes through pickling, which a loaded package refuses. A copy shares what is
@@ -290,48 +327,63 @@ class Kernel(KernelBase):
     def took(self, path: str) -> None:
         # KernelBase.took, past nn.Module.__setattr__ (its Parameter/Module isinstance checks cost more than
         # the guard): ``last_path`` is a plain attribute, never a parameter, buffer or submodule.
-        self.__dict__["last_path"] = path
-        self.calls[path] += 1
+        d = self.__dict__
+        d["last_path"] = path
+        d["calls"][path] += 1
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # The hot path of every call: kept flat (no helper calls on the accepted path), see benchmarks/floor.py.
         if kwargs:
             positional = self.positional(self.routes[0].entry.guards if self.routes else None, args, kwargs)
             if positional is None:
                 self.took(EAGER)
                 return self.eager_module()(*args, **kwargs)
             args = positional
-        routes = self.routes
-        if routes:
-            index = self._route_of(args)
-            route: Route | None
-            if index >= 0:
-                route, why = routes[index], None
-            else:
-                route, why = self._explain(args)
-            package = route.package if route is not None else None
-            if package is not None:
-                compiled_at = route.compiled_at  # type: ignore[union-attr]
-                if compiled_at is not None and not compiled_at(args):
-                    pass  # certification measured eager faster in this region: eager by evidence, no WARNING
-                elif _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+        return self._serve(self.__dict__, args)
+
+    def _accepted(self, args: tuple[Any, ...]) -> int:
+        """What the dispatcher said no to, looked at again with each route's readable check (the cold path):
+        the dispatcher's code for the route that accepts after all, else ``-1`` with one WARNING saying why."""
+        route, why = self._explain(args)
+        if route is None:
+            if why is not None:
+                self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
+            return -1
+        index = self.routes.index(route)
+        return index + len(self.routes) if route.regional and not route.compiled_at(args) else index  # type: ignore[misc]
+
+    def _serve(self, d: dict[str, Any], args: tuple[Any, ...]) -> Any:
+        # The hot path of every call: kept flat (no helper calls on the accepted path), see benchmarks/floor.py.
+        # A kernel without a compiled route serves everything eager: nothing to check the arguments for.
+        if d["_serves_compiled"]:
+            index = d["_route_of"](args)
+            if index < 0:
+                index = self._accepted(args)
+            # ``index`` past the routes: accepted where certification measured eager faster (eager by evidence,
+            # no WARNING); ``-1``: no route accepts.
+            if 0 <= index < d["_count"]:
+                route = d["_routes"][index]
+                package = route.package
+                if package is None:
+                    pass  # certified eager for this profile
+                elif _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _FORWARD_PRE_HOOKS or _FORWARD_HOOKS:
                     self.warn_once(telemetry.MODE, f"{mode_problem()}; this call runs eager")
-                elif torch.is_grad_enabled() and any(a.requires_grad for a in args):
+                elif torch.is_grad_enabled() and _any_requires_grad(args):
                     self.warn_once(telemetry.NEEDS_GRAD, "inputs require grad and this artifact has no backward")
                 else:
                     if type(package) is DeferredPackage:
-                        package = self._resolve(route)  # type: ignore[arg-type]
+                        package = self._resolve(route)
                     if package is not None:
                         for a in args:
                             if not a.is_contiguous():
                                 args = tuple(a.contiguous() for a in args)
                                 break
-                        self.took(COMPILED)
+                        d["last_path"] = COMPILED
+                        d["calls"][COMPILED] += 1
                         return package(args)
-            elif why is not None:
-                self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
-        self.took(EAGER)
-        return self.eager_module()(*args)
+        d["last_path"] = EAGER
+        d["calls"][EAGER] += 1
+        eager = d["_eager"]
+        return _run_eager(eager if eager is not None else self.eager_module(), args)
 
     def _resolve(self, route: Route) -> Package | None:
         """Load a deferred route's package (first call it accepts) and put the outcome in its place: the
@@ -342,8 +394,7 @@ class Kernel(KernelBase):
         except Unusable as u:
             self.warn_once(u.code, f"{u.detail}; profile {route.entry.profile} runs eager")
             package = None
-        resolved = route.with_package(package)
-        self.routes = tuple(resolved if r is route else r for r in self.routes)
+        self._replace_route(route, route.with_package(package))
         return package
 
     def resolve_all(self) -> None:
@@ -391,7 +442,6 @@ class BoundKernel(Kernel):
         )
         self.seed = seed
         self.routes = tuple(wire(self._modules))  # type: ignore[arg-type]
-        self._route_of = route_dispatch(self.routes)
         self.source = origin.source
         # Nothing is said at bind: a seed bound in train mode is usually put in eval mode before its first call.
         # The first call that runs eager says why.
@@ -407,27 +457,24 @@ class BoundKernel(Kernel):
                 self.took(EAGER)
                 return self.seed(*args, **kwargs)
             args = positional
-        routes = self.routes
-        if routes:
-            index = self._route_of(args)
-            route: Route | None
-            if index >= 0:
-                route, why = routes[index], None
-            else:
-                route, why = self._explain(args)
-            package = route.package if route is not None else None
-            if package is not None:
-                compiled_at = route.compiled_at  # type: ignore[union-attr]
-                if compiled_at is not None and not compiled_at(args):
-                    pass  # eager by evidence in this region (see Kernel.forward)
-                elif _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+        return self._serve(self.__dict__, args)
+
+    def _serve(self, d: dict[str, Any], args: tuple[Any, ...]) -> Any:
+        # Kernel._serve with the seed's checks (see there).
+        if d["_serves_compiled"]:
+            index = d["_route_of"](args)
+            if index < 0:
+                index = self._accepted(args)
+            if 0 <= index < d["_count"]:
+                package = d["_routes"][index].package
+                if package is None:
+                    pass  # certified eager for this profile, or for seeds
+                elif _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _FORWARD_PRE_HOOKS or _FORWARD_HOOKS:
                     self.warn_once(telemetry.MODE, f"{mode_problem()}; this call runs eager")
                 else:
                     # First: a seed that changed is validated again, and the grad check then sees its tensors now.
-                    problem = package.problem()  # type: ignore[attr-defined]
-                    if torch.is_grad_enabled() and (
-                        any(a.requires_grad for a in args) or package.seed_requires_grad()  # type: ignore[attr-defined]
-                    ):
+                    problem = package.problem()
+                    if torch.is_grad_enabled() and (_any_requires_grad(args) or package.seed_requires_grad()):
                         self.warn_once(
                             telemetry.NEEDS_GRAD, "a graph through the inputs or the seed's weights needs eager"
                         )
@@ -438,9 +485,39 @@ class BoundKernel(Kernel):
                             if not a.is_contiguous():
                                 args = tuple(a.contiguous() for a in args)
                                 break
-                        self.took(COMPILED)
+                        d["last_path"] = COMPILED
+                        d["calls"][COMPILED] += 1
                         return package(args)
-            elif why is not None:
-                self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
-        self.took(EAGER)
-        return self.seed(*args)
+        d["last_path"] = EAGER
+        d["calls"][EAGER] += 1
+        return _run_eager(d["_modules"]["seed"], args)
+
+
+def _run_eager(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
+    """``module(*args)``. nn.Module.__call__ costs more than this kernel's own dispatch: where it would only
+    call ``forward`` (no hook on the module or process-wide, no ``Module.compile()``: what it checks itself),
+    call ``forward`` here; anything else takes nn.Module's own path. Submodules are called as usual."""
+    d = module.__dict__
+    try:
+        plain = not (
+            d["_forward_pre_hooks"]
+            or d["_forward_hooks"]
+            or d["_backward_pre_hooks"]
+            or d["_backward_hooks"]
+            or "_compiled_call_impl" in d
+            or _FORWARD_PRE_HOOKS
+            or _FORWARD_HOOKS
+            or _BACKWARD_PRE_HOOKS
+            or _BACKWARD_HOOKS
+        )
+    except KeyError:  # a module that keeps its state elsewhere (a ScriptModule): its own __call__ decides
+        plain = False
+    return module.forward(*args) if plain else module(*args)
+
+
+def _any_requires_grad(args: tuple[Any, ...]) -> bool:
+    # A loop, not any() over a generator: the generator costs more than the check on the hot path.
+    for a in args:  # noqa: SIM110
+        if a.requires_grad:
+            return True
+    return False

@@ -15,11 +15,11 @@ import bisect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from esper.artifacts.guards import GuardSchema
+from esper.artifacts.guards import GuardSchema, Regions
 from esper.urza import Entry
 from esper.urza.evidence import COMPILED, RouteTable, route_table
 
-__all__ = ["Lookup", "lookup", "region_lookup"]
+__all__ = ["Lookup", "lookup", "region_lookup", "regions_of"]
 
 # Whether the compiled code serves a call, from the call's arguments (the guards accepted them).
 Lookup = Callable[[Sequence[Any]], bool]
@@ -86,3 +86,13 @@ def region_lookup(entry: Entry) -> tuple[RouteTable | None, Lookup | None]:
         return None, None
     found = lookup(table, entry.guards)
     return (table, found) if found is not None else (None, None)
+
+
+def regions_of(table: RouteTable, schema: GuardSchema) -> Regions | None:
+    """``table`` as the :class:`~esper.artifacts.guards.Regions` a generated dispatcher folds into its guard
+    (:func:`esper.artifacts.guards.compile_dispatch`); ``None`` when the table names a dim the guards do not
+    have (it is then ignored, as by :func:`lookup`)."""
+    dynamic = {d.name for i in schema.inputs for d in i.dims if d.dynamic}
+    if any(d not in dynamic for d in table.dims):
+        return None
+    return Regions(tuple(table.dims), table.cuts(), tuple(c.path == COMPILED for c in table.cells))

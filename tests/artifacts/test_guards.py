@@ -143,3 +143,77 @@ def test_a_forged_range_in_any_bucket_never_reaches_exec() -> None:
     object.__setattr__(forged.inputs[0].dims[0], "max", "__import__('os').getpid()")
     with pytest.raises(EntryFormatError, match="predicate generator refused"):
         compile_dispatch([BUCKETS[0], forged])
+
+
+def wide(hi: int, lo: int = 1) -> GuardSchema:
+    """One input, batch ``lo..hi`` by seq 2..6 by 4 (``hi`` past DIRECT_SIZES makes the dispatcher bisect)."""
+    return GuardSchema(
+        inputs=(
+            InputGuard(
+                "x",
+                "float32",
+                (DimGuard(name="batch", min=lo, max=hi), DimGuard(name="seq", min=2, max=6), DimGuard(size=4)),
+            ),
+        )
+    )
+
+
+def in_cell(cuts: tuple[tuple[int, ...], ...], compiled: tuple[bool, ...], sizes: tuple[int, ...]) -> bool:
+    """The oracle: count the cuts at or below each size, then index the cells row-major (last dim fastest)."""
+    index = 0
+    for dim_cuts, size in zip(cuts, sizes, strict=True):
+        index = index * (len(dim_cuts) + 1) + sum(1 for c in dim_cuts if c <= size)
+    return compiled[index]
+
+
+@pytest.mark.parametrize("hi", [8, 40_000])
+def test_the_dispatcher_places_each_accepted_call_in_its_region(hi: int) -> None:
+    """A regional schema answers its index inside its compiled cells and ``len(schemas) + index`` outside them;
+    a schema without regions answers its index; refusals stay ``-1``. Both the tuple-indexed and the bisecting
+    lookups agree with the oracle at every size."""
+    from esper.artifacts.guards import Regions, compile_dispatch
+
+    one = Regions(("batch",), ((3, 6),), (True, False, True))
+    two = Regions(("batch", "seq"), ((4,), (3, 5)), (False, True, False, True, False, True))
+    for regions in ([one], [two], [None, two]):
+        schemas = [wide(hi)] if len(regions) == 1 else [wide(2), wide(hi, lo=3)]
+        route_of = compile_dispatch(schemas, regions=regions)
+        assert route_of is not None
+        region = regions[-1]
+        assert region is not None
+        index = len(schemas) - 1
+        for batch in [*range(1, 9), hi - 1, hi]:
+            for seq in range(2, 7):
+                got = route_of((torch.zeros(batch, seq, 4),))
+                if len(schemas) == 2 and batch <= 2:
+                    assert got == 0  # the first schema, without regions, takes it whole
+                    continue
+                sizes = (batch,) if len(region.dims) == 1 else (batch, seq)
+                want = index if in_cell(region.cuts, region.compiled, sizes) else len(schemas) + index
+                assert got == want, (regions, batch, seq)
+        assert route_of((torch.zeros(hi + 1, 3, 4),)) == -1
+        assert route_of((torch.zeros(3, 3, 5),)) == -1
+
+
+def test_regions_that_could_reach_exec_are_refused() -> None:
+    """Only integers and identifiers make a region: a forged cut, a cell count that does not match the cuts, a
+    dim the guards do not read, or more regions than schemas are errors, never source."""
+    from esper.artifacts.guards import Regions, compile_dispatch
+    from esper.artifacts.validate import EntryFormatError
+
+    with pytest.raises(EntryFormatError, match="ascending validated integers"):
+        Regions(("batch",), (("__import__('os').getpid()",),), (True, False))  # type: ignore[arg-type]
+    with pytest.raises(EntryFormatError, match="cell flags"):
+        Regions(("batch",), ((3,),), (True,))
+    with pytest.raises(EntryFormatError):
+        Regions(("ba tch",), ((3,),), (True, False))
+    forged = Regions(("batch",), ((3,),), (True, False))
+    object.__setattr__(forged, "cuts", (("1) or __import__('os').getpid() or (1",),))
+    with pytest.raises(EntryFormatError):
+        compile_dispatch([wide(8)], regions=[forged])
+    clean = Regions(("batch",), ((3,),), (True, False))
+    assert compile_dispatch([wide(8)], regions=[clean]) is not None  # the clean twin compiles
+    with pytest.raises(EntryFormatError, match="do not read"):
+        compile_dispatch([wide(8)], regions=[Regions(("width",), ((3,),), (True, False))])
+    with pytest.raises(ValueError, match="more regions"):
+        compile_dispatch([wide(8)], regions=[clean, clean])

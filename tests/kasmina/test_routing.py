@@ -167,3 +167,35 @@ def test_routes_that_differ_beyond_their_ranges_are_tried_in_turn() -> None:
         args = (torch.zeros(batch, 8, dtype=dtype),)
         assert route_dispatch(same)(args) == in_same
         assert route_dispatch(mixed)(args) == in_mixed
+
+
+def test_an_eager_route_honours_every_hook_of_the_module_it_calls() -> None:
+    """A kernel serving eager skips nn.Module.__call__ only where that would only call ``forward``: a hook on
+    the eager module, or a process-wide one, still fires, once per call."""
+    from types import SimpleNamespace
+
+    from esper.kasmina.kernel import Kernel, Route
+
+    module = torch.nn.Linear(8, 8).eval()
+    kernel = Kernel(
+        "bp",
+        eager_factory=lambda: module,
+        routes=[Route.of(SimpleNamespace(guards=guards(1, 64)), None)],  # type: ignore[arg-type]
+        reason="certified eager",
+    )
+    x = torch.randn(4, 8)
+    seen: list[str] = []
+    with torch.no_grad():
+        torch.testing.assert_close(kernel(x), module(x))  # the clean twin: no hook, nothing seen
+        assert kernel.last_path == EAGER and seen == []
+        handle = kernel.eager_module().register_forward_hook(lambda m, i, o: seen.append("module"))
+        kernel(x)
+        assert seen == ["module"]
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+        try:
+            kernel(torch.randn(100, 8))  # outside the guards too: still eager, still hooked
+        finally:
+            handle.remove()
+        assert seen == ["module", "Linear", "Kernel"]
+        assert kernel.calls == {EAGER: 3}
