@@ -43,6 +43,8 @@ class Check(StrEnum):
 
     COMPILE = "compile"
     PARITY = "parity"
+    WEIGHTS = "weights"
+    REPEATED = "repeated"
     GUARDS = "guards"
     LATENCY = "latency"
     SELECT = "select"
@@ -51,7 +53,7 @@ class Check(StrEnum):
 
 
 # The checks every candidate must pass before selection may route it.
-CANDIDATE_CHECKS = (Check.COMPILE, Check.PARITY, Check.GUARDS, Check.LATENCY)
+CANDIDATE_CHECKS = (Check.COMPILE, Check.PARITY, Check.WEIGHTS, Check.REPEATED, Check.GUARDS, Check.LATENCY)
 
 
 @dataclass(frozen=True)
