@@ -28,6 +28,8 @@ MODULE_ORDER = [
     Check.COMPILE,
     Check.PARITY,
     Check.PARITY,  # the hypothesis draws, after the planned cases passed
+    Check.WEIGHTS,
+    Check.REPEATED,
     Check.GUARDS,
     Check.LATENCY,
     Check.LATENCY,
@@ -50,7 +52,10 @@ def test_every_check_is_a_plain_call_returning_a_recorded_result(
     compiled = inference[0].figures
     assert compiled["reused"] is True and compiled["kind"] == "aoti"  # compiled once for the session
     assert inference[1].figures["cases"] >= 9 and inference[2].figures["drawn"] > 0
-    assert inference[3].figures["refused"] >= 5 and {r.figures["shape"] for r in inference[4:6]} == {
+    weights, repeated = inference[3].figures, inference[4].figures
+    assert weights["weights"] == ["own", "scaled-x10#0", "scaled-x0.1#0", "perturbed#0", "outliers#0"]
+    assert weights["cases"] == 4 * 3 and repeated["calls"] >= 2 * len(repeated["shapes"]) * 2
+    assert inference[5].figures["refused"] >= 5 and {r.figures["shape"] for r in inference[6:8]} == {
         "batch=4",
         "batch=16",
     }
