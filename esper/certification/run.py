@@ -555,7 +555,7 @@ class Certification:
                 served[weights] = self.kind.serving(kernel, states[weights])
             path, got = self.kind.serve(served[weights], args, 0)
             if path != COMPILED:
-                raise Fail(f"Kasmina ran {path} for accepted inputs, {c.repeated + 1} calls in, weights {weights}")
+                raise Fail(f"repeated: call {c.repeated} (weights {weights}): Kasmina ran {path} for accepted inputs")
             c.repeated += 1
             return {part: value for part, value in got.items() if part != "buffer"}
 
