@@ -148,9 +148,16 @@ def spread_cases(cases: Sequence[coverage.Case], count: int, regimes: Sequence[s
     return picked
 
 
-def weight_cases(cases: Sequence[coverage.Case]) -> list[coverage.Case]:
+def weight_cases(bp: Blueprint, ranges: Ranges, cases: Sequence[coverage.Case]) -> list[coverage.Case]:
     """The planned ``cases`` of a profile a weight set beyond the blueprint's own is certified on (see
-    :data:`WEIGHT_CASES`)."""
+    :data:`WEIGHT_CASES`): shapes no smaller in any dim than the smallest representative shape inside the
+    profile. The edges of the ranges are parity's, at the blueprint's weights: there a statistic over a batch
+    of two (a BatchNorm's in training) of values that a grown bias shifts far from zero cancels, an
+    ill-conditioned computation whose float32 error no single eager run measures."""
+    inside = [r for r in bp.representative if contains(ranges, r)]
+    if inside:
+        floor = min(inside, key=lambda r: math.prod(int(r[n]) for n in ranges))
+        cases = [c for c in cases if all(c.sizes[n] >= int(floor[n]) for n in ranges)] or list(cases)
     return spread_cases(cases, WEIGHT_CASES, WEIGHT_REGIMES)
 
 

@@ -497,7 +497,7 @@ class Certification:
             self._refuses_other_weights(c, kernel)
             c.weights = CertifiedWeights(certified_for=(str(contract.WeightChange.OWN),), folded=True, cases=0)
             return {"weights": FOLDED}
-        cases = plan.weight_cases(self.cases(c.profile))
+        cases = plan.weight_cases(self.bp, c.ranges, self.cases(c.profile))
         judged = 0
         with one_thread():
             for ws in sets:
