@@ -1,7 +1,8 @@
 """What differs between certifying one artifact kind and another: a small interface, one class per kind.
 
-:class:`~esper.certification.run.Certification` is the one skeleton (compile, parity, guards, latency,
-select, budgets, publish); it asks its :class:`KindChecks` only what a kind changes:
+:class:`~esper.certification.run.Certification` is the one skeleton (compile, parity, weights, repeated,
+guards, latency, select, budgets, publish); it asks its :class:`KindChecks` only what a kind changes
+(including how a seed with other weights is served: the loaded kernel's ``bind``, as Kasmina serves seeds):
 
 - inference: the forward pass of a kernel loaded with ``Kasmina.load_entry``, judged under ``no_grad``
   against the eval-mode module and its float64 copy; the budget's p95 limits apply.
