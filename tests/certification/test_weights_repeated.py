@@ -76,14 +76,21 @@ class StandIn:
         return self.defect(self.seed, x, y, self.calls[0])
 
 
-def certification(tmp_path: Path, defect: Defect = clean, *, swappable: bool = True, serves: bool = False) -> Any:
+def certification(
+    tmp_path: Path,
+    defect: Defect = clean,
+    *,
+    swappable: bool = True,
+    serves: bool = False,
+    constants: tuple[str, ...] = ("weight", "bias"),
+) -> Any:
     cert = Certification(BP, ArtifactKind.INFERENCE, tmp_path / "urza.db", PROFILES["cpu-2core"], recheck=True)
     schema = GuardSchema(
         inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=24), DimGuard(size=4))),)
     )
     artifact = tmp_path / "artifact.bin"
     artifact.write_bytes(b"stand-in")
-    meta = {"swappable": swappable, "constants": {"weight": {}, "bias": {}}}
+    meta = {"swappable": swappable, "constants": {n: {} for n in constants}}
     with Urza(cert.urza_path) as urza:
         checksum, size = urza.store.add(artifact)
         for c in cert.candidates.values():
@@ -121,6 +128,21 @@ def test_a_right_kernel_is_certified_for_every_weight_set_and_the_evidence_says_
     assert stored is not None and stored.weights == CertifiedWeights(
         certified_for=tuple(result.figures["weights"]), folded=False, held_own=(), cases=4 * plan.WEIGHT_CASES
     )
+
+
+def test_weights_a_swappable_entry_folded_keep_the_blueprints_values_in_every_set(tmp_path: Path) -> None:
+    own_bias = BP.build().bias.detach().clone()
+
+    def folded_bias(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
+        # code that folded the bias computes with the blueprint's, whatever the seed holds
+        return y - module.bias + own_bias
+
+    assert certification(tmp_path, folded_bias).check_weights("default/default").failed
+    (tmp_path / "held").mkdir()
+    cert = certification(tmp_path / "held", folded_bias, constants=("weight",))
+    result = cert.check_weights("default/default")
+    assert result.passed and result.figures["held_own"] == ["bias"], result.reason
+    assert cert.candidates["default/default"].weights.held_own == ("bias",)
 
 
 def test_folded_code_is_certified_for_its_own_weights_only(tmp_path: Path) -> None:
