@@ -1,7 +1,9 @@
 """What this repository's own pytest runs need beyond the installed ``pytest --certify`` plugin."""
 
+import importlib.util
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["pytester"]
@@ -15,3 +17,10 @@ settings.register_profile(
 )
 settings.register_profile("esper-tests", deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("esper-tests-ci" if os.environ.get("CI") else "esper-tests")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-benchmark (the `bench` extra, for benchmarks/) warns about its own settings; its warning class can be
+    # named only where it is installed (pyproject's filterwarnings would stop every run without it).
+    if importlib.util.find_spec("pytest_benchmark") is not None:
+        config.addinivalue_line("filterwarnings", "ignore::pytest_benchmark.logger.PytestBenchmarkWarning")

@@ -2,7 +2,7 @@
 
 The text depends only on the declaration (never on time, paths of the machine or run state), so
 regenerating an unchanged blueprint gives the same file byte for byte. Each test calls one check of
-:mod:`esper.certification.run` and hands its result to :func:`certify.results.verdict`.
+:mod:`esper.certification.run` and hands its result to :func:`esper_certify.results.verdict`.
 """
 
 from __future__ import annotations
@@ -61,9 +61,13 @@ among the candidates that passed everything:
   test_guards     inputs just outside each range, of a wrong dtype, rank or fixed dim run eager, never compiled
   test_latency    each candidate against eager in interleaved rounds at each representative shape (training: a
                   step): the paired ratio with a confidence interval, and wins/even/loses/inconclusive
-  test_select     per profile, a candidate within budget that beats eager by {margin:.0%} with confidence
-                  (of several, the first in variant order unless a later one is faster by {margin:.0%} with
-                  confidence); else eager if eager meets the budget; else the fastest candidate within budget
+  test_regions    each candidate against eager over a small grid across its profile's ranges (log-spaced
+                  sizes of each dim with the representative ones, midpoints where neighbours decide
+                  differently): its route table, compiled only in the cells whose point wins
+  test_select     per profile, a candidate within budget that beats eager by {margin:.0%} with confidence in
+                  one cell of its route table at least, routed there and eager elsewhere (of several, the
+                  first in variant order unless a later one is faster by {margin:.0%} with confidence where
+                  both win); else eager if eager meets the budget; else the fastest candidate within budget
   test_budgets    fails, with every route's figures, where no route meets the budget (p95 for inference,
                   the compiled/eager ratio cap)
   test_publish    winners `certified`, losers `rejected` by selection with their figures, eager routes stored
@@ -71,7 +75,7 @@ among the candidates that passed everything:
 
 import pytest
 
-from certify.results import verdict
+from esper_certify.results import verdict
 
 BLUEPRINT = {name!r}
 SOURCE = {source!r}
@@ -118,6 +122,11 @@ def test_guards(certification, artifact, candidate):
 @pytest.mark.parametrize(("artifact", "candidate", "shape"), LATENCY)
 def test_latency(certification, artifact, candidate, shape):
     verdict(certification[artifact].compare_latency(candidate, shape))
+
+
+@pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
+def test_regions(certification, artifact, candidate):
+    verdict(certification[artifact].compare_regions(candidate))
 
 
 @pytest.mark.parametrize("artifact", ARTIFACTS)

@@ -1,8 +1,11 @@
 """The ``pytest --certify`` plugin (registered through the ``pytest11`` entry point).
 
-Every hook is one call on :class:`certify.session.PytestCertify`, kept in ``config.stash``; the checks live
+This folder installs as ``esper_certify`` (a bare ``certify`` could collide with another distribution's
+package in site-packages), so its modules import one another relatively and nothing imports ``certify``.
+
+Every hook is one call on :class:`esper_certify.session.PytestCertify`, kept in ``config.stash``; the checks live
 in :mod:`esper.certification` and return results that the generated modules turn into pass, skip or fail.
-Nothing here imports torch or the harness's dependencies (hypothesis, pytest-benchmark): an ordinary
+Nothing here imports torch or the harness's dependency (hypothesis): an ordinary
 ``pytest`` run pays nothing for the plugin and works without ``esper[certify]`` installed; ``--certify``
 without it is a usage error saying what to install.
 """
@@ -13,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from certify.session import PytestCertify
 from esper.options import OPTIONS, add_pytest_option
+
+from .session import PytestCertify
 
 __all__ = ["SESSION"]
 

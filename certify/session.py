@@ -1,6 +1,6 @@
 """The plugin's state for one pytest run: the library's :class:`~esper.certification.session.CertifySession`,
 built from the ``--certify-*`` options, and what pytest tells it (the collected compiles, the end of the run).
-Every hook of :mod:`certify.plugin` is one call on this object, kept in ``config.stash``."""
+Every hook of :mod:`esper_certify.plugin` is one call on this object, kept in ``config.stash``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from esper.certification.extras import missing_harness, usage_error
+from esper.certification.extras import missing_library, usage_error
 
 if TYPE_CHECKING:
     from esper.certification.run import BlueprintCertification
@@ -65,21 +65,24 @@ class PytestCertify:
             device=option("certify_device") or "cpu",
             baseline=option("certify_baseline"),
             regression=option("certify_regression"),
+            inconclusive=option("certify_inconclusive"),
+            confirm_seconds=option("certify_confirm_seconds"),
             shard=option("certify_shard"),
         )
 
     def configure(self) -> None:
         """With ``--certify``: refuse a missing harness or a bad worker count, generate the modules (see
-        :func:`certify.generate.generate`) and run them (alone, unless paths were given)."""
+        :func:`esper_certify.generate.generate`) and run them (alone, unless paths were given)."""
         config = self.config
         config.addinivalue_line("markers", "esper_certify(name): a generated certification test of blueprint NAME")
         if not config.getoption("certify"):
             return
-        missing = missing_harness(config.pluginmanager.hasplugin)
+        missing = missing_library()
         if missing:
             raise pytest.UsageError(usage_error(missing))
-        from certify.generate import generate
         from esper.certification.compile_ahead import workers
+
+        from .generate import generate
 
         try:
             workers()  # a bad ESPER_CERTIFY_COMPILE_WORKERS is the user's, refused before anything runs
@@ -120,12 +123,18 @@ class PytestCertify:
         self._session.plan_compiles(compiles)
 
     def finish(self, session: pytest.Session) -> None:
-        """Stop the compile workers, write the latency record, and fail the run when the release gate fails."""
+        """Stop the compile workers, write the latency record, and fail the run when the release gate fails:
+        exit 1 for a regression; for a run the gate could not judge under ``--certify-inconclusive=fail``, its
+        own status (:data:`~esper.certification.gate.INCONCLUSIVE_EXIT`) unless the run failed otherwise."""
         if self._session is None:
             return
         self._session.close()
-        if self._session.finish():
+        self._session.finish()
+        status = self._session.exit_status()
+        if status == pytest.ExitCode.TESTS_FAILED:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        elif status and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = status
 
     def summary(self, terminalreporter: Any) -> None:
         """The certification summary table, where the summary files went, and the release gate's lines."""
@@ -136,5 +145,6 @@ class PytestCertify:
         terminalreporter.section("Esper certification")
         terminalreporter.write_line(session.summary_table())
         terminalreporter.write_line(f"(summary written to {path})")
+        undecided = session.verdict is not None and session.verdict.outcome == "inconclusive"
         for line in session.gate_report():
-            terminalreporter.write_line(line)
+            terminalreporter.write_line(line, yellow=undecided and "INCONCLUSIVE" in line)

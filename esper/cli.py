@@ -21,6 +21,7 @@ from esper.settings import Settings, SettingsError, resolve
 from esper.urza.schema import EntryStatus
 
 if TYPE_CHECKING:
+    from esper.certification.gate import Policy
     from esper.tezzeret.compiler import CompileOutcome
 
 
@@ -416,6 +417,8 @@ def report(urza: Path | None, device: str | None, out_dir: Path) -> None:
 @click_option("build_dir")
 @click_option("baseline")
 @click_option("regression")
+@click_option("inconclusive")
+@click_option("confirm_seconds")
 @click_option("recheck")
 @click_option("shard")
 def certify_cmd(
@@ -427,12 +430,14 @@ def certify_cmd(
     build_dir: Path | None,
     baseline: Path | None,
     regression: float,
+    inconclusive: Policy,
+    confirm_seconds: float,
     recheck: bool,
     shard: Any,
 ) -> None:
     """Certify blueprints (all by default) as `pytest --certify` does, without pytest: compile, parity, guards,
     latency, select, budgets and publish, with the same options. Exit 1 when a check or the release gate
-    fails."""
+    fails; a run the gate could not judge passes with a warning, or under `--inconclusive fail` exits 75."""
     from esper.catalog import UnknownBlueprintError
     from esper.certification.extras import INSTALL, missing_library
 
@@ -450,13 +455,15 @@ def certify_cmd(
         device=device or "cpu",
         baseline=baseline,
         regression=regression,
+        inconclusive=inconclusive,
+        confirm_seconds=confirm_seconds,
         shard=shard,
     )
     try:
         session.certify(names)
     except UnknownBlueprintError as e:
         raise click.ClickException(str(e)) from e
-    gate_failed = session.finish()
+    session.finish()
     failures = session.failures()
     for line in failures:
         click.echo(f"FAILED {line}", err=True)
@@ -464,10 +471,13 @@ def certify_cmd(
         path = session.write_summary()
         click.echo(session.summary_table())
         click.echo(f"(summary written to {path})")
+    status = session.exit_status()
     for line in session.gate_report():
         click.echo(line)
-    if failures or gate_failed:
+    if failures or status == 1:
         sys.exit(1)
+    if status:
+        sys.exit(status)
 
 
 def main() -> None:

@@ -15,7 +15,16 @@ from typing import Any
 import click
 
 from esper.certification.budgets import PROFILES
-from esper.certification.gate import DEFAULT_THRESHOLD, threshold
+from esper.certification.gate import (
+    DEFAULT_CONFIRM_SECONDS,
+    DEFAULT_THRESHOLD,
+    INCONCLUSIVE_EXIT,
+    LOAD_LIMIT,
+    Policy,
+    policy,
+    seconds,
+    threshold,
+)
 from esper.certification.shard import parse_shard
 
 
@@ -101,6 +110,23 @@ OPTIONS = {
         threshold,
         "PCT",
         default=DEFAULT_THRESHOLD,
+    ),
+    "inconclusive": Option(
+        "inconclusive",
+        "release gate: what a run it cannot judge does (this run's load differs from the baseline's even after "
+        f"measuring again): 'pass' with a warning (default), or 'fail' with exit status {INCONCLUSIVE_EXIT}, which CI "
+        "can retry on (a regression exits 1)",
+        policy,
+        "{pass,fail}",
+        default=Policy.PASS,
+    ),
+    "confirm_seconds": Option(
+        "confirm-seconds",
+        f"release gate: how long to measure again the comparisons whose eager time moved beyond {LOAD_LIMIT}x the "
+        f"baseline's, waiting for the load to settle (default {DEFAULT_CONFIRM_SECONDS:g}; 0: judge at once)",
+        seconds,
+        "SECONDS",
+        default=DEFAULT_CONFIRM_SECONDS,
     ),
     "recheck": Option(
         "recheck",

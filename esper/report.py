@@ -2,6 +2,10 @@
 measured again). ``esper report`` writes ``report.md`` with one PNG per blueprint and artifact kind, and
 ``report.html`` with the same content and the plots embedded, so it is a single self-contained file.
 
+A route certified by region (:class:`~esper.urza.evidence.RouteTable`) gets its own lines and plot: every grid
+point's ratio to eager with its confidence interval along each dim, compiled cells and eager cells marked, each
+point labelled by its full shape.
+
 Each artifact kind is its own section with its own table and plot: an inference figure is the latency of a
 forward call, a training figure the latency of a training step (forward and backward), so the two are never
 drawn in one series or compared in one column.
@@ -24,7 +28,7 @@ from typing import Any
 from esper.artifacts.compat import CompatKey
 from esper.artifacts.kinds import ArtifactKind
 from esper.urza import Entry, EntryKind, Urza
-from esper.urza.evidence import Evidence
+from esper.urza.evidence import COMPILED, Evidence, RouteTable
 
 INSTALL_HINT = "pip install 'esper[report]'"
 ROUTED = "routed"
@@ -135,7 +139,8 @@ def series(ev: KindEvidence) -> tuple[str | None, dict[str, dict[int, float]]]:
         evidence = Evidence.of(r)
         for label, row in evidence.performance.certify.items():
             x = _x(label)
-            p50 = row.side(evidence.route_path()).p50_ms
+            sizes = {k: int(v) for k, v in (p.split("=") for p in label.split(",") if "=" in p)}
+            p50 = row.side(evidence.path_at(sizes)).p50_ms
             if x is not None and p50 is not None:
                 dim = dim or x[0]
                 out[ROUTED][x[1]] = p50
@@ -167,6 +172,73 @@ def plot(name: str, ev: KindEvidence, path: Path) -> Path | None:
     ax.set_ylabel(MEASURES[ev.kind])
     ax.set_title(f"{name}: {ev.kind}")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def route_tables(ev: KindEvidence) -> list[tuple[Entry, RouteTable]]:
+    """The routes of one kind certified by region, with their tables."""
+    return [(r, t) for r in ev.routes if (t := Evidence.of(r).meta.route_table) is not None]
+
+
+def region_lines(ev: KindEvidence) -> list[str]:
+    """One line per route table (profile, variant, compiled cells) and one per cell: its full shape, the ratio
+    to eager with its interval and decision, and the path it serves."""
+    out = []
+    for r, t in route_tables(ev):
+        out.append(f"Route table of {r.profile}/{r.variant} (#{r.id}): {t.describe()}, cuts {list(t.cuts())}.")
+        for c in t.cells:
+            figures = (
+                f"{_fmt(c.ratio, 3)}x [{_fmt(c.low, 3)}, {_fmt(c.high, 3)}] {c.decision}"
+                if c.ratio is not None
+                else c.why
+            )
+            out.append(f"- {c.label}: {figures} -> {c.path}")
+    return out
+
+
+def plot_regions(name: str, ev: KindEvidence, path: Path) -> Path | None:
+    """Each route table's ratio to eager along each of its dims: one panel per dim, every measured point with
+    its interval, green where the cell serves compiled code and red where it runs eager, labelled by its full
+    shape; lines at parity (1) and at the margin a win must clear."""
+    tables = route_tables(ev)
+    if not tables:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(r, t, d) for r, t in tables for d in range(len(t.dims))]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), squeeze=False)
+    for ax, (r, t, d) in zip(axes[:, 0], panels, strict=True):
+        dim = t.dims[d]
+        for c in t.cells:
+            if c.ratio is None:
+                continue
+            x = c.sizes[dim]
+            color = "tab:green" if c.path == COMPILED else "tab:red"
+            low, high = c.low if c.low is not None else c.ratio, c.high if c.high is not None else c.ratio
+            ax.errorbar([x], [c.ratio], yerr=[[c.ratio - low], [high - c.ratio]], fmt="o", color=color, capsize=2)
+            ax.annotate(c.label, (x, c.ratio), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        cuts = t.cuts()[d]
+        for cut in cuts:
+            ax.axvline(cut - 0.5, linestyle=":", color="grey", linewidth=0.8)
+        if len(t.dims) == 1:  # one dim: the cells are intervals, shaded by the path they serve
+            edges = [t.values[0][0], *(c - 0.5 for c in cuts), t.values[0][-1]]
+            for i, c in enumerate(t.cells):
+                color = "tab:green" if c.path == COMPILED else "tab:red"
+                ax.axvspan(edges[i], edges[i + 1], color=color, alpha=0.08, linewidth=0)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        if t.margin is not None:
+            ax.axhline(1.0 - t.margin, color="tab:green", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"{dim} (dotted: cell edges)")
+        ax.set_ylabel("compiled / eager")
+        ax.set_title(f"{name} {ev.kind} {r.profile}/{r.variant}: {t.describe()} (green compiled, red eager)")
+        ax.title.set_fontsize(8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -264,6 +336,16 @@ def render(urza_path: Path, out: Path, key: CompatKey) -> tuple[Path, Path]:
                 md.append(f"\n![{ev.name} {kind.kind}]({png.name})\n")
                 data = base64.b64encode(png.read_bytes()).decode()
                 alt = html.escape(f"{ev.name} {kind.kind}")
+                body.append(f'<p><img alt="{alt}" src="data:image/png;base64,{data}"></p>')
+            lines = region_lines(kind)
+            if lines:
+                md += ["", *lines, ""]
+                body.append("<pre>" + html.escape("\n".join(lines)) + "</pre>")
+            regions_png = plot_regions(ev.name, kind, out / f"{ev.name}-{kind.kind}-regions.png")
+            if regions_png:
+                md.append(f"\n![{ev.name} {kind.kind} route table]({regions_png.name})\n")
+                data = base64.b64encode(regions_png.read_bytes()).decode()
+                alt = html.escape(f"{ev.name} {kind.kind} route table")
                 body.append(f'<p><img alt="{alt}" src="data:image/png;base64,{data}"></p>')
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text("\n".join(md) + "\n")

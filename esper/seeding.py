@@ -45,7 +45,7 @@ def with_generator(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
         other = getattr(packet, name)
         others = _argument_names(other)
         if GENERATOR in others and tuple(n for n in others if n != GENERATOR) == names:
-            return other  # type: ignore[no-any-return]
+            return other
     return None
 
 
@@ -95,4 +95,4 @@ def _dispatch(
 # Set after the class is made: TorchDispatchMode wraps a subclass's own __torch_dispatch__ in a "disable
 # Dynamo" shim whose first call imports torch._dynamo, which a Kasmina process must never import (it builds
 # eager modules under this mode). Nothing here is traced, so the shim has nothing to do.
-PrivateDraws.__torch_dispatch__ = _dispatch  # type: ignore[method-assign]
+PrivateDraws.__torch_dispatch__ = _dispatch  # type: ignore[method-assign, assignment]

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures"
-TINY = FIXTURES / "tiny"
-BROKEN = FIXTURES / "broken"
-TRAINING = FIXTURES / "training"
-CATALOG = Path(__file__).parent.parent / "blueprints"
+# The fixture folders live in tests/support.py; imported here too for modules that still take them from here.
+from tests.support import BROKEN, CATALOG, FIXTURES, TINY, TRAINING
+
+__all__ = ["BROKEN", "CATALOG", "FIXTURES", "TINY", "TRAINING"]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_signing_keys_from_the_environment() -> Iterator[None]:
     """A CI job (or a developer) that signs with ESPER_SIGNING_KEY / verifies with ESPER_PUBLIC_KEY must not
-    change what these tests store and load; tests/test_signing.py configures keys where it tests them."""
+    change what these tests store and load; tests/artifacts/test_signing.py configures keys where it tests them."""
     saved = {k: os.environ.pop(k) for k in ("ESPER_SIGNING_KEY", "ESPER_PUBLIC_KEY") if k in os.environ}
     yield
     os.environ.update(saved)
@@ -77,7 +76,7 @@ def urza_copy(compiled_urza: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def training_certification_off() -> Iterator[None]:
     """Certify runs inside this suite check inference only: training checks compile a training artifact per
-    blueprint. tests/test_training.py turns them on where it tests them."""
+    blueprint. tests/certification/test_training.py turns them on where it tests them."""
     env = "ESPER_CERTIFY_TRAINING"  # esper.certification.kinds.TRAINING_ENV, without importing torch here
     old = os.environ.get(env)
     os.environ.setdefault(env, "0")

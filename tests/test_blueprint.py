@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from esper.blueprint import Blueprint, BlueprintError, Budget, Dim, Input, Tolerance
 from esper.catalog import UnknownBlueprintError, load_catalog, load_file, validate_module
-
-GOOD = """
-import torch
-from esper.blueprint import Blueprint, Dim, Input, seeded
-
-def build():
-    with seeded(0):
-        return torch.nn.Linear(8, 4).eval()
-
-{name_upper} = Blueprint(
-    name="{name}", version=1, build=build,
-    inputs=(Input("x", "float32", (Dim("batch", 1, 16), {features})),),
-    representative=({{"batch": 4}},),
-)
-"""
-
-
-def write(folder: Path, filename: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / filename
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def good(name: str = "lin", features: int = 8) -> str:
-    return GOOD.format(name=name, name_upper=name.upper(), features=features)
+from tests.support import good, write
 
 
 def declare(**overrides: object) -> Blueprint:

@@ -17,7 +17,7 @@ from esper.catalog import load_catalog
 from esper.kasmina import EAGER, Kasmina
 from esper.kasmina.conformance import mode_problem
 from esper.numerics.inputs import example_inputs
-from tests.conftest import CATALOG
+from tests.support import CATALOG
 
 
 def draws() -> list[torch.Tensor]:
@@ -115,7 +115,7 @@ def test_a_stale_blueprint_runs_its_new_code_with_its_new_weights(tmp_path: Path
     stored weights into the new code; it answers as the new build does, and as ``load_training`` does."""
     from esper.tezzeret.compiler import Tezzeret
     from esper.urza import Urza
-    from tests.conftest import BROKEN
+    from tests.support import BROKEN
 
     folder = tmp_path / "bps"
     folder.mkdir()

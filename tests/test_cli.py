@@ -14,9 +14,7 @@ from esper.blueprint import Blueprint
 from esper.cli import cli
 from esper.tezzeret.compiler import CompileOutcome
 from esper.urza import Urza
-
-from .conftest import TINY
-from .test_urza import make_entry
+from tests.support import TINY, make_entry
 
 
 def commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -1,5 +1,6 @@
 """``pip install esper`` is the runtime only: the wheel's own requirements leave out the certification
-harness (pytest, pytest-benchmark, hypothesis) and the plots (matplotlib), which its extras add; and in a fresh
+harness (pytest, hypothesis), the benchmarks' pytest-benchmark and the plots (matplotlib), which its extras add;
+the wheel holds ``esper`` and the pytest plugin as ``esper_certify`` (never a top-level ``certify``); and in a fresh
 venv that holds exactly the wheel and its runtime dependency closure, Kasmina loads a certified entry and the
 ``esper`` read commands work, while ``esper report`` says what to install.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from .conftest import TINY
+from tests.support import TINY
 
 ROOT = Path(__file__).parents[1]
 HARNESS = ("pytest", "_pytest", "pytest_benchmark", "hypothesis", "matplotlib")
@@ -88,10 +89,27 @@ def runtime_closure(wheel: Path) -> dict[str, metadata.Distribution]:
 def test_the_wheel_requires_the_runtime_and_offers_the_harness_as_extras(wheel: Path) -> None:
     runtime = {_name(r.name) for r in requirements(wheel) if not r.marker}
     assert runtime == {"torch", "numpy", "sqlite-utils", "safetensors", "click", "tabulate", "cryptography"}
-    assert extra(wheel, "certify") >= {"pytest", "pytest-benchmark", "hypothesis"}
+    assert extra(wheel, "certify") == {"pytest", "hypothesis"}, "certification needs pytest and hypothesis only"
+    assert extra(wheel, "bench") == {"pytest-benchmark"}
     assert extra(wheel, "report") == {"matplotlib"}
     assert extra(wheel, "test") >= {"esper", "pytest-xdist", "ruff"}
     assert not HARNESS_DISTS & set(runtime_closure(wheel)), "a runtime dependency pulls in the test stack"
+
+
+def test_the_wheel_holds_the_checkouts_packages_with_the_plugin_as_esper_certify(wheel: Path) -> None:
+    """Every module of ``esper/`` and ``certify/`` is in the wheel (a package folder missing from pyproject's
+    list is caught here), the plugin's folder under ``esper_certify`` and no top-level ``certify``."""
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        entry_text = z.read(entry_points).decode()
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "esper").rglob("*.py")}
+    source |= {f"esper_certify/{p.relative_to(ROOT / 'certify').as_posix()}" for p in (ROOT / "certify").rglob("*.py")}
+    assert source <= names, sorted(source - names)
+    assert "esper/py.typed" in names
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"esper", "esper_certify"}
+    assert "esper-certify = esper_certify.plugin" in entry_text.splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +143,22 @@ def run(env: Path, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[
     """Run in the runtime venv, from a folder outside the checkout, with no path or key from this process."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "ESPER_", "VIRTUAL_ENV"))}
     return subprocess.run([str(a) for a in args], cwd=cwd, env=clean, capture_output=True, text=True, check=False)
+
+
+def test_the_installed_plugin_is_esper_certify_and_nothing_installs_certify(runtime_venv: Path, tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import importlib.util, json
+        from importlib import metadata
+        (ep,) = [e for e in metadata.entry_points(group="pytest11") if e.name == "esper-certify"]
+        spec = importlib.util.find_spec(ep.module)
+        print(json.dumps({"module": ep.module, "origin": spec and spec.origin,
+                          "certify": importlib.util.find_spec("certify") is not None}))
+    """)
+    out = run(runtime_venv, runtime_venv / "bin" / "python", "-c", script, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["module"] == "esper_certify.plugin" and not result["certify"]
+    assert result["origin"].startswith(str(runtime_venv)), "the plugin was not found in the installed wheel"
 
 
 @pytest.mark.compiles

@@ -15,8 +15,7 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.cli import cli
 from esper.report import collect, render, series
 from esper.urza import Entry, Urza
-
-from .test_urza import make_entry
+from tests.support import make_entry
 
 
 def figures(compiled: float, eager: float) -> dict[str, object]:
@@ -117,3 +116,27 @@ def test_report_renders_from_urza_without_compiling(urza_copy: Path, tmp_path: P
     page = (tmp_path / "out" / "report.html").read_text()
     assert "tiny_mlp" in page and "data:image/png;base64," in page
     assert "| default | default | aoti | certified (routed) |" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.compiles
+def test_a_route_table_is_drawn_and_listed_cell_by_cell(urza_copy: Path, tmp_path: Path) -> None:
+    from esper.artifacts.compat import current
+    from esper.report import render
+    from esper.urza.evidence import ROUTE_TABLE, RegionCell, RouteTable
+
+    cells = (
+        RegionCell({"batch": 1}, "compiled", "wins", 0.5, 0.45, 0.55, 8, "wins"),
+        RegionCell({"batch": 8}, "eager", "loses", 1.2, 1.1, 1.3, 8, "loses"),
+        RegionCell({"batch": 32}, "eager", None, why="not measured (beyond the grid's budget)"),
+    )
+    table = RouteTable(("batch",), ((1, 8, 32),), cells, 0.05)
+    with Urza(urza_copy) as urza:
+        (e,) = urza.entries("tiny_mlp")
+        urza.update(e.id, meta={**e.meta, ROUTE_TABLE: table.to_json()})  # type: ignore[arg-type]
+    md_path, _ = render(urza_copy, tmp_path / "out", current())
+    md = md_path.read_text()
+    assert "regional: compiled in 1 of 3 cells, cuts [(3, 16)]" in md
+    assert "- batch=1: 0.5x [0.45, 0.55] wins -> compiled" in md
+    assert "- batch=8: 1.2x [1.1, 1.3] loses -> eager" in md
+    assert "- batch=32: not measured (beyond the grid's budget) -> eager" in md
+    assert (tmp_path / "out" / "tiny_mlp-inference-regions.png").stat().st_size > 0

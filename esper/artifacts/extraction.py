@@ -165,7 +165,7 @@ def sweep(base: Path | None = None) -> list[Path]:
     """Remove the extraction folders of processes that are gone; the folders removed."""
     base = base_folder() if base is None else base
     own = _current.path.name if _current is not None and _current.pid == os.getpid() else None
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(base))
     except OSError:

@@ -163,7 +163,7 @@ class GuardSchema:
 
     def shapes(self, sizes: dict[str, int]) -> tuple[tuple[int, ...], ...]:
         """Concrete input shapes for one assignment of the dynamic dims."""
-        return tuple(tuple(sizes[d.name] if d.dynamic else d.size for d in i.dims) for i in self.inputs)  # type: ignore[misc]
+        return tuple(tuple(sizes[d.name] if d.dynamic else d.size for d in i.dims) for i in self.inputs)  # type: ignore[misc, index]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -381,13 +381,13 @@ def _compile_guard(
         **{f"d{n}": TORCH_DTYPES[i.dtype] for n, i in enumerate(schemas[0].inputs)},
     }
     exec(compile(source, f"<guard {name}>", "exec"), namespace)
-    return namespace[name]  # type: ignore[no-any-return]
+    return namespace[name]
 
 
 def compile_predicate(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], bool]:
     """A predicate generated for ``schema``: straight-line code with every constant inlined (about a
     microsecond for one input). Kasmina runs it on every call. ``device_index``: see :func:`explain`."""
-    return _compile_guard([schema], device_index, name="accepts", hit=lambda _: "True", miss="False")  # type: ignore[return-value]
+    return _compile_guard([schema], device_index, name="accepts", hit=lambda _: "True", miss="False")
 
 
 def compile_dispatch(
@@ -399,7 +399,7 @@ def compile_dispatch(
     are none: check each route's predicate in turn then."""
     if not schemas or not all(same_but_ranges(schemas[0], s) for s in schemas[1:]):
         return None
-    return _compile_guard(schemas, device_index, name="route_of", hit=str, miss="-1")  # type: ignore[return-value]
+    return _compile_guard(schemas, device_index, name="route_of", hit=str, miss="-1")
 
 
 def compile_check(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], str | None]:

@@ -3,7 +3,7 @@
 torch's public loader for AOT-compiled ``.pt2`` packages imports the whole compiler stack (about a second,
 and a training node must not carry it). The C++ loader underneath, ``torch._C._aoti.AOTIModelPackageLoader``,
 loads the package in milliseconds without it. Its positional signature is
-``(path, model_name, run_single_threaded, num_runners, device_index)``; tests/test_runtime.py pins the
+``(path, model_name, run_single_threaded, num_runners, device_index)``; tests/artifacts/test_runtime.py pins the
 behaviour this wrapper relies on.
 
 Given a ``.pt2`` file, the loader extracts it into a temporary folder that only its destructor removes: a
@@ -106,7 +106,7 @@ class CompiledPackage:
     def __call__(self, args: Sequence[torch.Tensor]) -> Any:
         # ``run`` takes any sequence (a tuple or a list of tensors): no copy of the arguments per call.
         with self._lock:
-            flat = self._loader.run(args)
+            flat = self._loader.run(args)  # type: ignore[arg-type]
         return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
 
     def reload(self) -> CompiledPackage:
@@ -124,7 +124,7 @@ class CompiledPackage:
                 self._active = None  # a failed load leaves nobody's constants trusted
                 self._loader.load_constants(tensors, False, True, True)
                 self._active = (key, tensors)
-            flat = self._loader.run(args)
+            flat = self._loader.run(args)  # type: ignore[arg-type]
         return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
 
 

@@ -12,7 +12,7 @@ lives elsewhere gives wrong results or an error inside compiled code, where eage
   one of :data:`esper.artifacts.validate.DTYPES`, so the dtype check already refuses it).
 
 torch offers no public predicate for two of these, so the private calls live here and nowhere else, pinned
-by ``tests/test_security_tensor_kinds.py``:
+by ``tests/artifacts/test_servable.py``:
 
 - ``torch._C._functorch.is_functorch_wrapped_tensor``: true for BatchedTensor (vmap) and GradTrackingTensor
   (grad, jvp); what ``torch._dynamo`` itself uses to recognize them.

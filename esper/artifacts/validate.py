@@ -27,7 +27,8 @@ MAX_TEXT = 65536
 
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 #: A state-dict name: identifiers (or digits, for ``nn.Sequential``) joined by dots.
-WEIGHT_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}(\.[A-Za-z0-9_]{1,128}){0,63}$")
+# A state-dict key: dotted module path parts, which nn.Sequential and nn.ModuleList name by index ("0.weight").
+WEIGHT_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,128}(\.[A-Za-z0-9_]{1,128}){0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _PROFILE_PART = r"[A-Za-z_][A-Za-z0-9_]{0,127}=[0-9]{1,13}-[0-9]{1,13}"
 #: ``default``, or ``batch=1-4,seq=1-8`` (see :func:`esper.profiles.profile_name`).

@@ -15,8 +15,14 @@ parallel loops wait for a descheduled thread lost far more than eager's small si
 compiled/eager 4-5x the quiet run's). An unchanged candidate then "regressed" with confidence. So the record
 also keeps eager's own time per comparison (version 2), the gate's load gauge: a comparison whose eager time
 differs from the baseline's by more than :data:`LOAD_LIMIT` either way was measured under other conditions and
-is not judged, and a run whose median eager time does is *inconclusive* as a whole: it passes, saying why, and
-asks for a quiet rerun. A real regression makes the compiled side slower, not eager's.
+is not judged, and a run whose median eager time does is *inconclusive* as a whole. A real regression makes the
+compiled side slower, not eager's.
+
+Before judging, :func:`reconcile` measures the comparisons the gauge rules out again (fresh interleaved rounds,
+:func:`~.timing.confirm`) until eager's time is back in range or a time budget is spent: a neighbour's burst
+usually passes within it. What stays out of range leaves the run :attr:`Outcome.INCONCLUSIVE`, and the user's
+:class:`Policy` decides: ``pass`` (with a warning) or ``fail`` with :data:`INCONCLUSIVE_EXIT`, distinct from a
+regression's exit 1 so that CI can retry the run rather than block the release.
 
 Pure functions of plain dicts; the plugin reads and writes the files.
 """
@@ -27,12 +33,14 @@ import argparse
 import json
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from esper.certification.timing import ratio_interval, regressed
+from esper.certification.timing import Comparison, Confirmation, confirm, ratio_interval, regressed
 
 VERSION = 2
 READABLE = (1, 2)  # version 1 has no eager timings: its comparisons are judged without the load gauge
@@ -40,6 +48,50 @@ DEFAULT_THRESHOLD = 0.2
 # How far eager's own time may move between the two runs (either way) for their ratios to be compared.
 LOAD_LIMIT = 1.5
 Key = tuple[str, str, str, str]  # blueprint, artifact, candidate, shape
+# How long the gate may spend measuring out-of-range comparisons again, by default (seconds).
+DEFAULT_CONFIRM_SECONDS = 60.0
+# Between passes over the comparisons still out of range: let a neighbour's burst pass, measuring nothing.
+CONFIRM_PAUSE_SECONDS = 2.0
+# The exit status of a run the gate could not judge under ``--certify-inconclusive=fail``: EX_TEMPFAIL of
+# sysexits.h ("temporary failure; the user is invited to retry"), far from pytest's own 0-5 and from 1, a
+# failed check or a regression.
+INCONCLUSIVE_EXIT = 75
+
+
+class Policy(StrEnum):
+    """What a run the gate could not judge does: pass with a warning, or fail with :data:`INCONCLUSIVE_EXIT`."""
+
+    PASS = "pass"
+    FAIL = "fail"
+
+
+class Outcome(StrEnum):
+    """The gate's outcome (see :attr:`Verdict.outcome`)."""
+
+    PASSED = "passed"
+    REGRESSED = "regressed"
+    INCONCLUSIVE = "inconclusive"
+
+
+def policy(value: str) -> Policy:
+    """``pass`` or ``fail`` (argparse type)."""
+    try:
+        return Policy(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"inconclusive policy {value!r} must be one of {', '.join(p.value for p in Policy)}"
+        ) from None
+
+
+def seconds(value: str) -> float:
+    """A time budget in seconds, ``0`` or more (argparse type)."""
+    try:
+        x = float(value[:-1] if value.endswith("s") else value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"time budget {value!r} is not a number of seconds") from None
+    if not 0 <= x < math.inf:
+        raise argparse.ArgumentTypeError(f"time budget {value!r} must be 0 seconds or more")
+    return x
 
 
 def threshold(value: str) -> float:
@@ -103,16 +155,91 @@ class Verdict:
     """The gate's outcome: the regressions it found among the comparisons it judged, the comparisons it did
     not judge (eager's time moved beyond :data:`LOAD_LIMIT`), and the run's load against the baseline's
     (median of eager's time ratios; ``None`` without eager timings). ``inconclusive`` says why the whole run
-    could not be judged ("" when it was); an inconclusive run does not fail."""
+    could not be judged ("" when it was): its regressions do not count. ``confirmed`` counts the comparisons
+    :func:`reconcile` measured back into range, in ``confirm_seconds``."""
 
     regressions: list[str]
     unjudged: list[str]
     load: float | None
     inconclusive: str = ""
+    confirmed: int = 0
+    confirm_seconds: float = 0.0
 
     @property
     def failed(self) -> bool:
+        """Whether a regression was found on comparable measurements."""
         return bool(self.regressions) and not self.inconclusive
+
+    @property
+    def outcome(self) -> Outcome:
+        """``regressed`` (:attr:`failed`), else ``inconclusive`` when the whole run or any comparison could not
+        be judged (a regression may hide there), else ``passed``."""
+        if self.failed:
+            return Outcome.REGRESSED
+        return Outcome.INCONCLUSIVE if self.inconclusive or self.unjudged else Outcome.PASSED
+
+
+def exit_status(verdict: Verdict | None, inconclusive: Policy) -> int:
+    """The exit status the gate asks for: 1 for a regression, :data:`INCONCLUSIVE_EXIT` for a run it could not
+    judge under :attr:`Policy.FAIL`, else 0 (no gate: ``None``)."""
+    if verdict is None:
+        return 0
+    if verdict.outcome is Outcome.REGRESSED:
+        return 1
+    if verdict.outcome is Outcome.INCONCLUSIVE and inconclusive is Policy.FAIL:
+        return INCONCLUSIVE_EXIT
+    return 0
+
+
+def comparable(baseline: Record, key: str, eager_ms: float) -> bool:
+    """The load gauge of one comparison: whether eager's time ``eager_ms`` lies within :data:`LOAD_LIMIT` of the
+    baseline's at ``key`` (either way); true where the baseline kept no eager time."""
+    base = baseline.eager_ms.get(key, 0)
+    if base <= 0 or eager_ms <= 0:
+        return True
+    return abs(math.log(eager_ms / base)) <= math.log(LOAD_LIMIT)
+
+
+def out_of_range(baseline: Record, current: Record) -> list[str]:
+    """The keys both runs measured whose eager time the gauge rules out (see :func:`comparable`)."""
+    return [
+        k
+        for k in sorted(set(baseline.ratios) & set(current.ratios))
+        if k in current.eager_ms and not comparable(baseline, k, current.eager_ms[k])
+    ]
+
+
+def reconcile(
+    baseline: Record,
+    current: Record,
+    measure: Callable[[str, int], Comparison | None],
+    *,
+    budget_s: float,
+    pause_s: float = CONFIRM_PAUSE_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    wait: Callable[[float], Any] = time.sleep,
+) -> tuple[Record, Confirmation[str]]:
+    """This run's record with its out-of-range comparisons (:func:`out_of_range`) measured again: ``measure(key,
+    attempt)`` times one comparison afresh (``None``: it cannot), pass after pass over those still out of range,
+    until each is back in range or ``budget_s`` is spent (:func:`~.timing.confirm`). A comparison measured back
+    into range replaces the first measurement; the others keep theirs."""
+    keys = out_of_range(baseline, current)
+    if not keys:
+        return current, Confirmation({}, {}, 0, 0.0)
+    confirmation = confirm(
+        keys,
+        measure,
+        lambda key, cmp: comparable(baseline, key, cmp.eager_p50 * 1e3),
+        budget_s=budget_s,
+        pause_s=pause_s,
+        clock=clock,
+        wait=wait,
+    )
+    ratios, eager_ms = dict(current.ratios), dict(current.eager_ms)
+    for key, cmp in confirmation.settled.items():
+        ratios[key] = list(cmp.ratios)
+        eager_ms[key] = cmp.eager_p50 * 1e3
+    return Record(ratios, eager_ms), confirmation
 
 
 def judge(baseline: Record, current: Record, limit: float) -> Verdict:
@@ -125,7 +252,7 @@ def judge(baseline: Record, current: Record, limit: float) -> Verdict:
     }
     load = statistics.median(slowdown.values()) if slowdown else None
     bound = math.log(LOAD_LIMIT)
-    unjudged = [k for k, s in slowdown.items() if abs(math.log(s)) > bound]
+    unjudged = out_of_range(baseline, current)
     judged = {k: baseline.ratios[k] for k in set(shared).difference(unjudged)}
     found = regressions(judged, current.ratios, limit)
     inconclusive = ""

@@ -47,12 +47,15 @@ class Check(StrEnum):
     REPEATED = "repeated"
     GUARDS = "guards"
     LATENCY = "latency"
+    REGIONS = "regions"
     SELECT = "select"
     BUDGETS = "budgets"
     PUBLISH = "publish"
 
 
-# The checks every candidate must pass before selection may route it.
+# The checks every candidate must pass before selection may route it. ``regions`` is not among them: a session
+# that did not measure a candidate's grid routes its profile by the representative shapes alone; one that
+# measured it and failed rejects the candidate (see Certification.record).
 CANDIDATE_CHECKS = (Check.COMPILE, Check.PARITY, Check.WEIGHTS, Check.REPEATED, Check.GUARDS, Check.LATENCY)
 
 

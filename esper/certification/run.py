@@ -4,7 +4,9 @@ decision it publishes. Each check returns a :class:`~esper.certification.results
 :class:`Certification` is the one skeleton for every artifact kind (inference, training), parameterized by
 its :class:`~esper.certification.kinds.KindChecks`. A kind's *candidates* (see :mod:`.plan`) are each
 checked (parity against a float64 reference over the planned cases, see :mod:`esper.numerics.parity`; guards) and
-timed against eager in interleaved rounds (:func:`esper.certification.timing.compare`); then :func:`choose` picks each
+timed against eager in interleaved rounds (:func:`esper.certification.timing.compare`) at the representative shapes
+and over a grid across the profile (:mod:`.regions`); then :func:`choose_regions` picks each profile's route and
+its route table (compiled only where the candidate won), or, where no grid was measured, :func:`choose` picks each
 profile's route (see there: the candidate that meets the budget and beats eager with confidence, the first in
 variant order unless a later one is faster by the margin with confidence, else
 eager when eager meets the budget, else the fastest candidate that meets it; nothing meets it: rejected by
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import statistics
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -33,23 +37,25 @@ import torch
 from esper.artifacts.context import machine_context
 from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
-from esper.certification import budgets, contract, plan, timing
+from esper.certification import budgets, contract, plan, regions, timing
 from esper.certification.cases import RefusedCase, refused_cases
 from esper.certification.compile_ahead import CompileAhead, CompileJob
 from esper.certification.kinds import KINDS, Expected, KindChecks
 from esper.certification.results import CANDIDATE_CHECKS, Check, CheckResult, Fail, Skip, check
-from esper.kasmina import COMPILED, EAGER
+from esper.kasmina import COMPILED, EAGER, telemetry
 from esper.numerics import coverage
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
 from esper.urza import Entry, EntryKind, EntryStatus, Urza
 from esper.urza.evidence import (
+    ROUTE_TABLE,
     CertificationRecord,
     CertifiedParity,
     CertifiedWeights,
     DecisionRecord,
     Parity,
     Performance,
+    RouteTable,
     ShapeTiming,
     Timing,
     geomean,
@@ -60,8 +66,22 @@ log = logging.getLogger("esper.certify")
 CHECKS = tuple(Check)
 # A compiled route must beat eager by this much, with confidence (interleaved rounds), or eager it is.
 MARGIN = 0.05
+CONFIDENCE = 0.95  # of a latency decision's interval
 # Interleaved rounds of a latency comparison before an undecided one is called inconclusive (and routes eager).
 MAX_ROUNDS = 24
+# An inconclusive comparison at a representative shape is measured again (fresh interleaved rounds, each look at
+# a stricter confidence: :func:`esper.certification.timing.confirm`) at most this often, and no new look starts
+# once this many seconds were spent on it; still undecided, it stays inconclusive.
+CONFIRM_LOOKS = 2
+CONFIRM_SECONDS = 3.0
+# A grid point's comparison (:meth:`Certification.compare_regions`): fewer calls a round and fewer rounds than at
+# a representative shape, stopping as soon as the interval decides; at most about GRID_SECONDS a candidate,
+# estimated from the representative shapes' timings (the costliest points are left unmeasured, and run eager).
+GRID_CALLS = 3
+GRID_MIN_ROUNDS = 6
+GRID_ROUNDS = 2
+GRID_MAX_ROUNDS = 12
+GRID_SECONDS = 4.0
 # Eager and float64 results of the planned cases are kept for the profile's other candidates up to this size.
 REFERENCE_CACHE_BYTES = 256 * 2**20
 SELECTION = "selection"
@@ -103,6 +123,8 @@ class Candidate:
     weights: CertifiedWeights | None = None  # the weight sets its seeds were certified at
     repeated: int = 0  # calls made by the repeated-calls check
     comparisons: dict[str, timing.Comparison] = field(default_factory=dict)  # by representative shape
+    grid: regions.Grid | None = None  # the grid measured across the profile (None: not measured this session)
+    grid_comparisons: dict[str, timing.Comparison] = field(default_factory=dict)  # by grid point label
     failed: str | None = None
 
     @property
@@ -113,6 +135,12 @@ class Candidate:
     @property
     def id(self) -> str:
         return f"{self.profile}/{self.variant}"
+
+    def route_table(self, margin: float = MARGIN) -> RouteTable | None:
+        """The candidate's route table over its measured grid (``None`` when no grid was measured)."""
+        if self.grid is None:
+            return None
+        return regions.route_table(self.grid, self.grid_comparisons, margin=margin)
 
 
 @dataclass(frozen=True)
@@ -125,6 +153,7 @@ class Decision:
     ratio: float | None
     note: str
     over_budget: tuple[str, ...] = ()
+    table: RouteTable | None = None  # the winner's route by region (None: compiled everywhere in the profile)
 
 
 def figures(cmp: timing.Comparison) -> budgets.Figures:
@@ -235,6 +264,64 @@ def choose(
     return Decision(profile, None, best, f"no route meets the budget ({why})", over)
 
 
+def choose_regions(
+    profile: str,
+    labels: list[str],
+    scored: Mapping[str, Mapping[str, timing.Comparison]],
+    tables: Mapping[str, RouteTable],
+    grids: Mapping[str, Mapping[str, timing.Comparison]],
+    budget: Any,
+    budget_profile: budgets.BudgetProfile,
+    *,
+    p95: bool = True,
+) -> Decision:
+    """The route of ``profile`` by region: :func:`choose`'s rule, where a candidate *wins* when its route table
+    (``tables``, from its comparisons over the profile's grid, ``grids``) is compiled in one cell at least.
+
+    1. the budget rule is :func:`choose`'s, at the representative shapes (``scored``);
+    2. of the within-budget candidates compiled somewhere, the first in variant order is routed unless a later
+       one :func:`outpaces` it over the grid points where both win; where they win in no common cell, the one
+       compiled in more cells (the first in variant order on a tie). One candidate per profile: its table
+       sends its compiled cells to it, every other cell to eager;
+    3. no candidate wins anywhere: :func:`choose` (eager, or the fastest within budget, or over budget).
+    """
+    fallback = choose(profile, labels, scored, budget, budget_profile, p95=p95)
+    ratio = {cid: geomean(by_label[label].ratio for label in labels) for cid, by_label in scored.items()}
+    within = [
+        cid
+        for cid, by_label in scored.items()
+        if cid in tables
+        and tables[cid].compiled_anywhere
+        and not budgets.check(budget, budget_profile, {k: figures(c) for k, c in by_label.items()}, p95=p95)
+    ]
+    if not within:
+        return fallback
+    cid = within[0]
+    for other in within[1:]:
+        shared = [
+            cell.label
+            for cell in tables[cid].cells
+            if cell.path == COMPILED
+            and cell.label in grids[other]
+            and grids[other][cell.label].decision == timing.WINS
+            and cell.label in grids[cid]
+        ]
+        if shared:
+            if outpaces(grids[other], grids[cid], shared):
+                cid = other
+        elif tables[other].compiled_cells() > tables[cid].compiled_cells():
+            cid = other
+    table = tables[cid]
+    eager_cells = [c for c in table.cells if c.path != COMPILED]
+    note = f"{cid} {table.describe()}, at {ratio[cid]:.2f}x eager over the representative shapes"
+    if eager_cells:
+        note += "; eager at " + ", ".join(f"{c.label} ({c.decision or c.why})" for c in eager_cells)
+    others = [o for o in within if o != cid]
+    if others:
+        note += f"; preferred to {', '.join(others)}"
+    return Decision(profile, cid, ratio[cid], note, table=table)
+
+
 def _reasons(by_label: Mapping[str, timing.Comparison], labels: list[str]) -> str:
     return ", ".join(f"{label} {by_label[label].reason()}" for label in labels if label in by_label)
 
@@ -343,6 +430,8 @@ class Certification:
         assert c.entry is not None and c.entry.id is not None
         if c.kernel is None:
             c.kernel = self.kind.load(c.entry.id)
+            # An entry certified before carries its route table: certification measures the compiled code itself.
+            c.kernel.ignore_route_tables()
         if c.kernel.route != COMPILED:
             raise Fail(f"Kasmina cannot load {self.artifact} entry #{c.entry.id}: {c.kernel.reason}")
         return c.kernel
@@ -598,7 +687,8 @@ class Certification:
         for case in self.refused_cases(candidate):
             if kernel.check(*case.args) is None:
                 raise Fail(f"guards accept an input they must refuse: {case.what}")
-            path, compiled_calls = self.kind.run_refused(kernel, case.args)
+            with telemetry.expected(telemetry.OUTSIDE_GUARDS):
+                path, compiled_calls = self.kind.run_refused(kernel, case.args)
             if path != EAGER or compiled_calls:
                 raise Fail(f"{case.what}: reached the compiled code")
             c.guards_refused += 1
@@ -611,16 +701,126 @@ class Certification:
         """The candidate against eager at one representative shape, in interleaved rounds on the same inputs
         (:func:`esper.certification.timing.compare`): the paired ratio with its confidence interval and a decision."""
         c = self.ready(candidate)
+        cmp = self.measure_latency(candidate, label)
+        if cmp.decision == timing.INCONCLUSIVE:
+            again = timing.confirm(
+                [label],
+                lambda _, look: self.measure_latency(candidate, label, look=look),
+                timing.decided,
+                budget_s=CONFIRM_SECONDS,
+                max_passes=CONFIRM_LOOKS,
+            )
+            cmp = again.settled.get(label) or again.unsettled.get(label) or cmp
+        c.comparisons[label] = cmp
+        return {"shape": label, **cmp.evidence()}
+
+    def measure_latency(
+        self, candidate: str, label: str, *, look: int = 0, seed: int | None = None
+    ) -> timing.Comparison:
+        """One interleaved comparison of the candidate with eager at representative shape ``label``; ``look``
+        > 0 measures it again, deciding at :func:`~.timing.confirmation_confidence` (seeded by ``seed``, by
+        default the look)."""
+        c = self.candidates[candidate]
         kernel = self._kernel(c)
         args = self._inputs(self.labels()[label])
         compiled_fn = self.kind.timed(kernel, args)
         eager_fn = self.kind.timed(self.kind.eager(), args)
+        confidence = timing.confirmation_confidence(CONFIDENCE, look)
         with torch.set_grad_enabled(self.kind.grad_enabled):
-            cmp = timing.compare(compiled_fn, eager_fn, margin=MARGIN, max_rounds=MAX_ROUNDS)
+            cmp = timing.compare(
+                compiled_fn,
+                eager_fn,
+                margin=MARGIN,
+                max_rounds=MAX_ROUNDS,
+                confidence=confidence,
+                seed=look if seed is None else seed,
+            )
             if kernel.last_path != COMPILED:
                 raise Fail(f"compiled timing ran {kernel.last_path}: {kernel.reason}")
-        c.comparisons[label] = cmp
-        return {"shape": label, **cmp.evidence()}
+        return cmp
+
+    @check(Check.REGIONS)
+    def compare_regions(self, candidate: str) -> dict[str, Any]:
+        """The candidate against eager over its profile's grid (:func:`esper.certification.regions.grid`), each
+        point in interleaved rounds as at a representative shape (those are reused from
+        :meth:`compare_latency`), then where neighbouring points decided differently their midpoints
+        (:func:`~esper.certification.regions.refine`), when the budget affords them all. Points are measured
+        cheapest first; those beyond :data:`GRID_SECONDS` (each point counted at its estimated cost or the time
+        it took, whichever is more) are left unmeasured, and run eager. Its figures: the grid and, per point,
+        the decision and ratio."""
+        c = self.ready(candidate)
+        kernel = self._kernel(c)
+        labels = self.labels()
+        reps = {regions.label({d: s[d] for d in c.ranges}): name for name, s in labels.items() if name in c.comparisons}
+        missing = [name for name in plan.labels_in(self.bp, c.ranges) if name not in c.comparisons]
+        if missing:
+            raise Skip(f"{c.id} was not timed at {', '.join(missing)} (test_latency failed or did not run)")
+        g = regions.grid(c.ranges, [labels[name] for name in reps.values()])
+        measured: dict[str, timing.Comparison] = {point: c.comparisons[name] for point, name in reps.items()}
+        per_call = self._per_call_seconds(c, reps)
+
+        def cost(sizes: Mapping[str, int]) -> float:
+            return per_call(sizes) * 2 * (GRID_CALLS * GRID_MIN_ROUNDS + 1)
+
+        spent = 0.0
+        for sizes in sorted(g.points, key=lambda p: math.prod(p.values())):
+            point = regions.label(sizes)
+            if point in measured or spent + cost(sizes) > GRID_SECONDS:
+                continue  # the costliest points beyond the budget stay unmeasured: eager there
+            started = time.perf_counter()
+            measured[point] = self._compare(c, kernel, sizes, point)
+            spent += max(cost(sizes), time.perf_counter() - started)
+        refined = regions.refine(g, {k: v.decision for k, v in measured.items()})
+        added = [p for p in refined.points if regions.label(p) not in measured]
+        # A midpoint left unmeasured would make part of a decided cell eager: refine only what the budget affords.
+        if added and spent + sum(map(cost, added)) <= GRID_SECONDS:
+            for sizes in added:
+                measured[regions.label(sizes)] = self._compare(c, kernel, sizes, regions.label(sizes))
+            g = refined
+        c.grid, c.grid_comparisons = g, measured
+        table = c.route_table()
+        assert table is not None
+        return {
+            "dims": list(g.dims),
+            "values": [list(vs) for vs in g.values],
+            "measured": len(measured),
+            "compiled_cells": table.compiled_cells(),
+            "cells": len(table.cells),
+            "points": {k: {"decision": v.decision, "ratio": v.ratio} for k, v in measured.items()},
+        }
+
+    def _per_call_seconds(self, c: Candidate, reps: Mapping[str, str]) -> Any:
+        """An estimate of one compiled-plus-eager call pair at a grid point: the nearest representative shape's
+        pair (by the product of sizes), scaled by the ratio of the products."""
+        known = [(math.prod(self.labels()[name][d] for d in c.ranges), c.comparisons[name]) for name in reps.values()]
+
+        def estimate(sizes: Mapping[str, int]) -> float:
+            size = math.prod(sizes.values())
+            if not known:
+                return 0.0
+            base, cmp = min(known, key=lambda k: abs(math.log(k[0] / size)))
+            return (cmp.candidate_p50 + cmp.eager_p50) / 2 * size / base
+
+        return estimate
+
+    def _compare(self, c: Candidate, kernel: Any, sizes: Mapping[str, int], point: str) -> timing.Comparison:
+        """One grid point: the candidate against eager in interleaved rounds (the grid's lighter settings)."""
+        args = self._inputs(sizes)
+        compiled_fn = self.kind.timed(kernel, args)
+        eager_fn = self.kind.timed(self.kind.eager(), args)
+        with torch.set_grad_enabled(self.kind.grad_enabled):
+            cmp = timing.compare(
+                compiled_fn,
+                eager_fn,
+                margin=MARGIN,
+                calls=GRID_CALLS,
+                min_rounds=GRID_MIN_ROUNDS,
+                rounds=GRID_ROUNDS,
+                max_rounds=GRID_MAX_ROUNDS,
+            )
+            if kernel.last_path != COMPILED:
+                raise Fail(f"compiled timing at {point} ran {kernel.last_path}: {kernel.reason}")
+        return cmp
 
     # -- 5. select ---------------------------------------------------------------------------------
 
@@ -645,15 +845,26 @@ class Certification:
         self.decisions = {}
         for pname, ranges in self.profiles().items():
             labels = plan.labels_in(self.bp, ranges)
-            scored = {
-                c.id: dict(c.comparisons)
+            contenders = [
+                c
                 for c in self.candidates.values()
                 if c.profile == pname and self.passed(c) and all(label in c.comparisons for label in labels)
-            }
-            self.decisions[pname] = choose(
-                pname, labels, scored, self.bp.budget, self.budget_profile, p95=self.kind.p95_budget
-            )
-        return {p: {"winner": d.winner, "ratio": d.ratio, "note": d.note} for p, d in self.decisions.items()}
+            ]
+            scored = {c.id: dict(c.comparisons) for c in contenders}
+            tables = {c.id: t for c in contenders if (t := c.route_table()) is not None}
+            if tables:
+                grids = {c.id: dict(c.grid_comparisons) for c in contenders}
+                self.decisions[pname] = choose_regions(
+                    pname, labels, scored, tables, grids, self.bp.budget, self.budget_profile, p95=self.kind.p95_budget
+                )
+            else:
+                self.decisions[pname] = choose(
+                    pname, labels, scored, self.bp.budget, self.budget_profile, p95=self.kind.p95_budget
+                )
+        return {
+            p: {"winner": d.winner, "ratio": d.ratio, "note": d.note, "regional": d.table is not None}
+            for p, d in self.decisions.items()
+        }
 
     # -- 6. budgets --------------------------------------------------------------------------------
 
@@ -691,7 +902,7 @@ class Certification:
                             status=EntryStatus.CERTIFIED,
                             failure_reason=None,
                             failed_check=None,
-                            **self.evidence(c, decision),
+                            **self.evidence(c, decision, table=decision.table),
                         )
                         published.append(c.entry)
                     else:
@@ -700,7 +911,7 @@ class Certification:
                             status=EntryStatus.REJECTED,
                             failed_check=SELECTION,
                             failure_reason=f"not routed: {decision.note}",
-                            **self.evidence(c, decision),
+                            **self.evidence(c, decision, table=c.route_table()),
                         )
                 if decision.winner is None and contenders:
                     route = self.kind.store_eager_route(
@@ -765,9 +976,12 @@ class Certification:
             weights=c.weights,
         )
 
-    def evidence(self, c: Candidate | None, decision: Decision | None = None) -> dict[str, Any]:
+    def evidence(
+        self, c: Candidate | None, decision: Decision | None = None, *, table: RouteTable | None = None
+    ) -> dict[str, Any]:
         """Parity, performance and meta columns carrying this session's evidence for ``c`` (an eager route
-        when ``None``), merged over what the entry already holds."""
+        when ``None``), merged over what the entry already holds. ``table``: the entry's route by region
+        (stored in ``meta``; without one, a table an earlier session stored is dropped: compiled everywhere)."""
         entry = c.entry if c is not None else None
         latency: dict[str, ShapeTiming] = {}
         if c is not None:
@@ -800,10 +1014,13 @@ class Certification:
         performance = Performance.from_json(entry.performance if entry else {})
         if latency:
             performance = replace(performance, certify=latency)
+        meta = {k: v for k, v in (entry.meta if entry else {}).items() if k != ROUTE_TABLE}
+        if table is not None:
+            meta[ROUTE_TABLE] = table.to_json()
         return {
             "parity": parity.to_json(),
             "performance": performance.to_json(),
-            "meta": {**(entry.meta if entry else {}), "certification": certification.to_json()},
+            "meta": {**meta, "certification": certification.to_json()},
         }
 
     def record(self, result: CheckResult) -> None:
@@ -897,6 +1114,8 @@ class BlueprintCertification:
             results += [run.check_guards(cid) for cid in plan.candidate_ids(self.bp, run.artifact)]
         for run in self:
             results += [run.compare_latency(cid, label) for cid, label in plan.latency_cases(self.bp, run.artifact)]
+        for run in self:
+            results += [run.compare_regions(cid) for cid in plan.candidate_ids(self.bp, run.artifact)]
         for step in (Certification.select, Certification.check_budgets, Certification.publish):
             results += [step(run) for run in self]
         return results

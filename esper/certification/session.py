@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from esper.certification import gate, plan
 from esper.certification.budgets import PROFILES, BudgetProfile
 from esper.certification.compile_ahead import CompileAhead, CompilePool, workers
 from esper.certification.kinds import TRAINING_ENV
-from esper.certification.results import CheckResult
+from esper.certification.results import CheckResult, Fail
 from esper.certification.run import BlueprintCertification, Certification
 from esper.certification.shard import Shard
+from esper.certification.timing import Comparison
 from esper.kasmina import COMPILED, EAGER
 from esper.profiles import contains
 from esper.settings import Settings
@@ -53,6 +54,8 @@ class CertifySession:
     baseline: Path | None = None  # the release gate's stored latency.json (see esper.certification.gate)
     regression: float = gate.DEFAULT_THRESHOLD
     verdict: gate.Verdict | None = None  # the release gate's, after finish() with a baseline
+    inconclusive: gate.Policy = gate.Policy.PASS  # what a run the gate cannot judge does
+    confirm_seconds: float = gate.DEFAULT_CONFIRM_SECONDS  # the gate's budget for measuring comparisons again
     # The collected ``test_compile`` items per blueprint, in order: (artifact, candidate).
     planned: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     pool: CompilePool | None = None
@@ -186,20 +189,56 @@ class CertifySession:
         ]
 
     def finish(self) -> bool:
-        """Write ``latency.json`` (when anything was timed) and run the release gate against the baseline;
-        whether the gate failed."""
+        """Run the release gate against the baseline, measuring again the comparisons its load gauge rules out
+        (:func:`~esper.certification.gate.reconcile`), and write ``latency.json`` (when anything was timed: the
+        measurements the gate judged); whether the gate found a regression (see :meth:`exit_status`)."""
         rows = self.latency_rows()
+        current = gate.Record({"|".join(k): list(r) for k, r, _ in rows}, {"|".join(k): ms for k, _, ms in rows})
+        baseline = gate.load_record(self.baseline) if self.baseline is not None else None
+        confirmation = None
+        if baseline is not None and rows:
+            current, confirmation = gate.reconcile(baseline, current, self.measure_again, budget_s=self.confirm_seconds)
         if rows:
             from esper.artifacts.context import machine_context
 
             self.build_dir.mkdir(parents=True, exist_ok=True)
-            doc = gate.record([(k, r) for k, r, _ in rows], machine_context(), {k: ms for k, _, ms in rows})
+            keys = [k for k, _, _ in rows]
+            doc = gate.record(
+                [(k, current.ratios["|".join(k)]) for k in keys],
+                machine_context(),
+                {k: current.eager_ms["|".join(k)] for k in keys if "|".join(k) in current.eager_ms},
+            )
             write_if_changed(self.build_dir / "latency.json", json.dumps(doc, indent=1) + "\n")
-        if self.baseline is None:
+        if baseline is None:
             return False
-        current = gate.parse_record(doc, "this run") if rows else gate.Record({})
-        self.verdict = gate.judge(gate.load_record(self.baseline), current, self.regression)
+        self.verdict = gate.judge(baseline, current, self.regression)
+        if confirmation is not None:
+            self.verdict = replace(
+                self.verdict, confirmed=len(confirmation.settled), confirm_seconds=confirmation.seconds
+            )
         return self.verdict.failed
+
+    def measure_again(self, key: str, look: int) -> Comparison | None:
+        """One comparison of this session (``"bp|artifact|candidate|shape"``) measured afresh, or ``None`` when
+        it cannot be (its kernel is not loaded, or the measurement fails)."""
+        name, artifact, cid, label = key.split("|")
+        if name not in self.runs:
+            return None
+        run = self.runs[name][artifact]
+        c = run.candidates.get(cid)
+        if c is None or c.kernel is None or label not in c.comparisons:
+            return None
+        try:
+            # The gate judges the ratios, not the decision: no stricter confidence, a fresh seed.
+            return run.measure_latency(cid, label, seed=look)
+        except Fail:
+            return None
+
+    def exit_status(self) -> int:
+        """The release gate's exit status: 0, 1 (a regression) or :data:`~esper.certification.gate.INCONCLUSIVE_EXIT`
+        (a run it could not judge, under ``--certify-inconclusive=fail``); 0 before :meth:`finish` or without a
+        baseline."""
+        return gate.exit_status(self.verdict, self.inconclusive)
 
     def gate_report(self) -> list[str]:
         """The release gate's lines for the terminal (none without ``--certify-baseline``)."""
@@ -211,12 +250,24 @@ class CertifySession:
             return [head + "nothing was timed"]
         lines = [head + (f"{len(v.regressions)} regression(s)" if v.regressions else "no regression")]
         lines += [f"  {r}" for r in v.regressions]
-        if v.inconclusive:
+        if v.confirmed:
+            lines.append(
+                f"  {v.confirmed} comparison(s) measured again until eager's time was back within "
+                f"{gate.LOAD_LIMIT}x the baseline's ({v.confirm_seconds:.1f} s)"
+            )
+        undecided = v.outcome is gate.Outcome.INCONCLUSIVE
+        if undecided and self.inconclusive is gate.Policy.FAIL:
+            why = v.inconclusive or "some comparisons could not be judged"
+            lines.append(f"  INCONCLUSIVE, failed (exit {gate.INCONCLUSIVE_EXIT}: retry on a quieter machine): {why}")
+        elif v.inconclusive:
             lines.append(f"  INCONCLUSIVE, not failed: {v.inconclusive}")
+        elif undecided:
+            lines.append("  INCONCLUSIVE, not failed: some comparisons could not be judged")
         if v.unjudged:
             lines.append(
                 f"  {len(v.unjudged)} comparison(s) not judged: eager's time moved beyond {gate.LOAD_LIMIT}x the "
-                f"baseline's there ({', '.join(v.unjudged[:3])}{', ...' if len(v.unjudged) > 3 else ''})"
+                f"baseline's there, even after measuring again for {self.confirm_seconds:g} s "
+                f"({', '.join(v.unjudged[:3])}{', ...' if len(v.unjudged) > 3 else ''})"
             )
         return lines
 
@@ -246,6 +297,7 @@ class CertifySession:
 
     def write_summary(self) -> Path:
         rows = self.summary_rows()
+        self.build_dir.mkdir(parents=True, exist_ok=True)
         (self.build_dir / "summary.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
         path = self.build_dir / "summary.md"
         path.write_text(
@@ -319,7 +371,7 @@ def routed_latency(bp: Blueprint, routes: list[Entry]) -> dict[str, ShapeTiming]
             continue
         evidence = Evidence.of(route)
         row = evidence.latency().get(label, ShapeTiming())
-        out[label] = ShapeTiming(compiled=row.side(evidence.route_path()), eager=row.side(EAGER))
+        out[label] = ShapeTiming(compiled=row.side(evidence.path_at(sizes)), eager=row.side(EAGER))
     return out
 
 

@@ -8,6 +8,13 @@ distribution-free confidence interval on the median of those ratios (the sign te
 declares a winner only when the whole interval clears the margin. An undecided comparison measures more
 rounds, up to a cap, and then says "inconclusive": the caller routes eager and records why.
 
+A comparison left inconclusive, or measured under a load its reader cannot use (the release gate's gauge), is
+measured again: :func:`confirm` runs fresh interleaved comparisons, pass after pass over what is still
+unsettled, until each settles or a time budget is spent. Fresh rounds, not more of the same: rounds taken beside
+a neighbour would outvote a quiet confirmation. A decision taken again after an undecided one is a second
+look at the same question, so each confirmation decides at a stricter confidence
+(:func:`confirmation_confidence`): the chance of a false decision over all looks stays below twice the asked one.
+
 :func:`regressed` is the release gate's rule against a stored baseline: a bootstrap interval of the ratio
 of the two runs' medians, so that the spread of both runs counts, not the medians alone.
 """
@@ -19,14 +26,15 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar
 
 WINS = "wins"  # the candidate beats eager by the margin, with confidence
 LOSES = "loses"  # eager is faster, with confidence
 EVEN = "even"  # with confidence, neither slower than eager nor faster by the margin: eager serves
 INCONCLUSIVE = "inconclusive"  # still undecided after max_rounds: eager serves, and the evidence says so
 DECISIONS = (WINS, LOSES, EVEN, INCONCLUSIVE)
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class Comparison:
     ratios: tuple[float, ...] = field(default=(), repr=False)
     candidate_rounds: tuple[float, ...] = field(default=(), repr=False)
     eager_rounds: tuple[float, ...] = field(default=(), repr=False)
+    confirmations: int = 0  # 0: a first measurement; n: the n-th time it was measured again (see confirm)
 
     @property
     def rounds(self) -> int:
@@ -117,9 +126,10 @@ class Comparison:
 
     def reason(self) -> str:
         """One readable line: the decision, the ratio and its interval, the rounds."""
+        again = f" (measured again {self.confirmations}x)" if self.confirmations else ""
         return (
             f"{self.decision}: candidate/eager {self.ratio:.3f} [{self.low:.3f}, {self.high:.3f}] at "
-            f"{self.confidence:.0%} over {self.rounds} interleaved rounds, margin {self.margin:.0%}"
+            f"{self.confidence:.0%} over {self.rounds} interleaved rounds, margin {self.margin:.0%}{again}"
         )
 
     def evidence(self) -> dict[str, Any]:
@@ -136,7 +146,7 @@ class Comparison:
             "eager_p50_ms": self.eager_p50 * 1e3,
             "candidate_p95_ms": self.candidate_p95 * 1e3,
             "eager_p95_ms": self.eager_p95 * 1e3,
-        }
+        } | ({"confirmations": self.confirmations} if self.confirmations else {})
 
 
 def _time_round(
@@ -263,3 +273,83 @@ def regressed(
     then a run slowed throughout is indistinguishable from a slower kernel."""
     _, low, _ = ratio_interval(baseline_samples, candidate_samples, confidence=confidence, seed=seed)
     return low > 1.0 + threshold
+
+
+def confirmation_confidence(confidence: float, attempt: int) -> float:
+    """The confidence a confirmation decides at: the ``attempt``-th look (0: the first measurement) spends
+    ``(1 - confidence) / 2**attempt`` of error, so that all looks together spend less than twice the first's."""
+    if attempt < 0 or not 0 < confidence < 1:
+        raise ValueError("need attempt >= 0 and 0 < confidence < 1")
+    return 1.0 - (1.0 - confidence) / 2**attempt
+
+
+@dataclass(frozen=True)
+class Confirmation(Generic[K]):
+    """The outcome of :func:`confirm`: per key, the confirmation that settled it, or the last one of a key that
+    never settled (a key not measured again before the budget ran out is in neither); the passes run and the
+    seconds spent (by the clock given)."""
+
+    settled: dict[K, Comparison]
+    unsettled: dict[K, Comparison]
+    passes: int
+    seconds: float
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether anything was left unsettled."""
+        return bool(self.unsettled)
+
+
+def confirm(
+    keys: Sequence[K],
+    measure: Callable[[K, int], Comparison | None],
+    settled: Callable[[K, Comparison], bool],
+    *,
+    budget_s: float,
+    max_passes: int | None = None,
+    pause_s: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
+    wait: Callable[[float], Any] = time.sleep,
+) -> Confirmation[K]:
+    """Measure each of ``keys`` again (``measure(key, attempt)``, attempt 1, 2, ...: a fresh interleaved
+    comparison, e.g. :func:`compare` seeded and at :func:`confirmation_confidence` by ``attempt``; ``None``
+    when the key cannot be measured again, which drops it) until
+    ``settled(key, comparison)``, pass after pass over the keys still unsettled, waiting ``pause_s`` between
+    passes (a neighbour's burst passes while nothing is measured), for at most ``max_passes`` passes (``None``:
+    the budget alone bounds them).
+
+    No measurement starts once ``budget_s`` seconds have passed since the call; one under way finishes, so the
+    budget can be overrun by one comparison. ``clock`` and ``wait`` are injectable for tests."""
+    if budget_s < 0 or (max_passes is not None and max_passes < 0) or pause_s < 0:
+        raise ValueError("need budget_s >= 0, max_passes >= 0, pause_s >= 0")
+    start = clock()
+    done: dict[K, Comparison] = {}
+    last: dict[K, Comparison] = {}
+    pending = list(dict.fromkeys(keys))
+    passes = 0
+    while pending and (max_passes is None or passes < max_passes):
+        if passes and pause_s:
+            wait(max(0.0, min(pause_s, budget_s - (clock() - start))))
+        if clock() - start >= budget_s:
+            break
+        passes += 1
+        for key in list(pending):
+            if clock() - start >= budget_s:
+                break
+            measured = measure(key, passes)
+            if measured is None:
+                pending.remove(key)
+                continue
+            cmp = replace(measured, confirmations=passes)
+            if settled(key, cmp):
+                done[key] = cmp
+                last.pop(key, None)
+                pending.remove(key)
+            else:
+                last[key] = cmp
+    return Confirmation(done, last, passes, clock() - start)
+
+
+def decided(_: object, cmp: Comparison) -> bool:
+    """A :func:`confirm` rule: settled once the comparison decides (anything but ``inconclusive``)."""
+    return cmp.decision != INCONCLUSIVE

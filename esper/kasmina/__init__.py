@@ -2,7 +2,7 @@
 
 ``Kasmina(urza).load(name)`` gives an inference :class:`Kernel`, ``load_training(name, weights)`` a
 :class:`TrainingKernel`; both through one load path (:mod:`esper.kasmina.loader`). Nothing under this package
-may import the compiler stack; tests/test_kasmina_static.py enforces it.
+may import the compiler stack; tests/kasmina/test_static.py enforces it.
 """
 
 from esper.artifacts.tensors import WeightSchemaError

@@ -18,9 +18,11 @@ from esper.artifacts.guards import compile_check, compile_dispatch, compile_pred
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.conformance import MODE_QUERIES, mode_problem
+from esper.kasmina.regions import Lookup, region_lookup
 from esper.kasmina.seeds import Weights, bind
 from esper.kasmina.unusable import Unusable, refusal_note
 from esper.urza import Entry
+from esper.urza.evidence import RouteTable
 
 __all__ = ["COMPILED", "EAGER", "BoundKernel", "DeferredPackage", "Kernel", "Route", "route_dispatch"]
 
@@ -84,34 +86,57 @@ class DeferredPackage:
 
 @dataclass(frozen=True)
 class Route:
-    """One certified entry: its guard check and, unless certification chose eager for it, its package."""
+    """One certified entry: its guard check and, unless certification chose eager for it, its package.
+
+    ``table`` is the entry's route by region (:class:`~esper.urza.evidence.RouteTable`): its package serves
+    only the calls ``compiled_at`` places in a compiled cell, eager the rest (``None``: compiled everywhere
+    its guards accept)."""
 
     entry: Entry
     check: Callable[[Sequence[Any]], str | None]
     package: Package | None = None
     accepts: Callable[[Sequence[Any]], bool] | None = None
     device_index: int | None = None
+    table: RouteTable | None = None
+    compiled_at: Lookup | None = None
 
     @classmethod
     def of(cls, entry: Entry, package: Package | None, *, device_index: int | None = None) -> Route:
         """The route of ``entry`` (which must have a guard schema), compiled when ``package`` is given.
         ``device_index``: the CUDA device the package was loaded on (its guard refuses tensors on another)."""
         assert entry.guards is not None
+        table, compiled_at = region_lookup(entry) if package is not None else (None, None)
         return cls(
             entry,
             compile_check(entry.guards, device_index=device_index),
             package,
             compile_predicate(entry.guards, device_index=device_index),
             device_index,
+            table,
+            compiled_at,
         )
 
     def with_package(self, package: Package | None) -> Route:
         """The same entry and guards, calling ``package`` instead (``None``: eager)."""
         return dataclasses.replace(self, package=package)
 
+    def everywhere(self) -> Route:
+        """The same route serving its package wherever its guards accept, whatever its table says."""
+        return dataclasses.replace(self, table=None, compiled_at=None)
+
     @property
     def path(self) -> str:
         return COMPILED if self.package is not None else EAGER
+
+    @property
+    def regional(self) -> bool:
+        """Whether the package serves only some regions of the profile (eager elsewhere, by evidence)."""
+        return self.package is not None and self.compiled_at is not None
+
+    def describe(self) -> str:
+        """``"default/default->compiled#3"``; a regional route says in how many of its cells."""
+        path = f"{self.path} ({self.table.describe()})" if self.regional and self.table is not None else self.path
+        return f"{self.entry.profile}/{self.entry.variant}->{path}#{self.entry.id}"
 
     @property
     def deferred(self) -> bool:
@@ -152,6 +177,8 @@ class Kernel(KernelBase):
     (:meth:`bind`) is *derived* from its ``origin``, the kernel Kasmina loaded.
     """
 
+    _origin: Kernel | None
+
     def __init__(
         self,
         blueprint: str,
@@ -185,7 +212,7 @@ class Kernel(KernelBase):
     @property
     def origin(self) -> Kernel:
         """The kernel Kasmina loaded that this one was derived from (itself when it was not derived)."""
-        return self._origin or self  # type: ignore[no-any-return]
+        return self._origin or self
 
     def eager_module(self) -> torch.nn.Module:
         """The eager module (built on first use, in eval mode).
@@ -277,13 +304,17 @@ class Kernel(KernelBase):
         routes = self.routes
         if routes:
             index = self._route_of(args)
+            route: Route | None
             if index >= 0:
                 route, why = routes[index], None
             else:
                 route, why = self._explain(args)
             package = route.package if route is not None else None
             if package is not None:
-                if _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+                compiled_at = route.compiled_at  # type: ignore[union-attr]
+                if compiled_at is not None and not compiled_at(args):
+                    pass  # certification measured eager faster in this region: eager by evidence, no WARNING
+                elif _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
                     self.warn_once(telemetry.MODE, f"{mode_problem()}; this call runs eager")
                 elif torch.is_grad_enabled() and any(a.requires_grad for a in args):
                     self.warn_once(telemetry.NEEDS_GRAD, "inputs require grad and this artifact has no backward")
@@ -330,8 +361,13 @@ class Kernel(KernelBase):
         module, wire = bind(self, weights)
         return BoundKernel(origin, module, wire)
 
+    def ignore_route_tables(self) -> None:
+        """Serve every route's package wherever its guards accept, whatever its route table says: what
+        certification measures (it times the compiled code itself, at every point of the grid)."""
+        self.routes = tuple(r.everywhere() for r in self.routes)
+
     def extra_repr(self) -> str:
-        routes = ", ".join(f"{r.entry.profile}/{r.entry.variant}->{r.path}#{r.entry.id}" for r in self.routes)
+        routes = ", ".join(r.describe() for r in self.routes)
         return f"{self.blueprint!r}, route={self.route}, routes=[{routes}], reason={self.reason!r}"
 
 
@@ -362,7 +398,7 @@ class BoundKernel(Kernel):
 
     def eager_module(self) -> torch.nn.Module:
         """The seed's own module: what a call the compiled code may not take runs."""
-        return self.seed  # type: ignore[no-any-return]
+        return self.seed
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -374,13 +410,17 @@ class BoundKernel(Kernel):
         routes = self.routes
         if routes:
             index = self._route_of(args)
+            route: Route | None
             if index >= 0:
                 route, why = routes[index], None
             else:
                 route, why = self._explain(args)
             package = route.package if route is not None else None
             if package is not None:
-                if _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+                compiled_at = route.compiled_at  # type: ignore[union-attr]
+                if compiled_at is not None and not compiled_at(args):
+                    pass  # eager by evidence in this region (see Kernel.forward)
+                elif _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
                     self.warn_once(telemetry.MODE, f"{mode_problem()}; this call runs eager")
                 else:
                     # First: a seed that changed is validated again, and the grad check then sees its tensors now.

@@ -84,7 +84,7 @@ def _key_material(verifier: Verifier) -> bytes:
     return verifier.public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _min_snapshot(value: int | None) -> tuple[int | None, str | None]:
+def _min_snapshot(value: int | str | None) -> tuple[int | None, str | None]:
     """The minimum snapshot version (else ``$ESPER_MIN_SNAPSHOT``), or why it is unusable: an unusable one
     refuses everything rather than turning the check off."""
     env = os.environ.get("ESPER_MIN_SNAPSHOT")  # esper.urza.snapshot.MIN_SNAPSHOT_ENV
@@ -158,6 +158,17 @@ class KernelSource:
         return k.load(self.name)
 
 
+def built(bp: Blueprint, device: torch.device) -> torch.nn.Module:
+    """``bp``'s module on ``device``, built outside any functorch transform of the calling thread.
+
+    Kasmina builds an eager module on the first call that needs it, which may come inside ``torch.func.vmap``
+    or ``grad``: vmap refuses a builder's random initialisation, and grad would make the weights its own
+    tensors. A build is the blueprint's, not the transform's."""
+    # torch has no public form of this guard; it is what torch.func's own internals use to step outside.
+    with torch._C._DisableFuncTorch():
+        return bp.build().to(device)
+
+
 class Kasmina:
     """The runtime loader. ``Kasmina(urza_path).load(name)`` returns a :class:`Kernel`.
 
@@ -175,7 +186,7 @@ class Kasmina:
         blueprint_paths: Iterable[str | Path] | None = None,
         catalog: Catalog | None = None,
         device: str | torch.device = "cpu",
-        public_key: str | Path | Verifier | None = None,
+        public_key: str | Path | bytes | Verifier | None = None,
         min_snapshot_version: int | str | None = None,
     ):
         settings = None
@@ -268,7 +279,7 @@ class Kasmina:
         )
 
         def build() -> torch.nn.Module:
-            return self.catalog.get(name).build().to(self.device)
+            return built(self.catalog.get(name), self.device)
 
         loader = TrainingLoader(
             choose, self.device, build=build, inference=partial(self.load_seeds, name), weights=weights
@@ -325,11 +336,11 @@ class Kasmina:
                 problems.append(u)
         # Refused rows are reported as refusals while something certified still serves: they did not make
         # the kernel eager. When nothing serves, every problem is a reason it runs eager.
-        refused = [u for u in problems if u.row_refused] if loaded else []
-        for u in _one_per_code(refused):
-            telemetry.refused(name, u.code, u.detail, _still_runs(loaded, refused))
-        for u in _one_per_code([u for u in problems if u not in refused]):
-            telemetry.fallback(name, u.code, u.detail)
+        refused = [p for p in problems if p.row_refused] if loaded else []
+        for problem in _one_per_code(refused):
+            telemetry.refused(name, problem.code, problem.detail, _still_runs(loaded, refused))
+        for problem in _one_per_code([p for p in problems if p not in refused]):
+            telemetry.fallback(name, problem.code, problem.detail)
         for x in loaded:
             if x.artifact is None:
                 telemetry.eager_by_evidence(name, kind.evidence_label(x.entry), x.entry.id)
@@ -483,7 +494,7 @@ class Kasmina:
         (seeded, so identical for an unchanged blueprint) weights stay.
         """
         bp = self.catalog.get(name)
-        module = bp.build().to(self.device).eval()
+        module = built(bp, self.device).eval()
         if weights is not None and weights.blueprint_version == bp.version and self._same_source(bp, weights):
             try:
                 self._check_signature(weights)

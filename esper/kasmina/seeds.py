@@ -131,7 +131,7 @@ def _never() -> bool:
 def _watch_factory(source: str) -> Callable[..., Callable[[], bool]]:
     namespace: dict[str, Any] = {}
     exec(compile(source, "<seed watch>", "exec"), namespace)
-    return namespace["make"]  # type: ignore[no-any-return]
+    return namespace["make"]
 
 
 def compile_watch(

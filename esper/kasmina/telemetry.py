@@ -5,7 +5,9 @@ Each record carries ``record.esper`` (a dict: event, blueprint, reason code, det
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 log = logging.getLogger("esper.kasmina")
 
@@ -36,6 +38,28 @@ MODE = "mode"
 SEED_FORM = "seed-form"
 # Training only: a backward with create_graph=True through a compiled step, recomputed eagerly.
 DOUBLE_BACKWARD = "double-backward"
+
+
+class _Expected(logging.Filter):
+    def __init__(self, codes: frozenset[str]):
+        super().__init__()
+        self.codes = codes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = getattr(record, "esper", None)
+        return not (isinstance(info, dict) and info.get("reason") in self.codes)
+
+
+@contextlib.contextmanager
+def expected(*codes: str) -> Iterator[None]:
+    """Drop fallback WARNINGs with these reason codes while the block runs: for a caller that provokes them on
+    purpose (certification's guard check feeds inputs the guards must refuse), where they would only be noise."""
+    dropping = _Expected(frozenset(codes))
+    log.addFilter(dropping)
+    try:
+        yield
+    finally:
+        log.removeFilter(dropping)
 
 
 def fallback(blueprint: str, code: str, detail: str) -> None:

@@ -64,6 +64,7 @@ from esper.artifacts.training_manifest import TrainingManifest
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.conformance import HOOK_TABLES, MODULE_TABLES, SeedForm, mode_problem
+from esper.kasmina.regions import region_lookup
 from esper.kasmina.seeds import Weights, seed_module
 from esper.urza import Entry
 
@@ -315,6 +316,9 @@ class _Shared:
             compile_check(entry.guards, device_index=index) if program is not None and entry and entry.guards else None
         )
         self.device = entry.guards.device if entry is not None and entry.guards is not None else "cpu"
+        # The entry's route by region: the compiled step serves only the cells certification measured it
+        # faster in (None: everywhere the guards accept).
+        self.table, self.compiled_at = region_lookup(entry) if program is not None and entry else (None, None)
         # The CUDA index the program runs on (-1: the CPU).
         self.device_index = program.device_index if program is not None and self.device != "cpu" else -1
         self._inference = inference
@@ -531,7 +535,7 @@ class TrainingKernel(KernelBase):
         if watch is None or not watch.unchanged():
             watch = self._rewatch()
         if watch.problem is not None:
-            return watch.problem  # type: ignore[no-any-return]
+            return watch.problem
         # One condition per tensor on the accepting path; the explanation only for a refusal.
         cpu, index = self._shared.device == "cpu", self._shared.device_index
         for p, _, dtype, shape, trainable in watch.params:
@@ -589,6 +593,9 @@ class TrainingKernel(KernelBase):
         if shared.program is not None:
             why = shared.check(args) if shared.check is not None else "no guard schema"
             code = telemetry.OUTSIDE_GUARDS
+            if why is None and shared.compiled_at is not None and not shared.compiled_at(args):
+                self.took(EAGER)  # eager by evidence in this region: no WARNING
+                return self.seed(*args)
             if why is None:
                 why, code = mode_problem(), telemetry.MODE
             if why is None:
@@ -685,9 +692,21 @@ class TrainingKernel(KernelBase):
             weights = seed.state_dict(keep_vars=True)
         return restore_training_kernel, (self.source, weights, self.training, modes)
 
+    @property
+    def regional(self) -> bool:
+        """Whether the compiled step serves only some regions of the profile (eager elsewhere, by evidence)."""
+        return self._shared.program is not None and self._shared.compiled_at is not None
+
+    def ignore_route_tables(self) -> None:
+        """Serve the compiled step wherever the guards accept, whatever the route table says: what
+        certification measures. Every seed bound from this kernel shares the change."""
+        self._shared.table, self._shared.compiled_at = None, None
+
     def extra_repr(self) -> str:
         entry = f"entry=#{self.entry.id}, " if self.entry is not None else ""
-        return f"{self.blueprint!r}, route={self.route}, {entry}reason={self.reason!r}"
+        table = self._shared.table
+        regions = f"{table.describe()}, " if self.regional and table is not None else ""
+        return f"{self.blueprint!r}, route={self.route}, {entry}{regions}reason={self.reason!r}"
 
 
 def restore_training_kernel(

@@ -129,7 +129,7 @@ def covering_array(values: Mapping[str, Sequence[int]]) -> list[Sizes]:
         earlier = names[:k]
         todo = {(p, v, new, w) for p in earlier for v in values[p] for w in values[new]}
         for row in rows:  # extend each row with the value of `new` that covers most missing pairs
-            best = max(values[new], key=lambda w, row=row: sum((p, row[p], new, w) in todo for p in earlier))
+            best = max(values[new], key=lambda w, row=row: sum((p, row[p], new, w) in todo for p in earlier))  # type: ignore[misc]
             row[new] = best
             todo -= {(p, row[p], new, best) for p in earlier}
         while todo:  # then add rows for the pairs still missing
@@ -138,7 +138,7 @@ def covering_array(values: Mapping[str, Sequence[int]]) -> list[Sizes]:
             row[new] = w
             for q in earlier:  # fill the free dims so the row covers more missing pairs
                 if q != p:
-                    row[q] = max(values[q], key=lambda u, q=q: (q, u, new, w) in todo)
+                    row[q] = max(values[q], key=lambda u, q=q: (q, u, new, w) in todo)  # type: ignore[misc]
             rows.append(row)
             todo -= {(q, row[q], new, w) for q in earlier}
     return _unique({n: r[n] for n in names} for r in rows)

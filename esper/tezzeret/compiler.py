@@ -117,7 +117,7 @@ def entry_meta(bp: Blueprint, module: torch.nn.Module, ranges: dict[str, tuple[i
 class Tezzeret:
     """Compiles blueprints into ``urza``. Sets a persistent Inductor cache beside Urza unless one is set."""
 
-    def __init__(self, urza: Urza, *, device: str = "cpu"):
+    def __init__(self, urza: Urza, *, device: str | torch.device = "cpu"):
         self.urza = urza
         self.device = torch.device(device)
         self.cache_dir = use_persistent_cache(urza.path.parent / "inductor-cache")

@@ -14,7 +14,7 @@ inputs and the activations the backward needs as forward outputs. torch has no p
 
 These names live under ``torch._functorch`` and ``torch._subclasses`` and change between releases, so this
 module is the only place that imports them (at compile time, in Tezzeret; Kasmina never does), and
-tests/test_joint.py pins the behaviour relied on here: the signatures, the descriptor classes and their
+tests/tezzeret/test_joint.py pins the behaviour relied on here: the signatures, the descriptor classes and their
 fields, and that saved values and size symbols are named consistently between the two graphs.
 """
 

@@ -77,7 +77,7 @@ def _text(data: bytes) -> str | Undecodable:
 
 
 def _m001_entries(db: sqlite_utils.Database) -> None:
-    db["entries"].create(
+    db.table("entries").create(
         {
             "id": int,
             "blueprint": str,
@@ -106,8 +106,8 @@ def _m001_entries(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"blueprint", "blueprint_version", "profile", "variant", "content_hash", "kind", "status"},
     )
-    db["entries"].create_index(["blueprint", "status"])
-    db["entries"].create_index(
+    db.table("entries").create_index(["blueprint", "status"])
+    db.table("entries").create_index(
         [
             "blueprint",
             "blueprint_version",
@@ -126,9 +126,9 @@ def _m002_artifact(db: sqlite_utils.Database) -> None:
     """An explicit artifact kind per row. Before it, training rows were told apart by ``variant = 'train'``;
     those rows keep that variant (it is signed) and are marked ``training`` here, every other row
     ``inference``. New rows carry the Inductor variant in ``variant`` and the kind in ``artifact``."""
-    db["entries"].add_column("artifact", str, not_null_default="inference")
+    db.table("entries").add_column("artifact", str, not_null_default="inference")
     db.execute("UPDATE entries SET artifact = 'training' WHERE variant = 'train'")
-    db["entries"].create_index(["blueprint", "artifact", "status"])
+    db.table("entries").create_index(["blueprint", "artifact", "status"])
 
 
 # Append only: the schema version is the number of migrations, and each runs once, in order, atomically.
@@ -325,7 +325,7 @@ class Urza:
                     continue
                 self._refuse_foreign(self.conn.execute("PRAGMA user_version").fetchone()[0])
                 fn(self.db)
-                self.db[MIGRATIONS_TABLE].insert({"name": name, "applied_at": _now()}, pk="name")
+                self.db.table(MIGRATIONS_TABLE).insert({"name": name, "applied_at": _now()}, pk="name")
                 self.conn.execute(f"PRAGMA user_version = {number}")
                 applied.append(name)
         return applied

@@ -11,6 +11,9 @@ through :meth:`Evidence.of`, never by indexing the JSON themselves.
   certification's over every planned and drawn case (``certify``).
 - :class:`CompileRecord` and :class:`CertificationRecord`: the flat ``meta`` keys Tezzeret adds after compiling
   and certification's ``meta["certification"]``; :class:`Meta` reads the figures a listing shows.
+- :class:`RouteTable`: ``meta["route_table"]``, certification's decision by region of the shape space (compiled
+  where the candidate won with confidence, eager elsewhere), with every grid point's comparison. Kasmina serves
+  a certified entry's compiled code only in its compiled cells; a row without a table is compiled everywhere.
 
 Every value carries ``version`` (:data:`EVIDENCE_VERSION`). The reader is tolerant: rows written before the
 version field existed, fields of the wrong type, and keys it does not know read as "not recorded" (``None``, empty)
@@ -19,8 +22,10 @@ rather than failing, and unknown keys are kept so that rewriting a row loses not
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +42,13 @@ __all__ = [
     "Meta",
     "Parity",
     "Performance",
+    "RegionCell",
+    "RouteTable",
     "ShapeParity",
     "ShapeTiming",
     "Timing",
     "geomean",
+    "route_table",
     "speedups",
     "summarize",
 ]
@@ -445,6 +453,7 @@ class Meta:
     certification: CertificationRecord | None = None
     eager_reason: str | None = None
     version: int = 0
+    route_table: RouteTable | None = None
 
     @classmethod
     def from_json(cls, raw: Any) -> Meta:
@@ -467,6 +476,7 @@ class Meta:
             certification=CertificationRecord.from_json(raw.get("certification")),
             eager_reason=_text(raw.get("eager_reason")) or _text(_mapping(raw.get("training")).get("reason")),
             version=_count(raw.get("evidence_version")) or 0,
+            route_table=RouteTable.from_json(raw.get(ROUTE_TABLE)),
         )
 
     def context(self) -> Mapping[str, Any]:
@@ -477,6 +487,174 @@ class Meta:
         """The compiled/eager ratio certification decided on (an eager route carries the losing compiled one)."""
         c = self.certification
         return c.decision.ratio if c is not None and c.decision is not None else None
+
+
+# -- route table ---------------------------------------------------------------------------------------------
+
+#: The route-table layout this release writes; a newer one reads as "not recorded" (compiled everywhere).
+ROUTE_TABLE_VERSION = 1
+#: Stored under this ``meta`` key.
+ROUTE_TABLE = "route_table"
+# A table larger than this is no table certification wrote (it measures a few points per dim).
+_MAX_DIMS = 8
+_MAX_VALUES = 64
+_MAX_CELLS = 4096
+
+
+def threshold(low: int, high: int) -> int:
+    """The smallest size that falls in ``high``'s cell rather than ``low``'s: the first integer at or above
+    their geometric midpoint ``sqrt(low * high)``, computed exactly in integers."""
+    return math.isqrt(low * high - 1) + 1
+
+
+@dataclass(frozen=True)
+class RegionCell:
+    """One cell of a :class:`RouteTable`: its grid point (the full shape, ``sizes``), the route it serves
+    (``compiled`` or ``eager``), the comparison measured there (``decision``: wins, loses, even, inconclusive;
+    ``None`` when the point was not measured) with its paired ratio and confidence interval, and why."""
+
+    sizes: Mapping[str, int]
+    path: str
+    decision: str | None = None
+    ratio: float | None = None
+    low: float | None = None
+    high: float | None = None
+    rounds: int | None = None
+    why: str = ""
+
+    @property
+    def label(self) -> str:
+        """The point's full shape: ``"batch=2,seq=16"``."""
+        return ",".join(f"{k}={v}" for k, v in self.sizes.items()) or "static"
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RegionCell | None:
+        raw = _mapping(raw)
+        sizes = _mapping(raw.get("sizes"))
+        path = raw.get("path")
+        if path not in (COMPILED, EAGER) or not all(_count(v) for v in sizes.values()):
+            return None
+        return cls(
+            {str(k): int(v) for k, v in sizes.items()},
+            str(path),
+            _text(raw.get("decision")),
+            _number(raw.get("ratio")),
+            _number(raw.get("low")),
+            _number(raw.get("high")),
+            _count(raw.get("rounds")),
+            _text(raw.get("why")) or "",
+        )
+
+    def to_json(self) -> JSON:
+        return _put(
+            {"sizes": dict(self.sizes), "path": self.path, "why": self.why},
+            decision=self.decision,
+            ratio=self.ratio,
+            low=self.low,
+            high=self.high,
+            rounds=self.rounds,
+        )
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """Certification's route by region of one profile's shape space.
+
+    ``dims`` are the profile's dynamic dims; ``values[d]`` the grid's sizes along dim ``d``, ascending. The cut
+    points between adjacent sizes are their geometric midpoints (:meth:`cuts`); the cells are the product of the
+    intervals they make, one per grid point, listed row-major over ``values`` (the last dim varies fastest). A
+    size below the first cut falls in the first cell of its dim, above the last in the last; the guards bound
+    the range. A cell serves compiled code only where its grid point won by the margin with confidence."""
+
+    dims: tuple[str, ...]
+    values: tuple[tuple[int, ...], ...]
+    cells: tuple[RegionCell, ...]
+    margin: float | None = None
+    version: int = ROUTE_TABLE_VERSION
+
+    def __post_init__(self) -> None:
+        if len(self.dims) != len(self.values) or not self.dims:
+            raise ValueError("one list of grid values per dim")
+        for vs in self.values:
+            if not vs or list(vs) != sorted(set(vs)) or vs[0] < 1:
+                raise ValueError(f"grid values must be positive and strictly ascending, got {vs}")
+        if len(self.cells) != math.prod(len(vs) for vs in self.values):
+            raise ValueError(f"{len(self.cells)} cells for a grid of {[len(vs) for vs in self.values]} values")
+
+    def cuts(self) -> tuple[tuple[int, ...], ...]:
+        """Per dim, the integer cut points: a size at or above the ``i``-th falls past the ``i``-th cell."""
+        return tuple(tuple(threshold(a, b) for a, b in itertools.pairwise(vs)) for vs in self.values)
+
+    def cell_of(self, sizes: Mapping[str, int]) -> RegionCell:
+        """The cell a shape falls in (each dim's size from ``sizes``)."""
+        index = 0
+        for d, cuts, vs in zip(self.dims, self.cuts(), self.values, strict=True):
+            index = index * len(vs) + bisect.bisect_right(cuts, sizes[d])
+        return self.cells[index]
+
+    def compiled_cells(self) -> int:
+        return sum(1 for c in self.cells if c.path == COMPILED)
+
+    @property
+    def compiled_anywhere(self) -> bool:
+        return self.compiled_cells() > 0
+
+    def describe(self) -> str:
+        """``"regional: compiled in 3 of 5 cells"``."""
+        return f"regional: compiled in {self.compiled_cells()} of {len(self.cells)} cells"
+
+    def layout(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The table as plain integers for a generated lookup: the flattened cut points and, per dim, how many
+        values it has."""
+        return tuple(t for cuts in self.cuts() for t in cuts), tuple(len(vs) for vs in self.values)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RouteTable | None:
+        """The stored table, or ``None`` (compiled everywhere, as before tables existed) for a missing, newer or
+        malformed one."""
+        if not isinstance(raw, Mapping) or _version(raw) > ROUTE_TABLE_VERSION:
+            return None
+        dims, values, cells = raw.get("dims"), raw.get("values"), raw.get("cells")
+        if not (_seq(dims, _MAX_DIMS) and _seq(values, _MAX_DIMS) and _seq(cells, _MAX_CELLS)):
+            return None
+        if not all(isinstance(d, str) and d.isidentifier() for d in dims):
+            return None
+        if not all(_seq(vs, _MAX_VALUES) and all(_count(v) for v in vs) for vs in values):
+            return None
+        read = [RegionCell.from_json(c) for c in cells]
+        if any(c is None for c in read):
+            return None
+        try:
+            return cls(
+                tuple(dims),
+                tuple(tuple(int(v) for v in vs) for vs in values),
+                tuple(c for c in read if c is not None),
+                _number(raw.get("margin")),
+                _version(raw),
+            )
+        except ValueError:
+            return None
+
+    def to_json(self) -> JSON:
+        return _put(
+            {
+                "version": ROUTE_TABLE_VERSION,
+                "dims": list(self.dims),
+                "values": [list(vs) for vs in self.values],
+                "cuts": [list(cs) for cs in self.cuts()],  # for readers; the reader derives them from the values
+                "cells": [c.to_json() for c in self.cells],
+            },
+            margin=self.margin,
+        )
+
+
+def _seq(value: Any, limit: int) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes) and 0 < len(value) <= limit
+
+
+def route_table(meta: Any) -> RouteTable | None:
+    """An entry ``meta`` column's route table (``None``: none recorded, or unreadable)."""
+    return RouteTable.from_json(_mapping(meta).get(ROUTE_TABLE))
 
 
 # -- the reader ----------------------------------------------------------------------------------------------
@@ -532,6 +710,14 @@ class Evidence:
     def route_path(self) -> str:
         """``compiled`` for an entry holding compiled code, else ``eager``."""
         return COMPILED if self.entry.kind == EntryKind.AOTI else EAGER
+
+    def path_at(self, sizes: Mapping[str, int]) -> str:
+        """The path a call of shape ``sizes`` takes on this route: :meth:`route_path`, except where the route
+        table (if any) sends that shape's cell to eager."""
+        table = self.meta.route_table
+        if self.route_path() == EAGER or table is None or not all(d in sizes for d in table.dims):
+            return self.route_path()
+        return table.cell_of(sizes).path
 
     def speedup(self) -> float | None:
         """Geometric mean of eager p50 / compiled p50 over the representative shapes."""

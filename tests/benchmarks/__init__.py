@@ -1,0 +1,1 @@
+"""Tests of benchmarks/ (the studies' bookkeeping and reports, measuring nothing)."""

@@ -1,0 +1,1 @@
+"""Tests of certify/: the pytest plugin and the module generator."""
