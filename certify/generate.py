@@ -48,7 +48,16 @@ among the candidates that passed everything:
                   draws. Every case must pass: RMSE(compiled, fp64) <= m x RMSE(eager, fp64) + floor (m 2 for
                   float32, up to 10 for tiny tensors), |compiled - eager| within the tolerance widened by
                   eager's own rounding, NaN/inf where eager has them. Training judges one step the same way:
-                  output, input and parameter gradients, mutated buffers. Nondeterministic eager is reported
+                  output, input and parameter gradients, mutated buffers. Nondeterministic eager is reported.
+                  The planned shapes include each profile's covering design: every pair of values of every two
+                  dims where affordable, else every residue of each dim and of the products of dims modulo the
+                  widths Inductor's loops step by (4..64), with the edges
+  test_weights    parity the same way at weight sets beyond the blueprint's own (scaled x10 and x0.1,
+                  perturbed, with outliers), each served as Kasmina serves a seed's weights (the kernel bound to
+                  a module holding them), on a few planned cases; code that folded the weights in is certified
+                  for its own weights only, and the evidence says so
+  test_repeated   many calls in one process, alternating shapes of the profile and weight sets: every call
+                  keeps eager's answer by the parity rule, and its own earlier answer bit for bit
   test_guards     inputs just outside each range, of a wrong dtype, rank or fixed dim run eager, never compiled
   test_latency    each candidate against eager in interleaved rounds at each representative shape (training: a
                   step): the paired ratio with a confidence interval, and wins/even/loses/inconclusive
@@ -93,6 +102,16 @@ def test_parity(certification, artifact, candidate):
     run = certification[artifact]
     verdict(run.check_parity(candidate))
     verdict(run.check_drawn_cases(candidate))  # hypothesis draws inside the candidate's PROFILES ranges
+
+
+@pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
+def test_weights(certification, artifact, candidate):
+    verdict(certification[artifact].check_weights(candidate))
+
+
+@pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
+def test_repeated(certification, artifact, candidate):
+    verdict(certification[artifact].check_repeated(candidate))
 
 
 @pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)

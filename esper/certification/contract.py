@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -45,8 +45,8 @@ __all__ = [
     "Disagreement",
     "NonFiniteRegime",
     "RepeatResult",
+    "WeightChange",
     "WeightSet",
-    "WeightSetKind",
     "alternate",
     "check_aliasing",
     "check_metadata",
@@ -422,7 +422,7 @@ def check_nonfinite(
 # ---------------------------------------------------------------------------------------------------------
 
 
-class WeightSetKind(StrEnum):
+class WeightChange(StrEnum):
     """The weight sets a seed's trained weights look like, beyond the blueprint's own."""
 
     OWN = "own"
@@ -436,13 +436,13 @@ class WeightSetKind(StrEnum):
 class WeightSet:
     """One named weight set: a state dict of the blueprint's names, shapes and dtypes."""
 
-    kind: WeightSetKind
+    change: WeightChange
     seed: int
     state: Mapping[str, torch.Tensor]
 
     @property
     def name(self) -> str:
-        return str(self.kind) if self.kind is WeightSetKind.OWN else f"{self.kind}#{self.seed}"
+        return str(self.change) if self.change is WeightChange.OWN else f"{self.change}#{self.seed}"
 
 
 # Perturbation: Gaussian noise of this many times each tensor's RMS (a trained tensor drifts by about its own
@@ -452,9 +452,9 @@ OUTLIERS = 3
 OUTLIER_FACTOR = 100.0
 
 
-def _generator(seed: int, kind: WeightSetKind, name: str) -> torch.Generator:
+def _generator(seed: int, change: WeightChange, name: str) -> torch.Generator:
     # crc32, not hash(): the same draw in every process (hash() of a str is salted per process).
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{kind}/{name}".encode()))
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{change}/{name}".encode()))
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -462,7 +462,11 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def weight_sets(
-    state: Mapping[str, torch.Tensor], seed: int, kinds: Iterable[WeightSetKind] = tuple(WeightSetKind)
+    state: Mapping[str, torch.Tensor],
+    seed: int,
+    changes: Iterable[WeightChange] = tuple(WeightChange),
+    *,
+    keep: Collection[str] = (),
 ) -> tuple[WeightSet, ...]:
     """Named weight sets derived from a module's ``state_dict`` (deterministic per ``seed``):
 
@@ -473,37 +477,39 @@ def weight_sets(
       becomes that many times the RMS).
 
     Only floating tensors change; integer and boolean buffers (counters, masks, indices) are copied as they
-    are. A tensor without negative entries (a variance) stays non-negative when perturbed.
+    are, and so are the tensors named in ``keep`` (weights a compiled route folded into its code, which a seed
+    can only hold at the blueprint's values). A tensor without negative entries (a variance) stays
+    non-negative when perturbed.
     """
     floats = [t for t in state.values() if t.is_floating_point() and t.numel()]
     overall = math.sqrt(sum(_rms(t) ** 2 for t in floats) / len(floats)) if floats else 1.0
     overall = overall or 1.0
     sets: list[WeightSet] = []
-    for kind in kinds:
+    for change in changes:
         new: dict[str, torch.Tensor] = {}
         for name, t in state.items():
             t = t.detach().clone()
-            if not t.is_floating_point() or t.numel() == 0 or kind is WeightSetKind.OWN:
+            if not t.is_floating_point() or t.numel() == 0 or change is WeightChange.OWN or name in keep:
                 new[name] = t
                 continue
             scale = _rms(t) or overall
-            g = _generator(seed, kind, name)
-            if kind is WeightSetKind.SCALED_UP:
+            g = _generator(seed, change, name)
+            if change is WeightChange.SCALED_UP:
                 t = t * 10.0
-            elif kind is WeightSetKind.SCALED_DOWN:
+            elif change is WeightChange.SCALED_DOWN:
                 t = t * 0.1
-            elif kind is WeightSetKind.PERTURBED:
+            elif change is WeightChange.PERTURBED:
                 noise = torch.randn(t.shape, generator=g, dtype=torch.float64) * (NOISE * scale)
                 moved = t.double() + noise
                 t = (moved.abs() if bool((t >= 0).all()) else moved).to(t.dtype)
-            elif kind is WeightSetKind.OUTLIERS:
+            elif change is WeightChange.OUTLIERS:
                 flat = t.reshape(-1)
                 where = torch.randperm(flat.numel(), generator=g)[: min(OUTLIERS, flat.numel())]
                 picked = flat[where]
                 flat[where] = torch.where(picked == 0, torch.full_like(picked, scale), picked) * OUTLIER_FACTOR
                 t = flat.view(t.shape)
             new[name] = t
-        sets.append(WeightSet(kind, seed, new))
+        sets.append(WeightSet(change, seed, new))
     return tuple(sets)
 
 
@@ -518,7 +524,7 @@ class Call:
 
     label: str
     args: tuple[Any, ...]
-    weights: str = WeightSetKind.OWN.value
+    weights: str = WeightChange.OWN.value
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """What differs between certifying one artifact kind and another: a small interface, one class per kind.
 
-:class:`~esper.certification.run.Certification` is the one skeleton (compile, parity, guards, latency,
-select, budgets, publish); it asks its :class:`KindChecks` only what a kind changes:
+:class:`~esper.certification.run.Certification` is the one skeleton (compile, parity, weights, repeated,
+guards, latency, select, budgets, publish); it asks its :class:`KindChecks` only what a kind changes
+(including how a seed with other weights is served: the loaded kernel's ``bind``, as Kasmina serves seeds):
 
 - inference: the forward pass of a kernel loaded with ``Kasmina.load_entry``, judged under ``no_grad``
   against the eval-mode module and its float64 copy; the budget's p95 limits apply.
@@ -175,6 +176,46 @@ class KindChecks(ABC):
     def timed(self, module: Any, args: Sequence[torch.Tensor]) -> Callable[[], Any]:
         """The call to time: ``module`` (a kernel or :meth:`eager`) on ``args``."""
 
+    # -- a seed's weights (the weights and repeated-calls checks) ----------------------------------------------
+
+    def seed(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """A fresh module of the blueprint holding ``state`` (a weight set), in the mode this kind runs it in:
+        a seed with those weights, built independently of any kernel."""
+        module = self.reference()
+        module.load_state_dict(dict(state))
+        return module
+
+    def folded(self, entry: Entry) -> tuple[bool, tuple[str, ...]]:
+        """Whether ``entry``'s compiled code folded the weights in (it is then certified for the blueprint's
+        own weights only: Kasmina runs any other seed eager), and the floating weights a swappable entry
+        folded (a seed can hold only the blueprint's values there; every weight set keeps them)."""
+        return False, ()
+
+    @abstractmethod
+    def serving(self, kernel: Any, state: Mapping[str, torch.Tensor] | None) -> Any:
+        """What serves a seed holding ``state`` (``None``: the blueprint's own weights) through the path
+        Kasmina serves seeds by: the kernel bound to a fresh module holding those weights."""
+
+    @abstractmethod
+    def expected_with(self, module: torch.nn.Module, args: Sequence[torch.Tensor], seed: int) -> Expected:
+        """:meth:`expected` of ``module`` (a fresh seed module, which this may change) instead of the
+        blueprint's own."""
+
+    @abstractmethod
+    def serve(self, served: Any, args: Sequence[torch.Tensor], seed: int) -> tuple[str | None, dict[str, Any]]:
+        """One call of ``served`` (see :meth:`serving`) on ``args``: the path it took and the parts this kind
+        compares (``output``; ``gradient``, ``buffer``), as :meth:`judge` compares them."""
+
+    def judge_parts(self, got: Mapping[str, Any], expected: Expected) -> dict[str, ParityVerdict]:
+        """The parts of ``got`` (from :meth:`serve`) judged against ``expected`` as :meth:`judge` judges them."""
+        out = {}
+        for part, value in got.items():
+            want = expected.eager[part]
+            if isinstance(value, Mapping) and isinstance(want, Mapping) and set(value) == set(want):
+                value = {n: value[n] for n in want}  # by name, in eager's order
+            out[part] = self._judged(part, value, expected)
+        return out
+
     def store_eager_route(
         self, urza: Urza, *, profile: str, guards: GuardSchema | None, evidence: Mapping[str, Any], reason: str
     ) -> Entry:
@@ -224,6 +265,27 @@ class InferenceChecks(KindChecks):
 
     def timed(self, module: Any, args: Sequence[torch.Tensor]) -> Callable[[], Any]:
         return lambda: module(*args)
+
+    def folded(self, entry: Entry) -> tuple[bool, tuple[str, ...]]:
+        if not entry.meta.get("swappable", True):
+            return True, ()
+        constants = entry.meta.get("constants")
+        if not isinstance(constants, Mapping):
+            return False, ()  # Kasmina cannot plan a seed for such a row: binding runs eager, and the check says so
+        own = self.built().state_dict()
+        return False, tuple(n for n, t in own.items() if t.is_floating_point() and n not in constants)
+
+    def serving(self, kernel: Any, state: Mapping[str, torch.Tensor] | None) -> Any:
+        return kernel if state is None else kernel.bind(self.seed(state))
+
+    def expected_with(self, module: torch.nn.Module, args: Sequence[torch.Tensor], seed: int) -> Expected:
+        with torch.no_grad():
+            return Expected({"output": module(*args)}, {"output": float64_copy(module)(*to_float64(args))})
+
+    def serve(self, served: Any, args: Sequence[torch.Tensor], seed: int) -> tuple[str | None, dict[str, Any]]:
+        with torch.no_grad():
+            out = served(*args)
+        return served.last_path, {"output": out}
 
 
 class TrainingChecks(KindChecks):
@@ -284,6 +346,18 @@ class TrainingChecks(KindChecks):
             flat = [t for t in pytree.tree_leaves(self.eager()(*inputs)) if isinstance(t, torch.Tensor)]
         grads = upstream(flat)
         return lambda: step(module, inputs, grads)
+
+    def serving(self, kernel: Any, state: Mapping[str, torch.Tensor] | None) -> Any:
+        return kernel.bind(self.built().train() if state is None else self.seed(state))
+
+    def expected_with(self, module: torch.nn.Module, args: Sequence[torch.Tensor], seed: int) -> Expected:
+        out, grads, buffers = exact_step(module, args, seed=seed)  # a float64 copy: `module` is untouched
+        exact = {"output": _detached(out), "gradient": grads, "buffer": buffers}
+        return Expected(self._eager_step(module, args, seed), exact)
+
+    def serve(self, served: Any, args: Sequence[torch.Tensor], seed: int) -> tuple[str | None, dict[str, Any]]:
+        out, grads = gradients(served, args, seed=seed, weights=served.seed)
+        return served.last_path, {"output": _detached(out), "gradient": grads, "buffer": floating_buffers(served.seed)}
 
 
 KINDS: dict[ArtifactKind, type[KindChecks]] = {

@@ -10,7 +10,7 @@ candidate, the whole declared range under the default variant.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from esper.artifacts.kinds import ArtifactKind, spec
 from esper.blueprint import Blueprint
@@ -61,13 +61,18 @@ def latency_cases(bp: Blueprint, artifact: ArtifactKind) -> list[tuple[str, str]
 # value regime, PARITY_SEEDS seed(s); EXTRA_SEEDS more seeds of every regime at the smallest representative
 # shape (the cheapest; the largest shapes cost most: at conv_bn_relu's 32x64x64 a float64 training step is
 # most of the profile's parity time); every size of each dim (up to EVERY_SIZE_CAP values) with SWEEP_SEEDS
-# seed, the regimes rotating; pairwise sizes of every two dims thinned to PAIR_BUDGET shapes, PAIR_SEEDS each.
+# seed, the regimes rotating; pairwise sizes of every two dims thinned to PAIR_BUDGET shapes, PAIR_SEEDS each;
+# then the shapes of the profile's covering design (coverage.shape_design: every pair of values of every two
+# dims where that fits DESIGN_BUDGET shapes, else every residue of each dim and of the products of dims modulo
+# coverage.INDUCTOR_MODULI, with the edges) that the cases above do not already hold, DESIGN_SEEDS each.
 PARITY_SEEDS = 1
 EXTRA_SEEDS = 2
 SWEEP_SEEDS = 1
 PAIR_SEEDS = 1
 EVERY_SIZE_CAP = coverage.EVERY_SIZE_CAP
 PAIR_BUDGET = 48
+DESIGN_SEEDS = 1
+DESIGN_BUDGET = PAIR_BUDGET
 
 
 def parity_cases(bp: Blueprint, ranges: Ranges) -> list[coverage.Case]:
@@ -89,4 +94,81 @@ def parity_cases(bp: Blueprint, ranges: Ranges) -> list[coverage.Case]:
             for k in range(EXTRA_SEEDS)
             for regime in coverage.VALUE_REGIMES
         ]
+    have = {tuple(sorted(c.sizes.items())) for c in cases}
+    design = [s for s in design_shapes(ranges) if tuple(sorted(s.items())) not in have]
+    regimes = coverage.VALUE_REGIMES
+    cases += [
+        coverage.Case(s, coverage.ValueCase(regimes[(i * DESIGN_SEEDS + k) % len(regimes)], k))
+        for i, s in enumerate(design)
+        for k in range(DESIGN_SEEDS)
+    ]
     return cases
+
+
+def design_shapes(ranges: Ranges) -> list[dict[str, int]]:
+    """The shapes of the profile's covering design (:func:`esper.numerics.coverage.shape_design`)."""
+    return coverage.shape_design(dict(ranges), budget=DESIGN_BUDGET, cap=EVERY_SIZE_CAP)[0]
+
+
+def shape_coverage(cases: Sequence[coverage.Case], ranges: Ranges) -> coverage.ShapeCoverage:
+    """What a profile's planned parity ``cases`` cover of the combinations compiled loops iterate over: the
+    value pairs of every two dims and the residues of each dim and of the products of dims, modulo each of
+    :data:`esper.numerics.coverage.INDUCTOR_MODULI`, covered out of all there are (``kind``: the design's)."""
+    _, design = coverage.shape_design(dict(ranges), budget=DESIGN_BUDGET, cap=EVERY_SIZE_CAP)
+    shapes = [c.sizes for c in cases]
+    return coverage.shape_coverage(shapes, dict(ranges), kind=design.kind)
+
+
+# A seed's weights are certified on WEIGHT_CASES of the planned cases per weight set beyond the blueprint's own
+# (esper.certification.contract.weight_sets), in WEIGHT_REGIMES: the weights are what varies, so the inputs keep
+# moderate magnitudes (weights ten or a hundred times larger meeting inputs of 1e3 make an ill-conditioned
+# computation of any module, not a fault of its compiled code).
+WEIGHT_CASES = 3
+WEIGHT_REGIMES = ("unit", "some-zeros", "tiny")
+# Repeated calls: REPEATED_SHAPES shapes of the profile, each with the blueprint's weights and (where a seed
+# can hold other weights) REPEATED_WEIGHTS other weight sets, alternated over REPEATED_ROUNDS rounds.
+REPEATED_SHAPES = 3
+REPEATED_WEIGHTS = 1
+REPEATED_ROUNDS = 3
+
+
+def spread_cases(cases: Sequence[coverage.Case], count: int, regimes: Sequence[str]) -> list[coverage.Case]:
+    """``count`` of ``cases`` in ``regimes``, each of another shape and (while the regimes last) another regime,
+    spread over the lower half of their cost (elements): the cheapest, then ones a quarter and half way up."""
+    order = sorted(
+        (c for c in cases if c.values.regime in regimes), key=lambda c: (math.prod(c.sizes.values()), str(c))
+    )
+    picked: list[coverage.Case] = []
+    for q in range(count):
+        start = (len(order) - 1) * q // (2 * max(count - 1, 1))
+        other_shape = [c for c in order[start:] + order[:start] if all(c.sizes != p.sizes for p in picked)]
+        other_regime = [c for c in other_shape if all(c.values.regime != p.values.regime for p in picked)]
+        if other_shape:
+            picked.append((other_regime or other_shape)[0])
+    return picked
+
+
+def weight_cases(bp: Blueprint, ranges: Ranges, cases: Sequence[coverage.Case]) -> list[coverage.Case]:
+    """The planned ``cases`` of a profile a weight set beyond the blueprint's own is certified on (see
+    :data:`WEIGHT_CASES`): shapes no smaller in any dim than the smallest representative shape inside the
+    profile. The edges of the ranges are parity's, at the blueprint's weights: there a statistic over a batch
+    of two (a BatchNorm's in training) of values that a grown bias shifts far from zero cancels, an
+    ill-conditioned computation whose float32 error no single eager run measures."""
+    inside = [r for r in bp.representative if contains(ranges, r)]
+    if inside:
+        floor = min(inside, key=lambda r: math.prod(int(r[n]) for n in ranges))
+        cases = [c for c in cases if all(c.sizes[n] >= int(floor[n]) for n in ranges)] or list(cases)
+    return spread_cases(cases, WEIGHT_CASES, WEIGHT_REGIMES)
+
+
+def repeated_shapes(bp: Blueprint, ranges: Ranges, cases: Sequence[coverage.Case]) -> list[dict[str, int]]:
+    """The shapes a repeated-call schedule alternates, :data:`REPEATED_SHAPES` in all: the smallest
+    representative shape inside the profile, then planned shapes of other sizes (spread over the lower half of
+    their cost: each call is judged, and a float64 reference of a large shape costs most of a case) of the
+    profile's planned ``cases``."""
+    inside = [{n: int(v) for n, v in r.items() if n in ranges} for r in bp.representative if contains(ranges, r)]
+    shapes = [min(inside, key=lambda r: math.prod(r.values()))] if inside else []
+    for c in spread_cases(cases, REPEATED_SHAPES, coverage.VALUE_REGIMES):
+        if dict(c.sizes) not in shapes:
+            shapes.append(dict(c.sizes))
+    return shapes[:REPEATED_SHAPES]

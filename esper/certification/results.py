@@ -43,6 +43,8 @@ class Check(StrEnum):
 
     COMPILE = "compile"
     PARITY = "parity"
+    WEIGHTS = "weights"
+    REPEATED = "repeated"
     GUARDS = "guards"
     LATENCY = "latency"
     REGIONS = "regions"
@@ -54,7 +56,7 @@ class Check(StrEnum):
 # The checks every candidate must pass before selection may route it. ``regions`` is not among them: a session
 # that did not measure a candidate's grid routes its profile by the representative shapes alone; one that
 # measured it and failed rejects the candidate (see Certification.record).
-CANDIDATE_CHECKS = (Check.COMPILE, Check.PARITY, Check.GUARDS, Check.LATENCY)
+CANDIDATE_CHECKS = (Check.COMPILE, Check.PARITY, Check.WEIGHTS, Check.REPEATED, Check.GUARDS, Check.LATENCY)
 
 
 @dataclass(frozen=True)

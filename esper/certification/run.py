@@ -37,7 +37,7 @@ import torch
 from esper.artifacts.context import machine_context
 from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
-from esper.certification import budgets, plan, regions, timing
+from esper.certification import budgets, contract, plan, regions, timing
 from esper.certification.cases import RefusedCase, refused_cases
 from esper.certification.compile_ahead import CompileAhead, CompileJob
 from esper.certification.kinds import KINDS, Expected, KindChecks
@@ -51,6 +51,7 @@ from esper.urza.evidence import (
     ROUTE_TABLE,
     CertificationRecord,
     CertifiedParity,
+    CertifiedWeights,
     DecisionRecord,
     Parity,
     Performance,
@@ -84,6 +85,9 @@ GRID_SECONDS = 4.0
 # Eager and float64 results of the planned cases are kept for the profile's other candidates up to this size.
 REFERENCE_CACHE_BYTES = 256 * 2**20
 SELECTION = "selection"
+# The seed of the weight sets a candidate's seeds are certified at (esper.certification.contract.weight_sets).
+WEIGHT_SEED = 0
+FOLDED = "own only (folded)"
 NO_CONTENDER = "no candidate passed its checks"
 
 
@@ -116,6 +120,8 @@ class Candidate:
     drawn: int = 0  # hypothesis-drawn cases judged, on top of the planned ones
     nondeterministic: bool | None = None
     guards_refused: int = 0
+    weights: CertifiedWeights | None = None  # the weight sets its seeds were certified at
+    repeated: int = 0  # calls made by the repeated-calls check
     comparisons: dict[str, timing.Comparison] = field(default_factory=dict)  # by representative shape
     grid: regions.Grid | None = None  # the grid measured across the profile (None: not measured this session)
     grid_comparisons: dict[str, timing.Comparison] = field(default_factory=dict)  # by grid point label
@@ -341,6 +347,7 @@ class Certification:
     _expected: dict[tuple[str, int], Expected] = field(default_factory=dict, repr=False)
     _expected_bytes: int = field(default=0, repr=False)
     _cases: dict[str, list[coverage.Case]] = field(default_factory=dict, repr=False)
+    _designs: dict[str, coverage.ShapeCoverage] = field(default_factory=dict, repr=False)
     # Compile workers sharing this blueprint's planned compiles (None: compile here, one after another).
     ahead: CompileAhead | None = field(default=None, repr=False)
 
@@ -444,6 +451,13 @@ class Certification:
         """What the planned cases of ``profile`` cover (shapes, value cases, each dim's sizes, pairs)."""
         return coverage.summarize(self.cases(profile), self.profiles()[profile])
 
+    def shape_coverage(self, profile: str) -> coverage.ShapeCoverage:
+        """What the planned shapes of ``profile`` cover of the value pairs and residues compiled loops meet
+        (:func:`esper.certification.plan.shape_coverage`)."""
+        if profile not in self._designs:
+            self._designs[profile] = plan.shape_coverage(self.cases(profile), self.profiles()[profile])
+        return self._designs[profile]
+
     def _case_expected(self, profile: str, index: int, args: tuple[torch.Tensor, ...], seed: int) -> Expected:
         """Eager's and float64's results of planned case ``index``: computed once, kept for the profile's
         other candidates while the cache holds :data:`REFERENCE_CACHE_BYTES`."""
@@ -543,6 +557,117 @@ class Certification:
         with one_thread():
             expected = self.kind.expected(args, regime.seed)
             self._judge(c, kernel, args, expected, regime.seed, f"{dict(sizes)}, {regime!r}")
+
+    # -- 2b. any weights a seed binds ------------------------------------------------------------
+
+    def weight_sets(self, c: Candidate) -> tuple[bool, tuple[str, ...], tuple[contract.WeightSet, ...]]:
+        """Whether ``c``'s code folded the weights in, the weights a swappable ``c`` folded (every set holds
+        them at the blueprint's values), and the weight sets beyond the blueprint's own its seeds are certified
+        at (none where folded)."""
+        assert c.entry is not None
+        folded, held = self.kind.folded(c.entry)
+        if folded:
+            return True, (), ()
+        sets = contract.weight_sets(self.kind.built().state_dict(), WEIGHT_SEED, keep=held)
+        return False, held, tuple(ws for ws in sets if ws.change is not contract.WeightChange.OWN)
+
+    @check(Check.WEIGHTS)
+    def check_weights(self, candidate: str) -> dict[str, Any]:
+        """Parity at each weight set beyond the blueprint's own (scaled x10 and x0.1, perturbed, outliers:
+        :func:`~esper.certification.contract.weight_sets`) on a few planned cases
+        (:func:`~esper.certification.plan.weight_cases`), served exactly as Kasmina serves a seed's weights (the
+        loaded kernel bound to a fresh module holding them) and judged against eager and float64 on another
+        fresh module holding them; every call must take the compiled path. Code that folded the weights in is
+        certified for its own only, after checking that Kasmina serves no other weights through it."""
+        c = self.ready(candidate)
+        kernel = self._kernel(c)
+        folded, held, sets = self.weight_sets(c)
+        if folded:
+            self._refuses_other_weights(c, kernel)
+            c.weights = CertifiedWeights(certified_for=(str(contract.WeightChange.OWN),), folded=True, cases=0)
+            return {"weights": FOLDED}
+        cases = plan.weight_cases(self.bp, c.ranges, self.cases(c.profile))
+        judged = 0
+        with one_thread():
+            for ws in sets:
+                for case in cases:
+                    values = self.kind.value_case(case.values)
+                    args = make_inputs(self.bp, case.sizes, values, self.device)
+                    where = f"weights {ws.name}, {dict(case.sizes)}, {values.regime} seed {values.seed}"
+                    expected = self.kind.expected_with(self.kind.seed(ws.state), args, values.seed)
+                    path, got = self.kind.serve(self.kind.serving(kernel, ws.state), args, values.seed)
+                    if path != COMPILED:
+                        raise Fail(f"Kasmina ran {path} for a seed's weights inside the profile, {where}")
+                    failure = first_failure(self.kind.judge_parts(got, expected))
+                    if failure:
+                        raise Fail(f"{self.artifact} {c.id} at {where}: {failure}")
+                    judged += 1
+        names = (str(contract.WeightChange.OWN), *(ws.name for ws in sets))
+        c.weights = CertifiedWeights(certified_for=names, folded=False, held_own=held, cases=judged)
+        return {"weights": list(names), "held_own": list(held), "cases": judged}
+
+    def _refuses_other_weights(self, c: Candidate, kernel: Any) -> None:
+        """Folded code must serve no other weights: a seed holding weights ten times the blueprint's, bound to
+        it, runs eager."""
+        (other,) = contract.weight_sets(self.kind.built().state_dict(), WEIGHT_SEED, (contract.WeightChange.SCALED_UP,))
+        path, _ = self.kind.serve(
+            self.kind.serving(kernel, other.state), self._inputs(self.cases(c.profile)[0].sizes), 0
+        )
+        if path == COMPILED:
+            entry = c.entry.id if c.entry is not None else None
+            raise Fail(f"{self.artifact} entry #{entry} folds the weights in, yet served weights {other.name} compiled")
+
+    # -- 2c. repeated calls -----------------------------------------------------------------------
+
+    @check(Check.REPEATED)
+    def check_repeated(self, candidate: str) -> dict[str, Any]:
+        """Many calls of the loaded kernel in one process (:func:`~esper.certification.contract.repeated_calls`),
+        alternating shapes of the profile (:func:`~esper.certification.plan.repeated_shapes`) and, where a seed
+        can hold other weights, the blueprint's own and other weight sets (one served kernel per set, kept
+        across calls): every call takes the compiled path and passes parity against eager and float64 (a
+        training step's output and gradients; its buffer updates accumulate across calls on both sides), and
+        gives its own earlier answer to the same call bit for bit. Fails naming the first call that did not."""
+        c = self.ready(candidate)
+        kernel = self._kernel(c)
+        _, _, sets = self.weight_sets(c)
+        states: dict[str, Any] = {str(contract.WeightChange.OWN): None}
+        states |= {ws.name: ws.state for ws in sets[: plan.REPEATED_WEIGHTS]}
+        shapes = plan.repeated_shapes(self.bp, c.ranges, self.cases(c.profile))
+        calls = [contract.Call(Blueprint.shape_label(s), self._inputs(s), w) for s in shapes for w in states]
+        schedule = contract.alternate(calls, plan.REPEATED_ROUNDS)
+        served: dict[str, Any] = {}
+        references: dict[tuple[str, tuple[Any, ...]], Expected] = {}
+        own = self.kind.built().state_dict()
+
+        def compiled(weights: str, args: tuple[Any, ...]) -> Any:
+            if weights not in served:
+                served[weights] = self.kind.serving(kernel, states[weights])
+            path, got = self.kind.serve(served[weights], args, 0)
+            if path != COMPILED:
+                raise Fail(f"repeated: call {c.repeated} (weights {weights}): Kasmina ran {path} for accepted inputs")
+            c.repeated += 1
+            return {part: value for part, value in got.items() if part != "buffer"}
+
+        def eager(weights: str, args: tuple[Any, ...]) -> Expected:
+            key = (weights, tuple(tuple(a.shape) for a in args))
+            if key not in references:
+                module = self.kind.seed(states[weights] if states[weights] is not None else own)
+                references[key] = self.kind.expected_with(module, args, 0)
+            return references[key]
+
+        def agree(got: Any, expected: Any) -> str:
+            return first_failure(self.kind.judge_parts(got, expected))
+
+        c.repeated = 0
+        with one_thread():
+            result = contract.repeated_calls(compiled, eager, schedule, agree=agree)
+        if not result.passed:
+            raise Fail(f"{self.artifact} {c.id}: {result.clause().reason}")
+        return {
+            "calls": result.calls,
+            "shapes": [call.label for call in calls[:: len(states)]],
+            "weights": list(states),
+        }
 
     # -- 3. guards ---------------------------------------------------------------------------------
 
@@ -831,7 +956,10 @@ class Certification:
             rmse_compiled=worst.get("rmse_compiled"),
             rmse_eager=worst.get("rmse_eager"),
             parts=parts,
-            coverage=self.coverage(c.profile).evidence(),
+            coverage={
+                **self.coverage(c.profile).evidence(),
+                "design": self.shape_coverage(c.profile).evidence(),
+            },
             nondeterministic=c.nondeterministic,
             rule={
                 "reference": "float64",
@@ -845,6 +973,7 @@ class Certification:
             },
             tolerance={"atol": tol.atol, "rtol": tol.rtol},
             guards_refused=c.guards_refused,
+            weights=c.weights,
         )
 
     def evidence(
@@ -978,6 +1107,10 @@ class BlueprintCertification:
                 if results[-1].passed:
                     results.append(run.check_drawn_cases(cid))
         for run in self:
+            results += [run.check_weights(cid) for cid in plan.candidate_ids(self.bp, run.artifact)]
+        for run in self:
+            results += [run.check_repeated(cid) for cid in plan.candidate_ids(self.bp, run.artifact)]
+        for run in self:
             results += [run.check_guards(cid) for cid in plan.candidate_ids(self.bp, run.artifact)]
         for run in self:
             results += [run.compare_latency(cid, label) for cid, label in plan.latency_cases(self.bp, run.artifact)]
@@ -986,6 +1119,22 @@ class BlueprintCertification:
         for step in (Certification.select, Certification.check_budgets, Certification.publish):
             results += [step(run) for run in self]
         return results
+
+
+def first_failure(verdicts: Mapping[str, ParityVerdict]) -> str:
+    """The first failing output of ``verdicts`` with its figures, or the first structural failure ("": none)."""
+    failed = [o for v in verdicts.values() for o in v.outputs if not o.passed]
+    if failed:
+        o = failed[0]
+        figures = (
+            f" (RMSE against float64: compiled {o.rmse_compiled:.3g}, eager {o.rmse_eager:.3g}; "
+            f"max |compiled - eager| {o.max_abs:.3g})"
+            if o.rmse_eager or o.rmse_compiled
+            else ""
+        )
+        return f"{o.reason}{figures}"
+    broken = [v for v in verdicts.values() if not v.passed]
+    return broken[0].reason if broken else ""
 
 
 def _timing(figures: Mapping[str, float]) -> Timing:

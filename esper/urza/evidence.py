@@ -35,6 +35,7 @@ __all__ = [
     "EVIDENCE_VERSION",
     "CertificationRecord",
     "CertifiedParity",
+    "CertifiedWeights",
     "CompileRecord",
     "DecisionRecord",
     "Evidence",
@@ -53,8 +54,9 @@ __all__ = [
 ]
 
 #: The evidence layout this release writes. Rows without a ``version`` are the layout of the releases before it
-#: (the same keys, unversioned), which the reader reads alike.
-EVIDENCE_VERSION = 1
+#: (the same keys, unversioned), which the reader reads alike. Version 2 adds certification's ``weights`` (which
+#: weight sets a compiled entry is certified for); rows of version 1 read it as not recorded.
+EVIDENCE_VERSION = 2
 
 COMPILED = "compiled"
 EAGER = "eager"
@@ -231,6 +233,43 @@ class ShapeParity:
         return _put({}, max_abs=self.max_abs, rmse_ratio=self.rmse_ratio, passed=self.passed, max_rel=self.max_rel)
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list | tuple) else ()
+
+
+@dataclass(frozen=True)
+class CertifiedWeights:
+    """Which weight sets certification judged a compiled entry at, through the path Kasmina serves a seed's
+    weights (esper.certification.contract.weight_sets): ``certified_for`` names them (``own`` first);
+    ``folded`` is true where the compiled code folded the weights in, so that it is certified for its own
+    weights only (Kasmina runs any other seed eager); ``held_own`` names the weights a swappable entry folded,
+    held at the blueprint's values in every set; ``cases`` counts the parity cases judged at the other sets."""
+
+    certified_for: tuple[str, ...] = ()
+    folded: bool | None = None
+    held_own: tuple[str, ...] = ()
+    cases: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("certified_for", "folded", "held_own", "cases")
+
+    @classmethod
+    def from_json(cls, raw: Any) -> CertifiedWeights | None:
+        if not isinstance(raw, Mapping) or not raw:
+            return None
+        return cls(
+            certified_for=_names(raw.get("certified_for")),
+            folded=_flag(raw.get("folded")),
+            held_own=_names(raw.get("held_own")),
+            cases=_count(raw.get("cases")),
+            extra=_extra(raw, cls._KEYS),
+        )
+
+    def to_json(self) -> JSON:
+        out = {**self.extra, "certified_for": list(self.certified_for), "held_own": list(self.held_own)}
+        return _put(out, folded=self.folded, cases=self.cases)
+
+
 @dataclass(frozen=True)
 class CertifiedParity:
     """Certification's parity over every case it judged: cases, the largest |compiled - eager|, the worst RMSE
@@ -249,6 +288,7 @@ class CertifiedParity:
     coverage: Mapping[str, Any] = field(default_factory=dict)
     rule: Mapping[str, Any] = field(default_factory=dict)
     tolerance: Mapping[str, Any] = field(default_factory=dict)
+    weights: CertifiedWeights | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _SCALARS = (
@@ -270,13 +310,16 @@ class CertifiedParity:
             nondeterministic=_flag(raw.get("nondeterministic")),
             guards_refused=_count(raw.get("guards_refused")),
             **{k: dict(_mapping(raw.get(k))) for k in cls._DETAIL},
-            extra=_extra(raw, (*cls._SCALARS, *cls._DETAIL)),
+            weights=CertifiedWeights.from_json(raw.get("weights")),
+            extra=_extra(raw, (*cls._SCALARS, *cls._DETAIL, "weights")),
         )
 
     def to_json(self) -> JSON:
         # Every figure is written, ``None`` included: a ratio of None is a recorded figure (eager was exact).
         out = {**self.extra, **{k: getattr(self, k) for k in self._SCALARS}}
         out.update({k: dict(getattr(self, k)) for k in self._DETAIL})
+        if self.weights is not None:
+            out["weights"] = self.weights.to_json()
         return out
 
 

@@ -14,7 +14,7 @@ from esper.certification.contract import (
     Call,
     Clause,
     NonFiniteRegime,
-    WeightSetKind,
+    WeightChange,
     alternate,
     check_aliasing,
     check_metadata,
@@ -231,24 +231,24 @@ def test_nonfinite_admits_a_finite_value_where_only_eager_overflowed() -> None:
 def test_weight_sets_are_named_deterministic_and_touch_only_floating_tensors() -> None:
     bn = torch.nn.BatchNorm1d(8)
     state = {**module().state_dict(), **{f"bn.{k}": v for k, v in bn.state_dict().items()}}
-    sets = {s.kind: s for s in weight_sets(state, seed=7)}
-    assert set(sets) == set(WeightSetKind)
+    sets = {s.change: s for s in weight_sets(state, seed=7)}
+    assert set(sets) == set(WeightChange)
     w = state["0.weight"]
-    assert torch.equal(sets[WeightSetKind.OWN].state["0.weight"], w)
-    assert torch.allclose(sets[WeightSetKind.SCALED_UP].state["0.weight"], w * 10)
-    assert torch.allclose(sets[WeightSetKind.SCALED_DOWN].state["0.weight"], w * 0.1)
-    moved = sets[WeightSetKind.PERTURBED].state
+    assert torch.equal(sets[WeightChange.OWN].state["0.weight"], w)
+    assert torch.allclose(sets[WeightChange.SCALED_UP].state["0.weight"], w * 10)
+    assert torch.allclose(sets[WeightChange.SCALED_DOWN].state["0.weight"], w * 0.1)
+    moved = sets[WeightChange.PERTURBED].state
     assert not torch.equal(moved["0.weight"], w) and not torch.equal(moved["bn.bias"], state["bn.bias"])
     assert (moved["bn.running_var"] >= 0).all()
-    big = (sets[WeightSetKind.OUTLIERS].state["0.weight"] / w).isclose(torch.tensor(100.0))
+    big = (sets[WeightChange.OUTLIERS].state["0.weight"] / w).isclose(torch.tensor(100.0))
     assert int(big.sum()) == 3
     for s in sets.values():
         assert torch.equal(s.state["bn.num_batches_tracked"], state["bn.num_batches_tracked"])
         assert {k: (v.shape, v.dtype) for k, v in s.state.items()} == {k: (v.shape, v.dtype) for k, v in state.items()}
-    again = {s.kind: s for s in weight_sets(state, seed=7)}
-    other = {s.kind: s for s in weight_sets(state, seed=8)}
-    assert torch.equal(again[WeightSetKind.PERTURBED].state["0.weight"], moved["0.weight"])
-    assert not torch.equal(other[WeightSetKind.PERTURBED].state["0.weight"], moved["0.weight"])
+    again = {s.change: s for s in weight_sets(state, seed=7)}
+    other = {s.change: s for s in weight_sets(state, seed=8)}
+    assert torch.equal(again[WeightChange.PERTURBED].state["0.weight"], moved["0.weight"])
+    assert not torch.equal(other[WeightChange.PERTURBED].state["0.weight"], moved["0.weight"])
     assert torch.equal(state["0.weight"], w)  # the given state is left alone
 
 
@@ -266,8 +266,8 @@ def test_weight_sets_find_a_kernel_exact_only_at_its_own_weights() -> None:
         with torch.no_grad():
             return not torch.allclose(clamped(m, X), m(X), atol=1e-5, rtol=1e-5)
 
-    sets = {s.kind: s.state for s in weight_sets(module().state_dict(), seed=0)}
-    assert not fails(dict(sets[WeightSetKind.OWN])) and fails(dict(sets[WeightSetKind.SCALED_UP]))
+    sets = {s.change: s.state for s in weight_sets(module().state_dict(), seed=0)}
+    assert not fails(dict(sets[WeightChange.OWN])) and fails(dict(sets[WeightChange.SCALED_UP]))
 
 
 # -- repeated calls ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from esper.catalog import Catalog, load_catalog
 from esper.certification.contract import (
     Call,
     NonFiniteRegime,
-    WeightSetKind,
+    WeightChange,
     alternate,
     check_aliasing,
     check_metadata,
@@ -147,9 +147,9 @@ def test_a_kernel_exact_only_at_the_blueprints_weights_is_caught_by_weight_sets(
         with torch.no_grad():
             want = seed(*args)
         if agree(got, want):
-            failed.append(ws.kind)
-    assert WeightSetKind.OWN not in failed
-    assert (WeightSetKind.SCALED_UP in failed) is defect, failed
+            failed.append(ws.change)
+    assert WeightChange.OWN not in failed
+    assert (WeightChange.SCALED_UP in failed) is defect, failed
     assert bool(failed) is defect
 
 

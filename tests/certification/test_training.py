@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from esper.artifacts.kinds import ArtifactKind
-from esper.certification import timing
+from esper.certification import plan, timing
 from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, CheckResult, Outcome
 from esper.certification.run import Certification
@@ -39,6 +39,11 @@ def test_training_certification_checks_and_decides(training_copy: Path, monkeypa
     assert parity.passed and parity.figures["coverage"] == covered.evidence()
     assert covered.value_cases == planned and covered.values_tried["batch"] == (31, 31)  # every size of 2..32
     assert cert.check_drawn_cases(candidate).passed
+    # A seed's weights through the training kernel's bind, and many alternating steps of one bound seed.
+    weights = cert.check_weights(candidate)
+    assert weights.passed and weights.figures["cases"] == 4 * plan.WEIGHT_CASES, weights.reason
+    repeated = cert.check_repeated(candidate)
+    assert repeated.passed and repeated.figures["weights"] == ["own", "scaled-x10#0"], repeated.reason
     assert cert.check_guards(candidate).passed
     checked = cert.candidates[candidate]
     # Each dim below and above its range, a wrong dtype and rank per input, each fixed dim off by one.
@@ -65,6 +70,7 @@ def test_training_certification_checks_and_decides(training_copy: Path, monkeypa
     assert evidence["cases"] == checked.parity.cases and evidence["coverage"]["value_cases"] == planned
     assert set(evidence["parts"]) == {"output", "gradient", "buffer"} and evidence["nondeterministic"] is False
     assert evidence["parts"]["gradient"]["failures"] == 0 and evidence["rule"]["reference"] == "float64"
+    assert evidence["weights"]["certified_for"] == weights.figures["weights"] and not evidence["weights"]["folded"]
     assert set(compiled.performance["certify"]) == set(cert.labels())
     assert compiled.meta["certification"]["artifact"] == "training"
     assert "p95_ms" not in compiled.meta["certification"]["limits"]  # p95 budgets are the forward pass's
