@@ -28,6 +28,7 @@ MODULE_ORDER = [
     Check.COMPILE,
     Check.PARITY,
     Check.PARITY,  # the hypothesis draws, after the planned cases passed
+    Check.CONTRACT,  # judged on the calls parity made
     Check.GUARDS,
     Check.LATENCY,
     Check.LATENCY,
@@ -50,7 +51,10 @@ def test_every_check_is_a_plain_call_returning_a_recorded_result(
     compiled = inference[0].figures
     assert compiled["reused"] is True and compiled["kind"] == "aoti"  # compiled once for the session
     assert inference[1].figures["cases"] >= 9 and inference[2].figures["drawn"] > 0
-    assert inference[3].figures["refused"] >= 5 and {r.figures["shape"] for r in inference[4:6]} == {
+    contract = inference[3].figures
+    assert contract["cases"] == inference[1].figures["cases"] + inference[2].figures["drawn"]
+    assert contract["tensors"] >= 2 * contract["cases"] and contract["breaches"] == {}
+    assert inference[4].figures["refused"] >= 5 and {r.figures["shape"] for r in inference[5:7]} == {
         "batch=4",
         "batch=16",
     }

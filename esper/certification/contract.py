@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from esper.numerics.parity import REDUCTION, judge_tensor
+from esper.numerics.inputs import place_nonfinite_at
+from esper.numerics.parity import REDUCTION, judge_tensor, nonfinite_breach
 
 __all__ = [
     "Breach",
@@ -336,34 +337,9 @@ def place_nonfinite(args: Sequence[Any], regime: NonFiniteRegime) -> tuple[Any, 
             out.append(a)
             continue
         t = a.detach().clone(memory_format=torch.contiguous_format)
-        flat = t.view(-1)
-        k = min(regime.per_kind, max(flat.numel() // 3, 1))
-        where = torch.randperm(flat.numel(), generator=g)[: 3 * k]
-        for j, value in enumerate((math.nan, math.inf, -math.inf)):
-            flat[where[j * k : (j + 1) * k]] = value
+        place_nonfinite_at(t, regime.per_kind, g)
         out.append(t)
     return tuple(out)
-
-
-class ValueClass(StrEnum):
-    """What an element is, for the non-finite rule."""
-
-    FINITE = "finite"
-    NAN = "NaN"
-    POS_INF = "+inf"
-    NEG_INF = "-inf"
-
-
-def _classes(t: torch.Tensor) -> torch.Tensor:
-    """Per element: 0 finite, 1 NaN, 2 +inf, 3 -inf."""
-    k = torch.zeros(t.shape, dtype=torch.int8)
-    k[t.isnan()] = 1
-    k[t == math.inf] = 2
-    k[t == -math.inf] = 3
-    return k
-
-
-_CLASS_NAMES = tuple(ValueClass)
 
 
 def check_nonfinite(
@@ -371,8 +347,9 @@ def check_nonfinite(
 ) -> ClauseResult:
     """Judge where NaN and +-inf come out, against eager and the float64 reference together, never eager alone.
 
-    Per element of each floating output (complex: its real and imaginary parts), with ``E``, ``X`` and ``C``
-    the classes (finite, NaN, +inf, -inf) of eager's, the reference's and the compiled value:
+    The rule is :func:`esper.numerics.parity.nonfinite_breach`'s (parity judges every case by it), per
+    element of each floating output (complex: its real and imaginary parts), with ``E``, ``X`` and ``C`` the
+    classes (finite, NaN, +inf, -inf) of eager's, the reference's and the compiled value:
 
     1. ``E`` and ``X`` both finite: ``C`` finite (the values are parity's to judge).
     2. ``E`` and ``X`` both non-finite: ``C`` is ``E`` or ``X``. A finite compiled value hides a NaN or an inf
@@ -397,22 +374,8 @@ def check_nonfinite(
         c, e, x = (t.detach().cpu() for t in (c, e, x))
         if e.is_complex():
             c, e, x = (torch.view_as_real(t.to(e.dtype if t is not x else torch.complex128)) for t in (c, e, x))
-        kc, ke, kx = _classes(c), _classes(e), _classes(x)
-        finite_e, finite_x, finite_c = ke == 0, kx == 0, kc == 0
-        bad = finite_e & finite_x & ~finite_c  # rule 1
-        bad |= ~finite_e & ~finite_x & (kc != ke) & (kc != kx)  # rule 2
-        far = (c.double() - x.double()).abs() > atol + rtol * x.double().abs()
-        bad |= ~finite_e & finite_x & finite_c & far  # rule 3
-        bad |= finite_e & ~finite_x & ~finite_c & (kc != kx)  # rule 4
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            what = (
-                f"compiled {_CLASS_NAMES[int(kc[idx])]} where eager is {_CLASS_NAMES[int(ke[idx])]} and float64 "
-                f"{_CLASS_NAMES[int(kx[idx])]}"
-            )
-            if int(kc[idx]) == 0 and int(kx[idx]) == 0:
-                what += f" ({float(c[idx]):.6g} against float64's {float(x[idx]):.6g})"
-            detail = f"{int(bad.sum())} element(s) misplace a non-finite value, first at {list(idx)}: {what}"
+        detail = nonfinite_breach(c, e, x, atol=atol, rtol=rtol)
+        if detail:
             breaches.append(Breach(Clause.NONFINITE, name, detail))
     return ClauseResult(Clause.NONFINITE, tuple(breaches))
 

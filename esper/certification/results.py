@@ -43,6 +43,7 @@ class Check(StrEnum):
 
     COMPILE = "compile"
     PARITY = "parity"
+    CONTRACT = "contract"
     GUARDS = "guards"
     LATENCY = "latency"
     SELECT = "select"
@@ -51,7 +52,7 @@ class Check(StrEnum):
 
 
 # The checks every candidate must pass before selection may route it.
-CANDIDATE_CHECKS = (Check.COMPILE, Check.PARITY, Check.GUARDS, Check.LATENCY)
+CANDIDATE_CHECKS = (Check.COMPILE, Check.PARITY, Check.CONTRACT, Check.GUARDS, Check.LATENCY)
 
 
 @dataclass(frozen=True)
