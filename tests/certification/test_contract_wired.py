@@ -101,7 +101,11 @@ def test_an_honest_kernel_keeps_the_contract_on_every_call_parity_made(tmp_path:
     contract = cert.check_contract(CANDIDATE)
     assert contract.passed, contract.reason
     # One output and one input per call: the same calls parity judged, none run again.
-    assert contract.figures == {"cases": parity.figures["cases"], "tensors": 2 * parity.figures["cases"], "breaches": {}}
+    assert contract.figures == {
+        "cases": parity.figures["cases"],
+        "tensors": 2 * parity.figures["cases"],
+        "breaches": {},
+    }
 
 
 def test_a_kernel_that_writes_into_its_input_passes_parity_and_breaks_the_contract(tmp_path: Path) -> None:
