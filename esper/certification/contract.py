@@ -189,6 +189,11 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return ea is not None and eb is not None and ea[0] == eb[0] and ea[1] < eb[2] and eb[1] < ea[2]
 
 
+def _inputs(args: Sequence[Any]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a call's positional arguments, named as :func:`named_state` names them (``input 0``)."""
+    return [named for k, a in enumerate(args) for named in _tensors(a, f"input {k}")]
+
+
 def _alias_pairs(outputs: Sequence[tuple[str, torch.Tensor]], inputs: Sequence[tuple[str, torch.Tensor]]) -> set:
     pairs = {(o, i) for o, ot in outputs for i, it in inputs if overlaps(ot, it)}
     pairs |= {(a, b) for (a, at), (b, bt) in itertools.combinations(outputs, 2) if overlaps(at, bt)}
@@ -207,7 +212,7 @@ def check_aliasing(
     values are equal, and a caller cannot tell a fresh tensor from a view it did not write into.
     """
     outs_c, outs_e = _tensors(compiled, "output"), _tensors(eager, "output")
-    ins_c, ins_e = _tensors(list(compiled_inputs), "input"), _tensors(list(eager_inputs), "input")
+    ins_c, ins_e = _inputs(compiled_inputs), _inputs(eager_inputs)
     extra = sorted(_alias_pairs(outs_c, ins_c) - _alias_pairs(outs_e, ins_e))
     breaches = tuple(Breach(Clause.ALIASING, a, f"shares memory with {b}; eager's does not") for a, b in extra)
     return ClauseResult(Clause.ALIASING, breaches)
