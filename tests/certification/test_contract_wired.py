@@ -15,11 +15,16 @@ from esper.artifacts.compat import current
 from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
 from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input, Tolerance, seeded
+from esper.catalog import load_catalog
 from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, Outcome
 from esper.certification.run import Certification
 from esper.kasmina import COMPILED
+from esper.numerics.inputs import Regime, make_inputs
+from esper.numerics.parity import float64_reference, judge
 from esper.urza import Entry, Urza
+
+BLUEPRINTS = Path(__file__).resolve().parents[2] / "blueprints"
 
 
 def linear() -> torch.nn.Module:
@@ -141,3 +146,20 @@ def test_contract_skips_where_parity_judged_no_call(tmp_path: Path) -> None:
     result = cert.check_contract(CANDIDATE)
     assert result.outcome is Outcome.SKIPPED and "parity judged no call" in result.reason
     assert cert.outcomes[(Check.CONTRACT, CANDIDATE)] == result
+
+
+def test_where_eager_overflows_and_float64_does_not_a_finite_answer_near_float64_passes_parity() -> None:
+    """The catalog's residual_mlp at |x| ~ 1e20: eager's output is NaN where its float32 intermediates
+    overflow, the float64 reference is finite. A kernel that gives float64's values (rounded to float32) is no
+    fault; one that gives other finite values there is."""
+    bp = load_catalog([BLUEPRINTS]).get("residual_mlp")
+    module = bp.build().eval()
+    args = make_inputs(bp, dict(bp.representative[0]), Regime(scale=1e20))
+    with torch.no_grad():
+        eager = module(*args)
+    exact = float64_reference(module, args)
+    assert bool(eager.isnan().any()) and bool(exact.isfinite().all())
+    tol = bp.tolerance
+    assert judge(exact.float(), eager, exact, atol=tol.atol, rtol=tol.rtol).passed
+    wrong = judge(torch.zeros_like(eager), eager, exact, atol=tol.atol, rtol=tol.rtol)
+    assert not wrong.passed and "compiled finite where eager is NaN and float64 finite" in wrong.reason
