@@ -64,12 +64,21 @@ REGIMES: dict[str, Regime] = {
 assert tuple(REGIMES) == VALUE_REGIMES
 
 
+# The first regimes keep the seeds they were drawn with before later ones (nonfinite) joined, so adding a
+# regime changes no other regime's values; later regimes draw from seeds of their own, above LATER_SEEDS.
+SEEDED_BEFORE = 6
+LATER_SEEDS = 1 << 32
+
+
 def case_regime(case: ValueCase) -> Regime:
     """The regime a parity case draws from, seeded by the case's seed and its regime's name (so two regimes
     with the same seed draw different values)."""
     if case.regime not in REGIMES:
         raise ValueError(f"unknown value regime {case.regime!r}; known: {', '.join(VALUE_REGIMES)}")
-    return replace(REGIMES[case.regime], seed=case.seed * len(VALUE_REGIMES) + VALUE_REGIMES.index(case.regime))
+    k = VALUE_REGIMES.index(case.regime)
+    if k < SEEDED_BEFORE:
+        return replace(REGIMES[case.regime], seed=case.seed * SEEDED_BEFORE + k)
+    return replace(REGIMES[case.regime], seed=LATER_SEEDS + case.seed * len(VALUE_REGIMES) + k)
 
 
 def place_nonfinite_at(t: torch.Tensor, per_kind: int, generator: torch.Generator) -> torch.Tensor:
