@@ -44,14 +44,19 @@ among the candidates that passed everything:
                   reason (e.g. dropout in training), and its checks skip, saying so
   test_parity     compiled (loaded once, as Kasmina loads it) and eager fp32 both against a float64 reference
                   (eager on float64 copies), on the PARITY_CASES of each profile: every size of each dim, pairwise
-                  sizes of the dims, unit/tiny/large/zero/mixed values, several seeds; then a few hypothesis
-                  draws. Every case must pass: RMSE(compiled, fp64) <= m x RMSE(eager, fp64) + floor (m 2 for
-                  float32, up to 10 for tiny tensors), |compiled - eager| within the tolerance widened by
-                  eager's own rounding, NaN/inf where eager has them. Training judges one step the same way:
-                  output, input and parameter gradients, mutated buffers. Nondeterministic eager is reported.
+                  sizes of the dims, unit/tiny/large/zero/mixed values and NaN/inf among them, several seeds;
+                  then a few hypothesis draws. Every case must pass: RMSE(compiled, fp64) <= m x RMSE(eager,
+                  fp64) + floor (m 2 for float32, up to 10 for tiny tensors), |compiled - eager| within the
+                  tolerance widened by eager's own rounding, NaN/inf where eager and float64 together say they
+                  may be. Training judges one step the same way: output, input and parameter gradients, mutated
+                  buffers (with NaN/inf among the inputs, the output only). Nondeterministic eager is reported.
                   The planned shapes include each profile's covering design: every pair of values of every two
                   dims where affordable, else every residue of each dim and of the products of dims modulo the
                   widths Inductor's loops step by (4..64), with the edges
+  test_contract   on the very calls test_parity judged, the rest of the contract with the caller: each output
+                  has eager's dtype, shape, device, layout and dense memory formats, and shares memory with an
+                  input or another output only where eager's does; every input (training: every parameter and
+                  buffer of the seed) is unchanged unless eager changes it, and then changed as eager does
   test_weights    parity the same way at weight sets beyond the blueprint's own (scaled x10 and x0.1,
                   perturbed, with outliers), each served as Kasmina serves a seed's weights (the kernel bound to
                   a module holding them), on a few planned cases; code that folded the weights in is certified
@@ -102,6 +107,11 @@ def test_parity(certification, artifact, candidate):
     run = certification[artifact]
     verdict(run.check_parity(candidate))
     verdict(run.check_drawn_cases(candidate))  # hypothesis draws inside the candidate's PROFILES ranges
+
+
+@pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)
+def test_contract(certification, artifact, candidate):
+    verdict(certification[artifact].check_contract(candidate))
 
 
 @pytest.mark.parametrize(("artifact", "candidate"), CANDIDATES)

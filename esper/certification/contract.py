@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from esper.numerics.parity import REDUCTION, judge_tensor
+from esper.numerics.inputs import place_nonfinite_at
+from esper.numerics.parity import REDUCTION, judge_tensor, nonfinite_breach
 
 __all__ = [
     "Breach",
@@ -188,6 +189,11 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return ea is not None and eb is not None and ea[0] == eb[0] and ea[1] < eb[2] and eb[1] < ea[2]
 
 
+def _inputs(args: Sequence[Any]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a call's positional arguments, named as :func:`named_state` names them (``input 0``)."""
+    return [named for k, a in enumerate(args) for named in _tensors(a, f"input {k}")]
+
+
 def _alias_pairs(outputs: Sequence[tuple[str, torch.Tensor]], inputs: Sequence[tuple[str, torch.Tensor]]) -> set:
     pairs = {(o, i) for o, ot in outputs for i, it in inputs if overlaps(ot, it)}
     pairs |= {(a, b) for (a, at), (b, bt) in itertools.combinations(outputs, 2) if overlaps(at, bt)}
@@ -206,7 +212,7 @@ def check_aliasing(
     values are equal, and a caller cannot tell a fresh tensor from a view it did not write into.
     """
     outs_c, outs_e = _tensors(compiled, "output"), _tensors(eager, "output")
-    ins_c, ins_e = _tensors(list(compiled_inputs), "input"), _tensors(list(eager_inputs), "input")
+    ins_c, ins_e = _inputs(compiled_inputs), _inputs(eager_inputs)
     extra = sorted(_alias_pairs(outs_c, ins_c) - _alias_pairs(outs_e, ins_e))
     breaches = tuple(Breach(Clause.ALIASING, a, f"shares memory with {b}; eager's does not") for a, b in extra)
     return ClauseResult(Clause.ALIASING, breaches)
@@ -336,34 +342,9 @@ def place_nonfinite(args: Sequence[Any], regime: NonFiniteRegime) -> tuple[Any, 
             out.append(a)
             continue
         t = a.detach().clone(memory_format=torch.contiguous_format)
-        flat = t.view(-1)
-        k = min(regime.per_kind, max(flat.numel() // 3, 1))
-        where = torch.randperm(flat.numel(), generator=g)[: 3 * k]
-        for j, value in enumerate((math.nan, math.inf, -math.inf)):
-            flat[where[j * k : (j + 1) * k]] = value
+        place_nonfinite_at(t, regime.per_kind, g)
         out.append(t)
     return tuple(out)
-
-
-class ValueClass(StrEnum):
-    """What an element is, for the non-finite rule."""
-
-    FINITE = "finite"
-    NAN = "NaN"
-    POS_INF = "+inf"
-    NEG_INF = "-inf"
-
-
-def _classes(t: torch.Tensor) -> torch.Tensor:
-    """Per element: 0 finite, 1 NaN, 2 +inf, 3 -inf."""
-    k = torch.zeros(t.shape, dtype=torch.int8)
-    k[t.isnan()] = 1
-    k[t == math.inf] = 2
-    k[t == -math.inf] = 3
-    return k
-
-
-_CLASS_NAMES = tuple(ValueClass)
 
 
 def check_nonfinite(
@@ -371,8 +352,9 @@ def check_nonfinite(
 ) -> ClauseResult:
     """Judge where NaN and +-inf come out, against eager and the float64 reference together, never eager alone.
 
-    Per element of each floating output (complex: its real and imaginary parts), with ``E``, ``X`` and ``C``
-    the classes (finite, NaN, +inf, -inf) of eager's, the reference's and the compiled value:
+    The rule is :func:`esper.numerics.parity.nonfinite_breach`'s (parity judges every case by it), per
+    element of each floating output (complex: its real and imaginary parts), with ``E``, ``X`` and ``C`` the
+    classes (finite, NaN, +inf, -inf) of eager's, the reference's and the compiled value:
 
     1. ``E`` and ``X`` both finite: ``C`` finite (the values are parity's to judge).
     2. ``E`` and ``X`` both non-finite: ``C`` is ``E`` or ``X``. A finite compiled value hides a NaN or an inf
@@ -397,22 +379,8 @@ def check_nonfinite(
         c, e, x = (t.detach().cpu() for t in (c, e, x))
         if e.is_complex():
             c, e, x = (torch.view_as_real(t.to(e.dtype if t is not x else torch.complex128)) for t in (c, e, x))
-        kc, ke, kx = _classes(c), _classes(e), _classes(x)
-        finite_e, finite_x, finite_c = ke == 0, kx == 0, kc == 0
-        bad = finite_e & finite_x & ~finite_c  # rule 1
-        bad |= ~finite_e & ~finite_x & (kc != ke) & (kc != kx)  # rule 2
-        far = (c.double() - x.double()).abs() > atol + rtol * x.double().abs()
-        bad |= ~finite_e & finite_x & finite_c & far  # rule 3
-        bad |= finite_e & ~finite_x & ~finite_c & (kc != kx)  # rule 4
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            what = (
-                f"compiled {_CLASS_NAMES[int(kc[idx])]} where eager is {_CLASS_NAMES[int(ke[idx])]} and float64 "
-                f"{_CLASS_NAMES[int(kx[idx])]}"
-            )
-            if int(kc[idx]) == 0 and int(kx[idx]) == 0:
-                what += f" ({float(c[idx]):.6g} against float64's {float(x[idx]):.6g})"
-            detail = f"{int(bad.sum())} element(s) misplace a non-finite value, first at {list(idx)}: {what}"
+        detail = nonfinite_breach(c, e, x, atol=atol, rtol=rtol)
+        if detail:
             breaches.append(Breach(Clause.NONFINITE, name, detail))
     return ClauseResult(Clause.NONFINITE, tuple(breaches))
 

@@ -17,6 +17,12 @@ The facts (which candidates, over which ranges, whether the kind can be turned o
 
 Both judge with :func:`esper.numerics.parity.judge` (see there for the rule); :meth:`KindChecks.expected` computes the
 eager and float64 side of a case once, so that every candidate of a profile is judged against the same one.
+
+The same compiled call that parity judges is also held to the rest of the contract with its caller
+(:mod:`esper.certification.contract`): output metadata and aliasing against eager's output on the same
+inputs, and mutation (the caller's inputs, and for training the seed's parameters and buffers, written only
+where eager writes them, and then as eager does). Each side runs on its own copies of the case's inputs, so
+the case's tensors are the state both calls started from.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import contextlib
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +43,14 @@ from esper.artifacts.kinds import ArtifactKind, KindSpec, spec
 from esper.artifacts.variants import VARIANTS
 from esper.blueprint import Blueprint
 from esper.catalog import Catalog
+from esper.certification.contract import (
+    ClauseResult,
+    bitwise_equal,
+    check_aliasing,
+    check_metadata,
+    check_mutation,
+    named_state,
+)
 from esper.kasmina import COMPILED, Kasmina
 from esper.numerics.coverage import ValueCase
 from esper.numerics.gradients import exact_step, floating_buffers, gradients, step, upstream
@@ -50,18 +64,73 @@ TRAINING_ENV = str(spec(ArtifactKind.TRAINING).opt_out)
 
 
 @dataclass(frozen=True)
+class EagerCall:
+    """Eager's side of the contract in one case: the inputs its call received (its own copies of the case's),
+    and by :func:`~esper.certification.contract.named_state` names every tensor it could write after the call
+    (inputs; for training the module's parameters and buffers), with the float64 step's buffers under the
+    same names (training) to judge the updates eager makes."""
+
+    args: tuple[Any, ...]
+    after: Mapping[str, torch.Tensor]
+    exact_after: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Expected:
     """What a parity case is judged against, computed once per case and reused for every candidate: eager's
     float32 result and the float64 reference (eager on float64 copies of the module and the inputs), each a
-    dict ``{"output": ..., "gradient": {...}, "buffer": {...}}`` of the parts the kind compares."""
+    dict ``{"output": ..., "gradient": {...}, "buffer": {...}}`` of the parts the kind compares, and eager's
+    side of the contract (``None``: the contract is not judged in this case)."""
 
     eager: Mapping[str, Any]
     exact: Mapping[str, Any]
+    call: EagerCall | None = None
 
     @property
     def nbytes(self) -> int:
-        leaves = pytree.tree_leaves([dict(self.eager), dict(self.exact)])
+        call = [] if self.call is None else [list(self.call.args), dict(self.call.after), dict(self.call.exact_after)]
+        leaves = pytree.tree_leaves([dict(self.eager), dict(self.exact), *call])
         return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One compiled call of a parity case: the path it took, one verdict per part the kind compares, and the
+    contract clauses judged on the same call (with how many tensors they looked at)."""
+
+    path: str | None
+    verdicts: dict[str, ParityVerdict]
+    contract: tuple[ClauseResult, ...] = ()
+    tensors: int = 0
+
+
+def copies(args: Sequence[Any]) -> tuple[Any, ...]:
+    """Fresh copies of a case's tensors (strides kept), so that a call cannot write into the case's own."""
+    return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def nonfinite(args: Sequence[Any]) -> bool:
+    """Whether a floating input holds NaN or an infinity (the non-finite value regime)."""
+    return any(isinstance(a, torch.Tensor) and a.is_floating_point() and not bool(a.isfinite().all()) for a in args)
+
+
+class Received:
+    """The positional tensors a module's call received, caught by a forward pre-hook (a training step runs the
+    module on copies it makes itself: these are the tensors the call could write into)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.args: tuple[Any, ...] = ()
+        self._handle = module.register_forward_pre_hook(self._seen)
+
+    def _seen(self, _module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if not self.args:
+            self.args = tuple(args)
+
+    def __enter__(self) -> Received:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._handle.remove()
 
 
 def _detached(x: Any) -> Any:
@@ -143,12 +212,47 @@ class KindChecks(ABC):
         """Eager's float32 result and the float64 reference on ``args`` (``seed``: a training step's upstream
         gradient): computed once per case, reused for every candidate."""
 
-    @abstractmethod
     def judge(
         self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int
     ) -> tuple[str | None, dict[str, ParityVerdict]]:
         """Run one accepted parity case through ``kernel``: the path the compiled side took, and one
         :func:`~esper.numerics.parity.judge` per part the kind compares (``output``; ``gradient``, ``buffer``)."""
+        judged = self.call(kernel, args, expected, seed)
+        return judged.path, judged.verdicts
+
+    @abstractmethod
+    def call(self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int) -> Judged:
+        """:meth:`judge`, with the contract clauses judged on the same compiled call (see the module docstring).
+        The kernel runs on fresh copies of ``args``; ``args`` stay as the case drew them."""
+
+    def contract(
+        self,
+        got: Any,
+        received: Sequence[Any],
+        before: Mapping[str, torch.Tensor],
+        after: Mapping[str, torch.Tensor],
+        expected: Expected,
+        *,
+        judge_updates: bool = True,
+    ) -> tuple[tuple[ClauseResult, ...], int]:
+        """The contract clauses of one compiled call, against eager's side in ``expected``: its output ``got``
+        and the tensors its call ``received``; ``before`` and ``after`` the writable tensors by name (the
+        case's own inputs stand for the state before). Without ``judge_updates`` the tensors eager updates
+        are left out (their values are undefined in this case); the rest must still stay unchanged."""
+        if expected.call is None:
+            return (), 0
+        tol = self.bp.tolerance
+        eager_out = expected.eager["output"]
+        if not judge_updates:
+            eager_after = expected.call.after
+            before = {n: t for n, t in before.items() if n in eager_after and bitwise_equal(eager_after[n].detach(), t)}
+        clauses = (
+            check_metadata(got, eager_out),
+            check_aliasing(got, eager_out, received, expected.call.args),
+            check_mutation(before, after, expected.call.after, expected.call.exact_after, atol=tol.atol, rtol=tol.rtol),
+        )
+        outputs = sum(1 for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor))
+        return clauses, outputs + len(before)
 
     @abstractmethod
     def nondeterministic(self, args: Sequence[torch.Tensor]) -> bool:
@@ -243,14 +347,17 @@ class InferenceChecks(KindChecks):
 
     def expected(self, args: Sequence[torch.Tensor], seed: int) -> Expected:
         with torch.no_grad():
-            return Expected({"output": self.eager()(*args)}, {"output": self._double()(*to_float64(args))})
+            exact = self._double()(*to_float64(args))
+            mine = copies(args)
+            out = self.eager()(*mine)
+        return Expected({"output": out}, {"output": exact}, EagerCall(mine, named_state(mine)))
 
-    def judge(
-        self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int
-    ) -> tuple[str | None, dict[str, ParityVerdict]]:
+    def call(self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int) -> Judged:
+        mine = copies(args)
         with torch.no_grad():
-            got = kernel(*args)
-        return kernel.last_path, {"output": self._judged("output", got, expected)}
+            got = kernel(*mine)
+        clauses, tensors = self.contract(got, mine, named_state(args), named_state(mine), expected)
+        return Judged(kernel.last_path, {"output": self._judged("output", got, expected)}, clauses, tensors)
 
     def nondeterministic(self, args: Sequence[torch.Tensor]) -> bool:
         with torch.no_grad():
@@ -316,19 +423,34 @@ class TrainingChecks(KindChecks):
         fresh = self.reference()
         out, grads, buffers = exact_step(fresh, args, seed=seed)  # a float64 copy: `fresh` is untouched
         exact = {"output": _detached(out), "gradient": grads, "buffer": buffers}
-        return Expected(self._eager_step(fresh, args, seed), exact)
+        with Received(fresh) as received:
+            eager = self._eager_step(fresh, args, seed)
+        after = named_state(received.args, fresh)
+        call = EagerCall(received.args, after, {f"buffer[{n!r}]": b for n, b in buffers.items()})
+        if nonfinite(args):
+            # With NaN or inf among the inputs, gradients and the statistics a step accumulates are not
+            # defined by the function alone: a subgradient at NaN (relu's backward masks by `x > 0` or by
+            # `x <= 0`), a variance of inf (inf - inf, or Welford's update) differ between equally correct
+            # implementations. The forward output still has one answer, and is judged.
+            return Expected({"output": eager["output"]}, {"output": exact["output"]}, call)
+        return Expected(eager, exact, call)
 
-    def judge(
-        self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int
-    ) -> tuple[str | None, dict[str, ParityVerdict]]:
+    def call(self, kernel: Any, args: Sequence[torch.Tensor], expected: Expected, seed: int) -> Judged:
         bound = kernel.bind(self.built())
-        out, grads = gradients(bound, args, seed=seed, weights=bound.seed)
+        before = named_state(args) | {n: t.detach().clone() for n, t in named_state((), bound.seed).items()}
+        with Received(bound) as received:
+            out, grads = gradients(bound, args, seed=seed, weights=bound.seed)
         path = bound.last_path
-        want = expected.eager["gradient"]
+        want = expected.eager.get("gradient", {})
         # Gradients by name, in eager's order; a name missing on either side is a structural failure.
         got_grads = {n: grads.get(n) for n in want} if set(grads) == set(want) else grads
         got = {"output": _detached(out), "gradient": got_grads, "buffer": floating_buffers(bound.seed)}
-        return path, {part: self._judged(part, got[part], expected) for part in ("output", "gradient", "buffer")}
+        verdicts = {part: self._judged(part, got[part], expected) for part in expected.eager}
+        after = named_state(received.args, bound.seed)
+        clauses, tensors = self.contract(
+            got["output"], received.args, before, after, expected, judge_updates="buffer" in expected.eager
+        )
+        return Judged(path, verdicts, clauses, tensors)
 
     def nondeterministic(self, args: Sequence[torch.Tensor]) -> bool:
         return nondeterministic(lambda: self._eager_step(self.reference(), args, 0))

@@ -43,6 +43,7 @@ class Check(StrEnum):
 
     COMPILE = "compile"
     PARITY = "parity"
+    CONTRACT = "contract"
     WEIGHTS = "weights"
     REPEATED = "repeated"
     GUARDS = "guards"
@@ -56,7 +57,15 @@ class Check(StrEnum):
 # The checks every candidate must pass before selection may route it. ``regions`` is not among them: a session
 # that did not measure a candidate's grid routes its profile by the representative shapes alone; one that
 # measured it and failed rejects the candidate (see Certification.record).
-CANDIDATE_CHECKS = (Check.COMPILE, Check.PARITY, Check.WEIGHTS, Check.REPEATED, Check.GUARDS, Check.LATENCY)
+CANDIDATE_CHECKS = (
+    Check.COMPILE,
+    Check.PARITY,
+    Check.CONTRACT,
+    Check.WEIGHTS,
+    Check.REPEATED,
+    Check.GUARDS,
+    Check.LATENCY,
+)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ from esper.blueprint import Blueprint
 from esper.certification import budgets, contract, plan, regions, timing
 from esper.certification.cases import RefusedCase, refused_cases
 from esper.certification.compile_ahead import CompileAhead, CompileJob
+from esper.certification.contract import ClauseResult
 from esper.certification.kinds import KINDS, Expected, KindChecks
 from esper.certification.results import CANDIDATE_CHECKS, Check, CheckResult, Fail, Skip, check
 from esper.kasmina import COMPILED, EAGER, telemetry
@@ -105,6 +106,31 @@ def one_thread() -> Iterator[None]:
 
 
 @dataclass
+class ContractTally:
+    """The contract clauses judged on a candidate's parity calls (planned and drawn): how many calls and
+    tensors, the breaches per clause, and the first breach with its case."""
+
+    cases: int = 0
+    tensors: int = 0
+    breaches: dict[str, int] = field(default_factory=dict)  # by clause
+    first: str | None = None
+
+    def add(self, clauses: Sequence[ClauseResult], tensors: int, where: str) -> None:
+        if not clauses:
+            return
+        self.cases += 1
+        self.tensors += tensors
+        for result in clauses:
+            if result.breaches:
+                self.breaches[str(result.clause)] = self.breaches.get(str(result.clause), 0) + len(result.breaches)
+                if self.first is None:
+                    self.first = f"{result.reason} (at {where})"
+
+    def figures(self) -> dict[str, Any]:
+        return {"cases": self.cases, "tensors": self.tensors, "breaches": dict(self.breaches)}
+
+
+@dataclass
 class Candidate:
     """One shape profile compiled under one variant, and what this session learned about it."""
 
@@ -117,6 +143,7 @@ class Candidate:
     kernel: Any = None
     parity: ParityStats = field(default_factory=ParityStats)
     verdicts: dict[str, list[ParityVerdict]] = field(default_factory=dict)  # by part: output, gradient, buffer
+    contract: ContractTally = field(default_factory=ContractTally)
     drawn: int = 0  # hypothesis-drawn cases judged, on top of the planned ones
     nondeterministic: bool | None = None
     guards_refused: int = 0
@@ -479,7 +506,10 @@ class Certification:
         refused = kernel.check(*args)
         if refused is not None:
             raise Fail(f"guards refuse a shape inside the profile's range, {where}: {refused}")
-        path, verdicts = self.kind.judge(kernel, args, expected, seed)
+        judged = self.kind.call(kernel, args, expected, seed)
+        path, verdicts = judged.path, judged.verdicts
+        if path == COMPILED:
+            c.contract.add(judged.contract, judged.tensors, where)
         if path != COMPILED:
             raise Fail(f"Kasmina ran {path} for accepted inputs, {where}")
         c.parity.cases += 1
@@ -557,6 +587,24 @@ class Certification:
         with one_thread():
             expected = self.kind.expected(args, regime.seed)
             self._judge(c, kernel, args, expected, regime.seed, f"{dict(sizes)}, {regime!r}")
+
+    @check(Check.CONTRACT)
+    def check_contract(self, candidate: str) -> dict[str, Any]:
+        """The rest of the contract with the caller, judged on the very calls parity judged (planned and drawn
+        cases; :meth:`KindChecks.call`): every output has eager's dtype, shape, device, layout and dense memory
+        formats, shares memory with an input or another output only where eager's does, and the call leaves
+        every input (training: every parameter and buffer of the seed) unchanged unless eager changes it, and
+        then changes it as eager does. Fails with the first breach (clause, tensor, case); skips where parity
+        judged no call. Its figures: the calls and tensors judged, the breaches per clause."""
+        c = self.ready(candidate)
+        tally = c.contract
+        if not tally.cases:
+            raise Skip(f"{self.artifact} {c.id}: parity judged no call, so there is no call to hold to the contract")
+        if tally.first is not None:
+            more = sum(tally.breaches.values()) - 1
+            extra = f"; {more} more breach(es) ({', '.join(f'{k} {n}' for k, n in tally.breaches.items())})"
+            raise Fail(f"{self.artifact} {c.id} breaks the contract: {tally.first}" + (extra if more else ""))
+        return tally.figures()
 
     # -- 2b. any weights a seed binds ------------------------------------------------------------
 
@@ -1106,6 +1154,7 @@ class BlueprintCertification:
                 results.append(run.check_parity(cid))
                 if results[-1].passed:
                     results.append(run.check_drawn_cases(cid))
+                results.append(run.check_contract(cid))
         for run in self:
             results += [run.check_weights(cid) for cid in plan.candidate_ids(self.bp, run.artifact)]
         for run in self:

@@ -168,8 +168,9 @@ class ValueCase:
     seed: int
 
 
-# Unit, tiny and large magnitudes, exact zeros (some, all), and magnitudes mixed inside one tensor.
-VALUE_REGIMES = ("unit", "tiny", "large", "some-zeros", "all-zeros", "mixed")
+# Unit, tiny and large magnitudes, exact zeros (some, all), magnitudes mixed inside one tensor, and NaN and
+# +-inf placed among unit values.
+VALUE_REGIMES = ("unit", "tiny", "large", "some-zeros", "all-zeros", "mixed", "nonfinite")
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,14 @@ A :class:`Regime` says how values are drawn (a magnitude, where exact zeros go, 
 inside one tensor, and the seed); :func:`make_inputs` turns it into tensors with a private seeded generator.
 ``mixed`` draws each element's magnitude from {1e-3, 1, 1e3}, with some exact zeros, so that a kernel whose
 error depends on the largest value in a reduction (a lower-precision accumulation, a badly scaled softmax)
-meets small values beside large ones.
+meets small values beside large ones. ``nonfinite`` puts NaN, +inf and -inf at seeded positions of every
+floating input (:func:`place_nonfinite_at`), the rest unit-scale: a kernel must let them through where eager
+and the float64 reference do (:func:`esper.numerics.parity.nonfinite_breach`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -18,7 +21,16 @@ import torch
 from esper.blueprint import Blueprint, Input
 from esper.numerics.coverage import VALUE_REGIMES, ValueCase
 
-__all__ = ["MIXED_SCALES", "REGIMES", "Regime", "case_regime", "example_inputs", "make_inputs", "make_value"]
+__all__ = [
+    "MIXED_SCALES",
+    "REGIMES",
+    "Regime",
+    "case_regime",
+    "example_inputs",
+    "make_inputs",
+    "make_value",
+    "place_nonfinite_at",
+]
 
 MIXED_SCALES = (1e-3, 1.0, 1e3)
 
@@ -31,10 +43,12 @@ class Regime:
     zeros: str = "none"  # "none" | "some" | "all"
     seed: int = 0
     mixed: bool = False
+    nonfinite: int = 0  # NaN, +inf and -inf: this many of each per floating tensor (see place_nonfinite_at)
 
     def __repr__(self) -> str:
         mixed = ", mixed" if self.mixed else ""
-        return f"Regime(scale={self.scale:g}, zeros={self.zeros!r}, seed={self.seed}{mixed})"
+        nonfinite = f", nonfinite={self.nonfinite}" if self.nonfinite else ""
+        return f"Regime(scale={self.scale:g}, zeros={self.zeros!r}, seed={self.seed}{mixed}{nonfinite})"
 
 
 # The named regimes of a parity case (their seed is the case's: see case_regime).
@@ -45,8 +59,15 @@ REGIMES: dict[str, Regime] = {
     "some-zeros": Regime(zeros="some"),
     "all-zeros": Regime(zeros="all"),
     "mixed": Regime(mixed=True),
+    "nonfinite": Regime(nonfinite=1),
 }
 assert tuple(REGIMES) == VALUE_REGIMES
+
+
+# The first regimes keep the seeds they were drawn with before later ones (nonfinite) joined, so adding a
+# regime changes no other regime's values; later regimes draw from seeds of their own, above LATER_SEEDS.
+SEEDED_BEFORE = 6
+LATER_SEEDS = 1 << 32
 
 
 def case_regime(case: ValueCase) -> Regime:
@@ -54,7 +75,24 @@ def case_regime(case: ValueCase) -> Regime:
     with the same seed draw different values)."""
     if case.regime not in REGIMES:
         raise ValueError(f"unknown value regime {case.regime!r}; known: {', '.join(VALUE_REGIMES)}")
-    return replace(REGIMES[case.regime], seed=case.seed * len(VALUE_REGIMES) + VALUE_REGIMES.index(case.regime))
+    k = VALUE_REGIMES.index(case.regime)
+    if k < SEEDED_BEFORE:
+        return replace(REGIMES[case.regime], seed=case.seed * SEEDED_BEFORE + k)
+    return replace(REGIMES[case.regime], seed=LATER_SEEDS + case.seed * len(VALUE_REGIMES) + k)
+
+
+def place_nonfinite_at(t: torch.Tensor, per_kind: int, generator: torch.Generator) -> torch.Tensor:
+    """Write NaN, +inf and -inf into ``t`` (a contiguous floating tensor, in place) at distinct positions drawn
+    from ``generator``: ``per_kind`` elements of each, at most a third of the tensor each (one of each in a
+    tensor of fewer than three elements, as far as it goes). Returns ``t``."""
+    flat = t.view(-1)
+    if flat.numel() == 0 or per_kind <= 0:
+        return t
+    k = min(per_kind, max(flat.numel() // 3, 1))
+    where = torch.randperm(flat.numel(), generator=generator)[: 3 * k]
+    for j, value in enumerate((math.nan, math.inf, -math.inf)):
+        flat[where[j * k : (j + 1) * k]] = value
+    return t
 
 
 def make_value(
@@ -83,6 +121,10 @@ def make_value(
             x[torch.rand(shape, generator=generator) < 0.5] = 0.0
     if spec.low is not None or spec.high is not None:
         x = x.clamp(spec.low, spec.high)
+    if regime.nonfinite:
+        # After the clamp: the declared range bounds the finite values; NaN and inf are what a diverged host
+        # hands over whatever the declaration says.
+        place_nonfinite_at(x, regime.nonfinite, generator)
     return x.to(dtype=dtype, device=device)
 
 

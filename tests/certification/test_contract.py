@@ -76,7 +76,7 @@ def test_metadata_requires_channels_last_where_eager_has_it() -> None:
 def test_aliasing_catches_an_output_that_is_the_input_where_eager_copies() -> None:
     x_c, x_e = X.clone(), X.clone()
     result = check_aliasing((x_c, x_c + 1), (x_e.clone(), x_e + 1), [x_c], [x_e])
-    assert not result.passed and "output[0]" in result.reason and "input[0]" in result.reason
+    assert not result.passed and "output[0]" in result.reason and "input 0" in result.reason
     assert check_aliasing((x_c.clone(), x_c + 1), (x_e.clone(), x_e + 1), [x_c], [x_e]).passed
 
 

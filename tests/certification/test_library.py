@@ -27,6 +27,7 @@ MODULE_ORDER = [
     Check.COMPILE,
     Check.PARITY,
     Check.PARITY,  # the hypothesis draws, after the planned cases passed
+    Check.CONTRACT,  # judged on the calls parity made
     Check.WEIGHTS,
     Check.REPEATED,
     Check.GUARDS,
@@ -52,14 +53,17 @@ def test_every_check_is_a_plain_call_returning_a_recorded_result(
     compiled = inference[0].figures
     assert compiled["reused"] is True and compiled["kind"] == "aoti"  # compiled once for the session
     assert inference[1].figures["cases"] >= 9 and inference[2].figures["drawn"] > 0
-    weights, repeated = inference[3].figures, inference[4].figures
+    contract = inference[3].figures
+    assert contract["cases"] == inference[1].figures["cases"] + inference[2].figures["drawn"]
+    assert contract["tensors"] >= 2 * contract["cases"] and contract["breaches"] == {}
+    weights, repeated = inference[4].figures, inference[5].figures
     assert weights["weights"] == ["own", "scaled-x10#0", "scaled-x0.1#0", "perturbed#0", "outliers#0"]
     assert weights["cases"] == 4 * 3 and repeated["calls"] >= 2 * len(repeated["shapes"]) * 2
-    assert inference[5].figures["refused"] >= 5 and {r.figures["shape"] for r in inference[6:8]} == {
+    assert inference[6].figures["refused"] >= 5 and {r.figures["shape"] for r in inference[7:9]} == {
         "batch=4",
         "batch=16",
     }
-    grid = inference[8].figures  # tiny_mlp's batch 1..32: log-spaced sizes with both ends and 4 and 16
+    grid = inference[9].figures  # tiny_mlp's batch 1..32: log-spaced sizes with both ends and 4 and 16
     assert grid["dims"] == ["batch"] and grid["values"][0][0] == 1 and grid["values"][0][-1] == 32
     assert {4, 16} <= set(grid["values"][0]) and grid["measured"] >= len(grid["values"][0])
     # Training is off in this suite: its checks skip, saying why, and nothing of it fails.

@@ -99,7 +99,7 @@ def test_a_right_kernel_passes_every_planned_case_with_coverage_in_the_evidence(
     assert cert.check_parity("default/default").passed
     covered = cert.coverage("default")
     assert covered.values_tried == {"batch": (24, 24)} and covered.value_cases == len(cert.cases("default"))
-    assert set(covered.regimes) == {"unit", "tiny", "large", "some-zeros", "all-zeros", "mixed"}
+    assert set(covered.regimes) == {"unit", "tiny", "large", "some-zeros", "all-zeros", "mixed", "nonfinite"}
     evidence = cert.parity_evidence(cert.candidates["default/default"])
     assert evidence["cases"] == covered.value_cases and evidence["parts"]["output"]["failures"] == 0
     assert evidence["rmse_ratio"] == pytest.approx(1.0) and evidence["coverage"]["shapes"] == 24
@@ -164,7 +164,7 @@ def test_the_plan_keeps_every_size_and_value_regime_for_the_catalogs_shapes() ->
     assert {c.sizes["batch"] for c in cases} == set(range(1, 25))
     # Representative and edge shapes meet every regime; the smallest representative shape, every regime under
     # three seeds.
-    regimes = {"unit", "tiny", "large", "some-zeros", "all-zeros", "mixed"}
+    regimes = {"unit", "tiny", "large", "some-zeros", "all-zeros", "mixed", "nonfinite"}
     for batch in (1, 2, 8, 23, 24):
         assert {c.values.regime for c in cases if c.sizes == {"batch": batch}} == regimes
     smallest = {(c.values.regime, c.values.seed) for c in cases if c.sizes == {"batch": 2}}

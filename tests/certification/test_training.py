@@ -39,6 +39,9 @@ def test_training_certification_checks_and_decides(training_copy: Path, monkeypa
     assert parity.passed and parity.figures["coverage"] == covered.evidence()
     assert covered.value_cases == planned and covered.values_tried["batch"] == (31, 31)  # every size of 2..32
     assert cert.check_drawn_cases(candidate).passed
+    contract = cert.check_contract(candidate)  # on the same calls: inputs, output, the seed's weights and buffers
+    assert contract.passed and contract.figures["breaches"] == {}
+    assert contract.figures["cases"] == planned + cert.candidates[candidate].drawn
     # A seed's weights through the training kernel's bind, and many alternating steps of one bound seed.
     weights = cert.check_weights(candidate)
     assert weights.passed and weights.figures["cases"] == 4 * plan.WEIGHT_CASES, weights.reason
@@ -49,11 +52,14 @@ def test_training_certification_checks_and_decides(training_copy: Path, monkeypa
     # Each dim below and above its range, a wrong dtype and rank per input, each fixed dim off by one.
     assert checked.parity.cases == planned + checked.drawn and checked.drawn > 0
     assert checked.guards_refused == len(cert.refused_cases(candidate)) >= 5
-    # Output, every gradient and every mutated buffer judged against float64 in every case.
+    # Output, every gradient and every mutated buffer judged against float64 in every case; with NaN and inf
+    # among the inputs, the output only.
+    nonfinite = sum(case.values.regime == "nonfinite" for case in cert.cases("default"))
+    assert nonfinite > 0
     assert {part: len(vs) for part, vs in checked.verdicts.items()} == {
         "output": checked.parity.cases,
-        "gradient": checked.parity.cases,
-        "buffer": checked.parity.cases,
+        "gradient": checked.parity.cases - nonfinite,
+        "buffer": checked.parity.cases - nonfinite,
     }
     for label in cert.labels():
         assert cert.compare_latency(candidate, label).passed

@@ -160,6 +160,12 @@ def test_value_regimes_draw_what_they_say() -> None:
     rows_mixed = ((m > 100).any(-1) & ((m > 0) & (m < 1e-2)).any(-1)).all()
     assert rows_mixed  # mixed inside one tensor, even inside one row
     assert torch.equal(x("mixed", 1), x("mixed", 1)) and not torch.equal(x("mixed", 1), x("mixed", 2))
+    nf = x("nonfinite")
+    assert [int(nf.isnan().sum()), int((nf == float("inf")).sum()), int((nf == float("-inf")).sum())] == [1, 1, 1]
+    assert 0.5 < nf[nf.isfinite()].abs().mean() < 1.5  # the rest unit-scale
+    same = torch.equal(x("nonfinite", 1).nan_to_num(), x("nonfinite", 1).nan_to_num())
+    assert same and not torch.equal(x("nonfinite", 1).nan_to_num(), x("nonfinite", 2).nan_to_num())
+    assert torch.equal(make_inputs(BP, {"batch": 1}, ValueCase("nonfinite", 0))[1].isfinite().all(), torch.tensor(True))
     ints = make_inputs(BP, {"batch": 1}, ValueCase("mixed", 0))[1]
     assert ints.dtype == torch.int64 and int(ints.min()) >= 0 and int(ints.max()) <= 5
     with pytest.raises(ValueError, match="unknown value regime"):

@@ -196,14 +196,19 @@ def test_value_class_defect_missed_by_old_regimes_caught_by_mixed_magnitudes(
     assert s.old_check() == []
     failures = s.new_check()
     assert failures
-    assert {c.values.regime for c, _ in failures} == {"mixed"}
+    # Mixed magnitudes, and the non-finite regime's inf beside a small value, are what the defect keys on.
+    caught = {c.values.regime for c, _ in failures}
+    assert "mixed" in caught and caught <= {"mixed", "nonfinite"}
 
 
 def test_precision_defect_inside_the_tolerance_rejected_against_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Subject("miscompile_precision", monkeypatch)
     assert s.old_check() == []  # assert_close at the declared tolerance accepts every case
     failures = s.new_check()
-    assert len(failures) == len(plan(s.ranges, s.bp.representative))  # every case is rejected...
+    # Every case with finite inputs is rejected (with NaN and inf among them, a case whose every output row is
+    # non-finite leaves no finite value to judge)...
+    finite = [c for c in plan(s.ranges, s.bp.representative) if c.values.regime != "nonfinite"]
+    assert len([c for c, _ in failures if c.values.regime != "nonfinite"]) == len(finite)
     assert all("RMSE against float64" in v.reason and v.ratio > 100 for _, v in failures)  # ...by the RMSE rule
 
 

@@ -424,3 +424,17 @@ def test_a_float64_copy_runs_its_own_module_and_falls_back_to_plain_float64() ->
     out = trick(torch.full((2, 4), 1.001, dtype=torch.float64))
     assert out.dtype == torch.float64 and float(out.max()) == 1.0
     assert float(trick.calls) == 1.0
+
+
+def test_nonfinite_values_are_judged_against_eager_and_float64_together() -> None:
+    """Where eager overflows and float64 does not, a finite compiled value near float64 is no fault; a finite
+    value where both are NaN hides it; a wrong finite value where only eager overflowed is caught."""
+    exact = torch.tensor([1.0, 3.5e38, float("nan"), -2.0], dtype=torch.float64)
+    eager = torch.tensor([1.0, float("inf"), float("nan"), -2.0])
+    assert judge(eager.clone(), eager, exact, atol=1e-5, rtol=1e-5).passed
+    avoids_overflow = torch.tensor([1.0, 3.4e38, float("nan"), -2.0])  # finite, within rtol 0.05 of float64's
+    assert judge(avoids_overflow, eager, exact, atol=0.0, rtol=0.05).passed
+    v = judge(torch.tensor([1.0, 1.0, float("nan"), -2.0]), eager, exact, atol=0.0, rtol=0.05)
+    assert not v.nonfinite_ok and "compiled finite where eager is +inf and float64 finite" in v.reason
+    v = judge(torch.tensor([1.0, float("inf"), 0.0, -2.0]), eager, exact, atol=0.0, rtol=0.05)
+    assert not v.nonfinite_ok and "first at [2]: compiled finite where eager is NaN and float64 NaN" in v.reason
