@@ -46,6 +46,8 @@ from esper.kasmina import COMPILED, EAGER, telemetry
 from esper.numerics import coverage
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
+from esper.tezzeret.compiler import SPECIALIZE
+from esper.tezzeret.pipeline import NotSpecialized
 from esper.urza import Entry, EntryKind, EntryStatus, Urza
 from esper.urza.evidence import (
     ROUTE_TABLE,
@@ -364,7 +366,10 @@ class Certification:
         job = self.job(candidate) if self.ahead is not None else None
         if job is not None:
             self.ahead.claim(job)  # type: ignore[union-attr]
-        outcome = self.kind.compile(profile=c.profile, variant=c.variant)
+        try:
+            outcome = self.kind.compile(profile=c.profile, variant=c.variant)
+        except NotSpecialized as e:
+            raise Skip(str(e)) from None
         c.entry, c.reused, c.compile_seconds = outcome.entry, outcome.reused, outcome.seconds
         return {"entry": c.entry.id, "kind": c.entry.kind, "reused": c.reused, "seconds": c.compile_seconds}
 
@@ -764,8 +769,33 @@ class Certification:
                         reason=decision.note,
                     )
                     published.append(route)
+                elif decision.winner is None:
+                    published += self._held_eager_route(urza, decision)
         self.published = published
         return {"entries": [e.id for e in published]}
+
+    def _held_eager_route(self, urza: Urza, decision: Decision) -> list[Entry]:
+        """Where a profile's candidates fell back because export could not keep a dim dynamic (their
+        specializations serve its exact sizes), a certified eager route over the profile's declared guards: every
+        other size of its range runs eager by this evidence, not as a fallback."""
+        held = [
+            c.entry
+            for c in self.candidates.values()
+            if c.profile == decision.profile and c.entry is not None and c.entry.meta.get(SPECIALIZE)
+        ]
+        if not held or held[0].guards is None:
+            return []
+        dims = ", ".join(held[0].meta[SPECIALIZE])
+        note = f"{dims} cannot stay dynamic ({held[0].failure_reason}); eager outside its exact-size specializations"
+        return [
+            self.kind.store_eager_route(
+                urza,
+                profile=decision.profile,
+                guards=held[0].guards,
+                evidence=self.evidence(None, replace(decision, note=note)),
+                reason=note,
+            )
+        ]
 
     def eager_latency(self, profile: str) -> dict[str, dict[str, float]]:
         """Eager's p50/p95 (ms) per representative shape of ``profile``: the median over the profile's
