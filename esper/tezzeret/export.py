@@ -54,7 +54,10 @@ def declared_guards(bp: Blueprint, ranges: Mapping[str, tuple[int, int]], device
     whose export failed accepts."""
 
     def dim(d: int | Any) -> DimGuard:
-        return DimGuard(size=d) if isinstance(d, int) else DimGuard(name=d.name, min=ranges[d.name][0], max=ranges[d.name][1])
+        if isinstance(d, int):
+            return DimGuard(size=d)
+        lo, hi = ranges[d.name]
+        return DimGuard(name=d.name, min=lo, max=hi)
 
     inputs = tuple(InputGuard(i.name, i.dtype, tuple(dim(d) for d in i.shape)) for i in bp.inputs)
     return GuardSchema(inputs=inputs, device=device)
