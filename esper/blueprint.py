@@ -260,9 +260,7 @@ class Blueprint:
     def specialization_sizes(self) -> dict[str, tuple[int, ...]]:
         """Per dynamic dim, the sizes an exact-size specialization is compiled for should the dim not stay
         dynamic: its sizes in the representative shapes and its hot sizes, ascending."""
-        return {
-            n: tuple(sorted({r[n] for r in self.representative} | set(d.hot))) for n, d in self.dims.items()
-        }
+        return {n: tuple(sorted({r[n] for r in self.representative} | set(d.hot))) for n, d in self.dims.items()}
 
     def measured_shapes(self) -> list[dict[str, int]]:
         """The shapes latency is measured at: the representative shapes, then one per hot size of a dim not among

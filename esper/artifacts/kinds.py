@@ -127,8 +127,13 @@ class KindSpec:
         return self.variants if self.variants is not None else tuple(bp.variants)
 
     def candidates(self, bp: Blueprint) -> list[Candidate]:
-        """Every candidate of this kind of ``bp``: each profile (declaration order) under each variant."""
-        return [Candidate(p, v) for p in self.profiles(bp) for v in self.variant_names(bp)]
+        """Every candidate of this kind of ``bp``: each profile (declaration order) under each variant, then each
+        specialization under the first variant only (each is a whole compile, made for one size; the variants
+        compete on the profiles)."""
+        variants = self.variant_names(bp)
+        special = self.specializations(bp)
+        buckets = [p for p in self.profiles(bp) if p not in special]
+        return [Candidate(p, v) for p in buckets for v in variants] + [Candidate(p, variants[0]) for p in special]
 
     def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> Ranges:
         """The dim ranges ``bp`` compiles for under ``profile`` and ``variant``; refuses a profile or variant

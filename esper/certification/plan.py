@@ -52,11 +52,8 @@ def labels_in(bp: Blueprint, ranges: Ranges) -> list[str]:
 def latency_cases(bp: Blueprint, artifact: ArtifactKind) -> list[tuple[str, str]]:
     """``(candidate, shape label)`` pairs to time against eager (interleaved, in the same test): each
     candidate at the representative shapes inside its profile."""
-    cases = []
-    for pname, ranges in profiles(bp, artifact).items():
-        for v in variants(bp, artifact):
-            cases += [(f"{pname}/{v}", label) for label in labels_in(bp, ranges)]
-    return cases
+    ranges = profiles(bp, artifact)
+    return [(c.id, label) for c in spec(artifact).candidates(bp) for label in labels_in(bp, ranges[c.profile])]
 
 
 # The planned parity cases of a profile (esper.numerics.coverage.plan), sized so that the whole catalog certifies cold

@@ -343,10 +343,11 @@ class Certification:
     def __post_init__(self) -> None:
         self.artifact = ArtifactKind(self.artifact)
         self.kind = KINDS[self.artifact](self.bp, self.urza_path, self.device)
-        for pname, ranges in self.profiles().items():
-            for v in plan.variants(self.bp, self.artifact):
-                c = Candidate(pname, v, dict(ranges))
-                self.candidates[c.id] = c
+        profiles = self.profiles()
+        for cid in plan.candidate_ids(self.bp, self.artifact):
+            pname, v = cid.rsplit("/", 1)
+            c = Candidate(pname, v, dict(profiles[pname]))
+            self.candidates[c.id] = c
 
     def profiles(self) -> dict[str, dict[str, tuple[int, int]]]:
         return plan.profiles(self.bp, self.artifact)

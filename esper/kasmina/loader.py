@@ -158,7 +158,6 @@ class KernelSource:
         return k.load(self.name)
 
 
-
 def built(bp: Blueprint, device: torch.device) -> torch.nn.Module:
     """``bp``'s module on ``device``, built outside any functorch transform of the calling thread.
 
@@ -168,6 +167,7 @@ def built(bp: Blueprint, device: torch.device) -> torch.nn.Module:
     # torch has no public form of this guard; it is what torch.func's own internals use to step outside.
     with torch._C._DisableFuncTorch():
         return bp.build().to(device)
+
 
 class Kasmina:
     """The runtime loader. ``Kasmina(urza_path).load(name)`` returns a :class:`Kernel`.

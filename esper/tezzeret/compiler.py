@@ -123,6 +123,10 @@ def entry_meta(bp: Blueprint, module: torch.nn.Module, ranges: dict[str, tuple[i
     }
 
 
+# A profile's newest entry by (Urza, device, blueprint, version, source digest, kind, variant, settings, profile),
+# compiled or reused in this process: what its specializations' compiles consult first.
+_profiles_seen: dict[tuple[str, ...], Entry] = {}
+
 #: The meta key of a fallback whose export could not keep these dims dynamic: its specializations compile.
 SPECIALIZE = "specialize"
 
@@ -155,7 +159,11 @@ class Tezzeret:
         pipeline = pipeline_for(artifact)
         base_profile, exact = split_profile(profile)
         if exact:
-            base = self.compile(bp, artifact=artifact, variant=variant, profile=base_profile).entry
+            # A profile seen to keep its dims dynamic answers at once; one that held a dim is compiled (reused)
+            # again, so the specialization never rests on a remembered row alone.
+            base = _profiles_seen.get(self._seen_key(bp, pipeline.kind, variant, base_profile))
+            if base is None or base.meta.get(SPECIALIZE):
+                base = self.compile(bp, artifact=artifact, variant=variant, profile=base_profile).entry
             held = set(base.meta.get(SPECIALIZE) or ())
             if base.status != EntryStatus.FALLBACK or not set(exact) <= held:
                 keeps = ", ".join(sorted(set(exact) - held))
@@ -185,6 +193,7 @@ class Tezzeret:
         )
         existing = None if force else reusable(self.urza, bp, digest, key, identity=base)
         if existing is not None:
+            self._seen(bp, pipeline.kind, variant, profile, existing)
             return CompileOutcome(existing, True, time.perf_counter() - started)
         meta: dict[str, Any] = {
             **entry_meta(bp, module, ranges),
@@ -218,7 +227,20 @@ class Tezzeret:
         seconds = time.perf_counter() - started
         said = tuple(sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20])
         entry = self.urza.publish(entry.with_(meta={**entry.meta, **CompileRecord(seconds, said).to_json()}))
+        self._seen(bp, pipeline.kind, variant, profile, entry)
         return CompileOutcome(entry, False, seconds)
+
+    def _seen_key(self, bp: Blueprint, kind: ArtifactKind, variant: Variant, profile: str) -> tuple[str, ...]:
+        settings = repr(sorted(dict(variant.settings).items()))
+        source = current_source_digest(bp)
+        where = (str(self.urza.path), self.device.type)
+        return (*where, bp.name, str(bp.version), source, kind, variant.name, settings, profile)
+
+    def _seen(self, bp: Blueprint, kind: ArtifactKind, variant: Variant, profile: str, entry: Entry) -> None:
+        """Remember a profile's entry for its specializations' compiles in this process: each asks whether its
+        profile held its dim, and building the module again to hash it would cost each of them a build."""
+        if not split_profile(profile)[1]:
+            _profiles_seen[self._seen_key(bp, kind, variant, profile)] = entry
 
     def compile_candidates(
         self, bp: Blueprint, *, artifacts: tuple[ArtifactKind, ...] = tuple(ArtifactKind), force: bool = False

@@ -85,7 +85,6 @@ class InferencePipeline(SpecPipeline):
         }
         return Built(path=package, guards=guards, meta=meta, parity=parity, performance=latency)
 
-
     def static_dims(self, job: CompileJob) -> list[str]:
         """Each dynamic dim in turn held at its export size, the others dynamic: the dims whose holding lets the
         module export and its guards read back (one export per dim of more than one size)."""

@@ -5,6 +5,8 @@ sizes and eager by evidence everywhere else."""
 from __future__ import annotations
 
 import logging
+import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,21 @@ def test_choose_entries_puts_specializations_first_whatever_the_meta_order() -> 
 
     newest_first = [entry(2, "default", EntryKind.EAGER), entry(1, "default@seq=8", EntryKind.AOTI)]
     assert [e.profile for e in choose_entries(newest_first, key)] == ["default@seq=8", "default"]
+
+
+def test_an_urza_without_specializations_loads_as_before(
+    certified: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The twin: the same Urza as one written before specializations existed (the blueprint's only rows are its
+    fallbacks) still loads, eager with the fallback's WARNING, and serves the right results."""
+    shutil.copytree(certified.parent, tmp_path / "urza", ignore=shutil.ignore_patterns("inductor-cache"))
+    old = tmp_path / "urza" / certified.name
+    with sqlite3.connect(old) as db:
+        db.execute("DELETE FROM entries WHERE profile LIKE '%@%' OR status = 'certified'")
+    assert {e.status for e in rows(old)} == {EntryStatus.FALLBACK}
+    with caplog.at_level(logging.INFO, logger="esper"):
+        kernel = Kasmina(old, blueprint_paths=[SPECIAL]).load(NAME)
+        x = torch.randn(3, 8, 16)
+        torch.testing.assert_close(kernel(x), oracle(x), atol=1e-5, rtol=1e-5)
+    assert kernel.route == "eager" and kernel.last_path == "eager"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING]
