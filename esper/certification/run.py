@@ -46,6 +46,7 @@ from esper.kasmina import COMPILED, EAGER, telemetry
 from esper.numerics import coverage
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
+from esper.profiles import is_specialization
 from esper.tezzeret.compiler import SPECIALIZE
 from esper.tezzeret.pipeline import NotSpecialized
 from esper.urza import Entry, EntryKind, EntryStatus, Urza
@@ -698,6 +699,8 @@ class Certification:
                 for c in self.candidates.values()
                 if c.profile == pname and self.passed(c) and all(label in c.comparisons for label in labels)
             ]
+            if not contenders and is_specialization(pname):
+                continue  # not compiled (its profile keeps the dim dynamic) or failed a check: nothing to route
             scored = {c.id: dict(c.comparisons) for c in contenders}
             tables = {c.id: t for c in contenders if (t := c.route_table()) is not None}
             if tables:
