@@ -77,8 +77,9 @@ def test_kasmina_serves_the_exact_sizes_compiled_and_eager_elsewhere_without_war
     with caplog.at_level(logging.INFO, logger="esper"):
         kernel = Kasmina(certified, blueprint_paths=[SPECIAL]).load(NAME)
         for seq in (7, 8, 9, 23, 24, 25, 2, 96):
-            x = torch.randn(3, seq, 16)
-            torch.testing.assert_close(kernel(x), oracle(x), atol=1e-5, rtol=1e-5)
+            x = torch.randn(3, seq, 16, generator=torch.Generator().manual_seed(seq))
+            # Compiled code may reassociate: a tolerance for float32 rounding, far below any wrong result.
+            torch.testing.assert_close(kernel(x), oracle(x), atol=1e-4, rtol=1e-4)
             assert kernel.last_path == ("compiled" if seq in won else "eager"), seq
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -145,7 +146,7 @@ def test_an_urza_without_specializations_loads_as_before(
     assert {e.status for e in rows(old)} == {EntryStatus.FALLBACK}
     with caplog.at_level(logging.INFO, logger="esper"):
         kernel = Kasmina(old, blueprint_paths=[SPECIAL]).load(NAME)
-        x = torch.randn(3, 8, 16)
-        torch.testing.assert_close(kernel(x), oracle(x), atol=1e-5, rtol=1e-5)
+        x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(kernel(x), oracle(x))
     assert kernel.route == "eager" and kernel.last_path == "eager"
     assert [r for r in caplog.records if r.levelno >= logging.WARNING]
