@@ -377,9 +377,10 @@ class Certification:
 
     def job(self, candidate: str) -> CompileJob | None:
         """``candidate`` as a job a compile worker can run (``None``: this kind is off, no such candidate, or a
-        blueprint not read from a file)."""
+        blueprint not read from a file, or a specialization: it compiles only where its profile fell back, which a
+        worker would first have to compile again itself)."""
         c = self.candidates.get(candidate)
-        if c is None or self.bp.source is None or self.kind.disabled():
+        if c is None or self.bp.source is None or self.kind.disabled() or is_specialization(c.profile):
             return None
         return CompileJob(
             self.bp.source, self.bp.name, self.artifact.value, c.profile, c.variant, str(self.urza_path), self.device
