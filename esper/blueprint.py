@@ -33,7 +33,7 @@ from typing import Any
 
 from esper.artifacts.validate import DTYPES as VALID_DTYPES
 from esper.artifacts.variants import DEFAULT_VARIANTS, VARIANTS
-from esper.profiles import bucket_problem, contains, profiles
+from esper.profiles import bucket_problem, contains, profiles, with_hot_sizes
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 DTYPES = VALID_DTYPES  # the one fixed list (esper.artifacts.validate.DTYPES)
@@ -59,11 +59,16 @@ class BlueprintError(ValueError):
 
 @dataclass(frozen=True)
 class Dim:
-    """A dynamic dimension: a name shared by every input dim that must be equal, and an inclusive range."""
+    """A dynamic dimension: a name shared by every input dim that must be equal, and an inclusive range.
+
+    ``hot``: sizes inside the range that callers send often. Where the compiler cannot keep this dim dynamic,
+    Tezzeret compiles an exact-size specialization for each of them beside the representative sizes (see
+    :mod:`esper.profiles`); where it can, they are measured like representative sizes."""
 
     name: str
     min: int
     max: int
+    hot: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.name):
@@ -74,6 +79,16 @@ class Dim:
             raise BlueprintError("inputs", f"dim {self.name!r}: min={self.min} must be >= 1")
         if self.min > self.max:
             raise BlueprintError("inputs", f"dim {self.name!r}: min={self.min} > max={self.max}")
+        try:
+            hot = tuple(self.hot)
+        except TypeError:
+            raise BlueprintError("inputs", f"dim {self.name!r}: hot={self.hot!r} is not a sequence of sizes") from None
+        for n in hot:
+            if isinstance(n, bool) or not isinstance(n, int) or not self.min <= n <= self.max:
+                raise BlueprintError("inputs", f"dim {self.name!r}: hot size {n!r} is not an integer in {self!r}")
+        if len(set(hot)) != len(hot):
+            raise BlueprintError("inputs", f"dim {self.name!r}: hot sizes repeat: {list(hot)}")
+        object.__setattr__(self, "hot", tuple(sorted(hot)))
 
     def __repr__(self) -> str:
         return f"{self.name}[{self.min}..{self.max}]"
@@ -237,6 +252,20 @@ class Blueprint:
     def profiles(self) -> dict[str, dict[str, tuple[int, int]]]:
         """Shape profiles (name -> dim ranges): one, ``"default"``, unless the blueprint declares buckets."""
         return profiles({n: (d.min, d.max) for n, d in self.dims.items()}, self.buckets)
+
+    def hot_sizes(self) -> dict[str, tuple[int, ...]]:
+        """The declared hot sizes by dim (only the dims that declare some)."""
+        return {n: d.hot for n, d in self.dims.items() if d.hot}
+
+    def specialization_sizes(self) -> dict[str, tuple[int, ...]]:
+        """Per dynamic dim, the sizes an exact-size specialization is compiled for should the dim not stay
+        dynamic: its sizes in the representative shapes and its hot sizes, ascending."""
+        return {n: tuple(sorted({r[n] for r in self.representative} | set(d.hot))) for n, d in self.dims.items()}
+
+    def measured_shapes(self) -> list[dict[str, int]]:
+        """The shapes latency is measured at: the representative shapes, then one per hot size of a dim not among
+        them for each representative shape (with that dim at the hot size)."""
+        return with_hot_sizes(self.representative, self.hot_sizes())
 
     def shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         """Concrete shapes of every input for one assignment of the dynamic dims."""

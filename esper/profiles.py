@@ -3,6 +3,11 @@
 A blueprint may declare ``buckets={"batch": [(1, 4), (5, 64)]}``: the buckets of a dim must tile its declared
 range exactly, with no overlap and no gap, so that every accepted shape belongs to exactly one profile.
 Profiles are the cartesian product of the bucketed dims; unbucketed dims keep their full range.
+
+A *specialization* is another kind of profile: a bucket profile with one dim held at one exact size, for a dim
+that the compiler cannot keep dynamic (export specializes it). It is named after its profile,
+``default@seq=32`` or ``batch=1-4@seq=32``, and overlaps its profile on purpose: it serves exactly that size,
+the profile's own route (eager, by evidence) every other. The bucket rule above is unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 
 DEFAULT_PROFILE = "default"
+#: Separates a specialization's profile from its exact sizes: ``default@seq=32``.
+SPECIAL = "@"
 Ranges = dict[str, tuple[int, int]]
 
 
@@ -54,3 +61,64 @@ def profiles(
 
 def contains(ranges: Mapping[str, tuple[int, int]], sizes: Mapping[str, int]) -> bool:
     return all(ranges[d][0] <= s <= ranges[d][1] for d, s in sizes.items() if d in ranges)
+
+
+def specialization_name(profile: str, sizes: Mapping[str, int]) -> str:
+    """The name of ``profile`` with ``sizes`` held exact: ``"default@seq=32"``."""
+    return profile + SPECIAL + ",".join(f"{d}={int(n)}" for d, n in sizes.items())
+
+
+def split_profile(name: str) -> tuple[str, dict[str, int]]:
+    """A profile name's bucket profile and exact sizes (none for a bucket profile): ``("default", {"seq": 32})``."""
+    base, sep, rest = name.partition(SPECIAL)
+    if not sep:
+        return name, {}
+    sizes = {}
+    for part in rest.split(","):
+        dim, _, size = part.partition("=")
+        sizes[dim] = int(size)
+    return base, sizes
+
+
+def is_specialization(name: str) -> bool:
+    """Whether ``name`` names a specialization (an exact-size profile) rather than a bucket profile."""
+    return SPECIAL in name
+
+
+def narrowed(ranges: Mapping[str, tuple[int, int]], sizes: Mapping[str, int]) -> Ranges | None:
+    """``ranges`` with each dim of ``sizes`` held at its size; ``None`` when a size names no dim of ``ranges`` or
+    lies outside its range."""
+    out = dict(ranges)
+    for dim, size in sizes.items():
+        if dim not in out or not out[dim][0] <= size <= out[dim][1]:
+            return None
+        out[dim] = (size, size)
+    return out
+
+
+def specializations(profiles_: Mapping[str, Ranges], sizes: Mapping[str, Sequence[int]]) -> dict[str, Ranges]:
+    """Every specialization of ``profiles_``: per profile (in order), per dim of ``sizes`` (in order), one per
+    size inside the profile's range of that dim (ascending), each holding that one dim exact."""
+    out: dict[str, Ranges] = {}
+    for pname, ranges in profiles_.items():
+        for dim, values in sizes.items():
+            for n in sorted(set(values)):
+                held = narrowed(ranges, {dim: n})
+                if held is not None:
+                    out[specialization_name(pname, {dim: n})] = held
+    return out
+
+
+def with_hot_sizes(
+    representative: Sequence[Mapping[str, int]], hot: Mapping[str, Sequence[int]]
+) -> list[dict[str, int]]:
+    """The representative shapes, then for each hot size of a dim not among them each representative shape with
+    that dim at the hot size: a shape to measure every hot size at (a specialization needs one)."""
+    out = [dict(r) for r in representative]
+    for dim, sizes in hot.items():
+        for n in sorted(set(sizes)):
+            for r in representative:
+                shape = {**r, dim: n}
+                if shape not in out:
+                    out.append(shape)
+    return out

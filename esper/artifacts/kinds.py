@@ -21,7 +21,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
 from esper.artifacts.variants import EAGER_ROUTE, VARIANTS, Variant
-from esper.profiles import DEFAULT_PROFILE
+from esper.profiles import DEFAULT_PROFILE, narrowed, specializations, split_profile
 
 if TYPE_CHECKING:
     from esper.blueprint import Blueprint
@@ -48,11 +48,14 @@ def full_ranges(bp: Blueprint) -> Ranges:
 
 
 def profile_ranges(bp: Blueprint, profile: str) -> Ranges:
-    """The ranges of one shape profile of ``bp``; a clear error for a profile it does not have."""
+    """The ranges of one shape profile of ``bp`` (a specialization's: its profile's, its dims held exact); a clear
+    error for a profile it does not have."""
     profiles = bp.profiles()
-    if profile not in profiles:
+    base, exact = split_profile(profile)
+    held = narrowed(profiles[base], exact) if base in profiles else None
+    if held is None or (exact and profile not in specializations({base: profiles[base]}, bp.specialization_sizes())):
         raise ValueError(f"blueprint {bp.name!r} has no shape profile {profile!r} (profiles: {', '.join(profiles)})")
-    return dict(profiles[profile])
+    return held
 
 
 class Candidate(NamedTuple):
@@ -78,7 +81,9 @@ class KindSpec:
     code serves the backward too (a call records autograd; the blueprint's p95 limits, declared for the
     forward pass, do not apply). ``guarded_eager``: an eager entry is a route for the inputs its guards accept
     (so it carries a guard schema) rather than for every call. ``opt_out``: the environment variable that
-    switches this kind's certification off (``None``: always on).
+    switches this kind's certification off (``None``: always on). ``specializes``: the kind has exact-size
+    specializations (see :mod:`esper.profiles`) among its candidates, compiled only where a dim cannot stay
+    dynamic.
     """
 
     kind: ArtifactKind
@@ -92,6 +97,7 @@ class KindSpec:
     guarded_eager: bool
     opt_out: str | None = None
     eager_route: str = EAGER_ROUTE
+    specializes: bool = False
 
     def enabled(self) -> bool:
         """Whether this kind is certified (its ``opt_out`` variable unset, or not 0/no/false/off)."""
@@ -102,18 +108,32 @@ class KindSpec:
         return None if self.enabled() else f"{self.kind} certification is off ({self.opt_out}=0)"
 
     def profiles(self, bp: Blueprint) -> dict[str, Ranges]:
-        """The shape profiles this kind compiles ``bp`` for, each with its dim ranges, in declaration order."""
+        """The shape profiles this kind compiles ``bp`` for, each with its dim ranges, in declaration order; then
+        its specializations (:meth:`specializations`)."""
         if self.whole_range:
             return {DEFAULT_PROFILE: full_ranges(bp)}
-        return bp.profiles()
+        return {**bp.profiles(), **self.specializations(bp)}
+
+    def specializations(self, bp: Blueprint) -> dict[str, Ranges]:
+        """The exact-size specializations of ``bp``'s profiles this kind may compile: per profile, per dim, one
+        per size of :meth:`~esper.blueprint.Blueprint.specialization_sizes` inside the profile. Tezzeret compiles
+        one only where its profile's export showed that dim cannot stay dynamic."""
+        if not self.specializes or self.whole_range:
+            return {}
+        return specializations(bp.profiles(), bp.specialization_sizes())
 
     def variant_names(self, bp: Blueprint) -> tuple[str, ...]:
         """The variants that compete for this kind of ``bp``, in preference order."""
         return self.variants if self.variants is not None else tuple(bp.variants)
 
     def candidates(self, bp: Blueprint) -> list[Candidate]:
-        """Every candidate of this kind of ``bp``: each profile (declaration order) under each variant."""
-        return [Candidate(p, v) for p in self.profiles(bp) for v in self.variant_names(bp)]
+        """Every candidate of this kind of ``bp``: each profile (declaration order) under each variant, then each
+        specialization under the first variant only (each is a whole compile, made for one size; the variants
+        compete on the profiles)."""
+        variants = self.variant_names(bp)
+        special = self.specializations(bp)
+        buckets = [p for p in self.profiles(bp) if p not in special]
+        return [Candidate(p, v) for p in buckets for v in variants] + [Candidate(p, variants[0]) for p in special]
 
     def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> Ranges:
         """The dim ranges ``bp`` compiles for under ``profile`` and ``variant``; refuses a profile or variant
@@ -140,6 +160,7 @@ SPECS: Mapping[ArtifactKind, KindSpec] = {
         compile_check="compile",
         backward=False,
         guarded_eager=True,
+        specializes=True,
     ),
     # Inductor settings that fold weights into the code cannot apply to weights passed in: default only.
     ArtifactKind.TRAINING: KindSpec(

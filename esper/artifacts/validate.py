@@ -31,8 +31,12 @@ IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 WEIGHT_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,128}(\.[A-Za-z0-9_]{1,128}){0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _PROFILE_PART = r"[A-Za-z_][A-Za-z0-9_]{0,127}=[0-9]{1,13}-[0-9]{1,13}"
-#: ``default``, or ``batch=1-4,seq=1-8`` (see :func:`esper.profiles.profile_name`).
-PROFILE_RE = re.compile(rf"^(default|{_PROFILE_PART}(,{_PROFILE_PART}){{0,31}})$")
+_EXACT_PART = r"[A-Za-z_][A-Za-z0-9_]{0,127}=[0-9]{1,13}"
+#: ``default``, or ``batch=1-4,seq=1-8`` (see :func:`esper.profiles.profile_name`); either may end in a
+#: specialization's exact sizes, ``default@seq=32`` (see :func:`esper.profiles.specialization_name`).
+PROFILE_RE = re.compile(
+    rf"^(default|{_PROFILE_PART}(,{_PROFILE_PART}){{0,31}})(@{_EXACT_PART}(,{_EXACT_PART}){{0,31}})?$"
+)
 #: A compile variant or route name (``default``, ``freezing``, ``eager``, ``train``).
 VARIANT_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 #: A blueprint name (the same rule as :data:`esper.blueprint.NAME_RE`).

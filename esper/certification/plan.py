@@ -3,8 +3,10 @@
 The generated module lists these values and the certification run iterates over them, so both read them from
 here. A *candidate* is one shape profile compiled under one Inductor variant, named ``"profile/variant"``; which
 candidates a kind has is its :class:`~esper.artifacts.kinds.KindSpec`'s rule, the one Tezzeret compiles by.
-Inference competes every profile under every variant the blueprint allows; the training artifact is one
-candidate, the whole declared range under the default variant.
+Inference competes every profile under every variant the blueprint allows, then every exact-size
+specialization of each profile (a dim held at a representative or hot size, see :mod:`esper.profiles`): one is
+compiled only where its profile's export could not keep that dim dynamic, and is skipped otherwise; the training
+artifact is one candidate, the whole declared range under the default variant.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def candidate_ids(bp: Blueprint, artifact: ArtifactKind) -> list[str]:
 
 
 def shape_labels(bp: Blueprint) -> dict[str, dict[str, int]]:
-    """The representative shapes by label (``"batch=8"``), in declaration order."""
-    return {Blueprint.shape_label(r): dict(r) for r in bp.representative}
+    """The representative shapes by label (``"batch=8"``), in declaration order, then the shapes that measure
+    its hot sizes (:meth:`~esper.blueprint.Blueprint.measured_shapes`)."""
+    return {Blueprint.shape_label(r): dict(r) for r in bp.measured_shapes()}
 
 
 def labels_in(bp: Blueprint, ranges: Ranges) -> list[str]:
@@ -49,11 +52,8 @@ def labels_in(bp: Blueprint, ranges: Ranges) -> list[str]:
 def latency_cases(bp: Blueprint, artifact: ArtifactKind) -> list[tuple[str, str]]:
     """``(candidate, shape label)`` pairs to time against eager (interleaved, in the same test): each
     candidate at the representative shapes inside its profile."""
-    cases = []
-    for pname, ranges in profiles(bp, artifact).items():
-        for v in variants(bp, artifact):
-            cases += [(f"{pname}/{v}", label) for label in labels_in(bp, ranges)]
-    return cases
+    ranges = profiles(bp, artifact)
+    return [(c.id, label) for c in spec(artifact).candidates(bp) for label in labels_in(bp, ranges[c.profile])]
 
 
 # The planned parity cases of a profile (esper.numerics.coverage.plan), sized so that the whole catalog certifies cold

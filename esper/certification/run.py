@@ -47,6 +47,9 @@ from esper.kasmina import COMPILED, EAGER, telemetry
 from esper.numerics import coverage
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
+from esper.profiles import is_specialization
+from esper.tezzeret.compiler import SPECIALIZE
+from esper.tezzeret.pipeline import NotSpecialized
 from esper.urza import Entry, EntryKind, EntryStatus, Urza
 from esper.urza.evidence import (
     ROUTE_TABLE,
@@ -381,10 +384,11 @@ class Certification:
     def __post_init__(self) -> None:
         self.artifact = ArtifactKind(self.artifact)
         self.kind = KINDS[self.artifact](self.bp, self.urza_path, self.device)
-        for pname, ranges in self.profiles().items():
-            for v in plan.variants(self.bp, self.artifact):
-                c = Candidate(pname, v, dict(ranges))
-                self.candidates[c.id] = c
+        profiles = self.profiles()
+        for cid in plan.candidate_ids(self.bp, self.artifact):
+            pname, v = cid.rsplit("/", 1)
+            c = Candidate(pname, v, dict(profiles[pname]))
+            self.candidates[c.id] = c
 
     def profiles(self) -> dict[str, dict[str, tuple[int, int]]]:
         return plan.profiles(self.bp, self.artifact)
@@ -404,15 +408,19 @@ class Certification:
         job = self.job(candidate) if self.ahead is not None else None
         if job is not None:
             self.ahead.claim(job)  # type: ignore[union-attr]
-        outcome = self.kind.compile(profile=c.profile, variant=c.variant)
+        try:
+            outcome = self.kind.compile(profile=c.profile, variant=c.variant)
+        except NotSpecialized as e:
+            raise Skip(str(e)) from None
         c.entry, c.reused, c.compile_seconds = outcome.entry, outcome.reused, outcome.seconds
         return {"entry": c.entry.id, "kind": c.entry.kind, "reused": c.reused, "seconds": c.compile_seconds}
 
     def job(self, candidate: str) -> CompileJob | None:
         """``candidate`` as a job a compile worker can run (``None``: this kind is off, no such candidate, or a
-        blueprint not read from a file)."""
+        blueprint not read from a file, or a specialization: it compiles only where its profile fell back, which a
+        worker would first have to compile again itself)."""
         c = self.candidates.get(candidate)
-        if c is None or self.bp.source is None or self.kind.disabled():
+        if c is None or self.bp.source is None or self.kind.disabled() or is_specialization(c.profile):
             return None
         return CompileJob(
             self.bp.source, self.bp.name, self.artifact.value, c.profile, c.variant, str(self.urza_path), self.device
@@ -898,6 +906,8 @@ class Certification:
                 for c in self.candidates.values()
                 if c.profile == pname and self.passed(c) and all(label in c.comparisons for label in labels)
             ]
+            if not contenders and is_specialization(pname):
+                continue  # not compiled (its profile keeps the dim dynamic) or failed a check: nothing to route
             scored = {c.id: dict(c.comparisons) for c in contenders}
             tables = {c.id: t for c in contenders if (t := c.route_table()) is not None}
             if tables:
@@ -970,8 +980,33 @@ class Certification:
                         reason=decision.note,
                     )
                     published.append(route)
+                elif decision.winner is None:
+                    published += self._held_eager_route(urza, decision)
         self.published = published
         return {"entries": [e.id for e in published]}
+
+    def _held_eager_route(self, urza: Urza, decision: Decision) -> list[Entry]:
+        """Where a profile's candidates fell back because export could not keep a dim dynamic (their
+        specializations serve its exact sizes), a certified eager route over the profile's declared guards: every
+        other size of its range runs eager by this evidence, not as a fallback."""
+        held = [
+            c.entry
+            for c in self.candidates.values()
+            if c.profile == decision.profile and c.entry is not None and c.entry.meta.get(SPECIALIZE)
+        ]
+        if not held or held[0].guards is None:
+            return []
+        dims = ", ".join(held[0].meta[SPECIALIZE])
+        note = f"{dims} cannot stay dynamic ({held[0].failure_reason}); eager outside its exact-size specializations"
+        return [
+            self.kind.store_eager_route(
+                urza,
+                profile=decision.profile,
+                guards=held[0].guards,
+                evidence=self.evidence(None, replace(decision, note=note)),
+                reason=note,
+            )
+        ]
 
     def eager_latency(self, profile: str) -> dict[str, dict[str, float]]:
         """Eager's p50/p95 (ms) per representative shape of ``profile``: the median over the profile's

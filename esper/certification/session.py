@@ -31,7 +31,7 @@ from esper.certification.run import BlueprintCertification, Certification
 from esper.certification.shard import Shard
 from esper.certification.timing import Comparison
 from esper.kasmina import COMPILED, EAGER
-from esper.profiles import contains
+from esper.profiles import contains, is_specialization
 from esper.settings import Settings
 from esper.urza import Entry, EntryKind, EntryStatus, Urza
 from esper.urza.evidence import Evidence, ShapeTiming, geomean, speedups
@@ -350,8 +350,10 @@ def _routes(entries: list[Entry], key: CompatKey, artifact: ArtifactKind) -> tup
 
 def inference_status(run: Certification, routes: list[Entry], entries: list[Entry]) -> str:
     """``certified`` (``(reused)`` when nothing was checked in this session), ``partial`` or the newest status."""
-    n_profiles = len(run.profiles())
+    # Specializations route beside their profile's route: the profiles counted are the bucket profiles.
+    n_profiles = len([p for p in run.profiles() if not is_specialization(p)])
     tried = [c for c in run.candidates.values() if c.entry is not None]
+    routes = [r for r in routes if not is_specialization(r.profile)]
     if len(routes) == n_profiles:
         return EntryStatus.CERTIFIED + (" (reused)" if tried and not run.checked else "")
     if routes:
@@ -365,7 +367,8 @@ def routed_latency(bp: Blueprint, routes: list[Entry]) -> dict[str, ShapeTiming]
     route's own figures are eager's)."""
     out: dict[str, ShapeTiming] = {}
     for label, sizes in plan.shape_labels(bp).items():
-        route = next((e for e in routes if contains(bp.profiles().get(e.profile, {}), sizes)), None)
+        # Guards, not profile names: a specialization's route (first among the routes) holds one exact size.
+        route = next((e for e in routes if contains(_route_ranges(bp, e), sizes)), None)
         if route is None:
             out[label] = ShapeTiming()
             continue
@@ -373,6 +376,10 @@ def routed_latency(bp: Blueprint, routes: list[Entry]) -> dict[str, ShapeTiming]
         row = evidence.latency().get(label, ShapeTiming())
         out[label] = ShapeTiming(compiled=row.side(evidence.path_at(sizes)), eager=row.side(EAGER))
     return out
+
+
+def _route_ranges(bp: Blueprint, entry: Entry) -> dict[str, tuple[int, int]]:
+    return entry.guards.dim_ranges() if entry.guards is not None else dict(bp.profiles().get(entry.profile, {}))
 
 
 def parity_summary(run: Certification, routes: list[Entry]) -> tuple[float | None, int | None]:

@@ -13,6 +13,7 @@ from esper.artifacts.compat import CompatKey
 from esper.artifacts.kinds import ArtifactKind, spec
 from esper.kasmina import telemetry
 from esper.kasmina.unusable import Unusable
+from esper.profiles import is_specialization
 from esper.urza import Entry, EntryKind, EntryStatus
 
 # The reason code when a kind has no usable entry.
@@ -28,6 +29,10 @@ def choose_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
     """The certified inference entries to route between: for each shape profile of the newest certified
     entry built for ``key``, the newest certified entry of that profile and blueprint version.
     :class:`Unusable` says why there are none. ``entries`` are one blueprint's, newest first.
+
+    Specializations (exact-size profiles, see :mod:`esper.profiles`) come first: they overlap their profile's
+    route, and a kernel dispatches to the first route whose guards accept a call, so exactly their sizes reach
+    them and every other size of the range the profile's own route.
     """
     entries = of_kind(entries, ArtifactKind.INFERENCE)
     certified = [e for e in entries if e.status == EntryStatus.CERTIFIED]
@@ -55,7 +60,7 @@ def choose_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
         )
         if match is not None:
             chosen.append(match)
-    return chosen
+    return sorted(chosen, key=lambda e: not is_specialization(e.profile))
 
 
 def choose_seed_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:

@@ -27,12 +27,21 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.artifacts.variants import EAGER_ROUTE, VARIANTS, Variant
 from esper.artifacts.weights import save_state
 from esper.blueprint import Blueprint
-from esper.profiles import contains
+from esper.profiles import contains, split_profile
 from esper.provenance import current_source_digest
 from esper.tezzeret.aoti import use_persistent_cache
 from esper.tezzeret.content import content_hash
+from esper.tezzeret.export import declared_guards
 from esper.tezzeret.inference import InferencePipeline
-from esper.tezzeret.pipeline import ArtifactPipeline, Built, CompileJob, EagerRoute, StageError
+from esper.tezzeret.pipeline import (
+    SHAPE_STAGES,
+    ArtifactPipeline,
+    Built,
+    CompileJob,
+    EagerRoute,
+    NotSpecialized,
+    StageError,
+)
 from esper.tezzeret.training_compile import TrainingPipeline
 from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, EntryKind, EntryStatus, Urza
 from esper.urza.evidence import CompileRecord, Parity, Performance
@@ -110,8 +119,16 @@ def entry_meta(bp: Blueprint, module: torch.nn.Module, ranges: dict[str, tuple[i
         # What Kasmina recomputes, without building the module, to notice stale code (esper.provenance).
         "source_digest": current_source_digest(bp),
         "ranges": {k: list(v) for k, v in ranges.items()},
-        "representative": [dict(r) for r in bp.representative if contains(ranges, r)],
+        "representative": [dict(r) for r in bp.measured_shapes() if contains(ranges, r)],
     }
+
+
+# A profile's newest entry by (Urza, device, blueprint, version, source digest, kind, variant, settings, profile),
+# compiled or reused in this process: what its specializations' compiles consult first.
+_profiles_seen: dict[tuple[str, ...], Entry] = {}
+
+#: The meta key of a fallback whose export could not keep these dims dynamic: its specializations compile.
+SPECIALIZE = "specialize"
 
 
 class Tezzeret:
@@ -133,9 +150,27 @@ class Tezzeret:
     ) -> CompileOutcome:
         """Compile one artifact of ``bp`` (one shape profile under one variant; training: the default ones),
         or reuse the entry with the same content hash and compatibility key. The entry is written once,
-        complete, after its artifact is stored; a failure stores an eager fallback instead."""
+        complete, after its artifact is stored; a failure stores an eager fallback instead.
+
+        A specialization (``profile`` like ``"default@seq=32"``, see :mod:`esper.profiles`) compiles only where
+        its profile's entry (compiled or reused first) is a fallback that recorded its dim as one that cannot stay
+        dynamic; else :class:`~esper.tezzeret.pipeline.NotSpecialized` says why there is nothing to compile."""
         started = time.perf_counter()
         pipeline = pipeline_for(artifact)
+        base_profile, exact = split_profile(profile)
+        if exact:
+            # A profile seen to keep its dims dynamic answers at once; one that held a dim is compiled (reused)
+            # again, so the specialization never rests on a remembered row alone.
+            base = _profiles_seen.get(self._seen_key(bp, pipeline.kind, variant, base_profile))
+            if base is None or base.meta.get(SPECIALIZE):
+                base = self.compile(bp, artifact=artifact, variant=variant, profile=base_profile).entry
+            held = set(base.meta.get(SPECIALIZE) or ())
+            if base.status != EntryStatus.FALLBACK or not set(exact) <= held:
+                keeps = ", ".join(sorted(set(exact) - held))
+                raise NotSpecialized(
+                    f"{bp.name} {pipeline.kind.value} {profile}/{variant.name}: profile {base_profile} (entry "
+                    f"#{base.id}, {base.status}) does not need {keeps} held exact, so there is no specialization"
+                )
         ranges = pipeline.ranges(bp, profile, variant)
         key = compat.current(self.device)
         module = pipeline.build(bp, self.device)
@@ -158,6 +193,7 @@ class Tezzeret:
         )
         existing = None if force else reusable(self.urza, bp, digest, key, identity=base)
         if existing is not None:
+            self._seen(bp, pipeline.kind, variant, profile, existing)
             return CompileOutcome(existing, True, time.perf_counter() - started)
         meta: dict[str, Any] = {
             **entry_meta(bp, module, ranges),
@@ -186,21 +222,40 @@ class Tezzeret:
             except (StageError, EagerRoute) as e:
                 log.warning("%s: %s; storing the eager %s route", bp.name, e, pipeline.kind.value)
                 entry = self._fallback(job, pipeline, e)
+                if isinstance(e, StageError) and e.stage in SHAPE_STAGES and not exact:
+                    entry = self._specializing(job, pipeline, entry)
         seconds = time.perf_counter() - started
         said = tuple(sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20])
         entry = self.urza.publish(entry.with_(meta={**entry.meta, **CompileRecord(seconds, said).to_json()}))
+        self._seen(bp, pipeline.kind, variant, profile, entry)
         return CompileOutcome(entry, False, seconds)
+
+    def _seen_key(self, bp: Blueprint, kind: ArtifactKind, variant: Variant, profile: str) -> tuple[str, ...]:
+        settings = repr(sorted(dict(variant.settings).items()))
+        source = current_source_digest(bp)
+        where = (str(self.urza.path), self.device.type)
+        return (*where, bp.name, str(bp.version), source, kind, variant.name, settings, profile)
+
+    def _seen(self, bp: Blueprint, kind: ArtifactKind, variant: Variant, profile: str, entry: Entry) -> None:
+        """Remember a profile's entry for its specializations' compiles in this process: each asks whether its
+        profile held its dim, and building the module again to hash it would cost each of them a build."""
+        if not split_profile(profile)[1]:
+            _profiles_seen[self._seen_key(bp, kind, variant, profile)] = entry
 
     def compile_candidates(
         self, bp: Blueprint, *, artifacts: tuple[ArtifactKind, ...] = tuple(ArtifactKind), force: bool = False
     ) -> list[CompileOutcome]:
         """Every artifact of ``bp`` of the given kinds: for inference, every shape profile under every variant
-        the blueprint allows; for training, its one artifact. A fallback never stops the run."""
-        return [
-            self.compile(bp, artifact=artifact, variant=variant, profile=profile, force=force)
-            for artifact in artifacts
-            for profile, variant in pipeline_for(artifact).candidates(bp)
-        ]
+        the blueprint allows, and the specializations of the profiles whose export held a dim; for training, its
+        one artifact. A fallback never stops the run."""
+        out = []
+        for artifact in artifacts:
+            for profile, variant in pipeline_for(artifact).candidates(bp):
+                try:
+                    out.append(self.compile(bp, artifact=artifact, variant=variant, profile=profile, force=force))
+                except NotSpecialized as e:
+                    log.info("%s", e)
+        return out
 
     def store_eager_route(
         self,
@@ -262,6 +317,19 @@ class Tezzeret:
             meta=meta,
             failure_reason=str(error),
             failed_check=pipeline.compile_check,
+        )
+
+    def _specializing(self, job: CompileJob, pipeline: ArtifactPipeline, fallback: Entry) -> Entry:
+        """A fallback whose export failed, with the dims that cannot stay dynamic (when holding one exact lets it
+        export) and the guards the profile declares: its specializations compile, and certification may route
+        the rest of its range eager over those guards."""
+        dims = pipeline.static_dims(job)
+        if not dims:
+            return fallback
+        log.info("%s: %s cannot stay dynamic; its specializations compile", job.bp.name, ", ".join(dims))
+        return fallback.with_(
+            guards=declared_guards(job.bp, job.ranges, self.device.type),
+            meta={**fallback.meta, SPECIALIZE: dims},
         )
 
     def _store_built(self, base: Entry, meta: dict[str, Any], built: Built) -> Entry:

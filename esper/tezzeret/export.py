@@ -35,16 +35,32 @@ def export_blueprint(
     ranges: Mapping[str, tuple[int, int]] | None = None,
     device: str | torch.device = "cpu",
 ) -> ExportedProgram:
-    """Export ``module`` with every declared dynamic dim as a named ``Dim`` over ``ranges`` (default: declared)."""
+    """Export ``module`` with every declared dynamic dim as a named ``Dim`` over ``ranges`` (default: declared);
+    a dim whose range is one size (a specialization's) is exported static, at that size."""
     ranges = dict(ranges or {n: (d.min, d.max) for n, d in bp.dims.items()})
-    dims = {n: Dim(n, min=lo, max=hi) for n, (lo, hi) in ranges.items()}
+    dims = {n: Dim(n, min=lo, max=hi) for n, (lo, hi) in ranges.items() if lo < hi}
     dynamic_shapes = {
-        i.name: {k: dims[d.name] for k, d in enumerate(i.shape) if not isinstance(d, int)} or None for i in bp.inputs
+        i.name: {k: dims[d.name] for k, d in enumerate(i.shape) if not isinstance(d, int) and d.name in dims} or None
+        for i in bp.inputs
     }
     args = example_inputs(bp, export_sizes(bp, ranges), device=device)
     # The module's forward may name its arguments differently from the declaration; pass them positionally
     # and key the dynamic shapes by position.
     return export(module, args, dynamic_shapes=tuple(dynamic_shapes.values()), strict=False)
+
+
+def declared_guards(bp: Blueprint, ranges: Mapping[str, tuple[int, int]], device: str) -> GuardSchema:
+    """The guard schema ``bp`` declares over ``ranges``, without an export: what an eager route over a profile
+    whose export failed accepts."""
+
+    def dim(d: int | Any) -> DimGuard:
+        if isinstance(d, int):
+            return DimGuard(size=d)
+        lo, hi = ranges[d.name]
+        return DimGuard(name=d.name, min=lo, max=hi)
+
+    inputs = tuple(InputGuard(i.name, i.dtype, tuple(dim(d) for d in i.shape)) for i in bp.inputs)
+    return GuardSchema(inputs=inputs, device=device)
 
 
 def guards_from_export(
@@ -77,6 +93,10 @@ def guards_from_values(
                 if not isinstance(size, int) or size != declared:
                     raise GuardMismatchError(f"input {spec.name!r} dim {k}: export has {size}, declared {declared}")
                 dims.append(DimGuard(size=declared))
+                continue
+            if isinstance(size, int) and tuple(expected[declared.name]) == (size, size):
+                # Held exact on purpose (a specialization): still named, so the guards check it like a range.
+                dims.append(DimGuard(name=declared.name, min=size, max=size))
                 continue
             if isinstance(size, int):
                 raise GuardMismatchError(

@@ -22,7 +22,7 @@ from esper.numerics.bench import Latency, measure
 from esper.numerics.inputs import example_inputs
 from esper.numerics.parity import float64_reference, judge
 from esper.tezzeret.aoti import compile_package
-from esper.tezzeret.export import export_blueprint, guards_from_export
+from esper.tezzeret.export import export_blueprint, export_sizes, guards_from_export
 from esper.tezzeret.pipeline import Built, CompileJob, SpecPipeline, stage
 from esper.urza.evidence import ShapeParity, ShapeTiming, Timing
 
@@ -84,6 +84,23 @@ class InferencePipeline(SpecPipeline):
             "folded_constants": folded_constants(ep, loaded),
         }
         return Built(path=package, guards=guards, meta=meta, parity=parity, performance=latency)
+
+    def static_dims(self, job: CompileJob) -> list[str]:
+        """Each dynamic dim in turn held at its export size, the others dynamic: the dims whose holding lets the
+        module export and its guards read back (one export per dim of more than one size)."""
+        found = []
+        for dim, (lo, hi) in job.ranges.items():
+            if lo == hi:
+                continue
+            size = export_sizes(job.bp, job.ranges)[dim]
+            held = {**job.ranges, dim: (size, size)}
+            try:
+                ep = export_blueprint(job.bp, job.module, ranges=held, device=job.device)
+                guards_from_export(ep, job.bp, ranges=held)
+            except Exception:  # that dim was not the one, or export fails for another reason
+                continue
+            found.append(dim)
+        return found
 
 
 def timing(latency: Latency) -> Timing:

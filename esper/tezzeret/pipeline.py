@@ -42,6 +42,15 @@ class EagerRoute(Exception):
     certify), not a crash. Stored like a fallback, without a failed stage."""
 
 
+class NotSpecialized(Exception):
+    """A specialization that is not compiled: its profile keeps the dim dynamic (or failed for another reason),
+    so there is nothing for an exact-size artifact to serve."""
+
+
+#: The stages whose failure may mean a dim cannot stay dynamic (export specialized it).
+SHAPE_STAGES = ("export", "guards")
+
+
 def stage(name: str, fn: Callable[[], T]) -> T:
     """Run one stage; any failure becomes a :class:`StageError` naming it (an :class:`EagerRoute` passes)."""
     try:
@@ -114,6 +123,11 @@ class ArtifactPipeline(Protocol):
         """The stages: raise :class:`StageError` (via :func:`stage`) or :class:`EagerRoute` to run eager."""
         ...
 
+    def static_dims(self, job: CompileJob) -> list[str]:
+        """After ``job`` failed at a shape stage: the dims that, held at one size, let it export (the dims that
+        cannot stay dynamic); empty when none does or the kind has no specializations."""
+        ...
+
 
 class SpecPipeline:
     """The facts of an :class:`ArtifactPipeline` that are its kind's :class:`~esper.artifacts.kinds.KindSpec`'s:
@@ -136,3 +150,7 @@ class SpecPipeline:
     def candidates(self, bp: Blueprint) -> list[tuple[str, Variant]]:
         """The kind's candidates (:meth:`KindSpec.candidates`, the rule certification plans by), variants resolved."""
         return [(c.profile, VARIANTS[c.variant]) for c in self.spec.candidates(bp)]
+
+    def static_dims(self, job: CompileJob) -> list[str]:
+        """No dim is probed unless the kind overrides this (see :meth:`ArtifactPipeline.static_dims`)."""
+        return []

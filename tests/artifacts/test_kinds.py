@@ -33,16 +33,21 @@ def test_every_kind_has_one_spec() -> None:
 
 def test_inference_candidates_are_every_profile_under_the_declared_variants_in_their_order() -> None:
     s, bp = spec(ArtifactKind.INFERENCE), bucketed()
-    assert s.profiles(bp) == {
+    buckets = {
         "batch=1-4": {"batch": (1, 4), "seq": (2, 16)},
         "batch=5-64": {"batch": (5, 64), "seq": (2, 16)},
     }
-    assert s.candidates(bp) == [
+    # The bucket profiles first, then their exact-size specializations (compiled only where export holds a dim).
+    assert list(s.profiles(bp))[:2] == list(buckets)
+    assert s.profiles(bp) == {**buckets, **s.specializations(bp)}
+    assert s.candidates(bp)[:4] == [
         ("batch=1-4", "freezing_autotune_cpp"),
         ("batch=1-4", "default"),
         ("batch=5-64", "freezing_autotune_cpp"),
         ("batch=5-64", "default"),
     ]
+    # Each specialization under the first variant only.
+    assert s.candidates(bp)[4:] == [Candidate(p, "freezing_autotune_cpp") for p in s.specializations(bp)]
     assert s.ranges(bp, "batch=5-64", VARIANTS["freezing_autotune_cpp"]) == {"batch": (5, 64), "seq": (2, 16)}
     with pytest.raises(ValueError, match="no shape profile 'default'"):
         s.ranges(bp, "default", VARIANTS["default"])
