@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
+from hypothesis import seed as sampling_seed
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
@@ -29,6 +30,12 @@ from esper.numerics.parity import ParityVerdict, float64_copy, judge, to_float64
 from tests import support
 
 FIXTURES = support.FIXTURES / "miscompiles"
+
+
+# The old sampling's draws, fixed by a seed rather than by derandomize (whose stream follows the test function's
+# source text, so any edit to it drew other sizes): a seed whose 20 draws miss every defect's class, as the old
+# CI profile's did.
+OLD_SAMPLING_SEED = 0
 
 
 def old_rule(got: Any, want: Any, *, atol: float, rtol: float) -> None:
@@ -102,7 +109,7 @@ class Subject:
         return failures
 
     def old_check(self) -> list[tuple[dict[str, int], Regime]]:
-        """The old parity check as the CI profile ran it: 20 derandomized hypothesis draws of sizes and
+        """The old parity check as the CI profile ran it: 20 hypothesis draws (seeded) of sizes and
         regimes plus every edge shape under the three edge regimes, ``assert_close`` at the declared
         tolerance. Returns the failing cases (collected, not raised, so hypothesis does not shrink)."""
         failures: list[tuple[dict[str, int], Regime]] = []
@@ -114,10 +121,10 @@ class Subject:
             seed=st.integers(0, 2**31 - 1),
         )
 
+        @sampling_seed(OLD_SAMPLING_SEED)
         @given(sizes=st.fixed_dictionaries({n: st.integers(lo, hi) for n, (lo, hi) in ranges.items()}), regime=regimes)
         @settings(
             max_examples=20,
-            derandomize=True,
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
