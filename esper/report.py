@@ -161,7 +161,7 @@ def plot(name: str, ev: KindEvidence, path: Path) -> Path | None:
     for label, points in sorted(lines.items(), key=lambda kv: (kv[0] == ROUTED, kv[0])):
         xs = sorted(points)
         style = {"linewidth": 3, "alpha": 0.5, "color": "black"} if label == ROUTED else {"marker": "o"}
-        ax.plot(xs, [points[x] for x in xs], label=label, **style)  # type: ignore[arg-type]
+        ax.plot(xs, [points[x] for x in xs], label=label, **style)
     for e in ev.routes:
         lo = Evidence.of(e).meta.ranges.get(dim, (None, None))[0]
         if lo and lo > 1:

@@ -177,8 +177,8 @@ def _extent(t: torch.Tensor) -> tuple[int, int, int] | None:
     if t.numel() == 0 or t.layout != torch.strided:
         return None
     size = t.element_size()
-    first = t.storage_offset() * size
-    last = first + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)) * size + size
+    first = int(t.storage_offset()) * size
+    last = first + int(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))) * size + size
     return t.untyped_storage().data_ptr(), first, last
 
 

@@ -190,6 +190,7 @@ class Kernel(KernelBase):
     """
 
     _origin: Kernel | None
+    _route_of: Callable[[Sequence[Any]], int]
 
     def __init__(
         self,
@@ -214,7 +215,7 @@ class Kernel(KernelBase):
     @property
     def routes(self) -> tuple[Route, ...]:
         """The certified routes, in dispatch order."""
-        return self.__dict__["_routes"]  # type: ignore[no-any-return]
+        return self.__dict__["_routes"]
 
     @routes.setter
     def routes(self, routes: Sequence[Route]) -> None:

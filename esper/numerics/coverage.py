@@ -397,7 +397,7 @@ def residue_design(ranges: Ranges, *, moduli: Sequence[int] = INDUCTOR_MODULI) -
         shape: dict[str, int] = dict(zip(key, choice, strict=True))
         for n in names:
             if n not in shape:
-                shape[n] = max(candidates[n], key=lambda v, n=n: (gain({**shape, n: v}), -v))
+                shape[n] = max(candidates[n], key=lambda v, s=shape, d=n: (gain({**s, d: v}), -v))  # type: ignore[misc]
         shape = {n: shape[n] for n in names}
         todo -= {(k, math.prod(shape[n] for n in k) % m) for k in keys}
         shapes.append(shape)

@@ -457,7 +457,7 @@ def float64_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``module`` with its floating parameters and buffers in float64, same train/eval mode,
     whose forward keeps its own casts to lower precisions in float64 (:class:`Float64Casts`)."""
     double = copy.deepcopy(module).double()
-    double.forward = _Float64Forward(double)  # type: ignore[method-assign]
+    double.forward = _Float64Forward(double)
     return double
 
 

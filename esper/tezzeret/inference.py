@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from esper.artifacts.variants import Variant
 from esper.blueprint import Blueprint
 from esper.numerics.bench import Latency, measure
 from esper.numerics.inputs import example_inputs
-from esper.numerics.parity import float64_reference, judge
+from esper.numerics.parity import ParityVerdict, float64_reference, judge
 from esper.tezzeret.aoti import compile_package
 from esper.tezzeret.export import export_blueprint, export_sizes, guards_from_export
 from esper.tezzeret.pipeline import Built, CompileJob, SpecPipeline, stage
@@ -62,19 +63,19 @@ class InferencePipeline(SpecPipeline):
             for sizes in job.representative:
                 label = Blueprint.shape_label(sizes)
                 args = example_inputs(bp, sizes, device=device)
-                got = stage("pre-warm", lambda args=args: loaded(args))
+                got = stage("pre-warm", partial(loaded, args))
                 # Evidence only: certification judges every planned case by the same rule and decides.
-                verdict = stage(
-                    "verify",
-                    lambda args=args, got=got: judge(
-                        got, module(*args), float64_reference(module, args), atol=tol.atol, rtol=tol.rtol
-                    ),
-                )
+
+                def verify(got: Any = got, args: tuple[torch.Tensor, ...] = args) -> ParityVerdict:
+                    reference = float64_reference(module, args)
+                    return judge(got, module(*args), reference, atol=tol.atol, rtol=tol.rtol)
+
+                verdict = stage("verify", verify)
                 figures = verdict.evidence()
                 parity[label] = ShapeParity(verdict.max_abs, figures["rmse_ratio"], verdict.passed)
                 latency[label] = ShapeTiming(
-                    compiled=timing(measure(lambda args=args: loaded(args))),
-                    eager=timing(measure(lambda args=args: module(*args))),
+                    compiled=timing(measure(partial(loaded, args))),
+                    eager=timing(measure(partial(module, *args))),
                 )
         meta = {
             "export_seconds": round(t1 - t0, 3),

@@ -23,6 +23,7 @@ import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -324,7 +325,7 @@ def evidence(
             flat = [t for t in pytree.tree_leaves(eager(*args)) if isinstance(t, torch.Tensor)]
         grads = upstream(flat)
         latency[label] = ShapeTiming(
-            compiled=timing(measure(lambda k=kernel, a=timed, g=grads: step(k, a, g))),
-            eager=timing(measure(lambda m=eager, a=timed, g=grads: step(m, a, g))),
+            compiled=timing(measure(partial(step, kernel, timed, grads))),
+            eager=timing(measure(partial(step, eager, timed, grads))),
         )
     return parity, latency

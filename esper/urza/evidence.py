@@ -614,7 +614,9 @@ class RouteTable:
         malformed one."""
         if not isinstance(raw, Mapping) or _version(raw) > ROUTE_TABLE_VERSION:
             return None
-        dims, values, cells = raw.get("dims"), raw.get("values"), raw.get("cells")
+        dims: Any = raw.get("dims")
+        values: Any = raw.get("values")
+        cells: Any = raw.get("cells")
         if not (_seq(dims, _MAX_DIMS) and _seq(values, _MAX_DIMS) and _seq(cells, _MAX_CELLS)):
             return None
         if not all(isinstance(d, str) and d.isidentifier() for d in dims):
