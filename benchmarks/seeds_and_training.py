@@ -63,7 +63,7 @@ def compile_all(urza_path: Path, blueprints: list[Blueprint]) -> dict[str, dict[
         for bp in blueprints:
             outcome = Tezzeret(urza).compile(bp, artifact=ArtifactKind.TRAINING)
             e = outcome.entry
-            if e.kind == "aoti" and e.status == "compiled":
+            if e.engine == "aoti" and e.status == "compiled":
                 e = urza.update(e.id, status="certified")  # type: ignore[arg-type]
             rows[bp.name] = {
                 "route": outcome.route,
@@ -105,7 +105,7 @@ def hundred_seeds(kasmina: Kasmina, bp: Blueprint, urza_path: Path, n: int = 100
     with Urza(urza_path) as urza:
         for profile in bp.profiles():  # every shape profile (bucket), default variant: what Kasmina routes
             entry = Tezzeret(urza).compile(bp, profile=profile).entry
-            if entry.kind == "aoti" and entry.status == "compiled":
+            if entry.engine == "aoti" and entry.status == "compiled":
                 urza.update(entry.id, status="certified")  # type: ignore[arg-type]
     weights_mb = sum(t.numel() * t.element_size() for t in bp.build().state_dict().values()) / 2**20
     x = example_inputs(bp, bp.representative[0])

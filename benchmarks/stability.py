@@ -317,7 +317,7 @@ def read_routes(urza: Path) -> dict[str, str]:
             {
                 "id": e.id,
                 "status": e.status,
-                "kind": e.kind,
+                "kind": e.engine,
                 "variant": e.variant,
                 "blueprint": e.blueprint,
                 "artifact": e.artifact,

@@ -151,7 +151,7 @@ def default_kernels(bench_urza: Path) -> dict[tuple[str, str], Any]:
     with Urza(bench_urza, readonly=True) as urza:
         for bp in BLUEPRINTS:
             for e in urza.entries(bp.name):
-                if e.kind == "aoti" and e.variant == "default" and (bp.name, e.profile) not in out:
+                if e.engine == "aoti" and e.variant == "default" and (bp.name, e.profile) not in out:
                     out[(bp.name, e.profile)] = kasmina.load_entry(bp.name, e.id)  # type: ignore[arg-type]
     return out
 
@@ -249,7 +249,7 @@ def test_sweep(name: str, kernels: dict[str, Any], bench_urza: Path, results: di
     base = dict(bp.representative[0])
     kasmina = Kasmina(bench_urza, catalog=load_catalog([CATALOG]))
     with Urza(bench_urza, readonly=True) as urza:
-        candidates = [e for e in urza.entries(name) if e.kind == "aoti"]
+        candidates = [e for e in urza.entries(name) if e.engine == "aoti"]
     version = max((e.blueprint_version for e in candidates), default=bp.version)
     seen: set[tuple[str, str]] = set()
     loaded = []

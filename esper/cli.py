@@ -160,7 +160,7 @@ def compile_cmd(
 def describe_outcome(name: str, outcome: CompileOutcome) -> str:
     """One line per compile outcome: blueprint, artifact kind, shape profile/variant, entry, what happened."""
     e = outcome.entry
-    what = "reused" if outcome.reused else f"{e.kind} in {outcome.seconds:.1f}s"
+    what = "reused" if outcome.reused else f"{e.engine} in {outcome.seconds:.1f}s"
     reason = f" ({e.failure_reason.splitlines()[0]})" if e.failure_reason else ""
     return f"{name} [{e.artifact} {e.profile}/{e.variant}]: entry #{e.id} {e.status}, {what}{reason}"
 

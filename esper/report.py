@@ -27,7 +27,7 @@ from typing import Any
 
 from esper.artifacts.compat import CompatKey
 from esper.artifacts.kinds import ArtifactKind
-from esper.urza import Entry, EntryKind, Urza
+from esper.urza import Entry, EntryEngine, Urza
 from esper.urza.evidence import COMPILED, Evidence, RouteTable
 
 INSTALL_HINT = "pip install 'esper[report]'"
@@ -89,7 +89,7 @@ def collect_kind(entries: Sequence[Entry], kind: ArtifactKind, key: CompatKey) -
     newest: dict[tuple[str, str, str], Entry] = {}
     for e in mine:
         if e.blueprint_version == version and Evidence.of(e).certified:
-            newest.setdefault((e.profile, e.variant, e.kind), e)
+            newest.setdefault((e.profile, e.variant, e.engine), e)
     return KindEvidence(kind, tuple(routes), tuple(newest.values()), problem)
 
 
@@ -253,7 +253,7 @@ def rows(ev: KindEvidence) -> list[list[str]]:
     """One table row per candidate of one kind, in :data:`HEADERS` order."""
     out = []
     route_ids = {r.id for r in ev.routes}
-    for e in sorted(ev.candidates, key=lambda e: (e.profile, e.variant, e.kind)):
+    for e in sorted(ev.candidates, key=lambda e: (e.profile, e.variant, e.engine)):
         evidence = Evidence.of(e)
         err, cases = evidence.parity.error()
         cells = "; ".join(
@@ -266,7 +266,7 @@ def rows(ev: KindEvidence) -> list[list[str]]:
             [
                 e.profile,
                 e.variant,
-                str(e.kind),
+                str(e.engine),
                 str(e.status) + (" (routed)" if e.id in route_ids else ""),
                 f"#{e.id}",
                 _fmt(err, 2),
@@ -283,7 +283,7 @@ HEADERS = ["profile", "variant", "kind", "status", "entry", "parity max|err|", "
 
 def _routes_line(ev: KindEvidence) -> str:
     routes = ", ".join(
-        f"{r.profile} -> {r.variant if r.kind == EntryKind.AOTI else EAGER} (#{r.id})" for r in ev.routes
+        f"{r.profile} -> {r.variant if r.engine == EntryEngine.AOTI else EAGER} (#{r.id})" for r in ev.routes
     )
     return f"Routes: {routes or 'none: ' + (ev.problem or '')}. Figures: {MEASURES[ev.kind]}."
 

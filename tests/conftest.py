@@ -53,7 +53,7 @@ def compiled_urza(tmp_path_factory: pytest.TempPathFactory, tiny_catalog, induct
     path = tmp_path_factory.mktemp("urza") / "urza.db"
     with Urza(path) as urza:
         entry = Tezzeret(urza).compile(tiny_catalog.get("tiny_mlp")).entry
-        assert entry.kind == "aoti", entry.failure_reason
+        assert entry.engine == "aoti", entry.failure_reason
         urza.update(entry.id, status="certified")  # type: ignore[arg-type]
     return path
 
@@ -100,9 +100,9 @@ def training_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path
         tezzeret = Tezzeret(urza)
         for name in ("lora_adapter", "tiny_bn"):
             entry = tezzeret.compile(catalog.get(name), artifact=ArtifactKind.TRAINING).entry
-            assert entry.kind == "aoti", entry.failure_reason
+            assert entry.engine == "aoti", entry.failure_reason
             urza.update(entry.id, status="certified")  # type: ignore[arg-type]
-        assert tezzeret.compile(catalog.get("tiny_dropout"), artifact=ArtifactKind.TRAINING).entry.kind == "eager"
+        assert tezzeret.compile(catalog.get("tiny_dropout"), artifact=ArtifactKind.TRAINING).entry.engine == "eager"
     return path
 
 

@@ -114,7 +114,7 @@ def make_entry(urza: Urza, tmp_path: Path, *, name: str = "b", content: bytes = 
         blueprint_version=1,
         content_hash="c" * 64,
         compat=current(),
-        kind="aoti",
+        engine="aoti",
         status="compiled",
         checksum=checksum,
         artifact_size=size,

@@ -124,7 +124,7 @@ def test_a_stale_blueprint_runs_its_new_code_with_its_new_weights(tmp_path: Path
     urza_path = tmp_path / "urza.db"
     with Urza(urza_path, signer=None) as urza:
         stored = Tezzeret(urza).compile(load_catalog([folder]).get("not_exportable")).entry
-    assert stored.kind == "eager"  # the fallback entry stores the builder's weights as its artifact
+    assert stored.engine == "eager"  # the fallback entry stores the builder's weights as its artifact
     # Another seed, one more character (so no cached bytecode of the old file can stand in for it).
     source.write_text(source.read_text().replace("seeded(0)", "seeded(17)"))
     oracle = load_catalog([folder]).get("not_exportable").build().eval()

@@ -74,7 +74,7 @@ def grow_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) ->
         tezzeret = Tezzeret(urza)
         for artifact in (ArtifactKind.INFERENCE, ArtifactKind.TRAINING):
             entry = tezzeret.compile(tiny_residual(), artifact=artifact).entry
-            assert entry.kind == "aoti", entry.failure_reason
+            assert entry.engine == "aoti", entry.failure_reason
             urza.update(entry.id, status="certified")  # type: ignore[arg-type]
             ids[artifact] = entry.id
     return GrowUrza(path, ids[ArtifactKind.TRAINING])

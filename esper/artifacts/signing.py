@@ -71,7 +71,7 @@ def signed_fields(entry: Any) -> dict[str, Any]:
         "variant": entry.variant,
         "content_hash": entry.content_hash,
         "compat": entry.compat.to_dict(),
-        "kind": entry.kind,
+        "kind": entry.engine,
         "status": entry.status,
         "checksum": entry.checksum,
         "artifact_size": entry.artifact_size,

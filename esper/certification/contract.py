@@ -325,11 +325,11 @@ def check_mutation(
 
 @dataclass(frozen=True)
 class NonFiniteRegime:
-    """Where NaN, +inf and -inf are placed in the floating inputs: ``per_kind`` elements of each (at most a
+    """Where NaN, +inf and -inf are placed in the floating inputs: ``per_value`` elements of each (at most a
     third of a tensor each), at positions drawn from ``seed``. Other elements keep their values."""
 
     seed: int = 0
-    per_kind: int = 1
+    per_value: int = 1
 
 
 def place_nonfinite(args: Sequence[Any], regime: NonFiniteRegime) -> tuple[Any, ...]:
@@ -342,7 +342,7 @@ def place_nonfinite(args: Sequence[Any], regime: NonFiniteRegime) -> tuple[Any, 
             out.append(a)
             continue
         t = a.detach().clone(memory_format=torch.contiguous_format)
-        place_nonfinite_at(t, regime.per_kind, g)
+        place_nonfinite_at(t, regime.per_value, g)
         out.append(t)
     return tuple(out)
 

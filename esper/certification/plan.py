@@ -113,10 +113,10 @@ def design_shapes(ranges: Ranges) -> list[dict[str, int]]:
 def shape_coverage(cases: Sequence[coverage.Case], ranges: Ranges) -> coverage.ShapeCoverage:
     """What a profile's planned parity ``cases`` cover of the combinations compiled loops iterate over: the
     value pairs of every two dims and the residues of each dim and of the products of dims, modulo each of
-    :data:`esper.numerics.coverage.INDUCTOR_MODULI`, covered out of all there are (``kind``: the design's)."""
+    :data:`esper.numerics.coverage.INDUCTOR_MODULI`, covered out of all there are (``method``: the design's)."""
     _, design = coverage.shape_design(dict(ranges), budget=DESIGN_BUDGET, cap=EVERY_SIZE_CAP)
     shapes = [c.sizes for c in cases]
-    return coverage.shape_coverage(shapes, dict(ranges), kind=design.kind)
+    return coverage.shape_coverage(shapes, dict(ranges), method=design.method)
 
 
 # A seed's weights are certified on WEIGHT_CASES of the planned cases per weight set beyond the blueprint's own

@@ -50,7 +50,7 @@ from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, Pari
 from esper.profiles import is_specialization
 from esper.tezzeret.compiler import SPECIALIZE
 from esper.tezzeret.pipeline import NotSpecialized
-from esper.urza import Entry, EntryKind, EntryStatus, Urza
+from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import (
     ROUTE_TABLE,
     CertificationRecord,
@@ -413,7 +413,7 @@ class Certification:
         except NotSpecialized as e:
             raise Skip(str(e)) from None
         c.entry, c.reused, c.compile_seconds = outcome.entry, outcome.reused, outcome.seconds
-        return {"entry": c.entry.id, "kind": c.entry.kind, "reused": c.reused, "seconds": c.compile_seconds}
+        return {"entry": c.entry.id, "engine": c.entry.engine, "reused": c.reused, "seconds": c.compile_seconds}
 
     def job(self, candidate: str) -> CompileJob | None:
         """``candidate`` as a job a compile worker can run (``None``: this kind is off, no such candidate, or a
@@ -437,7 +437,7 @@ class Certification:
             return off
         if c.entry is None:
             return f"{self.artifact} {c.id} was not compiled in this session (test_compile failed or did not run)"
-        if c.entry.status == EntryStatus.FALLBACK or c.entry.kind == EntryKind.EAGER:
+        if c.entry.status == EntryStatus.FALLBACK or c.entry.engine == EntryEngine.EAGER:
             return f"{self.artifact} eager fallback (entry #{c.entry.id}): {c.entry.failure_reason}"
         peers = [p for p in self.candidates.values() if p.profile == c.profile and p.entry is not None]
         decided = all(
@@ -1122,7 +1122,7 @@ class Certification:
         else:
             hit = [self.candidates[result.candidate]] if result.candidate in self.candidates else []
         for c in hit:
-            if c.entry is None or c.entry.kind != EntryKind.AOTI or c.failed is not None:
+            if c.entry is None or c.entry.engine != EntryEngine.AOTI or c.failed is not None:
                 continue
             c.failed = str(result.check)
             with Urza(self.urza_path) as urza:

@@ -33,7 +33,7 @@ from esper.certification.timing import Comparison
 from esper.kasmina import COMPILED, EAGER
 from esper.profiles import contains, is_specialization
 from esper.settings import Settings
-from esper.urza import Entry, EntryKind, EntryStatus, Urza
+from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import Evidence, ShapeTiming, geomean, speedups
 
 # Where generated modules, latency.json and the summary go, under the project root.
@@ -406,7 +406,7 @@ def inference_notes(run: Certification, routes: list[Entry], entries: list[Entry
     """The decisions of this session (or the routes' variants), rejections, and why nothing routes."""
     notes = [f"{d.profile}: {d.note}" for d in run.decisions.values()]
     if not run.decisions:
-        notes = [f"{e.profile}: {e.variant if e.kind == EntryKind.AOTI else EAGER}" for e in routes]
+        notes = [f"{e.profile}: {e.variant if e.engine == EntryEngine.AOTI else EAGER}" for e in routes]
     failed = [f"{c.id} {c.failed}" for c in run.candidates.values() if c.failed]
     if failed:
         notes.append("rejected: " + ", ".join(failed))
@@ -428,7 +428,10 @@ def training_columns(run: Certification, entries: list[Entry], key: CompatKey) -
         off = run.kind.disabled()
         status = training[0].status if training else (f"off ({TRAINING_ENV}=0)" if off else "none")
         return {"train_route": status, "train_ratio": None}
-    return {"train_route": COMPILED if route.kind == EntryKind.AOTI else EAGER, "train_ratio": training_ratio(route)}
+    return {
+        "train_route": COMPILED if route.engine == EntryEngine.AOTI else EAGER,
+        "train_ratio": training_ratio(route),
+    }
 
 
 def training_ratio(route: Entry) -> float | None:

@@ -14,7 +14,7 @@ from esper.artifacts.kinds import ArtifactKind, spec
 from esper.kasmina import telemetry
 from esper.kasmina.unusable import Unusable
 from esper.profiles import is_specialization
-from esper.urza import Entry, EntryKind, EntryStatus
+from esper.urza import Entry, EntryEngine, EntryStatus
 
 # The reason code when a kind has no usable entry.
 MISSING = {ArtifactKind.INFERENCE: telemetry.NO_CERTIFIED_ENTRY, ArtifactKind.TRAINING: telemetry.NO_TRAINING_ARTIFACT}
@@ -70,14 +70,14 @@ def choose_seed_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]
     inference = of_kind(entries, ArtifactKind.INFERENCE)
     chosen = []
     for e in choose_entries(inference, key):
-        if e.kind == EntryKind.AOTI and not e.meta.get("swappable", True):
+        if e.engine == EntryEngine.AOTI and not e.meta.get("swappable", True):
             e = next(
                 (
                     c
                     for c in inference
                     if c.profile == e.profile
                     and c.blueprint_version == e.blueprint_version
-                    and c.kind == EntryKind.AOTI
+                    and c.engine == EntryEngine.AOTI
                     and c.failed_check == "selection"
                     and c.meta.get("swappable", True)
                     and c.guards is not None
@@ -104,7 +104,7 @@ def choose_training_entry(entries: Sequence[Entry], key: CompatKey) -> list[Entr
         newest = certified[0]
         raise Unusable(telemetry.INCOMPATIBLE, f"training entry #{newest.id}: {key.mismatch(newest.compat)}")
     newest = training[0]
-    if newest.kind == EntryKind.EAGER:
+    if newest.engine == EntryEngine.EAGER:
         raise Unusable(
             telemetry.NO_TRAINING_ARTIFACT, f"eager training route (entry #{newest.id}): {newest.failure_reason}"
         )
@@ -118,7 +118,7 @@ def choose_entry_id(entries: Sequence[Entry], key: CompatKey, entry_id: int, *, 
     """One compiled entry of ``kind`` by id, whatever its status (certification tests an entry before it is
     certified, through the very path a run loads it by); compatibility still applies."""
     entry = next((e for e in entries if e.id == entry_id), None)
-    if entry is None or entry.kind != EntryKind.AOTI or entry.artifact != kind:
+    if entry is None or entry.engine != EntryEngine.AOTI or entry.artifact != kind:
         raise Unusable(MISSING[kind], f"entry #{entry_id} is not a compiled {kind} artifact")
     mismatch = key.mismatch(entry.compat)
     if mismatch:

@@ -147,7 +147,7 @@ class InferenceLoader(ArtifactLoader[Kernel]):
     def deferred_ids(self, chosen: Sequence[Entry]) -> frozenset[int]:
         """Every compiled route but the first: it loads at load (a single-route blueprint is served as soon
         as it is loaded), the others on the first call their guards accept (:class:`DeferredPackage`)."""
-        return frozenset(e.id for e in [e for e in chosen if e.kind == "aoti"][1:] if e.id is not None)
+        return frozenset(e.id for e in [e for e in chosen if e.engine == "aoti"][1:] if e.id is not None)
 
     def defer(self, entry: Entry, load: Callable[[], Any]) -> DeferredPackage:
         return DeferredPackage(load, f"entry #{entry.id}")
@@ -172,7 +172,7 @@ class InferenceLoader(ArtifactLoader[Kernel]):
         index = device_index(self.device) if self.device.type == "cuda" else None
         routes = [Route.of(x.entry, x.artifact, device_index=index) for x in result.loaded]
         # An eager entry stores the builder's weights: the eager module loads them when versions match.
-        weights = next((e for e in result.entries if e.kind == "eager"), None)
+        weights = next((e for e in result.entries if e.engine == "eager"), None)
 
         def eager_factory() -> torch.nn.Module:
             return self._eager_module(result.name, weights)

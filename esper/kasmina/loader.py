@@ -36,7 +36,7 @@ from esper.kasmina.training_kernel import TrainingKernel
 from esper.kasmina.unusable import Unusable, removed_profiles
 from esper.provenance import stale_reason
 from esper.settings import resolve
-from esper.urza import ArtifactError, ArtifactStore, Entry, EntryKind, EntryStatus, Urza, UrzaError
+from esper.urza import ArtifactError, ArtifactStore, Entry, EntryEngine, EntryStatus, Urza, UrzaError
 from esper.urza.schema import EntryMeta
 
 if TYPE_CHECKING:
@@ -409,10 +409,10 @@ class Kasmina:
     ) -> Path | None:
         """The entry's verified artifact (``None`` for an eager route, or with ``verify`` off), once it has
         the guards it needs."""
-        if entry.guards is None and (entry.kind == EntryKind.AOTI or kind.guarded_eager):
+        if entry.guards is None and (entry.engine == EntryEngine.AOTI or kind.guarded_eager):
             raise Unusable(telemetry.INTEGRITY, f"{kind.noun} #{entry.id} has no guard schema")
         self._check_stale(entry)
-        return self._verified(urza.store, entry) if entry.kind == EntryKind.AOTI and verify else None
+        return self._verified(urza.store, entry) if entry.engine == EntryEngine.AOTI and verify else None
 
     def _load_later(self, store: ArtifactStore, kind: ArtifactLoader[KernelBase], entry: Entry) -> object:
         """A deferred entry's remaining steps on its first call, in the load path's order: signature and

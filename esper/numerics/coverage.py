@@ -310,11 +310,11 @@ class ResidueCount:
 
 @dataclass(frozen=True)
 class ShapeCoverage:
-    """What a shape design covers over a profile: its kind (``all-pairs`` or ``residues``), its shapes, the
+    """What a shape design covers over a profile: its method (``all-pairs`` or ``residues``), its shapes, the
     value pairs of every two dims covered out of all there are, and the residues (of each dim, of every two
     dims' product and of all dims' product) covered out of those reachable, in total and per modulus."""
 
-    kind: str
+    method: str
     shapes: int
     pairs_covered: int
     pairs_total: int
@@ -325,7 +325,7 @@ class ShapeCoverage:
     def evidence(self) -> dict[str, Any]:
         """JSON-safe dict for Urza evidence."""
         return {
-            "kind": self.kind,
+            "method": self.method,
             "shapes": self.shapes,
             "pairs_covered": self.pairs_covered,
             "pairs_total": self.pairs_total,
@@ -336,7 +336,7 @@ class ShapeCoverage:
 
 
 def shape_coverage(
-    shapes: Sequence[Mapping[str, int]], ranges: Ranges, *, kind: str = "", moduli: Sequence[int] = INDUCTOR_MODULI
+    shapes: Sequence[Mapping[str, int]], ranges: Ranges, *, method: str = "", moduli: Sequence[int] = INDUCTOR_MODULI
 ) -> ShapeCoverage:
     """The :class:`ShapeCoverage` of any list of ``shapes`` over ``ranges`` (a design's, or a plan's)."""
     names = list(ranges)
@@ -355,7 +355,7 @@ def shape_coverage(
             total += len(reach)
         counts.append(ResidueCount(m, covered, total))
     return ShapeCoverage(
-        kind=kind,
+        method=method,
         shapes=len(unique),
         pairs_covered=len(pairs),
         pairs_total=pairs_total,
@@ -413,7 +413,8 @@ def shape_design(
 ) -> tuple[list[Sizes], ShapeCoverage]:
     """A profile's covering design and its coverage report: every pair of values of every two dims (a
     covering array of :func:`dim_values`, with the edges) when that fits ``budget`` shapes, else
-    :func:`residue_design`. One dim: every value when that fits ``budget``, else the residue design (every
+    :func:`residue_design`, and with its shapes added where the pairs leave a residue of a product of three dims
+    or more out. One dim: every value when that fits ``budget``, else the residue design (every
     residue modulo each width, and the edges)."""
     names = list(ranges)
     values = {n: dim_values(lo, hi, cap) for n, (lo, hi) in ranges.items()}
@@ -423,6 +424,12 @@ def shape_design(
     if affordable:
         shapes = _unique([*edge_sizes(ranges), *covering_array(values)])
         if len(shapes) <= budget or len(names) < 2:
-            return shapes, shape_coverage(shapes, ranges, kind="all-pairs", moduli=moduli)
+            covered = shape_coverage(shapes, ranges, method="all-pairs", moduli=moduli)
+            if covered.residues_covered == covered.residues_total:
+                return shapes, covered
+            # Every pair of values leaves out residues of the product of three dims or more: add the shapes that
+            # reach them.
+            shapes = _unique([*shapes, *residue_design(ranges, moduli=moduli)])
+            return shapes, shape_coverage(shapes, ranges, method="all-pairs+residues", moduli=moduli)
     shapes = residue_design(ranges, moduli=moduli)
-    return shapes, shape_coverage(shapes, ranges, kind="residues", moduli=moduli)
+    return shapes, shape_coverage(shapes, ranges, method="residues", moduli=moduli)

@@ -81,14 +81,14 @@ def case_regime(case: ValueCase) -> Regime:
     return replace(REGIMES[case.regime], seed=LATER_SEEDS + case.seed * len(VALUE_REGIMES) + k)
 
 
-def place_nonfinite_at(t: torch.Tensor, per_kind: int, generator: torch.Generator) -> torch.Tensor:
+def place_nonfinite_at(t: torch.Tensor, per_value: int, generator: torch.Generator) -> torch.Tensor:
     """Write NaN, +inf and -inf into ``t`` (a contiguous floating tensor, in place) at distinct positions drawn
-    from ``generator``: ``per_kind`` elements of each, at most a third of the tensor each (one of each in a
+    from ``generator``: ``per_value`` elements of each, at most a third of the tensor each (one of each in a
     tensor of fewer than three elements, as far as it goes). Returns ``t``."""
     flat = t.view(-1)
-    if flat.numel() == 0 or per_kind <= 0:
+    if flat.numel() == 0 or per_value <= 0:
         return t
-    k = min(per_kind, max(flat.numel() // 3, 1))
+    k = min(per_value, max(flat.numel() // 3, 1))
     where = torch.randperm(flat.numel(), generator=generator)[: 3 * k]
     for j, value in enumerate((math.nan, math.inf, -math.inf)):
         flat[where[j * k : (j + 1) * k]] = value

@@ -43,7 +43,7 @@ from esper.tezzeret.pipeline import (
     StageError,
 )
 from esper.tezzeret.training_compile import TrainingPipeline
-from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, EntryKind, EntryStatus, Urza
+from esper.urza import DEFAULT_PROFILE, ArtifactError, Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import CompileRecord, Parity, Performance
 
 log = logging.getLogger("esper.tezzeret")
@@ -70,7 +70,7 @@ class CompileOutcome:
     @property
     def route(self) -> str:
         """``"compiled"`` when the entry holds compiled code, else ``"eager"`` (a fallback or eager route)."""
-        return "compiled" if self.entry.kind == EntryKind.AOTI else "eager"
+        return "compiled" if self.entry.engine == EntryEngine.AOTI else "eager"
 
 
 def pipeline_for(artifact: ArtifactKind | str) -> ArtifactPipeline:
@@ -182,7 +182,7 @@ class Tezzeret:
             blueprint_version=bp.version,
             content_hash=digest,
             compat=key,
-            kind=EntryKind.AOTI,
+            engine=EntryEngine.AOTI,
             status=EntryStatus.COMPILED,
             checksum="",
             artifact_size=0,
@@ -284,7 +284,7 @@ class Tezzeret:
                 blueprint_version=bp.version,
                 content_hash=digest,
                 compat=compat.current(self.device),
-                kind=EntryKind.EAGER,
+                engine=EntryEngine.EAGER,
                 status=EntryStatus.CERTIFIED,
                 checksum=checksum,
                 artifact_size=size,
@@ -310,7 +310,7 @@ class Tezzeret:
             meta["failed_stage"] = error.stage
         checksum, size = store_weights(self.urza, job.bp, job.module, job.tmp)
         return job.base.with_(
-            kind=EntryKind.EAGER,
+            engine=EntryEngine.EAGER,
             status=EntryStatus.FALLBACK,
             checksum=checksum,
             artifact_size=size,

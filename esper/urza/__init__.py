@@ -4,19 +4,19 @@ Upkeep (verify, gc, sign, export) is in :mod:`esper.urza.maintenance`, as functi
 """
 
 from esper.urza.db import SCHEMA_VERSION, StoredRow, Urza, UrzaError
-from esper.urza.schema import DEFAULT_PROFILE, DEFAULT_VARIANT, KINDS, STATUSES, Entry, EntryKind, EntryStatus
+from esper.urza.schema import DEFAULT_PROFILE, DEFAULT_VARIANT, ENGINES, STATUSES, Entry, EntryEngine, EntryStatus
 from esper.urza.store import ArtifactError, ArtifactStore
 
 __all__ = [
     "DEFAULT_PROFILE",
     "DEFAULT_VARIANT",
-    "KINDS",
+    "ENGINES",
     "SCHEMA_VERSION",
     "STATUSES",
     "ArtifactError",
     "ArtifactStore",
     "Entry",
-    "EntryKind",
+    "EntryEngine",
     "EntryStatus",
     "StoredRow",
     "Urza",

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from esper.urza.schema import Entry, EntryKind
+from esper.urza.schema import Entry, EntryEngine
 
 __all__ = [
     "EVIDENCE_VERSION",
@@ -711,7 +711,7 @@ class Evidence:
 
     def route_path(self) -> str:
         """``compiled`` for an entry holding compiled code, else ``eager``."""
-        return COMPILED if self.entry.kind == EntryKind.AOTI else EAGER
+        return COMPILED if self.entry.engine == EntryEngine.AOTI else EAGER
 
     def path_at(self, sizes: Mapping[str, int]) -> str:
         """The path a call of shape ``sizes`` takes on this route: :meth:`route_path`, except where the route
@@ -739,7 +739,7 @@ class Evidence:
             "artifact": str(e.artifact),
             "profile": e.profile,
             "variant": e.variant,
-            "kind": str(e.kind),
+            "engine": str(e.engine),
             "status": str(e.status),
             "compat": f"{e.compat.isa}/{e.compat.device_type}",
             "compile_s": self.meta.compile_seconds,

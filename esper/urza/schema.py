@@ -18,7 +18,7 @@ from esper.artifacts.guards import GuardSchema
 from esper.artifacts.kinds import ARTIFACT_KINDS, ArtifactKind
 from esper.artifacts.validate import EntryFormatError
 
-__all__ = ["Entry", "EntryFormatError", "EntryKind", "EntryMeta", "EntryStatus", "WeightSpec"]
+__all__ = ["Entry", "EntryEngine", "EntryFormatError", "EntryMeta", "EntryStatus", "WeightSpec"]
 
 
 class EntryStatus(StrEnum):
@@ -30,15 +30,16 @@ class EntryStatus(StrEnum):
     FALLBACK = "fallback"  # the compile failed or decided eager: the weights run eager
 
 
-class EntryKind(StrEnum):
-    """What an entry's artifact holds: compiled code (an AOTInductor package) or the weights, run eager."""
+class EntryEngine(StrEnum):
+    """What runs an entry: compiled code (its artifact an AOTInductor package), or the blueprint's module eager
+    (its artifact the weights). Stored in the ``kind`` column, its name before artifact kinds existed."""
 
     AOTI = "aoti"
     EAGER = "eager"
 
 
 STATUSES = tuple(s.value for s in EntryStatus)
-KINDS = tuple(k.value for k in EntryKind)
+ENGINES = tuple(k.value for k in EntryEngine)
 DEFAULT_PROFILE = "default"
 DEFAULT_VARIANT = "default"
 
@@ -51,7 +52,7 @@ class Entry:
     blueprint_version: int
     content_hash: str
     compat: CompatKey
-    kind: EntryKind
+    engine: EntryEngine
     status: EntryStatus
     checksum: str
     artifact_size: int
@@ -71,7 +72,7 @@ class Entry:
 
     def __post_init__(self) -> None:
         # Plain text is accepted and stored as the enum, so that every reader compares against the enums.
-        object.__setattr__(self, "kind", EntryKind(v.choice(self.kind, KINDS, "kind", "entry kind")))
+        object.__setattr__(self, "engine", EntryEngine(v.choice(self.engine, ENGINES, "kind", "entry engine")))
         object.__setattr__(self, "status", EntryStatus(v.choice(self.status, STATUSES, "status", "entry status")))
         v.choice(self.artifact, ARTIFACT_KINDS, "artifact", "entry artifact")
 
@@ -91,7 +92,7 @@ class Entry:
             "platform": self.compat.platform,
             "isa": self.compat.isa,
             "device_type": self.compat.device_type,
-            "kind": str(self.kind),
+            "kind": str(self.engine),
             "status": str(self.status),
             "checksum": self.checksum,
             "artifact_size": self.artifact_size,
@@ -134,7 +135,7 @@ class Entry:
                 v.text(row["isa"], "isa", "ISA", limit=128),
                 v.choice(row["device_type"], v.DEVICE_TYPES, "device_type", "device type"),
             ),
-            kind=EntryKind(v.choice(row["kind"], KINDS, "kind", "kind")),
+            engine=EntryEngine(v.choice(row["kind"], ENGINES, "kind", "engine")),
             status=EntryStatus(v.choice(row["status"], STATUSES, "status", "status")),
             checksum=v.sha256(row["checksum"], "checksum", "checksum"),
             artifact_size=v.integer(row["artifact_size"], "artifact_size", "artifact size"),

@@ -223,7 +223,7 @@ def test_certification_leaves_no_extraction_folders(
     assert result.ret == 0, result.stdout.str()[-3000:]
     assert left_behind(private_tmp) == []
     with Urza(tmp_path / "urza" / "urza.db", readonly=True) as urza:
-        assert any(e.kind == "aoti" for e in urza.entries("tiny_mlp"))  # packages were compiled and loaded
+        assert any(e.engine == "aoti" for e in urza.entries("tiny_mlp"))  # packages were compiled and loaded
 
 
 def test_a_compile_worker_orphaned_by_a_killed_certification_removes_its_folder_itself(

@@ -42,7 +42,7 @@ def entry(**kw: object) -> Entry:
         blueprint_version=1,
         content_hash="c" * 64,
         compat=CompatKey("2.13.0", "linux-x86_64", "AVX2", "cpu"),
-        kind="aoti",
+        engine="aoti",
         status="certified",
         checksum="a" * 64,
         artifact_size=123,
@@ -132,8 +132,10 @@ def test_sign_and_verify_each_signed_column(keys: signing.KeyPair, other_keys: s
     }
     assert set(altered) | {"format"} == set(signing.signed_fields(signed))
     for column, value in altered.items():
+        # The ``kind`` column holds Entry.engine (its name before artifact kinds existed).
+        attribute = "engine" if column == "kind" else column
         with pytest.raises(SignatureError, match="does not match the entry"):
-            verifier.verify(signed.with_(**{column: value}))
+            verifier.verify(signed.with_(**{attribute: value}))
     with pytest.raises(SignatureError, match="not signed"):
         verifier.verify(signed.with_(signature=None))
     with pytest.raises(SignatureError, match="format"):

@@ -87,7 +87,7 @@ def entry() -> Entry:
         blueprint_version=1,
         content_hash="a" * 64,
         compat=current(),
-        kind="aoti",
+        engine="aoti",
         status="certified",
         checksum="0" * 64,
         artifact_size=0,

@@ -108,7 +108,7 @@ def row(**changes: Any) -> dict[str, Any]:
         blueprint_version=1,
         content_hash="c" * 64,
         compat=CompatKey("2.13.0", "linux-x86_64", "AVX2", "cpu"),
-        kind="aoti",
+        engine="aoti",
         status="certified",
         checksum="a" * 64,
         artifact_size=123,

@@ -173,18 +173,18 @@ def test_mutation_of_a_running_statistic_is_judged_against_float64() -> None:
 
 
 def test_place_nonfinite_is_seeded_and_places_each_kind() -> None:
-    a, n = place_nonfinite([X, torch.arange(3)], NonFiniteRegime(seed=5, per_kind=2))
-    (b,) = place_nonfinite([X], NonFiniteRegime(seed=5, per_kind=2))
+    a, n = place_nonfinite([X, torch.arange(3)], NonFiniteRegime(seed=5, per_value=2))
+    (b,) = place_nonfinite([X], NonFiniteRegime(seed=5, per_value=2))
     assert torch.equal(a.isnan(), b.isnan()) and int(a.isnan().sum()) == 2
     assert int((a == math.inf).sum()) == 2 and int((a == -math.inf).sum()) == 2
     assert torch.equal(n, torch.arange(3)) and torch.isfinite(X).all()  # the input itself untouched
-    c, *_ = place_nonfinite([X], NonFiniteRegime(seed=6, per_kind=2))
+    c, *_ = place_nonfinite([X], NonFiniteRegime(seed=6, per_value=2))
     assert not torch.equal(a.isnan(), c.isnan())
 
 
 def nonfinite_case(compiled):  # type: ignore[no-untyped-def]
     m = module()
-    (x,) = place_nonfinite([X], NonFiniteRegime(seed=0, per_kind=2))
+    (x,) = place_nonfinite([X], NonFiniteRegime(seed=0, per_value=2))
     with torch.no_grad():
         eager = m(x)
         got = compiled(m, x)
@@ -203,7 +203,7 @@ def test_nonfinite_catches_a_nan_made_from_an_inf_eager_keeps() -> None:
         return x * (x > 0)
 
     m = module()
-    (x,) = place_nonfinite([X], NonFiniteRegime(seed=0, per_kind=2))
+    (x,) = place_nonfinite([X], NonFiniteRegime(seed=0, per_value=2))
     result = check_nonfinite(relu_by_mask(m, x), torch.relu(x), torch.relu(x.double()), atol=0, rtol=0)
     assert not result.passed and "compiled NaN where eager is finite and float64 finite" in result.reason
 

@@ -59,7 +59,7 @@ def compile_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
         if name not in ids:
             with Urza(db) as urza:
                 entry = Tezzeret(urza).compile(CATALOG.get(name)).entry
-            assert entry.kind == "aoti", entry.failure_reason
+            assert entry.engine == "aoti", entry.failure_reason
             ids[name] = entry.id
         return Kasmina(db, catalog=CATALOG).load_entry(name, ids[name])
 
@@ -116,7 +116,7 @@ def test_nan_and_inf_turned_finite_are_caught(compile_kernel, name: str, defect:
     kernel = compile_kernel(name)
     eager = eager_of(name)
     for seed in range(3):
-        args = place_nonfinite(inputs(name), NonFiniteRegime(seed=seed, per_kind=1))
+        args = place_nonfinite(inputs(name), NonFiniteRegime(seed=seed, per_value=1))
         got = compiled_call(kernel, args)
         with torch.no_grad():
             want = eager(*args)

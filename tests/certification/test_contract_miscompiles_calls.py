@@ -65,7 +65,7 @@ def entries(urza: Path, name: str, artifact: ArtifactKind) -> list[Entry]:
 
 
 def rejected_by(urza: Path, name: str, artifact: ArtifactKind, check: str) -> str:
-    (entry,) = [e for e in entries(urza, name, artifact) if e.kind == "aoti"]
+    (entry,) = [e for e in entries(urza, name, artifact) if e.engine == "aoti"]
     assert (entry.status, entry.failed_check) == ("rejected", check), (name, artifact, entry.failure_reason)
     assert not [e for e in entries(urza, name, artifact) if e.status == "certified"]
     return entry.failure_reason or ""

@@ -71,7 +71,7 @@ def entries(urza: Path, name: str) -> list[Entry]:
 
 
 def compiled(urza: Path, name: str) -> Entry:
-    (entry,) = [e for e in entries(urza, name) if e.kind == "aoti"]
+    (entry,) = [e for e in entries(urza, name) if e.engine == "aoti"]
     return entry
 
 

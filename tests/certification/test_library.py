@@ -51,7 +51,7 @@ def test_every_check_is_a_plain_call_returning_a_recorded_result(
     assert [r.check for r in inference] == MODULE_ORDER, results
     assert all(isinstance(r, CheckResult) and r.passed and r.reason == "" for r in inference)
     compiled = inference[0].figures
-    assert compiled["reused"] is True and compiled["kind"] == "aoti"  # compiled once for the session
+    assert compiled["reused"] is True and compiled["engine"] == "aoti"  # compiled once for the session
     assert inference[1].figures["cases"] >= 9 and inference[2].figures["drawn"] > 0
     contract = inference[3].figures
     assert contract["cases"] == inference[1].figures["cases"] + inference[2].figures["drawn"]
@@ -109,7 +109,7 @@ def decided(urza_path: Path) -> set[tuple[str, str, str, str, str, str]]:
     """Every compiled candidate: blueprint, artifact, profile, variant, content hash, and its status. A
     candidate that lost to eager by measurement counts as decided like a certified one (the route is timed)."""
     with Urza(urza_path, readonly=True) as urza:
-        entries = [e for name in NAMES for e in urza.entries(name) if e.kind == "aoti"]
+        entries = [e for name in NAMES for e in urza.entries(name) if e.engine == "aoti"]
     return {
         (
             e.blueprint,

@@ -56,7 +56,7 @@ def test_the_design_covers_every_reachable_residue_of_every_dim_and_pair_product
 @given(rs=ranges(max_dims=2).filter(lambda r: math.prod(hi - lo + 1 for lo, hi in r.values()) <= 256))
 def test_small_profiles_get_every_pair_of_values(rs) -> None:  # type: ignore[no-untyped-def]
     shapes, coverage = shape_design(rs)
-    assert coverage.kind == "all-pairs"
+    assert coverage.method == "all-pairs"
     if len(rs) == 2:
         assert coverage.pairs_covered == coverage.pairs_total
     else:
@@ -67,7 +67,7 @@ def test_small_profiles_get_every_pair_of_values(rs) -> None:  # type: ignore[no
 def test_large_profiles_get_the_residue_design_within_a_small_budget() -> None:
     rs = {"batch": (1, 64), "seq": (1, 2048), "heads": (1, 32)}
     shapes, coverage = shape_design(rs)
-    assert coverage.kind == "residues" and len(shapes) <= 256
+    assert coverage.method == "residues" and len(shapes) <= 256
     assert coverage.residues_covered == coverage.residues_total
     assert {r.modulus for r in coverage.per_modulus} == set(INDUCTOR_MODULI)
     assert coverage.evidence()["per_modulus"]["64"][0] == coverage.evidence()["per_modulus"]["64"][1]

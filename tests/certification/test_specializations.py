@@ -19,7 +19,7 @@ from esper.certification.budgets import PROFILES
 from esper.certification.run import BlueprintCertification
 from esper.kasmina import Kasmina
 from esper.kasmina.choose import choose_entries
-from esper.urza import Entry, EntryKind, EntryStatus, Urza
+from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from tests.support import FIXTURES
 
 SPECIAL = FIXTURES / "special"
@@ -50,7 +50,7 @@ def test_tezzeret_stores_specializations_instead_of_one_fallback(certified: Path
     fallback = [e for e in entries if e.status == EntryStatus.FALLBACK]
     assert [e.profile for e in fallback] == ["default"]
     assert fallback[0].meta["specialize"] == ["seq"]
-    compiled = {e.profile: e for e in entries if e.kind == EntryKind.AOTI}
+    compiled = {e.profile: e for e in entries if e.engine == EntryEngine.AOTI}
     # The representative seq (8) and the declared hot one (24); batch stays dynamic, so no batch specialization.
     assert sorted(compiled) == ["default@seq=24", "default@seq=8"]
     for profile, e in compiled.items():
@@ -60,7 +60,7 @@ def test_tezzeret_stores_specializations_instead_of_one_fallback(certified: Path
 
 def test_the_rest_of_the_range_is_a_certified_eager_route(certified: Path) -> None:
     eager = [e for e in rows(certified) if e.profile == "default" and e.status == EntryStatus.CERTIFIED]
-    assert len(eager) == 1 and eager[0].kind == EntryKind.EAGER
+    assert len(eager) == 1 and eager[0].kind == EntryEngine.EAGER
     assert eager[0].guards is not None and eager[0].guards.dim_ranges() == {"batch": (1, 16), "seq": (2, 96)}
 
 
@@ -72,7 +72,7 @@ def test_kasmina_serves_the_exact_sizes_compiled_and_eager_elsewhere_without_war
     won = {
         int(e.profile.rsplit("=", 1)[1])
         for e in rows(certified)
-        if e.kind == EntryKind.AOTI and e.status == EntryStatus.CERTIFIED
+        if e.engine == EntryEngine.AOTI and e.status == EntryStatus.CERTIFIED
     }
     with caplog.at_level(logging.INFO, logger="esper"):
         kernel = Kasmina(certified, blueprint_paths=[SPECIAL]).load(NAME)
@@ -112,13 +112,13 @@ def test_choose_entries_puts_specializations_first_whatever_the_meta_order() -> 
     key = current("cpu")
     profiles = ["default", "default@seq=8"]
 
-    def entry(i: int, profile: str, kind: EntryKind) -> Entry:
+    def entry(i: int, profile: str, engine: EntryEngine) -> Entry:
         return Entry(
             blueprint=NAME,
             blueprint_version=1,
             content_hash=f"{i:064x}",
             compat=key,
-            kind=kind,
+            engine=engine,
             status=EntryStatus.CERTIFIED,
             checksum=f"{i:064x}",
             artifact_size=1,
@@ -130,7 +130,7 @@ def test_choose_entries_puts_specializations_first_whatever_the_meta_order() -> 
             id=i,
         )
 
-    newest_first = [entry(2, "default", EntryKind.EAGER), entry(1, "default@seq=8", EntryKind.AOTI)]
+    newest_first = [entry(2, "default", EntryEngine.EAGER), entry(1, "default@seq=8", EntryEngine.AOTI)]
     assert [e.profile for e in choose_entries(newest_first, key)] == ["default@seq=8", "default"]
 
 

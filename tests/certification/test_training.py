@@ -32,7 +32,7 @@ def test_training_certification_checks_and_decides(training_copy: Path, monkeypa
     compiled_result = cert.compile(candidate)
     entry = cert.candidates[candidate].entry
     assert compiled_result.passed and compiled_result.figures["entry"] == entry.id
-    assert cert.candidates[candidate].reused and entry.kind == "aoti"  # same content hash: nothing compiles
+    assert cert.candidates[candidate].reused and entry.engine == "aoti"  # same content hash: nothing compiles
     parity = cert.check_parity(candidate)
     covered = cert.coverage("default")
     planned = len(cert.cases("default"))
@@ -85,7 +85,7 @@ def test_training_certification_checks_and_decides(training_copy: Path, monkeypa
         assert published.id == entry.id and compiled.status == "certified"
     else:  # eager measured faster: the artifact is rejected by selection and an eager route is certified
         assert compiled.status == "rejected" and compiled.failed_check == "selection"
-        assert published.kind == "eager" and published.status == "certified"
+        assert published.engine == "eager" and published.status == "certified"
 
 
 def test_a_failed_training_check_rejects_the_artifact(training_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,7 +107,7 @@ def test_a_training_eager_route_skips_its_checks_with_the_reason(
     cert = training_run(training_copy, "tiny_dropout")
     assert cert.compile("default/default").passed
     entry = cert.candidates["default/default"].entry
-    assert entry.kind == "eager"
+    assert entry.engine == "eager"
     guards = cert.check_guards("default/default")
     assert guards.outcome is Outcome.SKIPPED and f"eager fallback (entry #{entry.id})" in guards.reason
 

@@ -59,7 +59,7 @@ def entries(urza: Path, name: str, artifact: ArtifactKind) -> list[Entry]:
 
 
 def compiled(urza: Path, name: str, artifact: ArtifactKind) -> Entry:
-    (entry,) = [e for e in entries(urza, name, artifact) if e.kind == "aoti"]
+    (entry,) = [e for e in entries(urza, name, artifact) if e.engine == "aoti"]
     return entry
 
 

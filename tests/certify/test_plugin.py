@@ -79,7 +79,7 @@ def test_good_blueprint_is_certified_with_evidence(certify_run: pytest.RunResult
     # entry is certified, or an eager route is, chosen by measurement. Both carry the evidence.
     (route,) = routes
     assert route.status == "certified", certify_run.outlines[-40:]
-    (compiled,) = [e for e in all_entries if e.kind == "aoti"]
+    (compiled,) = [e for e in all_entries if e.engine == "aoti"]
     assert compiled.status == "certified" or (compiled.status, compiled.failed_check) == ("rejected", "selection")
     cert = compiled.parity["certify"]
     assert cert["cases"] >= 9 and cert["max_abs"] <= 1e-5 and cert["guards_refused"] >= 5
@@ -91,7 +91,7 @@ def test_good_blueprint_is_certified_with_evidence(certify_run: pytest.RunResult
     assert set(compiled.performance["certify"]) == {"batch=4", "batch=16"}
     decision = compiled.meta["certification"]["decision"]
     assert decision["ratio"] > 0 and route.meta["certification"]["budget_profile"] == "cpu-2core"
-    assert (route.kind == "aoti") == (decision["winner"] == "default/default")
+    assert (route.engine == "aoti") == (decision["winner"] == "default/default")
 
 
 def test_wrong_only_off_the_representative_shapes_is_rejected(certify_run: pytest.RunResult, urza_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_rejected_blueprint_is_served_eagerly_with_a_warning(
 
 
 def test_over_budget_is_rejected_with_the_figure(certify_run: pytest.RunResult, urza_path: Path) -> None:
-    (entry,) = [e for e in entries(urza_path, "tiny_over_budget") if e.kind == "aoti"]
+    (entry,) = [e for e in entries(urza_path, "tiny_over_budget") if e.engine == "aoti"]
     assert (entry.status, entry.failed_check) == ("rejected", "budgets")
     # No route meets the budget: eager's figures and the candidate's are both named.
     assert re.search(r"eager: batch=4: p95 ms [\d.e-]+ exceeds the limit 1e-06", entry.failure_reason or "")
@@ -131,7 +131,7 @@ def test_over_budget_is_rejected_with_the_figure(certify_run: pytest.RunResult, 
 
 def test_unexportable_is_fallback_not_certified(certify_run: pytest.RunResult, urza_path: Path) -> None:
     (entry,) = entries(urza_path, "not_exportable")
-    assert (entry.kind, entry.status) == ("eager", "fallback")
+    assert (entry.engine, entry.status) == ("eager", "fallback")
     certify_run.stdout.fnmatch_lines(["*not_exportable*fallback*"])
 
 
@@ -168,7 +168,7 @@ def test_generated_module_is_deterministic_and_reruns_alone(
     assert module.read_text() == text
     # Nothing changed: nothing is compiled again and certified entries are not re-checked.
     again.stdout.fnmatch_lines(["tiny_mlp*certified (reused)*"])
-    assert len([e for e in entries(urza_path, "tiny_mlp") if e.kind == "aoti"]) == 1
+    assert len([e for e in entries(urza_path, "tiny_mlp") if e.engine == "aoti"]) == 1
     assert len(entries(urza_path, "tiny_odd")) == 1
 
 

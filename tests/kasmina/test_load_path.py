@@ -34,13 +34,13 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "esper.kasmina" and r.levelno == logging.WARNING]
 
 
-def entry(id_: int, *, artifact: ArtifactKind, kind: str = "aoti", status: str = "certified", **kw: object) -> Entry:
+def entry(id_: int, *, artifact: ArtifactKind, engine: str = "aoti", status: str = "certified", **kw: object) -> Entry:
     fields: dict = {
         "blueprint": "tiny_mlp",
         "blueprint_version": 1,
         "content_hash": "a" * 64,
         "compat": current(),
-        "kind": kind,
+        "engine": engine,
         "status": status,
         "checksum": "0" * 64,
         "artifact_size": 0,

@@ -65,7 +65,7 @@ def test_the_generated_lookup_agrees_with_the_table_at_every_size() -> None:
 
 def write_table(urza_path: Path, name: str, t: RouteTable | None) -> None:
     with Urza(urza_path) as urza:
-        entry = next(e for e in urza.entries(name) if e.kind == "aoti")
+        entry = next(e for e in urza.entries(name) if e.engine == "aoti")
         meta = {k: v for k, v in entry.meta.items() if k != ROUTE_TABLE}
         urza.update(entry.id, meta={**meta, ROUTE_TABLE: t.to_json()} if t is not None else meta)  # type: ignore[arg-type]
 

@@ -83,7 +83,7 @@ def test_routing_picks_the_entry_whose_guards_accept(urza_copy: Path, caplog: py
             base.with_(
                 profile=profiles[2],
                 guards=guards(17, 32),
-                kind="eager",
+                engine="eager",
                 variant="eager",
                 status="certified",
                 checksum=checksum,

@@ -173,7 +173,7 @@ def test_seeds_route_to_swappable_code_where_a_folding_variant_won() -> None:
             blueprint_version=1,
             content_hash="h",
             compat=key,
-            kind="aoti",
+            engine="aoti",
             status=status,
             checksum="",
             artifact_size=0,

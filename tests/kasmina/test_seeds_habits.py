@@ -37,7 +37,7 @@ def habits_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) 
     path = tmp_path_factory.mktemp("habits-urza") / "urza.db"
     with Urza(path) as urza:
         entry = Tezzeret(urza).compile(load_catalog([HABITS]).get(NAME)).entry
-        assert entry.kind == "aoti", entry.failure_reason
+        assert entry.engine == "aoti", entry.failure_reason
         urza.update(entry.id, status="certified")  # type: ignore[arg-type]
     return path
 

@@ -37,7 +37,7 @@ def test_a_sequential_blueprint_is_served_compiled_with_its_own_and_a_seeds_weig
     urza_path = tmp_path / "urza.db"
     with Urza(urza_path) as urza:
         entry = Tezzeret(urza).compile(bp).entry
-        assert entry.kind == "aoti", entry.failure_reason
+        assert entry.engine == "aoti", entry.failure_reason
         urza.update(entry.id, status="certified")  # type: ignore[arg-type]
     kasmina = Kasmina(urza_path, blueprint_paths=[SEQUENTIAL])
     x = torch.randn(4, 8)

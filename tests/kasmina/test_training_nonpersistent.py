@@ -38,7 +38,7 @@ def masked_urza(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) 
     path = tmp_path_factory.mktemp("nonpersistent-urza") / "urza.db"
     with Urza(path) as urza:
         entry = Tezzeret(urza).compile(CATALOG.get(NAME), artifact=ArtifactKind.TRAINING).entry
-        assert entry.kind == "aoti", entry.failure_reason
+        assert entry.engine == "aoti", entry.failure_reason
         urza.update(entry.id, status="certified")  # type: ignore[arg-type]
     return path
 

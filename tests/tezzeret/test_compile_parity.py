@@ -15,7 +15,7 @@ from esper.catalog import load_catalog
 from esper.kasmina.training_kernel import TrainingKernel
 from esper.tezzeret import training_compile
 from esper.tezzeret.compiler import Tezzeret
-from esper.urza import EntryKind, EntryStatus, Urza
+from esper.urza import EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import Evidence
 from tests.support import CATALOG, TRAINING
 
@@ -23,7 +23,7 @@ from tests.support import CATALOG, TRAINING
 def test_an_honest_training_step_is_stored_with_the_judgement_per_shape(training_urza: Path) -> None:
     with Urza(training_urza, readonly=True) as urza:
         (entry,) = [e for e in urza.entries("tiny_bn") if e.artifact == ArtifactKind.TRAINING]
-    assert entry.kind == EntryKind.AOTI
+    assert entry.engine == EntryEngine.AOTI
     shapes = Evidence.of(entry).parity.representative
     assert shapes and all(p.passed for p in shapes.values())
     assert all(p.max_abs is not None and p.max_abs < 1e-3 for p in shapes.values())
@@ -44,7 +44,11 @@ def test_plainly_wrong_gradients_get_an_eager_fallback_naming_the_gradient(
     bp = load_catalog([TRAINING, CATALOG]).get("tiny_bn")
     with Urza(tmp_path / "urza.db") as urza:
         entry = Tezzeret(urza).compile(bp, artifact=ArtifactKind.TRAINING).entry
-    assert (entry.kind, entry.status, entry.failed_check) == (EntryKind.EAGER, EntryStatus.FALLBACK, "train_compile")
+    assert (entry.engine, entry.status, entry.failed_check) == (
+        EntryEngine.EAGER,
+        EntryStatus.FALLBACK,
+        "train_compile",
+    )
     assert entry.meta["failed_stage"] == "verify"
     reason = entry.failure_reason or ""
     assert "plainly wrong" in reason and "gradient[" in reason and "assert_close" not in reason

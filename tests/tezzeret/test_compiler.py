@@ -33,7 +33,7 @@ def test_entry_records_compile_evidence(compiled_urza: Path, tiny_catalog) -> No
     with Urza(compiled_urza, readonly=True) as urza:
         (entry,) = urza.entries("tiny_mlp")
         artifact = urza.store.verify(entry.checksum, entry.artifact_size)
-    assert entry.kind == "aoti" and artifact.stat().st_size == entry.artifact_size
+    assert entry.engine == "aoti" and artifact.stat().st_size == entry.artifact_size
     assert (entry.artifact, entry.variant, entry.profile) == ("inference", "default", "default")
     assert entry.meta["source_digest"] == source_digest(
         tiny_catalog.get("tiny_mlp"), tiny_catalog.get("tiny_mlp").build()
@@ -69,7 +69,7 @@ def test_unexportable_blueprint_becomes_an_eager_fallback(tmp_path: Path) -> Non
         outcome = Tezzeret(urza).compile(bp)
         entry = outcome.entry
         weights = load_state(urza.store.verify(entry.checksum, entry.artifact_size))
-    assert (entry.kind, entry.status, entry.failed_check) == ("eager", "fallback", "compile")
+    assert (entry.engine, entry.status, entry.failed_check) == ("eager", "fallback", "compile")
     assert entry.artifact == "inference" and not outcome.reused and outcome.route == "eager"
     assert entry.failure_reason and entry.failure_reason.startswith("export failed:")
     assert entry.meta["failed_stage"] == "export"

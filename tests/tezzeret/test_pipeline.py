@@ -96,7 +96,7 @@ def test_a_compile_publishes_one_entry_of_its_kind_and_is_reused(urza, tiny_cata
     first = tezzeret.compile(bp, artifact=kind)
     entry = first.entry
     assert not first.reused and first.artifact is kind and first.route == "compiled"
-    assert (entry.artifact, entry.variant, entry.profile, entry.kind, entry.status) == (
+    assert (entry.artifact, entry.variant, entry.profile, entry.engine, entry.status) == (
         kind.value,
         "default",
         "default",
@@ -156,7 +156,7 @@ def test_a_failing_stage_stores_an_eager_fallback_naming_it(urza, tiny_catalog, 
     monkeypatch.setitem(compiler.PIPELINES, kind, Stub(stubs[kind].real, fail="export"))
     outcome = Tezzeret(urza).compile(tiny_catalog.get("tiny_mlp"), artifact=kind)
     e = outcome.entry
-    assert outcome.route == "eager" and (e.kind, e.status, e.artifact) == ("eager", "fallback", kind.value)
+    assert outcome.route == "eager" and (e.engine, e.status, e.artifact) == ("eager", "fallback", kind.value)
     assert e.failed_check == ("compile" if kind is ArtifactKind.INFERENCE else "train_compile")
     assert e.failure_reason and e.failure_reason.startswith("export failed: ZeroDivisionError")
     assert e.meta["failed_stage"] == "export" and e.meta["stub_started"] and e.id is not None
@@ -167,7 +167,7 @@ def test_a_failing_stage_stores_an_eager_fallback_naming_it(urza, tiny_catalog, 
 def test_an_eager_decision_is_stored_without_a_failed_stage(urza, tiny_catalog, stubs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setitem(compiler.PIPELINES, ArtifactKind.TRAINING, Stub(TrainingPipeline(), decide_eager=True))
     e = Tezzeret(urza).compile(tiny_catalog.get("tiny_mlp"), artifact="training").entry
-    assert (e.kind, e.status, e.failure_reason) == ("eager", "fallback", "this kind runs eager here, by decision")
+    assert (e.engine, e.status, e.failure_reason) == ("eager", "fallback", "this kind runs eager here, by decision")
     assert "failed_stage" not in e.meta and e.meta["training"]["route"] == "eager"
 
 
@@ -192,7 +192,7 @@ def test_the_eager_route_writer_serves_every_kind(urza, tiny_catalog, kind) -> N
     e = Tezzeret(urza).store_eager_route(
         bp, artifact=kind, profile="default", guards=GUARDS, evidence=evidence, reason="eager measured faster"
     )
-    assert (e.kind, e.status, e.variant, e.artifact) == ("eager", "certified", "eager", kind.value)
+    assert (e.engine, e.status, e.variant, e.artifact) == ("eager", "certified", "eager", kind.value)
     assert (
         e.guards == GUARDS
         and e.performance == {**evidence["performance"], "version": EVIDENCE_VERSION}

@@ -57,7 +57,7 @@ def test_a_dropout_blueprint_takes_the_eager_training_route_with_its_reason(
 ) -> None:
     with Urza(training_urza, readonly=True) as urza:
         (entry,) = [e for e in urza.entries("tiny_dropout") if e.artifact == ArtifactKind.TRAINING]
-    assert entry.kind == "eager" and entry.status == "fallback"
+    assert entry.engine == "eager" and entry.status == "fallback"
     assert (entry.artifact, entry.variant, entry.failed_check) == ("training", "default", "train_compile")
     assert "failed_stage" not in entry.meta  # a decision, not a failing stage
     assert "aten.native_dropout.default" in (entry.failure_reason or "")
@@ -75,7 +75,7 @@ def test_a_compiled_training_entry_names_its_kind_variant_and_sources(training_u
     bp = CATALOG_TRAINING.get("tiny_bn")
     with Urza(training_urza, readonly=True) as urza:
         (entry,) = urza.entries("tiny_bn", artifact="training")
-    assert (entry.kind, entry.artifact, entry.variant, entry.profile) == ("aoti", "training", "default", "default")
+    assert (entry.engine, entry.artifact, entry.variant, entry.profile) == ("aoti", "training", "default", "default")
     assert entry.meta["source_digest"] == source_digest(bp, bp.build())
     assert entry.meta["training"]["route"] == "compiled" and entry.meta["training"]["mutated_buffers"]
     assert set(entry.parity["representative"]) >= {Blueprint.shape_label(r) for r in bp.representative}

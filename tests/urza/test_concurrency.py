@@ -170,12 +170,12 @@ def test_certify_under_xdist_two_workers(pytester: pytest.Pytester, urza_copy: P
         assert verify(urza).ok
         tiny = urza.entries("tiny_mlp")
         (fallback,) = urza.entries("not_exportable")
-    assert (fallback.kind, fallback.status) == ("eager", "fallback")
-    compiled = [e for e in tiny if e.kind == "aoti"]
+    assert (fallback.engine, fallback.status) == ("eager", "fallback")
+    compiled = [e for e in tiny if e.engine == "aoti"]
     assert len(compiled) == 1, "tiny_mlp was compiled again"
     certified = [e for e in tiny if e.status == "certified"]
     # Certified (compiled, or an eager route chosen by measurement) only if every check ran in one process.
-    assert certified, (text[-3000:], [(e.id, e.kind, e.status, e.failure_reason) for e in tiny])
+    assert certified, (text[-3000:], [(e.id, e.engine, e.status, e.failure_reason) for e in tiny])
     latency = certified[0].performance["certify"]
     assert set(latency) == {"batch=4", "batch=16"}, latency
     # Certification's own interleaved measurement (esper.certification.timing.compare: at least 8 rounds), xdist or not.

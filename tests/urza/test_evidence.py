@@ -18,7 +18,7 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.certification.session import routed_latency, training_ratio
 from esper.cli import cli
 from esper.report import KindEvidence, rows, series
-from esper.urza import Entry, EntryKind, EntryStatus, Urza
+from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import (
     EVIDENCE_VERSION,
     CertificationRecord,
@@ -107,7 +107,7 @@ def test_every_old_row_reads_and_rewrites_without_losing_a_figure() -> None:
     }
     for raw in OLD:
         entry = old_entry(raw)
-        assert isinstance(entry.status, EntryStatus) and isinstance(entry.kind, EntryKind)
+        assert isinstance(entry.status, EntryStatus) and isinstance(entry.engine, EntryEngine)
         assert entry.to_row()["status"] == raw["status"]  # stored as the same text
         ev = Evidence.of(entry)
         assert ev.parity.version == ev.performance.version == ev.meta.version == 0
@@ -183,12 +183,16 @@ def test_report_and_summary_read_old_rows() -> None:
     assert lines["routed"][size] == figures["compiled"]["p50_ms"] == lines[raw["variant"]][size]
     assert lines["eager"][size] == figures["eager"]["p50_ms"]
 
-    class Bp:  # the two things routed_latency asks of a blueprint
+    class Bp:  # what routed_latency asks of a blueprint
         representative = raw["meta"]["representative"]
 
         @staticmethod
         def profiles() -> dict[str, dict[str, tuple[int, int]]]:
             return {raw["profile"]: {k: tuple(v) for k, v in raw["meta"]["ranges"].items()}}
+
+        @staticmethod
+        def measured_shapes() -> list[dict[str, int]]:
+            return list(raw["meta"]["representative"])
 
     routed = routed_latency(Bp(), [entry])  # type: ignore[arg-type]
     assert routed[label].compiled == Timing.from_json(figures["compiled"])
