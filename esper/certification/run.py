@@ -524,19 +524,9 @@ class Certification:
         for part, v in verdicts.items():
             c.verdicts.setdefault(part, []).append(v)
             c.parity.max_abs = max(c.parity.max_abs, v.max_abs)
-        failed = [o for v in verdicts.values() for o in v.outputs if not o.passed]
-        if failed:
-            o = failed[0]
-            figures = (
-                f" (RMSE against float64: compiled {o.rmse_compiled:.3g}, eager {o.rmse_eager:.3g}; "
-                f"max |compiled - eager| {o.max_abs:.3g})"
-                if o.rmse_eager or o.rmse_compiled
-                else ""
-            )
-            raise Fail(f"{self.artifact} {c.id} at {where}: {o.reason}{figures}")
-        broken = [v for v in verdicts.values() if not v.passed]  # a structural failure, no output to blame
-        if broken:
-            raise Fail(f"{self.artifact} {c.id} at {where}: {broken[0].reason}")
+        failure = first_failure(verdicts)
+        if failure:
+            raise Fail(f"{self.artifact} {c.id} at {where}: {failure}")
 
     @check(Check.PARITY)
     def check_parity(self, candidate: str) -> dict[str, Any]:
@@ -1217,7 +1207,7 @@ def first_failure(verdicts: Mapping[str, ParityVerdict]) -> str:
             else ""
         )
         return f"{o.reason}{figures}"
-    broken = [v for v in verdicts.values() if not v.passed]
+    broken = [v for v in verdicts.values() if not v.passed]  # a structural failure, no output to blame
     return broken[0].reason if broken else ""
 
 
