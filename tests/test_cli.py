@@ -40,7 +40,7 @@ def test_list_and_show(compiled_urza: Path) -> None:
     table = runner.invoke(cli, ["urza", "list", "--urza", str(compiled_urza)])
     assert table.exit_code == 0 and "tiny_mlp" in table.output and "certified" in table.output
     rows = json.loads(runner.invoke(cli, ["urza", "list", "--json", "--urza", str(compiled_urza)]).output)
-    assert [(r["blueprint"], r["artifact"], r["status"], r["kind"]) for r in rows] == [
+    assert [(r["blueprint"], r["artifact"], r["status"], r["engine"]) for r in rows] == [
         ("tiny_mlp", "inference", "certified", "aoti")
     ]
     assert set(rows[0]["p50_ms"]) == {"batch=4", "batch=16"}

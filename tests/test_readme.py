@@ -40,6 +40,28 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test in ROOT.joinpath(".ci/run").read_text().splitlines()
 
 
+@pytest.mark.parametrize("failing", ["pip", "pytest", "miscompiles", "certify"])
+def test_ci_fails_when_any_step_of_the_test_command_fails(tmp_path: Path, failing: str) -> None:
+    # The README's command is an && list, where `set -e` does not stop the script: CI must still fail.
+    _, test = setup_commands()
+    steps = {"pip": "true", "pytest": "true", "miscompiles": "true", "certify": "true", failing: "false"}
+    stand_in = " && ".join(steps[s] for s in ("pip", "pytest", "miscompiles", "certify"))
+    script = ROOT.joinpath(".ci/run").read_text().replace(test, stand_in)
+    script = script.replace('cd "$(dirname "$0")/.."', "").replace(".venv/bin/mypy", "echo type-checked")
+    (tmp_path / "run").write_text(script)
+    done = subprocess.run(["bash", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode != 0 and "type-checked" not in done.stdout
+
+
+def test_ci_passes_when_every_step_passes(tmp_path: Path) -> None:
+    _, test = setup_commands()
+    script = ROOT.joinpath(".ci/run").read_text().replace(test, "true && true && true && true")
+    script = script.replace('cd "$(dirname "$0")/.."', "").replace(".venv/bin/mypy", "echo type-checked")
+    (tmp_path / "run").write_text(script)
+    done = subprocess.run(["bash", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 0 and "type-checked" in done.stdout
+
+
 def extras_of(extra: str, table: dict[str, list[str]]) -> set[str]:
     """The distributions an extra of this project installs, its own extras (``esper[a,b]``) followed."""
     out: set[str] = set()

@@ -60,7 +60,7 @@ def test_tezzeret_stores_specializations_instead_of_one_fallback(certified: Path
 
 def test_the_rest_of_the_range_is_a_certified_eager_route(certified: Path) -> None:
     eager = [e for e in rows(certified) if e.profile == "default" and e.status == EntryStatus.CERTIFIED]
-    assert len(eager) == 1 and eager[0].kind == EntryEngine.EAGER
+    assert len(eager) == 1 and eager[0].engine == EntryEngine.EAGER
     assert eager[0].guards is not None and eager[0].guards.dim_ranges() == {"batch": (1, 16), "seq": (2, 96)}
 
 
