@@ -199,6 +199,11 @@ class KindChecks(ABC):
     def reference(self) -> torch.nn.Module:
         """A fresh module of the blueprint in the mode this kind runs it in."""
 
+    def spread_module(self) -> torch.nn.Module:
+        """The module whose legitimate float32 executions measure a case's conditioning (a fresh one in this
+        kind's mode: the spread runs its forward several times and restores its buffers)."""
+        return self.reference()
+
     def parity_regime(self, regime: Regime) -> Regime:
         """The value regime a drawn parity case runs in (a kind may exclude points where results are undefined)."""
         return regime

@@ -44,7 +44,7 @@ from esper.certification.contract import ClauseResult
 from esper.certification.kinds import KINDS, Expected, KindChecks
 from esper.certification.results import CANDIDATE_CHECKS, Check, CheckResult, Fail, Skip, check
 from esper.kasmina import COMPILED, EAGER, telemetry
-from esper.numerics import coverage
+from esper.numerics import coverage, executions
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
 from esper.profiles import is_specialization
@@ -521,12 +521,46 @@ class Certification:
         if path != COMPILED:
             raise Fail(f"Kasmina ran {path} for accepted inputs, {where}")
         c.parity.cases += 1
+        verdicts = self._calibrated(c, args, expected, seed, verdicts)
         for part, v in verdicts.items():
             c.verdicts.setdefault(part, []).append(v)
             c.parity.max_abs = max(c.parity.max_abs, v.max_abs)
         failure = first_failure(verdicts)
         if failure:
             raise Fail(f"{self.artifact} {c.id} at {where}: {failure}")
+
+    def _calibrated(
+        self,
+        c: Candidate,
+        args: tuple[torch.Tensor, ...],
+        expected: Expected,
+        seed: int,
+        verdicts: dict[str, ParityVerdict],
+    ) -> dict[str, ParityVerdict]:
+        """``verdicts``, with a forward output that failed the RMSE rule alone judged again against the spread of
+        eager's legitimate float32 executions (:func:`esper.numerics.executions.spread`: reordered contractions
+        and reductions, another thread count, the batch in another order): eager's own error is one sample of
+        them, and an ill-conditioned computation spreads them far beyond it. Only that rule is widened, only for
+        the output (NaN/inf placement, the pointwise rule, gradients and buffers stand), and only as far as the
+        executions go times the rule's multiplier, so a lower-precision accumulation is still rejected."""
+        v = verdicts.get("output")
+        if v is None or v.passed or any(not p.passed for part, p in verdicts.items() if part != "output"):
+            return verdicts
+        failing = [o for o in v.outputs if not o.passed]
+        if not all(o.nonfinite_ok and o.resolved and o.max_abs <= o.allowed_abs for o in failing):
+            return verdicts
+        yardstick = executions.allowed_error(
+            executions.spread(self.kind.spread_module(), args, expected.exact["output"], seed=seed)
+        )
+        if len(yardstick.outputs) != len(v.outputs):
+            return verdicts
+        outputs = []
+        for o, allowed in zip(v.outputs, yardstick.outputs, strict=True):
+            if not o.passed and o.rmse_compiled > allowed.rmse:
+                return verdicts
+            outputs.append(o if o.passed else replace(o, passed=True, reason="", allowed_rmse=allowed.rmse))
+        c.parity.calibrated += 1
+        return {**verdicts, "output": replace(v, passed=True, reason="", outputs=tuple(outputs))}
 
     @check(Check.PARITY)
     def check_parity(self, candidate: str) -> dict[str, Any]:
@@ -539,7 +573,12 @@ class Certification:
         kernel = self._kernel(c)
         with one_thread():
             covered = self._check_planned(c, kernel)
-        return {"cases": c.parity.cases, "max_abs": c.parity.max_abs, "coverage": covered.evidence()}
+        return {
+            "cases": c.parity.cases,
+            "max_abs": c.parity.max_abs,
+            "ill_conditioned": c.parity.calibrated,
+            "coverage": covered.evidence(),
+        }
 
     def _check_planned(self, c: Candidate, kernel: Any) -> coverage.Coverage:
         cases = self.cases(c.profile)

@@ -21,6 +21,8 @@ class ParityStats:
     cases: int = 0
     max_abs: float = 0.0
     max_rel: float = 0.0
+    # Cases whose output passed only against the spread of eager's legitimate executions (ill-conditioned).
+    calibrated: int = 0
 
     def add(self, abs_err: float, rel_err: float) -> None:
         self.cases += 1
