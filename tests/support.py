@@ -153,3 +153,36 @@ def write(folder: Path, filename: str, text: str) -> Path:
 def good(name: str = "lin", features: int = 8) -> str:
     """The source of a valid one-Linear blueprint file."""
     return GOOD.format(name=name, name_upper=name.upper(), features=features)
+
+
+def stand_in_certification(
+    tmp_path: Path,
+    bp: Any,
+    kernel: Any,
+    *,
+    max_batch: int,
+    meta: dict[str, Any] | None = None,
+) -> Any:
+    """An inference :class:`~esper.certification.run.Certification` of ``bp`` (one input ``x`` of shape
+    ``(batch, 4)``, batch 1..``max_batch``) whose candidates are real Urza rows, so a failed check rejects its
+    entry, but whose kernels are ``kernel()`` stand-ins instead of compiled code: the checks run as plain calls,
+    nothing compiles. Only the blueprint's own profiles get a row: a specialization is compiled only where its
+    base profile cannot stay dynamic."""
+    from esper.artifacts.kinds import ArtifactKind
+    from esper.certification.budgets import PROFILES
+    from esper.certification.run import Certification
+    from esper.profiles import is_specialization
+
+    cert = Certification(bp, ArtifactKind.INFERENCE, tmp_path / "urza.db", PROFILES["cpu-2core"], recheck=True)
+    schema = GuardSchema(
+        inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=max_batch), DimGuard(size=4))),)
+    )
+    artifact = tmp_path / "artifact.bin"
+    artifact.write_bytes(b"stand-in")
+    with Urza(cert.urza_path) as urza:
+        checksum, size = urza.store.add(artifact)
+        for c in (c for c in cert.candidates.values() if not is_specialization(c.profile)):
+            entry = Entry(bp.name, 1, "c" * 64, current(), "aoti", "compiled", checksum, size, schema)
+            c.entry = urza.publish(entry.with_(variant=c.variant, meta=dict(meta or {})))
+            c.kernel = kernel()
+    return cert

@@ -11,19 +11,15 @@ from typing import Any
 
 import torch
 
-from esper.artifacts.compat import current
-from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
-from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input, Tolerance, seeded
 from esper.catalog import load_catalog
-from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, Outcome
 from esper.certification.run import Certification
 from esper.kasmina import COMPILED
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import float64_reference, judge
-from esper.profiles import is_specialization
-from esper.urza import Entry, Urza
+from esper.urza import Urza
+from tests.support import stand_in_certification
 
 BLUEPRINTS = Path(__file__).resolve().parents[2] / "blueprints"
 
@@ -62,21 +58,7 @@ class StandIn:
 
 
 def certification(tmp_path: Path, call: Callable[[torch.nn.Module, torch.Tensor], Any]) -> Certification:
-    cert = Certification(BP, ArtifactKind.INFERENCE, tmp_path / "urza.db", PROFILES["cpu-2core"], recheck=True)
-    schema = GuardSchema(
-        inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=12), DimGuard(size=4))),)
-    )
-    artifact = tmp_path / "artifact.bin"
-    artifact.write_bytes(b"stand-in")
-    with Urza(cert.urza_path) as urza:
-        checksum, size = urza.store.add(artifact)
-        # The blueprint's own profiles: a specialization is compiled only where its base cannot stay dynamic.
-        for c in (c for c in cert.candidates.values() if not is_specialization(c.profile)):
-            c.entry = urza.publish(
-                Entry(BP.name, 1, "c" * 64, current(), "aoti", "compiled", checksum, size, schema, variant=c.variant)
-            )
-            c.kernel = StandIn(BP.build(), call)
-    return cert
+    return stand_in_certification(tmp_path, BP, lambda: StandIn(BP.build(), call), max_batch=12)
 
 
 def honest(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

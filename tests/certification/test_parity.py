@@ -14,17 +14,13 @@ from typing import Any
 import pytest
 import torch
 
-from esper.artifacts.compat import current
-from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
-from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input, Tolerance, seeded
 from esper.certification import plan
-from esper.certification.budgets import PROFILES
 from esper.certification.results import Check, CheckFailure
 from esper.certification.run import Certification
 from esper.kasmina import COMPILED
-from esper.profiles import is_specialization
-from esper.urza import Entry, Urza
+from esper.urza import Urza
+from tests.support import stand_in_certification
 
 
 class Noisy(torch.nn.Module):
@@ -78,22 +74,8 @@ class StandIn:
 
 
 def certification(tmp_path: Path, bp: Blueprint, defect: Any = lambda x, y: y) -> Certification:
-    cert = Certification(bp, ArtifactKind.INFERENCE, tmp_path / "urza.db", PROFILES["cpu-2core"], recheck=True)
-    schema = GuardSchema(
-        inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=24), DimGuard(size=4))),)
-    )
     # Real rows: a failed check rejects its candidate's entry in Urza.
-    artifact = tmp_path / "artifact.bin"
-    artifact.write_bytes(b"stand-in")
-    with Urza(cert.urza_path) as urza:
-        checksum, size = urza.store.add(artifact)
-        # The blueprint's own profiles: a specialization is compiled only where its base cannot stay dynamic.
-        for c in (c for c in cert.candidates.values() if not is_specialization(c.profile)):
-            c.entry = urza.publish(
-                Entry(bp.name, 1, "c" * 64, current(), "aoti", "compiled", checksum, size, schema, variant=c.variant)
-            )
-            c.kernel = StandIn(bp.build(), defect)
-    return cert
+    return stand_in_certification(tmp_path, bp, lambda: StandIn(bp.build(), defect), max_batch=24)
 
 
 def test_a_right_kernel_passes_every_planned_case_with_coverage_in_the_evidence(tmp_path: Path) -> None:

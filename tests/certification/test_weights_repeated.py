@@ -12,18 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from esper.artifacts.compat import current
-from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
-from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint, Dim, Input, Tolerance, seeded
 from esper.certification import plan
-from esper.certification.budgets import PROFILES
-from esper.certification.run import FOLDED, Certification
+from esper.certification.run import FOLDED
 from esper.kasmina import COMPILED, EAGER
 from esper.numerics import coverage
-from esper.profiles import is_specialization
-from esper.urza import Entry, Urza
+from esper.urza import Urza
 from esper.urza.evidence import CertifiedParity, CertifiedWeights
+from tests.support import stand_in_certification
 
 Defect = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -85,22 +81,12 @@ def certification(
     serves: bool = False,
     constants: tuple[str, ...] = ("weight", "bias"),
 ) -> Any:
-    cert = Certification(BP, ArtifactKind.INFERENCE, tmp_path / "urza.db", PROFILES["cpu-2core"], recheck=True)
-    schema = GuardSchema(
-        inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=24), DimGuard(size=4))),)
-    )
-    artifact = tmp_path / "artifact.bin"
-    artifact.write_bytes(b"stand-in")
     meta = {"swappable": swappable, "constants": {n: {} for n in constants}}
-    with Urza(cert.urza_path) as urza:
-        checksum, size = urza.store.add(artifact)
-        # The blueprint's own profiles: a specialization is compiled only where its base cannot stay dynamic.
-        for c in (c for c in cert.candidates.values() if not is_specialization(c.profile)):
-            entry = Entry(BP.name, 1, "c" * 64, current(), "aoti", "compiled", checksum, size, schema, meta=meta)
-            c.entry = urza.publish(entry)
-            # serves: a stand-in for folded code that wrongly serves other weights compiled
-            c.kernel = StandIn(BP.build(), defect, folded=not swappable and not serves)
-    return cert
+    # serves: a stand-in for folded code that wrongly serves other weights compiled
+    folded = not swappable and not serves
+    return stand_in_certification(
+        tmp_path, BP, lambda: StandIn(BP.build(), defect, folded=folded), max_batch=24, meta=meta
+    )
 
 
 def grows(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, call: int) -> torch.Tensor:
