@@ -7,7 +7,9 @@ Profiles are the cartesian product of the bucketed dims; unbucketed dims keep th
 A *specialization* is another kind of profile: a bucket profile with one dim held at one exact size, for a dim
 that the compiler cannot keep dynamic (export specializes it). It is named after its profile,
 ``default@seq=32`` or ``batch=1-4@seq=32``, and overlaps its profile on purpose: it serves exactly that size,
-the profile's own route (eager, by evidence) every other. The bucket rule above is unchanged.
+the profile's own route (eager, by evidence) every other. The bucket rule above is unchanged. Where several
+dims must be held together (a training step whose compiled convolution serves one height and width), a
+specialization holds each of them at one shape's own sizes: ``default@height=32,width=32``.
 """
 
 from __future__ import annotations
@@ -106,6 +108,26 @@ def specializations(profiles_: Mapping[str, Ranges], sizes: Mapping[str, Sequenc
                 held = narrowed(ranges, {dim: n})
                 if held is not None:
                     out[specialization_name(pname, {dim: n})] = held
+    return out
+
+
+def joint_specializations(profiles_: Mapping[str, Ranges], shapes: Sequence[Mapping[str, int]]) -> dict[str, Ranges]:
+    """Every specialization of ``profiles_`` that holds several dims together: per profile (in order), per set of
+    its dims of more than one size (fewest dims first), one per shape of ``shapes`` inside the profile, holding
+    those dims at that shape's own sizes. Only the shapes' own combinations, never the cross product of their
+    sizes: where a compiler cannot keep two dims dynamic, an artifact serves one pair of sizes."""
+    out: dict[str, Ranges] = {}
+    for pname, ranges in profiles_.items():
+        free = [d for d, (lo, hi) in ranges.items() if lo < hi]
+        for k in range(1, len(free) + 1):
+            for dims in itertools.combinations(free, k):
+                for shape in shapes:
+                    if not contains(ranges, shape) or not all(d in shape for d in dims):
+                        continue
+                    sizes = {d: int(shape[d]) for d in dims}
+                    held = narrowed(ranges, sizes)
+                    if held is not None:
+                        out.setdefault(specialization_name(pname, sizes), held)
     return out
 
 

@@ -21,7 +21,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
 from esper.artifacts.variants import EAGER_ROUTE, VARIANTS, Variant
-from esper.profiles import DEFAULT_PROFILE, narrowed, specializations, split_profile
+from esper.profiles import DEFAULT_PROFILE, joint_specializations, narrowed, specializations, split_profile
 
 if TYPE_CHECKING:
     from esper.blueprint import Blueprint
@@ -83,7 +83,7 @@ class KindSpec:
     (so it carries a guard schema) rather than for every call. ``opt_out``: the environment variable that
     switches this kind's certification off (``None``: always on). ``specializes``: the kind has exact-size
     specializations (see :mod:`esper.profiles`) among its candidates, compiled only where a dim cannot stay
-    dynamic.
+    dynamic; of a whole-range kind, each holds dims together at a measured shape's own sizes.
     """
 
     kind: ArtifactKind
@@ -111,15 +111,17 @@ class KindSpec:
         """The shape profiles this kind compiles ``bp`` for, each with its dim ranges, in declaration order; then
         its specializations (:meth:`specializations`)."""
         if self.whole_range:
-            return {DEFAULT_PROFILE: full_ranges(bp)}
+            return {DEFAULT_PROFILE: full_ranges(bp), **self.specializations(bp)}
         return {**bp.profiles(), **self.specializations(bp)}
 
     def specializations(self, bp: Blueprint) -> dict[str, Ranges]:
         """The exact-size specializations of ``bp``'s profiles this kind may compile: per profile, per dim, one
         per size of :meth:`~esper.blueprint.Blueprint.specialization_sizes` inside the profile. Tezzeret compiles
         one only where its profile's export showed that dim cannot stay dynamic."""
-        if not self.specializes or self.whole_range:
+        if not self.specializes:
             return {}
+        if self.whole_range:
+            return joint_specializations({DEFAULT_PROFILE: full_ranges(bp)}, bp.measured_shapes())
         return specializations(bp.profiles(), bp.specialization_sizes())
 
     def variant_names(self, bp: Blueprint) -> tuple[str, ...]:
@@ -138,7 +140,7 @@ class KindSpec:
     def ranges(self, bp: Blueprint, profile: str, variant: Variant) -> Ranges:
         """The dim ranges ``bp`` compiles for under ``profile`` and ``variant``; refuses a profile or variant
         this kind does not build (a kind with fixed variants takes them as declared, settings included)."""
-        if self.whole_range and profile != DEFAULT_PROFILE:
+        if self.whole_range and profile != DEFAULT_PROFILE and profile not in self.specializations(bp):
             raise ValueError(
                 f"{self.kind} artifacts cover the whole declared range: profile must be {DEFAULT_PROFILE!r}, "
                 f"not {profile!r} ({bp.name})"
@@ -148,7 +150,9 @@ class KindSpec:
         ):
             only = ", ".join(repr(v) for v in self.variants)
             raise ValueError(f"{self.kind} artifacts compile under the {only} variant only, not {variant.name!r}")
-        return full_ranges(bp) if self.whole_range else profile_ranges(bp, profile)
+        if self.whole_range:
+            return full_ranges(bp) if profile == DEFAULT_PROFILE else self.specializations(bp)[profile]
+        return profile_ranges(bp, profile)
 
 
 SPECS: Mapping[ArtifactKind, KindSpec] = {
@@ -172,6 +176,7 @@ SPECS: Mapping[ArtifactKind, KindSpec] = {
         backward=True,
         guarded_eager=False,
         opt_out="ESPER_CERTIFY_TRAINING",
+        specializes=True,
     ),
 }
 

@@ -97,6 +97,8 @@ def choose_training_entry(entries: Sequence[Entry], key: CompatKey) -> list[Entr
     if not training:
         raise Unusable(telemetry.NO_TRAINING_ARTIFACT, "Urza has no training artifact for it")
     certified = [e for e in training if e.status == EntryStatus.CERTIFIED]
+    # A specialization serves one exact size: the whole range's route (compiled or eager by evidence) serves.
+    certified = [e for e in certified if not is_specialization(e.profile)] or certified
     for e in certified:
         if key.mismatch(e.compat) is None:
             return [e]

@@ -165,11 +165,12 @@ class Tezzeret:
             if base is None or base.meta.get(SPECIALIZE):
                 base = self.compile(bp, artifact=artifact, variant=variant, profile=base_profile).entry
             held = set(base.meta.get(SPECIALIZE) or ())
-            if base.status != EntryStatus.FALLBACK or not set(exact) <= held:
+            if base.status != EntryStatus.FALLBACK or not pipeline.serves(exact, held):
                 keeps = ", ".join(sorted(set(exact) - held))
+                why = f"does not need {keeps} held exact" if keeps else f"needs {', '.join(sorted(held))} held together"
                 raise NotSpecialized(
                     f"{bp.name} {pipeline.kind.value} {profile}/{variant.name}: profile {base_profile} (entry "
-                    f"#{base.id}, {base.status}) does not need {keeps} held exact, so there is no specialization"
+                    f"#{base.id}, {base.status}) {why}, so there is no specialization"
                 )
         ranges = pipeline.ranges(bp, profile, variant)
         key = compat.current(self.device)

@@ -17,7 +17,7 @@ data, what the two packages of the training artifact look like:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +73,10 @@ class JointPlan:
     differentiable: tuple[int, ...]
 
 
-def dynamic_dims(bp: Blueprint) -> list[list[int]]:
-    """Per input, the positions of its dynamic dims."""
-    return [[d for d, s in enumerate(i.shape) if isinstance(s, DeclaredDim)] for i in bp.inputs]
+def dynamic_dims(bp: Blueprint, held: Collection[str] = ()) -> list[list[int]]:
+    """Per input, the positions of its dynamic dims (a dim of ``held``, one a specialization holds exact, is
+    static)."""
+    return [[d for d, s in enumerate(i.shape) if isinstance(s, DeclaredDim) and s.name not in held] for i in bp.inputs]
 
 
 def trace_sizes(bp: Blueprint, ranges: Mapping[str, tuple[int, int]], module: torch.nn.Module) -> dict[str, int]:
@@ -176,14 +177,15 @@ def backward_dynamic(graphs: JointGraphs, node: torch.fx.Node, names: Mapping[st
     return tuple(spec) or None
 
 
-def plan_artifact(graphs: JointGraphs, bp: Blueprint) -> JointPlan:
-    """The training artifact's layout for ``graphs`` traced from ``bp``'s module (pure: nothing runs)."""
+def plan_artifact(graphs: JointGraphs, bp: Blueprint, held: Collection[str] = ()) -> JointPlan:
+    """The training artifact's layout for ``graphs`` traced from ``bp``'s module (pure: nothing runs); the dims
+    of ``held`` were traced static (see :func:`dynamic_dims`)."""
     keep, forward_outputs, saved = plan_forward(graphs)
     names = symbol_dims(graphs, bp)
     forward_dynamic: list[DynamicSpec] = []
     for slot in graphs.forward_inputs:
         shape = bp.inputs[slot[1]].shape if slot[0] == "input" else ()
-        dims = tuple((d, s.name) for d, s in enumerate(shape) if isinstance(s, DeclaredDim))
+        dims = tuple((d, s.name) for d, s in enumerate(shape) if isinstance(s, DeclaredDim) and s.name not in held)
         forward_dynamic.append(dims or None)
     used = tuple(graphs.size_symbols())
     layout: list[tuple[str, Any]] = []

@@ -10,7 +10,7 @@ kind compiles is its :class:`~esper.artifacts.kinds.KindSpec`'s rule, read throu
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -47,8 +47,11 @@ class NotSpecialized(Exception):
     so there is nothing for an exact-size artifact to serve."""
 
 
-#: The stages whose failure may mean a dim cannot stay dynamic (export specialized it).
-SHAPE_STAGES = ("export", "guards")
+#: The stage of a compiled training step that serves only the sizes it was traced at in some dims (Inductor
+#: specialized a dim that export kept dynamic): the shape failure that compiled code itself shows.
+VERIFY_SHAPES = "verify shapes"
+#: The stages whose failure may mean a dim cannot stay dynamic (export, or the compiled code, specialized it).
+SHAPE_STAGES = ("export", "guards", VERIFY_SHAPES)
 
 
 def stage(name: str, fn: Callable[[], T]) -> T:
@@ -128,6 +131,11 @@ class ArtifactPipeline(Protocol):
         cannot stay dynamic); empty when none does or the kind has no specializations."""
         ...
 
+    def serves(self, exact: Collection[str], held: Collection[str]) -> bool:
+        """Whether a specialization holding the dims ``exact`` serves a profile whose dims ``held`` cannot stay
+        dynamic (so it is worth compiling)."""
+        ...
+
 
 class SpecPipeline:
     """The facts of an :class:`ArtifactPipeline` that are its kind's :class:`~esper.artifacts.kinds.KindSpec`'s:
@@ -154,3 +162,7 @@ class SpecPipeline:
     def static_dims(self, job: CompileJob) -> list[str]:
         """No dim is probed unless the kind overrides this (see :meth:`ArtifactPipeline.static_dims`)."""
         return []
+
+    def serves(self, exact: Collection[str], held: Collection[str]) -> bool:
+        """Each dim of ``held`` alone lets the profile export (:meth:`static_dims`): holding any of them serves."""
+        return bool(exact) and set(exact) <= set(held)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -56,7 +56,7 @@ from esper.tezzeret.joint_plan import (
     plan_artifact,
     trace_sizes,
 )
-from esper.tezzeret.pipeline import Built, CompileJob, EagerRoute, SpecPipeline, full_ranges, stage
+from esper.tezzeret.pipeline import VERIFY_SHAPES, Built, CompileJob, EagerRoute, SpecPipeline, StageError, stage
 from esper.urza import Entry
 from esper.urza.evidence import ShapeParity, ShapeTiming
 
@@ -92,17 +92,19 @@ class TrainingPipeline(SpecPipeline):
         module = job.module.train()
         traced = trace_sizes(bp, job.ranges, module)
         job.meta["traced_at"] = traced
+        # A specialization's held dims (a range of one size) are traced and exported static.
+        held = [n for n, (lo, hi) in job.ranges.items() if lo == hi]
         examples = example_inputs(bp, traced, device=device)
         reference = copy.deepcopy(module)  # tracing may touch buffers; evidence compares against untouched weights
-        graphs = stage("trace", lambda: trace_joint(module, examples, dynamic_dims(bp)))
+        graphs = stage("trace", lambda: trace_joint(module, examples, dynamic_dims(bp, held)))
         if graphs.random_ops:
             raise EagerRoute(
                 f"the training graph draws random numbers ({', '.join(graphs.random_ops)}): compiled and eager "
                 "cannot draw the same ones, so gradient parity cannot be certified; training runs eager"
             )
-        plan = stage("plan", lambda: plan_artifact(graphs, bp))
+        plan = stage("plan", lambda: plan_artifact(graphs, bp, held))
         manifest = stage("manifest", lambda: training_manifest(bp, graphs, plan, reference))
-        dims = {n: Dim(n, min=lo, max=hi) for n, (lo, hi) in job.ranges.items()}
+        dims = {n: Dim(n, min=lo, max=hi) for n, (lo, hi) in job.ranges.items() if lo < hi}
         state = {**dict(reference.named_parameters()), **dict(reference.named_buffers())}
         fw_args = [examples[s[1]] if s[0] == "input" else state[s[1]].detach().clone() for s in graphs.forward_inputs]
         forward = ForwardGraph(graphs.forward, plan.keep)
@@ -132,9 +134,16 @@ class TrainingPipeline(SpecPipeline):
         )
         # Kasmina gates a kernel by its entry's guards: the entry being made, with the guards just read.
         entry = job.base.with_(guards=guards)
-        parity, latency = stage(
-            "verify", lambda: evidence(bp, reference, program, entry, list(job.representative), traced, device)
-        )
+        try:
+            parity, latency = evidence(
+                bp, reference, program, entry, list(job.representative), traced, device, job.ranges
+            )
+        except HeldDims as e:
+            # What the fallback records and its specializations compile by (see static_dims).
+            job.meta[HELD] = list(e.dims)
+            raise StageError(VERIFY_SHAPES, e) from e
+        except Exception as e:
+            raise StageError("verify", e) from e
         artifact = write_artifact(job.tmp / "training.zip", fw_pkg, bw_pkg, manifest)
         meta = {
             "training": {
@@ -151,6 +160,28 @@ class TrainingPipeline(SpecPipeline):
             "constants": {name: spec.to_dict() for name, spec in manifest.weights().items()},
         }
         return Built(path=artifact, guards=guards, meta=meta, parity=parity, performance=latency)
+
+    def static_dims(self, job: CompileJob) -> list[str]:
+        """The dims the compiled step was seen to serve only at their traced sizes (:class:`HeldDims`), recorded
+        by :meth:`run` when it failed there: held together, they are what a specialization holds."""
+        return list(job.meta.get(HELD) or ())
+
+    def serves(self, exact: Collection[str], held: Collection[str]) -> bool:
+        """The dims a compiled step cannot keep dynamic fail together: a specialization holds exactly them."""
+        return bool(held) and set(exact) == set(held)
+
+
+# The meta key of the dims a failed training compile's step served only at their traced sizes.
+HELD = "held_dims"
+
+
+class HeldDims(RuntimeError):
+    """The compiled step fails at a shape, yet runs at its traced sizes: it serves ``dims`` only as traced
+    (Inductor specialized them though export kept them dynamic, e.g. a convolution backward's strides)."""
+
+    def __init__(self, dims: Sequence[str], message: str):
+        super().__init__(message)
+        self.dims = tuple(dims)
 
 
 # -- the two graphs as exportable modules -------------------------------------------------------------------
@@ -273,16 +304,18 @@ def evidence(
     representative: list[dict[str, int]],
     traced: dict[str, int],
     device: torch.device,
+    ranges: Mapping[str, tuple[int, int]],
 ) -> tuple[dict[str, ShapeParity], dict[str, ShapeTiming]]:
-    """Gradient parity at the representative shapes and every dim's edges, and training-step latency at the
-    representative shapes, compiled against eager.
+    """Gradient parity at the representative shapes and the edges of every dim of ``ranges``, and training-step
+    latency at the representative shapes, compiled against eager.
 
     Inductor may specialize a dim that export kept dynamic (its conv backward guards on the input's strides,
     pinning height and width to the example's), and a package ignores such guards at run time: a compiled
-    step that fails or is plainly wrong at an edge shape raises, so the blueprint trains eager.
+    step that fails at a shape while it runs at its traced sizes raises :class:`HeldDims`, naming the dims it
+    serves only as traced (see :func:`held_dims`); one that fails otherwise, or is plainly wrong, raises.
     """
     shapes = [dict(r) for r in representative]
-    shapes += [e for e in edge_sizes(full_ranges(bp)) if e not in shapes]
+    shapes += [e for e in edge_sizes(dict(ranges)) if e not in shapes]
     tol = bp.tolerance
     parity: dict[str, ShapeParity] = {}
     latency: dict[str, ShapeTiming] = {}
@@ -296,10 +329,14 @@ def evidence(
         try:
             got_out, got = gradients(kernel, args, weights=kernel.seed)
         except Exception as e:
-            raise RuntimeError(
+            message = (
                 f"the compiled training step fails at {label} (traced at {Blueprint.shape_label(traced)}: Inductor "
                 f"may have specialized a dim export kept dynamic): {type(e).__name__}: {e}"
-            ) from e
+            )
+            dims = held_dims(partial(compiled_step_runs, bp, reference, program, entry, device), traced, sizes, ranges)
+            if dims:
+                raise HeldDims(dims, f"{message}; it serves {', '.join(dims)} only as traced") from e
+            raise RuntimeError(message) from e
         exact_out, exact = exact_gradients(eager, args)
         want_out, want = gradients(eager, args)
         if kernel.last_path != "compiled":
@@ -329,3 +366,60 @@ def evidence(
             eager=timing(measure(partial(step, eager, timed, grads))),
         )
     return parity, latency
+
+
+def compiled_step_runs(
+    bp: Blueprint,
+    reference: torch.nn.Module,
+    program: TrainingProgram,
+    entry: Entry,
+    device: torch.device,
+    sizes: Mapping[str, int],
+) -> bool:
+    """Whether one compiled training step (forward and backward) runs at ``sizes`` without raising."""
+    args = example_inputs(bp, dict(sizes), device=device)
+    kernel = TrainingKernel.for_program(
+        bp.name, program=program, entry=entry, build=lambda: reference, seed=copy.deepcopy(reference)
+    )
+    try:
+        gradients(kernel, args, weights=kernel.seed)
+    except Exception:  # the very failure being located
+        return False
+    return kernel.last_path == "compiled"
+
+
+def held_dims(
+    runs: Callable[[Mapping[str, int]], bool],
+    traced: Mapping[str, int],
+    failing: Mapping[str, int],
+    ranges: Mapping[str, tuple[int, int]],
+) -> list[str]:
+    """The dims a compiled step serves only at their traced sizes, given that it fails at ``failing`` (in
+    declaration order): none when it fails at its traced sizes too (no shape failure). Of the dynamic dims,
+    one is free when the step runs with it alone moved to its failing size and to each end of its range;
+    the others are held. Where the free ones fail moved together, each of them whose staying put lets the rest
+    move is held too (all of them where none does). ``runs`` runs one step at some sizes."""
+    if not runs(traced):
+        return []
+    # Every dynamic dim is probed: the failing shape may leave a held dim at its traced size.
+    moved = [d for d, (lo, hi) in ranges.items() if lo < hi]
+
+    def free_alone(d: str) -> bool:
+        lo, hi = ranges[d]
+        return all(runs({**traced, d: n}) for n in sorted({failing.get(d, traced[d]), lo, hi} - {traced[d]}))
+
+    def moved_but(d: str, dims: list[str]) -> dict[str, int]:
+        # A dim the failing shape leaves put moves to the far end of its range instead.
+        return {**traced, **{e: far(e) for e in dims if e != d}}
+
+    def far(d: str) -> int:
+        lo, hi = ranges[d]
+        return failing[d] if failing.get(d, traced[d]) != traced[d] else (lo if traced[d] - lo > hi - traced[d] else hi)
+
+    free = [d for d in moved if free_alone(d)]
+    held = [d for d in moved if d not in free]
+    if free and not runs(moved_but("", free)):
+        # Some free dims fail together: hold each whose staying at its traced size lets the others move.
+        together = [d for d in free if runs(moved_but(d, free))] or free
+        held = [d for d in moved if d in held or d in together]
+    return held or moved
