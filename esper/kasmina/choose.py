@@ -50,7 +50,12 @@ def choose_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
         raise Unusable(
             telemetry.INCOMPATIBLE, f"certified entry #{newest.id} is incompatible: {key.mismatch(newest.compat)}"
         )
-    newest = usable[0]
+    return profile_routes(usable, usable[0])
+
+
+def profile_routes(usable: Sequence[Entry], newest: Entry) -> list[Entry]:
+    """For each shape profile ``newest`` was compiled for, the newest of ``usable`` of that profile and
+    blueprint version; specializations first (see :func:`choose_entries`)."""
     chosen = []
     # Profiles of an older declaration (other buckets) may overlap the current ones: route only the set that
     # the newest certified entry was compiled for.
@@ -90,18 +95,20 @@ def choose_seed_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]
 
 
 def choose_training_entry(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
-    """The newest certified training entry built for ``key`` (a list of one): a compiled artifact, or an
-    eager route certification chose by measurement. :class:`Unusable` says why there is none; a blueprint's
+    """The newest certified training entry built for ``key`` over the whole range (a compiled artifact, or an
+    eager route certification chose by measurement), after the certified specializations compiled beside it
+    (each serving exact sizes: a compiled step that cannot keep some dims dynamic). :class:`Unusable` says why there is none; a blueprint's
     recorded eager training route (dropout, a failed export) names its reason."""
     training = of_kind(entries, ArtifactKind.TRAINING)
     if not training:
         raise Unusable(telemetry.NO_TRAINING_ARTIFACT, "Urza has no training artifact for it")
     certified = [e for e in training if e.status == EntryStatus.CERTIFIED]
-    # A specialization serves one exact size: the whole range's route (compiled or eager by evidence) serves.
-    certified = [e for e in certified if not is_specialization(e.profile)] or certified
-    for e in certified:
-        if key.mismatch(e.compat) is None:
-            return [e]
+    usable = [e for e in certified if key.mismatch(e.compat) is None]
+    if usable:
+        # The whole range's route (compiled, or eager by evidence) serves every size its certified
+        # specializations, routed first, do not hold exact.
+        whole = next((e for e in usable if not is_specialization(e.profile)), usable[0])
+        return profile_routes(usable, whole)
     if certified:
         newest = certified[0]
         raise Unusable(telemetry.INCOMPATIBLE, f"training entry #{newest.id}: {key.mismatch(newest.compat)}")

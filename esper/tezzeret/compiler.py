@@ -27,7 +27,7 @@ from esper.artifacts.kinds import ArtifactKind
 from esper.artifacts.variants import EAGER_ROUTE, VARIANTS, Variant
 from esper.artifacts.weights import save_state
 from esper.blueprint import Blueprint
-from esper.profiles import contains, split_profile
+from esper.profiles import contains, specialization_name, split_profile
 from esper.provenance import current_source_digest
 from esper.tezzeret.aoti import use_persistent_cache
 from esper.tezzeret.content import content_hash
@@ -35,6 +35,7 @@ from esper.tezzeret.export import declared_guards
 from esper.tezzeret.inference import InferencePipeline
 from esper.tezzeret.pipeline import (
     SHAPE_STAGES,
+    VERIFY_SHAPES,
     ArtifactPipeline,
     Built,
     CompileJob,
@@ -157,21 +158,13 @@ class Tezzeret:
         dynamic; else :class:`~esper.tezzeret.pipeline.NotSpecialized` says why there is nothing to compile."""
         started = time.perf_counter()
         pipeline = pipeline_for(artifact)
-        base_profile, exact = split_profile(profile)
+        exact = split_profile(profile)[1]
         if exact:
-            # A profile seen to keep its dims dynamic answers at once; one that held a dim is compiled (reused)
-            # again, so the specialization never rests on a remembered row alone.
-            base = _profiles_seen.get(self._seen_key(bp, pipeline.kind, variant, base_profile))
-            if base is None or base.meta.get(SPECIALIZE):
-                base = self.compile(bp, artifact=artifact, variant=variant, profile=base_profile).entry
-            held = set(base.meta.get(SPECIALIZE) or ())
-            if base.status != EntryStatus.FALLBACK or not pipeline.serves(exact, held):
-                keeps = ", ".join(sorted(set(exact) - held))
-                why = f"does not need {keeps} held exact" if keeps else f"needs {', '.join(sorted(held))} held together"
-                raise NotSpecialized(
-                    f"{bp.name} {pipeline.kind.value} {profile}/{variant.name}: profile {base_profile} (entry "
-                    f"#{base.id}, {base.status}) {why}, so there is no specialization"
-                )
+            # Answered from the entries this process has seen first (no build, no hash); only a specialization
+            # that would compile has its profile's entries compiled (reused) again, so it never rests on a
+            # remembered row alone.
+            self._check_specialized(bp, pipeline, variant, profile, fresh=False)
+            self._check_specialized(bp, pipeline, variant, profile, fresh=True)
         ranges = pipeline.ranges(bp, profile, variant)
         key = compat.current(self.device)
         module = pipeline.build(bp, self.device)
@@ -223,13 +216,58 @@ class Tezzeret:
             except (StageError, EagerRoute) as e:
                 log.warning("%s: %s; storing the eager %s route", bp.name, e, pipeline.kind.value)
                 entry = self._fallback(job, pipeline, e)
-                if isinstance(e, StageError) and e.stage in SHAPE_STAGES and not exact:
+                # A specialization's compiled step may hold more dims than its profile's did (see
+                # _check_specialized); an export failure of one is no reason to probe further.
+                if isinstance(e, StageError) and e.stage in SHAPE_STAGES and (not exact or e.stage == VERIFY_SHAPES):
                     entry = self._specializing(job, pipeline, entry)
         seconds = time.perf_counter() - started
         said = tuple(sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20])
         entry = self.urza.publish(entry.with_(meta={**entry.meta, **CompileRecord(seconds, said).to_json()}))
         self._seen(bp, pipeline.kind, variant, profile, entry)
         return CompileOutcome(entry, False, seconds)
+
+    def _check_specialized(
+        self, bp: Blueprint, pipeline: ArtifactPipeline, variant: Variant, profile: str, *, fresh: bool
+    ) -> None:
+        """Raise :class:`NotSpecialized` unless the specialization ``profile`` holds exactly the dims its profile
+        cannot keep dynamic (:meth:`ArtifactPipeline.serves`). Those are the dims its profile's fallback
+        recorded (:data:`SPECIALIZE`), and, where a specialization holding fewer of this one's dims at its sizes
+        fell back recording more (a compiled step whose width is held then holds its height too), those as
+        well. ``fresh``: compile (reuse) the entries consulted rather than answer from the ones seen."""
+        base_profile, exact = split_profile(profile)
+        held: list[str] = []
+        link = base_profile
+        entries: list[Entry] = []
+        while True:
+            entry = self._profile_entry(bp, pipeline, variant, link, fresh=fresh)
+            entries.append(entry)
+            recorded = entry.meta.get(SPECIALIZE) or () if entry.status == EntryStatus.FALLBACK else ()
+            more = [d for d in recorded if d not in held]
+            if not more:
+                break
+            held += more
+            if pipeline.serves(exact, held):
+                return
+            if not set(held) < set(exact):
+                break
+            link = specialization_name(base_profile, {d: n for d, n in exact.items() if d in held})
+        base = entries[0]
+        keeps = ", ".join(sorted(set(exact) - set(held)))
+        why = f"does not need {keeps} held exact" if keeps else f"needs {', '.join(held)} held together"
+        raise NotSpecialized(
+            f"{bp.name} {pipeline.kind.value} {profile}/{variant.name}: profile {base_profile} (entry "
+            f"#{base.id}, {base.status}) {why}, so there is no specialization"
+        )
+
+    def _profile_entry(
+        self, bp: Blueprint, pipeline: ArtifactPipeline, variant: Variant, profile: str, *, fresh: bool
+    ) -> Entry:
+        """The entry of ``profile`` seen in this process, else compiled (reused); with ``fresh``, one that held
+        dims is compiled (reused) again."""
+        seen = _profiles_seen.get(self._seen_key(bp, pipeline.kind, variant, profile))
+        if seen is not None and not (fresh and seen.meta.get(SPECIALIZE)):
+            return seen
+        return self.compile(bp, artifact=pipeline.kind, variant=variant, profile=profile).entry
 
     def _seen_key(self, bp: Blueprint, kind: ArtifactKind, variant: Variant, profile: str) -> tuple[str, ...]:
         settings = repr(sorted(dict(variant.settings).items()))
@@ -238,10 +276,10 @@ class Tezzeret:
         return (*where, bp.name, str(bp.version), source, kind, variant.name, settings, profile)
 
     def _seen(self, bp: Blueprint, kind: ArtifactKind, variant: Variant, profile: str, entry: Entry) -> None:
-        """Remember a profile's entry for its specializations' compiles in this process: each asks whether its
-        profile held its dim, and building the module again to hash it would cost each of them a build."""
-        if not split_profile(profile)[1]:
-            _profiles_seen[self._seen_key(bp, kind, variant, profile)] = entry
+        """Remember a profile's (or a specialization's) entry for its specializations' compiles in this process:
+        each asks whether its profile held its dims, and building the module again to hash it would cost each
+        of them a build."""
+        _profiles_seen[self._seen_key(bp, kind, variant, profile)] = entry
 
     def compile_candidates(
         self, bp: Blueprint, *, artifacts: tuple[ArtifactKind, ...] = tuple(ArtifactKind), force: bool = False

@@ -42,7 +42,7 @@ from esper.numerics.bench import measure
 from esper.numerics.coverage import edge_sizes
 from esper.numerics.gradients import exact_gradients, gradients, step, upstream
 from esper.numerics.inputs import example_inputs
-from esper.numerics.parity import POINTWISE_SLACK, REDUCTION, judge
+from esper.numerics.parity import POINTWISE_SLACK, REDUCTION, ParityVerdict, judge
 from esper.tezzeret.aoti import compile_package
 from esper.tezzeret.export import guards_from_values
 from esper.tezzeret.inference import timing
@@ -311,64 +311,89 @@ def evidence(
 
     Inductor may specialize a dim that export kept dynamic (its conv backward guards on the input's strides,
     pinning height and width to the example's), and a package ignores such guards at run time: a compiled
-    step that fails at a shape while it runs at its traced sizes raises :class:`HeldDims`, naming the dims it
-    serves only as traced (see :func:`held_dims`); one that fails otherwise, or is plainly wrong, raises.
+    step that fails or is plainly wrong at a shape while it is right at its traced sizes raises
+    :class:`HeldDims`, naming the dims it serves only as traced (see :func:`held_dims`); one that fails
+    otherwise raises.
     """
     shapes = [dict(r) for r in representative]
     shapes += [e for e in edge_sizes(dict(ranges)) if e not in shapes]
-    tol = bp.tolerance
     parity: dict[str, ShapeParity] = {}
     latency: dict[str, ShapeTiming] = {}
     for sizes in shapes:
         label = Blueprint.shape_label(sizes)
-        args = example_inputs(bp, sizes, device=device)
-        kernel = TrainingKernel.for_program(
-            bp.name, program=program, entry=entry, build=lambda: reference, seed=copy.deepcopy(reference)
-        )
-        eager = copy.deepcopy(reference).train()
-        try:
-            got_out, got = gradients(kernel, args, weights=kernel.seed)
-        except Exception as e:
-            message = (
-                f"the compiled training step fails at {label} (traced at {Blueprint.shape_label(traced)}: Inductor "
-                f"may have specialized a dim export kept dynamic): {type(e).__name__}: {e}"
-            )
-            dims = held_dims(partial(compiled_step_runs, bp, reference, program, entry, device), traced, sizes, ranges)
+        run = one_step(bp, reference, program, entry, device, sizes)
+        if run.problem is not None:
+            message = f"the compiled training step {run.problem} (traced at {Blueprint.shape_label(traced)})"
+            right = partial(step_is_right, bp, reference, program, entry, device)
+            dims = held_dims(right, traced, sizes, ranges)
             if dims:
-                raise HeldDims(dims, f"{message}; it serves {', '.join(dims)} only as traced") from e
-            raise RuntimeError(message) from e
-        exact_out, exact = exact_gradients(eager, args)
-        want_out, want = gradients(eager, args)
-        if kernel.last_path != "compiled":
-            raise RuntimeError(f"the training kernel ran {kernel.last_path} at {label}: {kernel.check(*args)}")
-        loose = dict(atol=tol.atol * GROSS, rtol=tol.rtol * GROSS, slack=POINTWISE_SLACK * GROSS)
-        verdicts = [
-            judge(got_out, want_out, exact_out, label="output", reduction=GROSS, **loose),
-            # Gradients are reductions of a whole step (see esper.numerics.parity.REDUCTION).
-            judge(got, want, exact, label="gradient", reduction=REDUCTION * GROSS, **loose),
-        ]
-        wrong = next((v for v in verdicts if not v.passed), None)
-        if wrong is not None:
-            raise RuntimeError(
-                f"the compiled training step is plainly wrong at {label} (beyond {GROSS:g} times the parity "
-                f"rule's bounds): {wrong.reason}"
-            )
-        ratios = [r for r in (v.evidence()["rmse_ratio"] for v in verdicts) if r is not None]
-        parity[label] = ShapeParity(max(v.max_abs for v in verdicts), max(ratios) if ratios else None, True)
+                raise HeldDims(dims, f"{message}; it serves {', '.join(dims)} only as traced")
+            raise RuntimeError(message)
+        ratios = [r for r in (v.evidence()["rmse_ratio"] for v in run.verdicts) if r is not None]
+        parity[label] = ShapeParity(max(v.max_abs for v in run.verdicts), max(ratios) if ratios else None, True)
         if sizes not in representative:
             continue
-        timed = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+        timed = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in run.args]
         with torch.no_grad():
-            flat = [t for t in pytree.tree_leaves(eager(*args)) if isinstance(t, torch.Tensor)]
+            flat = [t for t in pytree.tree_leaves(run.eager(*run.args)) if isinstance(t, torch.Tensor)]
         grads = upstream(flat)
         latency[label] = ShapeTiming(
-            compiled=timing(measure(partial(step, kernel, timed, grads))),
-            eager=timing(measure(partial(step, eager, timed, grads))),
+            compiled=timing(measure(partial(step, run.kernel, timed, grads))),
+            eager=timing(measure(partial(step, run.eager, timed, grads))),
         )
     return parity, latency
 
 
-def compiled_step_runs(
+@dataclass(frozen=True)
+class StepRun:
+    """One compiled training step at some sizes, judged against eager at :data:`GROSS` times the parity rule's
+    bounds: ``problem`` says how it failed or is plainly wrong (``None``: it ran compiled and agrees)."""
+
+    problem: str | None
+    verdicts: tuple[ParityVerdict, ...]
+    kernel: TrainingKernel
+    eager: torch.nn.Module
+    args: tuple[torch.Tensor, ...]
+
+
+def one_step(
+    bp: Blueprint,
+    reference: torch.nn.Module,
+    program: TrainingProgram,
+    entry: Entry,
+    device: torch.device,
+    sizes: Mapping[str, int],
+) -> StepRun:
+    """Run one compiled step (forward and backward) at ``sizes`` and judge it against eager (see :class:`StepRun`)."""
+    label = Blueprint.shape_label(sizes)
+    args = tuple(example_inputs(bp, dict(sizes), device=device))
+    kernel = TrainingKernel.for_program(
+        bp.name, program=program, entry=entry, build=lambda: reference, seed=copy.deepcopy(reference)
+    )
+    eager = copy.deepcopy(reference).train()
+    try:
+        got_out, got = gradients(kernel, args, weights=kernel.seed)
+    except Exception as e:  # the failure is the finding: the caller locates it or falls back
+        return StepRun(f"fails at {label}: {type(e).__name__}: {e}", (), kernel, eager, args)
+    if kernel.last_path != "compiled":
+        return StepRun(f"ran {kernel.last_path} at {label}: {kernel.check(*args)}", (), kernel, eager, args)
+    exact_out, exact = exact_gradients(eager, args)
+    want_out, want = gradients(eager, args)
+    tol = bp.tolerance
+    loose = dict(atol=tol.atol * GROSS, rtol=tol.rtol * GROSS, slack=POINTWISE_SLACK * GROSS)
+    verdicts = (
+        judge(got_out, want_out, exact_out, label="output", reduction=GROSS, **loose),
+        # Gradients are reductions of a whole step (see esper.numerics.parity.REDUCTION).
+        judge(got, want, exact, label="gradient", reduction=REDUCTION * GROSS, **loose),
+    )
+    wrong = next((v for v in verdicts if not v.passed), None)
+    problem = None
+    if wrong is not None:
+        problem = f"is plainly wrong at {label} (beyond {GROSS:g} times the parity rule's bounds): {wrong.reason}"
+    return StepRun(problem, verdicts, kernel, eager, args)
+
+
+def step_is_right(
     bp: Blueprint,
     reference: torch.nn.Module,
     program: TrainingProgram,
@@ -376,50 +401,45 @@ def compiled_step_runs(
     device: torch.device,
     sizes: Mapping[str, int],
 ) -> bool:
-    """Whether one compiled training step (forward and backward) runs at ``sizes`` without raising."""
-    args = example_inputs(bp, dict(sizes), device=device)
-    kernel = TrainingKernel.for_program(
-        bp.name, program=program, entry=entry, build=lambda: reference, seed=copy.deepcopy(reference)
-    )
-    try:
-        gradients(kernel, args, weights=kernel.seed)
-    except Exception:  # the very failure being located
-        return False
-    return kernel.last_path == "compiled"
+    """Whether one compiled step at ``sizes`` runs compiled and agrees with eager (see :func:`one_step`)."""
+    return one_step(bp, reference, program, entry, device, sizes).problem is None
 
 
 def held_dims(
-    runs: Callable[[Mapping[str, int]], bool],
+    right: Callable[[Mapping[str, int]], bool],
     traced: Mapping[str, int],
     failing: Mapping[str, int],
     ranges: Mapping[str, tuple[int, int]],
 ) -> list[str]:
-    """The dims a compiled step serves only at their traced sizes, given that it fails at ``failing`` (in
-    declaration order): none when it fails at its traced sizes too (no shape failure). Of the dynamic dims,
-    one is free when the step runs with it alone moved to its failing size and to each end of its range;
-    the others are held. Where the free ones fail moved together, each of them whose staying put lets the rest
-    move is held too (all of them where none does). ``runs`` runs one step at some sizes."""
-    if not runs(traced):
+    """The dims a compiled step serves only at their traced sizes, given that it fails (or is wrong) at
+    ``failing``, in declaration order: none when it is wrong at its traced sizes too (no shape failure).
+
+    A dim is freed only jointly: in declaration order, a dim joins the free ones when the step is right with
+    all of them moved together (the others at their traced sizes) to the failing sizes, to the low ends and to
+    the high ends of their ranges; every other dim is held. So two dims that fail only together are never both
+    freed, and the failing shape itself, its held dims put back, is one the step was seen right at.
+    ``right`` runs one step at some sizes."""
+    if not right(traced):
         return []
-    # Every dynamic dim is probed: the failing shape may leave a held dim at its traced size.
-    moved = [d for d, (lo, hi) in ranges.items() if lo < hi]
-
-    def free_alone(d: str) -> bool:
-        lo, hi = ranges[d]
-        return all(runs({**traced, d: n}) for n in sorted({failing.get(d, traced[d]), lo, hi} - {traced[d]}))
-
-    def moved_but(d: str, dims: list[str]) -> dict[str, int]:
-        # A dim the failing shape leaves put moves to the far end of its range instead.
-        return {**traced, **{e: far(e) for e in dims if e != d}}
+    dynamic = [d for d, (lo, hi) in ranges.items() if lo < hi]
 
     def far(d: str) -> int:
+        # A dim the failing shape leaves put moves to the far end of its range instead.
         lo, hi = ranges[d]
-        return failing[d] if failing.get(d, traced[d]) != traced[d] else (lo if traced[d] - lo > hi - traced[d] else hi)
+        if failing.get(d, traced[d]) != traced[d]:
+            return failing[d]
+        return lo if traced[d] - lo > hi - traced[d] else hi
 
-    free = [d for d in moved if free_alone(d)]
-    held = [d for d in moved if d not in free]
-    if free and not runs(moved_but("", free)):
-        # Some free dims fail together: hold each whose staying at its traced size lets the others move.
-        together = [d for d in free if runs(moved_but(d, free))] or free
-        held = [d for d in moved if d in held or d in together]
-    return held or moved
+    def moves(dims: Sequence[str]) -> list[dict[str, int]]:
+        out = []
+        for at in (far, lambda d: ranges[d][0], lambda d: ranges[d][1]):
+            sizes = {**traced, **{d: at(d) for d in dims}}
+            if sizes != dict(traced) and sizes not in out:
+                out.append(sizes)
+        return out
+
+    free: list[str] = []
+    for d in dynamic:
+        if all(right(s) for s in moves([*free, d])):
+            free.append(d)
+    return [d for d in dynamic if d not in free]
