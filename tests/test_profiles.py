@@ -61,8 +61,22 @@ def test_specializations_are_each_profiles_representative_and_hot_sizes() -> Non
     ]
     assert profiles["batch=5-16@seq=32"] == {"batch": (5, 16), "seq": (32, 32)}
     assert profile_ranges(bp(hot=(32,)), "batch=1-4@seq=32") == {"batch": (1, 4), "seq": (32, 32)}
-    # Training covers the whole range in one artifact: no specializations.
-    assert spec(ArtifactKind.TRAINING).specializations(bp(hot=(32,))) == {}
+    # Training covers the whole range in one artifact: its specializations hold dims of the whole range at the
+    # measured shapes' own sizes (hot sizes included), never per bucket and never the sizes' cross product.
+    training = spec(ArtifactKind.TRAINING).specializations(bp(hot=(32,)))
+    assert list(training) == [
+        "default@batch=2",
+        "default@batch=8",
+        "default@seq=16",
+        "default@seq=64",
+        "default@seq=32",
+        "default@batch=2,seq=16",
+        "default@batch=8,seq=64",
+        "default@batch=2,seq=32",
+        "default@batch=8,seq=32",
+    ]
+    assert training["default@batch=8,seq=32"] == {"batch": (8, 8), "seq": (32, 32)}
+    assert training["default@seq=64"] == {"batch": (1, 16), "seq": (64, 64)}
 
 
 def test_a_size_that_is_neither_representative_nor_hot_is_no_profile() -> None:

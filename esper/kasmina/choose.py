@@ -97,8 +97,8 @@ def choose_seed_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]
 def choose_training_entry(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
     """The newest certified training entry built for ``key`` over the whole range (a compiled artifact, or an
     eager route certification chose by measurement), after the certified specializations compiled beside it
-    (each serving exact sizes: a compiled step that cannot keep some dims dynamic). :class:`Unusable` says why there is none; a blueprint's
-    recorded eager training route (dropout, a failed export) names its reason."""
+    (each serving exact sizes: a compiled step that cannot keep some dims dynamic). :class:`Unusable` says why
+    there is none; a blueprint's recorded eager training route (dropout, a failed export) names its reason."""
     training = of_kind(entries, ArtifactKind.TRAINING)
     if not training:
         raise Unusable(telemetry.NO_TRAINING_ARTIFACT, "Urza has no training artifact for it")

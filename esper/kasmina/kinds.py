@@ -35,8 +35,9 @@ from esper.kasmina import telemetry
 from esper.kasmina.base import KernelBase
 from esper.kasmina.kernel import DeferredPackage, Kernel, Route
 from esper.kasmina.seeds import Weights
-from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram, manifest_problem
+from esper.kasmina.training_kernel import TrainingKernel, TrainingProgram, manifest_problem, same_weights
 from esper.kasmina.unusable import Unusable, removed_profiles
+from esper.profiles import is_specialization
 from esper.urza import Entry
 from esper.urza.schema import EntryMeta
 
@@ -252,19 +253,31 @@ class TrainingLoader(ArtifactLoader[TrainingKernel]):
             raise Unusable(telemetry.LOAD_FAILED, f"pre-warm of training entry #{entry.id} failed: {e}") from e
 
     def kernel(self, result: LoadResult) -> TrainingKernel:
-        # What loaded serves, whatever other rows were refused on the way (they have their WARNING).
+        # What loaded serves, whatever other rows were refused on the way (they have their WARNING). The whole
+        # range's route serves every call its specializations (routed first, exact sizes) do not hold.
         program = None
-        if not result.loaded:
+        whole = next((x for x in result.loaded if not is_specialization(x.entry.profile)), None)
+        if whole is None and result.loaded:
+            whole = result.loaded[0]  # one entry asked for by id, or only specializations certified
+        if whole is None:
             entry = result.chosen[0] if result.chosen else None
             reason = result.problems[0].detail if result.problems else "no training entry loaded"
-        elif result.loaded[0].artifact is None:
-            entry = result.loaded[0].entry
+        elif whole.artifact is None:
+            entry = whole.entry
             note = EntryMeta.from_entry(entry).training_reason or "measured faster than the compiled step"
             reason = f"certified to train eager (entry #{entry.id}): {note}"
         else:
-            entry = result.loaded[0].entry
-            program = result.loaded[0].artifact
+            entry = whole.entry
+            program = whole.artifact
             reason = f"training entry #{entry.id} ({entry.status})"
+        special = [
+            (x.artifact, x.entry) for x in result.loaded if x is not whole and isinstance(x.artifact, TrainingProgram)
+        ]
+        first = program or (special[0][0] if special else None)
+        special = [(p, e) for p, e in special if first is None or same_weights(p.manifest, first.manifest)]
+        if program is None and special:
+            held = ", ".join(e.profile for _, e in special)
+            reason = f"{reason}; compiled at the exact sizes of {held}"
         return TrainingKernel.create(
             result.name,
             program=program,
@@ -273,4 +286,5 @@ class TrainingLoader(ArtifactLoader[TrainingKernel]):
             build=self._build,
             inference=self._inference,
             weights=self._weights,
+            specializations=special,
         )

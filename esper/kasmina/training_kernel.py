@@ -71,7 +71,15 @@ from esper.urza import Entry
 if TYPE_CHECKING:
     from esper.kasmina.kernel import Kernel
 
-__all__ = ["COMPILED", "EAGER", "TrainingKernel", "TrainingProgram", "manifest_problem", "restore_training_kernel"]
+__all__ = [
+    "COMPILED",
+    "EAGER",
+    "TrainingKernel",
+    "TrainingProgram",
+    "manifest_problem",
+    "restore_training_kernel",
+    "same_weights",
+]
 
 
 class TrainingProgram:
@@ -328,6 +336,24 @@ class _Shared:
         self._form: SeedForm | None = None
         # A private build in train mode: the module a double backward recomputes a compiled step with.
         self._trainer: torch.nn.Module | None = None
+        # Specializations of the whole range (exact sizes of some dims, see esper.profiles): each call whose
+        # inputs one's guards accept runs its program; every other call this route.
+        self.specializations: tuple[_Shared, ...] = ()
+
+    @property
+    def weights_program(self) -> TrainingProgram | None:
+        """The program whose manifest names the tensors a seed hands compiled code (every route's manifest names
+        the same ones; see :func:`same_weights`)."""
+        if self.program is not None:
+            return self.program
+        return self.specializations[0].program if self.specializations else None
+
+    def serving(self, args: Sequence[Any]) -> _Shared:
+        """The route of a call: the first specialization whose guards accept ``args``, else this one."""
+        for s in self.specializations:
+            if s.check is not None and s.check(args) is None:
+                return s
+        return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
         return self  # the program, guards and blueprint are read-only: copies of a kernel share them
@@ -415,7 +441,7 @@ class TrainingKernel(KernelBase):
         self._shared = shared
         self.seed = seed
         self._eval_kernel: Kernel | None = None
-        program = shared.program
+        program = shared.weights_program
         if program is not None:
             _check_nonpersistent(seed, program.manifest, against=f"the training artifact of {shared.blueprint!r}")
         self.train()
@@ -436,15 +462,29 @@ class TrainingKernel(KernelBase):
         build: Callable[[], torch.nn.Module],
         inference: Callable[[], Kernel | None] | None = None,
         weights: Weights | None = None,
+        specializations: Sequence[tuple[TrainingProgram, Entry]] = (),
     ) -> TrainingKernel:
         """A kernel for a seed holding ``weights`` (the seed's module, used as is, or a state dict, copied into
         ``build()``; a fresh ``build()`` when ``None``), checked against the blueprint's weight schema.
 
         ``program`` is ``None`` for an eager kernel; ``entry`` is the Urza entry it came from (its guards
         gate compiled calls); ``inference`` builds, on first use in ``eval()`` mode, the inference kernel to
-        bind this seed's weights to (``None``: eval runs eager).
+        bind this seed's weights to (``None``: eval runs eager). ``specializations``: programs serving exact
+        sizes of the range (their entries' guards), tried first; every other call takes ``program`` (or eager,
+        the whole range's route). Each must name the same weights as ``program`` (:func:`same_weights`).
         """
         shared = _Shared(blueprint, program=program, entry=entry, reason=reason, build=build, inference=inference)
+        shared.specializations = tuple(
+            _Shared(
+                blueprint,
+                program=p,
+                entry=e,
+                reason=f"training specialization entry #{e.id} ({e.profile})",
+                build=build,
+                inference=None,
+            )
+            for p, e in specializations
+        )
         return cls(shared, shared.seed(weights))
 
     @classmethod
@@ -479,7 +519,12 @@ class TrainingKernel(KernelBase):
 
     @property
     def route(self) -> str:
-        return COMPILED if self._shared.program is not None else EAGER
+        return COMPILED if self._shared.weights_program is not None else EAGER
+
+    @property
+    def specializations(self) -> tuple[Entry, ...]:
+        """The entries of the specializations routed before the whole range (exact sizes of some dims)."""
+        return tuple(s.entry for s in self._shared.specializations if s.entry is not None)
 
     def bind(self, weights: Weights) -> TrainingKernel:
         """A kernel for another seed of the same blueprint: same compiled code, ``weights`` its own (a module,
@@ -490,9 +535,10 @@ class TrainingKernel(KernelBase):
 
     def check(self, *args: Any) -> str | None:
         """Why the compiled training path would refuse this call (``None``: it accepts it)."""
-        if self._shared.check is None:
-            return self.reason
-        why = self._shared.check(args) or mode_problem()
+        shared = self._shared.serving(args)
+        if shared.check is None:
+            return shared.reason
+        why = shared.check(args) or mode_problem()
         if why is None:
             problem = self._seed_problem()
             why = problem[1] if problem is not None else None
@@ -502,7 +548,7 @@ class TrainingKernel(KernelBase):
         """Check the seed module in full (form, then every tensor the artifact reads, found by name) and
         watch it as it is now."""
         shared = self._shared
-        program = shared.program
+        program = shared.weights_program
         assert program is not None
         watch = _Watch(self)
         why = shared.form().problem(self.seed, training=True)
@@ -589,7 +635,7 @@ class TrainingKernel(KernelBase):
             args = positional
         if not self.training:
             return self._evaluate(args)
-        shared = self._shared
+        shared = self._shared.serving(args)
         if shared.program is not None:
             why = shared.check(args) if shared.check is not None else "no guard schema"
             code = telemetry.OUTSIDE_GUARDS
@@ -602,14 +648,13 @@ class TrainingKernel(KernelBase):
                 problem = self._seed_problem()
                 if problem is None:
                     self.took(COMPILED)
-                    return self._compiled(args)
+                    return self._compiled(shared, args)
                 code, why = problem
             self.warn_once(code, f"{why}; this training call runs eager")
         self.took(EAGER)
         return self.seed(*args)
 
-    def _compiled(self, args: Sequence[torch.Tensor]) -> Any:
-        shared = self._shared
+    def _compiled(self, shared: _Shared, args: Sequence[torch.Tensor]) -> Any:
         program = shared.program
         assert program is not None
         watch = self.__dict__["_watch"]
@@ -707,6 +752,12 @@ class TrainingKernel(KernelBase):
         table = self._shared.table
         regions = f"{table.describe()}, " if self.regional and table is not None else ""
         return f"{self.blueprint!r}, route={self.route}, {entry}{regions}reason={self.reason!r}"
+
+
+def same_weights(a: TrainingManifest, b: TrainingManifest) -> bool:
+    """Whether two training manifests name the same parameters, buffers and trainable set (a specialization of
+    a blueprint's training step and its whole-range step do): one seed module serves both."""
+    return (a.params, a.buffers, a.trainable, a.nonpersistent) == (b.params, b.buffers, b.trainable, b.nonpersistent)
 
 
 def restore_training_kernel(

@@ -53,13 +53,27 @@ def test_inference_candidates_are_every_profile_under_the_declared_variants_in_t
         s.ranges(bp, "default", VARIANTS["default"])
 
 
-def test_training_is_one_candidate_over_the_whole_range_under_the_default_variant() -> None:
+def test_training_is_the_whole_range_under_the_default_variant_then_its_measured_shapes_held() -> None:
     s, bp = spec(ArtifactKind.TRAINING), bucketed()
-    assert s.candidates(bp) == [Candidate("default", "default")]
-    assert [c.id for c in s.candidates(bp)] == ["default/default"]
+    assert s.candidates(bp)[0] == Candidate("default", "default")
+    # Then the specializations: each set of dims held at a representative shape's own sizes, fewest dims first,
+    # never the bucket profiles (a training artifact covers the whole range).
+    assert [c.id for c in s.candidates(bp)] == [
+        "default/default",
+        "default@batch=2/default",
+        "default@batch=8/default",
+        "default@seq=4/default",
+        "default@batch=2,seq=4/default",
+        "default@batch=8,seq=4/default",
+    ]
     assert s.ranges(bp, "default", VARIANTS["default"]) == {"batch": (1, 64), "seq": (2, 16)}
+    assert s.ranges(bp, "default@batch=8,seq=4", VARIANTS["default"]) == {"batch": (8, 8), "seq": (4, 4)}
+    assert s.ranges(bp, "default@seq=4", VARIANTS["default"]) == {"batch": (1, 64), "seq": (4, 4)}
     with pytest.raises(ValueError, match="whole declared range"):
         s.ranges(bp, "batch=1-4", VARIANTS["default"])
+    # A combination of sizes no representative shape has is no specialization.
+    with pytest.raises(ValueError, match="whole declared range"):
+        s.ranges(bp, "default@batch=2,seq=5", VARIANTS["default"])
     with pytest.raises(ValueError, match="'default' variant only"):
         s.ranges(bp, "default", VARIANTS["freezing_autotune_cpp"])
     # A variant that calls itself default but folds the weights is not the default variant.

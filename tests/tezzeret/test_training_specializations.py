@@ -14,6 +14,7 @@ from esper.artifacts.kinds import ArtifactKind, spec
 from esper.catalog import load_catalog
 from esper.kasmina import Kasmina
 from esper.kasmina.training_kernel import COMPILED
+from esper.numerics.coverage import edge_sizes
 from esper.numerics.gradients import exact_gradients, gradients, tolerance
 from esper.profiles import joint_specializations
 from esper.tezzeret.compiler import SPECIALIZE, Tezzeret
@@ -58,10 +59,15 @@ def fails_where(moved_together: set[str], moved_alone: set[str]) -> object:
     return runs
 
 
-def test_held_dims_finds_dims_that_fail_only_together() -> None:
+def test_held_dims_frees_dims_that_fail_only_together_one_at_a_time_only() -> None:
     failing = {"batch": 2, "height": 8, "width": 8}
-    # The seeded defect of a probe that moves one dim at a time only: each alone runs, both together fail.
-    assert held_dims(fails_where({"height", "width"}, set()), TRACED, failing, RANGES) == ["height", "width"]  # type: ignore[arg-type]
+    runs = fails_where({"height", "width"}, set())
+    # The seeded defect of a probe that moves one dim at a time only: each alone runs, so it would free both.
+    assert runs({**TRACED, "height": 8}) and runs({**TRACED, "width": 8})
+    held = held_dims(runs, TRACED, failing, RANGES)  # type: ignore[arg-type]
+    assert held == ["width"]
+    # Held at their traced sizes, the held dims let the failing shape and both ends of the range run.
+    assert all(runs({**s, **{d: TRACED[d] for d in held}}) for s in (failing, *edge_sizes(RANGES)))  # type: ignore[operator]
     # The clean twin: width alone fails; batch and height stay dynamic.
     assert held_dims(fails_where(set(), {"width"}), TRACED, failing, RANGES) == ["width"]  # type: ignore[arg-type]
 
