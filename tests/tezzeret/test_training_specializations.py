@@ -4,6 +4,9 @@ per representative combination of them, each serving exactly its sizes; every ot
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,21 +15,24 @@ import torch
 
 from esper.artifacts.kinds import ArtifactKind, spec
 from esper.catalog import load_catalog
+from esper.certification.budgets import PROFILES
+from esper.certification.run import BlueprintCertification, Certification
 from esper.kasmina import Kasmina
-from esper.kasmina.training_kernel import COMPILED
+from esper.kasmina.training_kernel import COMPILED, EAGER
 from esper.numerics.coverage import edge_sizes
 from esper.numerics.gradients import exact_gradients, gradients, tolerance
-from esper.profiles import joint_specializations
-from esper.tezzeret.compiler import SPECIALIZE, Tezzeret
+from esper.profiles import joint_specializations, split_profile
+from esper.tezzeret.compiler import SPECIALIZE
 from esper.tezzeret.pipeline import VERIFY_SHAPES
 from esper.tezzeret.training_compile import held_dims
-from esper.urza import EntryEngine, EntryStatus, Urza
+from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from tests.support import FIXTURES
 
 SPECIAL = FIXTURES / "special"
 NAME = "tiny_conv"
 RANGES = {"batch": (2, 4), "height": (6, 12), "width": (6, 12)}
 TRACED = {"batch": 3, "height": 9, "width": 11}
+PAIR = "default@height=8,width=8"
 
 
 def test_joint_specializations_are_the_shapes_own_combinations_not_the_cross_product() -> None:
@@ -41,7 +47,8 @@ def test_joint_specializations_are_the_shapes_own_combinations_not_the_cross_pro
 
 
 def test_the_training_kind_plans_its_specializations_after_its_whole_range() -> None:
-    bp = load_catalog([SPECIAL]).get(NAME)
+    two = ({"batch": 2, "height": 8, "width": 8}, {"batch": 4, "height": 10, "width": 7})
+    bp = dataclasses.replace(load_catalog([SPECIAL]).get(NAME), representative=two)
     ids = [c.id for c in spec(ArtifactKind.TRAINING).candidates(bp)]
     assert ids[0] == "default/default"
     assert "default@height=8,width=8/default" in ids and "default@height=10,width=7/default" in ids
@@ -80,77 +87,131 @@ def test_held_dims_is_empty_when_the_step_fails_at_its_traced_sizes_too() -> Non
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) -> Path:
-    """The fixture conv's training candidates compiled once into a fresh Urza (the whole range falls back,
-    its specializations compile; the others answer NotSpecialized without a compile)."""
+def certified(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) -> Path:
+    """The fixture conv's training candidates compiled and certified once into a fresh Urza: the whole range
+    falls back holding width, its width specialization falls back holding height, the (height, width)
+    specialization compiles; the others answer NotSpecialized without a compile."""
     urza = tmp_path_factory.mktemp("trainspec") / "urza.db"
     bp = load_catalog([SPECIAL]).get(NAME)
-    with Urza(urza) as u:
-        Tezzeret(u).compile_candidates(bp, artifacts=(ArtifactKind.TRAINING,))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ESPER_CERTIFY_TRAINING", "1")
+        run = Certification(bp, ArtifactKind.TRAINING, urza, PROFILES["cpu-2core"])
+        BlueprintCertification({ArtifactKind.TRAINING: run}).certify()
     return urza
 
 
+def training(urza: Path) -> dict[str, list[Entry]]:
+    """The training entries by profile, newest first."""
+    out: dict[str, list[Entry]] = {}
+    with Urza(urza, readonly=True) as u:
+        for e in u.entries(NAME, artifact="training"):
+            out.setdefault(e.profile, []).append(e)
+    return out
+
+
 @pytest.mark.compiles
-@pytest.mark.xfail(
-    reason="the held-dims probe misses a dim that fails only with another moved (tiny_conv: height with width); "
-    "see the report",
-    strict=False,
-)
-def test_the_whole_range_falls_back_naming_height_and_width(compiled: Path) -> None:
-    with Urza(compiled, readonly=True) as u:
-        (fallback,) = [e for e in u.entries(NAME, artifact="training") if e.profile == "default"]
-    assert (fallback.engine, fallback.status) == (EntryEngine.EAGER, EntryStatus.FALLBACK)
+def test_the_whole_range_falls_back_naming_the_dim_its_step_holds(certified: Path) -> None:
+    fallback = next(e for e in training(certified)["default"] if e.status == EntryStatus.FALLBACK)
+    assert fallback.engine == EntryEngine.EAGER
     assert fallback.meta["failed_stage"] == VERIFY_SHAPES
-    assert fallback.meta[SPECIALIZE] == ["height", "width"]
-    assert "serves height, width only as traced" in (fallback.failure_reason or "")
+    assert fallback.meta[SPECIALIZE] == ["width"]
+    assert "serves width only as traced" in (fallback.failure_reason or "")
     assert fallback.guards is not None and fallback.guards.dim_ranges() == RANGES
 
 
 @pytest.mark.compiles
-@pytest.mark.xfail(
-    reason="the held-dims probe misses a dim that fails only with another moved (tiny_conv: height with width); "
-    "see the report",
-    strict=False,
-)
-def test_specializations_compile_at_the_representative_pairs_only(compiled: Path) -> None:
-    with Urza(compiled, readonly=True) as u:
-        entries = [e for e in u.entries(NAME, artifact="training") if e.profile != "default"]
-    assert sorted(e.profile for e in entries) == ["default@height=10,width=7", "default@height=8,width=8"]
-    for e in entries:
-        assert e.engine == EntryEngine.AOTI and e.status == EntryStatus.COMPILED, e.failure_reason
-        h, w = (int(p.split("=")[1]) for p in e.profile.split("@")[1].split(","))
-        assert e.guards is not None and e.guards.dim_ranges() == {"batch": (2, 4), "height": (h, h), "width": (w, w)}
+def test_held_width_holds_height_too_and_the_pair_compiles_and_passes_every_check(certified: Path) -> None:
+    entries = training(certified)
+    (width,) = entries["default@width=8"]
+    assert (width.status, width.meta["failed_stage"], width.meta[SPECIALIZE]) == (
+        EntryStatus.FALLBACK,
+        VERIFY_SHAPES,
+        ["height"],
+    )
+    compiled = [e for es in entries.values() for e in es if e.engine == EntryEngine.AOTI]
+    assert [e.profile for e in compiled] == [PAIR]
+    # Certified where it wins, rejected by selection only where eager is faster: every other check passed.
+    assert compiled[0].failed_check in (None, "selection"), compiled[0].failure_reason
+    assert compiled[0].guards is not None
+    assert compiled[0].guards.dim_ranges() == {"batch": (2, 4), "height": (8, 8), "width": (8, 8)}
+
+
+@pytest.mark.compiles
+def test_the_rest_of_the_range_is_a_certified_eager_route(certified: Path) -> None:
+    (route,) = [e for e in training(certified)["default"] if e.status == EntryStatus.CERTIFIED]
+    assert route.engine == EntryEngine.EAGER
+    assert route.guards is not None and route.guards.dim_ranges() == RANGES
 
 
 def oracle() -> torch.nn.Module:
     return load_catalog([SPECIAL]).get(NAME).build().train()
 
 
+def same_step(kernel: torch.nn.Module, x: torch.Tensor, weights: torch.nn.Module) -> None:
+    """The kernel's output and gradients at ``x`` are eager's (the oracle's, on the same weights)."""
+    got_out, got = gradients(kernel, (x,), seed=1, weights=weights)
+    want_out, want = gradients(oracle(), (x,), seed=1)
+    exact_out, _ = exact_gradients(oracle(), (x,), seed=1)
+    atol, rtol = tolerance(1e-4, 1e-4, want_out, exact_out)
+    torch.testing.assert_close(got_out, want_out, atol=atol, rtol=rtol)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-3, rtol=1e-3, msg=n)
+
+
+@pytest.fixture(scope="module")
+def won(certified: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the certified Urza where the specialization won its selection (on this tiny module eager is
+    usually faster): its compiled entry certified, its eager route not."""
+    folder = tmp_path_factory.mktemp("won")
+    shutil.copytree(certified.parent, folder, dirs_exist_ok=True)
+    urza = folder / certified.name
+    with Urza(urza) as u:
+        for e in u.entries(NAME, artifact="training"):
+            if e.profile == PAIR and e.engine == EntryEngine.AOTI:
+                u.update(e.id, status=EntryStatus.CERTIFIED, failed_check=None, failure_reason=None)
+            elif e.profile == PAIR and e.status == EntryStatus.CERTIFIED:
+                u.update(e.id, status=EntryStatus.REJECTED, failed_check="selection", failure_reason="lost")
+    return urza
+
+
 @pytest.mark.compiles
-@pytest.mark.xfail(
-    reason="the held-dims probe misses a dim that fails only with another moved (tiny_conv: height with width); "
-    "see the report",
-    strict=False,
-)
-@pytest.mark.parametrize("profile,h,w", [("default@height=8,width=8", 8, 8), ("default@height=10,width=7", 10, 7)])
-def test_a_specialization_trains_compiled_at_its_sizes_and_refuses_others(
-    compiled: Path, profile: str, h: int, w: int
+@pytest.mark.parametrize("which", ["as certified", "won"])
+def test_kasmina_trains_compiled_at_the_certified_sizes_and_eager_by_evidence_elsewhere(
+    certified: Path, won: Path, which: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with Urza(compiled, readonly=True) as u:
-        (entry,) = [e for e in u.entries(NAME, artifact="training") if e.profile == profile]
-    kernel = Kasmina(compiled, blueprint_paths=[SPECIAL]).load_training(NAME, entry_id=entry.id)
-    gen = torch.Generator().manual_seed(h * w)
+    urza = certified if which == "as certified" else won
+    # The oracle of where the step runs compiled: the certified compiled specializations in Urza.
+    compiled_at = {
+        tuple(split_profile(e.profile)[1].values())
+        for es in training(urza).values()
+        for e in es
+        if e.engine == EntryEngine.AOTI and e.status == EntryStatus.CERTIFIED
+    }
+    if which == "won":
+        assert compiled_at == {(8, 8)}
+    with caplog.at_level(logging.INFO, logger="esper"):
+        kernel = Kasmina(urza, blueprint_paths=[SPECIAL]).load_training(NAME, oracle())
+        assert [e.profile for e in kernel.specializations] == [PAIR] * len(compiled_at)
+        assert "certified to train eager" in kernel.reason
+        gen = torch.Generator().manual_seed(0)
+        for batch, h, w in ((2, 8, 8), (4, 8, 8), (3, 8, 9), (2, 9, 8), (4, 12, 12), (2, 6, 6)):
+            x = torch.randn(batch, 2, h, w, generator=gen)
+            seed = kernel.bind(oracle())
+            same_step(seed, x, seed.seed)
+            assert seed.last_path == (COMPILED if (h, w) in compiled_at else EAGER), (batch, h, w, seed.check(x))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.compiles
+def test_the_specialization_trains_compiled_at_its_sizes_and_refuses_others(certified: Path) -> None:
+    (entry,) = training(certified)[PAIR]
+    kernel = Kasmina(certified, blueprint_paths=[SPECIAL]).load_training(NAME, entry_id=entry.id)
+    gen = torch.Generator().manual_seed(1)
     for batch in (2, 3, 4):
-        x = torch.randn(batch, 2, h, w, generator=gen)
+        x = torch.randn(batch, 2, 8, 8, generator=gen)
         seed = kernel.bind(oracle())
-        got_out, got = gradients(seed, (x,), seed=1, weights=seed.seed)
-        want_out, want = gradients(oracle(), (x,), seed=1)
-        exact_out, _ = exact_gradients(oracle(), (x,), seed=1)
+        same_step(seed, x, seed.seed)
         assert seed.last_path == COMPILED, seed.check(x)
-        atol, rtol = tolerance(1e-4, 1e-4, want_out, exact_out)
-        torch.testing.assert_close(got_out, want_out, atol=atol, rtol=rtol)
-        for n in want:
-            torch.testing.assert_close(got[n], want[n], atol=1e-3, rtol=1e-3, msg=n)
-    for hh, ww in ((h + 1, w), (h, w - 1)):
+    for hh, ww in ((9, 8), (8, 7)):
         why = kernel.check(torch.randn(2, 2, hh, ww))
         assert why is not None and ("height" in why or "width" in why), why
