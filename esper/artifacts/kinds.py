@@ -116,8 +116,10 @@ class KindSpec:
 
     def specializations(self, bp: Blueprint) -> dict[str, Ranges]:
         """The exact-size specializations of ``bp``'s profiles this kind may compile: per profile, per dim, one
-        per size of :meth:`~esper.blueprint.Blueprint.specialization_sizes` inside the profile. Tezzeret compiles
-        one only where its profile's export showed that dim cannot stay dynamic."""
+        per size of :meth:`~esper.blueprint.Blueprint.specialization_sizes` inside the profile; of a whole-range
+        kind, per set of dims, one per measured shape holding them at its own sizes
+        (:func:`~esper.profiles.joint_specializations`). Tezzeret compiles one only where its profile showed that
+        exactly those dims cannot stay dynamic."""
         if not self.specializes:
             return {}
         if self.whole_range:

@@ -5,8 +5,9 @@ here. A *candidate* is one shape profile compiled under one Inductor variant, na
 candidates a kind has is its :class:`~esper.artifacts.kinds.KindSpec`'s rule, the one Tezzeret compiles by.
 Inference competes every profile under every variant the blueprint allows, then every exact-size
 specialization of each profile (a dim held at a representative or hot size, see :mod:`esper.profiles`): one is
-compiled only where its profile's export could not keep that dim dynamic, and is skipped otherwise; the training
-artifact is one candidate, the whole declared range under the default variant.
+compiled only where its profile's export could not keep that dim dynamic, and is skipped otherwise. The training
+artifact is the whole declared range under the default variant, then its specializations: dims held together at
+a measured shape's own sizes, compiled only where the compiled step cannot keep exactly those dims dynamic.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from esper.tezzeret.compiler import SPECIALIZE
 from esper.tezzeret.pipeline import VERIFY_SHAPES
 from esper.tezzeret.training_compile import held_dims
 from esper.urza import Entry, EntryEngine, EntryStatus, Urza
+from esper.urza.evidence import ROUTE_TABLE
 from tests.support import FIXTURES
 
 SPECIAL = FIXTURES / "special"
@@ -168,7 +169,9 @@ def won(certified: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     with Urza(urza) as u:
         for e in u.entries(NAME, artifact="training"):
             if e.profile == PAIR and e.engine == EntryEngine.AOTI:
-                u.update(e.id, status=EntryStatus.CERTIFIED, failed_check=None, failure_reason=None)
+                # Without the route table of its measured loss (eager in every region).
+                meta = {k: v for k, v in e.meta.items() if k != ROUTE_TABLE}
+                u.update(e.id, status=EntryStatus.CERTIFIED, failed_check=None, failure_reason=None, meta=meta)
             elif e.profile == PAIR and e.status == EntryStatus.CERTIFIED:
                 u.update(e.id, status=EntryStatus.REJECTED, failed_check="selection", failure_reason="lost")
     return urza
