@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from esper.artifacts.kinds import ArtifactKind, spec
+from esper.blueprint import Blueprint
 from esper.catalog import load_catalog
 from esper.certification.budgets import PROFILES
 from esper.certification.run import BlueprintCertification, Certification
@@ -22,9 +23,11 @@ from esper.kasmina.training_kernel import COMPILED, EAGER
 from esper.numerics.coverage import edge_sizes
 from esper.numerics.gradients import exact_gradients, gradients, tolerance
 from esper.profiles import joint_specializations, split_profile
-from esper.tezzeret.compiler import SPECIALIZE
-from esper.tezzeret.pipeline import VERIFY_SHAPES
-from esper.tezzeret.training_compile import held_dims
+from esper.tezzeret import compiler
+from esper.tezzeret.compiler import SPECIALIZE, Tezzeret
+from esper.tezzeret.export import declared_guards
+from esper.tezzeret.pipeline import VERIFY_SHAPES, Built, CompileJob, StageError
+from esper.tezzeret.training_compile import HELD, TrainingPipeline, held_dims
 from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import ROUTE_TABLE
 from tests.support import FIXTURES
@@ -218,3 +221,46 @@ def test_the_specialization_trains_compiled_at_its_sizes_and_refuses_others(cert
     for hh, ww in ((9, 8), (8, 7)):
         why = kernel.check(torch.randn(2, 2, hh, ww))
         assert why is not None and ("height" in why or "width" in why), why
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldingStep(TrainingPipeline):
+    """A training pipeline whose compiled step holds width, then (width held) height, like the conv's; nothing
+    is compiled. It counts the module builds (each candidate that builds also hashes the module)."""
+
+    builds: list[str] = dataclasses.field(default_factory=list)
+
+    def build(self, bp: Blueprint, device: torch.device) -> torch.nn.Module:
+        self.builds.append("build")
+        return super().build(bp, device)
+
+    def run(self, job: CompileJob) -> Built:
+        held = {d for d, (lo, hi) in job.ranges.items() if lo == hi}
+        need = next((d for d in ("width", "height") if d not in held), None)
+        if need is not None:
+            job.meta[HELD] = [need]
+            raise StageError(VERIFY_SHAPES, RuntimeError(f"it serves {need} only as traced"))
+        path = job.tmp / "training.bin"
+        path.write_bytes(repr(sorted(job.ranges.items())).encode())
+        return Built(path=path, guards=declared_guards(job.bp, job.ranges, "cpu"), meta={}, parity={}, performance={})
+
+
+def test_a_specialization_that_holds_more_dims_leads_to_the_wider_one_and_skips_build_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = HoldingStep()
+    monkeypatch.setitem(compiler.PIPELINES, ArtifactKind.TRAINING, step)
+    bp = load_catalog([SPECIAL]).get(NAME)
+    with Urza(tmp_path / "urza.db") as u:
+        outcomes = Tezzeret(u).compile_candidates(bp, artifacts=(ArtifactKind.TRAINING,))
+    got = [(o.entry.profile, o.entry.status, o.entry.meta.get(SPECIALIZE)) for o in outcomes]
+    assert got == [
+        ("default", EntryStatus.FALLBACK, ["width"]),
+        ("default@width=8", EntryStatus.FALLBACK, ["height"]),
+        (PAIR, EntryStatus.COMPILED, None),
+    ]
+    # Three compiles, and the entries a compiling specialization rests on reused again (the width one: its
+    # profile; the pair: its profile, and its width specialization, which reuses its profile once more). The
+    # five candidates that are not specialized answer from the entries seen, without a build.
+    assert len(spec(ArtifactKind.TRAINING).candidates(bp)) == 8
+    assert len(step.builds) == 3 + 1 + 3
