@@ -107,7 +107,7 @@ class CompiledPackage:
         # ``run`` takes any sequence (a tuple or a list of tensors): no copy of the arguments per call.
         with self._lock:
             flat = self._loader.run(args)  # type: ignore[arg-type]
-        return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
+        return flat[0] if self._single else pytree.tree_unflatten(separate(flat), self._out_spec)
 
     def reload(self) -> CompiledPackage:
         """Another loaded copy of the same package file (its own constants, the same compiled code on disk)."""
@@ -125,7 +125,26 @@ class CompiledPackage:
                 self._loader.load_constants(tensors, False, True, True)
                 self._active = (key, tensors)
             flat = self._loader.run(args)  # type: ignore[arg-type]
-        return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
+        return flat[0] if self._single else pytree.tree_unflatten(separate(flat), self._out_spec)
+
+
+def separate(outputs: list[Any]) -> list[Any]:
+    """``outputs`` with each tensor that shares storage with an earlier one replaced by its copy (in place).
+
+    Compiled code may return one output as a view of another where eager returns separate tensors (a GRU's
+    last hidden state is the output sequence's last step): a caller's write into one would then change the
+    other. A copy is always within eager's contract: where eager's outputs do share memory, a fresh tensor
+    holds the same values, and a caller cannot tell it from a view it did not write into."""
+    seen: set[int] = set()
+    for i, t in enumerate(outputs):
+        if not isinstance(t, torch.Tensor):
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            outputs[i] = t.clone()
+        elif ptr:  # an empty tensor has no storage to share
+            seen.add(ptr)
+    return outputs
 
 
 # One constant's metadata in an AOTInductor wrapper: ``constants_info_[0].shape = {8, 8};`` and the like.
