@@ -11,8 +11,9 @@ median per-round ratio. The points of one blueprint are measured in an interleav
 shapes among the grid's), so that a slow minute of a shared machine does not fall on one kind of point only.
 
 P2 is the geometric mean over the points of kernel / bare module time (:func:`p2`), reported for the
-representative shapes and for the grid; a point is *slower than the bare module* when its whole interval lies
-above ``1 + SLOWER_BY`` (:func:`slower_with_confidence`). :func:`acceptance_problems` holds the figures to the
+representative shapes and for the grid; a point is *slower than the bare module* when its interval covers the
+median ratio with at least :data:`CONFIDENCE` and lies wholly above ``1 + SLOWER_BY``
+(:func:`slower_with_confidence`). :func:`acceptance_problems` holds the figures to the
 performance targets.
 """
 
@@ -36,6 +37,7 @@ GRID = "grid"
 P2_REPRESENTATIVE_MAX = 0.65
 P2_GRID_MAX = 0.8
 SLOWER_BY = 0.05
+CONFIDENCE = 0.95
 # Sizes along one dynamic dim, and points of one profile's grid at most (several dims: their product, thinned).
 GRID_PER_DIM = 5
 GRID_BUDGET = 25
@@ -70,6 +72,7 @@ class Measured:
     ratio: float
     low: float
     high: float
+    coverage: float = 0.0  # the interval's actual coverage (the sign test's; below CONFIDENCE with few rounds)
     path: str = ""
     kernel_ms: float = 0.0
     eager_ms: float = 0.0
@@ -77,13 +80,14 @@ class Measured:
 
     @property
     def slower(self) -> bool:
-        return slower_with_confidence(self.low)
+        return slower_with_confidence(self.low, self.coverage)
 
 
-def slower_with_confidence(low: float, by: float = SLOWER_BY) -> bool:
+def slower_with_confidence(low: float, coverage: float, by: float = SLOWER_BY, confidence: float = CONFIDENCE) -> bool:
     """Whether a ratio whose interval starts at ``low`` is slower than the bare module by more than ``by`` with
-    the interval's confidence: the whole interval lies above ``1 + by``."""
-    return low > 1.0 + by
+    confidence: the interval covers the median ratio with at least ``confidence`` and lies wholly above
+    ``1 + by``. Too few rounds for that confidence decide nothing."""
+    return coverage >= confidence and low > 1.0 + by
 
 
 def range_grid(
@@ -186,7 +190,7 @@ def measure_point(
     """``kernel`` against ``module`` on ``args``, in ``rounds`` interleaved rounds of ``calls`` pairs."""
     import torch
 
-    from esper.certification.timing import compare
+    from esper.certification.timing import compare, median_interval
 
     with torch.no_grad():
         c = compare(
@@ -198,15 +202,18 @@ def measure_point(
             calls=calls,
             warmup=3,
             margin=SLOWER_BY,
+            confidence=CONFIDENCE,
         )
         taken = path()
+    low, high, coverage = median_interval(c.ratios, CONFIDENCE)
     return Measured(
         point.blueprint,
         point.kind,
         point.label,
         c.ratio,
-        c.low,
-        c.high,
+        low,
+        high,
+        coverage,
         taken,
         c.candidate_p50 * 1e3,
         c.eager_p50 * 1e3,
@@ -287,14 +294,14 @@ def markdown(figures: Mapping[str, Any]) -> list[str]:
         + (", ".join(s["slower"]) or "none")
         + ".",
         "",
-        "| blueprint | kind | shape | path | bare ms | Kasmina / bare [95%] |",
-        "|---|---|---|---|---|---|",
+        "| blueprint | kind | shape | path | bare ms | Kasmina / bare [interval] | coverage |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in figures.get("points", []):
-        mark = "!" if slower_with_confidence(m["low"]) else ""
+        mark = "!" if slower_with_confidence(m["low"], m.get("coverage", 0.0)) else ""
         lines.append(
             f"| {m['blueprint']} | {m['kind']} | {m['label']} | {m['path']} | {m['eager_ms']:.3g} "
-            f"| {m['ratio']:.2f} [{m['low']:.2f}-{m['high']:.2f}]{mark} |"
+            f"| {m['ratio']:.2f} [{m['low']:.2f}-{m['high']:.2f}]{mark} | {m.get('coverage', 0.0):.0%} |"
         )
     return lines
 

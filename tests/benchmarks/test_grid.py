@@ -93,14 +93,24 @@ def test_p2_is_the_geometric_mean() -> None:
     assert grid.p2([]) is None
 
 
-def test_slower_only_when_the_whole_interval_clears_the_tolerance() -> None:
-    assert grid.slower_with_confidence(1.06)
-    assert not grid.slower_with_confidence(1.05)  # on the line: not surely slower by more than 5%
-    assert not grid.slower_with_confidence(1.01)  # surely slower, but not by more than 5%
+def test_slower_only_when_the_whole_interval_clears_the_tolerance_with_confidence() -> None:
+    assert grid.slower_with_confidence(1.06, 0.96)
+    assert not grid.slower_with_confidence(1.05, 0.96)  # on the line: not surely slower by more than 5%
+    assert not grid.slower_with_confidence(1.01, 0.96)  # surely slower, but not by more than 5%
+    assert not grid.slower_with_confidence(1.5, 0.5)  # too few rounds for 95%: nothing is decided
 
 
-def m(kind: str, label: str, ratio: float, low: float, high: float) -> grid.Measured:
-    return grid.Measured("bp", kind, label, ratio, low, high)
+def test_the_coverage_comes_from_the_sign_test_over_the_rounds() -> None:
+    """The measured interval is the one certification decides with: 2 rounds cover 50%, 15 rounds 95%."""
+    from esper.certification.timing import median_interval
+
+    assert median_interval([1.2, 1.3], 0.95)[2] == pytest.approx(0.5)
+    low, _, coverage = median_interval([1.1 + i / 100 for i in range(grid.ROUNDS)], 0.95)
+    assert coverage >= grid.CONFIDENCE and grid.slower_with_confidence(low, coverage)
+
+
+def m(kind: str, label: str, ratio: float, low: float, high: float, coverage: float = 0.96) -> grid.Measured:
+    return grid.Measured("bp", kind, label, ratio, low, high, coverage)
 
 
 def test_summary_separates_representative_and_grid_and_names_the_slow_shapes() -> None:
@@ -109,12 +119,13 @@ def test_summary_separates_representative_and_grid_and_names_the_slow_shapes() -
         m(grid.GRID, "batch=1", 1.2, 1.1, 1.3),  # slower with confidence
         m(grid.GRID, "batch=16", 0.3, 0.28, 0.33),
         m(grid.GRID, "batch=2", 1.2, 0.9, 1.5),  # slower in the median, not with confidence
+        m(grid.GRID, "batch=8", 1.2, 1.1, 1.3, coverage=0.5),  # too few rounds to say
     ]
     s = grid.summarize(measured)
     assert s.representative == pytest.approx(0.5)
-    assert s.grid == pytest.approx((1.2 * 0.3 * 1.2) ** (1 / 3))
+    assert s.grid == pytest.approx((1.2 * 0.3 * 1.2 * 1.2) ** (1 / 4))
     assert s.slower == ("bp[batch=1]",)
-    assert s.points == 4
+    assert s.points == 5
 
 
 def test_acceptance_passes_within_the_targets_and_names_each_miss() -> None:
@@ -134,6 +145,6 @@ def test_markdown_reports_both_p2_and_marks_the_slow_shape() -> None:
     text = "\n".join(grid.markdown(grid.report(measured)))
     assert "representative shapes: 0.500" in text
     assert "grid of the declared ranges: 1.200" in text
-    assert "| bp | grid | batch=1 |  | 0 | 1.20 [1.10-1.30]! |" in text
-    assert "| bp | representative | batch=4 |  | 0 | 0.50 [0.45-0.55] |" in text
+    assert "| bp | grid | batch=1 |  | 0 | 1.20 [1.10-1.30]! | 96% |" in text
+    assert "| bp | representative | batch=4 |  | 0 | 0.50 [0.45-0.55] | 96% |" in text
     assert grid.markdown({}) == []
