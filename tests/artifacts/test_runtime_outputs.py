@@ -1,5 +1,5 @@
 """A compiled package's outputs reach the caller as separate tensors (esper.artifacts.runtime.separate): one
-that shares storage with another is copied, and outputs that share nothing are handed over as they are."""
+whose memory overlaps another's is copied, and outputs that share no element are handed over as they are."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def test_the_same_tensor_twice_becomes_two() -> None:
     a = torch.randn(3)
     got = separate([a, a])
     assert got[0] is a and got[1] is not a and torch.equal(got[1], a)
+
+
+def test_disjoint_parts_of_one_buffer_are_handed_over_as_they_are() -> None:
+    y = torch.randn(4, 6)
+    top, bottom, left = y[:2], y[2:], y[:, :3]
+    got = separate([top, bottom])
+    assert got[0] is top and got[1] is bottom  # chunks of one buffer share no element
+    got = separate([top, left])  # overlapping rows: the second is copied
+    assert got[0] is top and got[1] is not left and torch.equal(got[1], left)
+    got[1].zero_()
+    assert not torch.equal(top[:, :3], torch.zeros(2, 3))
