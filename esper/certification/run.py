@@ -989,6 +989,9 @@ class Certification:
             ]
             if not contenders and is_specialization(pname):
                 continue  # not compiled (its profile keeps the dim dynamic) or failed a check: nothing to route
+            if not contenders:
+                self.decisions[pname] = Decision(pname, None, None, self.no_contender(pname))
+                continue
             scored = {c.id: dict(c.comparisons) for c in contenders}
             tables = {c.id: t for c in contenders if (t := c.route_table()) is not None}
             if tables:
@@ -1004,6 +1007,20 @@ class Certification:
             p: {"winner": d.winner, "ratio": d.ratio, "note": d.note, "regional": d.table is not None}
             for p, d in self.decisions.items()
         }
+
+    def no_contender(self, profile: str) -> str:
+        """Why ``profile`` has no candidate to route to: each candidate's fallback reason, skip or failed check
+        (the user sees this as the eager route's reason)."""
+        why = []
+        for c in self.candidates.values():
+            if c.profile != profile:
+                continue
+            reason = self.skip_reason(c) if c.entry is None or c.entry.status == EntryStatus.FALLBACK else None
+            if reason is None:
+                failed = [str(name) for (name, cid), o in self.outcomes.items() if cid == c.id and o.failed]
+                reason = f"failed {', '.join(failed)}" if failed else "not measured at every representative shape"
+            why.append(f"{c.variant}: {reason}")
+        return f"{NO_CONTENDER} ({'; '.join(why)})" if why else NO_CONTENDER
 
     # -- 6. budgets --------------------------------------------------------------------------------
 
