@@ -850,6 +850,8 @@ class Evidence:
             "p95_ms": {k: _r(v.side(COMPILED).p95_ms) for k, v in table.items()},
             "eager_p50_ms": {k: _r(v.side(EAGER).p50_ms) for k, v in table.items()},
             "speedup": _r(self.speedup(), 3),
+            # Parts whose legitimate float32 executions disagree far beyond rounding: judged against their spread.
+            "ill_conditioned": list(self.parity.certify.ill_conditioned()) if self.parity.certify else [],
             "failed_check": e.failed_check,
             "reason": reason[0][:120] if reason else None,
             "updated": e.updated_at,

@@ -32,6 +32,7 @@ from esper.urza.evidence import (
     ShapeParity,
     ShapeTiming,
     Timing,
+    summarize,
 )
 from tests.support import FIXTURES
 
@@ -220,3 +221,19 @@ def test_the_conditioning_and_contract_figures_round_trip_and_old_rows_read_them
         if certify is not None:
             assert (dict(certify.conditioning), certify.contract, certify.ill_conditioned()) == ({}, None, ())
             assert certify.cases == raw["parity"]["certify"]["cases"]
+
+
+def test_the_summary_row_names_the_ill_conditioned_parts() -> None:
+    from esper.urza.evidence import Conditioning, PartConditioning
+
+    raw = by("inference", "aoti", "certified")
+    parity = CertifiedParity(
+        cases=3,
+        conditioning={
+            "gradient": PartConditioning(2, 1, 1.8, 3.5e5, Conditioning.ILL),
+            "output": PartConditioning(1, 1, 1.1, 3.0, Conditioning.WELL),
+        },
+    )
+    entry = old_entry(raw).with_(parity=Parity(certify=parity).to_json())
+    assert summarize(entry)["ill_conditioned"] == ["gradient"]
+    assert summarize(old_entry(raw))["ill_conditioned"] == []
