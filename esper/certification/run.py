@@ -706,8 +706,10 @@ class Certification:
         :func:`~esper.certification.contract.weight_sets`) on a few planned cases
         (:func:`~esper.certification.plan.weight_cases`), served exactly as Kasmina serves a seed's weights (the
         loaded kernel bound to a fresh module holding them) and judged against eager and float64 on another
-        fresh module holding them; every call must take the compiled path. Code that folded the weights in is
-        certified for its own only, after checking that Kasmina serves no other weights through it."""
+        fresh module holding them; every call must take the compiled path, and leave the served seed's parameters
+        and buffers as eager's call leaves its own (the contract's mutation clause, for the seed's state). Code
+        that folded the weights in is certified for its own only, after checking that Kasmina serves no other
+        weights through it."""
         c = self.ready(candidate)
         kernel = self._kernel(c)
         folded, held, sets = self.weight_sets(c)
@@ -723,18 +725,47 @@ class Certification:
                     values = self.kind.value_case(case.values)
                     args = make_inputs(self.bp, case.sizes, values, self.device)
                     where = f"weights {ws.name}, {dict(case.sizes)}, {values.regime} seed {values.seed}"
-                    expected = self.kind.expected_with(self.kind.seed(ws.state), args, values.seed)
-                    path, got = self.kind.serve(self.kind.serving(kernel, ws.state), args, values.seed)
+                    own = self.kind.seed(ws.state)
+                    expected = self.kind.expected_with(own, args, values.seed)
+                    served = self.kind.serving(kernel, ws.state)
+                    before = contract.snapshot(contract.named_state((), served.seed))
+                    path, got = self.kind.serve(served, args, values.seed)
                     if path != COMPILED:
                         raise Fail(f"Kasmina ran {path} for a seed's weights inside the profile, {where}")
                     verdicts = self.kind.judge_parts(got, expected)
                     failure = first_failure(self._calibrated(c, args, expected, values.seed, verdicts, ws.state))
                     if failure:
                         raise Fail(f"{self.artifact} {c.id} at {where}: {failure}")
+                    wrote = self._seed_writes(before, served.seed, own, expected)
+                    if wrote:
+                        raise Fail(f"{self.artifact} {c.id} breaks the contract with the seed, {where}: {wrote}")
                     judged += 1
         names = (str(contract.WeightChange.OWN), *(ws.name for ws in sets))
         c.weights = CertifiedWeights(certified_for=names, folded=False, held_own=held, cases=judged)
         return {"weights": list(names), "held_own": list(held), "cases": judged}
+
+    def _seed_writes(
+        self,
+        before: Mapping[str, torch.Tensor],
+        served: torch.nn.Module,
+        eager: torch.nn.Module,
+        expected: Expected,
+    ) -> str:
+        """What a served call wrote into the seed's parameters and buffers beyond what eager's call wrote into
+        its own seed (``eager``, which started from the same weights): '' when nothing. Buffers eager updates
+        are judged against the float64 step's where the case has one, else left out (their values are
+        undefined with non-finite inputs); everything eager leaves alone must stay bitwise unchanged."""
+        eager_after = contract.named_state((), eager)
+        exact = expected.exact.get("buffer")
+        exact_after = {f"buffer[{n!r}]": b for n, b in exact.items()} if isinstance(exact, Mapping) else None
+        if exact_after is None:
+            after = {n: t.detach() for n, t in eager_after.items()}
+            before = {n: t for n, t in before.items() if n in after and contract.bitwise_equal(after[n], t)}
+        tol = self.bp.tolerance
+        clause = contract.check_mutation(
+            before, contract.named_state((), served), eager_after, exact_after, atol=tol.atol, rtol=tol.rtol
+        )
+        return clause.reason
 
     def _refuses_other_weights(self, c: Candidate, kernel: Any) -> None:
         """Folded code must serve no other weights: a seed holding weights ten times the blueprint's, bound to
