@@ -5,8 +5,8 @@ Each defect shows only when traced, and only the check that names it sees it:
 
 - inputs: ``second_input_write`` (the kernel computes a sigmoid in place in its second input): ``contract``,
   mutation;
-- aliasing: ``output_view`` (the kernel returns a view of one output as another, where eager's is a copy):
-  ``contract``, aliasing between two outputs;
+- aliasing: ``output_view`` (the kernel returns a flattened view of its input, where eager's is a copy):
+  ``contract``, aliasing of an output with an input;
 - metadata: ``broadcast_output`` (a stride-0 broadcast view where eager's output is dense): ``contract``,
   metadata;
 - non-finite: ``nan_max`` (a max reduction that drops NaN): ``parity``, in the nonfinite value regime;
@@ -103,7 +103,7 @@ def is_certified(urza: Path, name: str) -> bool:
 
 CONTRACT = [
     ("contract_second_input_write", "mutation: input 1: written by the call"),
-    ("contract_output_view", "aliasing: output[0]: shares memory with output[1]"),
+    ("contract_output_view", "aliasing: output[1]: shares memory with input 0"),
     ("contract_broadcast_output", "metadata: output[1]: not contiguous in torch.contiguous_format"),
 ]
 
