@@ -41,7 +41,7 @@ def out_dir() -> Path:
 @pytest.fixture(scope="session")
 def results(out_dir: Path) -> Iterator[dict[str, Any]]:
     """Every figure the suite measures; written out (JSON, Markdown, plots) when the session ends."""
-    figures: dict[str, Any] = {"P1": {}, "P2": {}, "P3": {}, "P4": {}, "P5": {}, "sweep": {}}
+    figures: dict[str, Any] = {"P1": {}, "P2": {}, "P2grid": {}, "P3": {}, "P4": {}, "P5": {}, "sweep": {}}
     yield figures
     write_outputs(figures, out_dir)
     (out_dir / "perf.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")

@@ -11,6 +11,8 @@ from esper.urza import evidence
 TARGETS = {
     "P1": "median <= 15 ms, >= 1000x faster than cold torch.compile",
     "P2": "geomean <= 0.55 of eager, no certified compiled path slower than eager",
+    "P2 over the ranges": "Kasmina / bare module geomean <= 0.65 at the representative shapes and <= 0.8 over a "
+    "grid of the declared ranges, no shape slower than the bare module by more than 5% with confidence",
     "P2b": "<= 0.7 of warm torch.compile",
     "P3": "<= 2 us per call",
     "P4": "cold <= 10 min, unchanged <= 10 s",
@@ -50,6 +52,13 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
             if (k := p2_ratio(v, "kasmina")) is not None and (c := p2_ratio(v, "compile_warm"))
         ]
         out["P2b Kasmina / warm torch.compile, geomean"] = geomean(warm)
+    grid_summary = figures.get("P2grid", {}).get("summary")
+    if grid_summary:
+        out["P2 over the ranges: representative shapes, geomean"] = grid_summary["representative"]
+        out["P2 over the ranges: grid of the declared ranges, geomean"] = grid_summary["grid"]
+        out["P2 over the ranges: shapes slower than the bare module by >5% with confidence"] = len(
+            grid_summary["slower"]
+        )
     if figures.get("P3"):
         out["P3 guard + routing, max us"] = max(v["us"] for v in figures["P3"].values())
     if figures.get("P4"):
@@ -220,6 +229,9 @@ def markdown(figures: dict[str, Any]) -> str:
             f"| {key} | {v['eager']:.3g} | {v.get('route', '')} | {kasmina} | {'' if d is None else f'{d:.2f}'} "
             f"| {'' if k is None or not c else f'{k / c:.2f}'} |"
         )
+    from benchmarks.grid import markdown as grid_tables
+
+    lines += grid_tables(figures.get("P2grid", {}))
     lines += extra_sections(figures)
     return "\n".join(lines) + "\n"
 

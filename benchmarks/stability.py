@@ -24,12 +24,19 @@ run certifies the same code, so a regression it reports is a *gate false alarm*.
 Each run also records how busy the machine's CPUs were over its wall time (``cpu_busy``, from
 ``/proc/stat``: 1.0 is every core busy all the time), proof that the neighbour competed.
 
+After each run (its neighbour stopped), P2 is measured on the run's Urza (:mod:`benchmarks.grid`, in a
+subprocess; ``--no-p2`` skips it): the Kasmina kernel against the bare module at the representative shapes and over
+a grid of the declared ranges. The runs' P2 must agree within :data:`P2_SPREAD` (max minus min over runs).
+
 Every catalog blueprint is correct, so a blueprint that is not certified for an artifact kind is a *false
-rejection*. Reported per run: the exit status, the failed checks, the wall time, and the route Urza
-certified per (blueprint, artifact kind, shape profile): a variant name, or ``eager``. Between runs:
-verdict changes (certified in one run, not in another) and routing changes. Writes ``<out>/stability.json``
-and ``stability.md`` (default ``.esper/bench/stability``). Not part of CI: one run is a cold certification
-of the catalog.
+rejection*. A route that differs between runs (compiled in one, eager in another) is *explained* when the
+measurements lie at the margin: the best candidate's ratio intervals over the runs reach across ``1 - margin``
+(:func:`explained`); an unexplained change is a certificate that did not reproduce.
+
+Reported per run: the exit status, the failed checks, the wall time, and the route Urza certified per (blueprint,
+artifact kind, shape profile): a variant name, or ``eager``. Between runs: verdict changes (certified in one run,
+not in another) and routing changes. Writes ``<out>/stability.json`` and ``stability.md`` (default
+``.esper/bench/stability``). Not part of CI: one run is a cold certification of the catalog.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MATMUL_SIZE = 1024
+P2_SPREAD = 0.05  # the most P2 may differ between runs (max minus min)
 
 Key = tuple[str, str, str]  # (blueprint, artifact, profile)
 
@@ -70,6 +78,9 @@ class Run:
     cpu_busy: float | None = None  # busy fraction of all CPUs over the run (None where /proc/stat is not)
     gate: list[str] | None = None  # the release gate's regressions against the baseline (None: not judged)
     gate_note: str = ""  # what the gate judged (its load gauge, inconclusive or not)
+    # Per route key, the best candidate's comparison at a representative shape: variant, ratio, low, high, margin.
+    ratios: dict[str, dict[str, Any]] = field(default_factory=dict)
+    p2: dict[str, float | None] | None = None  # {"representative": ..., "grid": ...} (None: not measured)
 
 
 def key_label(key: Key) -> str:
@@ -137,6 +148,68 @@ def expected_kinds(runs: Sequence[Run]) -> dict[str, list[str]]:
         for bp, kinds in r.certified.items():
             out.setdefault(bp, set()).update(kinds)
     return {bp: sorted(k) for bp, k in sorted(out.items())}
+
+
+def best_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per route key, the candidate whose comparison with eager at a representative shape has the lowest ratio
+    (over every candidate measured, certified or not): ``{"variant", "shape", "ratio", "low", "high", "margin"}``.
+    ``rows``: ``{"blueprint", "artifact", "profile", "variant", "comparisons": {shape: evidence}}``, each
+    comparison as :meth:`esper.certification.timing.Comparison.evidence` writes it."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = key_label((row["blueprint"], row["artifact"], row["profile"]))
+        for shape, c in sorted(row.get("comparisons", {}).items()):
+            if not c or "ratio" not in c:
+                continue
+            best = out.get(key)
+            if best is None or c["ratio"] < best["ratio"]:
+                out[key] = {
+                    "variant": row["variant"],
+                    "shape": shape,
+                    "ratio": float(c["ratio"]),
+                    "low": float(c.get("ratio_low", c["ratio"])),
+                    "high": float(c.get("ratio_high", c["ratio"])),
+                    "margin": float(c.get("margin", 0.05)),
+                }
+    return dict(sorted(out.items()))
+
+
+def explained(intervals: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a route that changed between runs did so where the ratio lies inside the margin: the runs'
+    intervals of the best candidate's ratio together reach across the winning line ``1 - margin`` (one run's
+    measurement, or the spread between runs, is consistent with a ratio at the line). ``False`` when a run
+    measured nothing: a change there is not explained by the margin."""
+    if not intervals:
+        return False
+    line = 1.0 - max(float(i["margin"]) for i in intervals)
+    return min(float(i["low"]) for i in intervals) <= line <= max(float(i["high"]) for i in intervals)
+
+
+def route_changes(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+    """Per route key that is compiled in one run and eager (or absent) in another: the routes, each run's best
+    ratio, and whether the change is :func:`explained`. Keys whose compiled variant alone changed (compiled in
+    every run) are listed too, with ``variant_only``: the route stays compiled."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, seen in changes(runs).items():
+        compiled = {i: r not in ("eager", "-") for i, r in seen.items()}
+        intervals = [r.ratios[key] for r in runs if key in r.ratios]
+        out[key] = {
+            "routes": seen,
+            "ratios": {str(r.index): r.ratios.get(key) for r in runs},
+            "variant_only": all(compiled.values()),
+            "explained": all(compiled.values()) or (len(intervals) == len(runs) and explained(intervals)),
+        }
+    return out
+
+
+def p2_spread(runs: Sequence[Run]) -> dict[str, float | None]:
+    """Per P2 (``representative``, ``grid``): max minus min over the runs that measured it (``None``: fewer
+    than two did)."""
+    out: dict[str, float | None] = {}
+    for kind in ("representative", "grid"):
+        values = [v for r in runs if r.p2 and (v := r.p2.get(kind)) is not None]
+        out[kind] = round(max(values) - min(values), 4) if len(values) > 1 else None
+    return out
 
 
 def cpu_times() -> tuple[int, int] | None:
@@ -328,6 +401,45 @@ def read_routes(urza: Path) -> dict[str, str]:
     return routes_from_rows(rows)
 
 
+def read_ratios(urza: Path) -> dict[str, dict[str, Any]]:
+    """:func:`best_ratios` of every candidate in the Urza at ``urza`` that certification measured."""
+    from esper.urza import Urza
+
+    if not urza.exists():
+        return {}
+    with Urza(urza, readonly=True) as store:
+        rows = [
+            {
+                "blueprint": e.blueprint,
+                "artifact": str(e.artifact),
+                "profile": e.profile,
+                "variant": e.variant,
+                "comparisons": {
+                    label: shape.get("comparison")
+                    for label, shape in ((e.performance or {}).get("certify") or {}).items()
+                    if isinstance(shape, dict)
+                },
+            }
+            for e in store.entries()
+            if e.engine == "aoti"
+        ]
+    return best_ratios(rows)
+
+
+def measure_p2(folder: Path, k: str | None) -> dict[str, float | None] | None:
+    """P2 on the run's Urza (:mod:`benchmarks.grid` in a subprocess, written to ``<run>/p2.json``): at the
+    representative shapes and over the grid (``None`` when it could not be measured)."""
+    target = folder / "p2.json"
+    cmd = [sys.executable, "-m", "benchmarks.grid", "--urza", str(folder / "urza.db"), "--json", str(target)]
+    cmd += ["-k", k] if k and k.isidentifier() else []  # a plain name only; an expression measures everything
+    with (folder / "p2.log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0 or not target.exists():
+        return None
+    summary = json.loads(target.read_text())["summary"]
+    return {"representative": summary["representative"], "grid": summary["grid"], "slower": len(summary["slower"])}
+
+
 def fresh_folder(opts: argparse.Namespace, index: int) -> Path:
     folder = Path(opts.out) / f"run-{index}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -356,8 +468,16 @@ def outcome(index: int, folder: Path, returncode: int, seconds: float, **extra: 
         failed=failed_tests(folder / "junit.xml"),
         routes=routes,
         certified=certified_kinds(routes),
+        ratios=read_ratios(folder / "urza.db"),
         **extra,
     )
+
+
+def with_p2(run: Run, opts: argparse.Namespace) -> Run:
+    """``run`` with P2 measured on its Urza, unless ``--no-p2``."""
+    if not getattr(opts, "p2", False):
+        return run
+    return replace(run, p2=measure_p2(Path(opts.out) / f"run-{run.index}", opts.k))
 
 
 def certify_once(index: int, opts: argparse.Namespace) -> Run:
@@ -367,7 +487,7 @@ def certify_once(index: int, opts: argparse.Namespace) -> Run:
         t0, cpu0 = time.perf_counter(), cpu_times()
         returncode = start_certify(folder, opts.k, opts.ci).wait()
         seconds, busy = time.perf_counter() - t0, busy_fraction(cpu0, cpu_times())
-    return outcome(index, folder, returncode, seconds, neighbour=figures, cpu_busy=busy)
+    return with_p2(outcome(index, folder, returncode, seconds, neighbour=figures, cpu_busy=busy), opts)
 
 
 def certify_pair(first: int, opts: argparse.Namespace) -> list[Run]:
@@ -382,8 +502,15 @@ def certify_pair(first: int, opts: argparse.Namespace) -> list[Run]:
                 ended[i] = (proc.returncode, time.perf_counter() - t0, busy_fraction(cpu0, cpu_times()))
         time.sleep(1)
     return [
-        outcome(
-            first + i, folder, *ended[i][:2], neighbour={"kind": "pair", "with": first + 1 - i}, cpu_busy=ended[i][2]
+        with_p2(
+            outcome(
+                first + i,
+                folder,
+                *ended[i][:2],
+                neighbour={"kind": "pair", "with": first + 1 - i},
+                cpu_busy=ended[i][2],
+            ),
+            opts,
         )
         for i, folder in enumerate(folders)
     ]
@@ -393,8 +520,9 @@ def rejudged(recorded: Mapping[str, Any], out: Path) -> Run:
     """A recorded run with its routes read again from its Urza (the gate is judged by :func:`gated`)."""
     fields = {k: v for k, v in recorded.items() if k in Run.__dataclass_fields__ and k not in ("gate", "gate_note")}
     fields["failed"] = tuple(fields.get("failed", ()))
-    routes = read_routes(out / f"run-{recorded['index']}" / "urza.db")
-    return Run(**{**fields, "routes": routes, "certified": certified_kinds(routes)})
+    urza = out / f"run-{recorded['index']}" / "urza.db"
+    routes = read_routes(urza)
+    return Run(**{**fields, "routes": routes, "certified": certified_kinds(routes), "ratios": read_ratios(urza)})
 
 
 # -- the report --------------------------------------------------------------------------------------------------
@@ -409,6 +537,11 @@ def summarize(runs: Sequence[Run], opts: Mapping[str, Any]) -> dict[str, Any]:
         "false_rejections": {str(r.index): false_rejections(r, expected) for r in runs},
         "verdict_changes": sorted({f for r in runs for f in false_rejections(r, expected)}),
         "routing_changes": changes(runs),
+        "route_changes": (moved := route_changes(runs)),
+        "unexplained_route_changes": sorted(k for k, v in moved.items() if not v["explained"]),
+        "p2": {str(r.index): r.p2 for r in runs},
+        "p2_spread": (spread := p2_spread(runs)),
+        "p2_within": all(v is None or v <= P2_SPREAD for v in spread.values()),
         "gate_false_alarms": {str(r.index): r.gate for r in runs if r.gate},
     }
 
@@ -467,9 +600,61 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"Verdict changes between runs: {len(summary['verdict_changes'])}"
         + (f" ({', '.join(summary['verdict_changes'])})" if summary["verdict_changes"] else "")
         + f". Routing changes: {n_changed} of {len(keys)} routes.",
-        "",
     ]
+    lines += route_change_lines(summary)
+    lines += p2_lines(summary, runs)
+    lines.append("")
     return "\n".join(lines)
+
+
+def route_change_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Each changed route with each run's best ratio [interval], and whether the margin explains it."""
+    moved = summary.get("route_changes") or {}
+    if not moved:
+        return []
+    unexplained = summary.get("unexplained_route_changes", [])
+    lines = [
+        "",
+        f"Route changes the margin does not explain: {len(unexplained)}"
+        + (f" ({', '.join(unexplained)})" if unexplained else "")
+        + " (explained: the runs' intervals of the best candidate's ratio reach across 1 - margin; a change of"
+        " compiled variant alone keeps the route compiled).",
+        "",
+        "| blueprint/artifact/profile | per run: route, best ratio [95%] | explained |",
+        "|---|---|---|",
+    ]
+    for key, v in sorted(moved.items()):
+        cells = []
+        for i, route in v["routes"].items():
+            r = v["ratios"].get(i)
+            cells.append(f"{i}: {route}" + (f" {r['ratio']:.2f} [{r['low']:.2f}-{r['high']:.2f}]" if r else ""))
+        why = "variant only" if v["variant_only"] else ("yes" if v["explained"] else "**no**")
+        lines.append(f"| {key} | {'; '.join(cells)} | {why} |")
+    return lines
+
+
+def p2_lines(summary: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """P2 per run (representative shapes, grid of the declared ranges) and its spread against the limit."""
+    if not any(r.get("p2") for r in runs):
+        return []
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
+    lines = ["", "## P2 per run (Kasmina / bare module, measured after the run)", ""]
+    lines += ["| run | representative | grid | slower by >5% |", "|---|---|---|---|"]
+    for r in runs:
+        p = r.get("p2") or {}
+        lines.append(
+            f"| {r['index']} | {fmt(p.get('representative'))} | {fmt(p.get('grid'))} | {p.get('slower', '')} |"
+        )
+    spread = summary.get("p2_spread", {})
+    lines += [
+        "",
+        f"P2 spread (max - min): representative {fmt(spread.get('representative'))}, grid {fmt(spread.get('grid'))}"
+        f"; limit {P2_SPREAD}: {'within' if summary.get('p2_within') else '**exceeded**'}.",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,6 +675,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rejudge",
         action="store_true",
         help="certify nothing: judge the runs recorded in <out>/stability.json again (routes, gate) and rewrite it",
+    )
+    parser.add_argument(
+        "--p2",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure P2 on each run's Urza after it (benchmarks.grid; default on)",
     )
     parser.add_argument("--matmul-loop", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--report", default=None, help=argparse.SUPPRESS)

@@ -7,6 +7,8 @@
 - P2: steady state per call against eager, in interleaved rounds (certification.timing.compare): the Kasmina kernel
   (routed), the default variant alone (what Kasmina ran before variants and buckets), and warm
   ``torch.compile(dynamic=True)`` (P2b).
+- P2 over the ranges: the Kasmina kernel against the bare module at the representative shapes and over a grid of
+  each profile's declared ranges, every point interleaved, with the targets asserted (benchmarks/grid.py).
 - P3: guard check + routing cost per call (``Kernel.select``), and the floor: the raw AOTInductor runner per
   call and Kasmina's whole overhead above it (benchmarks/floor.py).
 - levers: the lever study (benchmarks/levers.py), in a subprocess: ``ESPER_BENCH_LEVERS=quick`` (default:
@@ -218,6 +220,20 @@ def test_p2_steady_state(
     row["eager"] = statistics.median(eager_ms)
     row["route"] = kernels[name].last_path
     results["P2"][f"{name}[{label}]"] = row
+
+
+def test_p2_over_the_ranges(kernels: dict[str, Any], results: dict[str, Any]) -> None:
+    """P2 at the representative shapes and over a grid of the declared ranges (the shapes a user sends), each
+    point the Kasmina kernel against the bare module in interleaved rounds with a 95% interval
+    (:mod:`benchmarks.grid`). Fails when P2 misses its target at either, or when any point is slower than the
+    bare module by more than 5% with confidence. ``ESPER_BENCH_GRID_ROUNDS`` lowers the rounds for a smoke run."""
+    from benchmarks import grid
+
+    rounds = int(os.environ.get("ESPER_BENCH_GRID_ROUNDS", grid.ROUNDS))
+    measured = [m for bp in BLUEPRINTS for m in grid.measure_blueprint(bp, kernels[bp.name], rounds=rounds)]
+    results["P2grid"] = grid.report(measured)
+    problems = results["P2grid"]["problems"]
+    assert not problems, "; ".join(problems)
 
 
 @pytest.mark.parametrize("name", [bp.name for bp in BLUEPRINTS])

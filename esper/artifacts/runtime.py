@@ -107,7 +107,7 @@ class CompiledPackage:
         # ``run`` takes any sequence (a tuple or a list of tensors): no copy of the arguments per call.
         with self._lock:
             flat = self._loader.run(args)  # type: ignore[arg-type]
-        return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
+        return flat[0] if self._single else pytree.tree_unflatten(separate(flat), self._out_spec)
 
     def reload(self) -> CompiledPackage:
         """Another loaded copy of the same package file (its own constants, the same compiled code on disk)."""
@@ -125,7 +125,31 @@ class CompiledPackage:
                 self._loader.load_constants(tensors, False, True, True)
                 self._active = (key, tensors)
             flat = self._loader.run(args)  # type: ignore[arg-type]
-        return flat[0] if self._single else pytree.tree_unflatten(flat, self._out_spec)
+        return flat[0] if self._single else pytree.tree_unflatten(separate(flat), self._out_spec)
+
+
+def separate(outputs: list[Any]) -> list[Any]:
+    """``outputs`` with each tensor whose memory overlaps an earlier one's replaced by its copy (in place).
+
+    Compiled code may return one output as a view of another where eager returns separate tensors (a GRU's
+    last hidden state is the output sequence's last step): a caller's write into one would then change the
+    other. A copy is always within eager's contract: where eager's outputs do overlap, a fresh tensor holds the
+    same values, and a caller cannot tell it from a view it did not write into. Outputs in disjoint parts of
+    one buffer (chunks) are left as they are; overlap is judged by each tensor's byte span, so interleaved
+    views that never touch the same element are copied too, which is still within the contract."""
+    seen: list[tuple[int, int, int]] = []
+    for i, t in enumerate(outputs):
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:  # an empty tensor holds no element to share
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        start = int(t.storage_offset()) * t.element_size()
+        extent = 1 + sum(int(n - 1) * int(st) for n, st in zip(t.shape, t.stride(), strict=True))
+        end = start + extent * t.element_size()
+        if any(p == ptr and start < e and s < end for p, s, e in seen):
+            outputs[i] = t.clone()
+        else:
+            seen.append((ptr, start, end))
+    return outputs
 
 
 # One constant's metadata in an AOTInductor wrapper: ``constants_info_[0].shape = {8, 8};`` and the like.

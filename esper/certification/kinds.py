@@ -52,6 +52,7 @@ from esper.certification.contract import (
     named_state,
 )
 from esper.kasmina import COMPILED, Kasmina
+from esper.numerics import executions
 from esper.numerics.coverage import ValueCase
 from esper.numerics.gradients import exact_step, floating_buffers, gradients, step, upstream
 from esper.numerics.inputs import Regime
@@ -199,10 +200,24 @@ class KindChecks(ABC):
     def reference(self) -> torch.nn.Module:
         """A fresh module of the blueprint in the mode this kind runs it in."""
 
-    def spread_module(self) -> torch.nn.Module:
+    def spread_module(self, state: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
         """The module whose legitimate float32 executions measure a case's conditioning (a fresh one in this
-        kind's mode: the spread runs its forward several times and restores its buffers)."""
-        return self.reference()
+        kind's mode: the spread runs it several times), holding ``state`` (a seed's weight set; ``None``: the
+        blueprint's own weights)."""
+        return self.reference() if state is None else self.seed(state)
+
+    @abstractmethod
+    def spread_of(
+        self,
+        args: Sequence[torch.Tensor],
+        expected: Expected,
+        seed: int,
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> executions.Spread:
+        """The legitimate float32 executions (:func:`esper.numerics.executions.spread`) of the call a case judges,
+        on the module holding ``state`` (``None``: the blueprint's weights), against ``expected``'s float64
+        reference, its outputs named as :meth:`judge` names each part's: what the calibrated yardstick of a
+        case that failed the RMSE rule alone is drawn from."""
 
     def parity_regime(self, regime: Regime) -> Regime:
         """The value regime a drawn parity case runs in (a kind may exclude points where results are undefined)."""
@@ -399,6 +414,15 @@ class InferenceChecks(KindChecks):
             out = served(*args)
         return served.last_path, {"output": out}
 
+    def spread_of(
+        self,
+        args: Sequence[torch.Tensor],
+        expected: Expected,
+        seed: int,
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> executions.Spread:
+        return executions.spread(self.spread_module(state), args, expected.exact["output"], seed=seed)
+
 
 class TrainingChecks(KindChecks):
     """One training step of a seed bound to the kernel, against eager autograd on a fresh module."""
@@ -485,6 +509,23 @@ class TrainingChecks(KindChecks):
     def serve(self, served: Any, args: Sequence[torch.Tensor], seed: int) -> tuple[str | None, dict[str, Any]]:
         out, grads = gradients(served, args, seed=seed, weights=served.seed)
         return served.last_path, {"output": _detached(out), "gradient": grads, "buffer": floating_buffers(served.seed)}
+
+    def spread_of(
+        self,
+        args: Sequence[torch.Tensor],
+        expected: Expected,
+        seed: int,
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> executions.Spread:
+        # The whole step is each execution: forward, backward, the buffers it updates, each time on a fresh copy
+        # of one module (a step mutates its buffers), with the parts the case judges.
+        template, parts = self.spread_module(state), tuple(expected.exact)
+
+        def run(inputs: Sequence[Any]) -> dict[str, Any]:
+            got = self._eager_step(copy.deepcopy(template), inputs, seed)
+            return {part: got[part] for part in parts}
+
+        return executions.spread(run, args, dict(expected.exact), seed=seed, parts=True)
 
 
 KINDS: dict[ArtifactKind, type[KindChecks]] = {

@@ -54,10 +54,13 @@ from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import (
     ROUTE_TABLE,
     CertificationRecord,
+    CertifiedContract,
     CertifiedParity,
     CertifiedWeights,
+    Conditioning,
     DecisionRecord,
     Parity,
+    PartConditioning,
     Performance,
     RouteTable,
     ShapeTiming,
@@ -130,7 +133,53 @@ class ContractTally:
                     self.first = f"{result.reason} (at {where})"
 
     def figures(self) -> dict[str, Any]:
-        return {"cases": self.cases, "tensors": self.tensors, "breaches": dict(self.breaches)}
+        return self.record().to_json()
+
+    def record(self) -> CertifiedContract:
+        """The figures as Urza's evidence records them."""
+        return CertifiedContract(cases=self.cases, tensors=self.tensors, breaches=dict(self.breaches))
+
+
+@dataclass
+class ConditioningTally:
+    """The cases of one part (output, gradient, buffer) that failed the RMSE rule alone and were judged again
+    against the spread of eager's legitimate executions (:func:`esper.numerics.executions.calibrate`), with the
+    worst the executions said of them."""
+
+    rejudged: int = 0
+    admitted: int = 0
+    spread_ratio: float = 0.0
+    disagreement_ulps: float = 0.0
+    conditioning: executions.Conditioning | None = None
+
+    def add(self, part: executions.PartCalibration) -> None:
+        self.rejudged += 1
+        self.admitted += part.admitted
+        self.spread_ratio = max(self.spread_ratio, part.spread_ratio)
+        self.disagreement_ulps = max(self.disagreement_ulps, part.disagreement_ulps)
+        ranks = (None, executions.Conditioning.UNRESOLVED, executions.Conditioning.WELL, executions.Conditioning.ILL)
+        if ranks.index(part.conditioning) > ranks.index(self.conditioning):
+            self.conditioning = part.conditioning  # ill where any case was
+
+    def record(self) -> PartConditioning:
+        """The figures as Urza's evidence records them."""
+        return PartConditioning(
+            rejudged=self.rejudged,
+            admitted=self.admitted,
+            spread_ratio=_finite_or_none(self.spread_ratio),
+            disagreement_ulps=_finite_or_none(self.disagreement_ulps),
+            conditioning=None if self.conditioning is None else Conditioning(str(self.conditioning)),
+        )
+
+
+def conditioning_of(tallies: dict[str, ConditioningTally], calibrated: executions.Calibrated) -> None:
+    """Add a re-judged case's parts to ``tallies`` (by part)."""
+    for part in calibrated.parts:
+        tallies.setdefault(part.part, ConditioningTally()).add(part)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 @dataclass
@@ -147,6 +196,8 @@ class Candidate:
     parity: ParityStats = field(default_factory=ParityStats)
     verdicts: dict[str, list[ParityVerdict]] = field(default_factory=dict)  # by part: output, gradient, buffer
     contract: ContractTally = field(default_factory=ContractTally)
+    # By part: the cases judged again against the calibrated yardstick (parity, weights, repeated calls).
+    conditioning: dict[str, ConditioningTally] = field(default_factory=dict)
     drawn: int = 0  # hypothesis-drawn cases judged, on top of the planned ones
     nondeterministic: bool | None = None
     guards_refused: int = 0
@@ -532,35 +583,28 @@ class Certification:
     def _calibrated(
         self,
         c: Candidate,
-        args: tuple[torch.Tensor, ...],
+        args: Sequence[Any],
         expected: Expected,
         seed: int,
-        verdicts: dict[str, ParityVerdict],
+        verdicts: Mapping[str, ParityVerdict],
+        state: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, ParityVerdict]:
-        """``verdicts``, with a forward output that failed the RMSE rule alone judged again against the spread of
-        eager's legitimate float32 executions (:func:`esper.numerics.executions.spread`: reordered contractions
-        and reductions, another thread count, the batch in another order): eager's own error is one sample of
-        them, and an ill-conditioned computation spreads them far beyond it. Only that rule is widened, only for
-        the output (NaN/inf placement, the pointwise rule, gradients and buffers stand), and only as far as the
-        executions go times the rule's multiplier, so a lower-precision accumulation is still rejected."""
-        v = verdicts.get("output")
-        if v is None or v.passed or any(not p.passed for part, p in verdicts.items() if part != "output"):
-            return verdicts
-        failing = [o for o in v.outputs if not o.passed]
-        if not all(o.nonfinite_ok and o.resolved and o.max_abs <= o.allowed_abs for o in failing):
-            return verdicts
-        yardstick = executions.allowed_error(
-            executions.spread(self.kind.spread_module(), args, expected.exact["output"], seed=seed)
-        )
-        if len(yardstick.outputs) != len(v.outputs):
-            return verdicts
-        outputs = []
-        for o, allowed in zip(v.outputs, yardstick.outputs, strict=True):
-            if not o.passed and o.rmse_compiled > allowed.rmse:
-                return verdicts
-            outputs.append(o if o.passed else replace(o, passed=True, reason="", allowed_rmse=allowed.rmse))
-        c.parity.calibrated += 1
-        return {**verdicts, "output": replace(v, passed=True, reason="", outputs=tuple(outputs))}
+        """``verdicts``, where every failing output of every part (output; a training step's gradients and
+        buffers) failed the RMSE rule alone, judged again against the spread of eager's legitimate float32
+        executions of the same call (:meth:`KindChecks.spread_of` on the module holding ``state``, a seed's
+        weights; :func:`esper.numerics.executions.calibrate`: reordered contractions and reductions, forward
+        and backward, another thread count, the batch in another order where valid): eager's own error is one
+        sample of them, and an ill-conditioned computation spreads them far beyond it. Only that rule is
+        widened, only as far as the executions go times the part's multiplier (NaN/inf placement and the
+        pointwise rule stand), so a lower-precision accumulation is still rejected. Each re-judged part is
+        tallied in the candidate's conditioning."""
+        if not executions.calibratable(verdicts):
+            return dict(verdicts)
+        calibrated = executions.calibrate(verdicts, self.kind.spread_of(args, expected, seed, state))
+        conditioning_of(c.conditioning, calibrated)
+        if calibrated.admitted:
+            c.parity.calibrated += 1
+        return calibrated.verdicts
 
     @check(Check.PARITY)
     def check_parity(self, candidate: str) -> dict[str, Any]:
@@ -662,8 +706,10 @@ class Certification:
         :func:`~esper.certification.contract.weight_sets`) on a few planned cases
         (:func:`~esper.certification.plan.weight_cases`), served exactly as Kasmina serves a seed's weights (the
         loaded kernel bound to a fresh module holding them) and judged against eager and float64 on another
-        fresh module holding them; every call must take the compiled path. Code that folded the weights in is
-        certified for its own only, after checking that Kasmina serves no other weights through it."""
+        fresh module holding them; every call must take the compiled path, and leave the served seed's parameters
+        and buffers as eager's call leaves its own (the contract's mutation clause, for the seed's state). Code
+        that folded the weights in is certified for its own only, after checking that Kasmina serves no other
+        weights through it."""
         c = self.ready(candidate)
         kernel = self._kernel(c)
         folded, held, sets = self.weight_sets(c)
@@ -679,17 +725,47 @@ class Certification:
                     values = self.kind.value_case(case.values)
                     args = make_inputs(self.bp, case.sizes, values, self.device)
                     where = f"weights {ws.name}, {dict(case.sizes)}, {values.regime} seed {values.seed}"
-                    expected = self.kind.expected_with(self.kind.seed(ws.state), args, values.seed)
-                    path, got = self.kind.serve(self.kind.serving(kernel, ws.state), args, values.seed)
+                    own = self.kind.seed(ws.state)
+                    expected = self.kind.expected_with(own, args, values.seed)
+                    served = self.kind.serving(kernel, ws.state)
+                    before = contract.snapshot(contract.named_state((), served.seed))
+                    path, got = self.kind.serve(served, args, values.seed)
                     if path != COMPILED:
                         raise Fail(f"Kasmina ran {path} for a seed's weights inside the profile, {where}")
-                    failure = first_failure(self.kind.judge_parts(got, expected))
+                    verdicts = self.kind.judge_parts(got, expected)
+                    failure = first_failure(self._calibrated(c, args, expected, values.seed, verdicts, ws.state))
                     if failure:
                         raise Fail(f"{self.artifact} {c.id} at {where}: {failure}")
+                    wrote = self._seed_writes(before, served.seed, own, expected)
+                    if wrote:
+                        raise Fail(f"{self.artifact} {c.id} breaks the contract with the seed, {where}: {wrote}")
                     judged += 1
         names = (str(contract.WeightChange.OWN), *(ws.name for ws in sets))
         c.weights = CertifiedWeights(certified_for=names, folded=False, held_own=held, cases=judged)
         return {"weights": list(names), "held_own": list(held), "cases": judged}
+
+    def _seed_writes(
+        self,
+        before: Mapping[str, torch.Tensor],
+        served: torch.nn.Module,
+        eager: torch.nn.Module,
+        expected: Expected,
+    ) -> str:
+        """What a served call wrote into the seed's parameters and buffers beyond what eager's call wrote into
+        its own seed (``eager``, which started from the same weights): '' when nothing. Buffers eager updates
+        are judged against the float64 step's where the case has one, else left out (their values are
+        undefined with non-finite inputs); everything eager leaves alone must stay bitwise unchanged."""
+        eager_after = contract.named_state((), eager)
+        exact = expected.exact.get("buffer")
+        exact_after = {f"buffer[{n!r}]": b for n, b in exact.items()} if isinstance(exact, Mapping) else None
+        if exact_after is None:
+            after = {n: t.detach() for n, t in eager_after.items()}
+            before = {n: t for n, t in before.items() if n in after and contract.bitwise_equal(after[n], t)}
+        tol = self.bp.tolerance
+        clause = contract.check_mutation(
+            before, contract.named_state((), served), eager_after, exact_after, atol=tol.atol, rtol=tol.rtol
+        )
+        return clause.reason
 
     def _refuses_other_weights(self, c: Candidate, kernel: Any) -> None:
         """Folded code must serve no other weights: a seed holding weights ten times the blueprint's, bound to
@@ -722,6 +798,8 @@ class Certification:
         schedule = contract.alternate(calls, plan.REPEATED_ROUNDS)
         served: dict[str, Any] = {}
         references: dict[tuple[str, tuple[Any, ...]], Expected] = {}
+        # Each reference's call (weights and inputs), for the calibrated yardstick of a call failing the RMSE rule.
+        calls_of: dict[int, tuple[Mapping[str, torch.Tensor], tuple[Any, ...]]] = {}
         own = self.kind.built().state_dict()
 
         def compiled(weights: str, args: tuple[Any, ...]) -> Any:
@@ -736,12 +814,17 @@ class Certification:
         def eager(weights: str, args: tuple[Any, ...]) -> Expected:
             key = (weights, tuple(tuple(a.shape) for a in args))
             if key not in references:
-                module = self.kind.seed(states[weights] if states[weights] is not None else own)
-                references[key] = self.kind.expected_with(module, args, 0)
+                state = states[weights] if states[weights] is not None else own
+                references[key] = self.kind.expected_with(self.kind.seed(state), args, 0)
+                calls_of[id(references[key])] = (state, args)
             return references[key]
 
         def agree(got: Any, expected: Any) -> str:
-            return first_failure(self.kind.judge_parts(got, expected))
+            verdicts = self.kind.judge_parts(got, expected)
+            if id(expected) in calls_of and executions.calibratable(verdicts):
+                state, args = calls_of[id(expected)]
+                verdicts = self._calibrated(c, args, expected, 0, verdicts, state)
+            return first_failure(verdicts)
 
         c.repeated = 0
         with one_thread():
@@ -937,6 +1020,9 @@ class Certification:
             ]
             if not contenders and is_specialization(pname):
                 continue  # not compiled (its profile keeps the dim dynamic) or failed a check: nothing to route
+            if not contenders:
+                self.decisions[pname] = Decision(pname, None, None, self.no_contender(pname))
+                continue
             scored = {c.id: dict(c.comparisons) for c in contenders}
             tables = {c.id: t for c in contenders if (t := c.route_table()) is not None}
             if tables:
@@ -952,6 +1038,20 @@ class Certification:
             p: {"winner": d.winner, "ratio": d.ratio, "note": d.note, "regional": d.table is not None}
             for p, d in self.decisions.items()
         }
+
+    def no_contender(self, profile: str) -> str:
+        """Why ``profile`` has no candidate to route to: each candidate's fallback reason, skip or failed check
+        (the user sees this as the eager route's reason)."""
+        why = []
+        for c in self.candidates.values():
+            if c.profile != profile:
+                continue
+            reason = self.skip_reason(c) if c.entry is None or c.entry.status == EntryStatus.FALLBACK else None
+            if reason is None:
+                failed = [str(name) for (name, cid), o in self.outcomes.items() if cid == c.id and o.failed]
+                reason = f"failed {', '.join(failed)}" if failed else "not measured at every representative shape"
+            why.append(f"{c.variant}: {reason}")
+        return f"{NO_CONTENDER} ({'; '.join(why)})" if why else NO_CONTENDER
 
     # -- 6. budgets --------------------------------------------------------------------------------
 
@@ -1086,6 +1186,8 @@ class Certification:
             tolerance={"atol": tol.atol, "rtol": tol.rtol},
             guards_refused=c.guards_refused,
             weights=c.weights,
+            conditioning={part: tally.record() for part, tally in c.conditioning.items()},
+            contract=c.contract.record() if c.contract.cases else None,
         )
 
     def evidence(

@@ -16,6 +16,7 @@ right only while a call would run that same computation eagerly:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,8 +62,43 @@ MODULE_TABLES = frozenset(vars(torch.nn.Module())) - {"training"}
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
+@dataclass(frozen=True)
+class WeightRefs:
+    """An attribute that refers only to the module's own weights, by their names: ``nn.RNNBase`` keeps its
+    parameters in ``_flat_weights`` and weak references to them in ``_flat_weight_refs``. Their values are the
+    seed's weights, which are checked as weights; only which weights they name is form."""
+
+    names: tuple[str | None, ...]
+
+
+def _weight_refs(value: Any, own: dict[int, str]) -> Any:
+    """``value`` as :class:`WeightRefs` when it is a list or tuple of the module's own parameters or buffers,
+    weak references to them, or ``None`` (at least one weight); else ``value`` itself."""
+    if not isinstance(value, list | tuple) or not value:
+        return value
+    names: list[str | None] = []
+    for item in value:
+        target = item() if isinstance(item, weakref.ref) else item
+        if target is None:
+            names.append(None)
+        elif isinstance(target, torch.Tensor) and id(target) in own:
+            names.append(own[id(target)])
+        else:
+            return value
+    return WeightRefs(tuple(names)) if any(n is not None for n in names) else value
+
+
 def _attributes(module: torch.nn.Module) -> dict[str, Any]:
-    return {k: v for k, v in vars(module).items() if k not in MODULE_TABLES and k != "training"}
+    own = {
+        id(t): n
+        for n, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+        if t is not None
+    }
+    return {
+        k: _weight_refs(v, own) if own else v
+        for k, v in vars(module).items()
+        if k not in MODULE_TABLES and k != "training"
+    }
 
 
 def _same(a: Any, b: Any) -> bool:

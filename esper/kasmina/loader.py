@@ -37,6 +37,7 @@ from esper.kasmina.unusable import Unusable, removed_profiles
 from esper.provenance import stale_reason
 from esper.settings import resolve
 from esper.urza import ArtifactError, ArtifactStore, Entry, EntryEngine, EntryStatus, Urza, UrzaError
+from esper.urza.evidence import Meta
 from esper.urza.schema import EntryMeta
 
 if TYPE_CHECKING:
@@ -343,7 +344,7 @@ class Kasmina:
             telemetry.fallback(name, problem.code, problem.detail)
         for x in loaded:
             if x.artifact is None:
-                telemetry.eager_by_evidence(name, kind.evidence_label(x.entry), x.entry.id)
+                telemetry.eager_by_evidence(name, kind.evidence_label(x.entry), x.entry.id, _decision_note(x.entry))
         kernel = kind.kernel(LoadResult(name, entries, chosen, loaded, problems))
         kernel.source = source
         if kernel.route == COMPILED:
@@ -508,3 +509,14 @@ class Kasmina:
                     f"stored weights of entry #{weights.id} unusable ({e}); using the builder's weights",
                 )
         return module
+
+
+# The log line keeps at most this much of a decision note (row text: a damaged row must not flood the log).
+_NOTE_CHARS = 600
+
+
+def _decision_note(entry: Entry) -> str | None:
+    """The note certification recorded with an eager route's decision (row text, logged, never acted on)."""
+    record = Meta.from_json(entry.meta).certification
+    note = record.decision.note if record is not None and record.decision is not None else None
+    return note[:_NOTE_CHARS] if note else None

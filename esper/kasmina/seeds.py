@@ -389,8 +389,11 @@ def bind(kernel: Kernel, weights: Weights) -> tuple[torch.nn.Module, Callable[[d
     that seed's calls, with a WARNING (see the module docstring).
     """
     base = kernel.origin
-    builder = base.eager_module().state_dict()
-    expected = schema_of(builder)
+    own = base.eager_module()
+    expected = schema_of(own.state_dict())
+    # What a package may read of the seed: its state dict, and the non-persistent buffers no state dict holds
+    # (the seed's own, made by its build as the blueprint's are).
+    builder = {**dict(own.named_buffers()), **own.state_dict()}
 
     def build() -> torch.nn.Module:
         return base.build_eager().eval()

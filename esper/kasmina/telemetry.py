@@ -97,12 +97,14 @@ def loaded(blueprint: str, entry_ids: list[int | None], seconds: float) -> None:
     )
 
 
-def eager_by_evidence(blueprint: str, profile: str, entry_id: int | None) -> None:
-    """INFO, not WARNING: certification measured eager fastest for this profile, a decision with evidence."""
+def eager_by_evidence(blueprint: str, profile: str, entry_id: int | None, why: str | None = None) -> None:
+    """INFO, not WARNING: certification chose eager for this profile, a decision with evidence; ``why`` is the
+    decision's own note where the entry recorded one."""
     log.info(
-        "blueprint %r, profile %s: certified to run eager (Urza entry #%s: no compiled variant beat eager)",
+        "blueprint %r, profile %s: certified to run eager (Urza entry #%s: %s)",
         blueprint,
         profile,
         entry_id,
+        why or "no compiled variant beat eager",
         extra={"esper": {"event": "eager-by-evidence", "blueprint": blueprint, "profile": profile, "entry": entry_id}},
     )

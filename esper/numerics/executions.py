@@ -19,7 +19,7 @@ spread instead of to eager's one sample.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -316,6 +316,26 @@ class Spread:
     def canonical(self) -> Execution:
         return self.executions[0]
 
+    def part(self, label: str) -> Spread:
+        """The spread of one part's outputs only (a step's ``gradient``: every ``gradient[...]``), its
+        conditioning theirs."""
+        keep = [k for k, o in enumerate(self.outputs) if _in_part(o.name, label)]
+        outputs = tuple(self.outputs[k] for k in keep)
+        executions = tuple(replace(e, errors=tuple(e.errors[k] for k in keep)) for e in self.executions)
+        return Spread(executions, outputs, self.skipped, _overall(outputs))
+
+    @property
+    def worst_ratio(self) -> float:
+        """The largest :attr:`OutputSpread.ratio` over the outputs whose reference stands above rounding."""
+        return max((o.ratio for o in self.outputs if o.conditioning is not Conditioning.UNRESOLVED), default=1.0)
+
+    @property
+    def worst_disagreement_ulps(self) -> float:
+        """The largest :attr:`OutputSpread.disagreement_ulps` over the outputs whose reference stands above
+        rounding."""
+        resolved = [o for o in self.outputs if o.conditioning is not Conditioning.UNRESOLVED]
+        return max((o.disagreement_ulps for o in resolved), default=0.0)
+
     def evidence(self) -> dict[str, Any]:
         """JSON-safe figures for Urza evidence."""
         return {
@@ -341,7 +361,16 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _named_floats(x: Any) -> list[tuple[str, torch.Tensor]]:
+def _in_part(name: str, label: str) -> bool:
+    return name == label or name.startswith(label + "[")
+
+
+def _named_floats(x: Any, parts: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """The floating tensors of ``x`` by the names :func:`~esper.numerics.parity.judge` gives them: ``output...``,
+    or with ``parts`` (``x`` a mapping of named parts, a training step's ``output``, ``gradient``, ``buffer``)
+    each under its part's label, as judge labels a part (``gradient['fc.weight']``)."""
+    if parts:
+        return [(f"{part}{name[len('output') :]}", t) for part, value in x.items() for name, t in _named_floats(value)]
     flat, _ = pytree.tree_flatten_with_path(x)
     return [
         (f"output{pytree.keystr(path)}", leaf)
@@ -355,13 +384,14 @@ def _as_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def errors_of(outputs: Any, reference: Any, eager: Any) -> tuple[OutputError, ...]:
+def errors_of(outputs: Any, reference: Any, eager: Any, *, parts: bool = False) -> tuple[OutputError, ...]:
     """Each floating output's RMSE and largest absolute error against the float64 ``reference``, over the elements
     finite in ``eager``, the reference and the output itself: the elements :func:`~esper.numerics.parity.judge`
-    measures. ``eager`` only chooses the elements; pass eager's own outputs to measure eager."""
+    measures. ``eager`` only chooses the elements; pass eager's own outputs to measure eager. With ``parts`` the
+    three are mappings of named parts (see :func:`spread`)."""
     out: list[OutputError] = []
     for (name, o), (_, e), (_, f) in zip(
-        _named_floats(outputs), _named_floats(eager), _named_floats(reference), strict=True
+        _named_floats(outputs, parts), _named_floats(eager, parts), _named_floats(reference, parts), strict=True
     ):
         o64, e, f64 = _as_real(o).double(), _as_real(e), _as_real(f).double()
         keep = torch.isfinite(o64) & torch.isfinite(e) & torch.isfinite(f64)
@@ -443,6 +473,13 @@ def _batched_outputs(outputs: Any, size: int) -> bool:
     return bool(leaves) and all(t.dim() >= 1 and t.shape[0] == size for t in leaves)
 
 
+def _run_step(step: Callable[[Sequence[Any]], Any], args: Sequence[Any], seed: int) -> Any:
+    """``step(args)`` with torch's RNG seeded and restored (grad as the caller has it: a step may backpropagate)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return step(args)
+
+
 def _same_function(a: Any, b: Any) -> bool:
     """Whether two float64 results agree to far finer than float32 rounds: every element within float32's epsilon
     of the largest magnitude. Coupled batch elements (train-mode BatchNorm statistics over a half batch) differ
@@ -478,52 +515,74 @@ def _conditioning(o: OutputSpread) -> Conditioning:
 
 
 def spread(
-    module: torch.nn.Module,
+    target: torch.nn.Module | Callable[[Sequence[Any]], Any],
     inputs: Sequence[Any],
     reference: Callable[[Sequence[Any]], Any] | Any = None,
     *,
     n: int = 4,
     seed: int = 0,
+    parts: bool = False,
 ) -> Spread:
-    """Run ``module`` on ``inputs`` under its legitimate float32 executions and measure each against float64.
+    """Run ``target`` on ``inputs`` under its legitimate float32 executions and measure each against float64.
 
-    ``reference`` is the float64 outputs for ``inputs``, or a function of the inputs giving them; by default
-    :func:`~esper.numerics.parity.float64_reference`. The executions, each named:
+    ``target`` is a module (run without grad, its buffers restored after each execution) or any function of the
+    inputs returning a pytree of tensors, such as a whole training step (forward, backward, the buffers it
+    updates) that builds its own fresh state each time it is called; with ``parts`` it returns a mapping of named
+    parts (``output``, ``gradient``, ``buffer``), whose tensors are named as judge names them under each part's
+    label. Each execution wraps the whole call: under :class:`Reordered` the backward's contractions and
+    reductions are reordered too.
 
-    - ``eager``: the module as it is (canonical, always first);
+    ``reference`` is the float64 outputs for ``inputs``, or a function of the inputs giving them; for a module
+    by default :func:`~esper.numerics.parity.float64_reference` (a function must be given a reference). The
+    executions, each named:
+
+    - ``eager``: the target as it is (canonical, always first);
     - ``reorder-<i>``: under :class:`Reordered` with seed ``seed + i``, ``i < n``;
     - ``threads-<k>``: on another thread count (1, or 2 where torch runs on one), restored after;
-    - ``sdpa-math``, ``sdpa-math-reorder``: where the module met the fused attention kernel, the math
+    - ``sdpa-math``, ``sdpa-math-reorder``: where the target met the fused attention kernel, the math
       backend instead (:func:`torch.nn.attention.sdpa_kernel`), as is and reordered;
     - ``batch-reversed``, ``batch-halves``: the batch in reverse order, or in two halves, reassembled; only
-      where every input and output leads with one batch size and the float64 module gives the same result
-      that way (a train-mode BatchNorm's halves see other statistics: skipped, with the reason).
+      where every input and output leads with one batch size and the float64 function (a module's float64
+      copy, or a reference given as a function) gives the same result that way (a train-mode BatchNorm's halves
+      see other statistics; a step's parameter gradients sum over the batch: skipped, with the reason).
 
-    Every execution runs without grad, from the same RNG seed and the same buffers (restored after).
+    Every execution runs from the same RNG seed (and for a module without grad, from the same buffers).
     """
     args = list(inputs)
-    own = float64_reference(module, args) if reference is None else None
-    if reference is None:
+    if not isinstance(target, torch.nn.Module) and reference is None:
+        raise ValueError("spread of a function needs its float64 reference (outputs, or a function of inputs)")
+
+    def run(a: Sequence[Any]) -> Any:
+        return _run(target, a, seed) if isinstance(target, torch.nn.Module) else _run_step(target, a, seed)
+
+    exact_of: Callable[[Sequence[Any]], Any] | None = None
+    if callable(reference):
+        exact_of = reference
+    elif isinstance(target, torch.nn.Module):
+        module = target
+        exact_of = lambda a: float64_reference(module, a)  # noqa: E731
+    own = None
+    if reference is None or callable(reference):
+        assert exact_of is not None
+        own = exact_of(args)
         reference = own
-    elif callable(reference):
-        reference = reference(args)
-    eager = _run(module, args, seed)
+    eager = run(args)
     runs: list[tuple[str, Any]] = [("eager", eager)]
     skipped: list[tuple[str, str]] = []
     seen: set[Any] = set()
     for i in range(n):
         mode = Reordered(seed + i)
         with mode:
-            runs.append((f"reorder-{i}", _run(module, args, seed)))
+            runs.append((f"reorder-{i}", run(args)))
         seen |= mode.seen
     threads = 1 if torch.get_num_threads() > 1 else 2
     with _threads(threads):
-        runs.append((f"threads-{threads}", _run(module, args, seed)))
+        runs.append((f"threads-{threads}", run(args)))
     if seen & _FUSED_ATTENTION:
         with sdpa_kernel([SDPBackend.MATH]):
-            runs.append(("sdpa-math", _run(module, args, seed)))
+            runs.append(("sdpa-math", run(args)))
             with Reordered(seed + n):
-                runs.append(("sdpa-math-reorder", _run(module, args, seed)))
+                runs.append(("sdpa-math-reorder", run(args)))
     else:
         skipped.append(("sdpa-math", "the module runs no fused attention kernel"))
     size = _leading(args)
@@ -531,24 +590,33 @@ def spread(
         if size is None or not _batched_outputs(eager, size):
             skipped.append((name, "inputs and outputs do not all lead with one batch size of 2 or more"))
             continue
+        if exact_of is None:
+            skipped.append((name, "no float64 function of the inputs to check the batch split against"))
+            continue
         if own is None:
-            own = float64_reference(module, args)
-        if not _same_function(_in_batches(lambda part: float64_reference(module, part), args, chunks, back), own):
+            own = exact_of(args)
+        if not _same_function(_in_batches(exact_of, args, chunks, back), own):
             skipped.append((name, "the float64 module gives another result: its batch elements are coupled"))
             continue
-        runs.append((name, _in_batches(lambda part: _run(module, part, seed), args, chunks, back)))
-    executions = tuple(Execution(name, errors_of(out, reference, eager)) for name, out in runs)
+        runs.append((name, _in_batches(run, args, chunks, back)))
+    executions = tuple(Execution(name, errors_of(out, reference, eager, parts=parts)) for name, out in runs)
     outputs = tuple(
-        _output_spread(k, name, f, eager, executions) for k, (name, f) in enumerate(_named_floats(reference))
+        _output_spread(k, name, f, eager, executions, parts)
+        for k, (name, f) in enumerate(_named_floats(reference, parts))
     )
+    return Spread(executions, outputs, tuple(skipped), _overall(outputs))
+
+
+def _overall(outputs: Sequence[OutputSpread]) -> Conditioning:
     verdicts = {o.conditioning for o in outputs}
-    overall = next((c for c in (Conditioning.ILL, Conditioning.WELL) if c in verdicts), Conditioning.UNRESOLVED)
-    return Spread(executions, outputs, tuple(skipped), overall)
+    return next((c for c in (Conditioning.ILL, Conditioning.WELL) if c in verdicts), Conditioning.UNRESOLVED)
 
 
-def _output_spread(k: int, name: str, exact: torch.Tensor, eager: Any, executions: Sequence[Execution]) -> OutputSpread:
+def _output_spread(
+    k: int, name: str, exact: torch.Tensor, eager: Any, executions: Sequence[Execution], parts: bool = False
+) -> OutputSpread:
     """The ``k``-th floating output's spread over ``executions``."""
-    e = _named_floats(eager)[k][1]
+    e = _named_floats(eager, parts)[k][1]
     keep = torch.isfinite(_as_real(e)) & torch.isfinite(_as_real(exact))
     rms = float(_as_real(exact).double()[keep].pow(2).mean().sqrt()) if bool(keep.any()) else 0.0
     rmse = tuple(x.errors[k].rmse for x in executions)
@@ -617,17 +685,124 @@ def allowed_error(
     return Yardstick(tuple(allowed))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Judging a failed case again against the yardstick.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rmse_alone(o: parity.OutputVerdict) -> bool:
+    """Whether an output failed the RMSE rule and nothing else: its NaN/inf placement stood, the RMSE rule
+    applied (the reference stands above eager's rounding) and broke, and the pointwise rule held."""
+    return o.nonfinite_ok and o.resolved and o.rmse_compiled > o.allowed_rmse and o.max_abs <= o.allowed_abs
+
+
+def calibratable(verdicts: Mapping[str, parity.ParityVerdict]) -> bool:
+    """Whether a failed case may be judged again against the calibrated yardstick (:func:`calibrate`): it
+    failed, and every failing output of every part failed the RMSE rule alone (a structural failure, a NaN or
+    inf where eager and float64 do not allow one, or an element beyond the pointwise rule stand)."""
+    failing = [v for v in verdicts.values() if not v.passed]
+    return bool(failing) and all(
+        any(not o.passed for o in v.outputs) and all(_rmse_alone(o) for o in v.outputs if not o.passed) for v in failing
+    )
+
+
+@dataclass(frozen=True)
+class PartCalibration:
+    """One part's judgement against the calibrated yardstick: whether its failing outputs are within it (else
+    ``reason``: the first beyond), and what the legitimate executions said of the part (its worst spread ratio,
+    its worst disagreement with eager in ulps, its conditioning)."""
+
+    part: str
+    admitted: bool
+    reason: str
+    spread_ratio: float
+    disagreement_ulps: float
+    conditioning: Conditioning
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A case judged again against the calibrated yardstick: the verdicts (the re-judged outputs passed, with the
+    yardstick's RMSE bound as ``allowed_rmse``, where every failing one is within it; else as they were), and per
+    re-judged part what the executions said."""
+
+    verdicts: dict[str, parity.ParityVerdict]
+    parts: tuple[PartCalibration, ...]
+
+    @property
+    def admitted(self) -> bool:
+        return bool(self.parts) and all(p.admitted for p in self.parts)
+
+
+def _scaled(factor: float) -> Callable[[int, torch.dtype], float]:
+    """Judge's multiplier rule times ``factor``."""
+    return lambda numel, dtype: parity.multiplier(numel, dtype) * factor
+
+
+def calibrate(
+    verdicts: Mapping[str, parity.ParityVerdict],
+    spread: Spread,
+    reductions: Mapping[str, float] | None = None,
+) -> Calibrated:
+    """``verdicts`` (one :func:`~esper.numerics.parity.judge` per part, e.g. a training step's ``output``,
+    ``gradient``, ``buffer``) judged again where :func:`calibratable`: each failing output's RMSE against float64
+    against :func:`allowed_error` of ``spread`` (the legitimate executions of the same call, its outputs named as
+    judge names them), with the part's rule: judge's multiplier times ``reductions[part]`` (by default
+    :data:`~esper.numerics.parity.REDUCTION` for ``gradient`` and ``buffer``, as judge applies it). Only the RMSE
+    rule is widened, only as far as the executions go times that multiplier; the case passes only if every
+    failing output of every part is within it."""
+    verdicts = dict(verdicts)
+    if not calibratable(verdicts):
+        return Calibrated(verdicts, ())
+    factors = {"gradient": parity.REDUCTION, "buffer": parity.REDUCTION} if reductions is None else reductions
+    out, parts = dict(verdicts), []
+    for label, v in verdicts.items():
+        if v.passed:
+            continue
+        mine = spread.part(label)
+        factor = factors.get(label, 1.0)
+        allowed = {a.name: a for a in allowed_error(mine, _scaled(factor)).outputs}
+        reason, outputs = "", []
+        for o in v.outputs:
+            bound = allowed.get(o.name)
+            if o.passed:
+                outputs.append(o)
+            elif bound is None:
+                reason = reason or f"{o.name}: no legitimate execution measured it"
+            elif o.rmse_compiled > bound.rmse:
+                reason = reason or (
+                    f"{o.name}: RMSE against float64 {o.rmse_compiled:.3g} exceeds {bound.rmse:.3g}, the multiplier "
+                    f"rule on the largest error of the legitimate executions ({bound.conditioning})"
+                )
+            else:
+                outputs.append(replace(o, passed=True, reason="", allowed_rmse=bound.rmse))
+        parts.append(
+            PartCalibration(
+                label, not reason, reason, mine.worst_ratio, mine.worst_disagreement_ulps, mine.conditioning
+            )
+        )
+        if not reason:
+            out[label] = replace(v, passed=True, reason="", outputs=tuple(outputs))
+    if any(not p.admitted for p in parts):
+        return Calibrated(verdicts, tuple(parts))
+    return Calibrated(out, tuple(parts))
+
+
 __all__ = [
     "ILL_CONDITIONED_ULPS",
     "Allowed",
+    "Calibrated",
     "Conditioning",
     "Execution",
     "OutputError",
     "OutputSpread",
+    "PartCalibration",
     "Reordered",
     "Spread",
     "Yardstick",
     "allowed_error",
+    "calibratable",
+    "calibrate",
     "errors_of",
     "spread",
 ]

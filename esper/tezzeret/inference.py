@@ -110,8 +110,10 @@ def timing(latency: Latency) -> Timing:
 
 
 def constant_schema(module: torch.nn.Module, loaded: CompiledPackage) -> dict[str, dict[str, Any]]:
-    """Name, shape and dtype of each weight the package holds (what a seed's own weights must match)."""
-    state = module.state_dict()
+    """Name, shape and dtype of each tensor the package holds (what a seed's own tensors must match): a weight or
+    buffer of the state dict, or a non-persistent buffer, which no state dict holds but the compiled code may
+    read all the same (a position table sliced to a dynamic length is no constant Inductor can fold)."""
+    state = {**dict(module.named_buffers()), **module.state_dict()}
     return {
         name: {"shape": list(state[name].shape), "dtype": str(state[name].dtype).removeprefix("torch.")}
         for name in sorted(loaded.constant_names())

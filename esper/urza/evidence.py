@@ -27,6 +27,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from esper.urza.schema import Entry, EntryEngine
@@ -34,13 +35,16 @@ from esper.urza.schema import Entry, EntryEngine
 __all__ = [
     "EVIDENCE_VERSION",
     "CertificationRecord",
+    "CertifiedContract",
     "CertifiedParity",
     "CertifiedWeights",
     "CompileRecord",
+    "Conditioning",
     "DecisionRecord",
     "Evidence",
     "Meta",
     "Parity",
+    "PartConditioning",
     "Performance",
     "RegionCell",
     "RouteTable",
@@ -55,8 +59,10 @@ __all__ = [
 
 #: The evidence layout this release writes. Rows without a ``version`` are the layout of the releases before it
 #: (the same keys, unversioned), which the reader reads alike. Version 2 adds certification's ``weights`` (which
-#: weight sets a compiled entry is certified for); rows of version 1 read it as not recorded.
-EVIDENCE_VERSION = 2
+#: weight sets a compiled entry is certified for); rows of version 1 read it as not recorded. Version 3 adds
+#: certification's ``conditioning`` (per part, the cases judged against the calibrated yardstick) and ``contract``
+#: (the contract clauses' figures); rows of earlier versions read them as not recorded.
+EVIDENCE_VERSION = 3
 
 COMPILED = "compiled"
 EAGER = "eager"
@@ -270,11 +276,90 @@ class CertifiedWeights:
         return _put(out, folded=self.folded, cases=self.cases)
 
 
+class Conditioning(StrEnum):
+    """Whether the legitimate float32 executions of a part agreed with each other, as recorded: the values of
+    :class:`esper.numerics.executions.Conditioning` (the store reads them without torch)."""
+
+    WELL = "well-conditioned"
+    ILL = "ill-conditioned"
+    UNRESOLVED = "unresolved"  # the float64 value is no larger than eager's own rounding: nothing to measure
+
+
+def _conditioning(value: Any) -> Conditioning | None:
+    return Conditioning(value) if value in {c.value for c in Conditioning} else None
+
+
+@dataclass(frozen=True)
+class PartConditioning:
+    """One part's (output, gradient, buffer) cases that failed the RMSE rule alone and were judged again against
+    the spread of eager's legitimate float32 executions (esper.numerics.executions): how many (``rejudged``) and
+    how many of them passed (``admitted``), the executions' worst spread ratio (largest over smallest RMSE
+    against float64) and worst disagreement with eager (ulps of the reference's RMS) over those cases, and the
+    part's conditioning (ill where any case's executions disagreed beyond rounding)."""
+
+    rejudged: int | None = None
+    admitted: int | None = None
+    spread_ratio: float | None = None
+    disagreement_ulps: float | None = None
+    conditioning: Conditioning | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("rejudged", "admitted", "spread_ratio", "disagreement_ulps", "conditioning")
+
+    @classmethod
+    def from_json(cls, raw: Any) -> PartConditioning | None:
+        if not isinstance(raw, Mapping):
+            return None
+        return cls(
+            rejudged=_count(raw.get("rejudged")),
+            admitted=_count(raw.get("admitted")),
+            spread_ratio=_number(raw.get("spread_ratio")),
+            disagreement_ulps=_number(raw.get("disagreement_ulps")),
+            conditioning=_conditioning(raw.get("conditioning")),
+            extra=_extra(raw, cls._KEYS),
+        )
+
+    def to_json(self) -> JSON:
+        return _put(
+            dict(self.extra),
+            rejudged=self.rejudged,
+            admitted=self.admitted,
+            spread_ratio=self.spread_ratio,
+            disagreement_ulps=self.disagreement_ulps,
+            conditioning=None if self.conditioning is None else str(self.conditioning),
+        )
+
+
+@dataclass(frozen=True)
+class CertifiedContract:
+    """The contract clauses (esper.certification.contract) judged on a candidate's parity calls: how many calls
+    (``cases``) and tensors, and the breaches per clause (none on a certified entry)."""
+
+    cases: int | None = None
+    tensors: int | None = None
+    breaches: Mapping[str, int] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("cases", "tensors", "breaches")
+
+    @classmethod
+    def from_json(cls, raw: Any) -> CertifiedContract | None:
+        if not isinstance(raw, Mapping) or not raw:
+            return None
+        breaches = {str(k): n for k, v in _mapping(raw.get("breaches")).items() if (n := _count(v)) is not None}
+        return cls(_count(raw.get("cases")), _count(raw.get("tensors")), breaches, _extra(raw, cls._KEYS))
+
+    def to_json(self) -> JSON:
+        return _put({**self.extra, "breaches": dict(self.breaches)}, cases=self.cases, tensors=self.tensors)
+
+
 @dataclass(frozen=True)
 class CertifiedParity:
     """Certification's parity over every case it judged: cases, the largest |compiled - eager|, the worst RMSE
     against float64 (compiled's, eager's, their ratio), and the detail it was judged with (``parts``: per part
-    output/gradient/buffer; ``coverage``; ``rule``; ``tolerance``), kept as recorded."""
+    output/gradient/buffer; ``coverage``; ``rule``; ``tolerance``), kept as recorded; ``conditioning``: per
+    part, the cases judged again against the calibrated yardstick (absent: none was); ``contract``: the
+    contract clauses' figures on the same calls."""
 
     cases: int | None = None
     max_abs: float | None = None
@@ -289,6 +374,8 @@ class CertifiedParity:
     rule: Mapping[str, Any] = field(default_factory=dict)
     tolerance: Mapping[str, Any] = field(default_factory=dict)
     weights: CertifiedWeights | None = None
+    conditioning: Mapping[str, PartConditioning] = field(default_factory=dict)
+    contract: CertifiedContract | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _SCALARS = (
@@ -311,7 +398,13 @@ class CertifiedParity:
             guards_refused=_count(raw.get("guards_refused")),
             **{k: dict(_mapping(raw.get(k))) for k in cls._DETAIL},
             weights=CertifiedWeights.from_json(raw.get("weights")),
-            extra=_extra(raw, (*cls._SCALARS, *cls._DETAIL, "weights")),
+            conditioning={
+                str(k): part
+                for k, v in _mapping(raw.get("conditioning")).items()
+                if (part := PartConditioning.from_json(v)) is not None
+            },
+            contract=CertifiedContract.from_json(raw.get("contract")),
+            extra=_extra(raw, (*cls._SCALARS, *cls._DETAIL, "weights", "conditioning", "contract")),
         )
 
     def to_json(self) -> JSON:
@@ -320,7 +413,15 @@ class CertifiedParity:
         out.update({k: dict(getattr(self, k)) for k in self._DETAIL})
         if self.weights is not None:
             out["weights"] = self.weights.to_json()
+        if self.conditioning:
+            out["conditioning"] = {k: v.to_json() for k, v in self.conditioning.items()}
+        if self.contract is not None:
+            out["contract"] = self.contract.to_json()
         return out
+
+    def ill_conditioned(self) -> tuple[str, ...]:
+        """The parts recorded as ill-conditioned."""
+        return tuple(k for k, v in self.conditioning.items() if v.conditioning is Conditioning.ILL)
 
 
 @dataclass(frozen=True)
@@ -749,6 +850,8 @@ class Evidence:
             "p95_ms": {k: _r(v.side(COMPILED).p95_ms) for k, v in table.items()},
             "eager_p50_ms": {k: _r(v.side(EAGER).p50_ms) for k, v in table.items()},
             "speedup": _r(self.speedup(), 3),
+            # Parts whose legitimate float32 executions disagree far beyond rounding: judged against their spread.
+            "ill_conditioned": list(self.parity.certify.ill_conditioned()) if self.parity.certify else [],
             "failed_check": e.failed_check,
             "reason": reason[0][:120] if reason else None,
             "updated": e.updated_at,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,74 @@ def test_rejudge_rereads_a_recorded_study(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "stability.json").read_text())
     assert list(summary["gate_false_alarms"]) == ["2"] and summary["options"]["neighbour"] == "pair"
     assert "Release gate false alarms" in (tmp_path / "stability.md").read_text()
+
+
+def cmp(ratio: float, low: float, high: float, margin: float = 0.05) -> dict[str, float]:
+    return {"ratio": ratio, "ratio_low": low, "ratio_high": high, "margin": margin}
+
+
+def test_best_ratios_take_each_keys_lowest_candidate() -> None:
+    rows = [
+        {"blueprint": "mlp", "artifact": "inference", "profile": "default", "variant": "default",
+         "comparisons": {"batch=2": cmp(0.9, 0.85, 0.95), "batch=8": cmp(0.7, 0.6, 0.8)}},
+        {"blueprint": "mlp", "artifact": "inference", "profile": "default", "variant": "freezing",
+         "comparisons": {"batch=2": cmp(0.8, 0.75, 0.85), "batch=8": None}},
+        {"blueprint": "se", "artifact": "inference", "profile": "default", "variant": "default", "comparisons": {}},
+    ]  # fmt: skip
+    best = stability.best_ratios(rows)
+    assert list(best) == ["mlp/inference/default"]
+    assert best["mlp/inference/default"] == {
+        "variant": "default", "shape": "batch=8", "ratio": 0.7, "low": 0.6, "high": 0.8, "margin": 0.05,
+    }  # fmt: skip
+
+
+def interval(low: float, high: float, margin: float = 0.05) -> dict[str, float]:
+    return {"ratio": (low + high) / 2, "low": low, "high": high, "margin": margin}
+
+
+def test_a_change_is_explained_only_where_the_intervals_reach_across_the_winning_line() -> None:
+    # One run's interval straddles 0.95, or the runs' spread does: a ratio at the line, either decision fair.
+    assert stability.explained([interval(0.90, 0.97), interval(0.96, 1.02)])
+    assert stability.explained([interval(0.90, 0.94), interval(0.96, 1.00)])
+    # Every run clearly wins, or clearly does not: a route that changed anyway did not reproduce.
+    assert not stability.explained([interval(0.50, 0.60), interval(0.55, 0.65)])
+    assert not stability.explained([interval(0.97, 1.10), interval(1.00, 1.20)])
+    assert not stability.explained([])
+    # The line follows the margin.
+    assert stability.explained([interval(0.88, 0.92, margin=0.1)])
+
+
+def test_route_changes_and_p2_spread_are_judged_and_reported() -> None:
+    key, other, variants = "mlp/inference/default", "se/inference/default", "sw/inference/default"
+    a = replace(
+        run(1, {key: "default", other: "default", variants: "default"}),
+        ratios={key: interval(0.90, 0.97), other: interval(0.5, 0.6), variants: interval(0.5, 0.6)},
+        p2={"representative": 0.60, "grid": 0.75, "slower": 0},
+    )
+    b = replace(
+        run(2, {key: "eager", other: "eager", variants: "freezing"}),
+        ratios={key: interval(0.96, 1.02), other: interval(0.5, 0.6), variants: interval(0.5, 0.6)},
+        p2={"representative": 0.63, "grid": 0.82, "slower": 1},
+    )
+    moved = stability.route_changes([a, b])
+    assert moved[key]["explained"] and not moved[key]["variant_only"]
+    assert not moved[other]["explained"]
+    assert moved[variants]["variant_only"] and moved[variants]["explained"]
+    summary = stability.summarize([a, b], {"neighbour": "none", "threads": 2, "ci": False})
+    assert summary["unexplained_route_changes"] == [other]
+    assert summary["p2_spread"] == {"representative": 0.03, "grid": 0.07}
+    assert summary["p2_within"] is False  # the grid's P2 moved by more than 0.05
+    text = stability.markdown(summary)
+    assert f"Route changes the margin does not explain: 1 ({other})" in text
+    assert f"| {other} | 1: default 0.55 [0.50-0.60]; 2: eager 0.55 [0.50-0.60] | **no** |" in text
+    assert "| 2 | 0.630 | 0.820 | 1 |" in text
+    assert "representative 0.030, grid 0.070; limit 0.05: **exceeded**" in text
+    quiet = stability.summarize([a, replace(b, p2={"representative": 0.62, "grid": 0.77})], {"neighbour": "none"})
+    assert quiet["p2_within"] is True
+
+
+def test_p2_spread_needs_two_measured_runs() -> None:
+    assert stability.p2_spread([replace(run(1, {}), p2={"representative": 0.6, "grid": None}), run(2, {})]) == {
+        "representative": None,
+        "grid": None,
+    }

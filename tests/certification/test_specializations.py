@@ -62,6 +62,9 @@ def test_the_rest_of_the_range_is_a_certified_eager_route(certified: Path) -> No
     eager = [e for e in rows(certified) if e.profile == "default" and e.status == EntryStatus.CERTIFIED]
     assert len(eager) == 1 and eager[0].engine == EntryEngine.EAGER
     assert eager[0].guards is not None and eager[0].guards.dim_ranges() == {"batch": (1, 16), "seq": (2, 96)}
+    # Its decision says why no compiled code serves there: the whole-range compile fell back (seq held exact).
+    note = eager[0].meta["certification"]["decision"]["note"]
+    assert note.startswith("seq cannot stay dynamic (export failed: "), note
 
 
 def test_kasmina_serves_the_exact_sizes_compiled_and_eager_elsewhere_without_warning(

@@ -88,7 +88,11 @@ def test_routing_picks_the_entry_whose_guards_accept(urza_copy: Path, caplog: py
                 status="certified",
                 checksum=checksum,
                 artifact_size=size,
-                meta={**meta, "representative": [{"batch": 20}]},
+                meta={
+                    **meta,
+                    "representative": [{"batch": 20}],
+                    "certification": {"decision": {"winner": None, "ratio": 1.3, "note": "compiled loses at 1.3x"}},
+                },
             )
         )
     caplog.set_level(logging.INFO, "esper.kasmina")
@@ -104,7 +108,9 @@ def test_routing_picks_the_entry_whose_guards_accept(urza_copy: Path, caplog: py
     assert kernel.select((torch.randn(33, 8),))[0] is None
     # The eager profile is a decision with evidence: INFO once, never a WARNING.
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any("certified to run eager" in r.getMessage() for r in caplog.records)
+    # It says why, in certification's own words.
+    said = [r.getMessage() for r in caplog.records]
+    assert any("certified to run eager" in m and "compiled loses at 1.3x" in m for m in said), said
 
 
 def test_a_profile_where_no_variant_beats_eager_with_confidence_routes_eager(tmp_path: Path) -> None:

@@ -6,6 +6,10 @@ accumulation and admit a clean float32 reordering."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +19,16 @@ from esper.numerics.executions import (
     Conditioning,
     Reordered,
     allowed_error,
+    calibratable,
+    calibrate,
     errors_of,
     spread,
 )
-from esper.numerics.parity import float64_reference, judge
+from esper.numerics.gradients import exact_step, floating_buffers, gradients
+from esper.numerics.gradients import upstream as gradient_upstream
+from esper.numerics.parity import REDUCTION, float64_reference, judge, multiplier
+
+aten = torch.ops.aten
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -382,3 +392,183 @@ def test_a_reference_may_be_given_as_outputs_or_a_function() -> None:
     with torch.no_grad():
         (out,) = spread(mlp, args, mlp(*args), n=1).outputs
     assert out.canonical_rmse == 0 < by_default.outputs[0].canonical_rmse
+
+
+# -- a whole training step: forward, backward, buffer updates -------------------------------------------------
+
+
+def _step(module: nn.Module, seed: int = 0) -> Callable[[Sequence[torch.Tensor]], dict[str, Any]]:
+    """One training step of a fresh copy of ``module``, its parts named as certification judges them."""
+
+    def run(args: Sequence[torch.Tensor]) -> dict[str, Any]:
+        fresh = copy.deepcopy(module)
+        out, grads = gradients(fresh, args, seed=seed)
+        return {"output": out.detach(), "gradient": grads, "buffer": floating_buffers(fresh)}
+
+    return run
+
+
+def _exact_step(module: nn.Module, args: Sequence[torch.Tensor], seed: int = 0) -> dict[str, Any]:
+    out, grads, buffers = exact_step(module, args, seed=seed)
+    return {"output": out.detach(), "gradient": grads, "buffer": buffers}
+
+
+def _judged(got: dict[str, Any], eager: dict[str, Any], exact: dict[str, Any], tol: float) -> dict[str, Any]:
+    return {
+        part: judge(got[part], eager[part], exact[part], atol=tol, rtol=tol, label=part, reduction=factor)
+        for part, factor in (("output", 1.0), ("gradient", REDUCTION), ("buffer", REDUCTION))
+    }
+
+
+def _train_mlp() -> nn.Module:
+    return _mlp().train()
+
+
+def _shifted_bn() -> tuple[nn.Module, list[torch.Tensor]]:
+    """A Linear before a train-mode BatchNorm fed inputs of ~1e3 that differ by ~1: the weight gradient sums
+    terms of ~1e3 that cancel (the BatchNorm's backward has zero batch mean) to ~1, so the batch order of its
+    sum decides thousands of ulps."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8)).train()
+    return module, [1e3 + torch.randn(16, 16, generator=_gen())]
+
+
+def test_a_step_spread_reorders_the_backward_and_names_parts_as_judge_does() -> None:
+    module, args = _train_mlp(), [torch.randn(64, 32, generator=_gen())]
+    exact = _exact_step(module, args)
+    s = spread(_step(module), args, exact, n=3, parts=True)
+    names = [o.name for o in s.outputs]
+    assert names[0] == "output" and "gradient['0.weight']" in names and "gradient['input 0']" in names
+    verdict = judge(
+        _step(module)(args)["gradient"], exact["gradient"], exact["gradient"], atol=0, rtol=0, label="gradient"
+    )
+    assert {o.name for o in verdict.outputs} == {n for n in names if n.startswith("gradient")}
+    # The backward is reordered too: a gradient of a reordered execution is not eager's bit for bit.
+    eager, seen = _step(module)(args), Reordered(0)
+    with seen:
+        reordered = _step(module)(args)
+    assert aten.mm.default in seen.seen and not torch.equal(
+        reordered["gradient"]["0.weight"], eager["gradient"]["0.weight"]
+    )
+    # A step's parameter gradients sum over the batch: no batch execution is one of its legitimate executions.
+    assert {"batch-reversed", "batch-halves"} <= dict(s.skipped).keys()
+    assert s.conditioning is Conditioning.WELL and s.part("gradient").conditioning is Conditioning.WELL
+    for out in s.part("gradient").outputs:
+        assert out.disagreement_ulps < 16, out.name
+
+
+class LowPrecisionGrad(torch.autograd.Function):
+    """``x @ w.T`` whose weight gradient is accumulated in a lower precision (a seeded precision defect): the
+    forward and the input gradient stay float32."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.dtype = dtype
+        return x @ w.T
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, w = ctx.saved_tensors
+        return g @ w, (g.to(ctx.dtype).T @ x.to(ctx.dtype)).float(), None
+
+
+def _swap_linears(module: nn.Module, dtype: torch.dtype) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            layer.forward = (  # type: ignore[method-assign]
+                lambda x, lin=layer: LowPrecisionGrad.apply(x, lin.weight, dtype) + lin.bias
+            )
+
+
+def _defective_step(module: nn.Module, args: Sequence[torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
+    defect = copy.deepcopy(module)
+    _swap_linears(defect, dtype)  # on this copy: a further deep copy would keep the lambdas' original layers
+    out, grads = gradients(defect, args, seed=0)
+    return {"output": out.detach(), "gradient": grads, "buffer": floating_buffers(defect)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_step_yardstick_still_rejects_a_weight_gradient_accumulated_in_lower_precision(dtype: torch.dtype) -> None:
+    module, args = _train_mlp(), [torch.randn(64, 32, generator=_gen())]
+    exact, eager = _exact_step(module, args), _step(module)(args)
+    defect = _defective_step(module, args, dtype)
+    assert torch.equal(defect["output"], eager["output"])  # the forward is eager's: only the gradient is wrong
+    s = spread(_step(module), args, exact, n=4, parts=True)
+    # Inside a loose declared tolerance (the pointwise rule holds) ...
+    verdicts = _judged(defect, eager, exact, tol=0.5)
+    assert not verdicts["gradient"].passed and calibratable(verdicts), verdicts["gradient"].reason
+    # ... but beyond what any legitimate float32 execution of the step rounds to: still rejected.
+    calibrated = calibrate(verdicts, s)
+    assert not calibrated.admitted and calibrated.verdicts == verdicts
+    (part,) = calibrated.parts
+    assert part.part == "gradient" and "weight']: RMSE against float64" in part.reason
+
+
+def test_the_step_yardstick_still_rejects_a_bfloat16_weight_gradient_where_the_step_is_ill_conditioned() -> None:
+    module, args = _shifted_bn()
+    exact, eager = _exact_step(module, args), _step(module)(args)
+    s = spread(_step(module), args, exact, n=4, parts=True)
+    assert s.part("gradient").conditioning is Conditioning.ILL
+    verdicts = _judged(_defective_step(module, args, torch.bfloat16), eager, exact, tol=0.5)
+    assert not verdicts["gradient"].passed
+    calibrated = calibrate(verdicts, s)
+    assert not calibrated.verdicts["gradient"].passed and not calibrated.admitted
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_step_yardstick_admits_gradients_summed_over_the_batch_in_another_order(seed: int) -> None:
+    module, args = _train_mlp(), [torch.randn(64, 32, generator=_gen())]
+    exact, eager = _exact_step(module, args), _step(module)(args)
+    s = spread(_step(module), args, exact, n=4, parts=True)
+    # The clean twin: the same step on the batch in a seeded other order (the upstream gradient permuted with
+    # it), the input gradient put back: every parameter gradient is its batch sum in another float32 order.
+    p = torch.randperm(64, generator=_gen(seed))
+    fresh = copy.deepcopy(module)
+    x = args[0][p].clone().requires_grad_(True)
+    out = fresh(x)
+    (upstream,) = gradient_upstream([eager["output"]], 0)
+    params = list(fresh.named_parameters())
+    grads = torch.autograd.grad(out, [x, *(w for _, w in params)], upstream[p])
+    twin = {
+        "output": out.detach()[torch.argsort(p)],
+        "gradient": {
+            "input 0": grads[0][torch.argsort(p)],
+            **{n: g for (n, _), g in zip(params, grads[1:], strict=True)},
+        },
+        "buffer": {},
+    }
+    assert not torch.equal(twin["gradient"]["0.weight"], eager["gradient"]["0.weight"])  # it rounds otherwise
+    for part, factor in (("output", 1.0), ("gradient", REDUCTION)):
+        rule = allowed_error(s.part(part), lambda numel, dtype, f=factor: multiplier(numel, dtype) * f)
+        got = errors_of({part: twin[part]}, {part: exact[part]}, {part: eager[part]}, parts=True)
+        assert rule.admits(got), rule.excess(got)
+
+
+def test_an_ill_conditioned_gradient_is_judged_against_the_spread_and_recorded_as_such() -> None:
+    module, args = _shifted_bn()
+    exact, eager = _exact_step(module, args), _step(module)(args)
+    s = spread(_step(module), args, exact, n=4, parts=True)
+    weight = s.part("gradient['0.weight']")
+    (out,) = weight.outputs
+    assert weight.conditioning is Conditioning.ILL and out.disagreement_ulps > 1000
+    # A weight gradient off float64 by a little more than judge's gradient rule grants eager's own error, and
+    # less than it grants the executions' largest: rejected by the one-sample rule, within the rule applied to
+    # the spread.
+    e = eager["gradient"]["0.weight"]
+    f = exact["gradient"]["0.weight"]
+    noise = torch.randn(e.shape, generator=_gen(3), dtype=torch.float64)
+    m = multiplier(out.numel, out.dtype) * REDUCTION
+    assert out.rmse_max > 1.25 * out.canonical_rmse  # the executions reach well past eager's one sample
+    target = min(1.1 * m * out.canonical_rmse, 0.9 * m * out.rmse_max)
+    got = {
+        **eager,
+        "gradient": {**eager["gradient"], "0.weight": (f + noise * target / noise.pow(2).mean().sqrt()).float()},
+    }
+    verdicts = _judged(got, eager, exact, tol=1e-3)
+    assert not verdicts["gradient"].passed and calibratable(verdicts), verdicts["gradient"].reason
+    calibrated = calibrate(verdicts, s)
+    assert calibrated.admitted and all(v.passed for v in calibrated.verdicts.values())
+    (part,) = calibrated.parts
+    assert (part.part, part.conditioning) == ("gradient", Conditioning.ILL)
+    assert part.disagreement_ulps > 1000 and part.spread_ratio >= 1.0

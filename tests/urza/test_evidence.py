@@ -32,6 +32,7 @@ from esper.urza.evidence import (
     ShapeParity,
     ShapeTiming,
     Timing,
+    summarize,
 )
 from tests.support import FIXTURES
 
@@ -197,3 +198,42 @@ def test_report_and_summary_read_old_rows() -> None:
     routed = routed_latency(Bp(), [entry])  # type: ignore[arg-type]
     assert routed[label].compiled == Timing.from_json(figures["compiled"])
     assert routed[label].eager == Timing.from_json(figures["eager"])
+
+
+def test_the_conditioning_and_contract_figures_round_trip_and_old_rows_read_them_as_not_recorded() -> None:
+    from esper.urza.evidence import CertifiedContract, Conditioning, PartConditioning
+
+    parity = CertifiedParity(
+        cases=3,
+        conditioning={"gradient": PartConditioning(2, 1, 1.8, 3.5e5, Conditioning.ILL)},
+        contract=CertifiedContract(cases=3, tensors=12, breaches={"mutation": 1}),
+    )
+    stored = json.loads(json.dumps(Parity(certify=parity).to_json()))
+    assert stored["certify"]["conditioning"]["gradient"]["conditioning"] == "ill-conditioned"
+    assert Parity.from_json(stored).certify == parity
+    # A value the reader does not know reads as not recorded; the rest of the part stays.
+    stored["certify"]["conditioning"]["gradient"]["conditioning"] = "wobbly"
+    read = Parity.from_json(stored).certify
+    assert read is not None and read.conditioning["gradient"].conditioning is None
+    assert read.conditioning["gradient"].rejudged == 2
+    for raw in OLD:
+        certify = Parity.from_json(raw["parity"]).certify
+        if certify is not None:
+            assert (dict(certify.conditioning), certify.contract, certify.ill_conditioned()) == ({}, None, ())
+            assert certify.cases == raw["parity"]["certify"]["cases"]
+
+
+def test_the_summary_row_names_the_ill_conditioned_parts() -> None:
+    from esper.urza.evidence import Conditioning, PartConditioning
+
+    raw = by("inference", "aoti", "certified")
+    parity = CertifiedParity(
+        cases=3,
+        conditioning={
+            "gradient": PartConditioning(2, 1, 1.8, 3.5e5, Conditioning.ILL),
+            "output": PartConditioning(1, 1, 1.1, 3.0, Conditioning.WELL),
+        },
+    )
+    entry = old_entry(raw).with_(parity=Parity(certify=parity).to_json())
+    assert summarize(entry)["ill_conditioned"] == ["gradient"]
+    assert summarize(old_entry(raw))["ill_conditioned"] == []
