@@ -426,11 +426,13 @@ def read_ratios(urza: Path) -> dict[str, dict[str, Any]]:
     return best_ratios(rows)
 
 
-def measure_p2(folder: Path, k: str | None) -> dict[str, float | None] | None:
+def measure_p2(folder: Path, k: str | None, rounds: int | None = None) -> dict[str, float | None] | None:
     """P2 on the run's Urza (:mod:`benchmarks.grid` in a subprocess, written to ``<run>/p2.json``): at the
-    representative shapes and over the grid (``None`` when it could not be measured)."""
+    representative shapes and over the grid (``None`` when it could not be measured); ``rounds``: the grid's
+    interleaved rounds per point (default: its own)."""
     target = folder / "p2.json"
     cmd = [sys.executable, "-m", "benchmarks.grid", "--urza", str(folder / "urza.db"), "--json", str(target)]
+    cmd += ["--rounds", str(rounds)] if rounds else []
     cmd += ["-k", k] if k and k.isidentifier() else []  # a plain name only; an expression measures everything
     with (folder / "p2.log").open("w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -477,7 +479,7 @@ def with_p2(run: Run, opts: argparse.Namespace) -> Run:
     """``run`` with P2 measured on its Urza, unless ``--no-p2``."""
     if not getattr(opts, "p2", False):
         return run
-    return replace(run, p2=measure_p2(Path(opts.out) / f"run-{run.index}", opts.k))
+    return replace(run, p2=measure_p2(Path(opts.out) / f"run-{run.index}", opts.k, getattr(opts, "p2_rounds", None)))
 
 
 def certify_once(index: int, opts: argparse.Namespace) -> Run:
@@ -682,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="measure P2 on each run's Urza after it (benchmarks.grid; default on)",
     )
+    parser.add_argument("--p2-rounds", type=int, default=None, help="the grid's interleaved rounds per point")
     parser.add_argument("--matmul-loop", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--report", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
