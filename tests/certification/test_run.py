@@ -45,8 +45,9 @@ def test_each_kind_has_its_own_candidates_and_checks(certification: BlueprintCer
     assert len(DEFAULT_VARIANTS) >= 2
     # Training: one artifact over the whole declared range, default variant, then its exact-size
     # specializations (compiled only where the compiled step cannot keep a dim dynamic).
-    assert list(training.candidates)[0] == "default/default"
-    assert all("@" in cid and cid.endswith("/default") for cid in list(training.candidates)[1:])
+    whole, *specializations = training.candidates
+    assert whole == "default/default"
+    assert all("@" in cid and cid.endswith("/default") for cid in specializations)
     assert training.candidates["default/default"].ranges == {"batch": (1, 64)}
     # Each specialization is timed at the measured shape its held sizes come from.
     assert plan.latency_cases(bucketed(), ArtifactKind.TRAINING) == [
