@@ -46,7 +46,8 @@ def test_hot_sizes_are_validated() -> None:
             Dim("seq", 2, 96, hot=hot)  # type: ignore[arg-type]
 
 
-def test_specializations_are_each_profiles_representative_and_hot_sizes() -> None:
+def test_specializations_are_each_profiles_representative_and_hot_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ESPER_TRAINING_SPECIALIZATIONS", "1")  # training's are opt-in
     profiles = spec(ArtifactKind.INFERENCE).specializations(bp(hot=(32,)))
     # Per bucket profile, per dim: the sizes inside it (batch 2 lies in 1-4, batch 8 in 5-16; seq in both).
     assert list(profiles) == [

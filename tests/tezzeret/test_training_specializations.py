@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,14 @@ NAME = "tiny_conv"
 RANGES = {"batch": (2, 4), "height": (6, 12), "width": (6, 12)}
 TRACED = {"batch": 3, "height": 9, "width": 11}
 PAIR = "default@height=8,width=8"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def training_specializations() -> Iterator[None]:
+    """Training specializations are candidates only where switched on (the catalog's runs leave them off)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ESPER_TRAINING_SPECIALIZATIONS", "1")
+        yield
 
 
 def test_joint_specializations_are_the_shapes_own_combinations_not_the_cross_product() -> None:
