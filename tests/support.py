@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import textwrap
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,3 +191,54 @@ def stand_in_certification(
             c.entry = urza.publish(entry.with_(variant=c.variant, meta=dict(meta or {})))
             c.kernel = kernel()
     return cert
+
+
+# -- seeded-defect projects certified end to end -------------------------------------------------------------
+
+
+def certify_fixture_project(root: Path, files: Sequence[Path], *, training: bool) -> subprocess.CompletedProcess[str]:
+    """``pytest --certify`` once in a fresh project at ``root`` whose blueprints are ``files``, into
+    ``root / "urza.db"`` (training certified or not). A subprocess: torch's operator registrations cannot be
+    imported twice into one process."""
+    (root / "pyproject.toml").write_text('[tool.esper]\nblueprint-paths = ["bps"]\n')
+    (root / "bps").mkdir()
+    for file in files:
+        shutil.copy(file, root / "bps" / file.name)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)
+    env = {
+        **os.environ,
+        "ESPER_CERTIFY_TRAINING": "1" if training else "0",
+        "ESPER_HYPOTHESIS_PROFILE": "esper-ci",
+        "PYTHONPATH": path,
+    }
+    command = [sys.executable, "-m", "pytest", "--certify", "--certify-urza", str(root / "urza.db")]
+    return subprocess.run(
+        [*command, "-p", "no:cacheprovider", "-q"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def entries_of(urza: Path, name: str, artifact: str = "inference") -> list[Entry]:
+    """``name``'s entries of one artifact kind."""
+    with Urza(urza, readonly=True) as u:
+        return [e for e in u.entries(name) if e.artifact == artifact]
+
+
+def rejected_by(urza: Path, name: str, check: str, artifact: str = "inference") -> str:
+    """The failure reason of ``name``'s compiled entry, asserting that ``check`` rejected it and nothing of
+    that kind is certified."""
+    (entry,) = [e for e in entries_of(urza, name, artifact) if e.engine == "aoti"]
+    assert (entry.status, entry.failed_check) == ("rejected", check), (name, artifact, entry.failure_reason)
+    assert not [e for e in entries_of(urza, name, artifact) if e.status == "certified"]
+    return entry.failure_reason or ""
+
+
+def routed_certified(urza: Path, name: str, artifact: str = "inference") -> bool:
+    """A certified route (the compiled entry, or an eager route chosen by measurement) and no check failed."""
+    es = entries_of(urza, name, artifact)
+    failed = [e.failed_check for e in es if e.failed_check not in (None, "selection")]
+    return any(e.status == "certified" for e in es) and not failed

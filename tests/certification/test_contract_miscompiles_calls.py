@@ -13,16 +13,12 @@ minutes on 2 cores, so the group runs only when selected (``-m miscompiles``).
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from esper.artifacts.kinds import ArtifactKind
-from esper.urza import Entry, Urza
+from tests.support import certify_fixture_project, entries_of, rejected_by, routed_certified
 
 from ..conftest import FIXTURES
 
@@ -41,39 +37,9 @@ def only_when_selected(request: pytest.FixtureRequest) -> None:
 def urza(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One ``pytest --certify`` run over every fixture pair, inference and training, into its own Urza."""
     project = tmp_path_factory.mktemp("contract")
-    (project / "pyproject.toml").write_text('[tool.esper]\nblueprint-paths = ["bps"]\n')
-    (project / "bps").mkdir()
-    for name in FILES:
-        shutil.copy(FIXTURES / "contract" / name, project / "bps" / name)
-    db = project / "urza.db"
-    env = {**os.environ, "ESPER_CERTIFY_TRAINING": "1", "ESPER_HYPOTHESIS_PROFILE": "esper-ci"}
-    # A subprocess: torch's operator registrations cannot be imported twice into one process.
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--certify", "--certify-urza", str(db), "-p", "no:cacheprovider", "-q"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    run = certify_fixture_project(project, [FIXTURES / "contract" / f for f in FILES], training=True)
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-2000:]  # the defects fail their checks
-    return db
-
-
-def entries(urza: Path, name: str, artifact: ArtifactKind) -> list[Entry]:
-    with Urza(urza, readonly=True) as u:
-        return [e for e in u.entries(name) if e.artifact == artifact]
-
-
-def rejected_by(urza: Path, name: str, artifact: ArtifactKind, check: str) -> str:
-    (entry,) = [e for e in entries(urza, name, artifact) if e.engine == "aoti"]
-    assert (entry.status, entry.failed_check) == ("rejected", check), (name, artifact, entry.failure_reason)
-    assert not [e for e in entries(urza, name, artifact) if e.status == "certified"]
-    return entry.failure_reason or ""
-
-
-def certified(urza: Path, name: str, artifact: ArtifactKind) -> bool:
-    es = entries(urza, name, artifact)
-    return any(e.status == "certified" for e in es) and not any(e.failed_check in ("parity", "contract") for e in es)
+    return project / "urza.db"
 
 
 DEFECTS = [
@@ -88,7 +54,7 @@ DEFECTS = [
 def test_each_inference_defect_is_rejected_by_the_check_that_names_it(
     urza: Path, name: str, check: str, words: str
 ) -> None:
-    reason = rejected_by(urza, name, ArtifactKind.INFERENCE, check)
+    reason = rejected_by(urza, name, check, ArtifactKind.INFERENCE)
     assert reason.startswith("inference default/default") and words in reason, reason
     if check == "parity":
         assert ", nonfinite seed " in reason
@@ -98,4 +64,5 @@ def test_each_inference_defect_is_rejected_by_the_check_that_names_it(
 @pytest.mark.parametrize("artifact", list(ArtifactKind))
 def test_each_clean_twin_is_certified(urza: Path, name: str, artifact: ArtifactKind) -> None:
     clean = f"{name}_clean"
-    assert certified(urza, clean, artifact), [(e.status, e.failure_reason) for e in entries(urza, clean, artifact)]
+    found = [(e.status, e.failure_reason) for e in entries_of(urza, clean, artifact)]
+    assert routed_certified(urza, clean, artifact), found

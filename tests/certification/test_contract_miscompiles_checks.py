@@ -14,17 +14,15 @@ when selected (``-m miscompiles``).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from esper.artifacts.kinds import ArtifactKind
-from esper.urza import Entry, Urza
+from esper.urza import Entry
+from tests.support import certify_fixture_project, entries_of, rejected_by, routed_certified
 
 from ..conftest import FIXTURES
 
@@ -46,47 +44,12 @@ def certified(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     """``pytest --certify`` once, in a fresh project holding the fixtures, into its own Urza (one run for the
     module: pytester is per test)."""
     root = tmp_path_factory.mktemp("contract-project")
-    (root / "pyproject.toml").write_text('[tool.esper]\nblueprint-paths = ["bps"]\n')
-    (root / "bps").mkdir()
-    for name in FILES:
-        shutil.copy(CONTRACT / name, root / "bps" / name)
-    urza = root / "urza.db"
-    path = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "ESPER_CERTIFY_TRAINING": "0", "ESPER_HYPOTHESIS_PROFILE": "esper-ci", "PYTHONPATH": path}
-    # A subprocess: torch's operator registrations cannot be imported twice into one process.
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--certify", "--certify-urza", str(urza), "-p", "no:cacheprovider", "-q"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return run, urza
-
-
-def entries(urza: Path, name: str) -> list[Entry]:
-    with Urza(urza, readonly=True) as u:
-        return [e for e in u.entries(name) if e.artifact == INFERENCE]
+    return certify_fixture_project(root, [CONTRACT / f for f in FILES], training=False), root / "urza.db"
 
 
 def compiled(urza: Path, name: str) -> Entry:
-    (entry,) = [e for e in entries(urza, name) if e.engine == "aoti"]
+    (entry,) = [e for e in entries_of(urza, name) if e.engine == "aoti"]
     return entry
-
-
-def rejected_by(urza: Path, name: str, check: str) -> str:
-    entry = compiled(urza, name)
-    assert (entry.status, entry.failed_check) == ("rejected", check), (name, entry.failed_check, entry.failure_reason)
-    assert not [e for e in entries(urza, name) if e.status == "certified"]
-    return entry.failure_reason or ""
-
-
-def is_certified(urza: Path, name: str) -> bool:
-    """A certified route (the compiled entry, or an eager route chosen by measurement), no check failed."""
-    es = entries(urza, name)
-    failed = [e.failed_check for e in es if e.failed_check not in (None, "selection")]
-    return any(e.status == "certified" for e in es) and not failed
 
 
 def test_a_kernel_wrong_once_the_weights_grow_is_rejected_by_weights(certified) -> None:  # type: ignore[no-untyped-def]
@@ -112,9 +75,9 @@ def test_state_kept_across_calls_is_rejected_by_repeated(certified) -> None:  # 
 def test_the_clean_twins_are_certified_with_the_contract_evidence(certified) -> None:  # type: ignore[no-untyped-def]
     run, urza = certified
     for name in ("contract_weight_growth_clean", "contract_product_residue_clean", "contract_stateful_clean"):
-        assert is_certified(urza, name), (
+        assert routed_certified(urza, name), (
             name,
-            [(e.status, e.failure_reason) for e in entries(urza, name)],
+            [(e.status, e.failure_reason) for e in entries_of(urza, name)],
             run.stdout[-3000:],
         )
         evidence = compiled(urza, name).parity["certify"]

@@ -24,17 +24,14 @@ is off): minutes on 2 cores, so the module runs only when selected (``-m miscomp
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from esper.artifacts.kinds import ArtifactKind
-from esper.urza import Entry, Urza
+from tests.support import certify_fixture_project, entries_of, rejected_by, routed_certified
 
 from ..conftest import FIXTURES
 
@@ -63,42 +60,7 @@ def only_when_selected(request: pytest.FixtureRequest) -> None:
 def certified(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """``pytest --certify`` once, in a fresh project holding the fixtures, into its own Urza."""
     root = tmp_path_factory.mktemp("contract-second")
-    (root / "pyproject.toml").write_text('[tool.esper]\nblueprint-paths = ["bps"]\n')
-    (root / "bps").mkdir()
-    for name in FILES:
-        shutil.copy(FIXTURES / "contract" / name, root / "bps" / name)
-    urza = root / "urza.db"
-    path = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "ESPER_CERTIFY_TRAINING": "0", "ESPER_HYPOTHESIS_PROFILE": "esper-ci", "PYTHONPATH": path}
-    # A subprocess: torch's operator registrations cannot be imported twice into one process.
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--certify", "--certify-urza", str(urza), "-p", "no:cacheprovider", "-q"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return run, urza
-
-
-def entries(urza: Path, name: str) -> list[Entry]:
-    with Urza(urza, readonly=True) as u:
-        return [e for e in u.entries(name) if e.artifact == INFERENCE]
-
-
-def rejected_by(urza: Path, name: str, check: str) -> str:
-    (entry,) = [e for e in entries(urza, name) if e.engine == "aoti"]
-    assert (entry.status, entry.failed_check) == ("rejected", check), (name, entry.failed_check, entry.failure_reason)
-    assert not [e for e in entries(urza, name) if e.status == "certified"]
-    return entry.failure_reason or ""
-
-
-def is_certified(urza: Path, name: str) -> bool:
-    """A certified route (the compiled entry, or an eager route chosen by measurement), no check failed."""
-    es = entries(urza, name)
-    failed = [e.failed_check for e in es if e.failed_check not in (None, "selection")]
-    return any(e.status == "certified" for e in es) and not failed
+    return certify_fixture_project(root, [FIXTURES / "contract" / f for f in FILES], training=False), root / "urza.db"
 
 
 CONTRACT = [
@@ -152,8 +114,8 @@ TWINS = [f"contract_{Path(f).stem}_clean" for f in FILES]
 @pytest.mark.parametrize("name", TWINS)
 def test_each_clean_twin_is_certified(certified, name: str) -> None:  # type: ignore[no-untyped-def]
     run, urza = certified
-    assert is_certified(urza, name), (
+    assert routed_certified(urza, name), (
         name,
-        [(e.status, e.failure_reason) for e in entries(urza, name)],
+        [(e.status, e.failure_reason) for e in entries_of(urza, name)],
         run.stdout[-3000:],
     )

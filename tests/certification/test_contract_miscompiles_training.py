@@ -13,16 +13,13 @@ cores, so the module runs only when selected (``-m miscompiles``).
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from esper.artifacts.kinds import ArtifactKind
-from esper.urza import Entry, Urza
+from tests.support import certify_fixture_project, entries_of, routed_certified
 
 from ..conftest import FIXTURES
 
@@ -41,46 +38,18 @@ def only_when_selected(request: pytest.FixtureRequest) -> None:
 def certified(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """``pytest --certify`` once, training on, in a fresh project holding the fixture, into its own Urza."""
     root = tmp_path_factory.mktemp("contract-training")
-    (root / "pyproject.toml").write_text('[tool.esper]\nblueprint-paths = ["bps"]\n')
-    (root / "bps").mkdir()
-    for name in FILES:
-        shutil.copy(FIXTURES / "contract" / name, root / "bps" / name)
-    urza = root / "urza.db"
-    path = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "ESPER_CERTIFY_TRAINING": "1", "ESPER_HYPOTHESIS_PROFILE": "esper-ci", "PYTHONPATH": path}
-    # A subprocess: torch's operator registrations cannot be imported twice into one process.
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--certify", "--certify-urza", str(urza), "-p", "no:cacheprovider", "-q"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return run, urza
-
-
-def entries(urza: Path, name: str, artifact: ArtifactKind) -> list[Entry]:
-    with Urza(urza, readonly=True) as u:
-        return [e for e in u.entries(name) if e.artifact == artifact]
-
-
-def is_certified(urza: Path, name: str, artifact: ArtifactKind) -> bool:
-    """A certified route (the compiled entry, or an eager route chosen by measurement), no check failed."""
-    es = entries(urza, name, artifact)
-    failed = [e.failed_check for e in es if e.failed_check not in (None, "selection")]
-    return any(e.status == "certified" for e in es) and not failed
+    return certify_fixture_project(root, [FIXTURES / "contract" / f for f in FILES], training=True), root / "urza.db"
 
 
 def test_gradients_wrong_once_the_weights_grow_are_rejected_by_weights(certified) -> None:  # type: ignore[no-untyped-def]
     run, urza = certified
     training = ArtifactKind.TRAINING
-    (entry,) = [e for e in entries(urza, "contract_grad_growth", training) if e.engine == "aoti"]
+    (entry,) = [e for e in entries_of(urza, "contract_grad_growth", training) if e.engine == "aoti"]
     assert (entry.status, entry.failed_check) == ("rejected", "weights"), (entry.failure_reason, run.stdout[-3000:])
     reason = entry.failure_reason or ""
     assert reason.startswith("training default/default at weights scaled-x10") and "gradient" in reason, reason
     assert entry.parity["certify"]["cases"] > 0  # parity passed at the blueprint's own weights
-    assert not [e for e in entries(urza, "contract_grad_growth", training) if e.status == "certified"]
+    assert not [e for e in entries_of(urza, "contract_grad_growth", training) if e.status == "certified"]
 
 
 @pytest.mark.parametrize(
@@ -93,7 +62,7 @@ def test_gradients_wrong_once_the_weights_grow_are_rejected_by_weights(certified
 )
 def test_the_clean_artifacts_are_certified(certified, name: str, artifact: ArtifactKind) -> None:  # type: ignore[no-untyped-def]
     run, urza = certified
-    assert is_certified(urza, name, artifact), (
-        [(e.status, e.failure_reason) for e in entries(urza, name, artifact)],
+    assert routed_certified(urza, name, artifact), (
+        [(e.status, e.failure_reason) for e in entries_of(urza, name, artifact)],
         run.stdout[-3000:],
     )
