@@ -56,7 +56,7 @@ from esper.numerics import executions
 from esper.numerics.coverage import ValueCase
 from esper.numerics.gradients import exact_step, floating_buffers, gradients, step, upstream
 from esper.numerics.inputs import Regime
-from esper.numerics.parity import REDUCTION, ParityVerdict, float64_copy, judge, nondeterministic, to_float64
+from esper.numerics.parity import ParityVerdict, float64_copy, judge, nondeterministic, reduction_of, to_float64
 from esper.tezzeret.compiler import CompileOutcome, Tezzeret
 from esper.urza import Entry, Urza
 
@@ -281,7 +281,7 @@ class KindChecks(ABC):
     def _judged(self, part: str, got: Any, expected: Expected) -> ParityVerdict:
         tol = self.bp.tolerance
         # Gradients and buffers are reductions of a whole step (see esper.numerics.parity.REDUCTION).
-        reduction = REDUCTION if part in ("gradient", "buffer") else 1.0
+        reduction = reduction_of(part)
         return judge(
             got,
             expected.eager[part],

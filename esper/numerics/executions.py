@@ -748,19 +748,18 @@ def calibrate(
     ``gradient``, ``buffer``) judged again where :func:`calibratable`: each failing output's RMSE against float64
     against :func:`allowed_error` of ``spread`` (the legitimate executions of the same call, its outputs named as
     judge names them), with the part's rule: judge's multiplier times ``reductions[part]`` (by default
-    :data:`~esper.numerics.parity.REDUCTION` for ``gradient`` and ``buffer``, as judge applies it). Only the RMSE
+    :func:`~esper.numerics.parity.reduction_of`, as judge applies it). Only the RMSE
     rule is widened, only as far as the executions go times that multiplier; the case passes only if every
     failing output of every part is within it."""
     verdicts = dict(verdicts)
     if not calibratable(verdicts):
         return Calibrated(verdicts, ())
-    factors = {"gradient": parity.REDUCTION, "buffer": parity.REDUCTION} if reductions is None else reductions
     out, parts = dict(verdicts), []
     for label, v in verdicts.items():
         if v.passed:
             continue
         mine = spread.part(label)
-        factor = factors.get(label, 1.0)
+        factor = parity.reduction_of(label) if reductions is None else reductions.get(label, 1.0)
         allowed = {a.name: a for a in allowed_error(mine, _scaled(factor)).outputs}
         reason, outputs = "", []
         for o in v.outputs:

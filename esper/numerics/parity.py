@@ -52,6 +52,14 @@ FLOOR_ULPS = 4.0
 # inputs came out at 3.1x eager's RMSE against float64 (ulp-level noise); the seeded wrong-gradient and
 # wrong-buffer defects come out at 1e7x, so a factor of 4 separates them with room to spare.
 REDUCTION = 4.0
+# The parts of a training step judged as reductions of the whole step.
+REDUCED_PARTS = frozenset({"gradient", "buffer"})
+
+
+def reduction_of(part: str) -> float:
+    """The factor :func:`judge` widens a part's RMSE rule by: :data:`REDUCTION` for a training step's gradients
+    and buffers, 1 for outputs."""
+    return REDUCTION if part in REDUCED_PARTS else 1.0
 
 
 def multiplier(numel: int, dtype: torch.dtype) -> float:
