@@ -8,12 +8,16 @@ times, and a compiled kernel judged against eager's one sample may be rejected f
 reordering eager itself could have done.
 
 :func:`spread` runs the module under several such executions (:class:`Reordered`: every contraction and
-reduction evaluated in a seeded other order; another thread count; the math attention kernel; the batch in
+reduction evaluated in a seeded other order; :class:`Rounded`: every intermediate rounded to the other
+neighbouring float at random; another thread count; the math attention kernel; the batch in
 another order or in halves where the float64 reference shows the module treats batch elements alone),
 measures each one's error against float64 exactly as :func:`esper.numerics.parity.judge` measures compiled's
 (RMSE and largest absolute error over the elements finite in eager and float64), and says whether the module
 is well- or ill-conditioned. :func:`allowed_error` applies the multiplier rule to the upper end of that
-spread instead of to eager's one sample.
+spread instead of to eager's one sample, and :func:`calibrate` applies judge's pointwise rule to the worst
+element of any execution instead of eager's: where a kink sits within float32 rounding of the value (a ReLU
+behind an amplifying BatchNorm), honest executions send an element's gradient either way, and so may a compiled
+kernel. NaN/inf placement and the shape of an output are never widened.
 """
 
 from __future__ import annotations
@@ -231,6 +235,74 @@ class Reordered(TorchDispatchMode):
             "attn_mask": mask.index_select(-1, p) if mask is not None and mask.shape[-1] == keys else mask,
         }
         return func(**call)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rounded: every intermediate result rounded the other way at random.
+# ---------------------------------------------------------------------------------------------------------
+
+# Ops that move or make values without rounding them: exact in every execution, so never perturbed.
+_EXACT = frozenset(
+    {
+        aten.clone.default,
+        aten._to_copy.default,
+        aten.detach.default,
+        aten.lift_fresh.default,
+        aten.lift_fresh_copy.default,
+        aten.cat.default,
+        aten.stack.default,
+        aten.index_select.default,
+        aten.gather.default,
+        aten.zeros_like.default,
+        aten.ones_like.default,
+        aten.empty_like.default,
+        aten.full_like.default,
+        aten.new_zeros.default,
+        aten.new_ones.default,
+        aten.new_empty.default,
+        aten.new_full.default,
+        aten.scalar_tensor.default,
+        aten.zeros.default,
+        aten.ones.default,
+        aten.full.default,
+        aten.empty.memory_format,
+        aten.empty_strided.default,
+    }
+)
+
+
+class Rounded(TorchDispatchMode):
+    """Inside it, every floating intermediate result an op computes is moved one ulp up or down at random (each
+    finite non-zero element with probability one half, the direction seeded): the rounding of another float32
+    execution, which fuses the op with its neighbour, keeps the intermediate in a register or in another
+    precision, or folds a constant elsewhere (a bias that a train-mode BatchNorm cancels), and so rounds each
+    intermediate to one of the two float32 values around the exact one, not always eager's.
+
+    Reordering never changes how an elementwise result rounds; this does. Where the computation amplifies an
+    intermediate's last bit (a train-mode BatchNorm over a batch whose variance is below its ``eps``), a value
+    within that amplified rounding of a kink (ReLU's zero, a max's tie) falls on either side in honest
+    executions, and the gradient behind it takes either value: the spread sees it. Mutating ops and views are
+    left alone (their results are their inputs' memory), as are ops that only move values (:data:`_EXACT`).
+    """
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _EXACT or func.is_view or func._schema.is_mutable:
+            return out
+        return pytree.tree_map_only(torch.Tensor, self._perturbed, out)
+
+    def _perturbed(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point() or t.numel() == 0:
+            return t
+        coin = torch.rand(t.shape, generator=self.generator).to(t.device)
+        up = torch.rand(t.shape, generator=self.generator).to(t.device) < 0.5
+        direction = torch.where(up, torch.full_like(t, math.inf), torch.full_like(t, -math.inf))
+        move = (coin < 0.5) & torch.isfinite(t) & (t != 0)
+        return torch.where(move, torch.nextafter(t, direction), t)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -501,6 +573,11 @@ def _same_function(a: Any, b: Any) -> bool:
 ILL_CONDITIONED_ULPS = 64.0
 
 
+# Executions under :class:`Rounded` in every spread: each draws every intermediate's rounding afresh, so two
+# already show whether a kink's neighbourhood is within reach of float32 rounding.
+ROUNDED = 2
+
+
 def _conditioning(o: OutputSpread) -> Conditioning:
     if not o.rms_exact > o.canonical_rmse:
         return Conditioning.UNRESOLVED
@@ -538,6 +615,7 @@ def spread(
 
     - ``eager``: the target as it is (canonical, always first);
     - ``reorder-<i>``: under :class:`Reordered` with seed ``seed + i``, ``i < n``;
+    - ``rounded-<i>``: under :class:`Rounded` with seed ``seed + i``, ``i <`` :data:`ROUNDED`;
     - ``threads-<k>``: on another thread count (1, or 2 where torch runs on one), restored after;
     - ``sdpa-math``, ``sdpa-math-reorder``: where the target met the fused attention kernel, the math
       backend instead (:func:`torch.nn.attention.sdpa_kernel`), as is and reordered;
@@ -575,6 +653,9 @@ def spread(
         with mode:
             runs.append((f"reorder-{i}", run(args)))
         seen |= mode.seen
+    for i in range(ROUNDED):
+        with Rounded(seed + i):
+            runs.append((f"rounded-{i}", run(args)))
     threads = 1 if torch.get_num_threads() > 1 else 2
     with _threads(threads):
         runs.append((f"threads-{threads}", run(args)))
@@ -690,20 +771,37 @@ def allowed_error(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _rmse_alone(o: parity.OutputVerdict) -> bool:
-    """Whether an output failed the RMSE rule and nothing else: its NaN/inf placement stood, the RMSE rule
-    applied (the reference stands above eager's rounding) and broke, and the pointwise rule held."""
-    return o.nonfinite_ok and o.resolved and o.rmse_compiled > o.allowed_rmse and o.max_abs <= o.allowed_abs
+def _rmse_broken(o: parity.OutputVerdict) -> bool:
+    """Whether the RMSE rule applied to an output (the reference stands above eager's rounding) and broke."""
+    return o.resolved and o.rmse_compiled > o.allowed_rmse
+
+
+def _pointwise_broken(o: parity.OutputVerdict) -> bool:
+    return o.worst_diff > o.allowed_abs
+
+
+def _values_alone(o: parity.OutputVerdict) -> bool:
+    """Whether an output failed on its values alone: its NaN/inf placement stood, and the RMSE rule or the
+    pointwise rule broke (not its shape or dtype, whose figures are all 0)."""
+    return o.nonfinite_ok and (_rmse_broken(o) or _pointwise_broken(o))
 
 
 def calibratable(verdicts: Mapping[str, parity.ParityVerdict]) -> bool:
     """Whether a failed case may be judged again against the calibrated yardstick (:func:`calibrate`): it
-    failed, and every failing output of every part failed the RMSE rule alone (a structural failure, a NaN or
-    inf where eager and float64 do not allow one, or an element beyond the pointwise rule stand)."""
+    failed, and every failing output of every part failed on its finite values alone (a structural failure, or
+    a NaN or inf where eager and float64 do not allow one, stands)."""
     failing = [v for v in verdicts.values() if not v.passed]
     return bool(failing) and all(
-        any(not o.passed for o in v.outputs) and all(_rmse_alone(o) for o in v.outputs if not o.passed) for v in failing
+        any(not o.passed for o in v.outputs) and all(_values_alone(o) for o in v.outputs if not o.passed)
+        for v in failing
     )
+
+
+def _widened_abs(o: parity.OutputVerdict, bound: Allowed) -> float:
+    """Judge's pointwise bound for ``o`` with eager's worst float64 error replaced by the worst of any legitimate
+    execution (``bound.max_abs``, eager's among them): the bound rises by the same amount at every element, so
+    the element closest to breaking it stays the one judge found."""
+    return o.allowed_abs + o.slack * max(0.0, bound.max_abs - o.eager_max_error)
 
 
 @dataclass(frozen=True)
@@ -748,9 +846,10 @@ def calibrate(
     ``gradient``, ``buffer``) judged again where :func:`calibratable`: each failing output's RMSE against float64
     against :func:`allowed_error` of ``spread`` (the legitimate executions of the same call, its outputs named as
     judge names them), with the part's rule: judge's multiplier times ``reductions[part]`` (by default
-    :func:`~esper.numerics.parity.reduction_of`, as judge applies it). Only the RMSE
-    rule is widened, only as far as the executions go times that multiplier; the case passes only if every
-    failing output of every part is within it."""
+    :func:`~esper.numerics.parity.reduction_of`, as judge applies it), and each one's worst element against
+    judge's pointwise rule with the executions' worst float64 error in place of eager's. Each rule is widened
+    only as far as the executions go; the case passes only if every failing output of every part is within
+    both."""
     verdicts = dict(verdicts)
     if not calibratable(verdicts):
         return Calibrated(verdicts, ())
@@ -768,13 +867,18 @@ def calibrate(
                 outputs.append(o)
             elif bound is None:
                 reason = reason or f"{o.name}: no legitimate execution measured it"
-            elif o.rmse_compiled > bound.rmse:
+            elif o.resolved and o.rmse_compiled > bound.rmse:
                 reason = reason or (
                     f"{o.name}: RMSE against float64 {o.rmse_compiled:.3g} exceeds {bound.rmse:.3g}, the multiplier "
                     f"rule on the largest error of the legitimate executions ({bound.conditioning})"
                 )
+            elif o.worst_diff > (widened := _widened_abs(o, bound)):
+                reason = reason or (
+                    f"{o.name}: differs from eager by {o.worst_diff:.3g} at a finite element, beyond the pointwise "
+                    f"rule on the worst element of the legitimate executions {widened:.3g} ({bound.conditioning})"
+                )
             else:
-                outputs.append(replace(o, passed=True, reason="", allowed_rmse=bound.rmse))
+                outputs.append(replace(o, passed=True, reason="", allowed_rmse=bound.rmse, allowed_abs=widened))
         parts.append(
             PartCalibration(
                 label, not reason, reason, mine.worst_ratio, mine.worst_disagreement_ulps, mine.conditioning
@@ -789,6 +893,7 @@ def calibrate(
 
 __all__ = [
     "ILL_CONDITIONED_ULPS",
+    "ROUNDED",
     "Allowed",
     "Calibrated",
     "Conditioning",
@@ -797,6 +902,7 @@ __all__ = [
     "OutputSpread",
     "PartCalibration",
     "Reordered",
+    "Rounded",
     "Spread",
     "Yardstick",
     "allowed_error",

@@ -91,6 +91,9 @@ class OutputVerdict:
     allowed_rmse: float = 0.0  # multiplier * rmse_eager + floor
     max_abs: float = 0.0  # largest |compiled - eager| over finite elements
     allowed_abs: float = 0.0  # the pointwise rule's bound at the element closest to breaking it
+    worst_diff: float = 0.0  # |compiled - eager| at that element (the rule breaks where it exceeds allowed_abs)
+    eager_max_error: float = 0.0  # max |eager - fp64|, the sample the pointwise rule's slack multiplies
+    slack: float = POINTWISE_SLACK  # that slack
     nonfinite_ok: bool = True  # NaN and +-inf where eager and float64 say they may (nonfinite_breach)
     resolved: bool = True  # the float64 value stands above eager's own rounding (RMSE rule applied)
     degenerate: bool = False  # the float64 reference equals eager bit for bit: it measured no rounding
@@ -288,6 +291,9 @@ def judge_tensor(
         allowed_rmse=allowed_rmse,
         max_abs=s.max_diff,
         allowed_abs=allowed_abs,
+        worst_diff=s.worst_diff,
+        eager_max_error=s.max_eager_error,
+        slack=slack,
     )
     # Where the exact value is no larger than eager's own rounding (terms that cancel to ~0: a BatchNorm's
     # pre-normalisation bias gradient is exactly 0 in float64 and pure float32 noise), there is no signal

@@ -18,6 +18,7 @@ from torch import nn
 from esper.numerics.executions import (
     Conditioning,
     Reordered,
+    Rounded,
     allowed_error,
     calibratable,
     calibrate,
@@ -572,3 +573,65 @@ def test_an_ill_conditioned_gradient_is_judged_against_the_spread_and_recorded_a
     (part,) = calibrated.parts
     assert (part.part, part.conditioning) == ("gradient", Conditioning.ILL)
     assert part.disagreement_ulps > 1000 and part.spread_ratio >= 1.0
+
+
+def test_rounded_moves_each_computed_value_by_at_most_one_ulp_and_leaves_memory_and_copies_alone() -> None:
+    x = torch.randn(512, generator=_gen())
+    with Rounded(0):
+        y = x * 3.0
+        copied = x.clone()
+        view = x.view(16, 32)
+        counter = torch.ones(4).add_(1.0)
+    exact = x.double() * 3.0
+    # Eager's rounding (half an ulp), or the float32 neighbour on the other side: within 1.5 ulps.
+    assert bool(((y.double() - exact).abs() <= 1.5 * EPS * exact.abs()).all())
+    assert 100 < int((y != x * 3.0).sum()) < 412  # about half the elements moved
+    assert torch.equal(copied, x) and view.data_ptr() == x.data_ptr() and torch.equal(counter, torch.full((4,), 2.0))
+
+
+def _kinked() -> tuple[nn.Module, list[torch.Tensor]]:
+    """A convolution's output, large bias plus a small signal, through a train-mode BatchNorm whose batch variance
+    is below its eps: the normalisation multiplies the convolution's last bit by hundreds, so a ReLU's input near
+    zero falls on either side in honest float32 executions, and the input gradient behind it takes either value."""
+    torch.manual_seed(4)
+    module = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).train()
+    with torch.no_grad():
+        module[0].bias.uniform_(1.0, 2.0)
+    return module, [1e-3 * torch.randn(4, 4, 16, 16, generator=_gen(4))]
+
+
+def _rounded_step(module: nn.Module, args: Sequence[torch.Tensor], seed: int) -> dict[str, Any]:
+    """The clean twin: the step with every intermediate rounded to one of its two float32 neighbours (a seed no
+    spread uses), as a kernel that fuses or folds differently rounds."""
+    with Rounded(seed):
+        return _step(module)(args)
+
+
+def test_a_gradient_behind_a_kink_within_rounding_is_admitted_and_recorded_ill_conditioned() -> None:
+    module, args = _kinked()
+    exact, eager = _exact_step(module, args), _step(module)(args)
+    twin = _rounded_step(module, args, 100)
+    verdicts = _judged(twin, eager, exact, tol=1e-4)
+    # One ReLU decided the other way: the input gradient is far beyond the one-sample rule ...
+    assert not verdicts["gradient"].passed and "gradient['input 0']" in verdicts["gradient"].reason
+    assert calibratable(verdicts)
+    s = spread(_step(module), args, exact, n=4, parts=True)
+    assert any(e.name.startswith("rounded-") for e in s.executions)
+    # ... and within what the legitimate executions of the step do.
+    calibrated = calibrate(verdicts, s)
+    assert calibrated.admitted, [p.reason for p in calibrated.parts]
+    (part,) = calibrated.parts
+    assert (part.part, part.conditioning) == ("gradient", Conditioning.ILL)
+
+
+def test_a_wrong_gradient_beside_a_kink_is_still_rejected() -> None:
+    module, args = _kinked()
+    exact, eager = _exact_step(module, args), _step(module)(args)
+    twin = _rounded_step(module, args, 100)
+    # The seeded defect: the same honest rounding, and the last layer's weight gradient (no kink behind it) off
+    # by a tenth of itself.
+    defect = {**twin, "gradient": {**twin["gradient"], "3.weight": twin["gradient"]["3.weight"] * 1.1}}
+    verdicts = _judged(defect, eager, exact, tol=1e-4)
+    calibrated = calibrate(verdicts, spread(_step(module), args, exact, n=4, parts=True))
+    assert not calibrated.admitted and not calibrated.verdicts["gradient"].passed
+    assert any("3.weight']" in p.reason for p in calibrated.parts)
