@@ -590,13 +590,13 @@ class Certification:
         state: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, ParityVerdict]:
         """``verdicts``, where every failing output of every part (output; a training step's gradients and
-        buffers) failed the RMSE rule alone, judged again against the spread of eager's legitimate float32
+        buffers) failed on its finite values alone, judged again against the spread of eager's legitimate float32
         executions of the same call (:meth:`KindChecks.spread_of` on the module holding ``state``, a seed's
         weights; :func:`esper.numerics.executions.calibrate`: reordered contractions and reductions, forward
-        and backward, another thread count, the batch in another order where valid): eager's own error is one
-        sample of them, and an ill-conditioned computation spreads them far beyond it. Only that rule is
-        widened, only as far as the executions go times the part's multiplier (NaN/inf placement and the
-        pointwise rule stand), so a lower-precision accumulation is still rejected. Each re-judged part is
+        and backward, intermediates rounded to either float32 neighbour, another thread count, the batch in
+        another order where valid): eager's own error is one sample of them, and an ill-conditioned computation
+        spreads them far beyond it. The RMSE and pointwise rules are widened only as far as the executions go
+        (NaN/inf placement and shapes stand), so a lower-precision accumulation is still rejected. Each re-judged part is
         tallied in the candidate's conditioning."""
         if not executions.calibratable(verdicts):
             return dict(verdicts)
