@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from esper.artifacts.kinds import ArtifactKind, spec
+from esper.artifacts.variants import Variant
 from esper.blueprint import Blueprint
 from esper.catalog import load_catalog
 from esper.certification.budgets import PROFILES
@@ -317,22 +318,63 @@ def test_the_first_specialization_holds_the_held_dims_layout_one_compile_per_rep
     assert len(step.builds) == 1 + 2 * 2
 
 
+def test_holding_only_the_probes_dims_does_not_compile_the_pair_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The seeded defect of a rule that holds only the dims the probe named: its first specialization is the
+    # width one (which falls back), or none where the kind lists only whole layouts.
+    got = compile_with(OneDimAtATime(), load_catalog([SPECIAL]).get(NAME), tmp_path / "urza.db", monkeypatch)
+    assert got[0] == ("default", EntryStatus.FALLBACK, ["width"])
+    assert got[1:2] != [(PAIR, EntryStatus.COMPILED, None)]
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeLayoutsOnly(OneDimAtATime):
+    """A kind that lists only the specializations holding height and width all or none."""
+
+    def candidates(self, bp: Blueprint) -> list[tuple[str, Variant]]:
+        return [(p, v) for p, v in super().candidates(bp) if ("height" in p) == ("width" in p)]
+
+
+def test_a_specialization_whose_narrower_link_is_not_listed_is_not_specialized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = WholeLayoutsOnly()
+    got = compile_with(step, load_catalog([SPECIAL]).get(NAME), tmp_path / "urza.db", monkeypatch)
+    # The pair rests on the width one, which the kind does not list: nothing compiles after the whole range.
+    assert got == [("default", EntryStatus.FALLBACK, ["width"])]
+    assert len(step.runs) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutThenBatch(HoldingStep):
+    """A compiled step that serves width only as traced, and, compiled with height and width held, batch."""
+
+    def run(self, job: CompileJob) -> Built:
+        held = {d for d, (lo, hi) in job.ranges.items() if lo == hi}
+        if held == {"height", "width"}:
+            self.runs.append(dict(job.ranges))
+            job.meta[HELD] = ["batch"]
+            raise StageError(VERIFY_SHAPES, RuntimeError("it serves batch only as traced"))
+        return super().run(job)
+
+
+TRIPLE = "default@batch=2,height=8,width=8"
+
+
 def test_a_specialization_that_holds_more_dims_leads_to_the_wider_one_and_skips_build_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A rule that holds only the probe's dims (the seeded defect above): the chain still reaches the pair, at
-    # the cost of a width-only compile that falls back.
-    step = OneDimAtATime()
+    step = LayoutThenBatch()
     bp = load_catalog([SPECIAL]).get(NAME)
     got = compile_with(step, bp, tmp_path / "urza.db", monkeypatch)
     assert got == [
-        ("default", EntryStatus.FALLBACK, ["width"]),
-        ("default@width=8", EntryStatus.FALLBACK, ["height"]),
-        (PAIR, EntryStatus.COMPILED, None),
+        ("default", EntryStatus.FALLBACK, ["height", "width"]),
+        (PAIR, EntryStatus.FALLBACK, ["batch"]),
+        (TRIPLE, EntryStatus.COMPILED, None),
     ]
     assert len(step.runs) == 3
-    # Three compiles, and the entries a compiling specialization rests on reused again (the width one: its
-    # profile; the pair: its profile, and its width specialization, which reuses its profile once more). The
-    # five candidates that are not specialized answer from the entries seen, without a build.
-    assert len(spec(ArtifactKind.TRAINING).candidates(bp)) == 8
+    # Three compiles, and the entries a compiling specialization rests on reused again (the pair: its profile;
+    # the triple: its profile, and the pair, which reuses its profile once more). The candidates that are not
+    # specialized answer from the entries seen, without a build.
     assert len(step.builds) == 3 + 1 + 3
