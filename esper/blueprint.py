@@ -33,7 +33,7 @@ from typing import Any
 
 from esper.artifacts.validate import DTYPES as VALID_DTYPES
 from esper.artifacts.variants import DEFAULT_VARIANTS, VARIANTS
-from esper.profiles import bucket_problem, contains, profiles, with_hot_sizes
+from esper.profiles import bucket_problem, contains, layouts, profiles, with_hot_sizes
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 DTYPES = VALID_DTYPES  # the one fixed list (esper.artifacts.validate.DTYPES)
@@ -252,6 +252,11 @@ class Blueprint:
     def profiles(self) -> dict[str, dict[str, tuple[int, int]]]:
         """Shape profiles (name -> dim ranges): one, ``"default"``, unless the blueprint declares buckets."""
         return profiles({n: (d.min, d.max) for n, d in self.dims.items()}, self.buckets)
+
+    def layouts(self) -> list[frozenset[str]]:
+        """Per input, the dynamic dims that share its strides: those after its leading dim
+        (:func:`esper.profiles.layouts`)."""
+        return layouts([[d.name if isinstance(d, Dim) else None for d in i.shape] for i in self.inputs])
 
     def hot_sizes(self) -> dict[str, tuple[int, ...]]:
         """The declared hot sizes by dim (only the dims that declare some)."""

@@ -15,7 +15,7 @@ specialization holds each of them at one shape's own sizes: ``default@height=32,
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 DEFAULT_PROFILE = "default"
 #: Separates a specialization's profile from its exact sizes: ``default@seq=32``.
@@ -111,16 +111,30 @@ def specializations(profiles_: Mapping[str, Ranges], sizes: Mapping[str, Sequenc
     return out
 
 
-def joint_specializations(profiles_: Mapping[str, Ranges], shapes: Sequence[Mapping[str, int]]) -> dict[str, Ranges]:
+def layouts(inputs: Sequence[Sequence[str | None]]) -> list[frozenset[str]]:
+    """Per input (its dims' names in order, ``None`` for a fixed size), the named dims that share its strides:
+    those after its leading dim (a contiguous tensor's strides are products of them; the leading dim enters
+    none). A compiler that specializes a stride pins them together (see
+    :func:`esper.tezzeret.training_compile.layout_dims`)."""
+    return [frozenset(d for d in names[1:] if d is not None) for names in inputs]
+
+
+def joint_specializations(
+    profiles_: Mapping[str, Ranges], shapes: Sequence[Mapping[str, int]], together: Sequence[Collection[str]] = ()
+) -> dict[str, Ranges]:
     """Every specialization of ``profiles_`` that holds several dims together: per profile (in order), per set of
     its dims of more than one size (fewest dims first), one per shape of ``shapes`` inside the profile, holding
     those dims at that shape's own sizes. Only the shapes' own combinations, never the cross product of their
-    sizes: where a compiler cannot keep two dims dynamic, an artifact serves one pair of sizes."""
+    sizes: where a compiler cannot keep two dims dynamic, an artifact serves one pair of sizes. ``together``:
+    groups of dims that are held all or none (e.g. :func:`layouts`); a set that holds part of one is left out,
+    as no compile asks for it."""
     out: dict[str, Ranges] = {}
     for pname, ranges in profiles_.items():
         free = [d for d, (lo, hi) in ranges.items() if lo < hi]
         for k in range(1, len(free) + 1):
             for dims in itertools.combinations(free, k):
+                if any(set(dims) & set(g) and not set(g) & set(free) <= set(dims) for g in together):
+                    continue
                 for shape in shapes:
                     if not contains(ranges, shape) or not all(d in shape for d in dims):
                         continue

@@ -8,7 +8,7 @@ import torch
 from esper.artifacts.kinds import ArtifactKind, profile_ranges, spec
 from esper.artifacts.validate import PROFILE_RE
 from esper.blueprint import Blueprint, BlueprintError, Dim, Input
-from esper.profiles import is_specialization, specialization_name, split_profile
+from esper.profiles import is_specialization, joint_specializations, specialization_name, split_profile
 
 
 def bp(hot: tuple[int, ...] = ()) -> Blueprint:
@@ -92,3 +92,28 @@ def test_hot_sizes_are_measured_at_the_representative_shapes() -> None:
     assert shapes[:2] == [{"batch": 2, "seq": 16}, {"batch": 8, "seq": 64}]
     assert shapes[2:] == [{"batch": 2, "seq": 32}, {"batch": 8, "seq": 32}]
     assert bp().measured_shapes() == [{"batch": 2, "seq": 16}, {"batch": 8, "seq": 64}]
+
+
+def test_layouts_are_each_inputs_dims_after_its_leading_one() -> None:
+    batch, seq, height, width = Dim("batch", 1, 8), Dim("seq", 2, 16), Dim("height", 4, 8), Dim("width", 4, 8)
+    bp = Blueprint(
+        name="layouts",
+        version=1,
+        build=lambda: torch.nn.Identity(),
+        inputs=(Input("x", "float32", (batch, 3, height, width)), Input("t", "float32", (seq, batch))),
+        representative=({"batch": 2, "seq": 4, "height": 4, "width": 4},),
+    )
+    # batch leads x, so shares no stride there; in t it follows seq, whose size enters no stride.
+    assert bp.layouts() == [frozenset({"height", "width"}), frozenset({"batch"})]
+
+
+def test_joint_specializations_hold_each_group_together_all_or_none() -> None:
+    ranges = {"batch": (2, 4), "height": (6, 12), "width": (6, 12)}
+    shape = {"batch": 2, "height": 8, "width": 8}
+    every = joint_specializations({"default": ranges}, [shape])
+    grouped = joint_specializations({"default": ranges}, [shape], together=[{"height", "width"}])
+    assert len(every) == 7  # the clean twin: every set of the three dims
+    assert list(grouped) == ["default@batch=2", "default@height=8,width=8", "default@batch=2,height=8,width=8"]
+    # A group whose other dims are not dynamic in the profile binds only its dynamic ones.
+    narrow = {**ranges, "height": (8, 8)}
+    assert "default@width=8" in joint_specializations({"default": narrow}, [shape], together=[{"height", "width"}])

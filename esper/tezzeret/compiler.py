@@ -233,7 +233,8 @@ class Tezzeret:
         cannot keep dynamic (:meth:`ArtifactPipeline.serves`). Those are the dims its profile's fallback
         recorded (:data:`SPECIALIZE`), and, where a specialization holding fewer of this one's dims at its sizes
         fell back recording more (a compiled step whose width is held then holds its height too), those as
-        well. ``fresh``: compile (reuse) the entries consulted rather than answer from the ones seen."""
+        well, where the kind lists that narrower specialization. ``fresh``: compile (reuse) the entries consulted
+        rather than answer from the ones seen."""
         base_profile, exact = split_profile(profile)
         held: list[str] = []
         link = base_profile
@@ -251,6 +252,10 @@ class Tezzeret:
             if not set(held) < set(exact):
                 break
             link = specialization_name(base_profile, {d: n for d, n in exact.items() if d in held})
+            # A kind may list only the sets of dims a compile can hold (all of a layout or none): a link it
+            # does not list is not compiled, so this specialization has nothing to rest on.
+            if link not in {p for p, _ in pipeline.candidates(bp)}:
+                break
         base = entries[0]
         keeps = ", ".join(sorted(set(exact) - set(held)))
         why = f"does not need {keeps} held exact" if keeps else f"needs {', '.join(held)} held together"

@@ -162,9 +162,11 @@ class TrainingPipeline(SpecPipeline):
         return Built(path=artifact, guards=guards, meta=meta, parity=parity, performance=latency)
 
     def static_dims(self, job: CompileJob) -> list[str]:
-        """The dims the compiled step was seen to serve only at their traced sizes (:class:`HeldDims`), recorded
-        by :meth:`run` when it failed there: held together, they are what a specialization holds."""
-        return list(job.meta.get(HELD) or ())
+        """The dims a specialization holds: those the compiled step was seen to serve only at their traced sizes
+        (:class:`HeldDims`, recorded by :meth:`run` when it failed there), with the dims that share their
+        inputs' layout (:func:`layout_dims`), so that the first specialization compiled already holds what its
+        own compile will pin."""
+        return layout_dims(job.bp, job.meta.get(HELD) or (), job.ranges)
 
     def serves(self, exact: Collection[str], held: Collection[str]) -> bool:
         """The dims a compiled step cannot keep dynamic fail together: a specialization holds exactly them."""
@@ -182,6 +184,32 @@ class HeldDims(RuntimeError):
     def __init__(self, dims: Sequence[str], message: str):
         super().__init__(message)
         self.dims = tuple(dims)
+
+
+def layout_dims(bp: Blueprint, held: Collection[str], ranges: Mapping[str, tuple[int, int]]) -> list[str]:
+    """``held`` with every dynamic dim (of ``ranges``) that shares a contiguous input's strides with one of them,
+    in declaration order: wherever a held dim is not an input's leading dim, every other non-leading dim of that
+    input is held too, and so on for the dims this adds (so a held set holds each layout all or none, the rule
+    :meth:`~esper.artifacts.kinds.KindSpec.specializations` may list candidates by).
+
+    Why: what makes a compiled step serve a dim only as traced is Inductor specializing on sizes that export kept
+    dynamic, such as a convolution backward's strides. A contiguous input's strides are products of its
+    non-leading dims (the leading one enters none), so once one of them is held, a new compile folds it into
+    those products and specializes the rest with it: a step that serves width only as traced, compiled with
+    width held, serves height only as traced. The probe (:func:`held_dims`) cannot see that, as it runs the
+    compile it was given, where the held dim was still dynamic; holding the whole layout at once costs one
+    compile per held combination instead of one per dim discovered. A dim whose holding does not pin more is
+    then held needlessly (its specialization serves one size of it rather than its range), which is what a
+    specialization serving its representative shape's own sizes asks of it anyway; a compile that still pins
+    more is caught as before (its specialization falls back naming it)."""
+    wanted, grown = set(held), True
+    while grown:  # a dim held for one input's layout is held in every input it shares a layout with
+        grown = False
+        for layout in bp.layouts():
+            if layout & wanted and not layout <= wanted:
+                wanted |= layout
+                grown = True
+    return [d for d, (lo, hi) in ranges.items() if d in wanted and lo < hi]
 
 
 # -- the two graphs as exportable modules -------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from esper.artifacts.kinds import ArtifactKind, spec
+from esper.artifacts.variants import Variant
 from esper.blueprint import Blueprint
 from esper.catalog import load_catalog
 from esper.certification.budgets import PROFILES
@@ -28,7 +29,7 @@ from esper.tezzeret import compiler
 from esper.tezzeret.compiler import SPECIALIZE, Tezzeret
 from esper.tezzeret.export import declared_guards
 from esper.tezzeret.pipeline import VERIFY_SHAPES, Built, CompileJob, StageError
-from esper.tezzeret.training_compile import HELD, TrainingPipeline, held_dims
+from esper.tezzeret.training_compile import HELD, TrainingPipeline, held_dims, layout_dims
 from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import ROUTE_TABLE
 from tests.support import FIXTURES
@@ -99,11 +100,22 @@ def test_held_dims_is_empty_when_the_step_fails_at_its_traced_sizes_too() -> Non
     assert held_dims(never, TRACED, {"batch": 2, "height": 8, "width": 8}, RANGES) == []
 
 
+def test_layout_dims_holds_the_other_non_leading_dims_of_the_held_dims_inputs() -> None:
+    bp = load_catalog([SPECIAL]).get(NAME)
+    assert layout_dims(bp, ["width"], RANGES) == ["height", "width"]
+    assert layout_dims(bp, ["height"], RANGES) == ["height", "width"]
+    # The leading dim enters no stride: held alone. A dim already held (a specialization's) is not named again.
+    assert layout_dims(bp, ["batch"], RANGES) == ["batch"]
+    assert layout_dims(bp, ["width"], {**RANGES, "height": (8, 8)}) == ["width"]
+    assert layout_dims(bp, [], RANGES) == []
+
+
 @pytest.fixture(scope="module")
 def certified(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) -> Path:
     """The fixture conv's training candidates compiled and certified once into a fresh Urza: the whole range
-    falls back holding width, its width specialization falls back holding height, the (height, width)
-    specialization compiles; the others answer NotSpecialized without a compile."""
+    falls back, its step serving width only as traced, recording height and width (its input's layout) as the
+    dims its specializations hold; the (height, width) specialization compiles; the others answer
+    NotSpecialized without a compile."""
     urza = tmp_path_factory.mktemp("trainspec") / "urza.db"
     bp = load_catalog([SPECIAL]).get(NAME)
     with pytest.MonkeyPatch.context() as mp:
@@ -127,20 +139,21 @@ def test_the_whole_range_falls_back_naming_the_dim_its_step_holds(certified: Pat
     fallback = next(e for e in training(certified)["default"] if e.status == EntryStatus.FALLBACK)
     assert fallback.engine == EntryEngine.EAGER
     assert fallback.meta["failed_stage"] == VERIFY_SHAPES
-    assert fallback.meta[SPECIALIZE] == ["width"]
+    assert fallback.meta[HELD] == ["width"]
     assert "serves width only as traced" in (fallback.failure_reason or "")
+    # Width held, a new compile pins height with it (they share the input's strides): both are held at once.
+    assert fallback.meta[SPECIALIZE] == ["height", "width"]
     assert fallback.guards is not None and fallback.guards.dim_ranges() == RANGES
 
 
 @pytest.mark.compiles
-def test_held_width_holds_height_too_and_the_pair_compiles_and_passes_every_check(certified: Path) -> None:
+def test_the_pair_is_the_one_specialization_compiled_and_passes_every_check(certified: Path) -> None:
     entries = training(certified)
-    (width,) = entries["default@width=8"]
-    assert (width.status, width.meta["failed_stage"], width.meta[SPECIALIZE]) == (
-        EntryStatus.FALLBACK,
-        VERIFY_SHAPES,
-        ["height"],
-    )
+    # One compile per representative (height, width): no width-only specialization was attempted first.
+    assert set(entries) == {"default", PAIR}
+    # Its one compile; beside it at most the eager route certified where selection measured eager faster.
+    assert [e.engine for e in entries[PAIR] if e.engine == EntryEngine.AOTI] == [EntryEngine.AOTI]
+    assert all(e.status == EntryStatus.CERTIFIED for e in entries[PAIR] if e.engine == EntryEngine.EAGER)
     compiled = [e for es in entries.values() for e in es if e.engine == EntryEngine.AOTI]
     assert [e.profile for e in compiled] == [PAIR]
     # Certified where it wins, rejected by selection only where eager is faster: every other check passed.
@@ -244,16 +257,19 @@ def test_the_specialization_trains_compiled_at_its_sizes_and_refuses_others(cert
 
 @dataclasses.dataclass(frozen=True)
 class HoldingStep(TrainingPipeline):
-    """A training pipeline whose compiled step holds width, then (width held) height, like the conv's; nothing
-    is compiled. It counts the module builds (each candidate that builds also hashes the module)."""
+    """A training pipeline whose compiled step serves width only as traced, and, compiled with width held,
+    height, like the conv's; nothing is compiled. It counts the module builds (each candidate that builds also
+    hashes the module) and the compiles (the ranges of each run)."""
 
     builds: list[str] = dataclasses.field(default_factory=list)
+    runs: list[dict[str, tuple[int, int]]] = dataclasses.field(default_factory=list)
 
     def build(self, bp: Blueprint, device: torch.device) -> torch.nn.Module:
         self.builds.append("build")
         return super().build(bp, device)
 
     def run(self, job: CompileJob) -> Built:
+        self.runs.append(dict(job.ranges))
         held = {d for d, (lo, hi) in job.ranges.items() if lo == hi}
         need = next((d for d in ("width", "height") if d not in held), None)
         if need is not None:
@@ -264,22 +280,101 @@ class HoldingStep(TrainingPipeline):
         return Built(path=path, guards=declared_guards(job.bp, job.ranges, "cpu"), meta={}, parity={}, performance={})
 
 
+@dataclasses.dataclass(frozen=True)
+class OneDimAtATime(HoldingStep):
+    """The seeded defect of a rule that holds only the dims the probe named: each compile discovers one more."""
+
+    def static_dims(self, job: CompileJob) -> list[str]:
+        return list(job.meta.get(HELD) or ())
+
+
+def compile_with(step: HoldingStep, bp: Blueprint, urza: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    monkeypatch.setitem(compiler.PIPELINES, ArtifactKind.TRAINING, step)
+    with Urza(urza) as u:
+        outcomes = Tezzeret(u).compile_candidates(bp, artifacts=(ArtifactKind.TRAINING,))
+    return [(o.entry.profile, o.entry.status, o.entry.meta.get(SPECIALIZE)) for o in outcomes]
+
+
+def test_the_first_specialization_holds_the_held_dims_layout_one_compile_per_representative(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    two = ({"batch": 2, "height": 8, "width": 8}, {"batch": 4, "height": 10, "width": 7})
+    bp = dataclasses.replace(load_catalog([SPECIAL]).get(NAME), representative=two)
+    step = HoldingStep()
+    got = compile_with(step, bp, tmp_path / "urza.db", monkeypatch)
+    assert got == [
+        ("default", EntryStatus.FALLBACK, ["height", "width"]),
+        (PAIR, EntryStatus.COMPILED, None),
+        ("default@height=10,width=7", EntryStatus.COMPILED, None),
+    ]
+    # The whole range, then one compile per representative (height, width), batch dynamic in each.
+    assert step.runs == [
+        RANGES,
+        {"batch": (2, 4), "height": (8, 8), "width": (8, 8)},
+        {"batch": (2, 4), "height": (10, 10), "width": (7, 7)},
+    ]
+    # The candidates that are not specialized answer from the entries seen, without a build; each compiling
+    # specialization builds once and reuses its profile's entry once (one build each).
+    assert len(step.builds) == 1 + 2 * 2
+
+
+def test_holding_only_the_probes_dims_does_not_compile_the_pair_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The seeded defect of a rule that holds only the dims the probe named: its first specialization is the
+    # width one (which falls back), or none where the kind lists only whole layouts.
+    got = compile_with(OneDimAtATime(), load_catalog([SPECIAL]).get(NAME), tmp_path / "urza.db", monkeypatch)
+    assert got[0] == ("default", EntryStatus.FALLBACK, ["width"])
+    assert got[1:2] != [(PAIR, EntryStatus.COMPILED, None)]
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeLayoutsOnly(OneDimAtATime):
+    """A kind that lists only the specializations holding height and width all or none."""
+
+    def candidates(self, bp: Blueprint) -> list[tuple[str, Variant]]:
+        return [(p, v) for p, v in super().candidates(bp) if ("height" in p) == ("width" in p)]
+
+
+def test_a_specialization_whose_narrower_link_is_not_listed_is_not_specialized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = WholeLayoutsOnly()
+    got = compile_with(step, load_catalog([SPECIAL]).get(NAME), tmp_path / "urza.db", monkeypatch)
+    # The pair rests on the width one, which the kind does not list: nothing compiles after the whole range.
+    assert got == [("default", EntryStatus.FALLBACK, ["width"])]
+    assert len(step.runs) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutThenBatch(HoldingStep):
+    """A compiled step that serves width only as traced, and, compiled with height and width held, batch."""
+
+    def run(self, job: CompileJob) -> Built:
+        held = {d for d, (lo, hi) in job.ranges.items() if lo == hi}
+        if held == {"height", "width"}:
+            self.runs.append(dict(job.ranges))
+            job.meta[HELD] = ["batch"]
+            raise StageError(VERIFY_SHAPES, RuntimeError("it serves batch only as traced"))
+        return super().run(job)
+
+
+TRIPLE = "default@batch=2,height=8,width=8"
+
+
 def test_a_specialization_that_holds_more_dims_leads_to_the_wider_one_and_skips_build_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    step = HoldingStep()
-    monkeypatch.setitem(compiler.PIPELINES, ArtifactKind.TRAINING, step)
+    step = LayoutThenBatch()
     bp = load_catalog([SPECIAL]).get(NAME)
-    with Urza(tmp_path / "urza.db") as u:
-        outcomes = Tezzeret(u).compile_candidates(bp, artifacts=(ArtifactKind.TRAINING,))
-    got = [(o.entry.profile, o.entry.status, o.entry.meta.get(SPECIALIZE)) for o in outcomes]
+    got = compile_with(step, bp, tmp_path / "urza.db", monkeypatch)
     assert got == [
-        ("default", EntryStatus.FALLBACK, ["width"]),
-        ("default@width=8", EntryStatus.FALLBACK, ["height"]),
-        (PAIR, EntryStatus.COMPILED, None),
+        ("default", EntryStatus.FALLBACK, ["height", "width"]),
+        (PAIR, EntryStatus.FALLBACK, ["batch"]),
+        (TRIPLE, EntryStatus.COMPILED, None),
     ]
-    # Three compiles, and the entries a compiling specialization rests on reused again (the width one: its
-    # profile; the pair: its profile, and its width specialization, which reuses its profile once more). The
-    # five candidates that are not specialized answer from the entries seen, without a build.
-    assert len(spec(ArtifactKind.TRAINING).candidates(bp)) == 8
+    assert len(step.runs) == 3
+    # Three compiles, and the entries a compiling specialization rests on reused again (the pair: its profile;
+    # the triple: its profile, and the pair, which reuses its profile once more). The candidates that are not
+    # specialized answer from the entries seen, without a build.
     assert len(step.builds) == 3 + 1 + 3
