@@ -86,8 +86,8 @@ class KindSpec:
     switches this kind's certification off (``None``: always on). ``specializes``: the kind has exact-size
     specializations (see :mod:`esper.profiles`) among its candidates, compiled only where a dim cannot stay
     dynamic; of a whole-range kind, each holds dims together at a measured shape's own sizes.
-    ``specializes_opt_in``: the environment variable that must be on (1/yes/true) for the kind's
-    specializations to be candidates (``None``: they always are).
+    ``specializes_opt_out``: the environment variable that, set to 0/no/false/off, leaves the kind's
+    specializations out of the candidates (``None``: they always are candidates).
     """
 
     kind: ArtifactKind
@@ -102,15 +102,16 @@ class KindSpec:
     opt_out: str | None = None
     eager_route: str = EAGER_ROUTE
     specializes: bool = False
-    specializes_opt_in: str | None = None
+    specializes_opt_out: str | None = None
 
     def enabled(self) -> bool:
         """Whether this kind is certified (its ``opt_out`` variable unset, or not 0/no/false/off)."""
         return self.opt_out is None or os.environ.get(self.opt_out, "1").strip().lower() not in OFF
 
     def specializing(self) -> bool:
-        """Whether this kind's specializations are candidates in this run (see ``specializes_opt_in``)."""
-        return self.specializes_opt_in is None or os.environ.get(self.specializes_opt_in, "").strip().lower() in ON
+        """Whether this kind's specializations are candidates in this run (see ``specializes_opt_out``)."""
+        off = self.specializes_opt_out
+        return off is None or os.environ.get(off, "1").strip().lower() not in OFF
 
     def disabled(self) -> str | None:
         """Why this kind is not certified in this run (``None``: it is)."""
@@ -132,7 +133,7 @@ class KindSpec:
         if not self.specializes or not self.specializing():
             return {}
         if self.whole_range:
-            return joint_specializations({DEFAULT_PROFILE: full_ranges(bp)}, bp.measured_shapes())
+            return joint_specializations({DEFAULT_PROFILE: full_ranges(bp)}, bp.measured_shapes(), bp.layouts())
         return specializations(bp.profiles(), bp.specialization_sizes())
 
     def variant_names(self, bp: Blueprint) -> tuple[str, ...]:
@@ -188,9 +189,7 @@ SPECS: Mapping[ArtifactKind, KindSpec] = {
         guarded_eager=False,
         opt_out="ESPER_CERTIFY_TRAINING",
         specializes=True,
-        # Opt-in while the catalog's convolutions' training specializations fail parity on their gradients
-        # (not yet diagnosed) and cost a compile per held combination.
-        specializes_opt_in="ESPER_TRAINING_SPECIALIZATIONS",
+        specializes_opt_out="ESPER_TRAINING_SPECIALIZATIONS",
     ),
 }
 

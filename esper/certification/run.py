@@ -596,8 +596,8 @@ class Certification:
         and backward, intermediates rounded to either float32 neighbour, another thread count, the batch in
         another order where valid): eager's own error is one sample of them, and an ill-conditioned computation
         spreads them far beyond it. The RMSE and pointwise rules are widened only as far as the executions go
-        (NaN/inf placement and shapes stand), so a lower-precision accumulation is still rejected. Each re-judged part is
-        tallied in the candidate's conditioning."""
+        (NaN/inf placement and shapes stand), so a lower-precision accumulation is still rejected. Each
+        re-judged part is tallied in the candidate's conditioning."""
         if not executions.calibratable(verdicts):
             return dict(verdicts)
         calibrated = executions.calibrate(verdicts, self.kind.spread_of(args, expected, seed, state))

@@ -152,7 +152,7 @@ def test_candidates_are_every_profile_and_variant_for_inference_and_one_training
     ]
     training = outcomes[-1].entry
     assert training.meta["ranges"] == {"batch": [1, 32]}
-    # The whole range only: training specializations are opt-in (ESPER_TRAINING_SPECIALIZATIONS).
+    # The whole range only: its specializations compile only where the whole range cannot stay dynamic.
     assert training.meta["profiles"] == ["default"]
 
 
