@@ -65,7 +65,7 @@ class CompiledPackage:
         # Most blueprints return one tensor: skip rebuilding the output structure on every call.
         self._single = self._out_spec.num_leaves == 1 and self._out_spec.num_nodes == 1
         self._lock = threading.Lock()
-        self.runner = _runner(self._loader.run, self._lock, self._single, self._out_spec)
+        self.runner = _runner(self._loader.run, self._lock, self._single, self._out_spec)  # type: ignore[arg-type]
         self.path = Path(path)
         self.device_index = device_index
         # Which caller's constants are loaded (run_with_constants), and those tensors, kept alive while aliased.
