@@ -341,11 +341,25 @@ class Kernel(KernelBase):
                     d["calls"][COMPILED] += 1
                     return run(args)
             return self._serve(d, args, index)
-        # Nothing compiled to route to: eager, without checking the arguments (see _serve).
+        # Nothing compiled to route to: eager, without checking the arguments (see _serve). The process-wide
+        # hook tables were just found empty: only the eager module's own are left for _run_eager's test.
         d["last_path"] = EAGER
         d["calls"][EAGER] += 1
         eager = d["_eager"]
-        return _run_eager(eager if eager is not None else self.eager_module(), args)
+        if eager is None:
+            eager = self.eager_module()
+        e = eager.__dict__
+        try:
+            plain = not (
+                e["_forward_pre_hooks"]
+                or e["_forward_hooks"]
+                or e["_backward_pre_hooks"]
+                or e["_backward_hooks"]
+                or "_compiled_call_impl" in e
+            )
+        except KeyError:  # a module that keeps its state elsewhere (a ScriptModule): its own __call__ decides
+            plain = False
+        return eager.forward(*args) if plain else eager(*args)
 
     def _module_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call the hot path leaves alone: nn.Module's own path where a hook or ``Module.compile()`` is set,
