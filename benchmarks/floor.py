@@ -12,8 +12,9 @@ under ``torch.no_grad()``:
   inside it, so the overhead below is, if anything, understated by that much.
 - ``raw_timer``: the same call timed by ``torch.utils.benchmark.Timer`` (blocked autorange), as a cross-check.
 - ``package``: :class:`~esper.artifacts.runtime.CompiledPackage` (lock, output unflattening).
-- ``kernel``: the Kasmina kernel, ``kernel(*args)``: ``nn.Module.__call__``, guard, routing, the grad check,
-  contiguity, bookkeeping, lock, output. ``kernel_grad`` is the same call with grad mode on (the default).
+- ``kernel``: the Kasmina kernel, ``kernel(*args)``: its hook test (standing in for ``nn.Module.__call__``),
+  guard, routing, the mode and grad checks, contiguity, bookkeeping, the package's runner (lock, output).
+  ``kernel_grad`` is the same call with grad mode on (the default).
 - ``select``: guard + routing alone (``Kernel.select``), and ``eager`` for scale.
 - ``bound``: a seed's kernel, ``Kasmina.load_seeds(name).bind(module)`` called the same way, where it routes
   compiled at that shape: what following the seed's module costs on top (its runner is a second loaded copy).
@@ -27,7 +28,7 @@ target is ``eager_route <= 1.02 x bare``.
 
 Paths are interleaved: every round runs each path ``--number`` times in a shuffled order, and the figure is
 the median of per-round per-call times with the spread (min-max of the round medians). The overhead is
-``kernel - raw``; the target is ``<= max(2 us, 5% of raw)``. Writes ``.esper/bench/floor.json`` (and
+``kernel - raw``; the target is ``<= max(3 us, 5% of raw)``. Writes ``.esper/bench/floor.json`` (and
 ``floor.md``) unless ``--json`` says otherwise.
 """
 
@@ -46,7 +47,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_US = 2.0
+TARGET_US = 3.0
 TARGET_SHARE = 0.05
 EAGER_TARGET_SHARE = 0.02
 

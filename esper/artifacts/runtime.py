@@ -65,6 +65,7 @@ class CompiledPackage:
         # Most blueprints return one tensor: skip rebuilding the output structure on every call.
         self._single = self._out_spec.num_leaves == 1 and self._out_spec.num_nodes == 1
         self._lock = threading.Lock()
+        self.runner = _runner(self._loader.run, self._lock, self._single, self._out_spec)  # type: ignore[arg-type]
         self.path = Path(path)
         self.device_index = device_index
         # Which caller's constants are loaded (run_with_constants), and those tensors, kept alive while aliased.
@@ -104,7 +105,8 @@ class CompiledPackage:
             self._loader.load_constants(tensors, False, True)
 
     def __call__(self, args: Sequence[torch.Tensor]) -> Any:
-        # ``run`` takes any sequence (a tuple or a list of tensors): no copy of the arguments per call.
+        # ``runner`` is the same call as a closure, for hot paths. ``run`` takes any sequence (a tuple or a list
+        # of tensors): no copy of the arguments per call.
         with self._lock:
             flat = self._loader.run(args)  # type: ignore[arg-type]
         return flat[0] if self._single else pytree.tree_unflatten(separate(flat), self._out_spec)
@@ -126,6 +128,28 @@ class CompiledPackage:
                 self._active = (key, tensors)
             flat = self._loader.run(args)  # type: ignore[arg-type]
         return flat[0] if self._single else pytree.tree_unflatten(separate(flat), self._out_spec)
+
+
+def _runner(
+    run: Callable[[Sequence[torch.Tensor]], list[Any]], lock: threading.Lock, single: bool, spec: pytree.TreeSpec
+) -> Callable[[Sequence[torch.Tensor]], Any]:
+    """:meth:`CompiledPackage.__call__` as a closure over what it reads: a kernel's hot path calls it with no
+    attribute lookups (a one-output package, most blueprints, does not even test which kind it is)."""
+    if single:
+
+        def one(args: Sequence[torch.Tensor]) -> Any:
+            with lock:
+                flat = run(args)
+            return flat[0]
+
+        return one
+
+    def structured(args: Sequence[torch.Tensor]) -> Any:
+        with lock:
+            flat = run(args)
+        return pytree.tree_unflatten(separate(flat), spec)
+
+    return structured
 
 
 def separate(outputs: list[Any]) -> list[Any]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.modules.module as _nn_module
 
 from esper.artifacts.guards import compile_check, compile_dispatch, compile_predicate
+from esper.artifacts.runtime import CompiledPackage
 from esper.kasmina import telemetry
 from esper.kasmina.base import COMPILED, EAGER, KernelBase
 from esper.kasmina.conformance import MODE_QUERIES, mode_problem
@@ -38,6 +39,7 @@ _BACKWARD_HOOKS = _nn_module._global_backward_hooks
 # The calling thread's dispatch state that eager honours and compiled code would not (one C call each; any
 # true: conformance.mode_problem says which).
 _AUTOCAST, _FUNCTION_MODES, _DISPATCH_MODES = MODE_QUERIES
+_GRAD_ENABLED = torch.is_grad_enabled
 
 
 class DeferredPackage:
@@ -226,13 +228,18 @@ class Kernel(KernelBase):
             _routes=routes,
             _route_of=route_dispatch(routes),
             _count=len(routes),
+            _runs=tuple(_runner_of(r.package) for r in routes),
             _serves_compiled=any(r.package is not None for r in routes),
         )
 
     def _replace_route(self, old: Route, new: Route) -> None:
         """``old`` replaced by ``new``, which differs only in its package: the dispatcher stays valid."""
         routes = tuple(new if r is old else r for r in self.routes)
-        self.__dict__.update(_routes=routes, _serves_compiled=any(r.package is not None for r in routes))
+        self.__dict__.update(
+            _routes=routes,
+            _runs=tuple(_runner_of(r.package) for r in routes),
+            _serves_compiled=any(r.package is not None for r in routes),
+        )
 
     @property
     def route(self) -> str:
@@ -294,13 +301,15 @@ class Kernel(KernelBase):
         return self.select(args)[1] if self.routes else "no certified route"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # nn.Module.__call__ costs about as much as the guard (a JIT tracing-state query and eight hook-table
-        # checks): with no hook anywhere and no ``Module.compile()``, serve the call here. Any hook (on this
-        # kernel or process-wide) or a compiled call takes nn.Module's own path, unchanged. Attributes are read
-        # from the instance dict: nn.Module's __getattr__ makes every ``self.name`` a slow lookup.
+        # The hot path of every call, kept flat (see benchmarks/floor.py). nn.Module.__call__ costs about as much
+        # as the guard (a JIT tracing-state query and eight hook-table checks): with no hook anywhere and no
+        # ``Module.compile()``, serve the call here. Any hook (on this kernel or process-wide) or a compiled call
+        # takes nn.Module's own path, unchanged. Attributes are read from the instance dict: nn.Module's
+        # __getattr__ makes every ``self.name`` a slow lookup.
         d = self.__dict__
         if (
-            d["_forward_pre_hooks"]
+            kwargs
+            or d["_forward_pre_hooks"]
             or d["_forward_hooks"]
             or d["_backward_pre_hooks"]
             or d["_backward_hooks"]
@@ -310,10 +319,65 @@ class Kernel(KernelBase):
             or _BACKWARD_PRE_HOOKS
             or _BACKWARD_HOOKS
         ):
+            return self._module_call(args, kwargs)
+        if d["_serves_compiled"]:
+            index = d["_route_of"](args)
+            if 0 <= index < d["_count"]:
+                run = d["_runs"][index]
+                # The accepted call with nothing unusual: a loaded package, no mode, no graph. Anything else
+                # (no route, eager by evidence, a package still to load, a mode, grad) is _serve's, which
+                # decides the same and says why.
+                if (
+                    run is not None
+                    and type(run) is not DeferredPackage
+                    and not (_AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES())
+                    and not (_GRAD_ENABLED() and _any_requires_grad(args))
+                ):
+                    for a in args:
+                        if not a.is_contiguous():
+                            args = tuple(a.contiguous() for a in args)
+                            break
+                    d["last_path"] = COMPILED
+                    d["calls"][COMPILED] += 1
+                    return run(args)
+            return self._serve(d, args, index)
+        # Nothing compiled to route to: eager, without checking the arguments (see _serve). The process-wide
+        # hook tables were just found empty: only the eager module's own are left for _run_eager's test.
+        d["last_path"] = EAGER
+        d["calls"][EAGER] += 1
+        eager = d["_eager"]
+        if eager is None:
+            eager = self.eager_module()
+        e = eager.__dict__
+        try:
+            plain = not (
+                e["_forward_pre_hooks"]
+                or e["_forward_hooks"]
+                or e["_backward_pre_hooks"]
+                or e["_backward_hooks"]
+                or "_compiled_call_impl" in e
+            )
+        except KeyError:  # a module that keeps its state elsewhere (a ScriptModule): its own __call__ decides
+            plain = False
+        return eager.forward(*args) if plain else eager(*args)
+
+    def _module_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call the hot path leaves alone: nn.Module's own path where a hook or ``Module.compile()`` is set,
+        else ``forward`` (keyword arguments)."""
+        d = self.__dict__
+        if (
+            d["_forward_pre_hooks"]
+            or d["_forward_hooks"]
+            or d["_backward_pre_hooks"]
+            or d["_backward_hooks"]
+            or "_compiled_call_impl" in d
+            or _FORWARD_PRE_HOOKS
+            or _FORWARD_HOOKS
+            or _BACKWARD_PRE_HOOKS
+            or _BACKWARD_HOOKS
+        ):
             return torch.nn.Module.__call__(self, *args, **kwargs)
-        if kwargs:
-            return self.forward(*args, **kwargs)
-        return self._serve(d, args)
+        return self.forward(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Kernel:
         # nn.Module's own deepcopy goes through pickling, which a loaded package refuses. A copy shares what is
@@ -352,11 +416,12 @@ class Kernel(KernelBase):
         index = self.routes.index(route)
         return index + len(self.routes) if route.regional and not route.compiled_at(args) else index  # type: ignore[misc]
 
-    def _serve(self, d: dict[str, Any], args: tuple[Any, ...]) -> Any:
-        # The hot path of every call: kept flat (no helper calls on the accepted path), see benchmarks/floor.py.
+    def _serve(self, d: dict[str, Any], args: tuple[Any, ...], index: int | None = None) -> Any:
+        # Every call __call__'s hot path does not finish (``index``: the dispatcher's answer, when it asked).
         # A kernel without a compiled route serves everything eager: nothing to check the arguments for.
         if d["_serves_compiled"]:
-            index = d["_route_of"](args)
+            if index is None:
+                index = d["_route_of"](args)
             if index < 0:
                 index = self._accepted(args)
             # ``index`` past the routes: accepted where certification measured eager faster (eager by evidence,
@@ -368,7 +433,7 @@ class Kernel(KernelBase):
                     pass  # certified eager for this profile
                 elif _AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES() or _FORWARD_PRE_HOOKS or _FORWARD_HOOKS:
                     self.warn_once(telemetry.MODE, f"{mode_problem()}; this call runs eager")
-                elif torch.is_grad_enabled() and _any_requires_grad(args):
+                elif _GRAD_ENABLED() and _any_requires_grad(args):
                     self.warn_once(telemetry.NEEDS_GRAD, "inputs require grad and this artifact has no backward")
                 else:
                     if type(package) is DeferredPackage:
@@ -451,6 +516,24 @@ class BoundKernel(Kernel):
         """The seed's own module: what a call the compiled code may not take runs."""
         return self.seed
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Kernel.__call__'s hook test (see there); every call then takes this class's _serve, with the seed's checks.
+        d = self.__dict__
+        if (
+            kwargs
+            or d["_forward_pre_hooks"]
+            or d["_forward_hooks"]
+            or d["_backward_pre_hooks"]
+            or d["_backward_hooks"]
+            or "_compiled_call_impl" in d
+            or _FORWARD_PRE_HOOKS
+            or _FORWARD_HOOKS
+            or _BACKWARD_PRE_HOOKS
+            or _BACKWARD_HOOKS
+        ):
+            return self._module_call(args, kwargs)
+        return self._serve(d, args)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
             positional = self.positional(self.routes[0].entry.guards if self.routes else None, args, kwargs)
@@ -460,10 +543,11 @@ class BoundKernel(Kernel):
             args = positional
         return self._serve(self.__dict__, args)
 
-    def _serve(self, d: dict[str, Any], args: tuple[Any, ...]) -> Any:
+    def _serve(self, d: dict[str, Any], args: tuple[Any, ...], index: int | None = None) -> Any:
         # Kernel._serve with the seed's checks (see there).
         if d["_serves_compiled"]:
-            index = d["_route_of"](args)
+            if index is None:
+                index = d["_route_of"](args)
             if index < 0:
                 index = self._accepted(args)
             if 0 <= index < d["_count"]:
@@ -514,6 +598,12 @@ def _run_eager(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
     except KeyError:  # a module that keeps its state elsewhere (a ScriptModule): its own __call__ decides
         plain = False
     return module.forward(*args) if plain else module(*args)
+
+
+def _runner_of(package: Package | None) -> Package | None:
+    """What the hot path calls for ``package``: a loaded package's closure (no attribute lookups), else the
+    package itself (``None``: eager; a :class:`DeferredPackage` is left for _serve to load)."""
+    return package.runner if isinstance(package, CompiledPackage) else package
 
 
 def _any_requires_grad(args: tuple[Any, ...]) -> bool:
