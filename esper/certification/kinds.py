@@ -213,11 +213,12 @@ class KindChecks(ABC):
         expected: Expected,
         seed: int,
         state: Mapping[str, torch.Tensor] | None = None,
+        enough: Callable[[executions.Spread], bool] | None = None,
     ) -> executions.Spread:
         """The legitimate float32 executions (:func:`esper.numerics.executions.spread`) of the call a case judges,
         on the module holding ``state`` (``None``: the blueprint's weights), against ``expected``'s float64
         reference, its outputs named as :meth:`judge` names each part's: what the calibrated yardstick of a
-        case that failed the RMSE rule alone is drawn from."""
+        case that failed on its values alone is drawn from (``enough``: see the spread's)."""
 
     def parity_regime(self, regime: Regime) -> Regime:
         """The value regime a drawn parity case runs in (a kind may exclude points where results are undefined)."""
@@ -420,8 +421,9 @@ class InferenceChecks(KindChecks):
         expected: Expected,
         seed: int,
         state: Mapping[str, torch.Tensor] | None = None,
+        enough: Callable[[executions.Spread], bool] | None = None,
     ) -> executions.Spread:
-        return executions.spread(self.spread_module(state), args, expected.exact["output"], seed=seed)
+        return executions.spread(self.spread_module(state), args, expected.exact["output"], seed=seed, enough=enough)
 
 
 class TrainingChecks(KindChecks):
@@ -516,6 +518,7 @@ class TrainingChecks(KindChecks):
         expected: Expected,
         seed: int,
         state: Mapping[str, torch.Tensor] | None = None,
+        enough: Callable[[executions.Spread], bool] | None = None,
     ) -> executions.Spread:
         # The whole step is each execution: forward, backward, the buffers it updates, each time on a fresh copy
         # of one module (a step mutates its buffers), with the parts the case judges.
@@ -525,7 +528,7 @@ class TrainingChecks(KindChecks):
             got = self._eager_step(copy.deepcopy(template), inputs, seed)
             return {part: got[part] for part in parts}
 
-        return executions.spread(run, args, dict(expected.exact), seed=seed, parts=True)
+        return executions.spread(run, args, dict(expected.exact), seed=seed, parts=True, enough=enough)
 
 
 KINDS: dict[ArtifactKind, type[KindChecks]] = {

@@ -600,7 +600,11 @@ class Certification:
         re-judged part is tallied in the candidate's conditioning."""
         if not executions.calibratable(verdicts):
             return dict(verdicts)
-        calibrated = executions.calibrate(verdicts, self.kind.spread_of(args, expected, seed, state))
+        # The spread stops once it admits the case: more executions could only widen the yardstick further.
+        spread = self.kind.spread_of(
+            args, expected, seed, state, enough=lambda s: executions.calibrate(verdicts, s).admitted
+        )
+        calibrated = executions.calibrate(verdicts, spread)
         conditioning_of(c.conditioning, calibrated)
         if calibrated.admitted:
             c.parity.calibrated += 1

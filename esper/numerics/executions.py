@@ -298,11 +298,11 @@ class Rounded(TorchDispatchMode):
     def _perturbed(self, t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point() or t.numel() == 0:
             return t
-        coin = torch.rand(t.shape, generator=self.generator).to(t.device)
-        up = torch.rand(t.shape, generator=self.generator).to(t.device) < 0.5
-        direction = torch.where(up, torch.full_like(t, math.inf), torch.full_like(t, -math.inf))
-        move = (coin < 0.5) & torch.isfinite(t) & (t != 0)
-        return torch.where(move, torch.nextafter(t, direction), t)
+        # One draw per element: 0 or 1 stays, 2 moves down, 3 moves up.
+        draw = torch.randint(0, 4, t.shape, generator=self.generator, dtype=torch.int8).to(t.device)
+        toward = (draw.to(t.dtype) - 2.5).sign() * math.inf
+        move = (draw >= 2) & torch.isfinite(t) & (t != 0)
+        return torch.where(move, torch.nextafter(t, toward), t)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -600,6 +600,7 @@ def spread(
     n: int = 4,
     seed: int = 0,
     parts: bool = False,
+    enough: Callable[[Spread], bool] | None = None,
 ) -> Spread:
     """Run ``target`` on ``inputs`` under its legitimate float32 executions and measure each against float64.
 
@@ -615,9 +616,9 @@ def spread(
     executions, each named:
 
     - ``eager``: the target as it is (canonical, always first);
-    - ``reorder-<i>``: under :class:`Reordered` with seed ``seed + i``, ``i < n``;
     - ``rounded-<i>``: under :class:`Rounded` with seed ``seed + i``, ``i <`` :data:`ROUNDED`;
     - ``threads-<k>``: on another thread count (1, or 2 where torch runs on one), restored after;
+    - ``reorder-<i>``: under :class:`Reordered` with seed ``seed + i``, ``i < n``;
     - ``sdpa-math``, ``sdpa-math-reorder``: where the target met the fused attention kernel, the math
       backend instead (:func:`torch.nn.attention.sdpa_kernel`), as is and reordered;
     - ``batch-reversed``, ``batch-halves``: the batch in reverse order, or in two halves, reassembled; only
@@ -625,7 +626,10 @@ def spread(
       copy, or a reference given as a function) gives the same result that way (a train-mode BatchNorm's halves
       see other statistics; a step's parameter gradients sum over the batch: skipped, with the reason).
 
-    Every execution runs from the same RNG seed (and for a module without grad, from the same buffers).
+    Every execution runs from the same RNG seed (and for a module without grad, from the same buffers), in the
+    order above (the cheapest first). ``enough``: a test of the spread measured so far, asked after each
+    execution; the spread stops at the first it passes (e.g. once a case's calibrated yardstick admits it:
+    more executions only widen it).
     """
     args = list(inputs)
     if not isinstance(target, torch.nn.Module) and reference is None:
@@ -648,23 +652,58 @@ def spread(
     eager = run(args)
     runs: list[tuple[str, Any]] = [("eager", eager)]
     skipped: list[tuple[str, str]] = []
+
+    def measured() -> Spread:
+        executions = tuple(Execution(name, errors_of(out, reference, eager, parts=parts)) for name, out in runs)
+        outputs = tuple(
+            _output_spread(k, name, f, eager, executions, parts)
+            for k, (name, f) in enumerate(_named_floats(reference, parts))
+        )
+        return Spread(executions, outputs, tuple(skipped), _overall(outputs))
+
+    for name, out in _executions(run, args, eager, exact_of, own, n, seed, skipped):
+        runs.append((name, out))
+        if enough is not None and enough(measured()):
+            break
+    return measured()
+
+
+def _executions(
+    run: Callable[[Sequence[Any]], Any],
+    args: list[Any],
+    eager: Any,
+    exact_of: Callable[[Sequence[Any]], Any] | None,
+    own: Any,
+    n: int,
+    seed: int,
+    skipped: list[tuple[str, str]],
+) -> Iterator[tuple[str, Any]]:
+    """:func:`spread`'s executions after eager, cheapest first, each run only when asked for (noting in
+    ``skipped`` the ones that do not apply)."""
+    # Each execution's mode (and thread count) is undone before it is yielded: the caller's own arithmetic runs
+    # outside it.
+    for i in range(ROUNDED):
+        with Rounded(seed + i):
+            out = run(args)
+        yield f"rounded-{i}", out
+    threads = 1 if torch.get_num_threads() > 1 else 2
+    with _threads(threads):
+        out = run(args)
+    yield f"threads-{threads}", out
     seen: set[Any] = set()
     for i in range(n):
         mode = Reordered(seed + i)
         with mode:
-            runs.append((f"reorder-{i}", run(args)))
+            out = run(args)
         seen |= mode.seen
-    for i in range(ROUNDED):
-        with Rounded(seed + i):
-            runs.append((f"rounded-{i}", run(args)))
-    threads = 1 if torch.get_num_threads() > 1 else 2
-    with _threads(threads):
-        runs.append((f"threads-{threads}", run(args)))
+        yield f"reorder-{i}", out
     if seen & _FUSED_ATTENTION:
         with sdpa_kernel([SDPBackend.MATH]):
-            runs.append(("sdpa-math", run(args)))
-            with Reordered(seed + n):
-                runs.append(("sdpa-math-reorder", run(args)))
+            out = run(args)
+        yield "sdpa-math", out
+        with sdpa_kernel([SDPBackend.MATH]), Reordered(seed + n):
+            out = run(args)
+        yield "sdpa-math-reorder", out
     else:
         skipped.append(("sdpa-math", "the module runs no fused attention kernel"))
     size = _leading(args)
@@ -680,13 +719,7 @@ def spread(
         if not _same_function(_in_batches(exact_of, args, chunks, back), own):
             skipped.append((name, "the float64 module gives another result: its batch elements are coupled"))
             continue
-        runs.append((name, _in_batches(run, args, chunks, back)))
-    executions = tuple(Execution(name, errors_of(out, reference, eager, parts=parts)) for name, out in runs)
-    outputs = tuple(
-        _output_spread(k, name, f, eager, executions, parts)
-        for k, (name, f) in enumerate(_named_floats(reference, parts))
-    )
-    return Spread(executions, outputs, tuple(skipped), _overall(outputs))
+        yield name, _in_batches(run, args, chunks, back)
 
 
 def _overall(outputs: Sequence[OutputSpread]) -> Conditioning:

@@ -610,7 +610,7 @@ def _rounded_step(module: nn.Module, args: Sequence[torch.Tensor], seed: int) ->
 def test_a_gradient_behind_a_kink_within_rounding_is_admitted_and_recorded_ill_conditioned() -> None:
     module, args = _kinked()
     exact, eager = _exact_step(module, args), _step(module)(args)
-    twin = _rounded_step(module, args, 100)
+    twin = _rounded_step(module, args, 101)
     verdicts = _judged(twin, eager, exact, tol=1e-4)
     # One ReLU decided the other way: the input gradient is far beyond the one-sample rule ...
     assert not verdicts["gradient"].passed and "gradient['input 0']" in verdicts["gradient"].reason
@@ -627,7 +627,7 @@ def test_a_gradient_behind_a_kink_within_rounding_is_admitted_and_recorded_ill_c
 def test_a_wrong_gradient_beside_a_kink_is_still_rejected() -> None:
     module, args = _kinked()
     exact, eager = _exact_step(module, args), _step(module)(args)
-    twin = _rounded_step(module, args, 100)
+    twin = _rounded_step(module, args, 101)
     # The seeded defect: the same honest rounding, and the last layer's weight gradient (no kink behind it) off
     # by a tenth of itself.
     defect = {**twin, "gradient": {**twin["gradient"], "3.weight": twin["gradient"]["3.weight"] * 1.1}}
@@ -635,3 +635,22 @@ def test_a_wrong_gradient_beside_a_kink_is_still_rejected() -> None:
     calibrated = calibrate(verdicts, spread(_step(module), args, exact, n=4, parts=True))
     assert not calibrated.admitted and not calibrated.verdicts["gradient"].passed
     assert any("3.weight']" in p.reason for p in calibrated.parts)
+
+
+def test_a_spread_stops_at_the_first_execution_that_is_enough_and_admits_what_the_whole_spread_admits() -> None:
+    module, args = _kinked()
+    exact, eager = _exact_step(module, args), _step(module)(args)
+    verdicts = _judged(_rounded_step(module, args, 101), eager, exact, tol=1e-4)
+    asked: list[int] = []
+
+    def admits(s: Any) -> bool:
+        asked.append(len(s.executions))
+        return calibrate(verdicts, s).admitted
+
+    short = spread(_step(module), args, exact, n=4, parts=True, enough=admits)
+    whole = spread(_step(module), args, exact, n=4, parts=True)
+    # Asked after every execution but eager, and stopped at the first answer yes: fewer executions than all.
+    assert asked == list(range(2, len(short.executions) + 1)) and len(short.executions) < len(whole.executions)
+    assert calibrate(verdicts, short).admitted and calibrate(verdicts, whole).admitted
+    # Never asked: every execution runs.
+    assert [e.name for e in whole.executions][:2] == ["eager", "rounded-0"]
