@@ -86,8 +86,8 @@ class KindSpec:
     switches this kind's certification off (``None``: always on). ``specializes``: the kind has exact-size
     specializations (see :mod:`esper.profiles`) among its candidates, compiled only where a dim cannot stay
     dynamic; of a whole-range kind, each holds dims together at a measured shape's own sizes.
-    ``specializes_opt_out``: the environment variable that, set to 0/no/false/off, leaves the kind's
-    specializations out of the candidates (``None``: they always are candidates).
+    ``specializes_opt_in``: the environment variable that must be on (1/yes/true) for the kind's
+    specializations to be candidates (``None``: they always are).
     """
 
     kind: ArtifactKind
@@ -102,16 +102,15 @@ class KindSpec:
     opt_out: str | None = None
     eager_route: str = EAGER_ROUTE
     specializes: bool = False
-    specializes_opt_out: str | None = None
+    specializes_opt_in: str | None = None
 
     def enabled(self) -> bool:
         """Whether this kind is certified (its ``opt_out`` variable unset, or not 0/no/false/off)."""
         return self.opt_out is None or os.environ.get(self.opt_out, "1").strip().lower() not in OFF
 
     def specializing(self) -> bool:
-        """Whether this kind's specializations are candidates in this run (see ``specializes_opt_out``)."""
-        off = self.specializes_opt_out
-        return off is None or os.environ.get(off, "1").strip().lower() not in OFF
+        """Whether this kind's specializations are candidates in this run (see ``specializes_opt_in``)."""
+        return self.specializes_opt_in is None or os.environ.get(self.specializes_opt_in, "").strip().lower() in ON
 
     def disabled(self) -> str | None:
         """Why this kind is not certified in this run (``None``: it is)."""
@@ -189,7 +188,10 @@ SPECS: Mapping[ArtifactKind, KindSpec] = {
         guarded_eager=False,
         opt_out="ESPER_CERTIFY_TRAINING",
         specializes=True,
-        specializes_opt_out="ESPER_TRAINING_SPECIALIZATIONS",
+        # Opt-in: each is a compile of its own plus a parity run at its (often largest) sizes, a large share of a
+        # cold certification, and a compiled training step that cannot keep a convolution's height and width
+        # dynamic has so far lost to eager at the sizes it was specialized for.
+        specializes_opt_in="ESPER_TRAINING_SPECIALIZATIONS",
     ),
 }
 

@@ -57,10 +57,10 @@ def test_training_is_the_whole_range_under_the_default_variant_then_its_measured
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     s, bp = spec(ArtifactKind.TRAINING), bucketed()
-    # Training specializations are candidates unless switched off.
-    monkeypatch.setenv("ESPER_TRAINING_SPECIALIZATIONS", "0")
-    assert [c.id for c in s.candidates(bp)] == ["default/default"]
+    # Training specializations are candidates only when switched on.
     monkeypatch.delenv("ESPER_TRAINING_SPECIALIZATIONS", raising=False)
+    assert [c.id for c in s.candidates(bp)] == ["default/default"]
+    monkeypatch.setenv("ESPER_TRAINING_SPECIALIZATIONS", "1")
     assert s.candidates(bp)[0] == Candidate("default", "default")
     # Then the specializations: each set of dims held at a representative shape's own sizes, fewest dims first,
     # never the bucket profiles (a training artifact covers the whole range).
