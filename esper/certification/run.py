@@ -359,7 +359,9 @@ def choose_regions(
     """The route of ``profile`` by region: :func:`choose`'s rule, where a candidate *wins* when its route table
     (``tables``, from its comparisons over the profile's grid, ``grids``) is compiled in one cell at least.
 
-    1. the budget rule is :func:`choose`'s, at the representative shapes (``scored``);
+    1. the budget rule is :func:`choose`'s, at the representative shapes (``scored``), on what the candidate's
+       table serves there: its compiled figures where the table routes the shape compiled, eager's where it
+       routes it eager (the compiled code's time at an eager cell is no part of the route);
     2. of the within-budget candidates compiled somewhere, the first in variant order is routed unless a later
        one :func:`outpaces` it over the grid points where both win; where they win in no common cell, the one
        compiled in more cells (the first in variant order on a tie). One candidate per profile: its table
@@ -368,12 +370,18 @@ def choose_regions(
     """
     fallback = choose(profile, labels, scored, budget, budget_profile, p95=p95)
     ratio = {cid: geomean(by_label[label].ratio for label in labels) for cid, by_label in scored.items()}
+    eager_at = eager_figures(scored, labels)
     within = [
         cid
         for cid, by_label in scored.items()
         if cid in tables
         and tables[cid].compiled_anywhere
-        and not budgets.check(budget, budget_profile, {k: figures(c) for k, c in by_label.items()}, p95=p95)
+        and not budgets.check(
+            budget,
+            budget_profile,
+            {k: figures(c) if _served_compiled(tables[cid], k) else eager_at[k] for k, c in by_label.items()},
+            p95=p95,
+        )
     ]
     if not within:
         return fallback
@@ -401,6 +409,14 @@ def choose_regions(
     if others:
         note += f"; preferred to {', '.join(others)}"
     return Decision(profile, cid, ratio[cid], note, table=table)
+
+
+def _served_compiled(table: RouteTable, label: str) -> bool:
+    """Whether ``table`` sends the representative shape ``label`` (``"batch=8,seq=32"``) to compiled code."""
+    sizes = dict(part.split("=") for part in label.split(",") if "=" in part)
+    if not all(d in sizes for d in table.dims):
+        return True  # a shape the table does not place: judged as compiled, the stricter reading
+    return table.cell_of({d: int(sizes[d]) for d in table.dims}).path == COMPILED
 
 
 def _reasons(by_label: Mapping[str, timing.Comparison], labels: list[str]) -> str:

@@ -159,11 +159,18 @@ def test_a_candidate_that_wins_nowhere_leaves_the_profile_eager_as_before() -> N
     assert d == choose("p", LABELS, scored, Budget(), CPU)
 
 
-def test_a_candidate_over_budget_at_a_representative_shape_is_not_routed_anywhere() -> None:
+def test_the_budget_judges_what_the_table_serves_at_each_representative_shape() -> None:
     table, grid = grid_of({1: 0.5, 2: 0.5, 8: 1.8})
     scored = {"p/default": scored_at({"batch=2": 0.5, "batch=8": 1.8})}  # 1.8x breaks the 1.5 ratio cap
+    # The whole-profile rule vetoes the candidate for a shape its table sends to eager anyway ...
+    assert choose("p", LABELS, scored, Budget(), CPU).winner is None
+    # ... the regional rule judges eager there, and routes the candidate where it wins.
     d = choose_regions("p", LABELS, scored, {"p/default": table}, {"p/default": grid}, Budget(), CPU)
-    assert d.winner is None
+    assert d.winner == "p/default" and d.table == table and "batch=8 (loses)" in d.note
+    # Over budget where the table serves compiled code (0.5x eager at batch 2 against a 0.4 ratio cap): not
+    # routed anywhere.
+    tight = Budget(max_ratio=0.4)
+    assert choose_regions("p", LABELS, scored, {"p/default": table}, {"p/default": grid}, tight, CPU).winner is None
 
 
 def test_of_two_winners_the_first_keeps_the_route_unless_the_second_is_faster_where_both_win() -> None:
