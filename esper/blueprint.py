@@ -281,6 +281,11 @@ class Blueprint:
         """A stable label for a dim assignment: ``"batch=8,seq=32"`` (``"static"`` when there are none)."""
         return ",".join(f"{k}={v}" for k, v in sizes.items()) or "static"
 
+    @staticmethod
+    def label_sizes(label: str) -> dict[str, int]:
+        """The dim assignment a :meth:`shape_label` names (``{}`` for ``"static"``)."""
+        return {k: int(v) for k, v in (part.split("=") for part in label.split(",") if "=" in part)}
+
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from esper.artifacts.compat import CompatKey
 from esper.artifacts.kinds import ArtifactKind
+from esper.blueprint import Blueprint
 from esper.urza import Entry, EntryEngine, Urza
 from esper.urza.evidence import COMPILED, Evidence, RouteTable
 
@@ -111,11 +112,11 @@ def collect(urza: Urza, key: CompatKey) -> list[BlueprintEvidence]:
 
 def _x(label: str) -> tuple[str, int] | None:
     """The plotted dim of a shape label: ``batch`` if present, else the first dim."""
-    parts = dict(p.split("=") for p in label.split(",") if "=" in p)
+    parts = Blueprint.label_sizes(label)
     if not parts:
         return None
     dim = "batch" if "batch" in parts else next(iter(parts))
-    return dim, int(parts[dim])
+    return dim, parts[dim]
 
 
 def series(ev: KindEvidence) -> tuple[str | None, dict[str, dict[int, float]]]:
@@ -139,7 +140,7 @@ def series(ev: KindEvidence) -> tuple[str | None, dict[str, dict[int, float]]]:
         evidence = Evidence.of(r)
         for label, row in evidence.performance.certify.items():
             x = _x(label)
-            sizes = {k: int(v) for k, v in (p.split("=") for p in label.split(",") if "=" in p)}
+            sizes = Blueprint.label_sizes(label)
             p50 = row.side(evidence.path_at(sizes)).p50_ms
             if x is not None and p50 is not None:
                 dim = dim or x[0]

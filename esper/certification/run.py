@@ -413,10 +413,10 @@ def choose_regions(
 
 def _served_compiled(table: RouteTable, label: str) -> bool:
     """Whether ``table`` sends the representative shape ``label`` (``"batch=8,seq=32"``) to compiled code."""
-    sizes = dict(part.split("=") for part in label.split(",") if "=" in part)
+    sizes = Blueprint.label_sizes(label)
     if not all(d in sizes for d in table.dims):
         return True  # a shape the table does not place: judged as compiled, the stricter reading
-    return table.cell_of({d: int(sizes[d]) for d in table.dims}).path == COMPILED
+    return table.cell_of(sizes).path == COMPILED
 
 
 def _reasons(by_label: Mapping[str, timing.Comparison], labels: list[str]) -> str:
