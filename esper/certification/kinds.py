@@ -51,7 +51,7 @@ from esper.certification.contract import (
     check_mutation,
     named_state,
 )
-from esper.kasmina import COMPILED, Kasmina
+from esper.kasmina import Kasmina
 from esper.numerics import executions
 from esper.numerics.coverage import ValueCase
 from esper.numerics.gradients import exact_step, floating_buffers, gradients, step, upstream
@@ -385,11 +385,11 @@ class InferenceChecks(KindChecks):
             return nondeterministic(lambda: self.eager()(*args))
 
     def run_refused(self, kernel: Any, args: Sequence[torch.Tensor]) -> tuple[str | None, int]:
-        before = kernel.calls[COMPILED]
+        before = kernel.compiled_calls
         # Eager may rightly reject these inputs; what matters is the path the call took.
         with torch.no_grad(), contextlib.suppress(Exception):
             kernel(*args)
-        return kernel.last_path, kernel.calls[COMPILED] - before
+        return kernel.last_path, kernel.compiled_calls - before
 
     def timed(self, module: Any, args: Sequence[torch.Tensor]) -> Callable[[], Any]:
         return lambda: module(*args)
@@ -491,7 +491,7 @@ class TrainingChecks(KindChecks):
         # Eager may rightly reject these inputs; what matters is the path the call took.
         with contextlib.suppress(Exception):
             seed(*args)
-        return seed.last_path, seed.calls[COMPILED]
+        return seed.last_path, seed.compiled_calls
 
     def timed(self, module: Any, args: Sequence[torch.Tensor]) -> Callable[[], Any]:
         inputs = [a.detach().requires_grad_(a.is_floating_point()) for a in args]

@@ -36,8 +36,9 @@ class KernelBase(torch.nn.Module):
     """The bookkeeping shared by every kernel.
 
     ``route`` is ``"compiled"`` when compiled code is loaded, else ``"eager"``; ``reason`` says why (or why
-    not). After each call ``last_path`` says which path that call took and ``calls`` counts both. Both are
-    unsynchronized diagnostics: with several threads calling one kernel they describe some recent call.
+    not). After each call ``last_path`` says which path that call took, and ``compiled_calls`` and
+    ``eager_calls`` count the calls each path took (``calls``: both as a Counter). They are unsynchronized
+    diagnostics: with several threads calling one kernel they describe some recent call.
     """
 
     def __init__(self, blueprint: str, *, reason: str):
@@ -45,7 +46,9 @@ class KernelBase(torch.nn.Module):
         self.blueprint = blueprint
         self.reason = reason
         self.last_path: str | None = None
-        self.calls: Counter[str] = Counter()
+        # Plain ints in the instance dict, not a Counter: every call counts, and a Counter's increment costs a
+        # few times an int's on the hot path.
+        self.__dict__.update(compiled_calls=0, eager_calls=0)
         self._warned: set[str] = set()
         # How to load this kernel again through Kasmina's load path (set by the loader; ``None`` for a kernel
         # built elsewhere): a pickled kernel is this and its seed's state, never native code.
@@ -77,10 +80,17 @@ class KernelBase(torch.nn.Module):
         """The Urza entry whose compiled code runs (``None`` when nothing compiled is loaded)."""
         raise NotImplementedError
 
+    @property
+    def calls(self) -> Counter[str]:
+        """Calls per path so far (a new Counter; a path no call took is absent)."""
+        d = self.__dict__
+        return Counter({p: n for p, n in ((COMPILED, d["compiled_calls"]), (EAGER, d["eager_calls"])) if n})
+
     def took(self, path: str) -> None:
         """Record that a call took ``path`` (``"compiled"`` or ``"eager"``)."""
-        self.last_path = path
-        self.calls[path] += 1
+        d = self.__dict__
+        d["last_path"] = path
+        d["compiled_calls" if path == COMPILED else "eager_calls"] += 1
 
     def positional(
         self, schema: GuardSchema | None, args: tuple[Any, ...], kwargs: dict[str, Any]

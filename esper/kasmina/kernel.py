@@ -324,27 +324,31 @@ class Kernel(KernelBase):
             index = d["_route_of"](args)
             if 0 <= index < d["_count"]:
                 run = d["_runs"][index]
-                # The accepted call with nothing unusual: a loaded package, no mode, no graph. Anything else
-                # (no route, eager by evidence, a package still to load, a mode, grad) is _serve's, which
-                # decides the same and says why.
-                if (
-                    run is not None
-                    and type(run) is not DeferredPackage
-                    and not (_AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES())
-                    and not (_GRAD_ENABLED() and _any_requires_grad(args))
-                ):
-                    for a in args:
-                        if not a.is_contiguous():
-                            args = tuple(a.contiguous() for a in args)
-                            break
-                    d["last_path"] = COMPILED
-                    d["calls"][COMPILED] += 1
-                    return run(args)
-            return self._serve(d, args, index)
-        # Nothing compiled to route to: eager, without checking the arguments (see _serve). The process-wide
-        # hook tables were just found empty: only the eager module's own are left for _run_eager's test.
+                if run is not None:
+                    # The accepted call with nothing unusual: a loaded package, no mode, no graph. Anything else
+                    # (a package still to load, a mode, grad) is _serve's, which decides the same and says why.
+                    if (
+                        type(run) is not DeferredPackage
+                        and not (_AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES())
+                        and not (_GRAD_ENABLED() and _any_requires_grad(args))
+                    ):
+                        for a in args:
+                            if not a.is_contiguous():
+                                args = tuple(a.contiguous() for a in args)
+                                break
+                        d["last_path"] = COMPILED
+                        d["compiled_calls"] += 1
+                        return run(args)
+                    return self._serve(d, args, index)
+                # Certified eager for this profile: eager below, as _serve would, with nothing to say.
+            elif index < 0:  # no route accepts: _serve looks again and says why
+                return self._serve(d, args, index)
+            # Past the routes: accepted where certification measured eager faster (eager by evidence, below).
+        # Eager: by evidence, or with nothing compiled to route to (without checking the arguments: see
+        # _serve). The process-wide hook tables were just found empty: only the eager module's own are left
+        # for _run_eager's test.
         d["last_path"] = EAGER
-        d["calls"][EAGER] += 1
+        d["eager_calls"] += 1
         eager = d["_eager"]
         if eager is None:
             eager = self.eager_module()
@@ -388,13 +392,6 @@ class Kernel(KernelBase):
         for key, value in self.__dict__.items():
             new.__dict__[key] = value if key in _SHARED else copy.deepcopy(value, memo)
         return new
-
-    def took(self, path: str) -> None:
-        # KernelBase.took, past nn.Module.__setattr__ (its Parameter/Module isinstance checks cost more than
-        # the guard): ``last_path`` is a plain attribute, never a parameter, buffer or submodule.
-        d = self.__dict__
-        d["last_path"] = path
-        d["calls"][path] += 1
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -444,10 +441,10 @@ class Kernel(KernelBase):
                                 args = tuple(a.contiguous() for a in args)
                                 break
                         d["last_path"] = COMPILED
-                        d["calls"][COMPILED] += 1
+                        d["compiled_calls"] += 1
                         return package(args)
         d["last_path"] = EAGER
-        d["calls"][EAGER] += 1
+        d["eager_calls"] += 1
         eager = d["_eager"]
         return _run_eager(eager if eager is not None else self.eager_module(), args)
 
@@ -571,10 +568,10 @@ class BoundKernel(Kernel):
                                 args = tuple(a.contiguous() for a in args)
                                 break
                         d["last_path"] = COMPILED
-                        d["calls"][COMPILED] += 1
+                        d["compiled_calls"] += 1
                         return package(args)
         d["last_path"] = EAGER
-        d["calls"][EAGER] += 1
+        d["eager_calls"] += 1
         return _run_eager(d["_modules"]["seed"], args)
 
 

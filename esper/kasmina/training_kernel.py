@@ -715,7 +715,7 @@ class TrainingKernel(KernelBase):
         bound to this kernel's seed check; pickling's ``__reduce_ex__`` is not the way to it."""
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new.__dict__.update(_eval_kernel=None, _watch=None, calls=self.calls.copy(), _warned=set(self._warned))
+        new.__dict__.update(_eval_kernel=None, _watch=None, _warned=set(self._warned))
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:

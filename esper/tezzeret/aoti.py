@@ -8,13 +8,19 @@ Inductor backend ahead of time and writes a self-contained package that a proces
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import ReadWriteLock
 from torch.export import ExportedProgram
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# Inductor settings under which a compile times candidate kernels and bakes the fastest into the package.
+AUTOTUNING = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning")
+# The lock file shared by every compile that uses one Inductor cache (a certification and its compile workers).
+LOCK_NAME = "esper-compiles.lock"
 
 
 def use_persistent_cache(folder: Path) -> Path:
@@ -25,9 +31,42 @@ def use_persistent_cache(folder: Path) -> Path:
     return Path(os.environ[CACHE_ENV])
 
 
+def autotunes(settings: Mapping[str, Any] | None) -> bool:
+    """Whether a compile with these Inductor overrides times kernels and keeps the fastest."""
+    return any(bool((settings or {}).get(key)) for key in AUTOTUNING)
+
+
+@contextmanager
+def compile_slot(settings: Mapping[str, Any] | None, folder: Path | None = None) -> Iterator[None]:
+    """Hold the right to compile beside others (shared), or alone where the compile autotunes (exclusive).
+
+    An autotuning compile keeps whichever candidate kernel its own timings favour, and the choice is baked into
+    the package: timed beside another compile (a certification's compile worker on a 2-core machine), a
+    slower kernel wins on a noisy timing, and two cold certifications of the same code certify different
+    packages. So an autotuning compile waits until no other compile sharing ``folder`` (the Inductor cache,
+    by default: one certification and its workers) runs, and holds the others off until it is done; other
+    compiles run side by side. The lock is SQLite's: a waiting writer keeps new readers out, so a stream of
+    short compiles cannot starve it, and a process that dies releases what it held."""
+    if folder is None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        folder = Path(cache_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = ReadWriteLock(folder / LOCK_NAME, is_singleton=False)
+    try:
+        with lock.write_lock() if autotunes(settings) else lock.read_lock():
+            yield
+    finally:
+        lock.close()
+
+
 def compile_package(ep: ExportedProgram, path: Path, settings: Mapping[str, Any] | None = None) -> Path:
-    """Compile ``ep`` into the package file ``path`` with Inductor config overrides ``settings``."""
+    """Compile ``ep`` into the package file ``path`` with Inductor config overrides ``settings`` (in its
+    :func:`compile_slot`)."""
     import torch._inductor
 
-    out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=dict(settings or {}))
+    with compile_slot(settings):
+        out = torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(path), inductor_configs=dict(settings or {})
+        )
     return Path(out)

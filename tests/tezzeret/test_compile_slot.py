@@ -1,0 +1,53 @@
+"""An autotuning compile runs alone; other compiles run side by side (esper.tezzeret.aoti.compile_slot)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from filelock import ReadWriteLock, Timeout
+
+from esper.artifacts import variants
+from esper.tezzeret.aoti import LOCK_NAME, autotunes, compile_slot
+
+
+def probe(folder: Path, mode: str) -> bool:
+    """Whether another process's compile could take its slot now (``mode``: read or write), without waiting."""
+    lock = ReadWriteLock(folder / LOCK_NAME, is_singleton=False)
+    try:
+        (lock.acquire_read if mode == "read" else lock.acquire_write)(blocking=False)
+    except Timeout:
+        return False
+    else:
+        lock.release()
+        return True
+    finally:
+        lock.close()
+
+
+def test_which_settings_autotune() -> None:
+    assert autotunes(variants.get("freezing_autotune_cpp").settings)
+    assert not autotunes(variants.get("default").settings)
+    assert not autotunes(variants.get("freezing").settings)
+    assert not autotunes({"max_autotune": False})
+    assert not autotunes(None)
+
+
+def test_an_autotuning_compile_holds_every_other_compile_off(tmp_path: Path) -> None:
+    with compile_slot({"max_autotune": True}, tmp_path):
+        assert not probe(tmp_path, "read")
+        assert not probe(tmp_path, "write")
+    assert probe(tmp_path, "write")
+
+
+def test_plain_compiles_share_and_hold_an_autotuning_one_off(tmp_path: Path) -> None:
+    with compile_slot({"freezing": True}, tmp_path):
+        assert probe(tmp_path, "read")  # the seeded twin: a plain compile beside it goes ahead
+        assert not probe(tmp_path, "write")
+    assert probe(tmp_path, "write")
+
+
+def test_a_failed_compile_releases_its_slot(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), compile_slot({"max_autotune": True}, tmp_path):
+        raise RuntimeError("lowering failed")
+    assert probe(tmp_path, "write")
