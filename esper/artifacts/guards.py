@@ -414,6 +414,11 @@ def _guard_source(
     if device_index is not None and schema.device == "cuda":
         device_test += " or {x}.get_device() != " + _int_literal(device_index)
     lines = [f"def {name}(args):", f"    if len(args) != {_int_literal(len(schema.inputs))}:", f"        return {miss}"]
+    # What only compiled code needs (dtype, device, layout, the negative bit, functorch wrappers, forward-AD
+    # tangents) is tested after the sizes: a call that a region places in an eager cell runs eager whatever
+    # those are, and skips their cost. A nested tensor is refused before its shape is read (reading it may
+    # raise).
+    properties: list[str] = []
     first_seen: dict[str, str] = {}
     for n, inp in enumerate(schema.inputs):
         if inp.dtype not in TORCH_DTYPES:
@@ -422,15 +427,17 @@ def _guard_source(
         lines += [
             f"    {x} = args[{n}]",
             f"    t = type({x})",
-            f"    if (t is not Tensor and t is not Parameter) or {x}.dtype is not d{n}:",
-            f"        return {miss}",
-            f"    if {device_test.format(x=x)} or {x}.layout is not strided or {x}.is_nested or {x}.is_neg():",
-            f"        return {miss}",
-            f"    if {WRAPPED_TEST.format(x=x)}:",
+            f"    if (t is not Tensor and t is not Parameter) or {x}.is_nested:",
             f"        return {miss}",
             f"    s{n} = {x}.shape",
             f"    if len(s{n}) != {_int_literal(inp.rank)}:",
             f"        return {miss}",
+        ]
+        properties += [
+            f"if {x}.dtype is not d{n} or {device_test.format(x=x)} or {x}.layout is not strided or {x}.is_neg():",
+            f"    return {miss}",
+            f"if {WRAPPED_TEST.format(x=x)}:",
+            f"    return {miss}",
         ]
         for k, d in enumerate(inp.dims):
             v = f"s{n}[{k}]"
@@ -440,14 +447,26 @@ def _guard_source(
                 lines += [f"    if {v} != {first_seen[d.name]}:", f"        return {miss}"]
             else:
                 first_seen[str(d.name)] = v
+    regional = any(r is not None for r in regions)
+    if not regional:
+        lines += [f"    {line}" for line in properties]
+    count = _int_literal(len(schemas))
     for index, each in enumerate(schemas):
         ranges = each.dim_ranges()
         held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in first_seen.items()]
         region = regions[index] if index < len(regions) else None
         if region is not None:  # validated again, whatever its construction did
             region = Regions(region.dims, region.cuts, region.compiled)
-        answer = hit(_int_literal(index)) if region is None else _region_expression(region, index, first_seen, ranges)
-        lines += [f"    if {' and '.join(held) or 'True'}:", f"        return {answer}"]
+        lines.append(f"    if {' and '.join(held) or 'True'}:")
+        if region is not None:
+            lines += [
+                f"        code = {_region_expression(region, index, first_seen, ranges)}",
+                f"        if code >= {count}:",
+                "            return code",
+            ]
+        if regional:
+            lines += [f"        {line}" for line in properties]
+        lines.append(f"        return {'code' if region is not None else hit(_int_literal(index))}")
     lines.append(f"    return {miss}")
     return "\n".join(lines)
 
@@ -499,7 +518,9 @@ def compile_dispatch(
     ``regions``, one per schema (``None``, or missing at the end: none), splits a schema's range into cells: an
     accepted call outside the compiled cells of its schema's :class:`Regions` returns ``len(schemas) + index``
     rather than ``index``. The sizes the guards read are looked up where they were read: the region costs a
-    tuple index per dim, not a second pass over the arguments."""
+    tuple index per dim, not a second pass over the arguments. A call placed outside the compiled cells is
+    answered as soon as its sizes are known: the dtype, device, layout and wrapper tests guard compiled code
+    only, and an eager call pays for none of them."""
     if not schemas or not all(same_but_ranges(schemas[0], s) for s in schemas[1:]):
         return None
     if len(regions) > len(schemas):

@@ -148,7 +148,7 @@ class Route:
 def route_dispatch(routes: Sequence[Route]) -> Callable[[Sequence[Any]], int]:
     """The index of the first of ``routes`` whose guards accept the arguments (``-1``: none does), plus
     ``len(routes)`` when that route is regional and the call falls outside its compiled cells (eager by
-    evidence).
+    evidence; the generated dispatcher then checks the sizes only).
 
     The routes of one blueprint version differ only in their shape profiles' ranges, so one generated
     dispatcher checks them all, route tables included (:func:`esper.artifacts.guards.compile_dispatch`): a call

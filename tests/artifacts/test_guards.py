@@ -195,6 +195,32 @@ def test_the_dispatcher_places_each_accepted_call_in_its_region(hi: int) -> None
         assert route_of((torch.zeros(3, 3, 5),)) == -1
 
 
+def test_compiled_cells_check_everything_compiled_code_needs_and_eager_cells_only_the_sizes() -> None:
+    """In a compiled cell a float64, a negative-bit view, a functorch-wrapped or a meta tensor is refused (the
+    compiled code would compute something else); in an eager cell it is eager by evidence (eager runs it as
+    eager would, so the tests compiled code needs are not paid for). A nested tensor is refused everywhere,
+    before its shape is read."""
+    from torch.func import vmap
+
+    from esper.artifacts.guards import Regions, compile_dispatch
+
+    route_of = compile_dispatch([wide(8)], regions=[Regions(("batch",), ((3,),), (True, False))])
+    assert route_of is not None
+    compiled, eager = torch.zeros(2, 3, 4), torch.zeros(5, 3, 4)  # batch 2: compiled cell; batch 5: eager cell
+    assert route_of((compiled,)) == 0 and route_of((eager,)) == 1  # the clean twins
+    for bad in (torch.float64, "neg", "meta"):
+        for x, want in ((compiled, -1), (eager, 1)):
+            y = x.double() if bad is torch.float64 else x.to("meta") if bad == "meta" else x.conj()._neg_view()
+            assert route_of((y,)) == want, (bad, x.shape)
+    seen: list[int] = []
+    vmap(lambda row: seen.append(route_of((row,))) or row)(torch.zeros(7, 2, 3, 4))  # a wrapped batch-2 tensor
+    vmap(lambda row: seen.append(route_of((row,))) or row)(torch.zeros(7, 5, 3, 4))  # a wrapped batch-5 tensor
+    assert seen == [-1, 1]
+    with pytest.warns(UserWarning, match="prototype"):  # a strided nested tensor is a plain Tensor by type
+        nested = torch.nested.nested_tensor([torch.zeros(3, 4), torch.zeros(3, 4)])
+    assert route_of((nested,)) == -1
+
+
 def test_regions_that_could_reach_exec_are_refused() -> None:
     """Only integers and identifiers make a region: a forged cut, a cell count that does not match the cuts, a
     dim the guards do not read, or more regions than schemas are errors, never source."""
