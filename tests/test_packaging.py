@@ -88,7 +88,7 @@ def runtime_closure(wheel: Path) -> dict[str, metadata.Distribution]:
 
 def test_the_wheel_requires_the_runtime_and_offers_the_harness_as_extras(wheel: Path) -> None:
     runtime = {_name(r.name) for r in requirements(wheel) if not r.marker}
-    assert runtime == {"torch", "numpy", "sqlite-utils", "safetensors", "click", "tabulate", "cryptography"}
+    assert runtime == {"torch", "numpy", "sqlite-utils", "safetensors", "click", "tabulate", "cryptography", "filelock"}
     assert extra(wheel, "certify") == {"pytest", "hypothesis"}, "certification needs pytest and hypothesis only"
     assert extra(wheel, "bench") == {"pytest-benchmark"}
     assert extra(wheel, "report") == {"matplotlib"}
