@@ -7,7 +7,9 @@ Inductor backend ahead of time and writes a self-contained package that a proces
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 
 from filelock import ReadWriteLock
 from torch.export import ExportedProgram
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 # Inductor settings under which a compile times candidate kernels and bakes the fastest into the package.
@@ -46,18 +50,30 @@ def compile_slot(settings: Mapping[str, Any] | None, folder: Path | None = None)
     packages. So an autotuning compile waits until no other compile sharing ``folder`` (the Inductor cache,
     by default: one certification and its workers) runs, and holds the others off until it is done; other
     compiles run side by side. The lock is SQLite's: a waiting writer keeps new readers out, so a stream of
-    short compiles cannot starve it, and a process that dies releases what it held."""
+    short compiles cannot starve it, and a process that dies releases what it held. Where the lock cannot be
+    taken the compile runs without it, with a WARNING."""
     if folder is None:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
         folder = Path(cache_dir())
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = ReadWriteLock(folder / LOCK_NAME, is_singleton=False)
+    lock: ReadWriteLock | None = None
     try:
-        with lock.write_lock() if autotunes(settings) else lock.read_lock():
-            yield
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = ReadWriteLock(folder / LOCK_NAME, is_singleton=False)
+        (lock.acquire_write if autotunes(settings) else lock.acquire_read)()
+    except (OSError, sqlite3.Error, ValueError) as e:
+        # A folder the lock cannot live in (read-only, full, a filesystem SQLite cannot lock) costs the
+        # ordering, never the compile.
+        log.warning("compiling without a compile slot in %s (%s: %s)", folder, type(e).__name__, e)
+        if lock is not None:
+            lock.close()
+        lock = None
+    try:
+        yield
     finally:
-        lock.close()
+        if lock is not None:
+            lock.release()
+            lock.close()
 
 
 def compile_package(ep: ExportedProgram, path: Path, settings: Mapping[str, Any] | None = None) -> Path:

@@ -51,3 +51,15 @@ def test_a_failed_compile_releases_its_slot(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), compile_slot({"max_autotune": True}, tmp_path):
         raise RuntimeError("lowering failed")
     assert probe(tmp_path, "write")
+
+
+def test_a_folder_the_lock_cannot_live_in_costs_the_ordering_not_the_compile(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    ran = False
+    with compile_slot({"max_autotune": True}, taken):
+        ran = True
+    assert ran
+    assert "compiling without a compile slot" in caplog.text
