@@ -7,6 +7,7 @@ certification. :mod:`esper.numerics.inputs` turns a :class:`ValueCase` into tens
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -415,7 +416,25 @@ def shape_design(
     covering array of :func:`dim_values`, with the edges) when that fits ``budget`` shapes, else
     :func:`residue_design`, and with its shapes added where the pairs leave a residue of a product of three dims
     or more out. One dim: every value when that fits ``budget``, else the residue design (every
-    residue modulo each width, and the edges)."""
+    residue modulo each width, and the edges).
+
+    Deterministic, and asked for again and again while a certification plans its modules (every run, an
+    unchanged one included): computed once per process for each set of arguments, each caller given its own
+    copy of the shapes."""
+    shapes, covered = _shape_design(tuple(ranges.items()), budget, cap, tuple(moduli))
+    return [dict(s) for s in shapes], covered
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_design(
+    items: tuple[tuple[str, tuple[int, int]], ...], budget: int, cap: int, moduli: tuple[int, ...]
+) -> tuple[tuple[Sizes, ...], ShapeCoverage]:
+    ranges = dict(items)
+    shapes, covered = _designed(ranges, budget=budget, cap=cap, moduli=moduli)
+    return tuple(shapes), covered
+
+
+def _designed(ranges: Ranges, *, budget: int, cap: int, moduli: Sequence[int]) -> tuple[list[Sizes], ShapeCoverage]:
     names = list(ranges)
     values = {n: dim_values(lo, hi, cap) for n, (lo, hi) in ranges.items()}
     full = all(len(values[n]) == hi - lo + 1 for n, (lo, hi) in ranges.items())
