@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from esper.artifacts.servable import WRAPPED_TEST, predicate_namespace, serving_problem
+from esper.artifacts.servable import WRAPPED_TEST, predicate_namespace, serving_problem, tensor_match
 from esper.artifacts.validate import (
     DEVICE_TYPES,
     DTYPES,
@@ -393,6 +393,7 @@ def _guard_source(
     hit: Callable[[str], str],
     miss: str,
     regions: Sequence[Regions | None] = (),
+    fast: bool = False,
 ) -> str:
     """Python source of a straight-line function ``name(args)`` for ``schemas`` (which must be
     :func:`same_but_ranges`): every check the schemas share once, then each schema's ranges in order; the
@@ -400,6 +401,11 @@ def _guard_source(
     constant inlined. Where ``regions[index]`` is given, that schema's hit is instead the code its
     :class:`Regions` places the sizes in (``index``, or ``len(schemas) + index`` outside its compiled cells),
     read from tables bound in the namespace (:func:`_region_tables`).
+
+    ``fast``: an accepted call that ``match`` (:func:`esper.artifacts.servable.tensor_match`, bound in the
+    namespace) passes, with no torch function mode and no forward-AD level open, returns its code plus
+    ``2 * len(schemas)`` before the property tests: the caller may then skip its own thread-state and grad
+    checks. Anything ``match`` refuses takes the property tests as without ``fast``.
 
     Only integers (checked again here, whatever the schema's construction did) and fixed names are written
     into the source: dtypes are bound as ``d0``, ``d1``... in the namespace, never spelled from stored text,
@@ -448,9 +454,12 @@ def _guard_source(
             else:
                 first_seen[str(d.name)] = v
     regional = any(r is not None for r in regions)
-    if not regional:
+    inside = regional or fast
+    if not inside:
         lines += [f"    {line}" for line in properties]
     count = _int_literal(len(schemas))
+    verified = _int_literal(2 * len(schemas))
+    matched = ", ".join(f"x{n}" for n in range(len(schema.inputs)))
     for index, each in enumerate(schemas):
         ranges = each.dim_ranges()
         held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in first_seen.items()]
@@ -464,9 +473,15 @@ def _guard_source(
                 f"        if code >= {count}:",
                 "            return code",
             ]
-        if regional:
+        answer = "code" if region is not None else hit(_int_literal(index))
+        if fast:
+            lines += [
+                f"        if match({matched}) and not function_modes() and forward_ad._current_level < 0:",
+                f"            return {answer} + {verified}",
+            ]
+        if inside:
             lines += [f"        {line}" for line in properties]
-        lines.append(f"        return {'code' if region is not None else hit(_int_literal(index))}")
+        lines.append(f"        return {answer}")
     lines.append(f"    return {miss}")
     return "\n".join(lines)
 
@@ -483,14 +498,18 @@ def _compile_guard(
     hit: Callable[[str], str],
     miss: str,
     regions: Sequence[Regions | None] = (),
+    match: Callable[..., bool] | None = None,
 ) -> Callable[[Sequence[Any]], Any]:
     # Validates every literal first.
-    source = _guard_source(schemas, device_index, name=name, hit=hit, miss=miss, regions=regions)
+    source = _guard_source(
+        schemas, device_index, name=name, hit=hit, miss=miss, regions=regions, fast=match is not None
+    )
     namespace: dict[str, Any] = {
         "Tensor": torch.Tensor,
         "Parameter": torch.nn.Parameter,
         "strided": torch.strided,
         "bisect": bisect.bisect_right,
+        "match": match,
         **predicate_namespace(),
         **{f"d{n}": TORCH_DTYPES[i.dtype] for n, i in enumerate(schemas[0].inputs)},
     }
@@ -508,7 +527,11 @@ def compile_predicate(schema: GuardSchema, *, device_index: int | None = None) -
 
 
 def compile_dispatch(
-    schemas: Sequence[GuardSchema], *, device_index: int | None = None, regions: Sequence[Regions | None] = ()
+    schemas: Sequence[GuardSchema],
+    *,
+    device_index: int | None = None,
+    regions: Sequence[Regions | None] = (),
+    fast: bool = False,
 ) -> Callable[[Sequence[Any]], int] | None:
     """A dispatcher generated for the schemas of a kernel's routes: it returns the index of the first schema
     that accepts the inputs, ``-1`` when none does, at the cost of one predicate whatever the number of
@@ -520,12 +543,26 @@ def compile_dispatch(
     rather than ``index``. The sizes the guards read are looked up where they were read: the region costs a
     tuple index per dim, not a second pass over the arguments. A call placed outside the compiled cells is
     answered as soon as its sizes are known: the dtype, device, layout and wrapper tests guard compiled code
-    only, and an eager call pays for none of them."""
+    only, and an eager call pays for none of them.
+
+    ``fast``: a call accepted into a compiled cell whose inputs and calling thread one C call finds plain
+    (:func:`esper.artifacts.servable.tensor_match`: no input requires grad, no autocast, no mode, no functorch
+    transform, no forward-AD level) returns ``2 * len(schemas) + index``: compiled code may serve it with no
+    further check of the thread. Without that C call in this torch, no call is answered so."""
     if not schemas or not all(same_but_ranges(schemas[0], s) for s in schemas[1:]):
         return None
     if len(regions) > len(schemas):
         raise ValueError("more regions than schemas")
-    return _compile_guard(schemas, device_index, name="route_of", hit=str, miss="-1", regions=regions)
+    match = None
+    if fast:
+        schema = schemas[0]
+        if schema.device in DEVICE_TYPES and all(i.dtype in TORCH_DTYPES for i in schema.inputs):
+            match = tensor_match(
+                [(TORCH_DTYPES[i.dtype], i.rank) for i in schema.inputs],
+                schema.device,
+                device_index if schema.device == "cuda" else None,
+            )
+    return _compile_guard(schemas, device_index, name="route_of", hit=str, miss="-1", regions=regions, match=match)
 
 
 def compile_check(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], str | None]:

@@ -39,8 +39,12 @@ class PackageLoadError(RuntimeError):
 class CompiledPackage:
     """A loaded ``.pt2`` package: call it with positional tensors, get the module's output structure back.
 
-    One runner executes one call at a time; calls from several threads are serialized by a lock rather
-    than trusting the runner pool's own locking.
+    Calls from several threads are safe: the AOTInductor container hands each call a model instance of its
+    pool and makes later callers wait for one (its ``run`` is built for concurrent serving). What the
+    container does not serialize is replacing constants: :meth:`load_constants` and :meth:`run_with_constants`
+    hold this package's lock, and so does :meth:`__call__`. :attr:`runner` does not (a Python lock around every
+    call costs a hot path measurably more than the lock's own operations), so a package whose runner was
+    handed out refuses to have its constants replaced: :meth:`reload` a copy for that.
     """
 
     def __init__(self, path: str | Path, *, member: str | None = None, device_index: int = -1, num_runners: int = 1):
@@ -65,7 +69,8 @@ class CompiledPackage:
         # Most blueprints return one tensor: skip rebuilding the output structure on every call.
         self._single = self._out_spec.num_leaves == 1 and self._out_spec.num_nodes == 1
         self._lock = threading.Lock()
-        self.runner = _runner(self._loader.run, self._lock, self._single, self._out_spec)  # type: ignore[arg-type]
+        self._runner = _runner(self._loader.run, self._single, self._out_spec)  # type: ignore[arg-type]
+        self._runner_out = False
         self.path = Path(path)
         self.device_index = device_index
         # Which caller's constants are loaded (run_with_constants), and those tensors, kept alive while aliased.
@@ -99,8 +104,23 @@ class CompiledPackage:
             self._constant_specs = _read_constant_specs(self.path, self.constant_names())
         return self._constant_specs  # type: ignore[return-value]
 
+    @property
+    def runner(self) -> Callable[[Sequence[torch.Tensor]], Any]:
+        """:meth:`__call__` as a closure over what it reads, without the lock (see the class): for a hot path
+        that calls a package whose constants stay those it was loaded with."""
+        self._runner_out = True
+        return self._runner
+
+    def _replacing_constants(self) -> None:
+        if self._runner_out:
+            raise RuntimeError(
+                f"the constants of {self.path} cannot be replaced: its lock-free runner was handed out "
+                "(calls through it could run while they change); reload() a copy of the package for that"
+            )
+
     def load_constants(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the package's constants (all of them) without recompiling."""
+        self._replacing_constants()
         with self._lock:
             self._loader.load_constants(tensors, False, True)
 
@@ -120,6 +140,7 @@ class CompiledPackage:
     ) -> Any:
         """Run with the caller's constants: ``constants()`` is loaded, aliased rather than copied, only when
         ``key`` differs from the last call's (callers change the key when their tensors change)."""
+        self._replacing_constants()
         with self._lock:
             if self._active is None or self._active[0] != key:
                 tensors = constants()
@@ -131,23 +152,20 @@ class CompiledPackage:
 
 
 def _runner(
-    run: Callable[[Sequence[torch.Tensor]], list[Any]], lock: threading.Lock, single: bool, spec: pytree.TreeSpec
+    run: Callable[[Sequence[torch.Tensor]], list[Any]], single: bool, spec: pytree.TreeSpec
 ) -> Callable[[Sequence[torch.Tensor]], Any]:
-    """:meth:`CompiledPackage.__call__` as a closure over what it reads: a kernel's hot path calls it with no
-    attribute lookups (a one-output package, most blueprints, does not even test which kind it is)."""
+    """:meth:`CompiledPackage.__call__` as a closure over what it reads, without the lock: a kernel's hot path
+    calls it with no attribute lookups (a one-output package, most blueprints, does not even test which kind
+    it is)."""
     if single:
 
         def one(args: Sequence[torch.Tensor]) -> Any:
-            with lock:
-                flat = run(args)
-            return flat[0]
+            return run(args)[0]
 
         return one
 
     def structured(args: Sequence[torch.Tensor]) -> Any:
-        with lock:
-            flat = run(args)
-        return pytree.tree_unflatten(separate(flat), spec)
+        return pytree.tree_unflatten(separate(run(args)), spec)
 
     return structured
 

@@ -19,10 +19,19 @@ by ``tests/artifacts/test_servable.py``:
 - ``torch.autograd.forward_ad._current_level``: ``-1`` outside every ``dual_level()`` context. A tangent
   exists only inside one (leaving it drops every tangent of that level), so the accepting path reads this one
   integer and pays for ``unpack_dual`` only while a dual level is open.
+
+The fast path (:func:`tensor_match`) uses a third: ``torch._C._dynamo.guards.TensorGuards``, the C++ tensor
+check ``torch.compile``'s own guards are made of. One call tests every input's exact type, dtype, device,
+``requires_grad`` and dispatch keys as the calling thread would dispatch them; the keys hold what the tests
+above read one by one (nested, sparse and mkldnn layouts, the negative and conjugate bits, functorch wrappers)
+and the thread's autocast, dispatch-mode and functorch state. It only ever lets a call skip the tests above:
+whatever it refuses takes them.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,12 +48,53 @@ WRAPPED_TEST = "wrapped({x}) or (forward_ad._current_level >= 0 and has_tangent(
 
 
 def predicate_namespace() -> dict[str, Any]:
-    """The names :data:`WRAPPED_TEST` refers to."""
+    """The names :data:`WRAPPED_TEST` refers to, and ``function_modes`` (the depth of the calling thread's
+    torch function mode stack: one C call) for the generated fast path."""
     return {
         "wrapped": _functorch.is_functorch_wrapped_tensor,
         "forward_ad": _forward_ad,
         "has_tangent": has_tangent,
+        "function_modes": torch._C._len_torch_function_stack,
     }
+
+
+def tensor_match(
+    inputs: Sequence[tuple[torch.dtype, int]], device: str, device_index: int | None = None
+) -> Callable[..., bool] | None:
+    """One C call, ``match(x0, x1, ...)``, true only for inputs that are plain ``torch.Tensor`` (exactly; not
+    ``nn.Parameter``), of the given dtypes and ranks, on ``device`` (``device_index``: that CUDA device), none
+    requiring grad, that the calling thread would dispatch as plain dense tensors: no autocast for their device,
+    no dispatch mode, no functorch transform. ``inputs``: each input's dtype and rank. It does not look at
+    sizes, strides, torch function modes or forward-mode tangents. ``None`` where torch offers no such check.
+
+    A call it refuses may still be servable (an inference-mode tensor, a Parameter): it is a fast way in, never
+    the only one. The expected dispatch keys are taken from example tensors made on a fresh thread, whose
+    dispatch state is the default whatever the loading thread has enabled: built inside ``torch.autocast`` on
+    the loading thread, it would otherwise accept autocast calls."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+    except ImportError:
+        return None
+    built: list[Callable[..., bool]] = []
+
+    def build() -> None:
+        try:
+            where = torch.device(device, device_index) if device_index is not None else torch.device(device)
+            examples = [torch.empty((1,) * rank, dtype=dtype, device=where) for dtype, rank in inputs]
+            unknown = [[None] * rank for _, rank in inputs]
+            guards = TensorGuards(*examples, dynamic_dims_sizes=unknown, dynamic_dims_strides=unknown)
+            if guards.check(*examples):
+                built.append(guards.check)
+        except Exception:  # a torch whose TensorGuards differs: the Python tests alone
+            return
+
+    worker = threading.Thread(target=build, name="esper-tensor-match", daemon=True)
+    try:
+        worker.start()
+        worker.join()
+    except RuntimeError:  # no thread to spare: the Python tests alone
+        return None
+    return built[0] if built else None
 
 
 def functorch_wrapped(x: torch.Tensor) -> bool:

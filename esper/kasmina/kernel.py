@@ -145,10 +145,12 @@ class Route:
         return type(self.package) is DeferredPackage
 
 
-def route_dispatch(routes: Sequence[Route]) -> Callable[[Sequence[Any]], int]:
+def route_dispatch(routes: Sequence[Route], *, fast: bool = False) -> Callable[[Sequence[Any]], int]:
     """The index of the first of ``routes`` whose guards accept the arguments (``-1``: none does), plus
     ``len(routes)`` when that route is regional and the call falls outside its compiled cells (eager by
-    evidence; the generated dispatcher then checks the sizes only).
+    evidence; the generated dispatcher then checks the sizes only). ``fast``: plus ``2 * len(routes)`` instead
+    when the call is in a compiled cell and compiled code may serve it with no further check of the calling
+    thread (see :func:`esper.artifacts.guards.compile_dispatch`).
 
     The routes of one blueprint version differ only in their shape profiles' ranges, so one generated
     dispatcher checks them all, route tables included (:func:`esper.artifacts.guards.compile_dispatch`): a call
@@ -165,7 +167,12 @@ def route_dispatch(routes: Sequence[Route]) -> Callable[[Sequence[Any]], int]:
         ]
         # A table the guards cannot place has no lookup either (Route.of): such a route is not regional.
         if all(g is not None or not r.regional for g, r in zip(regions, routes, strict=True)):
-            dispatch = compile_dispatch(schemas, device_index=devices.pop(), regions=regions)  # type: ignore[arg-type]
+            dispatch = compile_dispatch(
+                schemas,  # type: ignore[arg-type]
+                device_index=devices.pop(),
+                regions=regions,
+                fast=fast,
+            )
             if dispatch is not None:
                 return dispatch
     plain = tuple(routes)
@@ -193,6 +200,9 @@ class Kernel(KernelBase):
 
     _origin: Kernel | None
     _route_of: Callable[[Sequence[Any]], int]
+    # Whether the dispatcher answers calls it finds plain in one C call (route_dispatch's ``fast``): the hot
+    # path then skips its own thread checks. A seed's kernel checks its seed on every call whatever it answers.
+    _fast_dispatch = True
 
     def __init__(
         self,
@@ -226,8 +236,9 @@ class Kernel(KernelBase):
         routes = tuple(routes)
         self.__dict__.update(
             _routes=routes,
-            _route_of=route_dispatch(routes),
+            _route_of=route_dispatch(routes, fast=self._fast_dispatch),
             _count=len(routes),
+            _verified=2 * len(routes),
             _runs=tuple(_runner_of(r.package) for r in routes),
             _serves_compiled=any(r.package is not None for r in routes),
         )
@@ -322,6 +333,20 @@ class Kernel(KernelBase):
             return self._module_call(args, kwargs)
         if d["_serves_compiled"]:
             index = d["_route_of"](args)
+            if index >= d["_verified"]:
+                # A compiled cell, and the dispatcher found the inputs and this thread plain (no grad, autocast,
+                # mode or transform): only the package and the layout are left to look at.
+                index -= d["_verified"]
+                run = d["_runs"][index]
+                if run is not None and type(run) is not DeferredPackage:
+                    for a in args:
+                        if not a.is_contiguous():
+                            args = tuple(a.contiguous() for a in args)
+                            break
+                    d["last_path"] = COMPILED
+                    d["compiled_calls"] += 1
+                    return run(args)
+                return self._serve(d, args, index)
             if 0 <= index < d["_count"]:
                 run = d["_runs"][index]
                 if run is not None:
@@ -419,6 +444,8 @@ class Kernel(KernelBase):
         if d["_serves_compiled"]:
             if index is None:
                 index = d["_route_of"](args)
+            if index >= d["_verified"]:
+                index -= d["_verified"]  # the hot path's shortcut: this path checks everything itself
             if index < 0:
                 index = self._accepted(args)
             # ``index`` past the routes: accepted where certification measured eager faster (eager by evidence,
@@ -508,6 +535,8 @@ class BoundKernel(Kernel):
         self.source = origin.source
         # Nothing is said at bind: a seed bound in train mode is usually put in eval mode before its first call.
         # The first call that runs eager says why.
+
+    _fast_dispatch = False
 
     def eager_module(self) -> torch.nn.Module:
         """The seed's own module: what a call the compiled code may not take runs."""

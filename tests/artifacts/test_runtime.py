@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import threading
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,34 @@ def test_loader_loads_an_extracted_folder_and_leaves_it_in_place(compiled_urza: 
 def _weights() -> dict[str, torch.Tensor]:
     state = _state()
     return {"weight": state["fc.weight"], "bias": state["fc.bias"]}
+
+
+def test_runner_serves_threads_at_once_and_fixes_the_constants(compiled_urza: Path) -> None:
+    """The lock-free runner: calls from several threads at once each get their own input's answer (the
+    container's pool serializes them), and once it is handed out the package's constants cannot be replaced
+    under it; a reloaded copy's can."""
+    package = CompiledPackage(_package(compiled_urza))
+    inputs = [torch.randn(1 + i % 4, 8) for i in range(16)]
+    want = [package([x]) for x in inputs]
+    run = package.runner
+    got: dict[int, list[torch.Tensor]] = {}
+
+    def worker(k: int) -> None:
+        got[k] = [run([x]) for x in inputs for _ in range(5)][::5]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for answers in got.values():
+        for w, g in zip(want, answers, strict=True):
+            torch.testing.assert_close(g, w)
+    names = package.constant_names()
+    zeros = {n: torch.zeros_like(dict(_state()).get(n)) for n in names}
+    with pytest.raises(RuntimeError, match="lock-free runner"):
+        package.load_constants(zeros)
+    torch.testing.assert_close(run([inputs[0]]), want[0])
+    copy = package.reload()
+    copy.load_constants(zeros)
+    assert not torch.equal(copy([inputs[0]]), want[0])

@@ -3,6 +3,7 @@ input name, and pins of the private torch calls esper.artifacts.servable relies 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,15 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from esper.artifacts import servable
-from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard, bind_arguments, compile_check, compile_predicate
+from esper.artifacts.guards import (
+    DimGuard,
+    GuardSchema,
+    InputGuard,
+    bind_arguments,
+    compile_check,
+    compile_dispatch,
+    compile_predicate,
+)
 
 SCHEMA = GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=8), DimGuard(size=4))),))
 ACCEPTS = compile_predicate(SCHEMA)
@@ -118,6 +127,7 @@ def test_private_torch_calls_are_pinned() -> None:
     assert servable.dual_level() == -1
     assert torch._C._functorch.is_functorch_wrapped_tensor(torch.randn(2)) is False
     assert servable.functorch_wrapped(torch.randn(2)) is False
+    assert servable.tensor_match([(torch.float32, 1)], "cpu") is not None  # else every call takes the slow way
 
 
 def test_keyword_arguments_are_bound_by_input_name() -> None:
@@ -139,3 +149,110 @@ def test_keyword_arguments_are_bound_by_input_name() -> None:
         bind_arguments(two, (), {"x": x})
     with pytest.raises(TypeError, match="got 3 positional"):
         bind_arguments(two, (x, m, m), {"x": x})
+
+
+PLAIN_STATES: list[tuple[str, Callable[[], Any]]] = [
+    ("autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    ("a dispatch mode", lambda: _PassThroughDispatch()),
+    ("inference mode", torch.inference_mode),
+]
+
+
+class _PassThroughDispatch(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def test_tensor_match_passes_only_plain_inputs_on_a_plain_thread() -> None:
+    """The fast path's one C call: a plain float32 tensor of the rank given passes, whatever its sizes and
+    strides; anything the Python tests would look at twice (or refuse) does not."""
+    match = servable.tensor_match([(torch.float32, 2), (torch.float32, 1)], "cpu")
+    assert match is not None
+    x, b = torch.randn(3, 4), torch.randn(4)
+    assert match(x, b) and match(torch.randn(9, 2).t(), torch.randn(7))
+    others = [
+        x.double(),
+        x.clone().requires_grad_(),
+        torch._neg_view(x),
+        torch.nn.Parameter(x.clone()),
+        Sub(x),
+        x.to_sparse(),
+        torch.randn(3, 4, 1),
+        sparse_csr(),
+    ]
+    for other in others:
+        assert not match(other, b), other
+    with torch.inference_mode():
+        assert not match(torch.randn(3, 4), b)  # an inference tensor takes the Python tests
+    assert torch.vmap(lambda t: torch.tensor(match(t, b)))(torch.randn(2, 3, 4)).any().item() is False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not match(x, b)
+    with _PassThroughDispatch():
+        assert not match(x, b)
+    assert match(x, b)  # the clean twin, after all of the above
+
+
+@pytest.mark.parametrize(("state", "enter"), PLAIN_STATES, ids=[s for s, _ in PLAIN_STATES])
+def test_tensor_match_ignores_the_state_of_the_thread_that_builds_it(
+    state: str, enter: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built while the loading thread has autocast, a dispatch mode or inference mode on, the check still
+    expects a plain thread: calls in that state take the Python tests, plain calls pass. Seeded defect: the
+    same check built on the loading thread itself passes calls made in that state."""
+    x = torch.randn(3, 4)
+    with enter():
+        match = servable.tensor_match([(torch.float32, 2)], "cpu")
+        assert match is not None
+        y = torch.randn(3, 4)
+        assert not match(y)
+    assert match(x)
+
+    class Inline:  # a "thread" that runs its target on the caller's
+        def __init__(self, target: Callable[[], None], **_: Any) -> None:
+            self.target = target
+
+        def start(self) -> None:
+            self.target()
+
+        def join(self) -> None:
+            pass
+
+    monkeypatch.setattr(servable.threading, "Thread", Inline)
+    with enter():
+        naive = servable.tensor_match([(torch.float32, 2)], "cpu")
+        assert naive is not None and naive(torch.randn(3, 4))
+
+
+@TORCH_JIT_WARNING
+def test_fast_dispatch_answers_what_the_plain_one_does() -> None:
+    """The fast dispatcher's answer is the plain one's, plus twice the route count exactly where the call is in
+    a compiled cell with plain inputs on a plain thread: never another route, never a refused call."""
+    schemas = [
+        GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=lo, max=hi), DimGuard(size=4))),))
+        for lo, hi in ((1, 4), (5, 8))
+    ]
+    plain = compile_dispatch(schemas)
+    fast = compile_dispatch(schemas, fast=True)
+    assert plain is not None and fast is not None
+    x = torch.randn(3, 4)
+    cases: list[tuple[tuple[Any, ...], Callable[[], Any], bool]] = [
+        ((x,), contextlib.nullcontext, True),
+        ((torch.randn(6, 4),), contextlib.nullcontext, True),
+        ((torch.randn(9, 4),), contextlib.nullcontext, False),
+        ((x.double(),), contextlib.nullcontext, False),
+        ((x.clone().requires_grad_(),), contextlib.nullcontext, False),
+        ((torch.nn.Parameter(x.clone()),), contextlib.nullcontext, False),
+        ((torch._neg_view(x),), contextlib.nullcontext, False),
+        ((x,), lambda: torch.autocast("cpu", dtype=torch.bfloat16), False),
+        ((x,), lambda: torch.device("cpu"), False),  # a torch function mode
+        ((x,), fwAD.dual_level, False),
+        ((x,), _PassThroughDispatch, False),
+        ((x, x), contextlib.nullcontext, False),
+    ]
+    for args, enter, verified in cases:
+        with enter():
+            want, got = plain(args), fast(args)
+        if verified:
+            assert 0 <= want < 2 and got == want + 4, (args, enter)
+        else:
+            assert got == want, (args, enter)

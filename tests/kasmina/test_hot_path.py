@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
 from esper.kasmina import COMPILED, EAGER
@@ -136,3 +137,38 @@ def test_a_deferred_package_is_loaded_once_then_called_directly(
             torch.testing.assert_close(failing(x), module(x))
             assert failing.last_path == EAGER
     assert sum("cannot load" in r.getMessage() for r in caplog.records) == 1
+
+
+class _PassThroughDispatch(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+# torch loads its forward-AD decompositions with torch.jit.script on first use, which warns in 2.13.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_what_the_fast_check_passes_on_is_judged_in_full(module: torch.nn.Module) -> None:
+    """Calls the dispatcher's one C call does not pass take the full checks: a dispatch mode, a forward-AD
+    level, a negative-bit view and a vmap run eager; a Parameter and an inference tensor run compiled."""
+    package = FakePackage(module)
+    x = torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # built here, the kernel still expects a plain thread
+        kernel = kernel_with(package, module)
+    with torch.no_grad():
+        for enter in (lambda: torch.autocast("cpu", dtype=torch.bfloat16), _PassThroughDispatch):
+            with enter():
+                kernel(x)
+            assert kernel.last_path == EAGER
+        with fwAD.dual_level():
+            kernel(fwAD.make_dual(x, torch.ones_like(x)))
+            assert kernel.last_path == EAGER
+        kernel(torch._neg_view(x))
+        assert kernel.last_path == EAGER
+        torch.vmap(kernel)(torch.randn(3, 2, 8))
+        assert kernel.last_path == EAGER and not package.seen
+        kernel(torch.nn.Parameter(x.clone()))
+        assert kernel.last_path == COMPILED
+        with torch.inference_mode():
+            kernel(torch.randn(2, 8))
+        assert kernel.last_path == COMPILED
+        kernel(x)
+        assert kernel.last_path == COMPILED and len(package.seen) == 3
