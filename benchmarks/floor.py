@@ -187,7 +187,7 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
     if any(r.regional for r in kernel.routes):
         from esper.kasmina.kernel import route_dispatch
 
-        dispatch, plain = kernel._route_of, route_dispatch([r.everywhere() for r in kernel.routes])
+        dispatch, plain = kernel._route_of, route_dispatch([r.everywhere() for r in kernel.routes], fast=True)
         paths["dispatch"] = lambda: per_call_us(lambda: dispatch(args), number)
         paths["dispatch_plain"] = lambda: per_call_us(lambda: plain(args), number)
     with torch.no_grad():
