@@ -81,8 +81,13 @@ def tensor_match(
         try:
             where = torch.device(device, device_index) if device_index is not None else torch.device(device)
             examples = [torch.empty((1,) * rank, dtype=dtype, device=where) for dtype, rank in inputs]
+            # One list per tensor, ``None`` for each dim it does not check (torch's stub types a single list).
             unknown = [[None] * rank for _, rank in inputs]
-            guards = TensorGuards(*examples, dynamic_dims_sizes=unknown, dynamic_dims_strides=unknown)
+            guards = TensorGuards(
+                *examples,
+                dynamic_dims_sizes=unknown,  # type: ignore[arg-type]
+                dynamic_dims_strides=unknown,  # type: ignore[arg-type]
+            )
             if guards.check(*examples):
                 built.append(guards.check)
         except Exception:  # a torch whose TensorGuards differs: the Python tests alone
