@@ -333,12 +333,26 @@ class Kernel(KernelBase):
             return self._module_call(args, kwargs)
         if d["_serves_compiled"]:
             index = d["_route_of"](args)
+            run = None
             if index >= d["_verified"]:
                 # A compiled cell, and the dispatcher found the inputs and this thread plain (no grad, autocast,
                 # mode or transform): only the package and the layout are left to look at.
                 index -= d["_verified"]
                 run = d["_runs"][index]
-                if run is not None and type(run) is not DeferredPackage:
+                plain = True
+            elif 0 <= index < d["_count"]:
+                run = d["_runs"][index]
+                plain = (
+                    run is not None
+                    and not (_AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES())
+                    and not (_GRAD_ENABLED() and _any_requires_grad(args))
+                )
+            elif index < 0:  # no route accepts: _serve looks again and says why
+                return self._serve(d, args, index)
+            if run is not None:
+                # The accepted call with nothing unusual: a loaded package, no mode, no graph. Anything else
+                # (a package still to load, a mode, grad) is _serve's, which decides the same and says why.
+                if plain and type(run) is not DeferredPackage:
                     for a in args:
                         if not a.is_contiguous():
                             args = tuple(a.contiguous() for a in args)
@@ -347,28 +361,8 @@ class Kernel(KernelBase):
                     d["compiled_calls"] += 1
                     return run(args)
                 return self._serve(d, args, index)
-            if 0 <= index < d["_count"]:
-                run = d["_runs"][index]
-                if run is not None:
-                    # The accepted call with nothing unusual: a loaded package, no mode, no graph. Anything else
-                    # (a package still to load, a mode, grad) is _serve's, which decides the same and says why.
-                    if (
-                        type(run) is not DeferredPackage
-                        and not (_AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES())
-                        and not (_GRAD_ENABLED() and _any_requires_grad(args))
-                    ):
-                        for a in args:
-                            if not a.is_contiguous():
-                                args = tuple(a.contiguous() for a in args)
-                                break
-                        d["last_path"] = COMPILED
-                        d["compiled_calls"] += 1
-                        return run(args)
-                    return self._serve(d, args, index)
-                # Certified eager for this profile: eager below, as _serve would, with nothing to say.
-            elif index < 0:  # no route accepts: _serve looks again and says why
-                return self._serve(d, args, index)
-            # Past the routes: accepted where certification measured eager faster (eager by evidence, below).
+            # Certified eager for this profile, as _serve would, with nothing to say; or past the routes:
+            # accepted where certification measured eager faster (eager by evidence). Both below.
         # Eager: by evidence, or with nothing compiled to route to (without checking the arguments: see
         # _serve). The process-wide hook tables were just found empty: only the eager module's own are left
         # for _run_eager's test.
