@@ -1,18 +1,23 @@
-"""Compiling a blueprint's candidates in parallel: a second process compiles the later candidates while the
-certification's own process compiles the first ones.
+"""Compiling a blueprint's candidates in worker processes, never in the certification's own.
 
 An AOTInductor compile is one Python process lowering the graph, then one ``g++`` building one shared
-library: it keeps about one core busy. On the 2-core CI machine the catalog's compiles were most of a cold
-certification, one after another. A :class:`CompileAhead` takes a blueprint's planned compiles (the
-``test_compile`` items pytest collected, in order): the certification compiles from the front, worker processes
-take from the back, each candidate claimed by exactly one side. When ``test_compile`` reaches a candidate a
-worker has, it waits for that worker, then Tezzeret finds the entry the worker stored (same content hash and
-compatibility key) and reuses it. So the checks see exactly what a serial run would, and no parity or latency
-check runs beside a compile: every ``test_compile`` of a blueprint runs before its first check.
+library: it keeps about one core busy. A :class:`CompileAhead` takes a blueprint's planned compiles (the
+``test_compile`` items pytest collected, in order): worker processes take them from the back, and when
+``test_compile`` reaches a candidate still queued it hands that one to the pool itself; either way it waits for
+the worker, then Tezzeret finds the entry the worker stored (same content hash and compatibility key) and
+reuses it. So the checks see exactly what a serial run would, and no parity or latency check runs beside a
+compile: every ``test_compile`` of a blueprint runs before its first check.
 
-Workers: ``ESPER_CERTIFY_COMPILE_WORKERS`` (``0``: compile serially); by default one per four cores, at least
-one on a machine with two cores or more, none on one core, and none inside a pytest-xdist worker (xdist already
-runs blueprints side by side).
+Why the certification's process compiles nothing: a package can run faster in the process that compiled it
+than in any other (an autotuned GEMM package, measured, in several of the compiling processes tried and in none
+of the others), and Kasmina serves it in a process that compiled nothing. Timing a package where it was built
+would certify speed that no serving process sees. The record says where each timed package was compiled
+(:attr:`esper.urza.evidence.CertificationRecord.timed_apart`).
+
+Workers: ``ESPER_CERTIFY_COMPILE_WORKERS`` (``0``: compile in the certification's own process, one after
+another); by default one per four cores (at least one) plus one for the share the certification's process
+compiled when it compiled itself, so two on two cores and one on one core, and none inside a pytest-xdist worker (xdist
+already runs blueprints side by side; such a run's timings are of packages compiled where they are timed).
 """
 
 from __future__ import annotations
@@ -61,8 +66,8 @@ def workers(cpus: int | None = None, environ: dict[str, str] | None = None) -> i
         if n < 0:
             raise ValueError(f"{WORKERS_ENV} must be 0 or more, not {n}")
         return n
-    cpus = os.cpu_count() if cpus is None else cpus
-    return max(1, (cpus or 1) // 4) if (cpus or 1) >= 2 else 0
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    return max(1, cpus // 4) + 1 if cpus >= 2 else 1
 
 
 def compile_job(job: CompileJob) -> int | None:
@@ -132,8 +137,8 @@ class CompilePool:
 
 
 class CompileAhead:
-    """One blueprint's planned compiles, shared between the certification (from the front) and ``pool``'s
-    workers (from the back). Build it with :meth:`start` before the first ``test_compile`` runs."""
+    """One blueprint's planned compiles, all run by ``pool``'s workers: taken from the back by the workers, from
+    the front by the certification's claims. Build it with :meth:`start` before the first ``test_compile``."""
 
     def __init__(self, jobs: Sequence[CompileJob], pool: CompilePool):
         self._pending: deque[CompileJob] = deque(jobs)
@@ -145,34 +150,40 @@ class CompileAhead:
     @classmethod
     def start(cls, jobs: Sequence[CompileJob], pool: CompilePool) -> CompileAhead:
         ahead = cls(jobs, pool)
-        if len(jobs) > 1:  # one job: nothing to overlap
-            for t in ahead._threads:
-                t.start()
+        for t in ahead._threads:
+            t.start()
         return ahead
 
     def _drain(self) -> None:
         while True:
             with self._lock:
-                if len(self._pending) <= 1:  # the certification is about to take the last one itself
+                if not self._pending:
                     return
                 job = self._pending.pop()
                 done: Future[int | None] = Future()
                 self._taken[job] = done
-            try:
-                done.set_result(self._pool.submit(job).result())
-            except BaseException as e:  # handed to the waiter, who compiles again itself
-                done.set_exception(e)
+            self._run(job, done)
+
+    def _run(self, job: CompileJob, done: Future[int | None]) -> None:
+        try:
+            done.set_result(self._pool.submit(job).result())
+        except BaseException as e:  # handed to the waiter, who compiles again itself
+            done.set_exception(e)
 
     def claim(self, job: CompileJob) -> None:
-        """Before compiling ``job`` here: take it from the queue, or wait for the worker that has it. A worker
-        that failed is logged; the caller's own compile then does the work (or reports the failure)."""
+        """Before ``test_compile`` looks ``job`` up: have a worker compile it (the one that took it, or the pool
+        now, if it is still queued) and wait. A worker that failed is logged; the caller's own compile then
+        does the work in its process (or reports the failure)."""
         with self._lock:
-            if job in self._pending:
+            queued = job in self._pending
+            if queued:
                 self._pending.remove(job)
-                return
+                self._taken[job] = Future()
             taken = self._taken.get(job)
         if taken is None:
             return
+        if queued:
+            self._run(job, taken)
         try:
             taken.result()
         except Exception as e:  # the caller compiles it again and reports what fails

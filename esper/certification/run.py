@@ -48,7 +48,7 @@ from esper.numerics import coverage, executions
 from esper.numerics.inputs import Regime, make_inputs
 from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
 from esper.profiles import is_specialization
-from esper.tezzeret.compiler import SPECIALIZE
+from esper.tezzeret.compiler import SPECIALIZE, built_in_this_process
 from esper.tezzeret.pipeline import NotSpecialized
 from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import (
@@ -910,6 +910,13 @@ class Certification:
         default the look)."""
         c = self.candidates[candidate]
         kernel = self._kernel(c)
+        if not c.comparisons and look == 0 and c.entry is not None and built_in_this_process(c.entry):
+            log.warning(
+                "%s %s: timing a package this process compiled (compile workers off): it can run faster here "
+                "than where Kasmina serves it",
+                self.bp.name,
+                c.id,
+            )
         args = self._inputs(self.labels()[label])
         compiled_fn = self.kind.timed(kernel, args)
         eager_fn = self.kind.timed(self.kind.eager(), args)
@@ -1241,6 +1248,7 @@ class Certification:
             limits=limits,
             context=machine_context(),
             decision=None if decision is None else DecisionRecord(decision.winner, decision.ratio, decision.note),
+            timed_apart=not built_in_this_process(entry) if c is not None and entry and c.comparisons else None,
         )
         parity = Parity.from_json(entry.parity if entry else {})
         if c is not None and c.parity.cases:

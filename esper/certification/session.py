@@ -153,7 +153,7 @@ class CertifySession:
         jobs = [run[artifact].job(candidate) for artifact, candidate in self.planned.get(run.bp.name, [])]
         jobs = [j for j in jobs if j is not None]
         n = workers()
-        if n == 0 or len(jobs) < 2:
+        if n == 0 or not jobs:
             return None
         if self.pool is None:
             self.pool = CompilePool(n)

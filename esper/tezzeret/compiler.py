@@ -128,6 +128,17 @@ def entry_meta(bp: Blueprint, module: torch.nn.Module, ranges: dict[str, tuple[i
 # compiled or reused in this process: what its specializations' compiles consult first.
 _profiles_seen: dict[tuple[str, ...], Entry] = {}
 
+# The checksums of the packages this process compiled (see built_in_this_process).
+_built_here: set[str] = set()
+
+
+def built_in_this_process(entry: Entry) -> bool:
+    """Whether ``entry``'s package was compiled by this process. Certification times packages compiled
+    elsewhere: one can run faster in the process that compiled it than in a process that only loads it, as
+    Kasmina does (see :mod:`esper.certification.compile_ahead`)."""
+    return bool(entry.checksum) and entry.checksum in _built_here
+
+
 #: The meta key of a fallback whose export could not keep these dims dynamic: its specializations compile.
 SPECIALIZE = "specialize"
 
@@ -223,6 +234,8 @@ class Tezzeret:
         seconds = time.perf_counter() - started
         said = tuple(sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20])
         entry = self.urza.publish(entry.with_(meta={**entry.meta, **CompileRecord(seconds, said).to_json()}))
+        if entry.engine == EntryEngine.AOTI and entry.checksum:
+            _built_here.add(entry.checksum)
         self._seen(bp, pipeline.kind, variant, profile, entry)
         return CompileOutcome(entry, False, seconds)
 

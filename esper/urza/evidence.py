@@ -515,11 +515,15 @@ class CertificationRecord:
     context: Mapping[str, Any] = field(default_factory=dict)
     decision: DecisionRecord | None = None
     version: int = EVIDENCE_VERSION
+    # Whether the timed package was compiled by another process than the one that timed it, as Kasmina serves
+    # it (None: nothing timed, or a record written before this was kept).
+    timed_apart: bool | None = None
 
     @classmethod
     def from_json(cls, raw: Any) -> CertificationRecord | None:
         if not isinstance(raw, Mapping):
             return None
+        apart = raw.get("timed_apart")
         return cls(
             at=_text(raw.get("at")),
             artifact=_text(raw.get("artifact")),
@@ -528,6 +532,7 @@ class CertificationRecord:
             context=dict(_mapping(raw.get("context"))),
             decision=DecisionRecord.from_json(raw.get("decision")),
             version=_version(raw),
+            timed_apart=apart if isinstance(apart, bool) else None,
         )
 
     def to_json(self) -> JSON:
@@ -541,6 +546,8 @@ class CertificationRecord:
         }
         if self.decision is not None:
             out["decision"] = self.decision.to_json()
+        if self.timed_apart is not None:
+            out["timed_apart"] = self.timed_apart
         return out
 
 

@@ -1,4 +1,4 @@
-"""Compile workers: the certification compiles from the front, workers from the back, each job exactly once."""
+"""Compile workers: every planned compile runs in a worker (the back first, the front as claimed), exactly once."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ from esper.certification.compile_ahead import (
     CompileAhead,
     CompileJob,
     CompilePool,
-    compile_job,
     workers,
 )
-from esper.tezzeret.compiler import Tezzeret
+from esper.tezzeret.compiler import Tezzeret, built_in_this_process
 from esper.urza import Urza
 from tests.support import TINY
 
@@ -57,43 +56,46 @@ class FakePool:
         return done
 
 
-def test_workers_take_from_the_back_and_claim_waits_for_them() -> None:
+def _wait_for(pool: FakePool, n: int) -> None:
+    for _ in range(500):
+        if len(pool.taken) >= n:
+            return
+        threading.Event().wait(0.01)
+
+
+def test_workers_take_from_the_back_and_claim_has_a_worker_compile_the_rest() -> None:
+    """The certification's process compiles nothing: a claim waits for the worker that took the job, or
+    submits a job still queued to the pool and waits for it."""
     pool = FakePool()
     planned = jobs(4)
     ahead = CompileAhead.start(planned, pool)  # type: ignore[arg-type]
-    for _ in range(100):  # the worker thread picks its first job at once
-        if pool.taken:
-            break
-        threading.Event().wait(0.01)
-    assert pool.taken == [planned[3]]
-    ahead.claim(planned[0])  # still queued: this side compiles it, nothing waits
-    assert planned[0] not in pool.taken
-    waiter = threading.Thread(target=ahead.claim, args=(planned[3],))
-    waiter.start()
-    waiter.join(0.2)
-    assert waiter.is_alive(), "claiming a job a worker has must wait for it"
+    _wait_for(pool, 1)
+    assert pool.taken == [planned[3]]  # the worker thread took the last job first
+    front = threading.Thread(target=ahead.claim, args=(planned[0],))
+    front.start()
+    _wait_for(pool, 2)
+    assert planned[0] in pool.taken, "a claim of a queued job hands it to the pool"
+    front.join(0.2)
+    assert front.is_alive(), "claiming a job must wait for the worker compiling it"
+    back = threading.Thread(target=ahead.claim, args=(planned[3],))
+    back.start()
+    back.join(0.2)
+    assert back.is_alive(), "claiming a job a worker has must wait for it"
     pool.release.set()
-    waiter.join(5)
-    assert not waiter.is_alive()
+    front.join(5)
+    back.join(5)
+    assert not front.is_alive() and not back.is_alive()
     for job in planned[1:3]:
         ahead.claim(job)
-    taken = set(pool.taken)
-    assert planned[0] not in taken
-    assert taken <= set(planned[1:])
-    assert len(pool.taken) == len(taken), "no job ran twice"
+    assert sorted(pool.taken, key=planned.index) == planned, "every job compiled by the pool, none twice"
 
 
-def test_the_last_job_is_left_to_the_certification() -> None:
+def test_a_single_job_is_compiled_by_a_worker_too() -> None:
     pool = FakePool()
     pool.release.set()
-    planned = jobs(2)
-    ahead = CompileAhead.start(planned, pool)  # type: ignore[arg-type]
-    ahead.claim(planned[0])
-    ahead.claim(planned[1])
-    assert len(pool.taken) <= 1
-    single = CompileAhead.start(jobs(1), pool)  # type: ignore[arg-type]
-    single.claim(jobs(1)[0])
-    assert len(pool.taken) <= 1, "one job: nothing to overlap, no worker"
+    [job] = jobs(1)
+    CompileAhead.start([job], pool).claim(job)  # type: ignore[arg-type]
+    assert pool.taken == [job]
 
 
 def test_a_failed_worker_is_logged_and_the_claim_returns(caplog: pytest.LogCaptureFixture) -> None:
@@ -107,12 +109,15 @@ def test_a_failed_worker_is_logged_and_the_claim_returns(caplog: pytest.LogCaptu
         threading.Event().wait(0.01)
     ahead.claim(planned[2])  # the caller then compiles it itself
     assert "worker crashed" in caplog.text
+    ahead.claim(planned[0])  # a queued job whose worker fails: logged too, and the claim returns
+    assert caplog.text.count("worker crashed") == 2
 
 
 def test_worker_count() -> None:
-    assert workers(2, {}) == 1
-    assert workers(1, {}) == 0
-    assert workers(16, {}) == 4
+    # The certification's process compiles nothing: as many compiles run at once as when it took a share.
+    assert workers(2, {}) == 2
+    assert workers(1, {}) == 1
+    assert workers(16, {}) == 5
     assert workers(16, {"ESPER_CERTIFY_COMPILE_WORKERS": "0"}) == 0
     assert workers(2, {"ESPER_CERTIFY_COMPILE_WORKERS": "3"}) == 3
     assert workers(8, {"PYTEST_XDIST_WORKER": "gw0"}) == 0
@@ -138,11 +143,23 @@ def test_a_worker_process_imports_the_job_and_reports_its_error(tmp_path: Path) 
 def test_what_a_worker_compiles_the_certification_reuses(tmp_path: Path) -> None:
     source = TINY / "tiny_mlp.py"
     urza_path = tmp_path / "urza.db"
-    entry_id = compile_job(one(source, "tiny_mlp", urza_path))
+    pool = CompilePool(1)
+    try:
+        entry_id = pool.submit(one(source, "tiny_mlp", urza_path)).result(timeout=600)
+    finally:
+        pool.close()
     [bp] = load_file(source)
     with Urza(urza_path) as urza:
         outcome = Tezzeret(urza).compile(bp, artifact="inference", variant=VARIANTS["default"], profile="default")
-    assert outcome.reused and outcome.entry.id == entry_id and outcome.entry.status == "compiled"
+        assert outcome.reused and outcome.entry.id == entry_id and outcome.entry.status == "compiled"
+        assert not built_in_this_process(outcome.entry), "compiled by the worker: timed apart from its compile"
+        # The twin: compiled again here (forced), the package is one this process built.
+        here = (
+            Tezzeret(urza)
+            .compile(bp, artifact="inference", variant=VARIANTS["default"], profile="default", force=True)
+            .entry
+        )
+    assert here.checksum and built_in_this_process(here)
 
 
 def _alive(pid: int) -> bool:

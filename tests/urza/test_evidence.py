@@ -67,10 +67,12 @@ def test_each_evidence_value_round_trips_through_its_json() -> None:
     )
     record = CertificationRecord("2025-01-01T00:00:00+00:00", "inference", "ci", {"max_ratio": 1.0}, {"host": "h"})
     decided = CertificationRecord(None, "training", None, decision=DecisionRecord(None, 1.3, "eager is faster"))
+    timed = CertificationRecord(None, "inference", None, timed_apart=False)
+    assert timed.to_json()["timed_apart"] is False and "timed_apart" not in record.to_json()
     for value in (perf, parity):
         stored = json.loads(json.dumps(value.to_json()))
         assert stored["version"] == EVIDENCE_VERSION and type(value).from_json(stored) == value
-    for value in (record, decided):
+    for value in (record, decided, timed):
         assert CertificationRecord.from_json(json.loads(json.dumps(value.to_json()))) == value
     meta = json.loads(json.dumps({"certification": decided.to_json(), **CompileRecord(1.23456, ("w",)).to_json()}))
     read = Meta.from_json(meta)
