@@ -912,8 +912,8 @@ class Certification:
         kernel = self._kernel(c)
         if not c.comparisons and look == 0 and c.entry is not None and built_in_this_process(c.entry):
             log.warning(
-                "%s %s: timing a package this process compiled (compile workers off): it can run faster here "
-                "than where Kasmina serves it",
+                "%s %s: timing a package this process compiled (no compile worker did): it can run faster "
+                "here than where Kasmina serves it",
                 self.bp.name,
                 c.id,
             )

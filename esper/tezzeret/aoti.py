@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,9 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 AUTOTUNING = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning")
 # The lock file shared by every compile that uses one Inductor cache (a certification and its compile workers).
 LOCK_NAME = "esper-compiles.lock"
+# The slot this thread holds, if any: a compile nested in another (Tezzeret holds one around a whole compile,
+# the package build inside it asks again) runs in the outer one.
+_held = threading.local()
 
 
 def use_persistent_cache(folder: Path) -> Path:
@@ -45,13 +49,18 @@ def compile_slot(settings: Mapping[str, Any] | None, folder: Path | None = None)
     """Hold the right to compile beside others (shared), or alone where the compile autotunes (exclusive).
 
     An autotuning compile keeps whichever candidate kernel its own timings favour, and the choice is baked into
-    the package: timed beside another compile (a certification's compile worker on a 2-core machine), a
-    slower kernel wins on a noisy timing, and two cold certifications of the same code certify different
-    packages. So an autotuning compile waits until no other compile sharing ``folder`` (the Inductor cache,
-    by default: one certification and its workers) runs, and holds the others off until it is done; other
-    compiles run side by side. The lock is SQLite's: a waiting writer keeps new readers out, so a stream of
-    short compiles cannot starve it, and a process that dies releases what it held. Where the lock cannot be
-    taken the compile runs without it, with a WARNING."""
+    the package: timed beside other work (a second compile worker exporting, building or timing its own
+    package on a 2-core machine), a slower kernel wins on a noisy timing, and two cold certifications of the
+    same code certify different packages. So an autotuning compile waits until no other compile sharing
+    ``folder`` (the Inductor cache, by default: one certification and its workers) runs, and holds the others
+    off until it is done; other compiles run side by side. Tezzeret holds the slot around a whole compile
+    (export, package build, pre-warm and its timings), not only Inductor's part. A slot asked for inside one
+    this thread holds is the outer one. The lock is SQLite's: a waiting writer keeps new readers out, so a
+    stream of short compiles cannot starve it, and a process that dies releases what it held. Where the lock
+    cannot be taken the compile runs without it, with a WARNING."""
+    if getattr(_held, "slot", False):
+        yield
+        return
     if folder is None:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
@@ -68,9 +77,11 @@ def compile_slot(settings: Mapping[str, Any] | None, folder: Path | None = None)
         if lock is not None:
             lock.close()
         lock = None
+    _held.slot = True
     try:
         yield
     finally:
+        _held.slot = False
         if lock is not None:
             lock.release()
             lock.close()

@@ -29,7 +29,7 @@ from esper.artifacts.weights import save_state
 from esper.blueprint import Blueprint
 from esper.profiles import contains, specialization_name, split_profile
 from esper.provenance import current_source_digest
-from esper.tezzeret.aoti import use_persistent_cache
+from esper.tezzeret.aoti import compile_slot, use_persistent_cache
 from esper.tezzeret.content import content_hash
 from esper.tezzeret.export import declared_guards
 from esper.tezzeret.inference import InferencePipeline
@@ -208,7 +208,12 @@ class Tezzeret:
             "inductor_cache": str(self.cache_dir),
             **pipeline.meta(bp, variant),
         }
-        with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp, warnings.catch_warnings(record=True) as caught:
+        # The slot covers the whole compile (export, package, pre-warm, timings): see compile_slot.
+        with (
+            compile_slot(variant.settings),
+            tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp,
+            warnings.catch_warnings(record=True) as caught,
+        ):
             # torch's compiler warns about its own internals; keep what it said as evidence, never fail on it.
             warnings.simplefilter("always")
             job = CompileJob(

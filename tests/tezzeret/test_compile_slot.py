@@ -63,3 +63,41 @@ def test_a_folder_the_lock_cannot_live_in_costs_the_ordering_not_the_compile(
         ran = True
     assert ran
     assert "compiling without a compile slot" in caplog.text
+
+
+def test_a_slot_asked_for_inside_one_is_the_outer_one(tmp_path: Path) -> None:
+    """Tezzeret holds a slot around a whole compile and the package build inside it asks again: the inner one
+    must not wait for the outer (a deadlock), nor release it."""
+    with compile_slot({"max_autotune": True}, tmp_path):
+        with compile_slot({"max_autotune": True}, tmp_path), compile_slot({"freezing": True}, tmp_path):
+            assert not probe(tmp_path, "read")
+        assert not probe(tmp_path, "read"), "the inner slot released the outer one"
+    assert probe(tmp_path, "write")
+
+
+def test_tezzeret_holds_the_slot_around_the_whole_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only Inductor's part: an autotuning compile's export, pre-warm and timings run alone too (a second
+    worker's work beside its kernel timings picks a slower kernel); a plain compile's run beside others."""
+    from esper.catalog import load_file
+    from esper.tezzeret.compiler import Tezzeret
+    from esper.tezzeret.inference import InferencePipeline
+    from esper.urza import Urza
+    from tests.support import TINY
+
+    cache = tmp_path / "inductor"
+    cache.mkdir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    seen: dict[str, tuple[bool, bool]] = {}
+
+    def run(self: InferencePipeline, job: object) -> None:
+        seen[job.variant.name] = (probe(cache, "read"), probe(cache, "write"))  # type: ignore[attr-defined]
+        raise RuntimeError("stop before compiling")
+
+    monkeypatch.setattr(InferencePipeline, "run", run)
+    [bp] = [b for b in load_file(TINY / "tiny_mlp.py") if b.name == "tiny_mlp"]
+    with Urza(tmp_path / "urza.db") as urza:
+        for name in ("freezing_autotune_cpp", "default"):
+            with pytest.raises(RuntimeError, match="stop before compiling"):
+                Tezzeret(urza).compile(bp, variant=variants.get(name))
+    assert seen == {"freezing_autotune_cpp": (False, False), "default": (True, False)}
+    assert probe(cache, "write")
