@@ -9,10 +9,11 @@ reuses it. So the checks see exactly what a serial run would, and no parity or l
 compile: every ``test_compile`` of a blueprint runs before its first check.
 
 Why the certification's process compiles nothing: a package can run faster in the process that compiled it
-than in any other (an autotuned GEMM package, measured, in several of the compiling processes tried and in none
-of the others), and Kasmina serves it in a process that compiled nothing. Timing a package where it was built
-would certify speed that no serving process sees. The record says where each timed package was compiled
-(:attr:`esper.urza.evidence.CertificationRecord.timed_apart`).
+than in a process that only loads it (an autotuned GEMM package, measured: in most of the compiling processes
+tried, in none of the others), and Kasmina serves it in a process that compiled nothing. Timing a package where
+it was built would certify speed that no serving process sees. This is one cause, not every one: a
+certification's process that compiled nothing has also timed such a package faster than later processes do.
+The record says where each timed package was compiled (:attr:`esper.urza.evidence.CertificationRecord.timed_apart`).
 
 Workers: ``ESPER_CERTIFY_COMPILE_WORKERS`` (``0``: compile in the certification's own process, one after
 another); by default one per four cores (at least one) plus one for the share the certification's process
