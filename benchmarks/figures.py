@@ -116,18 +116,21 @@ def extra_sections(figures: dict[str, Any]) -> list[str]:
             "",
             "## Floor: the raw AOTInductor runner and Kasmina's overhead above it (smallest representative shape)",
             "",
-            "| blueprint | shape | raw run us | kernel us | overhead us | target us | select us |",
-            "|---|---|---|---|---|---|---|",
+            "| blueprint | shape | raw run us | kernel us | overhead us (median of rounds' differences) | target us "
+            "| guard + call us | Python penalty us |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in sorted(floor.items()):
             if "overhead_us" not in r:
-                lines.append(f"| {name} | | skipped: {r.get('skipped', '')} | | | | |")
+                lines.append(f"| {name} | | skipped: {r.get('skipped', '')} | | | | | |")
                 continue
             p = r["paths"]
             shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+            parts = f"{r['guard_us']:.2f} + {r['call_us']:.2f}" if "guard_us" in r else "-"
             lines.append(
                 f"| {name} | {shape} | {p['raw']['us']:.2f} | {p['kernel']['us']:.2f} | {r['overhead_us']:.2f} "
-                f"| {r['target_us']:.2f}{'' if r['meets_target'] else ' (missed)'} | {p['select']['us']:.2f} |"
+                f"| {r['target_us']:.2f}{'' if r['meets_target'] else ' (missed)'} | {parts} "
+                f"| {r['python_penalty_us']:.2f} |"
             )
     levers = figures.get("levers")
     if levers:

@@ -298,7 +298,7 @@ def test_floor(bench_urza: Path, results: dict[str, Any]) -> None:
     """The raw runner per call and Kasmina's overhead above it, per blueprint (benchmarks/floor.py)."""
     from benchmarks.floor import run_floor
 
-    results["floor"] = run_floor(bench_urza, CATALOG, [], rounds=9, number=1000)
+    results["floor"] = run_floor(bench_urza, CATALOG, [], rounds=15, number=600)
     assert results["floor"]["blueprints"]
 
 

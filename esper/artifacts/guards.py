@@ -402,10 +402,12 @@ def _guard_source(
     :class:`Regions` places the sizes in (``index``, or ``len(schemas) + index`` outside its compiled cells),
     read from tables bound in the namespace (:func:`_region_tables`).
 
-    ``fast``: an accepted call that ``match`` (:func:`esper.artifacts.servable.tensor_match`, bound in the
-    namespace) passes, with no torch function mode and no forward-AD level open, returns its code plus
-    ``2 * len(schemas)`` before the property tests: the caller may then skip its own thread-state and grad
-    checks. Anything ``match`` refuses takes the property tests as without ``fast``.
+    ``fast``: first a shorter way in. ``match`` (:func:`esper.artifacts.servable.tensor_match`, bound in the
+    namespace) tests every input's type, dtype, device, rank and fixed sizes and the thread's dispatch state in
+    one C call; a call it passes, inside a schema's ranges, in a compiled cell, with no torch function mode, no
+    forward-AD level open and every input contiguous returns its code plus ``2 * len(schemas)``: the caller may
+    then skip its own thread-state, grad and layout checks. A call in an eager cell returns its code as soon as
+    its sizes are known. Anything else takes the full path below, as without ``fast``.
 
     Only integers (checked again here, whatever the schema's construction did) and fixed names are written
     into the source: dtypes are bound as ``d0``, ``d1``... in the namespace, never spelled from stored text,
@@ -431,7 +433,7 @@ def _guard_source(
             raise EntryFormatError(COLUMN, f"predicate generator refused dtype {quote(inp.dtype)}")
         x = f"x{n}"
         lines += [
-            f"    {x} = args[{n}]",
+            *([] if fast else [f"    {x} = args[{n}]"]),  # the fast way in has read them
             f"    t = type({x})",
             f"    if (t is not Tensor and t is not Parameter) or {x}.is_nested:",
             f"        return {miss}",
@@ -453,19 +455,18 @@ def _guard_source(
                 lines += [f"    if {v} != {first_seen[d.name]}:", f"        return {miss}"]
             else:
                 first_seen[str(d.name)] = v
-    regional = any(r is not None for r in regions)
-    inside = regional or fast
+    regions = [
+        None if r is None else Regions(r.dims, r.cuts, r.compiled)  # validated again, whatever their construction did
+        for r in [*regions, *[None] * (len(schemas) - len(regions))]
+    ]
+    inside = any(r is not None for r in regions)
     if not inside:
         lines += [f"    {line}" for line in properties]
     count = _int_literal(len(schemas))
-    verified = _int_literal(2 * len(schemas))
-    matched = ", ".join(f"x{n}" for n in range(len(schema.inputs)))
     for index, each in enumerate(schemas):
         ranges = each.dim_ranges()
         held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in first_seen.items()]
-        region = regions[index] if index < len(regions) else None
-        if region is not None:  # validated again, whatever its construction did
-            region = Regions(region.dims, region.cuts, region.compiled)
+        region = regions[index]
         lines.append(f"    if {' and '.join(held) or 'True'}:")
         if region is not None:
             lines += [
@@ -473,17 +474,62 @@ def _guard_source(
                 f"        if code >= {count}:",
                 "            return code",
             ]
-        answer = "code" if region is not None else hit(_int_literal(index))
-        if fast:
-            lines += [
-                f"        if match({matched}) and not function_modes() and forward_ad._current_level < 0:",
-                f"            return {answer} + {verified}",
-            ]
         if inside:
             lines += [f"        {line}" for line in properties]
-        lines.append(f"        return {answer}")
+        lines.append(f"        return {'code' if region is not None else hit(_int_literal(index))}")
     lines.append(f"    return {miss}")
+    if fast:
+        lines[3:3] = _fast_source(schemas, regions, hit)
     return "\n".join(lines)
+
+
+def _fast_source(
+    schemas: Sequence[GuardSchema], regions: Sequence[Regions | None], hit: Callable[[str], str]
+) -> list[str]:
+    """The lines of :func:`_guard_source`'s shorter way in (see its ``fast``), placed after the argument count
+    test: ``match`` has tested the types, ranks and fixed sizes, so only the dynamic sizes are read, once each,
+    into ``v0``, ``v1``... Every way out of it that is not an answer falls through to the full tests."""
+    schema = schemas[0]
+    xs = [f"x{n}" for n in range(len(schema.inputs))]
+    lines = [f"    {x} = args[{n}]" for n, x in enumerate(xs)]
+    lines.append(f"    if match({', '.join(xs)}):")
+    sizes: dict[str, str] = {}
+    same: list[str] = []
+    for n, inp in enumerate(schema.inputs):
+        dynamic = [(k, d) for k, d in enumerate(inp.dims) if d.dynamic]
+        if dynamic:
+            lines.append(f"        s{n} = x{n}.shape")
+        for k, d in dynamic:
+            read = f"s{n}[{_int_literal(k)}]"
+            if d.name in sizes:
+                same.append(f"{read} == {sizes[d.name]}")
+            else:
+                sizes[str(d.name)] = f"v{_int_literal(len(sizes))}"
+                lines.append(f"        {sizes[str(d.name)]} = {read}")
+    indent = " " * 8
+    if same:  # a dim two inputs share: equal, or the full tests refuse the call
+        lines.append(f"{indent}if {' and '.join(same)}:")
+        indent += " " * 4
+    plain = " and ".join(
+        ["not function_modes()", "forward_ad._current_level < 0", *(f"{x}.is_contiguous()" for x in xs)]
+    )
+    verified = _int_literal(2 * len(schemas))
+    for index, each in enumerate(schemas):
+        ranges = each.dim_ranges()
+        held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in sizes.items()]
+        lines.append(f"{indent}{'if' if index == 0 else 'elif'} {' and '.join(held) or 'True'}:")
+        region, inner = regions[index], indent + " " * 4
+        if region is None:
+            answer = hit(_int_literal(index))
+        else:
+            answer = "code"
+            lines += [
+                f"{inner}code = {_region_expression(region, index, sizes, ranges)}",
+                f"{inner}if code >= {_int_literal(len(schemas))}:",
+                f"{inner}    return code",
+            ]
+        lines += [f"{inner}if {plain}:", f"{inner}    return {answer} + {verified}"]
+    return lines
 
 
 def _predicate_source(schema: GuardSchema, device_index: int | None = None) -> str:
@@ -558,7 +604,7 @@ def compile_dispatch(
         schema = schemas[0]
         if schema.device in DEVICE_TYPES and all(i.dtype in TORCH_DTYPES for i in schema.inputs):
             match = tensor_match(
-                [(TORCH_DTYPES[i.dtype], i.rank) for i in schema.inputs],
+                [(TORCH_DTYPES[i.dtype], [None if d.dynamic else d.size for d in i.dims]) for i in schema.inputs],
                 schema.device,
                 device_index if schema.device == "cuda" else None,
             )

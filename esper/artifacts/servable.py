@@ -59,13 +59,14 @@ def predicate_namespace() -> dict[str, Any]:
 
 
 def tensor_match(
-    inputs: Sequence[tuple[torch.dtype, int]], device: str, device_index: int | None = None
+    inputs: Sequence[tuple[torch.dtype, Sequence[int | None]]], device: str, device_index: int | None = None
 ) -> Callable[..., bool] | None:
     """One C call, ``match(x0, x1, ...)``, true only for inputs that are plain ``torch.Tensor`` (exactly; not
-    ``nn.Parameter``), of the given dtypes and ranks, on ``device`` (``device_index``: that CUDA device), none
-    requiring grad, that the calling thread would dispatch as plain dense tensors: no autocast for their device,
-    no dispatch mode, no functorch transform. ``inputs``: each input's dtype and rank. It does not look at
-    sizes, strides, torch function modes or forward-mode tangents. ``None`` where torch offers no such check.
+    ``nn.Parameter``), of the given dtypes, ranks and fixed sizes, on ``device`` (``device_index``: that CUDA
+    device), none requiring grad, that the calling thread would dispatch as plain dense tensors: no autocast for
+    their device, no dispatch mode, no functorch transform. ``inputs``: each input's dtype and sizes, one per
+    dim, ``None`` for a dim of any size. It does not look at strides, torch function modes or forward-mode
+    tangents. ``None`` where torch offers no such check.
 
     A call it refuses may still be servable (an inference-mode tensor, a Parameter): it is a fast way in, never
     the only one. The expected dispatch keys are taken from example tensors made on a fresh thread, whose
@@ -80,13 +81,17 @@ def tensor_match(
     def build() -> None:
         try:
             where = torch.device(device, device_index) if device_index is not None else torch.device(device)
-            examples = [torch.empty((1,) * rank, dtype=dtype, device=where) for dtype, rank in inputs]
-            # One list per tensor, ``None`` for each dim it does not check (torch's stub types a single list).
-            unknown = [[None] * rank for _, rank in inputs]
+            # The examples give the rank, dtype, device and dispatch keys, and fit the sizes checked (zero strides:
+            # one element of memory whatever the sizes); the lists say which sizes are checked, one list per
+            # tensor, ``None`` for each dim left unchecked (torch's stub types a single list).
+            examples = [
+                torch.empty_strided([1 if n is None else n for n in sizes], [0] * len(sizes), dtype=dtype, device=where)
+                for dtype, sizes in inputs
+            ]
             guards = TensorGuards(
                 *examples,
-                dynamic_dims_sizes=unknown,  # type: ignore[arg-type]
-                dynamic_dims_strides=unknown,  # type: ignore[arg-type]
+                dynamic_dims_sizes=[list(sizes) for _, sizes in inputs],  # type: ignore[arg-type]
+                dynamic_dims_strides=[[None] * len(sizes) for _, sizes in inputs],  # type: ignore[arg-type]
             )
             if guards.check(*examples):
                 built.append(guards.check)

@@ -150,7 +150,7 @@ def route_dispatch(routes: Sequence[Route], *, fast: bool = False) -> Callable[[
     ``len(routes)`` when that route is regional and the call falls outside its compiled cells (eager by
     evidence; the generated dispatcher then checks the sizes only). ``fast``: plus ``2 * len(routes)`` instead
     when the call is in a compiled cell and compiled code may serve it with no further check of the calling
-    thread (see :func:`esper.artifacts.guards.compile_dispatch`).
+    thread or the inputs' layout (see :func:`esper.artifacts.guards.compile_dispatch`).
 
     The routes of one blueprint version differ only in their shape profiles' ranges, so one generated
     dispatcher checks them all, route tables included (:func:`esper.artifacts.guards.compile_dispatch`): a call
@@ -335,11 +335,15 @@ class Kernel(KernelBase):
             index = d["_route_of"](args)
             run = None
             if index >= d["_verified"]:
-                # A compiled cell, and the dispatcher found the inputs and this thread plain (no grad, autocast,
-                # mode or transform): only the package and the layout are left to look at.
-                index -= d["_verified"]
-                run = d["_runs"][index]
-                plain = True
+                # A compiled cell, and the dispatcher found the inputs contiguous and plain, and this thread plain
+                # (no grad, autocast, mode or transform): only the package is left to look at.
+                run = d["_runs"][index - d["_verified"]]
+                if run is not None:
+                    if type(run) is not DeferredPackage:
+                        d["last_path"] = COMPILED
+                        d["compiled_calls"] += 1
+                        return run(args)
+                    return self._serve(d, args, index)
             elif 0 <= index < d["_count"]:
                 run = d["_runs"][index]
                 plain = (

@@ -166,30 +166,33 @@ def in_cell(cuts: tuple[tuple[int, ...], ...], compiled: tuple[bool, ...], sizes
     return compiled[index]
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["full", "fast"])
 @pytest.mark.parametrize("hi", [8, 40_000])
-def test_the_dispatcher_places_each_accepted_call_in_its_region(hi: int) -> None:
+def test_the_dispatcher_places_each_accepted_call_in_its_region(hi: int, fast: bool) -> None:
     """A regional schema answers its index inside its compiled cells and ``len(schemas) + index`` outside them;
     a schema without regions answers its index; refusals stay ``-1``. Both the tuple-indexed and the bisecting
-    lookups agree with the oracle at every size."""
+    lookups agree with the oracle at every size, and so does the fast way in (plus ``2 * len(schemas)`` in a
+    compiled cell: these inputs are plain)."""
     from esper.artifacts.guards import Regions, compile_dispatch
 
     one = Regions(("batch",), ((3, 6),), (True, False, True))
     two = Regions(("batch", "seq"), ((4,), (3, 5)), (False, True, False, True, False, True))
     for regions in ([one], [two], [None, two]):
         schemas = [wide(hi)] if len(regions) == 1 else [wide(2), wide(hi, lo=3)]
-        route_of = compile_dispatch(schemas, regions=regions)
+        route_of = compile_dispatch(schemas, regions=regions, fast=fast)
         assert route_of is not None
         region = regions[-1]
         assert region is not None
         index = len(schemas) - 1
+        verified = 2 * len(schemas) if fast else 0
         for batch in [*range(1, 9), hi - 1, hi]:
             for seq in range(2, 7):
                 got = route_of((torch.zeros(batch, seq, 4),))
                 if len(schemas) == 2 and batch <= 2:
-                    assert got == 0  # the first schema, without regions, takes it whole
+                    assert got == verified  # the first schema, without regions, takes it whole
                     continue
                 sizes = (batch,) if len(region.dims) == 1 else (batch, seq)
-                want = index if in_cell(region.cuts, region.compiled, sizes) else len(schemas) + index
+                want = index + verified if in_cell(region.cuts, region.compiled, sizes) else len(schemas) + index
                 assert got == want, (regions, batch, seq)
         assert route_of((torch.zeros(hi + 1, 3, 4),)) == -1
         assert route_of((torch.zeros(3, 3, 5),)) == -1

@@ -127,7 +127,7 @@ def test_private_torch_calls_are_pinned() -> None:
     assert servable.dual_level() == -1
     assert torch._C._functorch.is_functorch_wrapped_tensor(torch.randn(2)) is False
     assert servable.functorch_wrapped(torch.randn(2)) is False
-    assert servable.tensor_match([(torch.float32, 1)], "cpu") is not None  # else every call takes the slow way
+    assert servable.tensor_match([(torch.float32, [None])], "cpu") is not None  # else every call takes the slow way
 
 
 def test_keyword_arguments_are_bound_by_input_name() -> None:
@@ -165,8 +165,8 @@ class _PassThroughDispatch(torch.utils._python_dispatch.TorchDispatchMode):
 
 def test_tensor_match_passes_only_plain_inputs_on_a_plain_thread() -> None:
     """The fast path's one C call: a plain float32 tensor of the rank given passes, whatever its sizes and
-    strides; anything the Python tests would look at twice (or refuse) does not."""
-    match = servable.tensor_match([(torch.float32, 2), (torch.float32, 1)], "cpu")
+    strides where they are left open; anything the Python tests would look at twice (or refuse) does not."""
+    match = servable.tensor_match([(torch.float32, [None, None]), (torch.float32, [None])], "cpu")
     assert match is not None
     x, b = torch.randn(3, 4), torch.randn(4)
     assert match(x, b) and match(torch.randn(9, 2).t(), torch.randn(7))
@@ -192,6 +192,17 @@ def test_tensor_match_passes_only_plain_inputs_on_a_plain_thread() -> None:
     assert match(x, b)  # the clean twin, after all of the above
 
 
+def test_tensor_match_checks_the_sizes_it_is_given() -> None:
+    """Sizes given are checked exactly, sizes left ``None`` not at all, and strides never."""
+    match = servable.tensor_match([(torch.float32, [None, 4]), (torch.float32, [2])], "cpu")
+    assert match is not None
+    b = torch.randn(2)
+    assert match(torch.randn(3, 4), b) and match(torch.randn(9, 4), b) and match(torch.randn(4, 9).t()[:, :4], b)
+    assert not match(torch.randn(3, 5), b)
+    assert not match(torch.randn(3, 4), torch.randn(3))
+    assert not match(torch.randn(3, 4, 1), b)
+
+
 @pytest.mark.parametrize(("state", "enter"), PLAIN_STATES, ids=[s for s, _ in PLAIN_STATES])
 def test_tensor_match_ignores_the_state_of_the_thread_that_builds_it(
     state: str, enter: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
@@ -201,7 +212,7 @@ def test_tensor_match_ignores_the_state_of_the_thread_that_builds_it(
     same check built on the loading thread itself passes calls made in that state."""
     x = torch.randn(3, 4)
     with enter():
-        match = servable.tensor_match([(torch.float32, 2)], "cpu")
+        match = servable.tensor_match([(torch.float32, [None, None])], "cpu")
         assert match is not None
         y = torch.randn(3, 4)
         assert not match(y)
@@ -219,7 +230,7 @@ def test_tensor_match_ignores_the_state_of_the_thread_that_builds_it(
 
     monkeypatch.setattr(servable.threading, "Thread", Inline)
     with enter():
-        naive = servable.tensor_match([(torch.float32, 2)], "cpu")
+        naive = servable.tensor_match([(torch.float32, [None, None])], "cpu")
         assert naive is not None and naive(torch.randn(3, 4))
 
 
@@ -248,6 +259,9 @@ def test_fast_dispatch_answers_what_the_plain_one_does() -> None:
         ((x,), fwAD.dual_level, False),
         ((x,), _PassThroughDispatch, False),
         ((x, x), contextlib.nullcontext, False),
+        ((torch.randn(3, 5),), contextlib.nullcontext, False),
+        ((torch.randn(4, 3).t(),), contextlib.nullcontext, False),  # the caller's layout check is not skipped
+        ((torch.randn(3, 4, 1),), contextlib.nullcontext, False),
     ]
     for args, enter, verified in cases:
         with enter():
@@ -256,3 +270,27 @@ def test_fast_dispatch_answers_what_the_plain_one_does() -> None:
             assert 0 <= want < 2 and got == want + 4, (args, enter)
         else:
             assert got == want, (args, enter)
+
+
+@TORCH_JIT_WARNING
+def test_fast_dispatch_reads_a_shared_dim_once_and_holds_inputs_to_it() -> None:
+    """Two inputs sharing a dynamic dim: the fast way in answers only where their sizes agree (the full tests
+    refuse the rest), and checks the fixed sizes of an input with no dynamic dim (``match`` alone reads them)."""
+    batch = DimGuard(name="batch", min=1, max=8)
+    schema = GuardSchema(
+        inputs=(
+            InputGuard("x", "float32", (batch, DimGuard(size=4))),
+            InputGuard("m", "float32", (batch,)),
+            InputGuard("w", "float32", (DimGuard(size=2), DimGuard(size=3))),
+        )
+    )
+    plain, fast = compile_dispatch([schema]), compile_dispatch([schema], fast=True)
+    assert plain is not None and fast is not None
+    w = torch.randn(2, 3)
+    assert plain((torch.randn(5, 4), torch.randn(5), w)) == 0 and fast((torch.randn(5, 4), torch.randn(5), w)) == 2
+    for args in (
+        (torch.randn(5, 4), torch.randn(6), w),
+        (torch.randn(5, 4), torch.randn(5), torch.randn(3, 2)),
+        (torch.randn(9, 4), torch.randn(9), w),
+    ):
+        assert plain(args) == fast(args) == -1, [a.shape for a in args]
