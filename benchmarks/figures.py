@@ -126,11 +126,12 @@ def extra_sections(figures: dict[str, Any]) -> list[str]:
                 continue
             p = r["paths"]
             shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+            # Older results (before the floor split its overhead) lack the parts.
             parts = f"{r['guard_us']:.2f} + {r['call_us']:.2f}" if "guard_us" in r else "-"
+            penalty = f"{r['python_penalty_us']:.2f}" if "python_penalty_us" in r else "-"
             lines.append(
                 f"| {name} | {shape} | {p['raw']['us']:.2f} | {p['kernel']['us']:.2f} | {r['overhead_us']:.2f} "
-                f"| {r['target_us']:.2f}{'' if r['meets_target'] else ' (missed)'} | {parts} "
-                f"| {r['python_penalty_us']:.2f} |"
+                f"| {r['target_us']:.2f}{'' if r['meets_target'] else ' (missed)'} | {parts} | {penalty} |"
             )
     levers = figures.get("levers")
     if levers:

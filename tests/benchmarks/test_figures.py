@@ -51,6 +51,16 @@ FIGURES: dict[str, Any] = {
                 "overhead_us": 1.5,
                 "target_us": 2.0,
                 "meets_target": True,
+                "guard_us": 0.75,
+                "call_us": 0.5,
+                "python_penalty_us": 0.25,
+            },
+            "c": {
+                "shape": {"batch": 2},
+                "paths": {k: {"us": v, "min_us": v, "max_us": v} for k, v in {"raw": 9.0, "kernel": 10.0}.items()},
+                "overhead_us": 1.0,
+                "target_us": 2.0,
+                "meets_target": True,
             },
             "b": {"shape": {"batch": 1}, "skipped": "this shape routes eager"},
         }
@@ -93,7 +103,8 @@ FIGURES: dict[str, Any] = {
 
 def test_perf_md_has_the_issue_14_sections() -> None:
     md = figures.markdown(FIGURES)
-    assert "## Floor" in md and "| a | batch=1 | 10.00 | 11.50 | 1.50 | 2.00 | 0.80 |" in md
+    assert "## Floor" in md and "| a | batch=1 | 10.00 | 11.50 | 1.50 | 2.00 | 0.75 + 0.50 | 0.25 |" in md
+    assert "| c | batch=2 | 9.00 | 10.00 | 1.00 | 2.00 | - | - |" in md  # a result from before the split
     assert "skipped: this shape routes eager" in md
     assert "## Lever study (quick mode" in md and "| default | 0.671 | 2 | 1 |" in md
     assert "wrapper_o3_lto skipped: needs clang" in md
