@@ -83,16 +83,14 @@ def tensor_match(
             where = torch.device(device, device_index) if device_index is not None else torch.device(device)
             # The examples give the rank, dtype, device and dispatch keys, and fit the sizes checked (zero strides:
             # one element of memory whatever the sizes); the lists say which sizes are checked, one list per
-            # tensor, ``None`` for each dim left unchecked (torch's stub types a single list).
+            # tensor, ``None`` for each dim left unchecked (``Any``: torch's stub types them as a single list).
             examples = [
                 torch.empty_strided([1 if n is None else n for n in sizes], [0] * len(sizes), dtype=dtype, device=where)
                 for dtype, sizes in inputs
             ]
-            guards = TensorGuards(
-                *examples,
-                dynamic_dims_sizes=[list(sizes) for _, sizes in inputs],  # type: ignore[arg-type]
-                dynamic_dims_strides=[[None] * len(sizes) for _, sizes in inputs],  # type: ignore[arg-type]
-            )
+            checked: Any = [list(sizes) for _, sizes in inputs]
+            unchecked: Any = [[None] * len(sizes) for _, sizes in inputs]
+            guards = TensorGuards(*examples, dynamic_dims_sizes=checked, dynamic_dims_strides=unchecked)
             if guards.check(*examples):
                 built.append(guards.check)
         except Exception:  # a torch whose TensorGuards differs: the Python tests alone
