@@ -593,8 +593,9 @@ def compile_dispatch(
 
     ``fast``: a call accepted into a compiled cell whose inputs and calling thread one C call finds plain
     (:func:`esper.artifacts.servable.tensor_match`: no input requires grad, no autocast, no mode, no functorch
-    transform, no forward-AD level) returns ``2 * len(schemas) + index``: compiled code may serve it with no
-    further check of the thread. Without that C call in this torch, no call is answered so."""
+    transform; then no forward-AD level) and whose inputs are contiguous returns ``2 * len(schemas) + index``:
+    compiled code may serve it with no further check of the thread or the layout. Without that C call in this
+    torch, no call is answered so."""
     if not schemas or not all(same_but_ranges(schemas[0], s) for s in schemas[1:]):
         return None
     if len(regions) > len(schemas):
