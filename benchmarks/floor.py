@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import random
 import statistics
 import sys
@@ -134,11 +135,13 @@ def guarded_loop_us(
     return (clock() - t0) / number / 1e3
 
 
-def paired(figures: dict[str, dict[str, Any]], minuend: str, subtrahend: str) -> dict[str, float]:
-    """The median, min and max over rounds of ``minuend - subtrahend``, each round's two figures taken moments
-    apart (see :func:`interleaved`)."""
-    d = [a - b for a, b in zip(figures[minuend]["samples"], figures[subtrahend]["samples"], strict=True)]
-    return {"us": statistics.median(d), "min_us": min(d), "max_us": max(d)}
+def paired(
+    figures: dict[str, dict[str, Any]], a: str, b: str, combine: Callable[[float, float], float] = operator.sub
+) -> dict[str, float]:
+    """The median, min and max over rounds of ``combine(a, b)`` (their difference unless told), each round's two
+    figures taken moments apart (see :func:`interleaved`): it cancels the machine's drift between rounds."""
+    d = [combine(x, y) for x, y in zip(figures[a]["samples"], figures[b]["samples"], strict=True)]
+    return {"median": statistics.median(d), "min": min(d), "max": max(d)}
 
 
 def interleaved(paths: dict[str, Callable[[], float]], rounds: int, seed: int = 0) -> dict[str, dict[str, Any]]:
@@ -233,22 +236,22 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
         "shape": sizes,
         "paths": figures,
         "raw_timer_us": raw_timer,
-        "overhead_us": overhead["us"],
-        "overhead_min_us": overhead["min_us"],
-        "overhead_max_us": overhead["max_us"],
-        "overhead_grad_us": paired(figures, "kernel_grad", "raw")["us"],
-        "guard_us": paired(figures, "guarded", "raw")["us"],
-        "call_us": paired(figures, "kernel", "guarded")["us"],
-        "overhead_share": overhead["us"] / raw if raw > 0 else None,
+        "overhead_us": overhead["median"],
+        "overhead_min_us": overhead["min"],
+        "overhead_max_us": overhead["max"],
+        "overhead_grad_us": paired(figures, "kernel_grad", "raw")["median"],
+        "guard_us": paired(figures, "guarded", "raw")["median"],
+        "call_us": paired(figures, "kernel", "guarded")["median"],
+        "overhead_share": overhead["median"] / raw if raw > 0 else None,
         "target_us": target,
-        "meets_target": overhead["us"] <= target,
+        "meets_target": overhead["median"] <= target,
         "routes": len(kernel.routes),
         # A seed's kernel (load_seeds().bind) pays for following its module; its own runner is another copy.
-        "bound_overhead_us": paired(figures, "bound", "raw")["us"] if "bound" in figures else None,
+        "bound_overhead_us": paired(figures, "bound", "raw")["median"] if "bound" in figures else None,
         # What Python code between two runner calls costs beyond its own time: the runner runs slower after
         # it, a cost any Python caller pays. It grows with the runner's parallel regions (the compiled code's
         # OpenMP threads), not only with the Python's length.
-        "python_penalty_us": paired(figures, "raw_after_python", "raw")["us"] - figures["python"]["us"],
+        "python_penalty_us": paired(figures, "raw_after_python", "raw")["median"] - figures["python"]["us"],
         "region_lookup_us": figures["dispatch"]["us"] - figures["dispatch_plain"]["us"]
         if "dispatch" in figures
         else None,
@@ -277,18 +280,16 @@ def measure_eager(kernel: Any, bp: Any, *, rounds: int, number: int) -> dict[str
         for fn in paths.values():
             fn()
         figures = interleaved(paths, rounds, seed=1)
-    # Each round's two figures were taken moments apart: their ratio cancels the machine's drift between
-    # rounds, which at these sizes is larger than the 2% the target allows.
-    pairs = [r / b for r, b in zip(figures["eager_route"]["samples"], figures["bare"]["samples"], strict=True)]
-    ratio = statistics.median(pairs)
+    # Paired: the machine's drift between rounds is, at these sizes, larger than the 2% the target allows.
+    ratio = paired(figures, "eager_route", "bare", operator.truediv)
     return {
         "shape": sizes,
         "paths": figures,
         "loaded_route": served is kernel,
-        "ratio": ratio,
-        "ratio_min": min(pairs),
-        "ratio_max": max(pairs),
-        "meets_target": ratio <= 1 + EAGER_TARGET_SHARE,
+        "ratio": ratio["median"],
+        "ratio_min": ratio["min"],
+        "ratio_max": ratio["max"],
+        "meets_target": ratio["median"] <= 1 + EAGER_TARGET_SHARE,
     }
 
 

@@ -462,18 +462,11 @@ def _guard_source(
     inside = any(r is not None for r in regions)
     if not inside:
         lines += [f"    {line}" for line in properties]
-    count = _int_literal(len(schemas))
     for index, each in enumerate(schemas):
-        ranges = each.dim_ranges()
-        held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in first_seen.items()]
         region = regions[index]
-        lines.append(f"    if {' and '.join(held) or 'True'}:")
+        lines.append(f"    if {_held(each, first_seen)}:")
         if region is not None:
-            lines += [
-                f"        code = {_region_expression(region, index, first_seen, ranges)}",
-                f"        if code >= {count}:",
-                "            return code",
-            ]
+            lines += _region_lines(region, index, len(schemas), each, first_seen, " " * 8)
         if inside:
             lines += [f"        {line}" for line in properties]
         lines.append(f"        return {'code' if region is not None else hit(_int_literal(index))}")
@@ -515,21 +508,33 @@ def _fast_source(
     )
     verified = _int_literal(2 * len(schemas))
     for index, each in enumerate(schemas):
-        ranges = each.dim_ranges()
-        held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in sizes.items()]
-        lines.append(f"{indent}{'if' if index == 0 else 'elif'} {' and '.join(held) or 'True'}:")
+        lines.append(f"{indent}{'if' if index == 0 else 'elif'} {_held(each, sizes)}:")
         region, inner = regions[index], indent + " " * 4
-        if region is None:
-            answer = hit(_int_literal(index))
-        else:
-            answer = "code"
-            lines += [
-                f"{inner}code = {_region_expression(region, index, sizes, ranges)}",
-                f"{inner}if code >= {_int_literal(len(schemas))}:",
-                f"{inner}    return code",
-            ]
+        if region is not None:
+            lines += _region_lines(region, index, len(schemas), each, sizes, inner)
+        answer = "code" if region is not None else hit(_int_literal(index))
         lines += [f"{inner}if {plain}:", f"{inner}    return {answer} + {verified}"]
     return lines
+
+
+def _held(schema: GuardSchema, sizes: Mapping[str, str]) -> str:
+    """Source of the test that every dynamic size (``sizes``: dim name -> its expression) is in ``schema``'s
+    range."""
+    ranges = schema.dim_ranges()
+    held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in sizes.items()]
+    return " and ".join(held) or "True"
+
+
+def _region_lines(
+    region: Regions, index: int, count: int, schema: GuardSchema, sizes: Mapping[str, str], indent: str
+) -> list[str]:
+    """Lines that set ``code``, schema ``index``'s cell code under ``region``, and return it when the cell is
+    eager (``count``: the number of schemas)."""
+    return [
+        f"{indent}code = {_region_expression(region, index, sizes, schema.dim_ranges())}",
+        f"{indent}if code >= {_int_literal(count)}:",
+        f"{indent}    return code",
+    ]
 
 
 def _predicate_source(schema: GuardSchema, device_index: int | None = None) -> str:

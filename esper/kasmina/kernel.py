@@ -333,7 +333,6 @@ class Kernel(KernelBase):
             return self._module_call(args, kwargs)
         if d["_serves_compiled"]:
             index = d["_route_of"](args)
-            run = None
             if index >= d["_verified"]:
                 # A compiled cell, and the dispatcher found the inputs contiguous and plain, and this thread plain
                 # (no grad, autocast, mode or transform): only the package is left to look at.
@@ -346,24 +345,23 @@ class Kernel(KernelBase):
                     return self._serve(d, args, index)
             elif 0 <= index < d["_count"]:
                 run = d["_runs"][index]
-                plain = (
-                    run is not None
-                    and not (_AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES())
-                    and not (_GRAD_ENABLED() and _any_requires_grad(args))
-                )
+                if run is not None:
+                    # The accepted call with nothing unusual: a loaded package, no mode, no graph. Anything else
+                    # (a package still to load, a mode, grad) is _serve's, which decides the same and says why.
+                    if (
+                        type(run) is not DeferredPackage
+                        and not (_AUTOCAST() or _FUNCTION_MODES() or _DISPATCH_MODES())
+                        and not (_GRAD_ENABLED() and _any_requires_grad(args))
+                    ):
+                        for a in args:
+                            if not a.is_contiguous():
+                                args = tuple(a.contiguous() for a in args)
+                                break
+                        d["last_path"] = COMPILED
+                        d["compiled_calls"] += 1
+                        return run(args)
+                    return self._serve(d, args, index)
             elif index < 0:  # no route accepts: _serve looks again and says why
-                return self._serve(d, args, index)
-            if run is not None:
-                # The accepted call with nothing unusual: a loaded package, no mode, no graph. Anything else
-                # (a package still to load, a mode, grad) is _serve's, which decides the same and says why.
-                if plain and type(run) is not DeferredPackage:
-                    for a in args:
-                        if not a.is_contiguous():
-                            args = tuple(a.contiguous() for a in args)
-                            break
-                    d["last_path"] = COMPILED
-                    d["compiled_calls"] += 1
-                    return run(args)
                 return self._serve(d, args, index)
             # Certified eager for this profile, as _serve would, with nothing to say; or past the routes:
             # accepted where certification measured eager faster (eager by evidence). Both below.
