@@ -6,7 +6,9 @@ library: it keeps about one core busy. A :class:`CompileAhead` takes a blueprint
 ``test_compile`` reaches a candidate still queued it hands that one to the pool itself; either way it waits for
 the worker, then Tezzeret finds the entry the worker stored (same content hash and compatibility key) and
 reuses it. So the checks see exactly what a serial run would, and no parity or latency check runs beside a
-compile: every ``test_compile`` of a blueprint runs before its first check.
+compile: every ``test_compile`` of a blueprint runs before its first check. An exact-size specialization is in no
+plan (it compiles only where its profile's entry fell back, known once that entry is): its ``test_compile``
+first asks Tezzeret whether it would compile, then hands it to a worker the same way (:meth:`CompileAhead.compile_now`).
 
 Why the certification's process compiles nothing: a package can run faster in the process that compiled it
 than in a process that only loads it (an autotuned GEMM package, measured: in most of the compiling processes
@@ -185,6 +187,24 @@ class CompileAhead:
             return
         if queued:
             self._run(job, taken)
+        self._wait(job, taken)
+
+    def compile_now(self, job: CompileJob) -> None:
+        """Have a worker compile ``job``, one no plan could list (a specialization, known to compile only once
+        its profile's entry is), and wait. A failure is logged as in :meth:`claim`."""
+        with self._lock:
+            taken = self._taken.get(job)
+            if taken is None:
+                self._taken[job] = taken = Future()
+                submit = True
+            else:
+                submit = False
+        if submit:
+            self._run(job, taken)
+        self._wait(job, taken)
+
+    @staticmethod
+    def _wait(job: CompileJob, taken: Future[int | None]) -> None:
         try:
             taken.result()
         except Exception as e:  # the caller compiles it again and reports what fails

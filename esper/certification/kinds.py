@@ -175,6 +175,21 @@ class KindChecks(ABC):
                 self.bp, artifact=self.artifact, variant=VARIANTS[variant], profile=profile
             )
 
+    def stored(self, *, profile: str, variant: str) -> Entry | None:
+        """The entry :meth:`compile` would reuse for this candidate (``None``: it would compile)."""
+        with Urza(self.urza_path) as urza:
+            return Tezzeret(urza, device=self.device).stored(
+                self.bp, artifact=self.artifact, variant=VARIANTS[variant], profile=profile
+            )
+
+    def check_specialization(self, *, profile: str, variant: str) -> None:
+        """Raise :class:`~esper.tezzeret.pipeline.NotSpecialized` unless the specialization ``profile`` would
+        compile (its profile's entries are compiled or reused here; the specialization is not)."""
+        with Urza(self.urza_path) as urza:
+            Tezzeret(urza, device=self.device).check_specialization(
+                self.bp, artifact=self.artifact, variant=VARIANTS[variant], profile=profile
+            )
+
     def kasmina(self) -> Kasmina:
         """A Kasmina over this certification's Urza that knows only this blueprint."""
         return Kasmina(self.urza_path, catalog=Catalog({self.bp.name: self.bp}), device=self.device)

@@ -472,26 +472,46 @@ class Certification:
         if off:
             raise Skip(off)
         c = self.candidates[candidate]
-        job = self.job(candidate) if self.ahead is not None else None
-        if job is not None:
-            self.ahead.claim(job)  # type: ignore[union-attr]
         try:
+            if self.ahead is not None:
+                self._compile_apart(c)
             outcome = self.kind.compile(profile=c.profile, variant=c.variant)
         except NotSpecialized as e:
             raise Skip(str(e)) from None
         c.entry, c.reused, c.compile_seconds = outcome.entry, outcome.reused, outcome.seconds
         return {"entry": c.entry.id, "engine": c.entry.engine, "reused": c.reused, "seconds": c.compile_seconds}
 
-    def job(self, candidate: str) -> CompileJob | None:
+    def job(self, candidate: str, *, planned: bool = True) -> CompileJob | None:
         """``candidate`` as a job a compile worker can run (``None``: this kind is off, no such candidate, or a
-        blueprint not read from a file, or a specialization: it compiles only where its profile fell back, which a
-        worker would first have to compile again itself)."""
+        blueprint not read from a file). ``planned``: the job a plan lists, so also ``None`` for a candidate this
+        Urza holds already (nothing to compile: no worker need start) and for a specialization, which no plan can
+        list (it compiles only where its profile fell back, known once that profile's entry is)."""
         c = self.candidates.get(candidate)
-        if c is None or self.bp.source is None or self.kind.disabled() or is_specialization(c.profile):
+        if c is None or self.bp.source is None or self.kind.disabled():
+            return None
+        if planned and (is_specialization(c.profile) or self.kind.stored(profile=c.profile, variant=c.variant)):
             return None
         return CompileJob(
             self.bp.source, self.bp.name, self.artifact.value, c.profile, c.variant, str(self.urza_path), self.device
         )
+
+    def _compile_apart(self, c: Candidate) -> None:
+        """Have a compile worker compile ``c`` before this process looks it up (it then reuses the entry): a
+        planned candidate as :meth:`CompileAhead.claim` does (one no plan listed, such as one stored already,
+        is left to the lookup); a specialization once this process has found it would compile (its profile's
+        entry decides; :class:`NotSpecialized` says why not) and Urza does not hold it. So the certification
+        times no package it built, specializations included."""
+        ahead = self.ahead
+        assert ahead is not None
+        job = self.job(c.id, planned=False)
+        if job is None:
+            return
+        if not is_specialization(c.profile):
+            ahead.claim(job)
+            return
+        self.kind.check_specialization(profile=c.profile, variant=c.variant)
+        if self.kind.stored(profile=c.profile, variant=c.variant) is None:
+            ahead.compile_now(job)
 
     def skip_reason(self, c: Candidate) -> str | None:
         """Why ``c`` is not checked in this session: its kind is off, a fallback, or a profile decided already.

@@ -171,32 +171,9 @@ class Tezzeret:
         pipeline = pipeline_for(artifact)
         exact = split_profile(profile)[1]
         if exact:
-            # Answered from the entries this process has seen first (no build, no hash); only a specialization
-            # that would compile has its profile's entries compiled (reused) again, so it never rests on a
-            # remembered row alone.
-            self._check_specialized(bp, pipeline, variant, profile, fresh=False)
-            self._check_specialized(bp, pipeline, variant, profile, fresh=True)
-        ranges = pipeline.ranges(bp, profile, variant)
-        key = compat.current(self.device)
-        module = pipeline.build(bp, self.device)
-        digest = content_hash(
-            bp, module, artifact=pipeline.kind, settings=variant.settings, ranges=ranges, device=self.device.type
-        )
-        base = Entry(
-            blueprint=bp.name,
-            blueprint_version=bp.version,
-            content_hash=digest,
-            compat=key,
-            engine=EntryEngine.AOTI,
-            status=EntryStatus.COMPILED,
-            checksum="",
-            artifact_size=0,
-            guards=None,
-            profile=profile,
-            variant=variant.name,
-            artifact=pipeline.kind.value,
-        )
-        existing = None if force else reusable(self.urza, bp, digest, key, identity=base)
+            self.check_specialization(bp, artifact=pipeline.kind, variant=variant, profile=profile)
+        ranges, module, base = self._identity(bp, pipeline, variant, profile)
+        existing = None if force else reusable(self.urza, bp, base.content_hash, base.compat, identity=base)
         if existing is not None:
             self._seen(bp, pipeline.kind, variant, profile, existing)
             return CompileOutcome(existing, True, time.perf_counter() - started)
@@ -243,6 +220,55 @@ class Tezzeret:
             _built_here.add(entry.checksum)
         self._seen(bp, pipeline.kind, variant, profile, entry)
         return CompileOutcome(entry, False, seconds)
+
+    def stored(
+        self, bp: Blueprint, *, artifact: ArtifactKind | str, variant: Variant, profile: str = DEFAULT_PROFILE
+    ) -> Entry | None:
+        """The entry :meth:`compile` would reuse for this candidate, compiling nothing (``None``: it would
+        compile, or say that a specialization has nothing to compile)."""
+        pipeline = pipeline_for(artifact)
+        _, _, base = self._identity(bp, pipeline, variant, profile)
+        return reusable(self.urza, bp, base.content_hash, base.compat, identity=base)
+
+    def _identity(
+        self, bp: Blueprint, pipeline: ArtifactPipeline, variant: Variant, profile: str
+    ) -> tuple[dict[str, tuple[int, int]], torch.nn.Module, Entry]:
+        """A candidate's ranges, its freshly built module, and its entry as far as its identity goes (content
+        hash, compatibility key, profile, variant, kind; no artifact yet)."""
+        ranges = pipeline.ranges(bp, profile, variant)
+        module = pipeline.build(bp, self.device)
+        digest = content_hash(
+            bp, module, artifact=pipeline.kind, settings=variant.settings, ranges=ranges, device=self.device.type
+        )
+        base = Entry(
+            blueprint=bp.name,
+            blueprint_version=bp.version,
+            content_hash=digest,
+            compat=compat.current(self.device),
+            engine=EntryEngine.AOTI,
+            status=EntryStatus.COMPILED,
+            checksum="",
+            artifact_size=0,
+            guards=None,
+            profile=profile,
+            variant=variant.name,
+            artifact=pipeline.kind.value,
+        )
+        return ranges, module, base
+
+    def check_specialization(
+        self, bp: Blueprint, *, artifact: ArtifactKind | str, variant: Variant, profile: str
+    ) -> None:
+        """Raise :class:`~esper.tezzeret.pipeline.NotSpecialized` unless the specialization ``profile`` would
+        compile (see :meth:`compile`), compiling nothing of its own: its profile's entries are compiled first
+        where this Urza has none (else reused). Lets a caller decide where a specialization compiles before
+        it does."""
+        pipeline = pipeline_for(artifact)
+        # Answered from the entries this process has seen first (no build, no hash); only a specialization
+        # that would compile has its profile's entries compiled (reused) again, so it never rests on a
+        # remembered row alone.
+        self._check_specialized(bp, pipeline, variant, profile, fresh=False)
+        self._check_specialized(bp, pipeline, variant, profile, fresh=True)
 
     def _check_specialized(
         self, bp: Blueprint, pipeline: ArtifactPipeline, variant: Variant, profile: str, *, fresh: bool

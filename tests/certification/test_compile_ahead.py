@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 from esper.artifacts.variants import VARIANTS
+from esper.blueprint import Blueprint
 from esper.catalog import load_file
+from esper.certification.budgets import PROFILES
 from esper.certification.compile_ahead import (
     CompileAhead,
     CompileJob,
     CompilePool,
     workers,
 )
+from esper.certification.run import BlueprintCertification, Certification
 from esper.tezzeret.compiler import Tezzeret, built_in_this_process
 from esper.urza import Urza
 from tests.support import TINY
@@ -26,6 +29,10 @@ from tests.support import TINY
 
 def one(source: Path, name: str, urza: Path) -> CompileJob:
     return CompileJob(str(source), name, "inference", "default", "default", str(urza), "cpu")
+
+
+def certification(bp: Blueprint, urza: Path) -> Certification:
+    return BlueprintCertification.create(bp, urza, PROFILES["cpu-2core"])["inference"]
 
 
 def jobs(n: int) -> list[CompileJob]:
@@ -143,12 +150,16 @@ def test_a_worker_process_imports_the_job_and_reports_its_error(tmp_path: Path) 
 def test_what_a_worker_compiles_the_certification_reuses(tmp_path: Path) -> None:
     source = TINY / "tiny_mlp.py"
     urza_path = tmp_path / "urza.db"
+    [bp] = load_file(source)
+    # The plan lists a candidate Urza does not hold; once it does, none (an unchanged run starts no worker).
+    assert certification(bp, urza_path).job("default/default") == one(source, "tiny_mlp", urza_path)
     pool = CompilePool(1)
     try:
         entry_id = pool.submit(one(source, "tiny_mlp", urza_path)).result(timeout=600)
     finally:
         pool.close()
-    [bp] = load_file(source)
+    assert certification(bp, urza_path).job("default/default") is None
+    assert certification(bp, urza_path).job("default/default", planned=False) is not None
     with Urza(urza_path) as urza:
         outcome = Tezzeret(urza).compile(bp, artifact="inference", variant=VARIANTS["default"], profile="default")
         assert outcome.reused and outcome.entry.id == entry_id and outcome.entry.status == "compiled"

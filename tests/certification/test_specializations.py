@@ -8,6 +8,7 @@ import logging
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from esper.artifacts.compat import current
 from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard, compile_dispatch
 from esper.catalog import load_catalog
 from esper.certification.budgets import PROFILES
+from esper.certification.compile_ahead import CompileAhead, CompileJob, CompilePool
+from esper.certification.results import Outcome
 from esper.certification.run import BlueprintCertification
 from esper.kasmina import Kasmina
 from esper.kasmina.choose import choose_entries
+from esper.tezzeret.compiler import built_in_this_process
 from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from tests.support import FIXTURES
 
@@ -43,6 +47,45 @@ def rows(urza: Path) -> list[Entry]:
 def oracle(x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return load_catalog([SPECIAL]).get(NAME).build().eval()(x)
+
+
+class RecordingPool(CompilePool):
+    """The real pool (a spawned worker process), noting each job it is given."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.given: list[CompileJob] = []
+
+    def submit(self, job: CompileJob) -> Any:
+        self.given.append(job)
+        return super().submit(job)
+
+
+# First in this module: before the fixture above builds the same packages in this process.
+def test_a_needed_specialization_compiles_in_a_worker_and_no_other_is_sent(
+    tmp_path: Path, inductor_cache: Path
+) -> None:
+    """The certification's process times no package it built, specializations included: with compile workers,
+    a specialization its profile's fallback needs is compiled by a worker and reused here; one it does not need
+    (batch stays dynamic) is skipped without a job."""
+    bp = load_catalog([SPECIAL]).get(NAME)
+    run = BlueprintCertification.create(bp, tmp_path / "urza.db", PROFILES["cpu-2core"])
+    inference = run["inference"]
+    pool = RecordingPool(1)
+    inference.ahead = CompileAhead.start([], pool)
+    try:
+        base = inference.compile("default/default")  # not planned here: compiled in this process, falls back
+        unneeded = inference.compile("default@batch=2/default")
+        needed = inference.compile("default@seq=8/default")
+    finally:
+        pool.close()
+    assert base.outcome == Outcome.PASSED and unneeded.outcome == Outcome.SKIPPED, (base, unneeded)
+    assert "does not need batch held exact" in unneeded.reason
+    assert needed.outcome == Outcome.PASSED, needed
+    assert [j.profile for j in pool.given] == ["default@seq=8"], "only the needed specialization is a job"
+    c = inference.candidates["default@seq=8/default"]
+    assert c.entry is not None and c.entry.engine == EntryEngine.AOTI and c.reused
+    assert not built_in_this_process(c.entry), "compiled by the worker: timed apart from its compile"
 
 
 def test_tezzeret_stores_specializations_instead_of_one_fallback(certified: Path) -> None:
