@@ -224,8 +224,8 @@ class Tezzeret:
     def stored(
         self, bp: Blueprint, *, artifact: ArtifactKind | str, variant: Variant, profile: str = DEFAULT_PROFILE
     ) -> Entry | None:
-        """The entry :meth:`compile` would reuse for this candidate, compiling nothing (``None``: it would
-        compile, or say that a specialization has nothing to compile)."""
+        """The entry :meth:`compile` would reuse for this candidate, compiling nothing (``None``: it would compile
+        one, or, for a specialization, might find there is nothing to compile)."""
         pipeline = pipeline_for(artifact)
         _, _, base = self._identity(bp, pipeline, variant, profile)
         return reusable(self.urza, bp, base.content_hash, base.compat, identity=base)
