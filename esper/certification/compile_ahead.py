@@ -194,11 +194,9 @@ class CompileAhead:
         its profile's entry is), and wait. A failure is logged as in :meth:`claim`."""
         with self._lock:
             taken = self._taken.get(job)
+            submit = taken is None
             if taken is None:
                 self._taken[job] = taken = Future()
-                submit = True
-            else:
-                submit = False
         if submit:
             self._run(job, taken)
         self._wait(job, taken)
