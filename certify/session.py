@@ -111,8 +111,10 @@ class PytestCertify:
         if self._session is None:
             return
         compiles: dict[str, list[tuple[str, str]]] = {}
+        sources: dict[str, str] = {}
         for item in items:
-            name = getattr(getattr(item, "module", None), "BLUEPRINT", None)
+            module = getattr(item, "module", None)
+            name = getattr(module, "BLUEPRINT", None)
             params = getattr(getattr(item, "callspec", None), "params", {})
             if (
                 name
@@ -120,7 +122,8 @@ class PytestCertify:
                 and {"artifact", "candidate"} <= set(params)
             ):
                 compiles.setdefault(name, []).append((params["artifact"], params["candidate"]))
-        self._session.plan_compiles(compiles)
+                sources[name] = module.SOURCE
+        self._session.plan_compiles(compiles, sources)
 
     def finish(self, session: pytest.Session) -> None:
         """Stop the compile workers, write the latency record, and fail the run when the release gate fails:

@@ -1,14 +1,22 @@
-"""Compiling a blueprint's candidates in worker processes, never in the certification's own.
+"""Compiling a certification's candidates in worker processes, never in the certification's own.
 
 An AOTInductor compile is one Python process lowering the graph, then one ``g++`` building one shared
-library: it keeps about one core busy. A :class:`CompileAhead` takes a blueprint's planned compiles (the
-``test_compile`` items pytest collected, in order): worker processes take them from the back, and when
-``test_compile`` reaches a candidate still queued it hands that one to the pool itself; either way it waits for
-the worker, then Tezzeret finds the entry the worker stored (same content hash and compatibility key) and
-reuses it. So the checks see exactly what a serial run would, and no parity or latency check runs beside a
-compile: every ``test_compile`` of a blueprint runs before its first check. An exact-size specialization is in no
-plan (it compiles only where its profile's entry fell back, known once that entry is): its ``test_compile``
-first asks Tezzeret whether it would compile, then hands it to a worker the same way (:meth:`CompileAhead.compile_now`).
+library: it keeps about one core busy, and the certification's checks of the blueprint before (parity, the
+contract, weights, guards: one Python process) keep about one more. A :class:`CompileAhead` takes every planned
+compile of the run (the ``test_compile`` items pytest collected, in order): worker processes take the plain ones
+in that order, so the next blueprint compiles while this one's checks run, and when ``test_compile`` reaches a
+candidate still queued it hands that one to the pool itself; either way it waits for the worker, then Tezzeret
+finds the entry the worker stored (same content hash and compatibility key) and reuses it. So the checks see
+exactly what a serial run would. An exact-size specialization is in no plan (it compiles only where its
+profile's entry fell back, known once that entry is): its ``test_compile`` first asks Tezzeret whether it would
+compile, then hands it to a worker the same way (:meth:`CompileAhead.compile_now`).
+
+Who runs beside whom is the compile slot's (:func:`esper.tezzeret.aoti.compile_slot`): plain compiles share it,
+an autotuning compile holds it alone (its kernel timings pick the kernel baked into the package), and the
+certification's process holds it too, through a :class:`~esper.tezzeret.aoti.Slot`: shared while it checks,
+alone while it times (a latency or region check: every compile under way ends first, and none starts until
+it is done), not at all while it waits for a worker. An autotuning compile is therefore left for its claim:
+taken ahead, it would wait for the slot behind the certification's checks and hold every plain compile off.
 
 Why the certification's process compiles nothing: a package can run faster in the process that compiled it
 than in a process that only loads it (an autotuned GEMM package, measured: in most of the compiling processes
@@ -37,6 +45,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from esper.tezzeret.aoti import Slot, autotunes
+
 log = logging.getLogger(__name__)
 
 WORKERS_ENV = "ESPER_CERTIFY_COMPILE_WORKERS"
@@ -53,6 +63,14 @@ class CompileJob:
     variant: str
     urza: str
     device: str
+
+    @property
+    def autotunes(self) -> bool:
+        """Whether this compile times kernels (it then needs the machine alone)."""
+        from esper.artifacts.variants import VARIANTS
+
+        variant = VARIANTS.get(self.variant)
+        return variant is not None and autotunes(variant.settings)
 
 
 def workers(cpus: int | None = None, environ: dict[str, str] | None = None) -> int:
@@ -140,19 +158,30 @@ class CompilePool:
 
 
 class CompileAhead:
-    """One blueprint's planned compiles, all run by ``pool``'s workers: taken from the back by the workers, from
-    the front by the certification's claims. Build it with :meth:`start` before the first ``test_compile``."""
+    """A certification session's planned compiles, all run by ``pool``'s workers, and the slot its own process
+    holds between them. Workers take the plain compiles in run order, running ahead of the certification (the
+    next blueprint's compiles beside this one's parity checks); an autotuning compile waits for its claim, for
+    it needs the machine alone (:func:`esper.tezzeret.aoti.compile_slot`): taken ahead, it would wait for the
+    slot behind the certification's checks and hold every plain compile off meanwhile. Build it with
+    :meth:`start` before the first ``test_compile``.
 
-    def __init__(self, jobs: Sequence[CompileJob], pool: CompilePool):
+    ``slot`` (the compile slot of the workers' Inductor cache) is how the certification's process shares the
+    machine with them: :meth:`share` before work a compile may run beside, :meth:`quiet` before it times (every
+    compile under way ends first, and none starts until the next :meth:`share`), and nothing held while it
+    waits for a worker (:meth:`claim` and :meth:`compile_now` let go of it first: an autotuning compile waits
+    for the slot alone, so a wait that held it would never end)."""
+
+    def __init__(self, jobs: Sequence[CompileJob], pool: CompilePool, slot: Slot | None = None):
         self._pending: deque[CompileJob] = deque(jobs)
         self._taken: dict[CompileJob, Future[int | None]] = {}
         self._lock = threading.Lock()
         self._pool = pool
+        self._slot = slot
         self._threads = [threading.Thread(target=self._drain, daemon=True) for _ in range(pool.size)]
 
     @classmethod
-    def start(cls, jobs: Sequence[CompileJob], pool: CompilePool) -> CompileAhead:
-        ahead = cls(jobs, pool)
+    def start(cls, jobs: Sequence[CompileJob], pool: CompilePool, slot: Slot | None = None) -> CompileAhead:
+        ahead = cls(jobs, pool, slot)
         for t in ahead._threads:
             t.start()
         return ahead
@@ -160,9 +189,10 @@ class CompileAhead:
     def _drain(self) -> None:
         while True:
             with self._lock:
-                if not self._pending:
+                job = next((j for j in self._pending if not j.autotunes), None)
+                if job is None:
                     return
-                job = self._pending.pop()
+                self._pending.remove(job)
                 done: Future[int | None] = Future()
                 self._taken[job] = done
             self._run(job, done)
@@ -172,6 +202,16 @@ class CompileAhead:
             done.set_result(self._pool.submit(job).result())
         except BaseException as e:  # handed to the waiter, who compiles again itself
             done.set_exception(e)
+
+    def share(self) -> None:
+        """The certification's process is about to do work a compile may run beside (a parity check)."""
+        if self._slot is not None:
+            self._slot.hold(False)
+
+    def quiet(self) -> None:
+        """The certification's process is about to time: wait for every compile under way, start none."""
+        if self._slot is not None:
+            self._slot.hold(True)
 
     def claim(self, job: CompileJob) -> None:
         """Before ``test_compile`` looks ``job`` up: have a worker compile it (the one that took it, or the pool
@@ -185,6 +225,7 @@ class CompileAhead:
             taken = self._taken.get(job)
         if taken is None:
             return
+        self._let_go()
         if queued:
             self._run(job, taken)
         self._wait(job, taken)
@@ -197,9 +238,21 @@ class CompileAhead:
             submit = taken is None
             if taken is None:
                 self._taken[job] = taken = Future()
+        self._let_go()
         if submit:
             self._run(job, taken)
         self._wait(job, taken)
+
+    def close(self) -> None:
+        """Take no more jobs and let go of the slot for good (a worker's compile under way then finishes)."""
+        with self._lock:
+            self._pending.clear()
+        self._let_go()
+        self._slot = None
+
+    def _let_go(self) -> None:
+        if self._slot is not None:
+            self._slot.hold(None)
 
     @staticmethod
     def _wait(job: CompileJob, taken: Future[int | None]) -> None:

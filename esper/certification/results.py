@@ -53,6 +53,11 @@ class Check(StrEnum):
     BUDGETS = "budgets"
     PUBLISH = "publish"
 
+    @property
+    def times(self) -> bool:
+        """Whether this check times the compiled code against eager (it then needs the machine quiet)."""
+        return self in (Check.LATENCY, Check.REGIONS)
+
 
 # The checks every candidate must pass before selection may route it. ``regions`` is not among them: a session
 # that did not measure a candidate's grid routes its profile by the representative shapes alone; one that
@@ -113,6 +118,8 @@ class Fail(Exception):
 
 
 class Recorder(Protocol):
+    def begin(self, check: Check) -> None: ...
+
     def record(self, result: CheckResult) -> None: ...
 
 
@@ -138,6 +145,7 @@ def check(
         def run(self: Recorder, *args: P.args, **kwargs: P.kwargs) -> CheckResult:
             candidate = (args[0] if args else kwargs.get("candidate")) if per_candidate else None
             try:
+                self.begin(name)
                 figures = method(self, *args, **kwargs)
             except Skip as e:
                 result = CheckResult(name, Outcome.SKIPPED, str(e), candidate)  # type: ignore[arg-type]

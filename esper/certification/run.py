@@ -1285,6 +1285,17 @@ class Certification:
             "meta": {**meta, "certification": certification.to_json()},
         }
 
+    def begin(self, check: Check) -> None:
+        """Before each check: how this process shares the machine with the compile workers, if any (see
+        :class:`~esper.certification.compile_ahead.CompileAhead`): a check that times has it quiet, one that
+        compiles waits for a worker holding nothing, any other runs beside the workers' compiles."""
+        if self.ahead is None:
+            return
+        if check.times:
+            self.ahead.quiet()
+        elif check is not Check.COMPILE:
+            self.ahead.share()
+
     def record(self, result: CheckResult) -> None:
         """Note a check's result (every check records its own); a failed candidate check rejects that
         candidate's entry at once, with the check and the reason. A check with several results (one per case

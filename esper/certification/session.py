@@ -11,6 +11,7 @@ It knows no test runner: :meth:`CertifySession.certify` runs every check itself.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -33,11 +34,14 @@ from esper.certification.timing import Comparison
 from esper.kasmina import COMPILED, EAGER
 from esper.profiles import contains, is_specialization
 from esper.settings import Settings
+from esper.tezzeret.aoti import Slot, urza_cache
 from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import Evidence, ShapeTiming, geomean, speedups
 
 # Where generated modules, latency.json and the summary go, under the project root.
 DEFAULT_BUILD_DIR = Path(".esper") / "certify"
+
+log = logging.getLogger("esper.certify")
 
 
 @dataclass
@@ -58,7 +62,10 @@ class CertifySession:
     confirm_seconds: float = gate.DEFAULT_CONFIRM_SECONDS  # the gate's budget for measuring comparisons again
     # The collected ``test_compile`` items per blueprint, in order: (artifact, candidate).
     planned: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # the file declaring each planned blueprint
     pool: CompilePool | None = None
+    ahead: CompileAhead | None = None  # the session's compile workers at work (None: none, or not yet started)
+    compiles_started: bool = False  # the first certification has given the workers their plan
     shard: Shard | None = None  # certify only this shard of the selected blueprints
 
     @property
@@ -107,7 +114,8 @@ class CertifySession:
         :attr:`errors`, not a result."""
         chosen = self.select(names)
         self.plan_compiles(
-            {bp.name: [(str(k), cid) for k in ArtifactKind for cid in plan.candidate_ids(bp, k)] for bp in chosen}
+            {bp.name: [(str(k), cid) for k in ArtifactKind for cid in plan.candidate_ids(bp, k)] for bp in chosen},
+            {bp.name: bp.source or "" for bp in chosen},
         )
         results: list[CheckResult] = []
         try:
@@ -122,45 +130,77 @@ class CertifySession:
     def certification(self, name: str, source: str) -> BlueprintCertification:
         """The certification of blueprint ``name`` declared in ``source`` (relative to the project root)."""
         if name not in self.runs:
-            path = Path(source)
-            if not path.is_absolute():
-                path = self.settings.root / path
-            declared = {bp.name: bp for bp in load_file(path)}
-            if name not in declared:
-                raise BlueprintError("name", f"{path} no longer declares {name!r}; regenerate with --certify")
-            self.certification_of(declared[name])
+            self._create(name, source)
+            self._start_compiles()
         return self.runs[name]
 
     def certification_of(self, bp: Blueprint) -> BlueprintCertification:
         """The certification of blueprint ``bp`` in this session (created on first use)."""
         if bp.name not in self.runs:
-            run = BlueprintCertification.create(
-                bp, self.settings.urza, self.budget_profile, device=self.device, recheck=self.recheck
-            )
-            ahead = self._compile_ahead(run)
-            for kind in run:
-                kind.ahead = ahead
-            self.runs[bp.name] = run
+            self._created(bp)
+            self._start_compiles()
         return self.runs[bp.name]
 
-    def plan_compiles(self, compiles: Mapping[str, list[tuple[str, str]]]) -> None:
-        """Note the compiles this run will make, per blueprint ``(artifact, candidate)`` in run order (the
-        ``test_compile`` items pytest collected, or every candidate of :meth:`certify`): what the compile
-        workers may take (see :mod:`esper.certification.compile_ahead`)."""
-        self.planned = {name: list(items) for name, items in compiles.items()}
+    def _create(self, name: str, source: str) -> BlueprintCertification:
+        path = Path(source)
+        if not path.is_absolute():
+            path = self.settings.root / path
+        declared = {bp.name: bp for bp in load_file(path)}
+        if name not in declared:
+            raise BlueprintError("name", f"{path} no longer declares {name!r}; regenerate with --certify")
+        return self._created(declared[name])
 
-    def _compile_ahead(self, run: BlueprintCertification) -> CompileAhead | None:
-        jobs = [run[artifact].job(candidate) for artifact, candidate in self.planned.get(run.bp.name, [])]
-        jobs = [j for j in jobs if j is not None]
+    def _created(self, bp: Blueprint) -> BlueprintCertification:
+        run = BlueprintCertification.create(
+            bp, self.settings.urza, self.budget_profile, device=self.device, recheck=self.recheck
+        )
+        for kind in run:
+            kind.ahead = self.ahead
+        self.runs[bp.name] = run
+        return run
+
+    def plan_compiles(self, compiles: Mapping[str, list[tuple[str, str]]], sources: Mapping[str, str]) -> None:
+        """Note the compiles this run will make, per blueprint ``(artifact, candidate)`` in run order (the
+        ``test_compile`` items pytest collected, or every candidate of :meth:`certify`), and the file declaring
+        each blueprint: what the compile workers may take (see :mod:`esper.certification.compile_ahead`)."""
+        self.planned = {name: list(items) for name, items in compiles.items()}
+        self.sources = {name: sources.get(name, "") for name in self.planned}
+
+    def _start_compiles(self) -> None:
+        """On the first certification: the compile workers take every planned compile of the run, in run order,
+        so the next blueprint compiles while this one's checks run. Every planned blueprint's certification is
+        created here (a file that no longer declares its blueprint is left to that blueprint's own checks)."""
+        if self.compiles_started:
+            return
+        self.compiles_started = True
         n = workers()
-        if n == 0 or not jobs:
-            return None
-        if self.pool is None:
-            self.pool = CompilePool(n)
-        return CompileAhead.start(jobs, self.pool)
+        if n == 0:
+            return
+        for name, source in self.sources.items():
+            if name not in self.runs and source:
+                try:
+                    self._create(name, source)
+                except (BlueprintError, OSError) as e:
+                    log.warning("not compiling %s ahead: %s", name, e)
+        jobs = [
+            job
+            for name, items in self.planned.items()
+            if name in self.runs
+            for artifact, candidate in items
+            if (job := self.runs[name][artifact].job(candidate)) is not None
+        ]
+        if not jobs:
+            return
+        self.pool = CompilePool(n)
+        self.ahead = CompileAhead.start(jobs, self.pool, Slot(urza_cache(self.settings.urza)))
+        for run in self.runs.values():
+            for kind in run:
+                kind.ahead = self.ahead
 
     def close(self) -> None:
         """Stop the compile workers (waiting for a compile under way: its entry is written whole or not)."""
+        if self.ahead is not None:
+            self.ahead.close()
         if self.pool is not None:
             self.pool.close()
             self.pool = None

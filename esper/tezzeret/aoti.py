@@ -12,12 +12,14 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import ReadWriteLock
-from torch.export import ExportedProgram
+
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +41,35 @@ def use_persistent_cache(folder: Path) -> Path:
     return Path(os.environ[CACHE_ENV])
 
 
+def urza_cache(urza: Path) -> Path:
+    """The Inductor cache of the Urza at ``urza`` (its folder's ``inductor-cache``, unless the user chose one),
+    pointed to as :func:`use_persistent_cache` does: where its compiles and their :class:`Slot` live."""
+    return use_persistent_cache(urza.parent / "inductor-cache")
+
+
 def autotunes(settings: Mapping[str, Any] | None) -> bool:
     """Whether a compile with these Inductor overrides times kernels and keeps the fastest."""
     return any(bool((settings or {}).get(key)) for key in AUTOTUNING)
 
 
-@contextmanager
-def compile_slot(settings: Mapping[str, Any] | None, folder: Path | None = None) -> Iterator[None]:
+def compile_slot(settings: Mapping[str, Any] | None, folder: Path | None = None) -> AbstractContextManager[None]:
     """Hold the right to compile beside others (shared), or alone where the compile autotunes (exclusive).
 
     An autotuning compile keeps whichever candidate kernel its own timings favour, and the choice is baked into
     the package: timed beside other work (a second compile worker exporting, building or timing its own
     package on a 2-core machine), a slower kernel wins on a noisy timing, and two cold certifications of the
-    same code certify different packages. So an autotuning compile waits until no other compile sharing
-    ``folder`` (the Inductor cache, by default: one certification and its workers) runs, and holds the others
-    off until it is done; other compiles run side by side. Tezzeret holds the slot around a whole compile
-    (export, package build, pre-warm and its timings), not only Inductor's part. A slot asked for inside one
-    this thread holds is the outer one. The lock is SQLite's: a waiting writer keeps new readers out, so a
-    stream of short compiles cannot starve it, and a process that dies releases what it held. Where the lock
-    cannot be taken the compile runs without it, with a WARNING."""
+    same code certify different packages. So an autotuning compile waits until no other compile (or other work
+    holding a :class:`Slot`) sharing ``folder`` (the Inductor cache, by default: one certification and its
+    workers) runs, and holds the others off until it is done; other compiles run side by side. Tezzeret holds
+    the slot around a whole compile (export, package build, pre-warm and its timings), not only Inductor's
+    part. A slot asked for inside one this thread holds is the outer one. The lock is SQLite's: a waiting
+    writer keeps new readers out, so a stream of short compiles cannot starve it, and a process that dies
+    releases what it held. Where the lock cannot be taken the compile runs without it, with a WARNING."""
+    return _slot(autotunes(settings), folder)
+
+
+@contextmanager
+def _slot(exclusive: bool, folder: Path | None) -> Iterator[None]:
     if getattr(_held, "slot", False):
         yield
         return
@@ -69,11 +81,11 @@ def compile_slot(settings: Mapping[str, Any] | None, folder: Path | None = None)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = ReadWriteLock(folder / LOCK_NAME, is_singleton=False)
-        (lock.acquire_write if autotunes(settings) else lock.acquire_read)()
+        (lock.acquire_write if exclusive else lock.acquire_read)()
     except (OSError, sqlite3.Error, ValueError) as e:
         # A folder the lock cannot live in (read-only, full, a filesystem SQLite cannot lock) costs the
-        # ordering, never the compile.
-        log.warning("compiling without a compile slot in %s (%s: %s)", folder, type(e).__name__, e)
+        # ordering, never the work.
+        log.warning("running without a compile slot in %s (%s: %s)", folder, type(e).__name__, e)
         if lock is not None:
             lock.close()
         lock = None
@@ -85,6 +97,36 @@ def compile_slot(settings: Mapping[str, Any] | None, folder: Path | None = None)
         if lock is not None:
             lock.release()
             lock.close()
+
+
+class Slot:
+    """A standing hold on the compile slot of one Inductor cache, for work that is not a compile but shares the
+    machine with compiles (a certification whose compile workers use that cache): shared while the work may
+    run beside a compile (a parity check), exclusive while it times (no compile runs beside a timing, and none
+    starts until it is done), none while it waits for a compile (an autotuning compile needs the slot alone).
+
+    Held by the thread that calls :meth:`hold`; a compile that thread runs meanwhile runs in this hold."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.exclusive: bool | None = None  # what is held now (None: nothing)
+        self._stack: ExitStack | None = None
+
+    def hold(self, exclusive: bool | None) -> None:
+        """Hold the slot shared (``False``), exclusive (``True``), or not at all (``None``); waits for it."""
+        if exclusive == self.exclusive:
+            return
+        self.release()
+        if exclusive is None:
+            return
+        stack = ExitStack()
+        stack.enter_context(_slot(exclusive, self.folder))
+        self._stack, self.exclusive = stack, exclusive
+
+    def release(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack, self.exclusive = None, None
 
 
 def compile_package(ep: ExportedProgram, path: Path, settings: Mapping[str, Any] | None = None) -> Path:

@@ -29,7 +29,7 @@ from esper.artifacts.weights import save_state
 from esper.blueprint import Blueprint
 from esper.profiles import contains, specialization_name, split_profile
 from esper.provenance import current_source_digest
-from esper.tezzeret.aoti import compile_slot, use_persistent_cache
+from esper.tezzeret.aoti import compile_slot, urza_cache
 from esper.tezzeret.content import content_hash
 from esper.tezzeret.export import declared_guards
 from esper.tezzeret.inference import InferencePipeline
@@ -149,7 +149,7 @@ class Tezzeret:
     def __init__(self, urza: Urza, *, device: str | torch.device = "cpu"):
         self.urza = urza
         self.device = torch.device(device)
-        self.cache_dir = use_persistent_cache(urza.path.parent / "inductor-cache")
+        self.cache_dir = urza_cache(urza.path)
 
     def compile(
         self,

@@ -1,4 +1,5 @@
-"""Compile workers: every planned compile runs in a worker (the back first, the front as claimed), exactly once."""
+"""Compile workers: every planned compile runs in a worker (plain ones in run order, autotuning ones as claimed),
+exactly once, and the certification's process shares the machine with them through the compile slot."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from filelock import ReadWriteLock, Timeout
 
 from esper.artifacts.variants import VARIANTS
 from esper.blueprint import Blueprint
@@ -22,6 +25,7 @@ from esper.certification.compile_ahead import (
     workers,
 )
 from esper.certification.run import BlueprintCertification, Certification
+from esper.tezzeret.aoti import LOCK_NAME, Slot, compile_slot
 from esper.tezzeret.compiler import Tezzeret, built_in_this_process
 from esper.urza import Urza
 from tests.support import TINY
@@ -35,16 +39,18 @@ def certification(bp: Blueprint, urza: Path) -> Certification:
     return BlueprintCertification.create(bp, urza, PROFILES["cpu-2core"])["inference"]
 
 
-def jobs(n: int) -> list[CompileJob]:
-    return [CompileJob("bp.py", "bp", "inference", f"p{i}", "default", "urza.db", "cpu") for i in range(n)]
+def jobs(n: int, variant: str = "default") -> list[CompileJob]:
+    return [CompileJob("bp.py", "bp", "inference", f"p{i}", variant, "urza.db", "cpu") for i in range(n)]
 
 
 class FakePool:
-    """Runs a job in a thread when released, recording which jobs the workers took."""
+    """Runs a job in a thread when released (``work``: what the job does first), recording which jobs the
+    workers took."""
 
-    def __init__(self, size: int = 1, fail: bool = False):
+    def __init__(self, size: int = 1, fail: bool = False, work: Callable[[CompileJob], None] | None = None):
         self.size = size
         self.fail = fail
+        self.work = work
         self.taken: list[CompileJob] = []
         self.release = threading.Event()
 
@@ -54,8 +60,13 @@ class FakePool:
 
         def work() -> None:
             self.release.wait(5)
-            if self.fail:
-                done.set_exception(RuntimeError("worker crashed"))
+            try:
+                if self.work is not None:
+                    self.work(job)
+                if self.fail:
+                    raise RuntimeError("worker crashed")
+            except Exception as e:
+                done.set_exception(e)
             else:
                 done.set_result(7)
 
@@ -70,24 +81,24 @@ def _wait_for(pool: FakePool, n: int) -> None:
         threading.Event().wait(0.01)
 
 
-def test_workers_take_from_the_back_and_claim_has_a_worker_compile_the_rest() -> None:
+def test_workers_take_plain_compiles_in_order_and_claim_has_a_worker_compile_the_rest() -> None:
     """The certification's process compiles nothing: a claim waits for the worker that took the job, or
     submits a job still queued to the pool and waits for it."""
     pool = FakePool()
     planned = jobs(4)
     ahead = CompileAhead.start(planned, pool)  # type: ignore[arg-type]
     _wait_for(pool, 1)
-    assert pool.taken == [planned[3]]  # the worker thread took the last job first
-    front = threading.Thread(target=ahead.claim, args=(planned[0],))
-    front.start()
-    _wait_for(pool, 2)
-    assert planned[0] in pool.taken, "a claim of a queued job hands it to the pool"
-    front.join(0.2)
-    assert front.is_alive(), "claiming a job must wait for the worker compiling it"
+    assert pool.taken == [planned[0]]  # the worker thread took the first job
     back = threading.Thread(target=ahead.claim, args=(planned[3],))
     back.start()
+    _wait_for(pool, 2)
+    assert planned[3] in pool.taken, "a claim of a queued job hands it to the pool"
     back.join(0.2)
-    assert back.is_alive(), "claiming a job a worker has must wait for it"
+    assert back.is_alive(), "claiming a job must wait for the worker compiling it"
+    front = threading.Thread(target=ahead.claim, args=(planned[0],))
+    front.start()
+    front.join(0.2)
+    assert front.is_alive(), "claiming a job a worker has must wait for it"
     pool.release.set()
     front.join(5)
     back.join(5)
@@ -95,6 +106,91 @@ def test_workers_take_from_the_back_and_claim_has_a_worker_compile_the_rest() ->
     for job in planned[1:3]:
         ahead.claim(job)
     assert sorted(pool.taken, key=planned.index) == planned, "every job compiled by the pool, none twice"
+
+
+def test_an_autotuning_compile_waits_for_its_claim() -> None:
+    """It needs the machine alone: taken ahead, it would wait for the slot while the certification's checks
+    hold it, and keep every other compile waiting behind it."""
+    pool = FakePool()
+    pool.release.set()
+    tuned, plain = jobs(2, "freezing_autotune_cpp"), jobs(1)
+    ahead = CompileAhead.start([*tuned, *plain], pool)  # type: ignore[arg-type]
+    _wait_for(pool, 1)
+    for t in ahead._threads:
+        t.join(5)  # a worker thread ends once no plain compile is left
+    assert pool.taken == plain, "a worker took an autotuning compile ahead"
+    ahead.claim(tuned[1])
+    assert pool.taken == [*plain, tuned[1]]
+
+
+def test_a_claim_lets_go_of_the_slot_so_an_autotuning_compile_can_take_it(tmp_path: Path) -> None:
+    """The certification's process holds the slot shared while it checks, and an autotuning compile needs it
+    alone: a claim that waited holding it would wait for ever (here: the worker gives up after 5 s)."""
+
+    def autotuning_compile(job: CompileJob) -> None:
+        lock = ReadWriteLock(tmp_path / LOCK_NAME, is_singleton=False)
+        try:
+            lock.acquire_write(timeout=5)
+            lock.release()
+        finally:
+            lock.close()
+
+    pool = FakePool(work=autotuning_compile)
+    pool.release.set()
+    [job] = jobs(1, "freezing_autotune_cpp")
+    slot = Slot(tmp_path)
+    ahead = CompileAhead.start([job], pool, slot)  # type: ignore[arg-type]
+    ahead.share()
+    assert slot.exclusive is False
+    ahead.claim(job)
+    assert pool.taken == [job] and slot.exclusive is None
+    # The seeded twin: the same compile while the slot is held shared cannot get it.
+    ahead.share()
+    with pytest.raises(Timeout):
+        autotuning_compile(job)
+    ahead.close()
+    assert slot.exclusive is None
+
+
+def test_quiet_waits_for_the_compile_under_way_and_holds_the_next_off(tmp_path: Path) -> None:
+    """A timing check runs with no compile beside it: :meth:`quiet` returns only once the worker's compile
+    (holding the slot shared) is done, and a compile that starts meanwhile waits until :meth:`share`."""
+    compiling, finish = threading.Event(), threading.Event()
+    quiet, go_share = threading.Event(), threading.Event()
+
+    def plain_compile() -> None:
+        with compile_slot({}, tmp_path):
+            compiling.set()
+            finish.wait(5)
+
+    def certification() -> None:  # the slot is held by one thread, the one that runs the checks
+        ahead = CompileAhead.start([], FakePool(), Slot(tmp_path))  # type: ignore[arg-type]
+        ahead.quiet()
+        quiet.set()
+        go_share.wait(5)
+        ahead.share()
+        ahead.close()
+
+    worker = threading.Thread(target=plain_compile)
+    worker.start()
+    assert compiling.wait(5)
+    checks = threading.Thread(target=certification)
+    checks.start()
+    assert not quiet.wait(0.3), "timing began beside a compile"
+    finish.set()
+    assert quiet.wait(5)
+    worker.join(5)
+    # A compile now waits for the timing to end.
+    compiling.clear()
+    finish.clear()
+    worker = threading.Thread(target=plain_compile)
+    worker.start()
+    assert not compiling.wait(0.3), "a compile started beside a timing"
+    go_share.set()
+    assert compiling.wait(5), "a compile waits for share, not longer"
+    finish.set()
+    worker.join(5)
+    checks.join(5)
 
 
 def test_a_single_job_is_compiled_by_a_worker_too() -> None:

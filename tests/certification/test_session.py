@@ -88,3 +88,68 @@ def test_the_library_needs_hypothesis_not_pytest() -> None:
     assert missing_library(lambda module: True) == []
     assert missing_library(lambda module: module != "hypothesis") == ["hypothesis"]
     assert missing_library(lambda module: module not in ("pytest", "pytest_benchmark")) == []
+
+
+class Recording:
+    """Stands in for the session's compile workers: what they were given, and how the checks shared the
+    machine with them."""
+
+    def __init__(self, jobs: list[object], pool: object, slot: object = None) -> None:
+        self.jobs = jobs
+        self.calls: list[str] = []
+
+    def share(self) -> None:
+        self.calls.append("share")
+
+    def quiet(self) -> None:
+        self.calls.append("quiet")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_the_workers_take_every_planned_blueprint_in_run_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next blueprint compiles while this one's checks run: on the first certification, the workers are
+    given the plan of every blueprint of the run, in run order, and every blueprint's checks share them."""
+    from esper.certification import session as session_module
+
+    started: list[Recording] = []
+
+    def start(jobs: list[object], pool: object, slot: object = None) -> Recording:
+        started.append(Recording(jobs, pool, slot))
+        return started[-1]
+
+    monkeypatch.setattr(session_module.CompileAhead, "start", start)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # xdist's workers start no compile workers
+    monkeypatch.setenv("ESPER_CERTIFY_COMPILE_WORKERS", "1")
+    s = make_session(tmp_path, TINY)
+    s.plan_compiles(
+        {"tiny_odd": [("inference", "default/default")], "tiny_mlp": [("inference", "default/default")]},
+        {"tiny_odd": str(TINY / "tiny_odd.py"), "tiny_mlp": str(TINY / "tiny_mlp.py")},
+    )
+    run = s.certification("tiny_mlp", str(TINY / "tiny_mlp.py"))
+    [ahead] = started
+    assert [(j.blueprint, j.profile) for j in ahead.jobs] == [("tiny_odd", "default"), ("tiny_mlp", "default")]  # type: ignore[attr-defined]
+    assert set(s.runs) == {"tiny_odd", "tiny_mlp"}
+    assert all(kind.ahead is ahead for r in s.runs.values() for kind in r)  # type: ignore[comparison-overlap]
+    assert s.certification("tiny_odd", str(TINY / "tiny_odd.py")) is s.runs["tiny_odd"] and len(started) == 1
+    # How each check shares the machine: timing quiet, compiling holding nothing, the rest beside compiles.
+    inference = run["inference"]
+    inference.compare_latency("default/default", "batch=4")
+    inference.check_parity("default/default")
+    inference.compare_regions("default/default")
+    inference.check_guards("default/default")
+    assert ahead.calls == ["quiet", "share", "quiet", "share"]
+    s.close()
+    assert ahead.calls[-1] == "close"
+
+
+def test_no_workers_no_plan_given_to_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from esper.certification import session as session_module
+
+    monkeypatch.setattr(session_module.CompileAhead, "start", lambda *a, **k: pytest.fail("workers started"))
+    monkeypatch.setenv("ESPER_CERTIFY_COMPILE_WORKERS", "0")
+    s = make_session(tmp_path, TINY)
+    s.plan_compiles({"tiny_mlp": [("inference", "default/default")]}, {"tiny_mlp": str(TINY / "tiny_mlp.py")})
+    run = s.certification("tiny_mlp", str(TINY / "tiny_mlp.py"))
+    assert s.ahead is None and run["inference"].ahead is None

@@ -1,4 +1,5 @@
-"""An autotuning compile runs alone; other compiles run side by side (esper.tezzeret.aoti.compile_slot)."""
+"""An autotuning compile runs alone; other compiles run side by side (esper.tezzeret.aoti.compile_slot), and so
+does the work of a process that holds the slot through a Slot."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from filelock import ReadWriteLock, Timeout
 
 from esper.artifacts import variants
-from esper.tezzeret.aoti import LOCK_NAME, autotunes, compile_slot
+from esper.tezzeret.aoti import LOCK_NAME, Slot, autotunes, compile_slot
 
 
 def probe(folder: Path, mode: str) -> bool:
@@ -40,6 +41,18 @@ def test_an_autotuning_compile_holds_every_other_compile_off(tmp_path: Path) -> 
     assert probe(tmp_path, "write")
 
 
+def test_a_slot_holds_compiles_as_asked(tmp_path: Path) -> None:
+    """The certification's process: shared while it checks (a plain compile goes ahead, an autotuning one
+    waits), exclusive while it times (no compile starts), nothing while it waits for a worker."""
+    slot = Slot(tmp_path)
+    slot.hold(False)
+    assert probe(tmp_path, "read") and not probe(tmp_path, "write")
+    slot.hold(True)
+    assert not probe(tmp_path, "read") and not probe(tmp_path, "write")
+    slot.hold(None)
+    assert probe(tmp_path, "write") and slot.exclusive is None
+
+
 def test_plain_compiles_share_and_hold_an_autotuning_one_off(tmp_path: Path) -> None:
     with compile_slot({"freezing": True}, tmp_path):
         assert probe(tmp_path, "read")  # the seeded twin: a plain compile beside it goes ahead
@@ -62,7 +75,7 @@ def test_a_folder_the_lock_cannot_live_in_costs_the_ordering_not_the_compile(
     with compile_slot({"max_autotune": True}, taken):
         ran = True
     assert ran
-    assert "compiling without a compile slot" in caplog.text
+    assert "without a compile slot" in caplog.text
 
 
 def test_a_slot_asked_for_inside_one_is_the_outer_one(tmp_path: Path) -> None:
