@@ -45,6 +45,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from esper.artifacts.variants import VARIANTS
 from esper.tezzeret.aoti import Slot, autotunes
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ class CompileJob:
     @property
     def autotunes(self) -> bool:
         """Whether this compile times kernels (it then needs the machine alone)."""
-        from esper.artifacts.variants import VARIANTS
-
         variant = VARIANTS.get(self.variant)
         return variant is not None and autotunes(variant.settings)
 
@@ -95,7 +94,6 @@ def compile_job(job: CompileJob) -> int | None:
     """Compile ``job`` with Tezzeret into its Urza (in a worker process); the entry's id."""
     import torch
 
-    from esper.artifacts.variants import VARIANTS
     from esper.catalog import load_file
     from esper.tezzeret.compiler import Tezzeret
     from esper.urza import Urza

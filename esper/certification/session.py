@@ -117,8 +117,13 @@ class CertifySession:
             {bp.name: [(str(k), cid) for k in ArtifactKind for cid in plan.candidate_ids(bp, k)] for bp in chosen},
             {bp.name: bp.source or "" for bp in chosen},
         )
+        # Every blueprint is loaded already: the workers' plan needs no file read again.
+        for bp in chosen:
+            if bp.name not in self.runs:
+                self._created(bp)
         results: list[CheckResult] = []
         try:
+            self._start_compiles()
             for bp in chosen:
                 results += self.certification_of(bp).certify()
         finally:
