@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 Ranges = dict[str, tuple[int, int]]
 
 
@@ -378,31 +380,59 @@ def residue_design(ranges: Ranges, *, moduli: Sequence[int] = INDUCTOR_MODULI) -
         return shapes
     m = math.lcm(*moduli)
     keys = _extents(names)
-    todo = {(key, r) for key in keys for r in _extent_residues(ranges, key, m)}
-    todo -= {(key, math.prod(s[n] for n in key) % m) for s in shapes for key in keys}
+    # Every run plans every profile's design again (an unchanged one included), so the greedy search is kept
+    # in array operations: a missing-residue mask per extent, and each extent's cheapest values per residue
+    # worked out once.
+    missing = {key: np.zeros(m, dtype=bool) for key in keys}
+    for key in keys:
+        missing[key][sorted(_extent_residues(ranges, key, m))] = True
+        for s in shapes:
+            missing[key][math.prod(s[n] for n in key) % m] = False
     # One candidate value per reachable residue class of each dim: the smallest (the cheapest shape to run).
     candidates = {
-        n: [v for r in range(m) if (v := _value_with(lo, hi, r, m)) is not None] for n, (lo, hi) in ranges.items()
+        n: np.array([v for r in range(m) if (v := _value_with(lo, hi, r, m)) is not None], dtype=np.int64)
+        for n, (lo, hi) in ranges.items()
     }
-
-    def gain(shape: Mapping[str, int]) -> int:
-        return sum((key, math.prod(shape[n] for n in key) % m) in todo for key in keys if all(n in shape for n in key))
-
-    while todo:
-        key, r = min(todo, key=lambda t: (keys.index(t[0]), t[1]))
-        # The values of key's dims whose product has residue r, smallest product first.
-        choice = min(
-            (combo for combo in itertools.product(*(candidates[n] for n in key)) if math.prod(combo) % m == r),
-            key=lambda combo: (math.prod(combo), combo),
-        )
-        shape: dict[str, int] = dict(zip(key, choice, strict=True))
+    cheapest: dict[tuple[str, ...], _Cheapest] = {}
+    while any(mask.any() for mask in missing.values()):
+        key = next(k for k in keys if missing[k].any())
+        r = int(np.flatnonzero(missing[key])[0])
+        if key not in cheapest:
+            cheapest[key] = _Cheapest([candidates[n] for n in key], m)
+        shape: dict[str, int] = dict(zip(key, cheapest[key].combo(r), strict=True))
         for n in names:
-            if n not in shape:
-                shape[n] = max(candidates[n], key=lambda v, s=shape, d=n: (gain({**s, d: v}), -v))  # type: ignore[misc]
+            if n in shape:
+                continue
+            # Only the extents that hold n and whose other dims are already set change with n's value.
+            gain = np.zeros(len(candidates[n]), dtype=np.int64)
+            for k in keys:
+                if n in k and all(d in shape for d in k if d != n):
+                    rest = math.prod(shape[d] for d in k if d != n)
+                    gain += missing[k][(rest * candidates[n]) % m]
+            best = gain.max()
+            shape[n] = int(candidates[n][gain == best].min())
         shape = {n: shape[n] for n in names}
-        todo -= {(k, math.prod(shape[n] for n in k) % m) for k in keys}
+        for k in keys:
+            missing[k][math.prod(shape[n] for n in k) % m] = False
         shapes.append(shape)
     return _unique(shapes)
+
+
+class _Cheapest:
+    """The combinations of one extent's candidate values (one array per dim), by residue of their product
+    modulo ``m``: :meth:`combo` gives the one with the smallest product, the smallest values first on a tie."""
+
+    def __init__(self, values: Sequence[np.ndarray], m: int) -> None:
+        grids = np.meshgrid(*values, indexing="ij")
+        self.columns = [g.ravel() for g in grids]
+        self.products = functools.reduce(np.multiply, self.columns)
+        self.residues = self.products % m
+
+    def combo(self, residue: int) -> tuple[int, ...]:
+        at = self.residues == residue
+        smallest = self.products[at].min()
+        tied = np.flatnonzero(at & (self.products == smallest))
+        return min(tuple(int(c[i]) for c in self.columns) for i in tied)
 
 
 def shape_design(
