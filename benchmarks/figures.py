@@ -70,6 +70,10 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
     if floor:
         out["floor: Kasmina overhead above the raw runner, max us"] = max(r["overhead_us"] for r in floor)
         out["floor: blueprints over the overhead target"] = sum(not r["meets_target"] for r in floor)
+    eager = list(figures.get("floor", {}).get("eager", {}).values())
+    if eager:
+        out["floor: eager route / bare module, max ratio"] = max(e["ratio"] for e in eager)
+        out["floor: blueprints over the eager target"] = sum(not e["meets_target"] for e in eager)
     steps = training_ratios(figures)
     if steps:
         out["training step compiled / eager, geomean"] = geomean(list(steps.values()))
@@ -116,8 +120,8 @@ def extra_sections(figures: dict[str, Any]) -> list[str]:
             "",
             "## Floor: the raw AOTInductor runner and Kasmina's overhead above it (smallest representative shape)",
             "",
-            "| blueprint | shape | raw run us | kernel us | overhead us (median of rounds' differences) | target us "
-            "| guard + call us | Python penalty us |",
+            "| blueprint | shape | raw run us | kernel us | overhead us (median of paired differences) [quartiles] "
+            "| target us | guard + call us | Python penalty us |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in sorted(floor.items()):
@@ -129,9 +133,27 @@ def extra_sections(figures: dict[str, Any]) -> list[str]:
             # Older results (before the floor split its overhead) lack the parts.
             parts = f"{r['guard_us']:.2f} + {r['call_us']:.2f}" if "guard_us" in r else "-"
             penalty = f"{r['python_penalty_us']:.2f}" if "python_penalty_us" in r else "-"
+            # Older results (differences of rounds, before paired blocks) have no quartiles.
+            spread = f" [{r['overhead_q1_us']:.2f}-{r['overhead_q3_us']:.2f}]" if "overhead_q1_us" in r else ""
             lines.append(
-                f"| {name} | {shape} | {p['raw']['us']:.2f} | {p['kernel']['us']:.2f} | {r['overhead_us']:.2f} "
+                f"| {name} | {shape} | {p['raw']['us']:.2f} | {p['kernel']['us']:.2f} | {r['overhead_us']:.2f}{spread} "
                 f"| {r['target_us']:.2f}{'' if r['meets_target'] else ' (missed)'} | {parts} | {penalty} |"
+            )
+    eager = figures.get("floor", {}).get("eager", {})
+    if eager:
+        lines += [
+            "",
+            "## Eager floor: a kernel serving the module eager against the bare module (smallest representative shape)",
+            "",
+            "| blueprint | shape | bare us | eager route us | ratio [quartiles] | target |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, e in sorted(eager.items()):
+            shape = ",".join(f"{k}={v}" for k, v in e["shape"].items())
+            spread = f" [{e['ratio_q1']:.3f}-{e['ratio_q3']:.3f}]" if "ratio_q1" in e else ""
+            lines.append(
+                f"| {name} | {shape} | {e['paths']['bare']['us']:.2f} | {e['paths']['eager_route']['us']:.2f} "
+                f"| {e['ratio']:.3f}{spread} | {'met' if e['meets_target'] else 'missed'} |"
             )
     levers = figures.get("levers")
     if levers:

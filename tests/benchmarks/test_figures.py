@@ -63,7 +63,23 @@ FIGURES: dict[str, Any] = {
                 "meets_target": True,
             },
             "b": {"shape": {"batch": 1}, "skipped": "this shape routes eager"},
-        }
+        },
+        "eager": {
+            "a": {
+                "shape": {"batch": 1},
+                "paths": {"bare": {"us": 50.0}, "eager_route": {"us": 50.5}},
+                "ratio": 1.01,
+                "ratio_q1": 0.98,
+                "ratio_q3": 1.04,
+                "meets_target": True,
+            },
+            "b": {
+                "shape": {"batch": 1},
+                "paths": {"bare": {"us": 40.0}, "eager_route": {"us": 42.0}},
+                "ratio": 1.05,
+                "meets_target": False,
+            },
+        },
     },
     "levers": {
         "machine": "test",
@@ -120,6 +136,10 @@ def test_perf_md_has_the_issue_14_sections() -> None:
     assert abs(head["P2 default variant alone / eager, geomean (before)"] - 0.5**0.5) < 1e-12
     assert abs(head["P2b Kasmina / warm torch.compile, geomean"] - 0.5**0.5) < 1e-12
     assert head["floor: Kasmina overhead above the raw runner, max us"] == 1.5
+    assert head["floor: eager route / bare module, max ratio"] == 1.05
+    assert head["floor: blueprints over the eager target"] == 1
+    assert "| a | batch=1 | 50.00 | 50.50 | 1.010 [0.980-1.040] | met |" in md
+    assert "| b | batch=1 | 40.00 | 42.00 | 1.050 | missed |" in md
     assert head["training step compiled / eager, geomean"] == 0.5
     assert head["seed switch (100 seeds, alternating every call), ms"] == 0.12
 
