@@ -26,7 +26,7 @@ import torch
 
 from esper.blueprint import Blueprint, Tolerance
 from esper.catalog import load_catalog
-from esper.kasmina import COMPILED
+from esper.kasmina import COMPILED, EAGER
 from esper.numerics.gradients import tolerance
 
 ROOT = Path(__file__).parent.parent
@@ -97,9 +97,11 @@ def test_the_example_trains_compiled_seeds_and_reports_the_step_ratio_and_the_st
     pytest.importorskip("sklearn")
     done, fig = figures(grow_urza.path, tmp_path / "grow.json")
     assert fig["training_route"] == "compiled", fig["training_reason"]
-    # Three seeds, every training call on compiled code, nothing logged above INFO, no compiler imported.
+    # Three seeds training on compiled code, each eager once fossilized (its weights frozen: only the input's
+    # gradient is wanted), which Kasmina says once at INFO; nothing logged above INFO, no compiler imported.
     assert len(fig["seed_calls"]) == 3
-    assert all(calls.get("compiled", 0) > 0 and calls.get("eager", 0) == 0 for calls in fig["seed_calls"])
+    assert all(calls.get("compiled", 0) > 0 and calls.get("eager", 0) > 0 for calls in fig["seed_calls"])
+    assert any("weights are frozen" in m for m in fig["kasmina_messages"])
     assert [m for m in fig["kasmina_messages"] if not m.startswith("INFO")] == []
     assert fig["compiler_imported"] == []
     assert fig["step_ratio"] > 0 and 0 < fig["germination_ms"]["load"] <= fig["germination_ms"]["first_step"]
@@ -174,10 +176,13 @@ def check_step(step: int, compiled: Any, eager: Any, references: Sequence[Any], 
 
 
 def check_paths(step: int, grower: Any) -> None:
-    """Every live seed's last training call ran compiled code."""
-    paths = [getattr(s.seed, "last_path", None) for s in grower.host.slots if s.seed is not None]
-    if any(p != COMPILED for p in paths):
-        raise Disagreement(f"step {step}: a seed's training call ran {paths}")
+    """Every live seed's last training call ran compiled code while its weights train, eager once they are
+    frozen (a fossil: only its input's gradient is wanted, which eager computes alone)."""
+    seeds = [s.seed for s in grower.host.slots if s.seed is not None]
+    paths = [getattr(seed, "last_path", None) for seed in seeds]
+    want = [COMPILED if any(p.requires_grad for p in seed_module(seed).parameters()) else EAGER for seed in seeds]
+    if paths != want:
+        raise Disagreement(f"step {step}: the seeds' training calls ran {paths}, not {want}")
 
 
 def oracle(

@@ -38,6 +38,7 @@ MODE = "mode"
 SEED_FORM = "seed-form"
 # Training only: a backward with create_graph=True through a compiled step, recomputed eagerly.
 DOUBLE_BACKWARD = "double-backward"
+FROZEN_WEIGHTS = "frozen-weights"
 
 
 class _Expected(logging.Filter):
@@ -107,4 +108,15 @@ def eager_by_evidence(blueprint: str, profile: str, entry_id: int | None, why: s
         entry_id,
         why or "no compiled variant beat eager",
         extra={"esper": {"event": "eager-by-evidence", "blueprint": blueprint, "profile": profile, "entry": entry_id}},
+    )
+
+
+def frozen_weights(blueprint: str) -> None:
+    """INFO, not WARNING: a training kernel serves eager the calls that want only their inputs' gradients (every
+    parameter the artifact trains is frozen), a choice made by design, not a fault."""
+    log.info(
+        "blueprint %r: the seed's trained weights are frozen; its training calls run eager (the certified step "
+        "computes every weight's gradient, eager only the inputs')",
+        blueprint,
+        extra={"esper": {"event": FROZEN_WEIGHTS, "blueprint": blueprint}},
     )

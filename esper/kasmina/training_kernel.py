@@ -647,12 +647,33 @@ class TrainingKernel(KernelBase):
             if why is None:
                 problem = self._seed_problem()
                 if problem is None:
+                    if self._inputs_only(args):
+                        self.took(EAGER)
+                        if telemetry.FROZEN_WEIGHTS not in self._warned:  # said once per kernel, as a refusal is
+                            self._warned.add(telemetry.FROZEN_WEIGHTS)
+                            telemetry.frozen_weights(self.blueprint)
+                        return self.seed(*args)
                     self.took(COMPILED)
                     return self._compiled(shared, args)
                 code, why = problem
             self.warn_once(code, f"{why}; this training call runs eager")
         self.took(EAGER)
         return self.seed(*args)
+
+    def _inputs_only(self, args: Sequence[Any]) -> bool:
+        """Whether this call wants its inputs' gradients alone: grad on, an input requiring grad, and every
+        parameter the artifact trains frozen now (a fossilized seed in a host that still trains). The compiled
+        step computes every trained parameter's gradient with the inputs' and certification timed it so; here
+        it would do the weights' work eager skips (a frozen linear layer's backward is one matmul, not two),
+        at a cost nothing measured: eager serves the call."""
+        if not torch.is_grad_enabled():
+            return False
+        trained = [p for p, _, _, _, trainable in self.__dict__["_watch"].params if trainable]
+        return (
+            bool(trained)
+            and not any(p.requires_grad for p in trained)
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        )
 
     def _compiled(self, shared: _Shared, args: Sequence[torch.Tensor]) -> Any:
         program = shared.program

@@ -283,3 +283,33 @@ def test_the_eager_reference_is_untouched_by_kernels(training_urza: Path) -> Non
     torch.optim.SGD(kernel.parameters(), lr=1.0).step()
     for n, t in state.items():
         assert torch.equal(t, before[n]), n
+
+
+def test_a_seed_with_its_trained_weights_frozen_trains_its_inputs_eager(
+    training_urza: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A fossilized seed in a host that still trains: only the input's gradient is wanted. The compiled step
+    # computes the weights' gradients as well (more work than eager, and never timed so): eager serves it.
+    kernel = load(training_urza, "lora_adapter")
+    eager = build("lora_adapter").train()
+    eager.load_state_dict(kernel.seed.state_dict())
+    x = torch.randn(4, 256)
+    kernel(x.requires_grad_()).sum().backward()
+    assert kernel.last_path == COMPILED  # the twin: weights training, the compiled step
+    kernel.seed.requires_grad_(False)
+    eager.requires_grad_(False)
+    with caplog.at_level(logging.INFO, logger="esper.kasmina"):
+        for _ in range(2):
+            got_x = x.detach().clone().requires_grad_()
+            kernel(got_x).sum().backward()
+            assert kernel.last_path == EAGER
+    want_x = x.detach().clone().requires_grad_()
+    eager(want_x).sum().backward()
+    torch.testing.assert_close(got_x.grad, want_x.grad)
+    told = [r for r in caplog.records if getattr(r, "esper", {}).get("event") == "frozen-weights"]
+    assert len(told) == 1 and told[0].levelno == logging.INFO and not warnings_of(caplog)
+    kernel(x.detach())  # nothing wants a gradient: the compiled forward
+    assert kernel.last_path == COMPILED
+    kernel.seed.lora_b.weight.requires_grad_(True)  # one trained weight thaws: the compiled step again
+    kernel(x.detach().requires_grad_()).sum().backward()
+    assert kernel.last_path == COMPILED
