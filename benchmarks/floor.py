@@ -26,9 +26,9 @@ under ``torch.no_grad()``:
   ``run`` keeps the runner's OpenMP worker and caches in a state no caller with other work keeps them in.
 - ``dispatch``: the kernel's generated dispatcher alone, and ``dispatch_plain`` the same routes' dispatcher
   without their route tables: the region lookup's cost is the difference (regional kernels only).
-- ``guarded``: the kernel's dispatcher, then the runner, in the same bare loop: the least a guarded call runs.
-  The overhead splits into ``guard_us`` (``guarded - raw``: the dispatcher and what it costs the runner after
-  it) and ``call_us`` (``kernel - guarded``: the kernel's own code around them).
+- ``guarded`` (paired blocks only, below): the kernel's dispatcher, then the runner, in the same bare loop: the
+  least a guarded call runs. The overhead splits into ``guard_us`` (``guarded - raw``: the dispatcher and what
+  it costs the runner after it) and ``call_us`` (``kernel - guarded``: the kernel's own code around them).
 
 The eager floor, for every blueprint (whatever it routes): ``bare``, the blueprint's module called directly,
 against ``eager_route``, a kernel serving that module eager (the loaded kernel where the shape routes eager,
@@ -225,7 +225,6 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
     route_of = kernel._route_of  # the generated dispatcher the kernel calls, on purpose
     paths: dict[str, Callable[[], float]] = {
         "raw": lambda: raw_loop_us(run, flat, number),
-        "guarded": lambda: guarded_loop_us(route_of, run, args, flat, number),
         "raw_after_python": lambda: raw_after_python_us(run, flat, table, number),
         "python": lambda: call_loop_us(python_work, (table,), number),
         "package": lambda: per_call_us(lambda: package(flat), number),

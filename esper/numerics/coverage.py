@@ -386,8 +386,13 @@ def residue_design(ranges: Ranges, *, moduli: Sequence[int] = INDUCTOR_MODULI) -
     missing = {key: np.zeros(m, dtype=bool) for key in keys}
     for key in keys:
         missing[key][sorted(_extent_residues(ranges, key, m))] = True
-        for s in shapes:
-            missing[key][math.prod(s[n] for n in key) % m] = False
+
+    def cover(shape: Mapping[str, int]) -> None:
+        for key in keys:
+            missing[key][math.prod(shape[n] for n in key) % m] = False
+
+    for s in shapes:
+        cover(s)
     # One candidate value per reachable residue class of each dim: the smallest (the cheapest shape to run).
     candidates = {
         n: np.array([v for r in range(m) if (v := _value_with(lo, hi, r, m)) is not None], dtype=np.int64)
@@ -412,8 +417,7 @@ def residue_design(ranges: Ranges, *, moduli: Sequence[int] = INDUCTOR_MODULI) -
             best = gain.max()
             shape[n] = int(candidates[n][gain == best].min())
         shape = {n: shape[n] for n in names}
-        for k in keys:
-            missing[k][math.prod(shape[n] for n in k) % m] = False
+        cover(shape)
         shapes.append(shape)
     return _unique(shapes)
 
