@@ -668,12 +668,13 @@ class TrainingKernel(KernelBase):
         at a cost nothing measured: eager serves the call."""
         if not torch.is_grad_enabled():
             return False
-        trained = [p for p, _, _, _, trainable in self.__dict__["_watch"].params if trainable]
-        return (
-            bool(trained)
-            and not any(p.requires_grad for p in trained)
-            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        )
+        frozen = False
+        for p, _, _, _, trainable in self.__dict__["_watch"].params:
+            if trainable:
+                if p.requires_grad:  # the common call (a seed that trains) stops at its first trained weight
+                    return False
+                frozen = True
+        return frozen and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
     def _compiled(self, shared: _Shared, args: Sequence[torch.Tensor]) -> Any:
         program = shared.program
