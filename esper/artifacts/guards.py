@@ -14,6 +14,7 @@ only hold values the predicate generator may inline; anything else is an :class:
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -394,6 +395,8 @@ def _guard_source(
     miss: str,
     regions: Sequence[Regions | None] = (),
     fast: bool = False,
+    laid_out: Sequence[bool] = (),
+    runners: Sequence[bool] = (),
 ) -> str:
     """Python source of a straight-line function ``name(args)`` for ``schemas`` (which must be
     :func:`same_but_ranges`): every check the schemas share once, then each schema's ranges in order; the
@@ -406,8 +409,11 @@ def _guard_source(
     namespace) tests every input's type, dtype, device, rank and fixed sizes and the thread's dispatch state in
     one C call; a call it passes, inside a schema's ranges, in a compiled cell, with no torch function mode, no
     forward-AD level open and every input contiguous returns its code plus ``2 * len(schemas)``: the caller may
-    then skip its own thread-state, grad and layout checks. A call in an eager cell returns its code as soon as
-    its sizes are known. Anything else takes the full path below, as without ``fast``.
+    then skip its own thread-state, grad and layout checks. An input whose ``laid_out`` is true had its strides
+    checked by ``match`` (contiguous, every stride fixed), and is not tested for contiguity again. Where
+    ``runners[index]`` is true, such a call returns ``r<index>`` (bound in the namespace) instead of a code. A
+    call in an eager cell returns its code as soon as its sizes are known. Anything else takes the full path
+    below, as without ``fast``.
 
     Only integers (checked again here, whatever the schema's construction did) and fixed names are written
     into the source: dtypes are bound as ``d0``, ``d1``... in the namespace, never spelled from stored text,
@@ -472,16 +478,21 @@ def _guard_source(
         lines.append(f"        return {'code' if region is not None else hit(_int_literal(index))}")
     lines.append(f"    return {miss}")
     if fast:
-        lines[3:3] = _fast_source(schemas, regions, hit)
+        lines[3:3] = _fast_source(schemas, regions, hit, laid_out, runners)
     return "\n".join(lines)
 
 
 def _fast_source(
-    schemas: Sequence[GuardSchema], regions: Sequence[Regions | None], hit: Callable[[str], str]
+    schemas: Sequence[GuardSchema],
+    regions: Sequence[Regions | None],
+    hit: Callable[[str], str],
+    laid_out: Sequence[bool],
+    runners: Sequence[bool],
 ) -> list[str]:
     """The lines of :func:`_guard_source`'s shorter way in (see its ``fast``), placed after the argument count
-    test: ``match`` has tested the types, ranks and fixed sizes, so only the dynamic sizes are read, once each,
-    into ``v0``, ``v1``... Every way out of it that is not an answer falls through to the full tests."""
+    test: ``match`` has tested the types, ranks and fixed sizes (and the strides of inputs ``laid_out``), so only
+    the dynamic sizes are read, once each, into ``v0``, ``v1``... Every way out of it that is not an answer falls
+    through to the full tests."""
     schema = schemas[0]
     xs = [f"x{n}" for n in range(len(schema.inputs))]
     lines = [f"    {x} = args[{n}]" for n, x in enumerate(xs)]
@@ -503,17 +514,25 @@ def _fast_source(
     if same:  # a dim two inputs share: equal, or the full tests refuse the call
         lines.append(f"{indent}if {' and '.join(same)}:")
         indent += " " * 4
+    laid = [*laid_out, *[False] * (len(xs) - len(laid_out))]
     plain = " and ".join(
-        ["not function_modes()", "forward_ad._current_level < 0", *(f"{x}.is_contiguous()" for x in xs)]
+        [
+            "not function_modes()",
+            "forward_ad._current_level < 0",
+            *(f"{x}.is_contiguous()" for x, checked in zip(xs, laid, strict=True) if not checked),
+        ]
     )
     verified = _int_literal(2 * len(schemas))
+    served = [*runners, *[False] * (len(schemas) - len(runners))]
     for index, each in enumerate(schemas):
         lines.append(f"{indent}{'if' if index == 0 else 'elif'} {_held(each, sizes)}:")
         region, inner = regions[index], indent + " " * 4
         if region is not None:
+            # Past these lines ``code`` is ``index``: the cell is compiled.
             lines += _region_lines(region, index, len(schemas), each, sizes, inner)
         answer = "code" if region is not None else hit(_int_literal(index))
-        lines += [f"{inner}if {plain}:", f"{inner}    return {answer} + {verified}"]
+        way_out = f"r{_int_literal(index)}" if served[index] else f"{answer} + {verified}"
+        lines += [f"{inner}if {plain}:", f"{inner}    return {way_out}"]
     return lines
 
 
@@ -550,10 +569,20 @@ def _compile_guard(
     miss: str,
     regions: Sequence[Regions | None] = (),
     match: Callable[..., bool] | None = None,
+    laid_out: Sequence[bool] = (),
+    runners: Sequence[object | None] = (),
 ) -> Callable[[Sequence[Any]], Any]:
     # Validates every literal first.
     source = _guard_source(
-        schemas, device_index, name=name, hit=hit, miss=miss, regions=regions, fast=match is not None
+        schemas,
+        device_index,
+        name=name,
+        hit=hit,
+        miss=miss,
+        regions=regions,
+        fast=match is not None,
+        laid_out=laid_out,
+        runners=[r is not None for r in runners],
     )
     namespace: dict[str, Any] = {
         "Tensor": torch.Tensor,
@@ -563,6 +592,7 @@ def _compile_guard(
         "match": match,
         **predicate_namespace(),
         **{f"d{n}": TORCH_DTYPES[i.dtype] for n, i in enumerate(schemas[0].inputs)},
+        **{f"r{n}": r for n, r in enumerate(runners) if r is not None},
     }
     for index, region in enumerate(regions):
         if region is not None:
@@ -583,7 +613,8 @@ def compile_dispatch(
     device_index: int | None = None,
     regions: Sequence[Regions | None] = (),
     fast: bool = False,
-) -> Callable[[Sequence[Any]], int] | None:
+    runners: Sequence[object | None] = (),
+) -> Callable[[Sequence[Any]], Any] | None:
     """A dispatcher generated for the schemas of a kernel's routes: it returns the index of the first schema
     that accepts the inputs, ``-1`` when none does, at the cost of one predicate whatever the number of
     routes (the checks they share run once). ``None`` when the schemas differ beyond their ranges, or there
@@ -600,21 +631,65 @@ def compile_dispatch(
     (:func:`esper.artifacts.servable.tensor_match`: no input requires grad, no autocast, no mode, no functorch
     transform; then no forward-AD level) and whose inputs are contiguous returns ``2 * len(schemas) + index``:
     compiled code may serve it with no further check of the thread or the layout. Without that C call in this
-    torch, no call is answered so."""
+    torch, no call is answered so. An input whose strides are all fixed (every dim after its first is) has them
+    checked in that C call, its contiguity with no test of its own.
+
+    ``runners`` (with ``fast``), one per schema (``None``, or missing at the end: none): where such a call would
+    return ``2 * len(schemas) + index`` and ``runners[index]`` is given, it returns ``runners[index]`` instead (the
+    caller's compiled code for that schema: its hot path then looks nothing up)."""
     if not schemas or not all(same_but_ranges(schemas[0], s) for s in schemas[1:]):
         return None
-    if len(regions) > len(schemas):
-        raise ValueError("more regions than schemas")
-    match = None
+    if len(regions) > len(schemas) or len(runners) > len(schemas):
+        raise ValueError("more regions or runners than schemas")
+    match, laid_out = None, tuple(contiguous_strides(i) for i in schemas[0].inputs)
     if fast:
         schema = schemas[0]
         if schema.device in DEVICE_TYPES and all(i.dtype in TORCH_DTYPES for i in schema.inputs):
-            match = tensor_match(
-                [(TORCH_DTYPES[i.dtype], [None if d.dynamic else d.size for d in i.dims]) for i in schema.inputs],
+            match = _tensor_match(
+                tuple(
+                    (TORCH_DTYPES[i.dtype], tuple(None if d.dynamic else d.size for d in i.dims)) for i in schema.inputs
+                ),
                 schema.device,
                 device_index if schema.device == "cuda" else None,
+                laid_out,
             )
-    return _compile_guard(schemas, device_index, name="route_of", hit=str, miss="-1", regions=regions, match=match)
+    return _compile_guard(
+        schemas,
+        device_index,
+        name="route_of",
+        hit=str,
+        miss="-1",
+        regions=regions,
+        match=match,
+        laid_out=[s is not None for s in laid_out],
+        runners=runners if match is not None else (),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_match(
+    inputs: tuple[tuple[torch.dtype, tuple[int | None, ...]], ...],
+    device: str,
+    device_index: int | None,
+    strides: tuple[tuple[int, ...] | None, ...],
+) -> Callable[..., bool] | None:
+    # One check per input signature, whichever kernel asks: it is a pure test of its arguments and of the calling
+    # thread, and building one starts a thread (a kernel builds two dispatchers; a deferred route, once loaded,
+    # builds them again).
+    return tensor_match(inputs, device, device_index, strides=strides)
+
+
+def contiguous_strides(guard: InputGuard) -> tuple[int, ...] | None:
+    """The strides of a contiguous tensor that ``guard`` accepts, where they are the same at every size it
+    accepts (every dim after the first is fixed); ``None`` where some stride depends on a dynamic size."""
+    if any(d.dynamic for d in guard.dims[1:]):
+        return None
+    strides: list[int] = []
+    step = 1
+    for d in reversed(guard.dims[1:]):
+        strides.append(step)
+        step *= max(int(d.size), 1)  # type: ignore[arg-type]  # as torch lays out a dim of size 0
+    return (step, *reversed(strides)) if guard.dims else ()
 
 
 def compile_check(schema: GuardSchema, *, device_index: int | None = None) -> Callable[[Sequence[Any]], str | None]:

@@ -42,7 +42,7 @@ class CompiledPackage:
     Calls from several threads are safe: the AOTInductor container hands each call a model instance of its
     pool and makes later callers wait for one (its ``run`` is built for concurrent serving). What the
     container does not serialize is replacing constants: :meth:`load_constants` and :meth:`run_with_constants`
-    hold this package's lock, and so does :meth:`__call__`. :attr:`runner` does not (a Python lock around every
+    hold this package's lock, and so does :meth:`__call__`. :attr:`boxed_runner` does not (a Python lock around every
     call costs a hot path measurably more than the lock's own operations), so a package whose runner was
     handed out refuses to have its constants replaced: :meth:`reload` a copy for that.
     """
@@ -105,9 +105,10 @@ class CompiledPackage:
         return self._constant_specs  # type: ignore[return-value]
 
     @property
-    def runner(self) -> Callable[[Sequence[torch.Tensor]], Any]:
-        """:meth:`__call__` as a closure over what it reads, without the lock (see the class): for a hot path
-        that calls a package whose constants stay those it was loaded with."""
+    def boxed_runner(self) -> Callable[[Sequence[torch.Tensor]], Sequence[Any]]:
+        """:meth:`__call__` without the lock (see the class), its output boxed: ``boxed_runner(args)[0]`` is
+        ``package(args)``. For a hot path that calls a package whose constants stay those it was loaded with: a
+        one-output package's is the loader's own ``run``, with no Python frame of ours around it."""
         self._runner_out = True
         return self._runner
 
@@ -125,8 +126,8 @@ class CompiledPackage:
             self._loader.load_constants(tensors, False, True)
 
     def __call__(self, args: Sequence[torch.Tensor]) -> Any:
-        # ``runner`` is the same call as a closure, for hot paths. ``run`` takes any sequence (a tuple or a list
-        # of tensors): no copy of the arguments per call.
+        # ``boxed_runner`` is the same call without the lock, for hot paths. ``run`` takes any sequence (a tuple
+        # or a list of tensors): no copy of the arguments per call.
         with self._lock:
             flat = self._loader.run(args)  # type: ignore[arg-type]
         return flat[0] if self._single else pytree.tree_unflatten(separate(flat), self._out_spec)
@@ -153,19 +154,14 @@ class CompiledPackage:
 
 def _runner(
     run: Callable[[Sequence[torch.Tensor]], list[Any]], single: bool, spec: pytree.TreeSpec
-) -> Callable[[Sequence[torch.Tensor]], Any]:
-    """:meth:`CompiledPackage.__call__` as a closure over what it reads, without the lock: a kernel's hot path
-    calls it with no attribute lookups (a one-output package, most blueprints, does not even test which kind
-    it is)."""
+) -> Callable[[Sequence[torch.Tensor]], Sequence[Any]]:
+    """:attr:`CompiledPackage.boxed_runner`: the loader's ``run`` itself for a one-output package (most
+    blueprints; its list's first item is the output), else a closure that boxes the output structure."""
     if single:
+        return run
 
-        def one(args: Sequence[torch.Tensor]) -> Any:
-            return run(args)[0]
-
-        return one
-
-    def structured(args: Sequence[torch.Tensor]) -> Any:
-        return pytree.tree_unflatten(separate(run(args)), spec)
+    def structured(args: Sequence[torch.Tensor]) -> tuple[Any]:
+        return (pytree.tree_unflatten(separate(run(args)), spec),)
 
     return structured
 

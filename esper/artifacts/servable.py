@@ -59,19 +59,29 @@ def predicate_namespace() -> dict[str, Any]:
 
 
 def tensor_match(
-    inputs: Sequence[tuple[torch.dtype, Sequence[int | None]]], device: str, device_index: int | None = None
+    inputs: Sequence[tuple[torch.dtype, Sequence[int | None]]],
+    device: str,
+    device_index: int | None = None,
+    *,
+    strides: Sequence[Sequence[int] | None] = (),
 ) -> Callable[..., bool] | None:
     """One C call, ``match(x0, x1, ...)``, true only for inputs that are plain ``torch.Tensor`` (exactly; not
     ``nn.Parameter``), of the given dtypes, ranks and fixed sizes, on ``device`` (``device_index``: that CUDA
     device), none requiring grad, that the calling thread would dispatch as plain dense tensors: no autocast for
     their device, no dispatch mode, no functorch transform. ``inputs``: each input's dtype and sizes, one per
-    dim, ``None`` for a dim of any size. It does not look at strides, torch function modes or forward-mode
-    tangents. ``None`` where torch offers no such check.
+    dim, ``None`` for a dim of any size. ``strides``, one per input (``None``, or missing at the end: not
+    checked): that input's strides, every one checked exactly. It does not look at torch function modes or
+    forward-mode tangents. ``None`` where torch offers no such check.
 
     A call it refuses may still be servable (an inference-mode tensor, a Parameter): it is a fast way in, never
     the only one. The expected dispatch keys are taken from example tensors made on a fresh thread, whose
     dispatch state is the default whatever the loading thread has enabled: built inside ``torch.autocast`` on
     the loading thread, it would otherwise accept autocast calls."""
+    layouts = [*strides, *[None] * (len(inputs) - len(strides))]
+    if len(layouts) != len(inputs) or any(
+        s is not None and len(s) != len(sizes) for s, (_, sizes) in zip(layouts, inputs, strict=True)
+    ):
+        raise ValueError("tensor_match: strides must give one stride per dim, for at most one list per input")
     try:
         from torch._C._dynamo.guards import TensorGuards
     except ImportError:
@@ -81,16 +91,24 @@ def tensor_match(
     def build() -> None:
         try:
             where = torch.device(device, device_index) if device_index is not None else torch.device(device)
-            # The examples give the rank, dtype, device and dispatch keys, and fit the sizes checked (zero strides:
-            # one element of memory whatever the sizes); the lists say which sizes are checked, one list per
-            # tensor, ``None`` for each dim left unchecked (``Any``: torch's stub types them as a single list).
+            # The examples give the rank, dtype, device and dispatch keys, and fit the sizes and strides checked
+            # (zero strides where none are: one element of memory whatever the sizes); the lists say which sizes
+            # and strides are checked, one list per tensor, ``None`` for each left unchecked (``Any``: torch's
+            # stub types them as a single list).
             examples = [
-                torch.empty_strided([1 if n is None else n for n in sizes], [0] * len(sizes), dtype=dtype, device=where)
-                for dtype, sizes in inputs
+                torch.empty_strided(
+                    [1 if n is None else n for n in sizes],
+                    [0] * len(sizes) if layout is None else list(layout),
+                    dtype=dtype,
+                    device=where,
+                )
+                for (dtype, sizes), layout in zip(inputs, layouts, strict=True)
             ]
             checked: Any = [list(sizes) for _, sizes in inputs]
-            unchecked: Any = [[None] * len(sizes) for _, sizes in inputs]
-            guards = TensorGuards(*examples, dynamic_dims_sizes=checked, dynamic_dims_strides=unchecked)
+            steps: Any = [
+                [None] * len(sizes) if s is None else list(s) for (_, sizes), s in zip(inputs, layouts, strict=True)
+            ]
+            guards = TensorGuards(*examples, dynamic_dims_sizes=checked, dynamic_dims_strides=steps)
             if guards.check(*examples):
                 built.append(guards.check)
         except Exception:  # a torch whose TensorGuards differs: the Python tests alone

@@ -145,12 +145,15 @@ class Route:
         return type(self.package) is DeferredPackage
 
 
-def route_dispatch(routes: Sequence[Route], *, fast: bool = False) -> Callable[[Sequence[Any]], int]:
+def route_dispatch(
+    routes: Sequence[Route], *, fast: bool = False, runners: Sequence[object | None] = ()
+) -> Callable[[Sequence[Any]], Any]:
     """The index of the first of ``routes`` whose guards accept the arguments (``-1``: none does), plus
     ``len(routes)`` when that route is regional and the call falls outside its compiled cells (eager by
     evidence; the generated dispatcher then checks the sizes only). ``fast``: plus ``2 * len(routes)`` instead
     when the call is in a compiled cell and compiled code may serve it with no further check of the calling
-    thread or the inputs' layout (see :func:`esper.artifacts.guards.compile_dispatch`).
+    thread or the inputs' layout (see :func:`esper.artifacts.guards.compile_dispatch`); where ``runners[index]``
+    is given, that answer is ``runners[index]`` itself, not an index.
 
     The routes of one blueprint version differ only in their shape profiles' ranges, so one generated
     dispatcher checks them all, route tables included (:func:`esper.artifacts.guards.compile_dispatch`): a call
@@ -172,6 +175,7 @@ def route_dispatch(routes: Sequence[Route], *, fast: bool = False) -> Callable[[
                 device_index=devices.pop(),
                 regions=regions,
                 fast=fast,
+                runners=runners,
             )
             if dispatch is not None:
                 return dispatch
@@ -231,24 +235,23 @@ class Kernel(KernelBase):
 
     @routes.setter
     def routes(self, routes: Sequence[Route]) -> None:
-        # The dispatcher and the compiled flag follow the routes wherever they are set (written past
-        # nn.Module.__setattr__: plain attributes the hot path reads from the instance dict).
+        # The dispatchers, runners and the compiled flag follow the routes wherever they are set (written past
+        # nn.Module.__setattr__: plain attributes the hot path reads from the instance dict), a deferred route's
+        # package loaded later included. The hot path's dispatcher (``_call_of``) answers a plain call into a
+        # loaded package's compiled cell with the package's runner; ``_route_of`` answers indices only.
         routes = tuple(routes)
+        runs = tuple(_runner_of(r.package) for r in routes)
+        route_of = route_dispatch(routes, fast=self._fast_dispatch)
+        loaded = [r if type(r) is not DeferredPackage else None for r in runs]
         self.__dict__.update(
             _routes=routes,
-            _route_of=route_dispatch(routes, fast=self._fast_dispatch),
+            _route_of=route_of,
+            _call_of=route_dispatch(routes, fast=True, runners=loaded)
+            if self._fast_dispatch and any(loaded)
+            else route_of,
             _count=len(routes),
             _verified=2 * len(routes),
-            _runs=tuple(_runner_of(r.package) for r in routes),
-            _serves_compiled=any(r.package is not None for r in routes),
-        )
-
-    def _replace_route(self, old: Route, new: Route) -> None:
-        """``old`` replaced by ``new``, which differs only in its package: the dispatcher stays valid."""
-        routes = tuple(new if r is old else r for r in self.routes)
-        self.__dict__.update(
-            _routes=routes,
-            _runs=tuple(_runner_of(r.package) for r in routes),
+            _runs=runs,
             _serves_compiled=any(r.package is not None for r in routes),
         )
 
@@ -332,16 +335,16 @@ class Kernel(KernelBase):
         ):
             return self._module_call(args, kwargs)
         if d["_serves_compiled"]:
-            index = d["_route_of"](args)
+            index = d["_call_of"](args)
+            if type(index) is not int:
+                # The runner of a loaded package: the call is in its compiled cell, and the dispatcher found the
+                # inputs contiguous and plain, and this thread plain (no grad, autocast, mode or transform).
+                d["last_path"] = COMPILED
+                d["compiled_calls"] += 1
+                return index(args)[0]
             if index >= d["_verified"]:
-                # A compiled cell, and the dispatcher found the inputs contiguous and plain, and this thread plain
-                # (no grad, autocast, mode or transform): only the package is left to look at.
-                run = d["_runs"][index - d["_verified"]]
-                if run is not None:
-                    if type(run) is not DeferredPackage:
-                        d["last_path"] = COMPILED
-                        d["compiled_calls"] += 1
-                        return run(args)
+                # The same, where the route's package is still to load (or the route is certified eager).
+                if d["_runs"][index - d["_verified"]] is not None:
                     return self._serve(d, args, index)
             elif 0 <= index < d["_count"]:
                 run = d["_runs"][index]
@@ -359,7 +362,7 @@ class Kernel(KernelBase):
                                 break
                         d["last_path"] = COMPILED
                         d["compiled_calls"] += 1
-                        return run(args)
+                        return run(args)[0]
                     return self._serve(d, args, index)
             elif index < 0:  # no route accepts: _serve looks again and says why
                 return self._serve(d, args, index)
@@ -407,11 +410,15 @@ class Kernel(KernelBase):
     def __deepcopy__(self, memo: dict[int, Any]) -> Kernel:
         # nn.Module's own deepcopy goes through pickling, which a loaded package refuses. A copy shares what is
         # read-only (packages, guards, its origin, its source) and copies the rest: its own seed module, whose
-        # tensors its compiled path then follows (an EMA update of the copy leaves the original alone).
+        # tensors its compiled path then follows (an EMA update of the copy leaves the original alone). What the
+        # routes setter derives (the runners, and the dispatcher that hands them out) is derived again from the
+        # copy's own routes, whose packages may be the copy's own.
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = value if key in _SHARED else copy.deepcopy(value, memo)
+            if key not in _DERIVED:
+                new.__dict__[key] = value if key in _SHARED else copy.deepcopy(value, memo)
+        new.routes = new.__dict__["_routes"]
         return new
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -480,7 +487,7 @@ class Kernel(KernelBase):
         except Unusable as u:
             self.warn_once(u.code, f"{u.detail}; profile {route.entry.profile} runs eager")
             package = None
-        self._replace_route(route, route.with_package(package))
+        self.routes = tuple(route.with_package(package) if r is route else r for r in self.routes)
         return package
 
     def resolve_all(self) -> None:
@@ -509,7 +516,9 @@ class Kernel(KernelBase):
 
 
 # What a copy of a kernel shares with the original rather than copies (see Kernel.__deepcopy__).
-_SHARED = frozenset({"_origin", "source", "_eager_factory", "_route_of"})
+_SHARED = frozenset({"_origin", "source", "_eager_factory"})
+# What the routes setter derives from the routes (see Kernel.__deepcopy__).
+_DERIVED = frozenset({"_route_of", "_call_of", "_count", "_verified", "_runs", "_serves_compiled"})
 
 
 class BoundKernel(Kernel):
@@ -622,10 +631,20 @@ def _run_eager(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
     return module.forward(*args) if plain else module(*args)
 
 
-def _runner_of(package: Package | None) -> Package | None:
-    """What the hot path calls for ``package``: a loaded package's closure (no attribute lookups), else the
-    package itself (``None``: eager; a :class:`DeferredPackage` is left for _serve to load)."""
-    return package.runner if isinstance(package, CompiledPackage) else package
+def _runner_of(package: Package | None) -> Callable[[Sequence[torch.Tensor]], Sequence[Any]] | Package | None:
+    """What the hot path calls for ``package``: a loaded package's boxed runner (``run(args)[0]`` is its output;
+    no attribute lookups), else the package itself (``None``: eager; a :class:`DeferredPackage` is left for
+    _serve to load)."""
+    if isinstance(package, CompiledPackage):
+        return package.boxed_runner
+    if package is None or type(package) is DeferredPackage:
+        return package
+    call = package
+
+    def boxed(args: Sequence[torch.Tensor]) -> tuple[Any]:
+        return (call(args),)
+
+    return boxed
 
 
 def _any_requires_grad(args: tuple[Any, ...]) -> bool:

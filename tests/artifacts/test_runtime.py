@@ -108,7 +108,11 @@ def test_runner_serves_threads_at_once_and_fixes_the_constants(compiled_urza: Pa
     package = CompiledPackage(_package(compiled_urza))
     inputs = [torch.randn(1 + i % 4, 8) for i in range(16)]
     want = [package([x]) for x in inputs]
-    run = package.runner
+    box = package.boxed_runner
+
+    def run(args: list[torch.Tensor]) -> torch.Tensor:
+        return box(args)[0]
+
     got: dict[int, list[torch.Tensor]] = {}
 
     def worker(k: int) -> None:

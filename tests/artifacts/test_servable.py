@@ -193,7 +193,7 @@ def test_tensor_match_passes_only_plain_inputs_on_a_plain_thread() -> None:
 
 
 def test_tensor_match_checks_the_sizes_it_is_given() -> None:
-    """Sizes given are checked exactly, sizes left ``None`` not at all, and strides never."""
+    """Sizes given are checked exactly, sizes left ``None`` not at all, and strides not unless given."""
     match = servable.tensor_match([(torch.float32, [None, 4]), (torch.float32, [2])], "cpu")
     assert match is not None
     b = torch.randn(2)
@@ -201,6 +201,27 @@ def test_tensor_match_checks_the_sizes_it_is_given() -> None:
     assert not match(torch.randn(3, 5), b)
     assert not match(torch.randn(3, 4), torch.randn(3))
     assert not match(torch.randn(3, 4, 1), b)
+
+
+def test_tensor_match_checks_the_strides_it_is_given() -> None:
+    """An input given strides passes only with exactly those (a contiguous tensor of any batch); another input
+    of the same call is not held to any. A size-1 dim laid out otherwise is contiguous to torch and still
+    refused: a refusal only sends the call the slow way. Seeded defect: the same check without the strides
+    passes every one of the views."""
+    laid = servable.tensor_match([(torch.float32, [None, 4]), (torch.float32, [2])], "cpu", strides=[(4, 1)])
+    loose = servable.tensor_match([(torch.float32, [None, 4]), (torch.float32, [2])], "cpu")
+    assert laid is not None and loose is not None
+    b = torch.randn(2)
+    for x in (torch.randn(3, 4), torch.randn(1, 4), torch.randn(64, 4)):
+        assert laid(x, b) and loose(x, b)
+    assert laid(torch.randn(3, 4), torch.randn(4)[::2])  # the second input's layout is not checked
+    views = (torch.randn(4, 3).t(), torch.randn(3, 8)[:, ::2], torch.randn(4, 1).t())
+    for v in views:
+        assert loose(v, b) and not laid(v, b), v.stride()
+    with pytest.raises(ValueError, match="one stride per dim"):
+        servable.tensor_match([(torch.float32, [None, 4])], "cpu", strides=[(4,)])
+    with pytest.raises(ValueError, match="one stride per dim"):
+        servable.tensor_match([(torch.float32, [None, 4])], "cpu", strides=[(4, 1), (1,)])
 
 
 @pytest.mark.parametrize(("state", "enter"), PLAIN_STATES, ids=[s for s, _ in PLAIN_STATES])
@@ -261,6 +282,7 @@ def test_fast_dispatch_answers_what_the_plain_one_does() -> None:
         ((x, x), contextlib.nullcontext, False),
         ((torch.randn(3, 5),), contextlib.nullcontext, False),
         ((torch.randn(4, 3).t(),), contextlib.nullcontext, False),  # the caller's layout check is not skipped
+        ((torch.randn(3, 8)[:, ::2],), contextlib.nullcontext, False),
         ((torch.randn(3, 4, 1),), contextlib.nullcontext, False),
     ]
     for args, enter, verified in cases:
@@ -270,6 +292,37 @@ def test_fast_dispatch_answers_what_the_plain_one_does() -> None:
             assert 0 <= want < 2 and got == want + 4, (args, enter)
         else:
             assert got == want, (args, enter)
+
+
+@TORCH_JIT_WARNING
+def test_fast_dispatch_hands_out_a_routes_runner_exactly_where_it_answers_fast() -> None:
+    """Given a runner for a route, the fast dispatcher returns it (the object itself) where it would answer
+    that route ``+ 2 * len(schemas)``, and its plain answer everywhere else: another route's fast answer, a
+    refused call, a call in an eager cell or one it cannot vouch for. Inputs whose strides depend on a dynamic
+    size are still tested for contiguity."""
+    batch, seq = DimGuard(name="batch", min=1, max=8), DimGuard(name="seq", min=1, max=8)
+    for dims in ((batch, DimGuard(size=4)), (batch, seq, DimGuard(size=4))):
+        schemas = [
+            GuardSchema(inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=lo, max=hi), *dims[1:])),))
+            for lo, hi in ((1, 4), (5, 8))
+        ]
+        runner = object()
+        fast = compile_dispatch(schemas, fast=True)
+        served = compile_dispatch(schemas, fast=True, runners=[runner])
+        assert fast is not None and served is not None
+        shape = [3, 4] if len(dims) == 2 else [3, 2, 4]
+        x = torch.randn(*shape)
+        assert fast((x,)) == 4 and served((x,)) is runner
+        other = torch.randn(6, *shape[1:])
+        assert fast((other,)) == served((other,)) == 5  # no runner for the second route
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert served((x,)) == fast((x,)) == 0
+        for refused in (x.double(), torch.randn(9, *shape[1:])):
+            assert served((refused,)) == fast((refused,)) == -1
+        scattered = torch.randn(*reversed(shape)).permute(*reversed(range(len(shape))))
+        assert not scattered.is_contiguous() and served((scattered,)) == fast((scattered,)) == 0
+    with pytest.raises(ValueError, match="runners"):
+        compile_dispatch(schemas, fast=True, runners=[runner, runner, runner])
 
 
 @TORCH_JIT_WARNING

@@ -49,6 +49,8 @@ FIGURES: dict[str, Any] = {
                     for k, v in {"raw": 10.0, "kernel": 11.5, "select": 0.8}.items()
                 },
                 "overhead_us": 1.5,
+                "overhead_all_blocks_us": 2.5,
+                "blocks": {"count": 40, "calls": 20, "quiet": 30},
                 "target_us": 2.0,
                 "meets_target": True,
                 "guard_us": 0.75,
@@ -119,8 +121,9 @@ FIGURES: dict[str, Any] = {
 
 def test_perf_md_has_the_issue_14_sections() -> None:
     md = figures.markdown(FIGURES)
-    assert "## Floor" in md and "| a | batch=1 | 10.00 | 11.50 | 1.50 | 2.00 | 0.75 + 0.50 | 0.25 |" in md
-    assert "| c | batch=2 | 9.00 | 10.00 | 1.00 | 2.00 | - | - |" in md  # a result from before the split
+    assert "## Floor" in md
+    assert "| a | batch=1 | 10.00 | 11.50 | 1.50 (2.50) | 2.00 | 0.75 + 0.50 | 0.25 | 30 of 40 |" in md
+    assert "| c | batch=2 | 9.00 | 10.00 | 1.00 | 2.00 | - | - | - |" in md  # a result from before the split
     assert "skipped: this shape routes eager" in md
     assert "## Lever study (quick mode" in md and "| default | 0.671 | 2 | 1 |" in md
     assert "wrapper_o3_lto skipped: needs clang" in md

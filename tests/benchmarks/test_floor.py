@@ -3,7 +3,7 @@
 import itertools
 from collections.abc import Callable
 
-from benchmarks.floor import adjacent, paired
+from benchmarks.floor import adjacent, paired, quiet
 
 
 def test_adjacent_blocks_reverse_their_order_so_a_drift_cancels() -> None:
@@ -31,3 +31,25 @@ def test_paired_gives_the_median_and_quartiles_of_the_differences() -> None:
     d = paired(figures, "a", "b")
     assert (d["median"], d["min"], d["max"]) == (5.0, 1.0, 9.0)
     assert d["q1"] < d["median"] < d["q3"]
+
+
+def test_the_overhead_of_quiet_blocks_is_the_machines_own() -> None:
+    """A host that runs everything twice as slow in some blocks (a neighbour on the core): the reference Python
+    tells those blocks, and the difference over the quiet ones is the overhead at the machine's own speed, where
+    the median over every block reads the neighbour's share into it. Clean twin: a host that is always quiet
+    gives the same figure either way."""
+    slow = [b % 3 != 0 for b in range(30)]  # two blocks in three slowed
+    factor = [2.0 if s else 1.0 for s in slow]
+    figures = {
+        "raw": {"samples": [10.0 * f for f in factor]},
+        "kernel": {"samples": [11.0 * f for f in factor]},
+        "reference": {"samples": [0.8 * f * (1 + 0.01 * (b % 5)) for b, f in enumerate(factor)]},
+    }
+    calm = quiet(figures, "reference")
+    assert calm == [not s for s in slow]
+    assert paired(figures, "kernel", "raw", keep=calm)["median"] == 1.0
+    assert paired(figures, "kernel", "raw")["median"] == 2.0  # every block: the slowed machine's units
+    steady = {k: {"samples": [v["samples"][b] for b in range(30) if not slow[b]]} for k, v in figures.items()}
+    assert all(quiet(steady, "reference"))
+    assert paired(steady, "kernel", "raw", keep=quiet(steady, "reference"))["median"] == 1.0
+    assert paired(steady, "kernel", "raw")["median"] == 1.0

@@ -139,6 +139,24 @@ def test_a_deferred_package_is_loaded_once_then_called_directly(
     assert sum("cannot load" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_copy_of_a_kernel_calls_its_own_packages(module: torch.nn.Module) -> None:
+    """A deep copy's hot path serves the copy's routes (whose packages a copy may copy, as a seed's are), not
+    the runners the original's dispatcher was built with. Seeded defect: the copy sharing the original's
+    dispatcher and runners sends its calls to the original's package."""
+    import copy
+
+    kernel = kernel_with(FakePackage(module), module)
+    twin = copy.deepcopy(kernel)
+    original, copied = kernel.routes[0].package, twin.routes[0].package
+    assert isinstance(original, FakePackage) and isinstance(copied, FakePackage) and copied is not original
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), module(x))
+        torch.testing.assert_close(kernel(x), module(x))
+    assert twin.last_path == kernel.last_path == COMPILED
+    assert len(copied.seen) == 1 and len(original.seen) == 1
+
+
 class _PassThroughDispatch(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         return func(*args, **(kwargs or {}))
