@@ -296,7 +296,8 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
     calm = quiet(blocks, "reference")
     # Judged on the quiet blocks where enough of them ran; the figure over every block is kept beside it.
     judged_quiet = sum(calm) >= QUIET_MIN_BLOCKS
-    overhead = paired(blocks, "kernel", "raw", keep=calm) if judged_quiet else everywhere
+    keep = calm if judged_quiet else None
+    overhead = paired(blocks, "kernel", "raw", keep=keep)
     target = max(TARGET_US, TARGET_SHARE * raw)
     return {
         "shape": sizes,
@@ -313,8 +314,8 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
         # hundreds of calls apart is in it.
         "overhead_rounds_us": paired(figures, "kernel", "raw")["median"],
         "overhead_grad_us": paired(figures, "kernel_grad", "raw")["median"],
-        "guard_us": paired(blocks, "guarded", "raw", keep=calm if judged_quiet else None)["median"],
-        "call_us": paired(blocks, "kernel", "guarded", keep=calm if judged_quiet else None)["median"],
+        "guard_us": paired(blocks, "guarded", "raw", keep=keep)["median"],
+        "call_us": paired(blocks, "kernel", "guarded", keep=keep)["median"],
         "overhead_share": overhead["median"] / raw if raw > 0 else None,
         "target_us": target,
         "meets_target": overhead["median"] <= target,
