@@ -121,12 +121,12 @@ def extra_sections(figures: dict[str, Any]) -> list[str]:
             "## Floor: the raw AOTInductor runner and Kasmina's overhead above it (smallest representative shape)",
             "",
             "| blueprint | shape | raw run us | kernel us | overhead us (median of paired differences) [quartiles] "
-            "(all blocks) | target us | guard + call us | Python penalty us | quiet blocks |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "(all blocks) | A/A us [quartiles] | target us | guard + call us | Python penalty us | quiet blocks |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in sorted(floor.items()):
             if "overhead_us" not in r:
-                lines.append(f"| {name} | | skipped: {r.get('skipped', '')} | | | | | | |")
+                lines.append(f"| {name} | | skipped: {r.get('skipped', '')} | | | | | | | |")
                 continue
             p = r["paths"]
             shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
@@ -138,9 +138,12 @@ def extra_sections(figures: dict[str, Any]) -> list[str]:
             # Older results (before blocks were judged quiet) have one figure for every block.
             every = f" ({r['overhead_all_blocks_us']:.2f})" if "overhead_all_blocks_us" in r else ""
             calm = f"{r['blocks']['quiet']} of {r['blocks']['count']}" if "quiet" in r.get("blocks", {}) else "-"
+            # Older results (before the runner was measured twice) have no A/A figure.
+            twin = f"{r['twin_us']:.2f} [{r['twin_q1_us']:.2f}-{r['twin_q3_us']:.2f}]" if "twin_us" in r else "-"
             lines.append(
                 f"| {name} | {shape} | {p['raw']['us']:.2f} | {p['kernel']['us']:.2f} | {r['overhead_us']:.2f}{spread}"
-                f"{every} | {r['target_us']:.2f}{'' if r['meets_target'] else ' (missed)'} | {parts} | {penalty} "
+                f"{every} | {twin} | {r['target_us']:.2f}{'' if r['meets_target'] else ' (missed)'} | {parts} "
+                f"| {penalty} "
                 f"| {calm} |"
             )
     eager = figures.get("floor", {}).get("eager", {})

@@ -38,14 +38,17 @@ as the compiled paths (a tenth of the calls each). The ratio is the median over 
 
 Paths are interleaved: every round runs each path ``--number`` times in a shuffled order, and the figure is
 the median of per-round per-call times with the spread (min-max of the round medians). The overhead, and its
-split into guard and call, are measured apart, in paired blocks: ``raw``, ``kernel`` and ``guarded`` in
-blocks of 20 calls, in one order and then its reverse, as many calls of each in all as the rounds make; the
+split into guard and call, are measured apart, in paired blocks: ``raw``, ``kernel``, ``twin`` and ``guarded``
+in blocks of 20 calls, in one order and then its reverse, as many calls of each in all as the rounds make; the
 overhead is the median over blocks of ``kernel - raw``, with the blocks' quartiles. Two figures of one
 block are microseconds apart, where two paths of one round are hundreds of calls apart and the machine
 drifts between them by more than the target at a 100 us kernel (the rounds' own ``kernel - raw`` is kept
-beside it as ``overhead_rounds_us``). The target is ``<= max(3 us, 5% of raw)``.
+beside it as ``overhead_rounds_us``). The target is ``<= max(3 us, 5% of raw)``. ``twin`` is ``raw`` again,
+on the kernel's other side (raw, kernel, twin; twin, kernel, raw): ``twin - raw`` (``twin_us``, with its
+quartiles) is what the method reads where there is nothing to find, the yardstick for an overhead at a large
+kernel, whose calls vary by more than a small overhead.
 
-Each group of blocks also times ``reference``, plain Python (:func:`python_work`) with no torch in it. On a
+Each group of blocks starts with ``reference``, plain Python (:func:`python_work`) with no torch in it. On a
 shared host the same Python runs about half as fast for seconds at a time (another tenant on the physical core;
 no steal time is counted), and every path of a block run then is slower by that factor, their difference too.
 The overhead is judged on the quiet blocks, those whose reference took at most ``QUIET_TOLERANCE`` times its
@@ -185,15 +188,23 @@ def quiet(figures: dict[str, dict[str, Any]], reference: str, tolerance: float =
     return [x <= tolerance * quick for x in samples]
 
 
-def adjacent(paths: dict[str, Callable[[], float]], blocks: int) -> dict[str, dict[str, Any]]:
+def adjacent(
+    paths: dict[str, Callable[[], float]], blocks: int, *, first: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Every path once per block, in one order and then in its reverse (ABC, CBA, ABC...), each a short block
     of calls: a difference of two paths is then taken between figures microseconds apart, with the order's
     own effect cancelled, which is what a difference smaller than the machine's drift between rounds needs.
-    Shaped as :func:`interleaved`'s figures (``samples`` in block order) for :func:`paired`."""
-    names = list(paths)
-    samples: dict[str, list[float]] = {k: [] for k in names}
+    Shaped as :func:`interleaved`'s figures (``samples`` in block order) for :func:`paired`.
+
+    ``first``: a path run at the start of every block whatever the order (XABC, XCBA...), so that what runs
+    just before it is the same kind of block in both orders. The reference that tells quiet blocks needs it:
+    plain Python runs about half as fast again right after a runner's block as right after its own, so a
+    reference that took turns at the end and the start of the order would call every block of one order quiet,
+    and a judgement over the quiet blocks would read one order's position effect as overhead."""
+    names = [n for n in paths if n != first]
+    samples: dict[str, list[float]] = {k: [] for k in paths}
     for b in range(blocks):
-        for name in names if b % 2 == 0 else reversed(names):
+        for name in ([first] if first is not None else []) + (names if b % 2 == 0 else names[::-1]):
             samples[name].append(paths[name]())
     return {k: {"us": statistics.median(v), "samples": v} for k, v in samples.items()}
 
@@ -283,12 +294,14 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
         figures = interleaved(paths, rounds)
         blocks = adjacent(
             {
+                "reference": lambda: call_loop_us(python_work, (table,), BLOCK),
                 "raw": lambda: raw_loop_us(run, flat, BLOCK),
                 "kernel": lambda: call_loop_us(kernel, args, BLOCK),
+                "twin": lambda: raw_loop_us(run, flat, BLOCK),
                 "guarded": lambda: guarded_loop_us(route_of, run, args, flat, BLOCK),
-                "reference": lambda: call_loop_us(python_work, (table,), BLOCK),
             },
             max(2, rounds * number // BLOCK),
+            first="reference",
         )
         raw_timer = timer_us(run, flat)
     raw = figures["raw"]["us"]
@@ -298,6 +311,7 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
     judged_quiet = sum(calm) >= QUIET_MIN_BLOCKS
     keep = calm if judged_quiet else None
     overhead = paired(blocks, "kernel", "raw", keep=keep)
+    twin = paired(blocks, "twin", "raw", keep=keep)
     target = max(TARGET_US, TARGET_SHARE * raw)
     return {
         "shape": sizes,
@@ -310,6 +324,11 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
         "overhead_q3_us": overhead["q3"],
         "overhead_all_blocks_us": everywhere["median"],
         "reference_us": statistics.median(blocks["reference"]["samples"]),
+        # The same runner measured twice (A/A): what the method reads where there is nothing to find, its bias
+        # and, by its quartiles, its resolution at this kernel.
+        "twin_us": twin["median"],
+        "twin_q1_us": twin["q1"],
+        "twin_q3_us": twin["q3"],
         # The same difference from the rounds (each path's whole round figure): drift between two paths
         # hundreds of calls apart is in it.
         "overhead_rounds_us": paired(figures, "kernel", "raw")["median"],
@@ -384,13 +403,13 @@ def markdown(results: dict[str, Any]) -> str:
         "the quiet column)",
         "",
         "| blueprint | shape | raw run us | Timer us | package us | kernel us "
-        "| overhead us [blocks] (all blocks; rounds; grad on) | target us | guard + call us | select us | eager us "
-        "| bound seed us (overhead) | Python penalty us | quiet blocks (reference us) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| overhead us [blocks] (all blocks; rounds; grad on) | A/A us [blocks] | target us | guard + call us "
+        "| select us | eager us | bound seed us (overhead) | Python penalty us | quiet blocks (reference us) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in sorted(results["blueprints"].items()):
         if "skipped" in r:
-            lines.append(f"| {name} | {r['shape']} | skipped: {r['skipped']} | | | | | | | | | | | |")
+            lines.append(f"| {name} | {r['shape']} | skipped: {r['skipped']} | | | | | | | | | | | | |")
             continue
         p = r["paths"]
 
@@ -403,6 +422,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {shape} | {cell('raw')} | {r['raw_timer_us']:.2f} | {cell('package')} | {cell('kernel')} "
             f"| {r['overhead_us']:.2f} [{r['overhead_q1_us']:.2f}-{r['overhead_q3_us']:.2f}] "
             f"({r['overhead_all_blocks_us']:.2f}; {r['overhead_rounds_us']:.2f}; {r['overhead_grad_us']:.2f}) "
+            f"| {r['twin_us']:.2f} [{r['twin_q1_us']:.2f}-{r['twin_q3_us']:.2f}] "
             f"| {r['target_us']:.2f}{'' if r['meets_target'] else ' MISSED'} "
             f"| {r['guard_us']:.2f} + {r['call_us']:.2f} | {cell('select')} | {cell('eager')} | {bound} "
             f"| {r['python_penalty_us']:.2f} | {r['blocks']['quiet']} of {r['blocks']['count']} "

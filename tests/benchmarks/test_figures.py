@@ -56,6 +56,9 @@ FIGURES: dict[str, Any] = {
                 "guard_us": 0.75,
                 "call_us": 0.5,
                 "python_penalty_us": 0.25,
+                "twin_us": 0.1,
+                "twin_q1_us": -0.5,
+                "twin_q3_us": 0.6,
             },
             "c": {
                 "shape": {"batch": 2},
@@ -122,8 +125,10 @@ FIGURES: dict[str, Any] = {
 def test_perf_md_has_the_issue_14_sections() -> None:
     md = figures.markdown(FIGURES)
     assert "## Floor" in md
-    assert "| a | batch=1 | 10.00 | 11.50 | 1.50 (2.50) | 2.00 | 0.75 + 0.50 | 0.25 | 30 of 40 |" in md
-    assert "| c | batch=2 | 9.00 | 10.00 | 1.00 | 2.00 | - | - | - |" in md  # a result from before the split
+    assert (
+        "| a | batch=1 | 10.00 | 11.50 | 1.50 (2.50) | 0.10 [-0.50-0.60] | 2.00 | 0.75 + 0.50 | 0.25 | 30 of 40 |"
+    ) in md
+    assert "| c | batch=2 | 9.00 | 10.00 | 1.00 | - | 2.00 | - | - | - |" in md  # a result from before the split
     assert "skipped: this shape routes eager" in md
     assert "## Lever study (quick mode" in md and "| default | 0.671 | 2 | 1 |" in md
     assert "wrapper_o3_lto skipped: needs clang" in md

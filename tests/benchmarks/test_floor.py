@@ -53,3 +53,34 @@ def test_the_overhead_of_quiet_blocks_is_the_machines_own() -> None:
     assert all(quiet(steady, "reference"))
     assert paired(steady, "kernel", "raw", keep=quiet(steady, "reference"))["median"] == 1.0
     assert paired(steady, "kernel", "raw")["median"] == 1.0
+
+
+def test_the_reference_opens_every_block_so_quiet_blocks_come_from_both_orders() -> None:
+    """Plain Python runs slower right after a runner's block than right after its own: a host where the
+    reference takes 1.5 units after any other path and 1 after itself. Taking turns at the end and the start of
+    the order (the defect), the reference calls only the blocks of one order quiet, and the overhead judged over
+    them is that order's position effect (here the kernel reads 1 unit slower than the runner when it follows
+    it, 3 otherwise: 2 over both orders, 1 over the forward ones alone). Opening every block, the
+    reference is always just after a runner's block, and the quiet blocks are of both orders."""
+    last: list[str] = ["raw"]
+
+    def path(name: str) -> Callable[[], float]:
+        def run() -> float:
+            before = last[0]
+            last[0] = name
+            if name == "reference":
+                return 1.0 if before == "reference" else 1.5
+            if name == "kernel":
+                return 11.0 if before == "raw" else 13.0
+            return 10.0
+
+        return run
+
+    names = ["reference", "raw", "kernel"]
+    for first, orders in ((None, {0}), ("reference", {0, 1})):
+        last[0] = "raw"
+        figures = adjacent({n: path(n) for n in names}, 20, first=first)
+        calm = quiet(figures, "reference")
+        assert {b % 2 for b, c in enumerate(calm) if c} == orders
+        judged = paired(figures, "kernel", "raw", keep=calm)["median"]
+        assert judged == (1.0 if first is None else 2.0)
