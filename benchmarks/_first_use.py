@@ -8,10 +8,12 @@ TORCHINDUCTOR_CACHE_DIR points at (an empty one: cold; a used one: warm).
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-mode, urza, folder, name, sizes_json = sys.argv[1:6]
+mode, urza, folder_arg, name, sizes_json = sys.argv[1:6]
+folder = Path(folder_arg)
 sizes = json.loads(sizes_json)
 from esper.catalog import load_catalog  # noqa: E402
 from esper.numerics.inputs import example_inputs  # noqa: E402

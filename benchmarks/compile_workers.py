@@ -31,11 +31,11 @@ def trial(source: Path, name: str, parallel: bool) -> float:
     with tempfile.TemporaryDirectory(prefix="compile-workers-") as tmp:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor-cache")
         urza = str(Path(tmp) / "urza.db")
-        jobs = [
-            CompileJob(str(source), name, artifact.value, *cid.split("/"), urza, "cpu")
-            for artifact in ArtifactKind
-            for cid in plan.candidate_ids(bp, artifact)
-        ]
+        jobs = []
+        for artifact in ArtifactKind:
+            for cid in plan.candidate_ids(bp, artifact):
+                profile, variant = cid.split("/")
+                jobs.append(CompileJob(str(source), name, artifact.value, profile, variant, urza, "cpu"))
         pool = CompilePool(1)
         try:
             if parallel:  # start the worker (it imports torch and Inductor) before the clock starts

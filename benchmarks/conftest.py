@@ -10,11 +10,14 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from benchmarks.figures import write_outputs
+
+if TYPE_CHECKING:  # esper is imported once the session has byte-compiled it
+    from esper.catalog import Catalog
 
 ROOT = Path(__file__).parents[1]
 CATALOG = ROOT / "blueprints"
@@ -48,7 +51,7 @@ def results(out_dir: Path) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def catalog():  # type: ignore[no-untyped-def]
+def catalog() -> Catalog:
     from esper.catalog import load_catalog
 
     return load_catalog([CATALOG])

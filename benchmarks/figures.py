@@ -282,7 +282,7 @@ def plot_sweeps(figures: dict[str, Any], out: Path) -> list[Path]:
             xs = sorted(int(x) for x in points)
             ys = [points[x] if x in points else points[str(x)] for x in xs]
             style = {"linewidth": 3, "alpha": 0.5, "color": "black"} if label == "routed" else {"marker": "o"}
-            ax.plot(xs, ys, label=label, **style)  # type: ignore[arg-type]
+            ax.plot(xs, ys, label=label, **style)
         for edge in sweep["bucket_edges"]:
             ax.axvline(edge - 0.5, linestyle="--", color="grey")
         ax.set_xscale("log", base=2)

@@ -63,6 +63,7 @@ def _per_call_us(fns: list[Any], calls_each: int) -> float:
 
 
 def measure(urza: Path, blueprints: Path, name: str, batches: list[int], calls: int, repeats: int) -> dict[str, Any]:
+    from esper.artifacts.runtime import CompiledPackage
     from esper.kasmina import COMPILED, Kasmina
 
     kasmina = Kasmina(urza, blueprint_paths=[blueprints])
@@ -70,6 +71,8 @@ def measure(urza: Path, blueprints: Path, name: str, batches: list[int], calls: 
     assert all(k.route == COMPILED for k in kernels), kernels[0].reason
     shared = kernels[0]
     package = next(r.package for r in shared.routes if r.package is not None)
+    if not isinstance(package, CompiledPackage):
+        raise SystemExit(f"{name}'s compiled route calls a {type(package).__name__}, not a loaded package")
     out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "calls_per_thread": calls, "batches": {}}
     for batch in batches:
         x = torch.randn(batch, *_feature_shape(shared))
@@ -77,7 +80,7 @@ def measure(urza: Path, blueprints: Path, name: str, batches: list[int], calls: 
             shared(x)
             if shared.last_path != COMPILED:
                 raise SystemExit(f"batch {batch} is outside the guards: {shared.check(x)}")
-        variants = {
+        variants: dict[str, list[Any]] = {
             "raw (no lock, 1 thread)": [lambda x=x: package._loader.run([x])],
             "1 thread": [lambda x=x: shared(x)],
             "8 threads, shared kernel": [lambda x=x: shared(x)] * THREADS,

@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def compile_lever(bp: Any, lever: Lever, sizes: dict[str, int] | None, workdir: 
     return CompiledPackage(path), seconds
 
 
-def measure(package: Any, eager: torch.nn.Module, args: list[torch.Tensor], quick: bool) -> dict[str, Any]:
+def measure(package: Any, eager: torch.nn.Module, args: Sequence[torch.Tensor], quick: bool) -> dict[str, Any]:
     from esper.certification.timing import compare
 
     with torch.no_grad():

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     try:
         from esper.numerics.inputs import example_inputs
     except ImportError:  # commits before the numerics package
-        from esper.inputs import example_inputs  # type: ignore[no-redef]
+        from esper.inputs import example_inputs  # type: ignore[no-redef,import-not-found]
 
     urza, tree, points_file, out = (Path(a) for a in argv)
     catalog = load_catalog([tree / "blueprints"])

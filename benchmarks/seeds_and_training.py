@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ def hundred_seeds(kasmina: Kasmina, bp: Blueprint, urza_path: Path, n: int = 100
     return result
 
 
-def seed_switch(seeds: list[Any], x: list[torch.Tensor], rounds: int = 9) -> dict[str, float]:
+def seed_switch(seeds: list[Any], x: Sequence[torch.Tensor], rounds: int = 9) -> dict[str, float]:
     """The cost of switching seeds (target: <= 0.5 ms): per call, the seeds alternating every call (each call
     loads another seed's weights into the shared package) minus one seed repeated, the two loops interleaved
     in ``rounds`` rounds (median of per-round figures, and the spread of the per-round differences)."""

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -278,12 +279,13 @@ def test_sweep(name: str, kernels: dict[str, Any], bench_urza: Path, results: di
     with torch.no_grad():
         for x in xs:
             args = example_inputs(bp, {**base, dim: x})
-            series["eager"][x] = measure(lambda args=args: module(*args), iters=20, max_seconds=0.3).p50_ms
-            series["routed"][x] = measure(lambda args=args: kernels[name](*args), iters=20, max_seconds=0.3).p50_ms
+            # The same wrapper around every call measured, eager and compiled.
+            series["eager"][x] = measure(functools.partial(module, *args), iters=20, max_seconds=0.3).p50_ms
+            series["routed"][x] = measure(functools.partial(kernels[name], *args), iters=20, max_seconds=0.3).p50_ms
             for e, k in loaded:
                 if k.check(*args) is None:
                     series.setdefault(e.variant, {})[x] = measure(
-                        lambda k=k, args=args: k(*args), iters=20, max_seconds=0.3
+                        functools.partial(k, *args), iters=20, max_seconds=0.3
                     ).p50_ms
     edges = sorted({r[dim][0] for r in bp.profiles().values() if r[dim][0] > lo})
     results["sweep"][name] = {

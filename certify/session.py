@@ -117,7 +117,8 @@ class PytestCertify:
             name = getattr(module, "BLUEPRINT", None)
             params = getattr(getattr(item, "callspec", None), "params", {})
             if (
-                name
+                module is not None
+                and name
                 and getattr(item, "originalname", None) == "test_compile"
                 and {"artifact", "candidate"} <= set(params)
             ):
