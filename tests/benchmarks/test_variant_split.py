@@ -1,0 +1,71 @@
+"""benchmarks.variant_split: what the entries' own comparisons would route if each cell went to its winner."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.variant_split import best_per_cell, routed_geomean, splits
+from esper.urza.evidence import COMPILED, EAGER, RegionCell, RouteTable
+from esper.urza.schema import EntryStatus
+
+
+def table(ratios: dict[int, float | None]) -> RouteTable:
+    """A batch-only table: compiled where a ratio is given (it won there), eager where ``None``."""
+    cells = tuple(
+        RegionCell({"batch": b}, COMPILED if r is not None else EAGER, "wins" if r is not None else "loses", r)
+        for b, r in ratios.items()
+    )
+    return RouteTable(("batch",), (tuple(ratios),), cells)
+
+
+# Two variants that each win half of the range (the fast one at small batches, the other at large ones).
+SMALL = table({2: 0.25, 8: 0.25, 32: None, 64: None})
+LARGE = table({2: 0.5, 8: 0.5, 32: 0.64, 64: 0.64})
+
+
+def test_routed_geomean_counts_eager_cells_as_one() -> None:
+    assert routed_geomean(SMALL) == pytest.approx((0.25 * 0.25) ** 0.25)
+    assert routed_geomean(LARGE) == pytest.approx((0.5 * 0.5 * 0.64 * 0.64) ** 0.25)
+
+
+def test_per_cell_best_takes_each_cells_fastest_and_eager_where_none_compiles() -> None:
+    best, served = best_per_cell({"small": SMALL, "large": LARGE})
+    assert best == pytest.approx((0.25 * 0.25 * 0.64 * 0.64) ** 0.25)
+    assert served == {"small": 2, "large": 2}
+    none = table({2: None, 8: None, 32: None, 64: None})
+    assert best_per_cell({"a": none, "b": none}) == (1.0, {"eager": 4})
+
+
+def entry(variant: str, t: RouteTable, *, id: int, status: str, version: int = 2, profile: str = "default"):
+    return SimpleNamespace(
+        blueprint="bp",
+        blueprint_version=version,
+        artifact="inference",
+        profile=profile,
+        variant=variant,
+        id=id,
+        status=EntryStatus(status),
+        meta={"route_table": t.to_json()},
+    )
+
+
+def test_splits_read_the_newest_entry_of_each_variant_at_the_newest_version() -> None:
+    rows = splits(
+        [
+            entry("large", LARGE, id=4, status="certified"),
+            entry("small", SMALL, id=3, status="rejected"),
+            # Older: a superseded entry of the same variant, and a variant of an older blueprint version.
+            entry("small", LARGE, id=2, status="rejected"),
+            entry("old", SMALL, id=1, status="certified", version=1),
+            # A profile with one candidate has nothing to split.
+            entry("large", LARGE, id=5, status="certified", profile="batch=1-4"),
+        ]
+    )
+    [row] = rows
+    assert row.routed is not None and row.routed.variant == "large"
+    assert {c.variant: c.routed_geomean for c in row.candidates} == {
+        "large": pytest.approx(routed_geomean(LARGE)),
+        "small": pytest.approx(routed_geomean(SMALL)),
+    }
+    assert row.best_per_cell == pytest.approx((0.25 * 0.25 * 0.64 * 0.64) ** 0.25)
+    assert row.best_per_cell < min(c.routed_geomean for c in row.candidates)  # better than either alone
