@@ -3,8 +3,8 @@ one candidate certification routes the whole profile to.
 
     .venv/bin/python -m benchmarks.variant_split [--urza PATH] [--json PATH]
 
-For every blueprint, artifact and profile with two or more candidates that carry a route table (certified or
-not; the newest entry of each variant at the newest blueprint version), from ``--urza`` (default
+For every blueprint, artifact and profile with two or more candidates that carry a route table (routed or
+not; the candidates and routes ``esper report`` shows for this machine), from ``--urza`` (default
 ``.esper/bench/urza.db``, which ``pytest benchmarks`` fills):
 
 - each candidate's *routed geomean* over its grid: its paired ratio to eager where its table serves compiled
@@ -26,9 +26,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from esper.urza import Urza
-from esper.urza.evidence import COMPILED, RouteTable, geomean, route_table
-from esper.urza.schema import Entry, EntryStatus
+from esper.artifacts.compat import current
+from esper.report import BlueprintEvidence, collect
+from esper.urza import Entry, Urza
+from esper.urza.evidence import COMPILED, Evidence, RouteTable, geomean
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Candidate:
     variant: str
-    certified: bool
+    routed: bool  # what Kasmina loads for this profile
     compiled_cells: int
     cells: int
     routed_geomean: float
@@ -53,7 +54,7 @@ class Split:
 
     @property
     def routed(self) -> Candidate | None:
-        return next((c for c in self.candidates if c.certified), None)
+        return next((c for c in self.candidates if c.routed), None)
 
 
 def _ratio_compiled(table: RouteTable) -> dict[str, float]:
@@ -82,32 +83,28 @@ def best_per_cell(tables: Mapping[str, RouteTable]) -> tuple[float, dict[str, in
     return geomean(ratios), served
 
 
-def splits(entries: Iterable[Entry]) -> list[Split]:
-    """One :class:`Split` per profile with two or more candidates carrying a route table."""
-    newest: dict[tuple[str, str, str, str], Entry] = {}
-    version: dict[str, int] = {}
-    listed = list(entries)
-    for e in listed:
-        version[e.blueprint] = max(version.get(e.blueprint, e.blueprint_version), e.blueprint_version)
-    for e in sorted(listed, key=lambda e: e.id or 0, reverse=True):  # newest first
-        if e.blueprint_version == version[e.blueprint]:
-            newest.setdefault((e.blueprint, e.artifact, e.profile, e.variant), e)
-    groups: dict[tuple[str, str, str], list[tuple[Entry, RouteTable]]] = {}
-    for (bp, artifact, profile, _), e in newest.items():
-        table = route_table(e.meta)
-        if table is not None:
-            groups.setdefault((bp, artifact, profile), []).append((e, table))
+def splits(evidence: Iterable[BlueprintEvidence]) -> list[Split]:
+    """One :class:`Split` per profile with two or more candidates carrying a route table, from the report's own
+    reading of an Urza (:func:`esper.report.collect`): its candidates (the newest of each variant at the routed
+    blueprint version) and its routes (what Kasmina would load on this machine)."""
     out = []
-    for (bp, artifact, profile), members in sorted(groups.items()):
-        if len(members) < 2:
-            continue
-        tables = {e.variant: t for e, t in members}
-        best, served = best_per_cell(tables)
-        candidates = tuple(
-            Candidate(e.variant, e.status == EntryStatus.CERTIFIED, t.compiled_cells(), len(t.cells), routed_geomean(t))
-            for e, t in members
-        )
-        out.append(Split(bp, artifact, profile, candidates, best, served))
+    for bp in evidence:
+        for kind in bp.kinds:
+            routed = {r.id for r in kind.routes}
+            by_profile: dict[str, list[tuple[Entry, RouteTable]]] = {}
+            for e in kind.candidates:
+                table = Evidence.of(e).meta.route_table
+                if table is not None:
+                    by_profile.setdefault(e.profile, []).append((e, table))
+            for profile, members in sorted(by_profile.items()):
+                if len(members) < 2:
+                    continue
+                best, served = best_per_cell({e.variant: t for e, t in members})
+                candidates = tuple(
+                    Candidate(e.variant, e.id in routed, t.compiled_cells(), len(t.cells), routed_geomean(t))
+                    for e, t in members
+                )
+                out.append(Split(bp.name, kind.kind.value, profile, candidates, best, served))
     return out
 
 
@@ -122,7 +119,7 @@ def markdown(rows: list[Split]) -> str:
         chosen = (
             f"{routed.variant} {routed.routed_geomean:.3f} ({routed.compiled_cells} of {routed.cells})"
             if routed
-            else "none certified"
+            else "none routed"
         )
         others = "; ".join(
             f"{c.variant} {c.routed_geomean:.3f} ({c.compiled_cells} of {c.cells})"
@@ -145,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no Urza at {a.urza}: run `pytest benchmarks` (or pass --urza)", file=sys.stderr)
         return 2
     with Urza(a.urza, readonly=True) as urza:
-        rows = splits(urza.entries())
+        rows = splits(collect(urza, current()))
     print(markdown(rows), end="")
     if a.json is not None:
         a.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")

@@ -5,8 +5,9 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks.variant_split import best_per_cell, routed_geomean, splits
+from esper.artifacts.kinds import ArtifactKind
+from esper.report import BlueprintEvidence, KindEvidence
 from esper.urza.evidence import COMPILED, EAGER, RegionCell, RouteTable
-from esper.urza.schema import EntryStatus
 
 
 def table(ratios: dict[int, float | None]) -> RouteTable:
@@ -36,32 +37,19 @@ def test_per_cell_best_takes_each_cells_fastest_and_eager_where_none_compiles() 
     assert best_per_cell({"a": none, "b": none}) == (1.0, {"eager": 4})
 
 
-def entry(variant: str, t: RouteTable, *, id: int, status: str, version: int = 2, profile: str = "default"):
+def entry(variant: str, t: RouteTable, *, id: int, profile: str = "default"):
+    """An entry as the report's reading gives it (only what the split reads)."""
     return SimpleNamespace(
-        blueprint="bp",
-        blueprint_version=version,
-        artifact="inference",
-        profile=profile,
-        variant=variant,
-        id=id,
-        status=EntryStatus(status),
-        meta={"route_table": t.to_json()},
+        variant=variant, profile=profile, id=id, parity={}, performance={}, meta={"route_table": t.to_json()}
     )
 
 
-def test_splits_read_the_newest_entry_of_each_variant_at_the_newest_version() -> None:
-    rows = splits(
-        [
-            entry("large", LARGE, id=4, status="certified"),
-            entry("small", SMALL, id=3, status="rejected"),
-            # Older: a superseded entry of the same variant, and a variant of an older blueprint version.
-            entry("small", LARGE, id=2, status="rejected"),
-            entry("old", SMALL, id=1, status="certified", version=1),
-            # A profile with one candidate has nothing to split.
-            entry("large", LARGE, id=5, status="certified", profile="batch=1-4"),
-        ]
-    )
-    [row] = rows
+def test_splits_set_the_routed_candidate_against_the_per_cell_best() -> None:
+    large, small = entry("large", LARGE, id=4), entry("small", SMALL, id=3)
+    alone = entry("large", LARGE, id=5, profile="batch=1-4")  # a profile with one candidate: nothing to split
+    kind = KindEvidence(ArtifactKind.INFERENCE, (large, alone), (large, small, alone), None)
+    [row] = splits([BlueprintEvidence("bp", (kind,))])
+    assert (row.blueprint, row.artifact, row.profile) == ("bp", "inference", "default")
     assert row.routed is not None and row.routed.variant == "large"
     assert {c.variant: c.routed_geomean for c in row.candidates} == {
         "large": pytest.approx(routed_geomean(LARGE)),
