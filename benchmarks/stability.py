@@ -89,12 +89,15 @@ def key_label(key: Key) -> str:
 
 def routes_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """The route each (blueprint, artifact, profile) serves: the newest certified row's variant, or ``eager``
-    for a certified eager route (an eager fallback or an eager choice)."""
+    for a certified eager route (an eager fallback or an eager choice); where the newest row shares its
+    profile's cells with others (its ``group`` of ids), their variants in the group's order, joined by ``+``."""
     routes: dict[str, str] = {}
-    for row in sorted(rows, key=lambda r: r["id"]):
-        if row["status"] != "certified":
-            continue
+    certified = {row["id"]: row for row in rows if row["status"] == "certified"}
+    for row in sorted(certified.values(), key=lambda r: r["id"]):
         route = "eager" if row["kind"] != "aoti" else str(row["variant"])
+        members = [certified[i] for i in row.get("group") or () if i in certified]
+        if len(members) > 1:
+            route = "+".join(str(m["variant"]) for m in members)
         routes[key_label((row["blueprint"], row["artifact"], row["profile"]))] = route
     return dict(sorted(routes.items()))
 
@@ -382,6 +385,7 @@ def neighbour(kind: str, threads: int, folder: Path, ci: bool) -> Iterator[dict[
 def read_routes(urza: Path) -> dict[str, str]:
     """The certified routes in the Urza at ``urza`` (none when the run left no database)."""
     from esper.urza import Urza
+    from esper.urza.evidence import route_group
 
     if not urza.exists():
         return {}
@@ -395,6 +399,7 @@ def read_routes(urza: Path) -> dict[str, str]:
                 "blueprint": e.blueprint,
                 "artifact": e.artifact,
                 "profile": e.profile,
+                "group": list(route_group(e.meta)),
             }
             for e in store.entries(status="certified")
         ]

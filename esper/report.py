@@ -136,15 +136,19 @@ def series(ev: KindEvidence) -> tuple[str | None, dict[str, dict[int, float]]]:
                 out[EAGER].setdefault(size, row.eager.p50_ms)
             if row.compiled is not None and row.compiled.p50_ms is not None:
                 out[e.variant][size] = min(row.compiled.p50_ms, out[e.variant].get(size, math.inf))
+    served: set[int] = set()  # sizes a route serves compiled: routes sharing a profile's cells each have one
     for r in ev.routes:
         evidence = Evidence.of(r)
         for label, row in evidence.performance.certify.items():
             x = _x(label)
             sizes = Blueprint.label_sizes(label)
-            p50 = row.side(evidence.path_at(sizes)).p50_ms
-            if x is not None and p50 is not None:
+            path = evidence.path_at(sizes)
+            p50 = row.side(path).p50_ms
+            if x is not None and p50 is not None and x[1] not in served:
                 dim = dim or x[0]
                 out[ROUTED][x[1]] = p50
+                if path == COMPILED:
+                    served.add(x[1])
     return dim, dict(out)
 
 

@@ -402,8 +402,9 @@ def _guard_source(
     :func:`same_but_ranges`): every check the schemas share once, then each schema's ranges in order; the
     first that holds returns ``hit(index)`` (``index`` as source text), any refusal ``miss``. No loops, every
     constant inlined. Where ``regions[index]`` is given, that schema's hit is instead the code its
-    :class:`Regions` places the sizes in (``index``, or ``len(schemas) + index`` outside its compiled cells),
-    read from tables bound in the namespace (:func:`_region_tables`).
+    :class:`Regions` places the sizes in, read from tables bound in the namespace (:func:`_region_tables`):
+    ``index`` in a compiled cell; outside them the later schemas are tried, and ``len(schemas) + index`` of the
+    first schema that placed the call in an eager cell is returned where none takes it compiled.
 
     ``fast``: first a shorter way in. ``match`` (:func:`esper.artifacts.servable.tensor_match`, bound in the
     namespace) tests every input's type, dtype, device, rank and fixed sizes and the thread's dispatch state in
@@ -412,7 +413,8 @@ def _guard_source(
     then skip its own thread-state, grad and layout checks. An input whose ``laid_out`` is true had its strides
     checked by ``match`` (contiguous, every stride fixed), and is not tested for contiguity again. Where
     ``runners[index]`` is true, such a call returns ``r<index>`` (bound in the namespace) instead of a code. A
-    call in an eager cell returns its code as soon as its sizes are known. Anything else takes the full path
+    call every accepting schema places in an eager cell returns its code as soon as the sizes have been placed.
+    Anything else takes the full path
     below, as without ``fast``.
 
     Only integers (checked again here, whatever the schema's construction did) and fixed names are written
@@ -468,15 +470,28 @@ def _guard_source(
     inside = any(r is not None for r in regions)
     if not inside:
         lines += [f"    {line}" for line in properties]
-    for index, each in enumerate(schemas):
-        region = regions[index]
-        lines.append(f"    if {_held(each, first_seen)}:")
-        if region is not None:
-            lines += _region_lines(region, index, len(schemas), each, first_seen, " " * 8)
-        if inside:
-            lines += [f"        {line}" for line in properties]
-        lines.append(f"        return {'code' if region is not None else hit(_int_literal(index))}")
-    lines.append(f"    return {miss}")
+        for index, each in enumerate(schemas):
+            lines += [f"    if {_held(each, first_seen)}:", f"        return {hit(_int_literal(index))}"]
+        lines.append(f"    return {miss}")
+    else:
+        # ``found``: the eager code of the first schema that accepted the call into an eager cell; a later
+        # schema may still serve it compiled (routes of one profile that share its cells between them).
+        lines.append("    found = None")
+        for index, each in enumerate(schemas):
+            region = regions[index]
+            lines.append(f"    if {_held(each, first_seen)}:")
+            inner = " " * 8
+            if region is not None:
+                lines += [
+                    f"        code = {_region_expression(region, index, first_seen, each.dim_ranges())}",
+                    f"        if code < {_int_literal(len(schemas))}:",
+                ]
+                inner = " " * 12
+            lines += [f"{inner}{line}" for line in properties]
+            lines.append(f"{inner}return {'code' if region is not None else hit(_int_literal(index))}")
+            if region is not None:
+                lines += ["        if found is None:", "            found = code"]
+        lines.append(f"    return {miss} if found is None else found")
     if fast:
         lines[3:3] = _fast_source(schemas, regions, hit, laid_out, runners)
     return "\n".join(lines)
@@ -523,16 +538,37 @@ def _fast_source(
         ]
     )
     verified = _int_literal(2 * len(schemas))
+    count = _int_literal(len(schemas))
     served = [*runners, *[False] * (len(schemas) - len(runners))]
+    if not any(r is not None for r in regions):
+        for index, each in enumerate(schemas):
+            way_out = f"r{_int_literal(index)}" if served[index] else f"{hit(_int_literal(index))} + {verified}"
+            lines += [
+                f"{indent}{'if' if index == 0 else 'elif'} {_held(each, sizes)}:",
+                f"{indent}    if {plain}:",
+                f"{indent}        return {way_out}",
+            ]
+        return lines
+    # The first schema that accepts the call into a compiled cell answers it; ``found`` is ``None`` until a
+    # schema accepts, then the eager code of the first eager cell, or ``-1`` once a compiled cell's call needs
+    # the full tests (nothing later may answer before that schema does).
+    lines.append(f"{indent}found = None")
     for index, each in enumerate(schemas):
-        lines.append(f"{indent}{'if' if index == 0 else 'elif'} {_held(each, sizes)}:")
-        region, inner = regions[index], indent + " " * 4
+        region = regions[index]
+        way_out = f"r{_int_literal(index)}" if served[index] else f"{hit(_int_literal(index))} + {verified}"
+        held = _held(each, sizes)
+        lines.append(f"{indent}if {held}:" if index == 0 else f"{indent}if found != -1 and {held}:")
+        inner = indent + " " * 4
         if region is not None:
-            # Past these lines ``code`` is ``index``: the cell is compiled.
-            lines += _region_lines(region, index, len(schemas), each, sizes, inner)
-        answer = "code" if region is not None else hit(_int_literal(index))
-        way_out = f"r{_int_literal(index)}" if served[index] else f"{answer} + {verified}"
-        lines += [f"{inner}if {plain}:", f"{inner}    return {way_out}"]
+            lines += [
+                f"{inner}code = {_region_expression(region, index, sizes, each.dim_ranges())}",
+                f"{inner}if code < {count}:",
+            ]
+            inner += " " * 4
+        lines += [f"{inner}if {plain}:", f"{inner}    return {way_out}", f"{inner}found = -1"]
+        if region is not None:
+            lines += [f"{indent}    elif found is None:", f"{indent}        found = code"]
+    lines += [f"{indent}if found is not None and found >= 0:", f"{indent}    return found"]
     return lines
 
 
@@ -542,18 +578,6 @@ def _held(schema: GuardSchema, sizes: Mapping[str, str]) -> str:
     ranges = schema.dim_ranges()
     held = [f"{_int_literal(ranges[d][0])} <= {v} <= {_int_literal(ranges[d][1])}" for d, v in sizes.items()]
     return " and ".join(held) or "True"
-
-
-def _region_lines(
-    region: Regions, index: int, count: int, schema: GuardSchema, sizes: Mapping[str, str], indent: str
-) -> list[str]:
-    """Lines that set ``code``, schema ``index``'s cell code under ``region``, and return it when the cell is
-    eager (``count``: the number of schemas)."""
-    return [
-        f"{indent}code = {_region_expression(region, index, sizes, schema.dim_ranges())}",
-        f"{indent}if code >= {_int_literal(count)}:",
-        f"{indent}    return code",
-    ]
 
 
 def _predicate_source(schema: GuardSchema, device_index: int | None = None) -> str:
@@ -620,12 +644,13 @@ def compile_dispatch(
     routes (the checks they share run once). ``None`` when the schemas differ beyond their ranges, or there
     are none: check each route's predicate in turn then.
 
-    ``regions``, one per schema (``None``, or missing at the end: none), splits a schema's range into cells: an
-    accepted call outside the compiled cells of its schema's :class:`Regions` returns ``len(schemas) + index``
-    rather than ``index``. The sizes the guards read are looked up where they were read: the region costs a
-    tuple index per dim, not a second pass over the arguments. A call placed outside the compiled cells is
-    answered as soon as its sizes are known: the dtype, device, layout and wrapper tests guard compiled code
-    only, and an eager call pays for none of them.
+    ``regions``, one per schema (``None``, or missing at the end: none), splits a schema's range into cells: a
+    call a schema accepts outside the compiled cells of its :class:`Regions` goes on to the next schemas (schemas
+    of routes sharing one profile's cells are the same), and returns ``len(schemas) + index`` of the first such
+    schema where none takes it into a compiled cell. The sizes the guards read are looked up where they were
+    read: the region costs a tuple index per dim, not a second pass over the arguments. A call placed outside
+    the compiled cells is answered as soon as its sizes are placed: the dtype, device, layout and wrapper tests
+    guard compiled code only, and an eager call pays for none of them.
 
     ``fast``: a call accepted into a compiled cell whose inputs and calling thread one C call finds plain
     (:func:`esper.artifacts.servable.tensor_match`: no input requires grad, no autocast, no mode, no functorch

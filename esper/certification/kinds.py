@@ -160,6 +160,12 @@ class KindChecks(ABC):
         return self.spec.backward
 
     @property
+    def shares_cells(self) -> bool:
+        """Whether a profile's cells may be shared between candidates (the kind's runtime routes each call to
+        the certified entry whose cell it is), or one candidate serves the whole profile."""
+        return not self.spec.backward
+
+    @property
     def p95_budget(self) -> bool:
         """Whether the blueprint's p95 limits (declared for the forward pass) apply to this kind's latency."""
         return not self.spec.backward

@@ -11,17 +11,23 @@ cost grows with its size), never a representative shape. Where two neighbouring 
 along each dim are the geometric midpoints of adjacent grid sizes, and each cell serves compiled code exactly
 where its grid point *wins* by the margin with confidence; a cell whose point loses, is even or inconclusive,
 or was not measured (beyond the grid's budget) runs eager, and says why.
+
+Where several candidates of one profile win somewhere, :func:`share` gives each cell to one of them: on the
+grid of every size any of them measured, a cell goes to a candidate whose own table is compiled all over it, the
+first in preference order unless a later one is faster there by the margin with confidence; each candidate's
+table then serves compiled code in its own cells only, and a cell no candidate wins runs eager.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from esper.certification import timing
-from esper.urza.evidence import COMPILED, EAGER, RegionCell, RouteTable
+from esper.urza.evidence import COMPILED, EAGER, RegionCell, RouteTable, threshold
 
 __all__ = [
     "GRID_BUDGET",
@@ -33,6 +39,7 @@ __all__ = [
     "label",
     "refine",
     "route_table",
+    "share",
 ]
 
 # Sizes along one dim at most (a profile with one dynamic dim), and points of one profile's grid at most before
@@ -183,3 +190,94 @@ def route_table(g: Grid, comparisons: Mapping[str, timing.Comparison], *, margin
             )
         )
     return RouteTable(g.dims, g.values, tuple(cells), margin)
+
+
+# Past every size a guard accepts: the upper edge of a dim's last cell.
+_UNBOUNDED = 1 << 62
+
+
+def _spans(values: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Per grid size, the sizes its cell holds along the dim: from the cut below it to the one above, less one."""
+    cuts = [threshold(a, b) for a, b in itertools.pairwise(values)]
+    return list(zip([0, *cuts], [c - 1 for c in cuts] + [_UNBOUNDED], strict=True))
+
+
+def _covers(table: RouteTable, box: Sequence[tuple[int, int]]) -> list[RegionCell]:
+    """The cells of ``table`` that the box of sizes ``box`` (one inclusive span per dim) overlaps."""
+    ranges = [
+        range(bisect.bisect_right(cuts, lo), bisect.bisect_right(cuts, hi) + 1)
+        for cuts, (lo, hi) in zip(table.cuts(), box, strict=True)
+    ]
+    strides = [math.prod(len(vs) for vs in table.values[d + 1 :]) for d in range(len(table.dims))]
+    return [
+        table.cells[sum(i * s for i, s in zip(combo, strides, strict=True))] for combo in itertools.product(*ranges)
+    ]
+
+
+def share(
+    tables: Mapping[str, RouteTable],
+    comparisons: Mapping[str, Mapping[str, timing.Comparison]],
+    faster: Callable[[timing.Comparison, timing.Comparison], bool],
+) -> dict[str, RouteTable]:
+    """Each cell of a profile given to one candidate (see the module docstring): per candidate that gets a cell,
+    its table over the grid of every size measured (the union of ``tables``' sizes per dim), compiled exactly in
+    the cells it serves. ``tables``: each candidate's own table, in preference order, over the profile's dims;
+    ``comparisons``: each candidate's comparisons by grid point label (those its cells carry); ``faster(a, b)``:
+    whether comparison ``a`` beats ``b`` by the margin with confidence. Where one candidate serves every cell
+    that is served, it keeps its own table; no candidate winning anywhere gives ``{}``.
+
+    A candidate serves a cell only where every cell of its own table the cell overlaps is compiled: grids refined
+    differently place their cuts differently, and no part of a served cell lies where the candidate did not win.
+    Its comparison there is the one at its own grid point whose cell holds the cell's point."""
+    winning = [cid for cid, t in tables.items() if t.compiled_anywhere]
+    if len(winning) <= 1:
+        return {cid: tables[cid] for cid in winning}
+    first = tables[winning[0]]
+    if any(tables[cid].dims != first.dims for cid in winning):
+        raise ValueError("candidates of one profile share its dims")
+    values = tuple(tuple(sorted({v for cid in winning for v in tables[cid].values[d]})) for d in range(len(first.dims)))
+    spans = [_spans(vs) for vs in values]
+    points = [dict(zip(first.dims, combo, strict=True)) for combo in itertools.product(*values)]
+    boxes = [list(combo) for combo in itertools.product(*spans)]
+    served: list[str | None] = []
+    for sizes, box in zip(points, boxes, strict=True):
+        chosen: str | None = None
+        for cid in winning:
+            if not all(c.path == COMPILED for c in _covers(tables[cid], box)):
+                continue
+            if chosen is None or faster(
+                _at(tables[cid], comparisons[cid], sizes), _at(tables[chosen], comparisons[chosen], sizes)
+            ):
+                chosen = cid
+        served.append(chosen)
+    if len({owner for owner in served if owner is not None}) <= 1:
+        return {cid: tables[cid] for cid in winning if cid in served}  # one serves: its own cuts, as alone
+    margin = first.margin
+    out = {}
+    for cid in winning:
+        if cid not in served:
+            continue
+        cells = []
+        for sizes, owner in zip(points, served, strict=True):
+            own = tables[cid].cell_of(sizes)
+            measured = own.label == label(sizes)
+            cell = RegionCell(
+                sizes,
+                COMPILED if owner == cid else EAGER,
+                own.decision if measured else None,
+                own.ratio if measured else None,
+                own.low if measured else None,
+                own.high if measured else None,
+                own.rounds if measured else None,
+                own.why if measured else f"in the cell of {own.label}: {own.why}",
+            )
+            if owner is not None and owner != cid:
+                cell = replace(cell, why=f"routed to {owner}; here {cell.why}")
+            cells.append(cell)
+        out[cid] = RouteTable(first.dims, values, tuple(cells), margin)
+    return out
+
+
+def _at(table: RouteTable, comparisons: Mapping[str, timing.Comparison], sizes: Sizes) -> timing.Comparison:
+    """The comparison at the grid point of ``table`` whose cell holds ``sizes`` (a compiled cell was measured)."""
+    return comparisons[table.cell_of(sizes).label]

@@ -52,6 +52,8 @@ from esper.tezzeret.compiler import SPECIALIZE, built_in_this_process
 from esper.tezzeret.pipeline import NotSpecialized
 from esper.urza import Entry, EntryEngine, EntryStatus, Urza
 from esper.urza.evidence import (
+    OWN_ROUTE_TABLE,
+    ROUTE_GROUP,
     ROUTE_TABLE,
     CertificationRecord,
     CertifiedContract,
@@ -235,6 +237,15 @@ class Decision:
     note: str
     over_budget: tuple[str, ...] = ()
     table: RouteTable | None = None  # the winner's route by region (None: compiled everywhere in the profile)
+    # Where the profile's cells are shared between candidates (the winner among them), each one's table of the
+    # cells routed to it, in preference order; empty when the winner serves the profile alone.
+    shares: Mapping[str, RouteTable] = field(default_factory=dict)
+
+    def routed(self) -> dict[str, RouteTable | None]:
+        """Every candidate this decision certifies, with the table it is stored with."""
+        if self.shares:
+            return dict(self.shares)
+        return {} if self.winner is None else {self.winner: self.table}
 
 
 def figures(cmp: timing.Comparison) -> budgets.Figures:
@@ -355,6 +366,7 @@ def choose_regions(
     budget_profile: budgets.BudgetProfile,
     *,
     p95: bool = True,
+    shared: bool = True,
 ) -> Decision:
     """The route of ``profile`` by region: :func:`choose`'s rule, where a candidate *wins* when its route table
     (``tables``, from its comparisons over the profile's grid, ``grids``) is compiled in one cell at least.
@@ -362,11 +374,17 @@ def choose_regions(
     1. the budget rule is :func:`choose`'s, at the representative shapes (``scored``), on what the candidate's
        table serves there: its compiled figures where the table routes the shape compiled, eager's where it
        routes it eager (the compiled code's time at an eager cell is no part of the route);
-    2. of the within-budget candidates compiled somewhere, the first in variant order is routed unless a later
-       one :func:`outpaces` it over the grid points where both win; where they win in no common cell, the one
-       compiled in more cells (the first in variant order on a tie). One candidate per profile: its table
-       sends its compiled cells to it, every other cell to eager;
+    2. the within-budget candidates compiled somewhere share the profile's cells
+       (:func:`esper.certification.regions.share`): each cell goes to a candidate that won all over it, the
+       first in variant order unless a later one :func:`outpaces` it there; a cell none won runs eager. Each
+       candidate that gets a cell is routed, its table compiled in its own cells; the one with the most cells
+       (the first in variant order on a tie) is the decision's ``winner``, and its ratio over the representative
+       shapes is each shape's serving candidate's ratio (the winner's at a shape that runs eager);
     3. no candidate wins anywhere: :func:`choose` (eager, or the fastest within budget, or over budget).
+
+    ``shared`` false (a kind whose runtime serves one entry per profile): one candidate in step 2, the first in
+    variant order unless a later one outpaces it over the grid points where both win (where they win in no
+    common cell, the one compiled in more cells), its table compiled where it won.
     """
     fallback = choose(profile, labels, scored, budget, budget_profile, p95=p95)
     ratio = {cid: geomean(by_label[label].ratio for label in labels) for cid, by_label in scored.items()}
@@ -385,9 +403,51 @@ def choose_regions(
     ]
     if not within:
         return fallback
+    if shared:
+        shares = regions.share(
+            {cid: tables[cid] for cid in within},
+            {cid: grids[cid] for cid in within},
+            lambda a, b: outpaces({"": a}, {"": b}, [""]),
+        )
+    else:
+        one = _preferred(within, tables, grids)
+        shares = {one: tables[one]}
+    cid = max(shares, key=lambda k: shares[k].compiled_cells())  # the first of the most cells on a tie
+    table = shares[cid]
+    if len(shares) == 1:
+        eager_cells = [c for c in table.cells if c.path != COMPILED]
+        note = f"{cid} {table.describe()}, at {ratio[cid]:.2f}x eager over the representative shapes"
+        if eager_cells:
+            note += "; eager at " + ", ".join(f"{c.label} ({c.decision or c.why})" for c in eager_cells)
+        others = [o for o in within if o != cid]
+        if others:
+            note += f"; preferred to {', '.join(others)}"
+        return Decision(profile, cid, ratio[cid], note, table=table)
+    served = {}
+    for label in labels:
+        owner = next((k for k, t in shares.items() if _served_compiled(t, label)), cid)
+        served[label] = scored[owner][label].ratio
+    routed = geomean(served.values())
+    cells = len(table.cells)
+    eager = sum(1 for i in range(cells) if all(t.cells[i].path != COMPILED for t in shares.values()))
+    note = (
+        "shared by cell: "
+        + ", ".join(f"{k} in {t.compiled_cells()}" for k, t in shares.items())
+        + f" of {cells} cells, eager in {eager}; {routed:.2f}x eager over the representative shapes"
+    )
+    others = [o for o in within if o not in shares]
+    if others:
+        note += f"; preferred to {', '.join(others)} in every cell"
+    return Decision(profile, cid, routed, note, table=table, shares=shares)
+
+
+def _preferred(
+    within: list[str], tables: Mapping[str, RouteTable], grids: Mapping[str, Mapping[str, timing.Comparison]]
+) -> str:
+    """One candidate for a whole profile (see :func:`choose_regions`' ``shared``)."""
     cid = within[0]
     for other in within[1:]:
-        shared = [
+        both = [
             cell.label
             for cell in tables[cid].cells
             if cell.path == COMPILED
@@ -395,20 +455,12 @@ def choose_regions(
             and grids[other][cell.label].decision == timing.WINS
             and cell.label in grids[cid]
         ]
-        if shared:
-            if outpaces(grids[other], grids[cid], shared):
+        if both:
+            if outpaces(grids[other], grids[cid], both):
                 cid = other
         elif tables[other].compiled_cells() > tables[cid].compiled_cells():
             cid = other
-    table = tables[cid]
-    eager_cells = [c for c in table.cells if c.path != COMPILED]
-    note = f"{cid} {table.describe()}, at {ratio[cid]:.2f}x eager over the representative shapes"
-    if eager_cells:
-        note += "; eager at " + ", ".join(f"{c.label} ({c.decision or c.why})" for c in eager_cells)
-    others = [o for o in within if o != cid]
-    if others:
-        note += f"; preferred to {', '.join(others)}"
-    return Decision(profile, cid, ratio[cid], note, table=table)
+    return cid
 
 
 def _served_compiled(table: RouteTable, label: str) -> bool:
@@ -1075,7 +1127,15 @@ class Certification:
             if tables:
                 grids = {c.id: dict(c.grid_comparisons) for c in contenders}
                 self.decisions[pname] = choose_regions(
-                    pname, labels, scored, tables, grids, self.bp.budget, self.budget_profile, p95=self.kind.p95_budget
+                    pname,
+                    labels,
+                    scored,
+                    tables,
+                    grids,
+                    self.bp.budget,
+                    self.budget_profile,
+                    p95=self.kind.p95_budget,
+                    shared=self.kind.shares_cells,
                 )
             else:
                 self.decisions[pname] = choose(
@@ -1128,15 +1188,24 @@ class Certification:
         with Urza(self.urza_path) as urza:
             for decision in self.decisions.values():
                 contenders = [c for c in self.candidates.values() if c.profile == decision.profile and self.passed(c)]
+                routed = decision.routed()
+                group = [c.entry.id for c in contenders if c.id in routed and c.entry is not None]
                 for c in contenders:
                     assert c.entry is not None and c.entry.id is not None
-                    if c.id == decision.winner:
+                    if c.id in routed:
+                        shared = len(routed) > 1
                         c.entry = urza.update(
                             c.entry.id,
                             status=EntryStatus.CERTIFIED,
                             failure_reason=None,
                             failed_check=None,
-                            **self.evidence(c, decision, table=decision.table),
+                            **self.evidence(
+                                c,
+                                decision,
+                                table=routed[c.id],
+                                own=c.route_table() if shared else None,
+                                group=group if shared else (),
+                            ),
                         )
                         published.append(c.entry)
                     else:
@@ -1238,11 +1307,19 @@ class Certification:
         )
 
     def evidence(
-        self, c: Candidate | None, decision: Decision | None = None, *, table: RouteTable | None = None
+        self,
+        c: Candidate | None,
+        decision: Decision | None = None,
+        *,
+        table: RouteTable | None = None,
+        own: RouteTable | None = None,
+        group: Sequence[int] = (),
     ) -> dict[str, Any]:
         """Parity, performance and meta columns carrying this session's evidence for ``c`` (an eager route
         when ``None``), merged over what the entry already holds. ``table``: the entry's route by region
-        (stored in ``meta``; without one, a table an earlier session stored is dropped: compiled everywhere)."""
+        (stored in ``meta``; without one, a table an earlier session stored is dropped: compiled everywhere);
+        ``own`` and ``group``, where the profile's cells are shared: the cells ``c`` won on its own, and the ids
+        of the entries sharing them (what an earlier session stored of either is dropped otherwise)."""
         entry = c.entry if c is not None else None
         latency: dict[str, ShapeTiming] = {}
         if c is not None:
@@ -1276,9 +1353,14 @@ class Certification:
         performance = Performance.from_json(entry.performance if entry else {})
         if latency:
             performance = replace(performance, certify=latency)
-        meta = {k: v for k, v in (entry.meta if entry else {}).items() if k != ROUTE_TABLE}
+        kept = (ROUTE_TABLE, OWN_ROUTE_TABLE, ROUTE_GROUP)
+        meta = {k: v for k, v in (entry.meta if entry else {}).items() if k not in kept}
         if table is not None:
             meta[ROUTE_TABLE] = table.to_json()
+        if own is not None:
+            meta[OWN_ROUTE_TABLE] = own.to_json()
+        if group:
+            meta[ROUTE_GROUP] = list(group)
         return {
             "parity": parity.to_json(),
             "performance": performance.to_json(),

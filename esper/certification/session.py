@@ -399,10 +399,10 @@ def inference_status(run: Certification, routes: list[Entry], entries: list[Entr
     n_profiles = len([p for p in run.profiles() if not is_specialization(p)])
     tried = [c for c in run.candidates.values() if c.entry is not None]
     routes = [r for r in routes if not is_specialization(r.profile)]
-    if len(routes) == n_profiles:
+    if len({r.profile for r in routes}) == n_profiles:  # candidates sharing a profile's cells route together
         return EntryStatus.CERTIFIED + (" (reused)" if tried and not run.checked else "")
     if routes:
-        return f"partial ({len(routes)}/{n_profiles} profiles)"
+        return f"partial ({len({r.profile for r in routes})}/{n_profiles} profiles)"
     inference = [e for e in entries if e.artifact == ArtifactKind.INFERENCE]
     return inference[0].status if inference else "error"
 
@@ -413,7 +413,9 @@ def routed_latency(bp: Blueprint, routes: list[Entry]) -> dict[str, ShapeTiming]
     out: dict[str, ShapeTiming] = {}
     for label, sizes in plan.shape_labels(bp).items():
         # Guards, not profile names: a specialization's route (first among the routes) holds one exact size.
-        route = next((e for e in routes if contains(_route_ranges(bp, e), sizes)), None)
+        holding = [e for e in routes if contains(_route_ranges(bp, e), sizes)]
+        # Routes that share a profile's cells hold the same sizes: the one compiled there serves them.
+        route = next((e for e in holding if Evidence.of(e).path_at(sizes) == COMPILED), holding[0] if holding else None)
         if route is None:
             out[label] = ShapeTiming()
             continue

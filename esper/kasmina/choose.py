@@ -15,6 +15,7 @@ from esper.kasmina import telemetry
 from esper.kasmina.unusable import Unusable
 from esper.profiles import is_specialization
 from esper.urza import Entry, EntryEngine, EntryStatus
+from esper.urza.evidence import route_group
 
 # The reason code when a kind has no usable entry.
 MISSING = {ArtifactKind.INFERENCE: telemetry.NO_CERTIFIED_ENTRY, ArtifactKind.TRAINING: telemetry.NO_TRAINING_ARTIFACT}
@@ -55,7 +56,8 @@ def choose_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
 
 def profile_routes(usable: Sequence[Entry], newest: Entry) -> list[Entry]:
     """For each shape profile ``newest`` was compiled for, the newest of ``usable`` of that profile and
-    blueprint version; specializations first (see :func:`choose_entries`)."""
+    blueprint version, with the entries it shares the profile's cells with (its ``route_group``, in its order:
+    each is compiled in its own cells); specializations first (see :func:`choose_entries`)."""
     chosen = []
     # Profiles of an older declaration (other buckets) may overlap the current ones: route only the set that
     # the newest certified entry was compiled for.
@@ -64,18 +66,44 @@ def profile_routes(usable: Sequence[Entry], newest: Entry) -> list[Entry]:
             (e for e in usable if e.profile == profile and e.blueprint_version == newest.blueprint_version), None
         )
         if match is not None:
-            chosen.append(match)
+            chosen += shared_with(usable, match)
     return sorted(chosen, key=lambda e: not is_specialization(e.profile))
+
+
+def shared_with(usable: Sequence[Entry], entry: Entry) -> list[Entry]:
+    """``entry`` and the entries of ``usable`` it shares its profile's cells with, in its ``route_group``'s
+    order. A member missing from ``usable`` (not certified, incompatible, refused) is left out: the cells routed
+    to it run eager, as each member's table is compiled only in its own cells."""
+    group = route_group(entry.meta)
+    if entry.id not in group:
+        return [entry]
+    members = {
+        e.id: e
+        for e in usable
+        if e.id in group and e.profile == entry.profile and e.blueprint_version == entry.blueprint_version
+    }
+    members[entry.id] = entry
+    return [members[i] for i in group if i in members]
 
 
 def choose_seed_entries(entries: Sequence[Entry], key: CompatKey) -> list[Entry]:
     """The inference routes for seeds: :func:`choose_entries`, except that where a profile's winner folds the
     weights into its code (``meta["swappable"]`` false, e.g. the ``freezing`` variant), the newest swappable
-    candidate of that profile that passed every check and lost only the selection routes instead."""
+    candidate of that profile that passed every check and lost only the selection routes instead. Where a
+    profile's cells are shared between entries, those that fold the weights are left out, and the others serve
+    seeds (each where it won on its own: the loader routes seeds by
+    :func:`~esper.urza.evidence.own_route_table`); only when none is left does the profile fall back as above."""
     inference = of_kind(entries, ArtifactKind.INFERENCE)
+    routes = choose_entries(inference, key)
+    folded = {e.id for e in routes if e.engine == EntryEngine.AOTI and not e.meta.get("swappable", True)}
     chosen = []
-    for e in choose_entries(inference, key):
-        if e.engine == EntryEngine.AOTI and not e.meta.get("swappable", True):
+    for e in routes:
+        share = [r for r in routes if r.profile == e.profile and len(route_group(r.meta)) > 1]
+        if e.id in folded and any(r.id not in folded for r in share):
+            continue  # a swappable entry of its share serves the profile's seeds
+        if e.id in folded and share and share[0].id != e.id:
+            continue  # the profile's one fallback below stands for every member of its share
+        if e.id in folded:
             e = next(
                 (
                     c

@@ -102,11 +102,13 @@ class Route:
     compiled_at: Lookup | None = None
 
     @classmethod
-    def of(cls, entry: Entry, package: Package | None, *, device_index: int | None = None) -> Route:
+    def of(cls, entry: Entry, package: Package | None, *, device_index: int | None = None, own: bool = False) -> Route:
         """The route of ``entry`` (which must have a guard schema), compiled when ``package`` is given.
-        ``device_index``: the CUDA device the package was loaded on (its guard refuses tensors on another)."""
+        ``device_index``: the CUDA device the package was loaded on (its guard refuses tensors on another).
+        ``own``: the cells where the entry won on its own, rather than those certification routed to it (see
+        :func:`esper.kasmina.regions.region_lookup`)."""
         assert entry.guards is not None
-        table, compiled_at = region_lookup(entry) if package is not None else (None, None)
+        table, compiled_at = region_lookup(entry, own=own) if package is not None else (None, None)
         return cls(
             entry,
             compile_check(entry.guards, device_index=device_index),
@@ -148,12 +150,15 @@ class Route:
 def route_dispatch(
     routes: Sequence[Route], *, fast: bool = False, runners: Sequence[object | None] = ()
 ) -> Callable[[Sequence[Any]], Any]:
-    """The index of the first of ``routes`` whose guards accept the arguments (``-1``: none does), plus
-    ``len(routes)`` when that route is regional and the call falls outside its compiled cells (eager by
-    evidence; the generated dispatcher then checks the sizes only). ``fast``: plus ``2 * len(routes)`` instead
-    when the call is in a compiled cell and compiled code may serve it with no further check of the calling
-    thread or the inputs' layout (see :func:`esper.artifacts.guards.compile_dispatch`); where ``runners[index]``
-    is given, that answer is ``runners[index]`` itself, not an index.
+    """The index of the first of ``routes`` whose guards accept the arguments into a compiled cell (every
+    accepted call, for a route without a table); where routes accept it only outside their compiled cells, the
+    first of them plus ``len(routes)`` (eager by evidence; the generated dispatcher then checks the sizes only);
+    ``-1`` where none accepts. Routes of one profile that share its cells between them (each compiled where
+    certification chose it) have the same guards: a call goes to the one whose cell it is. ``fast``: plus
+    ``2 * len(routes)`` instead when the call is in a compiled cell and compiled code may serve it with no
+    further check of the calling thread or the inputs' layout (see
+    :func:`esper.artifacts.guards.compile_dispatch`); where ``runners[index]`` is given, that answer is
+    ``runners[index]`` itself, not an index.
 
     The routes of one blueprint version differ only in their shape profiles' ranges, so one generated
     dispatcher checks them all, route tables included (:func:`esper.artifacts.guards.compile_dispatch`): a call
@@ -182,12 +187,14 @@ def route_dispatch(
     plain = tuple(routes)
 
     def each(args: Sequence[Any]) -> int:
+        found = -1
         for index, r in enumerate(plain):
             if r.accepts is not None and r.accepts(args):
-                if r.regional and not r.compiled_at(args):  # type: ignore[misc]
-                    return count + index
-                return index
-        return -1
+                if not r.regional or r.compiled_at(args):  # type: ignore[misc]
+                    return index
+                if found < 0:
+                    found = count + index
+        return found
 
     return each
 
@@ -196,10 +203,12 @@ class Kernel(KernelBase):
     """A blueprint's inference kernel.
 
     ``route`` is ``"compiled"`` when at least one compiled route is loaded, and ``reason`` says why (or why
-    not). Routes come from disjoint shape profiles, so at most one accepts a call: dispatch is the first that
-    does. A kernel without a compiled route serves every call eager without checking the arguments: there is
-    nothing to refuse them for. The eager module is built only when a call needs it. A kernel bound to a seed's weights
-    (:meth:`bind`) is *derived* from its ``origin``, the kernel Kasmina loaded.
+    not). Routes come from disjoint shape profiles, except those sharing one profile's cells (same guards,
+    each compiled in its own cells) and exact-size specializations (routed first): dispatch is the first route
+    that accepts a call into a compiled cell. A kernel without a compiled route serves every call eager without
+    checking the arguments: there is nothing to refuse them for. The eager module is built only when a call needs
+    it. A kernel bound to a seed's weights (:meth:`bind`) is *derived* from its ``origin``, the kernel Kasmina
+    loaded.
     """
 
     _origin: Kernel | None
@@ -439,7 +448,13 @@ class Kernel(KernelBase):
                 self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
             return -1
         index = self.routes.index(route)
-        return index + len(self.routes) if route.regional and not route.compiled_at(args) else index  # type: ignore[misc]
+        if not route.regional or route.compiled_at(args):  # type: ignore[misc]
+            return index
+        for later in range(index + 1, len(self.routes)):  # a route sharing the profile may serve this cell
+            r = self.routes[later]
+            if r.check(args) is None and (not r.regional or r.compiled_at(args)):  # type: ignore[misc]
+                return later
+        return index + len(self.routes)
 
     def _serve(self, d: dict[str, Any], args: tuple[Any, ...], index: int | None = None) -> Any:
         # Every call __call__'s hot path does not finish (``index``: the dispatcher's answer, when it asked).

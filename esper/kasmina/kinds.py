@@ -140,10 +140,18 @@ class InferenceLoader(ArtifactLoader[Kernel]):
     kind = ArtifactKind.INFERENCE
 
     def __init__(
-        self, choose: Chooser, device: torch.device, *, eager_module: Callable[[str, Entry | None], torch.nn.Module]
+        self,
+        choose: Chooser,
+        device: torch.device,
+        *,
+        eager_module: Callable[[str, Entry | None], torch.nn.Module],
+        own_tables: bool = False,
     ):
         super().__init__(choose, device)
         self._eager_module = eager_module
+        # Seeds route each entry by the cells it won on its own: the entries a profile's cells were shared
+        # with may fold the weights into their code, and then are not among a seed's routes.
+        self._own_tables = own_tables
 
     def deferred_ids(self, chosen: Sequence[Entry]) -> frozenset[int]:
         """Every compiled route but the first: it loads at load (a single-route blueprint is served as soon
@@ -171,7 +179,7 @@ class InferenceLoader(ArtifactLoader[Kernel]):
 
     def kernel(self, result: LoadResult) -> Kernel:
         index = device_index(self.device) if self.device.type == "cuda" else None
-        routes = [Route.of(x.entry, x.artifact, device_index=index) for x in result.loaded]
+        routes = [Route.of(x.entry, x.artifact, device_index=index, own=self._own_tables) for x in result.loaded]
         # An eager entry stores the builder's weights: the eager module loads them when versions match.
         weights = next((e for e in result.entries if e.engine == "eager"), None)
 

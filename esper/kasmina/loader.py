@@ -258,8 +258,11 @@ class Kasmina:
 
     def load_seeds(self, name: str) -> Kernel:
         """Like :meth:`load`, for binding seeds (``.bind(weights)``): where a profile's certified winner folds
-        the weights into its code, the newest swappable candidate that passed every check routes instead."""
-        return self._run(name, self._inference(choose_seed_entries), KernelSource(self, LoadMethod.LOAD_SEEDS, name))
+        the weights into its code, the newest swappable candidate that passed every check routes instead; where
+        a profile's cells are shared between certified entries, its swappable ones route, each compiled in the
+        cells it won on its own (see :func:`~esper.kasmina.choose.choose_seed_entries`)."""
+        loader = self._inference(choose_seed_entries, own_tables=True)
+        return self._run(name, loader, KernelSource(self, LoadMethod.LOAD_SEEDS, name))
 
     def load_training(
         self, name: str, weights: Weights | None = None, *, entry_id: int | None = None
@@ -287,8 +290,10 @@ class Kasmina:
         )
         return self._run(name, loader, KernelSource(self, LoadMethod.LOAD_TRAINING, name, entry_id))
 
-    def _inference(self, choose: Callable[[Sequence[Entry], compat.CompatKey], list[Entry]]) -> InferenceLoader:
-        return InferenceLoader(choose, self.device, eager_module=self._eager_module)
+    def _inference(
+        self, choose: Callable[[Sequence[Entry], compat.CompatKey], list[Entry]], *, own_tables: bool = False
+    ) -> InferenceLoader:
+        return InferenceLoader(choose, self.device, eager_module=self._eager_module, own_tables=own_tables)
 
     def _run(self, name: str, kind: ArtifactLoader[K], source: KernelSource) -> K:
         """The one load path: choose, verify, load, pre-warm, build the kernel (see the module docstring).

@@ -6,7 +6,8 @@ evidence: no WARNING, ``last_path == "eager"``. The lookup runs on every call it
 is generated once at load as straight-line code: read each dim's size from the arguments where the guards read
 it (the dim's first occurrence in the guard schema), find its cell along each dim from the integer cut points, and
 index a tuple of booleans. An entry without a table (rows certified before tables existed) has no lookup:
-compiled everywhere in its profile.
+compiled everywhere in its profile. Where certification shared a profile's cells between candidates, each
+certified entry's table is compiled in the cells routed to it, and a call goes to the entry whose cell it is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from esper.artifacts.guards import GuardSchema, Regions
 from esper.urza import Entry
-from esper.urza.evidence import COMPILED, RouteTable, route_table
+from esper.urza.evidence import COMPILED, RouteTable, own_route_table, route_table
 
 __all__ = ["Lookup", "lookup", "region_lookup", "regions_of"]
 
@@ -79,9 +80,11 @@ def lookup(table: RouteTable, schema: GuardSchema) -> Lookup | None:
     return namespace["compiled_at"]
 
 
-def region_lookup(entry: Entry) -> tuple[RouteTable | None, Lookup | None]:
-    """``entry``'s route table and its lookup (``None, None``: no table, or none usable with its guards)."""
-    table = route_table(entry.meta)
+def region_lookup(entry: Entry, *, own: bool = False) -> tuple[RouteTable | None, Lookup | None]:
+    """``entry``'s route table and its lookup (``None, None``: no table, or none usable with its guards).
+    ``own``: where the entry shares its profile's cells with other entries, the table of the cells it won on its
+    own (:func:`~esper.urza.evidence.own_route_table`) rather than of those routed to it."""
+    table = own_route_table(entry.meta) if own else route_table(entry.meta)
     if table is None or entry.guards is None:
         return None, None
     found = lookup(table, entry.guards)

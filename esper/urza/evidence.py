@@ -52,6 +52,8 @@ __all__ = [
     "ShapeTiming",
     "Timing",
     "geomean",
+    "own_route_table",
+    "route_group",
     "route_table",
     "speedups",
     "summarize",
@@ -603,6 +605,12 @@ class Meta:
 ROUTE_TABLE_VERSION = 1
 #: Stored under this ``meta`` key.
 ROUTE_TABLE = "route_table"
+#: Where certification shares a profile's cells between candidates, each certified entry's ``route_table`` holds
+#: the cells routed to it, ``own_route_table`` the cells it won on its own (what a seed routes by: the entries it
+#: shares with may not serve seeds), and ``route_group`` the ids of every entry of the share.
+OWN_ROUTE_TABLE = "own_route_table"
+ROUTE_GROUP = "route_group"
+_MAX_GROUP = 16
 # A table larger than this is no table certification wrote (it measures a few points per dim).
 _MAX_DIMS = 8
 _MAX_VALUES = 64
@@ -765,6 +773,22 @@ def _seq(value: Any, limit: int) -> bool:
 def route_table(meta: Any) -> RouteTable | None:
     """An entry ``meta`` column's route table (``None``: none recorded, or unreadable)."""
     return RouteTable.from_json(_mapping(meta).get(ROUTE_TABLE))
+
+
+def own_route_table(meta: Any) -> RouteTable | None:
+    """Where an entry shares its profile's cells with others (:func:`route_group`), the table of the cells it won
+    on its own; else, or unreadable, its :func:`route_table`."""
+    return RouteTable.from_json(_mapping(meta).get(OWN_ROUTE_TABLE)) or route_table(meta)
+
+
+def route_group(meta: Any) -> tuple[int, ...]:
+    """The ids of the certified entries that share an entry's profile between them, in preference order (the
+    entry among them); empty when it serves its profile alone, or the list is unreadable."""
+    raw: Any = _mapping(meta).get(ROUTE_GROUP)
+    if not _seq(raw, _MAX_GROUP) or not all(_count(i) for i in raw):
+        return ()
+    ids = tuple(int(i) for i in raw)
+    return ids if len(set(ids)) == len(ids) else ()
 
 
 # -- the reader ----------------------------------------------------------------------------------------------

@@ -200,6 +200,38 @@ def test_the_dispatcher_places_each_accepted_call_in_its_region(hi: int, fast: b
         assert route_of((torch.zeros(3, 3, 5),)) == -1
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["full", "fast"])
+def test_schemas_that_share_a_profile_answer_the_one_whose_cell_is_compiled(fast: bool) -> None:
+    """Routes of one profile that share its cells have the same guards: a call goes to the first schema whose
+    cell is compiled; where every accepting schema's cell is eager, to the first of them plus ``len(schemas)``.
+    A schema without regions after them takes what their eager cells leave. The old rule (the first accepting
+    schema decides, eager cell or not) fails this oracle at every cell the second schema serves."""
+    from esper.artifacts.guards import Regions, compile_dispatch
+
+    first = Regions(("batch", "seq"), ((4,), (3, 5)), (True, False, False, False, False, True))
+    second = Regions(("batch",), ((3, 6),), (False, True, False))
+    cases = {"two": [first, second], "two and a plain one": [first, second, None]}
+    for name, regions in cases.items():
+        schemas = [wide(8)] * len(regions)
+        route_of = compile_dispatch(schemas, regions=regions, fast=fast)
+        assert route_of is not None
+        count = len(schemas)
+        for contiguous in (True, False):
+            verified = 2 * count if fast and contiguous else 0
+            for batch in range(1, 9):
+                for seq in range(2, 7):
+                    x = torch.zeros(batch, seq, 4) if contiguous else torch.zeros(batch, 4, seq).transpose(1, 2)
+                    at = [
+                        in_cell(region.cuts, region.compiled, (batch, seq) if len(region.dims) == 2 else (batch,))
+                        if region is not None
+                        else True
+                        for region in regions
+                    ]
+                    want = next((i + verified for i, ok in enumerate(at) if ok), count)
+                    assert route_of((x,)) == want, (name, contiguous, batch, seq)
+        assert route_of((torch.zeros(9, 3, 4),)) == -1
+
+
 def test_compiled_cells_check_everything_compiled_code_needs_and_eager_cells_only_the_sizes() -> None:
     """In a compiled cell a float64, a negative-bit view, a functorch-wrapped or a meta tensor is refused (the
     compiled code would compute something else); in an eager cell it is eager by evidence (eager runs it as

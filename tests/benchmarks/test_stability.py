@@ -37,6 +37,9 @@ def test_routes_are_the_newest_certified_row_per_profile() -> None:
         "mlp/inference/default": "freezing",
         "mlp/training/default": "eager",
     }
+    # Rows that share their profile's cells are one route: their variants, in the group's order.
+    shared = [{**r, "group": [1, 3]} if r["id"] in (1, 3) else r for r in rows]
+    assert stability.routes_from_rows(shared)["mlp/inference/default"] == "default+freezing"
 
 
 def test_false_rejections_and_changes_between_runs() -> None:

@@ -57,3 +57,32 @@ def test_splits_set_the_routed_candidate_against_the_per_cell_best() -> None:
     }
     assert row.best_per_cell == pytest.approx((0.25 * 0.25 * 0.64 * 0.64) ** 0.25)
     assert row.best_per_cell < min(c.routed_geomean for c in row.candidates)  # better than either alone
+
+
+def test_a_shared_route_is_read_by_the_cells_each_routed_candidate_serves() -> None:
+    from esper.urza.evidence import OWN_ROUTE_TABLE, ROUTE_GROUP
+
+    # Certification shared the profile: small serves batch 2 and 8, large 32 and 64 (stored tables), each with
+    # the table it won on its own.
+    served_small = table({2: 0.25, 8: 0.25, 32: None, 64: None})
+    served_large = table({2: None, 8: None, 32: 0.64, 64: 0.64})
+
+    def member(variant: str, own: RouteTable, served: RouteTable, id: int) -> SimpleNamespace:
+        meta = {"route_table": served.to_json(), OWN_ROUTE_TABLE: own.to_json(), ROUTE_GROUP: [3, 4]}
+        return SimpleNamespace(variant=variant, profile="default", id=id, parity={}, performance={}, meta=meta)
+
+    small, large = member("small", SMALL, served_small, 3), member("large", LARGE, served_large, 4)
+    kind = KindEvidence(ArtifactKind.INFERENCE, (small, large), (large, small), None)
+    [row] = splits([BlueprintEvidence("bp", (kind,))])
+    assert sorted(row.routed_variants) == ["large", "small"]
+    # Each candidate alone is judged by its own table, and the route reaches the per-cell best.
+    assert {c.variant: c.routed_geomean for c in row.candidates} == {
+        "large": pytest.approx(routed_geomean(LARGE)),
+        "small": pytest.approx(routed_geomean(SMALL)),
+    }
+    assert row.routed_per_cell == pytest.approx(row.best_per_cell)
+    # The twin: one candidate routed over the whole profile serves its own ratios only.
+    alone = entry("large", LARGE, id=4)
+    kind = KindEvidence(ArtifactKind.INFERENCE, (alone,), (alone, entry("small", SMALL, id=3)), None)
+    [row] = splits([BlueprintEvidence("bp", (kind,))])
+    assert row.routed_per_cell == pytest.approx(routed_geomean(LARGE)) and row.routed_per_cell > row.best_per_cell

@@ -23,6 +23,7 @@ from esper.certification.run import (
     Certification,
     choose,
     choose_regions,
+    outpaces,
 )
 from esper.kasmina import COMPILED
 from esper.profiles import is_specialization
@@ -305,3 +306,218 @@ def test_the_evidence_reader_says_which_path_a_shape_takes_on_a_regional_route()
     ]  # fmt: skip
     everywhere = Entry("b", 1, "h", current(), "aoti", "certified", "0" * 64, 1, None, id=2)
     assert Evidence.of(everywhere).path_at({"batch": 8}) == COMPILED  # no table: compiled everywhere
+
+
+# -- cells shared between candidates --------------------------------------------------------------------------
+
+
+def faster(a: timing.Comparison, b: timing.Comparison) -> bool:
+    return outpaces({"": a}, {"": b}, [""])
+
+
+def shared_tables(
+    truths: Mapping[str, Mapping[int, float]],
+) -> tuple[dict[str, RouteTable], dict[str, dict[str, timing.Comparison]]]:
+    tables, grids = {}, {}
+    for cid, ratios in truths.items():
+        tables[cid], grids[cid] = grid_of(ratios)
+    return tables, grids
+
+
+def test_each_cell_goes_to_the_candidate_that_wins_it_and_the_first_keeps_a_cell_both_win_alike() -> None:
+    # default wins small batches, freezing large ones; at 8 both win alike (default keeps it), at 16 freezing
+    # is faster by far, and at 64 neither wins.
+    tables, grids = shared_tables(
+        {
+            "p/default": {1: 0.5, 2: 0.5, 8: 0.7, 16: 0.8, 32: 1.2, 64: 1.3},
+            "p/freezing": {1: 1.2, 2: 0.95, 8: 0.69, 16: 0.3, 32: 0.4, 64: 1.1},
+        }
+    )
+    shares = regions.share(tables, grids, faster)
+    owner = {
+        b: next((cid for cid, t in shares.items() if t.cell_of({"batch": b}).path == COMPILED), None)
+        for b in range(1, 65)
+    }
+    for b, who in owner.items():
+        point = min((1, 2, 8, 16, 32, 64), key=lambda v: (abs(math.log(b / v)), -v))
+        want = {1: "p/default", 2: "p/default", 8: "p/default", 16: "p/freezing", 32: "p/freezing", 64: None}[point]
+        assert who == want, b
+    # A candidate is never compiled where its own table is not, and no cell is compiled twice.
+    for cid, t in shares.items():
+        for b in range(1, 65):
+            if t.cell_of({"batch": b}).path == COMPILED:
+                assert tables[cid].cell_of({"batch": b}).path == COMPILED, (cid, b)
+    # A cell routed to the other candidate says so and keeps this candidate's own measurement.
+    cell = shares["p/default"].cell_of({"batch": 16})
+    assert cell.path == EAGER and "routed to p/freezing" in cell.why and cell.ratio == pytest.approx(0.8)
+
+
+def test_a_candidate_serves_a_cell_only_where_it_won_all_over_it_whatever_the_grids_refinement() -> None:
+    # Random grids, refined differently per candidate: the union of their sizes makes cells that straddle a
+    # candidate's own cut. Served sizes must lie inside the candidate's own compiled cells; a size where some
+    # candidate's own cell wins is served unless that cell straddles another candidate's cut, so most are.
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        truths = {}
+        for cid in ("p/a", "p/b", "p/c"):
+            sizes = sorted({1, 64, *rng.sample(range(2, 64), rng.randint(1, 5))})
+            truths[cid] = {s: rng.choice([0.3, 0.6, 0.95, 1.2]) for s in sizes}
+        tables, grids = shared_tables(truths)
+        shares = regions.share(tables, grids, faster)
+        served = 0
+        for b in range(1, 65):
+            at = [cid for cid, t in shares.items() if t.cell_of({"batch": b}).path == COMPILED]
+            assert len(at) <= 1, (truths, b)
+            if at:
+                served += 1
+                assert tables[at[0]].cell_of({"batch": b}).path == COMPILED, (truths, b)
+        won = sum(1 for b in range(1, 65) if any(t.cell_of({"batch": b}).path == COMPILED for t in tables.values()))
+        assert served <= won
+
+
+def outside_own_cells(shares: Mapping[str, RouteTable], tables: Mapping[str, RouteTable]) -> list[int]:
+    """Sizes some shared table serves compiled where that candidate's own table does not."""
+    return [
+        b
+        for b in range(1, 65)
+        for cid, t in shares.items()
+        if t.cell_of({"batch": b}).path == COMPILED and tables[cid].cell_of({"batch": b}).path != COMPILED
+    ]
+
+
+def test_a_cell_that_straddles_a_candidates_own_cut_is_not_served_by_it_and_the_twin_that_looks_at_one_edge_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # default's cells: ..3, 4..15 (won at 8), 16.. (lost at 32). freezing measured 14 too, so the union cell of 14
+    # is 11..21: inside default's winning cell up to 15, inside its losing one from 16.
+    truths = {"p/default": {2: 0.5, 8: 0.5, 32: 1.3}, "p/freezing": {2: 0.3, 8: 1.2, 14: 1.2, 32: 1.3}}
+    tables, grids = shared_tables(truths)
+    shares = regions.share(tables, grids, faster)
+    assert set(shares) == {"p/default", "p/freezing"} and shares["p/default"].values == ((2, 8, 14, 32),)
+    assert shares["p/freezing"].cell_of({"batch": 2}).path == COMPILED  # faster by far where both win
+    assert shares["p/default"].cell_of({"batch": 8}).path == COMPILED
+    assert all(shares["p/default"].cell_of({"batch": b}).path == EAGER for b in range(11, 22))
+    assert outside_own_cells(shares, tables) == []
+    # The seeded defect: judging a union cell by the candidate's cell at one edge of it.
+    monkeypatch.setattr(
+        regions,
+        "_covers",
+        lambda table, box: [table.cell_of({d: lo for d, (lo, _) in zip(table.dims, box, strict=True)})],
+    )
+    assert outside_own_cells(regions.share(tables, grids, faster), tables) == list(range(16, 22))
+    # Where one candidate serves every served cell, it keeps its own table, cut for cut.
+    truths["p/freezing"] = {2: 1.2, 8: 1.2, 14: 1.2, 32: 1.3}
+    tables, grids = shared_tables(truths)
+    assert regions.share(tables, grids, faster) == {"p/default": tables["p/default"]}
+
+
+def test_selection_shares_the_cells_and_names_every_routed_candidate() -> None:
+    tables, grids = shared_tables(
+        {"p/default": {1: 0.5, 2: 0.5, 8: 1.2, 64: 1.3}, "p/freezing": {1: 1.2, 2: 1.2, 8: 0.4, 64: 1.2}}
+    )
+    scored = {
+        "p/default": scored_at({"batch=2": 0.5, "batch=8": 1.2}),
+        "p/freezing": scored_at({"batch=2": 1.2, "batch=8": 0.4}),
+    }
+    d = choose_regions("p", LABELS, scored, tables, grids, Budget(), CPU)
+    assert set(d.shares) == {"p/default", "p/freezing"} and d.winner in d.shares and d.table == d.shares[d.winner]
+    assert d.routed() == dict(d.shares)
+    # The ratio over the representative shapes is what each shape's serving candidate gives there.
+    assert d.ratio == pytest.approx(math.sqrt(0.5 * 0.4))
+    assert "shared by cell" in d.note and "eager in 1" in d.note
+    # A kind whose runtime serves one entry per profile gets one candidate, as before.
+    one = choose_regions("p", LABELS, scored, tables, grids, Budget(), CPU, shared=False)
+    assert not one.shares and one.routed() == {one.winner: one.table}
+
+
+def test_selection_publishes_every_candidate_that_serves_a_cell_and_kasmina_chooses_them_together(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The whole path on synthetic timings: two candidates that split the range are both certified, each with
+    the cells routed to it, the cells it won on its own and the group's ids; Kasmina's chooser returns both, a
+    seed's chooser only the one that keeps the weights swappable. The twin where one candidate is faster
+    everywhere certifies that one alone and rejects the other by selection."""
+    from dataclasses import replace as with_fields
+
+    from esper.artifacts.compat import current
+    from esper.artifacts.guards import DimGuard, GuardSchema, InputGuard
+    from esper.kasmina.choose import choose_entries, choose_seed_entries
+    from esper.urza import Urza
+    from esper.urza.evidence import OWN_ROUTE_TABLE, own_route_table, route_group
+
+    guards = GuardSchema(
+        inputs=(InputGuard("x", "float32", (DimGuard(name="batch", min=1, max=64), DimGuard(size=4))),)
+    )
+
+    def certify(truths: Mapping[str, Any], urza_path: Any) -> Certification:
+        bp = with_fields(blueprint(), variants=("default", "freezing"))
+        cert = Certification(bp, "inference", urza_path, CPU)  # type: ignore[arg-type]
+        with Urza(urza_path) as urza:
+            for c in cert.candidates.values():
+                if is_specialization(c.profile):
+                    continue
+                meta = {"swappable": c.variant == "default"}
+                c.entry = urza.publish(
+                    Entry(
+                        "b",
+                        1,
+                        ("a" if c.variant == "default" else "b") * 64,
+                        current(),
+                        "aoti",
+                        "compiled",
+                        "0" * 64,
+                        1,
+                        guards,
+                        variant=c.variant,
+                        meta=meta,
+                    )
+                )
+                c.kernel = Kernel()
+                truth = truths[c.variant]
+                c.comparisons = {f"batch={b}": cmp(decide(truth(b)), truth(b)) for b in (2, 8)}
+                for name in CANDIDATE_CHECKS:
+                    cert.outcomes[(name, c.id)] = CheckResult(name, Outcome.PASSED, candidate=c.id)
+
+        def compare(
+            self: Certification, c: Any, kernel: Any, sizes: Mapping[str, int], point: str
+        ) -> timing.Comparison:
+            r = truths[c.variant](sizes["batch"])
+            return cmp(decide(r), r)
+
+        monkeypatch.setattr(Certification, "_compare", compare)
+        for cid in ("default/default", "default/freezing"):
+            assert cert.compare_regions(cid).passed
+        assert cert.select().passed
+        from esper.certification.run import Check
+
+        for name in (Check.SELECT, Check.BUDGETS):
+            cert.outcomes[(name, None)] = CheckResult(name, Outcome.PASSED)
+        assert cert.publish().passed
+        return cert
+
+    split = {"default": lambda b: 0.5 if b < 6 else 1.2, "freezing": lambda b: 0.4 if b >= 6 else 1.2}
+    certify(split, tmp_path / "split.db")
+    with Urza(tmp_path / "split.db") as urza:
+        entries = urza.entries("b")
+    assert {e.variant: e.status for e in entries} == {"default": "certified", "freezing": "certified"}
+    by_variant = {e.variant: e for e in entries}
+    ids = [by_variant["default"].id, by_variant["freezing"].id]
+    for e in entries:
+        assert route_group(e.meta) == tuple(ids) and OWN_ROUTE_TABLE in e.meta
+        served, own = route_table(e.meta), own_route_table(e.meta)
+        assert served is not None and own is not None
+        for b in range(1, 65):
+            if served.cell_of({"batch": b}).path == COMPILED:
+                point = own.cell_of({"batch": b}).sizes["batch"]  # the grid point measured for this size
+                assert own.cell_of({"batch": b}).path == COMPILED and split[e.variant](point) < 0.9, (e.variant, b)
+    assert [e.id for e in choose_entries(entries, current())] == ids
+    assert [e.id for e in choose_seed_entries(entries, current())] == ids[:1]  # freezing folds the weights
+    # The twin: freezing faster everywhere both win, and default wins nowhere else: freezing alone.
+    certify({"default": lambda b: 0.5, "freezing": lambda b: 0.2}, tmp_path / "one.db")
+    with Urza(tmp_path / "one.db") as urza:
+        entries = urza.entries("b")
+    status = {e.variant: (e.status, e.failed_check) for e in entries}
+    assert status == {"default": ("rejected", "selection"), "freezing": ("certified", None)}
+    assert all(not route_group(e.meta) and OWN_ROUTE_TABLE not in e.meta for e in entries)

@@ -142,3 +142,89 @@ def test_a_training_route_table_trains_eager_in_its_eager_cells(
     plain = kasmina.load_training("tiny_bn")
     plain(torch.randn(16, 8)).sum().backward()
     assert plain.last_path == COMPILED and not plain.regional
+
+
+def share_tiny(urza_path: Path, first_cells: set[tuple[int, ...]], second_cells: set[tuple[int, ...]]) -> list[int]:
+    """tiny_mlp's certified entry and a copy of it (a second candidate of the same profile, the same code)
+    sharing the profile's cells over TINY_TABLE's grid: each compiled in its own cells, each with the cells it won
+    on its own (its cells and batch 4) and the group's ids. Returns the ids, in the group's order."""
+    from esper.urza.evidence import OWN_ROUTE_TABLE, ROUTE_GROUP
+
+    grid = {"batch": (1, 4, 16, 32)}
+    with Urza(urza_path) as urza:
+        first = next(e for e in urza.entries("tiny_mlp") if e.engine == "aoti" and e.status == "certified")
+        second = urza.publish(first.with_(id=None, variant="freezing"))
+        ids = [first.id, second.id]
+        for entry, cells in ((first, first_cells), (second, second_cells)):
+            assert entry.id is not None
+            meta = {
+                **entry.meta,
+                ROUTE_TABLE: table(grid, cells).to_json(),
+                OWN_ROUTE_TABLE: table(grid, cells | {(4,)}).to_json(),
+                ROUTE_GROUP: ids,
+            }
+            urza.update(entry.id, meta=meta)
+    return ids  # type: ignore[return-value]
+
+
+class Counted:
+    """A route's package, counting the calls it serves."""
+
+    def __init__(self, package: object, served: list[int], entry_id: int):
+        self.package, self.served, self.entry_id = package, served, entry_id
+
+    def __call__(self, args: object) -> object:
+        self.served.append(self.entry_id)
+        return self.package(args)  # type: ignore[operator]
+
+
+@pytest.mark.compiles
+def test_entries_that_share_a_profiles_cells_each_serve_their_own_and_seeds_route_by_their_own_wins(
+    urza_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = share_tiny(urza_copy, {(1,)}, {(4,), (16,)})  # cuts at 2, 8 and 23: batch 1 | 2..7, 8..22 | 23..32 eager
+    kasmina = Kasmina(urza_copy, blueprint_paths=[TINY])
+    kernel = kasmina.load("tiny_mlp")
+    assert [r.entry.id for r in kernel.routes] == ids and all(r.regional for r in kernel.routes)
+    kernel.resolve_all()
+    served: list[int] = []
+    kernel.routes = [r.with_package(Counted(r.package, served, r.entry.id)) for r in kernel.routes]
+    eager = load_catalog([TINY]).get("tiny_mlp").build().eval()
+    caplog.set_level(logging.INFO, "esper.kasmina")
+    want = {1: ids[0], 2: ids[1], 7: ids[1], 8: ids[1], 22: ids[1], 23: None, 32: None}
+    with torch.no_grad():
+        for batch, owner in want.items():
+            served.clear()
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(kernel(x), eager(x), atol=1e-5, rtol=1e-5)
+            assert kernel.last_path == (EAGER if owner is None else COMPILED), batch
+            assert served == ([] if owner is None else [owner]), batch
+            assert kernel.select((x,))[0].entry.id == (owner or ids[0])  # type: ignore[union-attr]
+    # The path every call that is not plain takes (a forward hook: nn.Module's own call) agrees.
+    kernel.register_forward_hook(lambda *_: None)
+    with torch.no_grad():
+        for batch, owner in want.items():
+            served.clear()
+            kernel(torch.randn(batch, 8))
+            assert served == ([] if owner is None else [owner]), batch
+    assert warnings_of(caplog) == []
+    # Seeds route by the cells each won on its own (both won batch 4: the first in the group's order takes it).
+    seeds = kasmina.load_seeds("tiny_mlp")
+    assert [r.entry.id for r in seeds.routes] == ids
+    assert [seeds.select((torch.randn(b, 8),))[0].entry.id for b in (1, 4, 16)] == [ids[0], ids[0], ids[1]]  # type: ignore[union-attr]
+    # A member that folds the weights into its code serves no seed: its own cells run eager for seeds.
+    with Urza(urza_copy) as urza:
+        urza.update(ids[1], meta={**urza.get(ids[1]).meta, "swappable": False})
+    seeds = kasmina.load_seeds("tiny_mlp")
+    assert [r.entry.id for r in seeds.routes] == [ids[0]]
+    with torch.no_grad():
+        seeds(torch.randn(16, 8))
+    assert seeds.last_path == EAGER
+    # A member no longer certified is left out: the cells routed to it run eager, not on the other member.
+    with Urza(urza_copy) as urza:
+        urza.update(ids[1], status="rejected")
+    alone = kasmina.load("tiny_mlp")
+    assert [r.entry.id for r in alone.routes] == [ids[0]]
+    with torch.no_grad():
+        alone(torch.randn(4, 8))
+    assert alone.last_path == EAGER

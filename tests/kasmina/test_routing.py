@@ -176,6 +176,23 @@ def test_routes_that_differ_beyond_their_ranges_are_tried_in_turn() -> None:
         args = (torch.zeros(batch, 8, dtype=dtype),)
         assert route_dispatch(same)(args) == in_same
         assert route_dispatch(mixed)(args) == in_mixed
+    # Routes sharing one profile's cells (regional, the same guards): either way, the first whose cell is
+    # compiled, else the first accepting one's eager code.
+    from dataclasses import replace
+
+    from esper.kasmina.regions import lookup
+    from esper.urza.evidence import EAGER, RegionCell, RouteTable
+
+    def regional(r: Route, compiled_below: int) -> Route:
+        # Two grid sizes whose geometric midpoint is ``compiled_below``: compiled below it, eager from it on.
+        cells = (RegionCell({"batch": 1}, COMPILED), RegionCell({"batch": compiled_below**2}, EAGER))
+        t = RouteTable(("batch",), ((1, compiled_below**2),), cells)
+        return replace(r, package=object(), table=t, compiled_at=lookup(t, r.entry.guards))  # type: ignore[arg-type]
+
+    shared = [route("float64", 1, 64), regional(route("float32", 1, 64), 4), regional(route("float32", 1, 64), 16)]
+    assert route_dispatch(shared).__name__ == "each"
+    for batch, want in ((2, 1), (9, 2), (20, len(shared) + 1)):
+        assert route_dispatch(shared)((torch.zeros(batch, 8),)) == want, batch
 
 
 def test_an_eager_route_honours_every_hook_of_the_module_it_calls() -> None:
