@@ -1353,8 +1353,8 @@ class Certification:
         performance = Performance.from_json(entry.performance if entry else {})
         if latency:
             performance = replace(performance, certify=latency)
-        kept = (ROUTE_TABLE, OWN_ROUTE_TABLE, ROUTE_GROUP)
-        meta = {k: v for k, v in (entry.meta if entry else {}).items() if k not in kept}
+        routing = (ROUTE_TABLE, OWN_ROUTE_TABLE, ROUTE_GROUP)  # this session's decision replaces them
+        meta = {k: v for k, v in (entry.meta if entry else {}).items() if k not in routing}
         if table is not None:
             meta[ROUTE_TABLE] = table.to_json()
         if own is not None:
