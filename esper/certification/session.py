@@ -398,11 +398,11 @@ def inference_status(run: Certification, routes: list[Entry], entries: list[Entr
     # Specializations route beside their profile's route: the profiles counted are the bucket profiles.
     n_profiles = len([p for p in run.profiles() if not is_specialization(p)])
     tried = [c for c in run.candidates.values() if c.entry is not None]
-    routes = [r for r in routes if not is_specialization(r.profile)]
-    if len({r.profile for r in routes}) == n_profiles:  # candidates sharing a profile's cells route together
+    routed = len({r.profile for r in routes if not is_specialization(r.profile)})  # shared profiles count once
+    if routed == n_profiles:
         return EntryStatus.CERTIFIED + (" (reused)" if tried and not run.checked else "")
-    if routes:
-        return f"partial ({len({r.profile for r in routes})}/{n_profiles} profiles)"
+    if routed:
+        return f"partial ({routed}/{n_profiles} profiles)"
     inference = [e for e in entries if e.artifact == ArtifactKind.INFERENCE]
     return inference[0].status if inference else "error"
 

@@ -164,7 +164,6 @@ def route_dispatch(
     dispatcher checks them all, route tables included (:func:`esper.artifacts.guards.compile_dispatch`): a call
     to the second bucket costs what a call to the first does, and a regional route's cell is looked up from the
     sizes the guards just read. Routes that differ otherwise try each route's own predicate in turn."""
-    count = len(routes)
     schemas = [r.entry.guards for r in routes]
     devices = {r.device_index for r in routes}
     guarded = all(s is not None for s in schemas) and all(r.accepts is not None for r in routes)
@@ -187,16 +186,22 @@ def route_dispatch(
     plain = tuple(routes)
 
     def each(args: Sequence[Any]) -> int:
-        found = -1
-        for index, r in enumerate(plain):
-            if r.accepts is not None and r.accepts(args):
-                if not r.regional or r.compiled_at(args):  # type: ignore[misc]
-                    return index
-                if found < 0:
-                    found = count + index
-        return found
+        return first_serving(plain, args, lambda r: r.accepts is not None and r.accepts(args))
 
     return each
+
+
+def first_serving(routes: Sequence[Route], args: Sequence[Any], accepts: Callable[[Route], bool]) -> int:
+    """:func:`route_dispatch`'s answer found route by route: the first of ``routes`` that ``accepts`` the call
+    into a compiled cell, else the first accepting one plus ``len(routes)``, else ``-1``."""
+    found = -1
+    for index, r in enumerate(routes):
+        if accepts(r):
+            if not r.regional or r.compiled_at(args):  # type: ignore[misc]
+                return index
+            if found < 0:
+                found = len(routes) + index
+    return found
 
 
 class Kernel(KernelBase):
@@ -447,14 +452,7 @@ class Kernel(KernelBase):
             if why is not None:
                 self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
             return -1
-        index = self.routes.index(route)
-        if not route.regional or route.compiled_at(args):  # type: ignore[misc]
-            return index
-        for later in range(index + 1, len(self.routes)):  # a route sharing the profile may serve this cell
-            r = self.routes[later]
-            if r.check(args) is None and (not r.regional or r.compiled_at(args)):  # type: ignore[misc]
-                return later
-        return index + len(self.routes)
+        return first_serving(self.routes, args, lambda r: r.check(args) is None)
 
     def _serve(self, d: dict[str, Any], args: tuple[Any, ...], index: int | None = None) -> Any:
         # Every call __call__'s hot path does not finish (``index``: the dispatcher's answer, when it asked).
