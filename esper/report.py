@@ -29,7 +29,7 @@ from esper.artifacts.compat import CompatKey
 from esper.artifacts.kinds import ArtifactKind
 from esper.blueprint import Blueprint
 from esper.urza import Entry, EntryEngine, Urza
-from esper.urza.evidence import COMPILED, Evidence, RouteTable
+from esper.urza.evidence import COMPILED, Evidence, RegionCell, RouteTable
 
 INSTALL_HINT = "pip install 'esper[report]'"
 ROUTED = "routed"
@@ -190,7 +190,8 @@ def route_tables(ev: KindEvidence) -> list[tuple[Entry, RouteTable]]:
 
 def region_lines(ev: KindEvidence) -> list[str]:
     """One line per route table (profile, variant, compiled cells) and one per cell: its full shape, the ratio
-    to eager with its interval and decision, and the path it serves."""
+    to eager with its interval and decision, and the path it serves (in a profile shared between candidates, the
+    candidate whose compiled code serves a cell this entry does not)."""
     out = []
     for r, t in route_tables(ev):
         out.append(f"Route table of {r.profile}/{r.variant} (#{r.id}): {t.describe()}, cuts {list(t.cuts())}.")
@@ -200,14 +201,16 @@ def region_lines(ev: KindEvidence) -> list[str]:
                 if c.ratio is not None
                 else c.why
             )
-            out.append(f"- {c.label}: {figures} -> {c.path}")
+            served = f"compiled by {c.served_by}" if c.served_by else c.path
+            out.append(f"- {c.label}: {figures} -> {served}")
     return out
 
 
 def plot_regions(name: str, ev: KindEvidence, path: Path) -> Path | None:
     """Each route table's ratio to eager along each of its dims: one panel per dim, every measured point with
-    its interval, green where the cell serves compiled code and red where it runs eager, labelled by its full
-    shape; lines at parity (1) and at the margin a win must clear."""
+    its interval, green where the cell serves this entry's compiled code, blue where another candidate of the
+    profile serves it compiled, red where it runs eager, labelled by its full shape; lines at parity (1) and at
+    the margin a win must clear."""
     tables = route_tables(ev)
     if not tables:
         return None
@@ -224,7 +227,7 @@ def plot_regions(name: str, ev: KindEvidence, path: Path) -> Path | None:
             if c.ratio is None:
                 continue
             x = c.sizes[dim]
-            color = "tab:green" if c.path == COMPILED else "tab:red"
+            color = _color(c)
             low, high = c.low if c.low is not None else c.ratio, c.high if c.high is not None else c.ratio
             ax.errorbar([x], [c.ratio], yerr=[[c.ratio - low], [high - c.ratio]], fmt="o", color=color, capsize=2)
             ax.annotate(c.label, (x, c.ratio), fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -234,20 +237,29 @@ def plot_regions(name: str, ev: KindEvidence, path: Path) -> Path | None:
         if len(t.dims) == 1:  # one dim: the cells are intervals, shaded by the path they serve
             edges = [t.values[0][0], *(c - 0.5 for c in cuts), t.values[0][-1]]
             for i, c in enumerate(t.cells):
-                color = "tab:green" if c.path == COMPILED else "tab:red"
-                ax.axvspan(edges[i], edges[i + 1], color=color, alpha=0.08, linewidth=0)
+                ax.axvspan(edges[i], edges[i + 1], color=_color(c), alpha=0.08, linewidth=0)
         ax.axhline(1.0, color="black", linewidth=0.8)
         if t.margin is not None:
             ax.axhline(1.0 - t.margin, color="tab:green", linestyle="--", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"{dim} (dotted: cell edges)")
         ax.set_ylabel("compiled / eager")
-        ax.set_title(f"{name} {ev.kind} {r.profile}/{r.variant}: {t.describe()} (green compiled, red eager)")
+        ax.set_title(
+            f"{name} {ev.kind} {r.profile}/{r.variant}: {t.describe()} "
+            "(green compiled, blue another candidate's compiled code, red eager)"
+        )
         ax.title.set_fontsize(8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _color(cell: RegionCell) -> str:
+    """A cell's colour in the region plots: what serves it."""
+    if cell.path == COMPILED:
+        return "tab:green"
+    return "tab:blue" if cell.served_by else "tab:red"
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -127,16 +127,19 @@ def test_a_route_table_is_drawn_and_listed_cell_by_cell(urza_copy: Path, tmp_pat
     cells = (
         RegionCell({"batch": 1}, "compiled", "wins", 0.5, 0.45, 0.55, 8, "wins"),
         RegionCell({"batch": 8}, "eager", "loses", 1.2, 1.1, 1.3, 8, "loses"),
+        # A shared profile: another candidate serves this cell compiled, where this entry won too.
+        RegionCell({"batch": 16}, "eager", "wins", 0.7, 0.6, 0.8, 8, "wins", served_by="default/other"),
         RegionCell({"batch": 32}, "eager", None, why="not measured (beyond the grid's budget)"),
     )
-    table = RouteTable(("batch",), ((1, 8, 32),), cells, 0.05)
+    table = RouteTable(("batch",), ((1, 8, 16, 32),), cells, 0.05)
     with Urza(urza_copy) as urza:
         (e,) = urza.entries("tiny_mlp")
         urza.update(e.id, meta={**e.meta, ROUTE_TABLE: table.to_json()})  # type: ignore[arg-type]
     md_path, _ = render(urza_copy, tmp_path / "out", current())
     md = md_path.read_text()
-    assert "regional: compiled in 1 of 3 cells, cuts [(3, 16)]" in md
+    assert "regional: compiled in 1 of 4 cells, cuts [(3, 12, 23)]" in md
     assert "- batch=1: 0.5x [0.45, 0.55] wins -> compiled" in md
     assert "- batch=8: 1.2x [1.1, 1.3] loses -> eager" in md
+    assert "- batch=16: 0.7x [0.6, 0.8] wins -> compiled by default/other" in md
     assert "- batch=32: not measured (beyond the grid's budget) -> eager" in md
     assert (tmp_path / "out" / "tiny_mlp-inference-regions.png").stat().st_size > 0

@@ -272,7 +272,7 @@ def share(
                 own.why if measured else f"in the cell of {own.label}: {own.why}",
             )
             if owner is not None and owner != cid:
-                cell = replace(cell, why=f"routed to {owner}; here {cell.why}")
+                cell = replace(cell, why=f"routed to {owner}; here {cell.why}", served_by=owner)
             cells.append(cell)
         out[cid] = RouteTable(first.dims, values, tuple(cells), margin)
     return out

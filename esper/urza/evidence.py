@@ -627,7 +627,9 @@ def threshold(low: int, high: int) -> int:
 class RegionCell:
     """One cell of a :class:`RouteTable`: its grid point (the full shape, ``sizes``), the route it serves
     (``compiled`` or ``eager``), the comparison measured there (``decision``: wins, loses, even, inconclusive;
-    ``None`` when the point was not measured) with its paired ratio and confidence interval, and why."""
+    ``None`` when the point was not measured) with its paired ratio and confidence interval, and why.
+    ``served_by``: in a profile shared between candidates, the candidate (``profile/variant``) whose compiled
+    code serves this cell where that is another entry's (this table's cell then runs eager for its own entry)."""
 
     sizes: Mapping[str, int]
     path: str
@@ -637,6 +639,7 @@ class RegionCell:
     high: float | None = None
     rounds: int | None = None
     why: str = ""
+    served_by: str | None = None
 
     @property
     def label(self) -> str:
@@ -659,6 +662,7 @@ class RegionCell:
             _number(raw.get("high")),
             _count(raw.get("rounds")),
             _text(raw.get("why")) or "",
+            _text(raw.get("served_by")),
         )
 
     def to_json(self) -> JSON:
@@ -669,6 +673,7 @@ class RegionCell:
             low=self.low,
             high=self.high,
             rounds=self.rounds,
+            served_by=self.served_by,
         )
 
 

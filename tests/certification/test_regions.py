@@ -350,6 +350,14 @@ def test_each_cell_goes_to_the_candidate_that_wins_it_and_the_first_keeps_a_cell
     # A cell routed to the other candidate says so and keeps this candidate's own measurement.
     cell = shares["p/default"].cell_of({"batch": 16})
     assert cell.path == EAGER and "routed to p/freezing" in cell.why and cell.ratio == pytest.approx(0.8)
+    assert cell.served_by == "p/freezing" and shares["p/freezing"].cell_of({"batch": 16}).served_by is None
+    # Stored and read back, the cell still names who serves it (rows written before it name nobody).
+    stored = RouteTable.from_json(shares["p/default"].to_json())
+    assert stored is not None and stored.cell_of({"batch": 16}).served_by == "p/freezing"
+    old_row = shares["p/default"].to_json()
+    for raw in old_row["cells"]:
+        raw.pop("served_by", None)
+    assert RouteTable.from_json(old_row).cell_of({"batch": 16}).served_by is None  # type: ignore[union-attr]
 
 
 def test_a_candidate_serves_a_cell_only_where_it_won_all_over_it_whatever_the_grids_refinement() -> None:
