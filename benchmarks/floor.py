@@ -4,7 +4,8 @@
         [--number N] [--json PATH]
 
 Per blueprint with a certified compiled route in ``--urza`` (default ``.esper/bench/urza.db``, which
-``pytest benchmarks`` fills), at its smallest representative shape (the one where the overhead weighs most),
+``pytest benchmarks`` fills), at its smallest representative shape (the one where the overhead weighs most)
+where the kernel serves compiled code there (a shape whose cell runs eager by evidence is skipped, and says so),
 under ``torch.no_grad()``:
 
 - ``raw``: the C++ loader's ``run`` called directly in a tight loop (``AOTIModelPackageLoader.run``, inputs
@@ -244,6 +245,7 @@ def timer_us(run: Callable[[list[torch.Tensor]], Any], args: list[torch.Tensor])
 def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: Any = None) -> dict[str, Any]:
     from esper.artifacts.runtime import CompiledPackage
     from esper.numerics.inputs import example_inputs
+    from esper.urza.evidence import COMPILED
 
     sizes = smallest_shape(bp)
     args = example_inputs(bp, sizes)
@@ -252,6 +254,10 @@ def measure_blueprint(kernel: Any, bp: Any, *, rounds: int, number: int, bound: 
         return {"shape": sizes, "skipped": why or "this shape routes eager"}
     with torch.no_grad():
         kernel(*args)  # a deferred route loads on its first call
+    if kernel.last_path != COMPILED:
+        # A route accepts the shape, but its cell there runs eager by evidence (in a shared profile: no member
+        # won it): the kernel serves the module, and that route's runner would time another call.
+        return {"shape": sizes, "skipped": "this shape routes eager by region (its cell of every route is eager)"}
     route, _ = kernel.select(args)
     package = route.package
     if not isinstance(package, CompiledPackage):

@@ -245,7 +245,7 @@ def plot_regions(name: str, ev: KindEvidence, path: Path) -> Path | None:
         ax.set_xlabel(f"{dim} (dotted: cell edges)")
         ax.set_ylabel("compiled / eager")
         ax.set_title(
-            f"{name} {ev.kind} {r.profile}/{r.variant}: {t.describe()} "
+            f"{name} {ev.kind} {r.profile}/{r.variant}: {t.describe()}\n"
             "(green compiled, blue another candidate's compiled code, red eager)"
         )
         ax.title.set_fontsize(8)

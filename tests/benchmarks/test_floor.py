@@ -2,8 +2,11 @@
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
-from benchmarks.floor import adjacent, paired, quiet
+import pytest
+
+from benchmarks.floor import adjacent, measure_blueprint, paired, quiet, smallest_shape
 
 
 def test_adjacent_blocks_reverse_their_order_so_a_drift_cancels() -> None:
@@ -84,3 +87,24 @@ def test_the_reference_opens_every_block_so_quiet_blocks_come_from_both_orders()
         assert {b % 2 for b, c in enumerate(calm) if c} == orders
         judged = paired(figures, "kernel", "raw", keep=calm)["median"]
         assert judged == (1.0 if first is None else 2.0)
+
+
+@pytest.mark.compiles
+def test_a_shape_whose_cell_runs_eager_is_not_timed_as_the_compiled_floor(urza_copy: Path) -> None:
+    """A route accepts the smallest shape but its cell there runs eager by evidence: the kernel serves the
+    module, so its time against that route's raw runner is no overhead of ours (it read as a negative one)."""
+    from esper.catalog import load_catalog
+    from esper.kasmina import Kasmina
+
+    from ..conftest import TINY
+    from ..kasmina.test_regions import table, write_table
+
+    bp = load_catalog([TINY]).get("tiny_mlp")
+    assert smallest_shape(bp) == {"batch": 4}
+    write_table(urza_copy, "tiny_mlp", table({"batch": (1, 4, 16, 32)}, {(1,), (16,)}))
+    eager_there = measure_blueprint(Kasmina(urza_copy, blueprint_paths=[TINY]).load("tiny_mlp"), bp, rounds=1, number=2)
+    assert "routes eager by region" in eager_there.get("skipped", ""), eager_there
+    # The twin: compiled in that cell, the floor is measured.
+    write_table(urza_copy, "tiny_mlp", table({"batch": (1, 4, 16, 32)}, {(4,)}))
+    compiled = measure_blueprint(Kasmina(urza_copy, blueprint_paths=[TINY]).load("tiny_mlp"), bp, rounds=1, number=2)
+    assert "skipped" not in compiled and compiled["paths"]["raw"]["us"] > 0, compiled
