@@ -191,11 +191,15 @@ def route_dispatch(
     return each
 
 
-def first_serving(routes: Sequence[Route], args: Sequence[Any], accepts: Callable[[Route], bool]) -> int:
+def first_serving(
+    routes: Sequence[Route], args: Sequence[Any], accepts: Callable[[Route], bool], *, start: int = 0
+) -> int:
     """:func:`route_dispatch`'s answer found route by route: the first of ``routes`` that ``accepts`` the call
-    into a compiled cell, else the first accepting one plus ``len(routes)``, else ``-1``."""
+    into a compiled cell, else the first accepting one plus ``len(routes)``, else ``-1``. ``start``: the routes
+    before it are known to refuse the call (they are not asked again)."""
     found = -1
-    for index, r in enumerate(routes):
+    for index in range(start, len(routes)):
+        r = routes[index]
         if accepts(r):
             if not r.regional or r.compiled_at(args):  # type: ignore[misc]
                 return index
@@ -452,7 +456,10 @@ class Kernel(KernelBase):
             if why is not None:
                 self.warn_once(telemetry.OUTSIDE_GUARDS, f"{why}; this call runs eager")
             return -1
-        return first_serving(self.routes, args, lambda r: r.check(args) is None)
+        # _explain asked each route in order up to the one that accepts: only the later ones are left to ask.
+        return first_serving(
+            self.routes, args, lambda r: r is route or r.check(args) is None, start=self.routes.index(route)
+        )
 
     def _serve(self, d: dict[str, Any], args: tuple[Any, ...], index: int | None = None) -> Any:
         # Every call __call__'s hot path does not finish (``index``: the dispatcher's answer, when it asked).
