@@ -1,7 +1,8 @@
 """P2 over the declared ranges: the Kasmina kernel against the bare module at the representative shapes and over
 a grid of each profile's ranges (the shapes a user actually sends), every point measured interleaved.
 
-    .venv/bin/python -m benchmarks.grid [--urza URZA] [--blueprints DIR] [-k NAME] [--rounds N] [--json OUT]
+    .venv/bin/python -m benchmarks.grid [--urza URZA] [--blueprints DIR] [-k NAME] [--kind KIND] [--rounds N]
+        [--openmp-team] [--json OUT]
 
 Per blueprint, the points are the representative shapes and, per shape profile, a grid of the profile's declared
 ranges (:func:`range_grid`: log-spaced sizes along each dynamic dim, their product thinned to a budget by
@@ -9,6 +10,9 @@ ranges (:func:`range_grid`: log-spaced sizes along each dynamic dim, their produ
 kernel against the bare module on the same inputs, in fixed interleaved rounds, with the 95% interval of the
 median per-round ratio. The points of one blueprint are measured in an interleaved order (representative
 shapes among the grid's), so that a slow minute of a shared machine does not fall on one kind of point only.
+
+``--kind representative`` (or ``grid``) measures only that kind of point. ``--openmp-team`` first parks a thread that
+has run one parallel torch op (:func:`park_openmp_team`), as a process whose other threads use torch has one.
 
 P2 is the geometric mean over the points of kernel / bare module time (:func:`p2`), reported for the
 representative shapes and for the grid; a point is *slower than the bare module* when its interval covers the
@@ -22,7 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ GRID_BUDGET = 25
 # Fixed rounds, no early stop: every point rests on the same evidence. Each round times CALLS alternating pairs.
 ROUNDS = 15
 CALLS = 5
+KINDS = (REPRESENTATIVE, GRID)
 
 
 @dataclass(frozen=True)
@@ -108,12 +114,21 @@ def range_grid(
     return tuple(out)
 
 
-def points(bp: Blueprint, *, per_dim: int = GRID_PER_DIM, budget: int = GRID_BUDGET) -> list[Point]:
+def points(
+    bp: Blueprint, *, per_dim: int = GRID_PER_DIM, budget: int = GRID_BUDGET, kinds: Collection[str] = KINDS
+) -> list[Point]:
     """The representative shapes and the grid points of ``bp``, interleaved: the representative shapes spread
     evenly among the grid's, each kind in its own order (a grid point that is also a representative shape is
-    measured in both roles: each P2 has its full set of shapes)."""
-    reps = [Point(bp.name, REPRESENTATIVE, dict(r)) for r in bp.representative]
-    grid = [Point(bp.name, GRID, sizes, profile) for profile, sizes in range_grid(bp, per_dim=per_dim, budget=budget)]
+    measured in both roles: each P2 has its full set of shapes). ``kinds``: the kinds of point to take."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kind of point {sorted(unknown)} (known: {', '.join(KINDS)})")
+    reps = [Point(bp.name, REPRESENTATIVE, dict(r)) for r in bp.representative] if REPRESENTATIVE in kinds else []
+    grid = (
+        [Point(bp.name, GRID, sizes, profile) for profile, sizes in range_grid(bp, per_dim=per_dim, budget=budget)]
+        if GRID in kinds
+        else []
+    )
     return interleave(reps, grid)
 
 
@@ -229,13 +244,14 @@ def measure_blueprint(
     calls: int = CALLS,
     per_dim: int = GRID_PER_DIM,
     budget: int = GRID_BUDGET,
+    kinds: Collection[str] = KINDS,
 ) -> list[Measured]:
     """Every point of ``bp`` (:func:`points`): the Kasmina ``kernel`` against a fresh bare module."""
     from esper.numerics.inputs import example_inputs
 
     module = bp.build().eval()
     out = []
-    for point in points(bp, per_dim=per_dim, budget=budget):
+    for point in points(bp, per_dim=per_dim, budget=budget, kinds=kinds):
         args = example_inputs(bp, point.sizes)
         out.append(
             measure_point(point, kernel, module, args, rounds=rounds, calls=calls, path=lambda: str(kernel.last_path))
@@ -250,6 +266,7 @@ def measure_urza(
     *,
     rounds: int = ROUNDS,
     calls: int = CALLS,
+    kinds: Collection[str] = KINDS,
 ) -> list[Measured]:
     """Every blueprint of the catalog at ``blueprint_paths`` (or those ``names``), served by Kasmina from
     ``urza``."""
@@ -261,8 +278,31 @@ def measure_urza(
     out: list[Measured] = []
     for bp in sorted(catalog.blueprints.values(), key=lambda b: b.name):
         if not names or bp.name in names:
-            out += measure_blueprint(bp, kasmina.load(bp.name), rounds=rounds, calls=calls)
+            out += measure_blueprint(bp, kasmina.load(bp.name), rounds=rounds, calls=calls, kinds=kinds)
     return out
+
+
+def park_openmp_team() -> threading.Event:
+    """Start a thread that runs one parallel torch op and then waits, until the returned event is set.
+
+    libgomp gives every thread that opens a parallel region its own team of workers, for as long as the thread
+    lives. With more such workers than cores it stops letting idle workers spin: a worker then sleeps between
+    two parallel regions and every region pays its wake-up. A process whose other threads have used torch (a
+    data loader, a metrics thread) runs so; a fresh benchmark process does not. An eager module, whose ATen ops
+    each open a region, can pay more for it than compiled code, which runs fewer, fused ones."""
+    import torch
+
+    ran, release = threading.Event(), threading.Event()
+
+    def park() -> None:
+        ones = torch.ones(1 << 20)
+        ones.add_(1).sum()  # a million elements: above ATen's grain size, so the op runs in parallel
+        ran.set()
+        release.wait()
+
+    threading.Thread(target=park, name="parked-openmp-team", daemon=True).start()
+    ran.wait()
+    return release
 
 
 def report(measured: Sequence[Measured]) -> dict[str, Any]:
@@ -306,18 +346,37 @@ def markdown(figures: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments(*, add_help: bool = True) -> argparse.ArgumentParser:
+    """The command line :func:`main` takes (:mod:`benchmarks.processes` takes it too, for its child processes)."""
     root = Path(__file__).resolve().parent.parent
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.grid", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.grid", description=__doc__.split("\n\n")[0], add_help=add_help
+    )
     parser.add_argument("--urza", type=Path, default=root / ".esper" / "urza.db")
     parser.add_argument("--blueprints", type=Path, action="append", default=None)
     parser.add_argument("-k", action="append", default=[], help="a blueprint name (repeatable; default: all)")
+    parser.add_argument(
+        "--kind", action="append", choices=KINDS, default=None, help="only this kind of point (repeatable)"
+    )
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--calls", type=int, default=CALLS)
+    parser.add_argument("--openmp-team", action="store_true", help="measure beside a parked OpenMP team")
     parser.add_argument("--json", type=Path, default=None)
-    opts = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    root = Path(__file__).resolve().parent.parent
+    opts = arguments().parse_args(argv)
+    if opts.openmp_team:
+        park_openmp_team()
     measured = measure_urza(
-        opts.urza, opts.blueprints or [root / "blueprints"], opts.k, rounds=opts.rounds, calls=opts.calls
+        opts.urza,
+        opts.blueprints or [root / "blueprints"],
+        opts.k,
+        rounds=opts.rounds,
+        calls=opts.calls,
+        kinds=opts.kind or KINDS,
     )
     figures = report(measured)
     if opts.json:
