@@ -36,7 +36,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from esper.numerics.inputs import place_nonfinite_at
-from esper.numerics.parity import REDUCTION, judge_tensor, nonfinite_breach
+from esper.numerics.parity import REDUCTION, bitwise_equal, judge_tensor, nonfinite_breach
 
 __all__ = [
     "Breach",
@@ -236,15 +236,6 @@ def named_state(args: Sequence[Any], module: torch.nn.Module | None = None) -> d
 def snapshot(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies of ``state``'s tensors (detached), to compare with after a call."""
     return {n: t.detach().clone() for n, t in state.items()}
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, dtype and bits, NaN equal to NaN (a NaN's payload aside)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.is_floating_point() or a.is_complex():
-        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
-    return torch.equal(a, b)
 
 
 def _changed_elements(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,6 @@ from esper.blueprint import Blueprint
 from esper.catalog import Catalog
 from esper.certification.contract import (
     ClauseResult,
-    bitwise_equal,
     check_aliasing,
     check_metadata,
     check_mutation,
@@ -56,7 +55,15 @@ from esper.numerics import executions
 from esper.numerics.coverage import ValueCase
 from esper.numerics.gradients import exact_step, floating_buffers, gradients, step, upstream
 from esper.numerics.inputs import Regime
-from esper.numerics.parity import ParityVerdict, float64_copy, judge, nondeterministic, reduction_of, to_float64
+from esper.numerics.parity import (
+    ParityVerdict,
+    bitwise_equal,
+    float64_copy,
+    judge,
+    nondeterministic,
+    reduction_of,
+    to_float64,
+)
 from esper.tezzeret.compiler import CompileOutcome, Tezzeret
 from esper.urza import Entry, Urza
 

@@ -46,7 +46,7 @@ from esper.certification.results import CANDIDATE_CHECKS, Check, CheckResult, Fa
 from esper.kasmina import COMPILED, EAGER, telemetry
 from esper.numerics import coverage, executions
 from esper.numerics.inputs import Regime, make_inputs
-from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, summarize
+from esper.numerics.parity import FLOOR_ULPS, POINTWISE_SLACK, ParityStats, ParityVerdict, bitwise_equal, summarize
 from esper.profiles import is_specialization
 from esper.tezzeret.compiler import SPECIALIZE, built_in_this_process
 from esper.tezzeret.pipeline import NotSpecialized
@@ -852,7 +852,7 @@ class Certification:
         exact_after = {f"buffer[{n!r}]": b for n, b in exact.items()} if isinstance(exact, Mapping) else None
         if exact_after is None:
             after = {n: t.detach() for n, t in eager_after.items()}
-            before = {n: t for n, t in before.items() if n in after and contract.bitwise_equal(after[n], t)}
+            before = {n: t for n, t in before.items() if n in after and bitwise_equal(after[n], t)}
         tol = self.bp.tolerance
         clause = contract.check_mutation(
             before, contract.named_state((), served), eager_after, exact_after, atol=tol.atol, rtol=tol.rtol

@@ -118,7 +118,7 @@ def make_value(
         if regime.zeros == "all":
             x.zero_()
         elif regime.zeros == "some":
-            x[torch.rand(shape, generator=generator) < 0.5] = 0.0
+            x.masked_fill_(torch.rand(shape, generator=generator) < 0.5, 0.0)
     if spec.low is not None or spec.high is not None:
         x = x.clamp(spec.low, spec.high)
     if regime.nonfinite:

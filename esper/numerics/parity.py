@@ -148,10 +148,11 @@ VALUE_CLASSES = ("finite", "NaN", "+inf", "-inf")
 
 def value_classes(t: torch.Tensor) -> torch.Tensor:
     """Per element of a real floating tensor: 0 finite, 1 NaN, 2 +inf, 3 -inf (:data:`VALUE_CLASSES`)."""
-    k = torch.zeros(t.shape, dtype=torch.int8)
-    k[t.isnan()] = 1
-    k[t == math.inf] = 2
-    k[t == -math.inf] = 3
+    # masked_fill_ rather than boolean-index assignment: the latter gathers the indices first (several times
+    # slower on a large output).
+    k = t.isnan().to(torch.int8)
+    k.masked_fill_(t == math.inf, 2)
+    k.masked_fill_(t == -math.inf, 3)
     return k
 
 
@@ -176,8 +177,10 @@ def nonfinite_breach(c: torch.Tensor, e: torch.Tensor, x: torch.Tensor, *, atol:
     finite_e, finite_x, finite_c = ke == 0, kx == 0, kc == 0
     bad = finite_e & finite_x & ~finite_c  # rule 1
     bad |= ~finite_e & ~finite_x & (kc != ke) & (kc != kx)  # rule 2
-    far = (c.double() - x.double()).abs() > atol + rtol * x.double().abs()
-    bad |= ~finite_e & finite_x & finite_c & far  # rule 3
+    avoided = ~finite_e & finite_x & finite_c
+    if bool(avoided.any()):
+        far = (c.double() - x.double()).abs() > atol + rtol * x.double().abs()
+        bad |= avoided & far  # rule 3
     bad |= finite_e & ~finite_x & ~finite_c & (kc != kx)  # rule 4
     if not bool(bad.any()):
         return ""
@@ -211,15 +214,25 @@ class ErrorSums:
     worst_scaled: float  # rtol * |eager| there
 
 
-def error_sums(c: torch.Tensor, e: torch.Tensor, f: torch.Tensor, rtol: float) -> ErrorSums:
+def error_sums(
+    c: torch.Tensor, e: torch.Tensor, f: torch.Tensor, rtol: float, keep: torch.Tensor | None = None
+) -> ErrorSums:
     """:class:`ErrorSums` of finite ``c`` (compiled), ``e`` (eager) and ``f`` (float64) of one shape, in
-    float64, a chunk of :data:`CHUNK` elements at a time."""
+    float64, a chunk of :data:`CHUNK` elements at a time; with ``keep`` (a boolean tensor of that shape), of the
+    elements it holds true alone, the others counting for nothing (as if left out: a boolean gather of three
+    large tensors costs more than the whole pass)."""
     c, e, f = c.reshape(-1), e.reshape(-1), f.reshape(-1)
+    drop = None if keep is None else ~keep.reshape(-1)
     sq_c = sq_e = sq_f = max_err = max_diff = 0.0
     best, worst_diff, worst_scaled = -math.inf, 0.0, 0.0
     for start in range(0, c.numel(), CHUNK):
         part = slice(start, start + CHUNK)
         c64, e64, f64 = c[part].to(torch.float64, copy=True), e[part].to(torch.float64, copy=True), f[part]
+        gone = None if drop is None else drop[part]
+        if gone is not None:
+            c64.masked_fill_(gone, 0.0)
+            e64.masked_fill_(gone, 0.0)
+            f64 = f64.masked_fill(gone, 0.0)
         err_c, err_e = c64 - f64, e64 - f64
         sq_c += float(torch.dot(err_c, err_c))
         sq_e += float(torch.dot(err_e, err_e))
@@ -228,9 +241,12 @@ def error_sums(c: torch.Tensor, e: torch.Tensor, f: torch.Tensor, rtol: float) -
         diff = c64.sub_(e64).abs_()
         max_diff = max(max_diff, float(diff.max()))
         scaled = e64.abs_().mul_(rtol)
-        i = int(err_c.copy_(diff).sub_(scaled).argmax())
-        if float(err_c[i]) > best:
-            best, worst_diff, worst_scaled = float(err_c[i]), float(diff[i]), float(scaled[i])
+        excess = err_c.copy_(diff).sub_(scaled)
+        if gone is not None:
+            excess.masked_fill_(gone, -math.inf)
+        i = int(excess.argmax())
+        if float(excess[i]) > best:
+            best, worst_diff, worst_scaled = float(excess[i]), float(diff[i]), float(scaled[i])
     return ErrorSums(sq_c, sq_e, sq_f, max_err, max_diff, worst_diff, worst_scaled)
 
 
@@ -268,18 +284,19 @@ def judge_tensor(
     mismatch = "" if all_finite else nonfinite_breach(c, e, f64, atol=atol, rtol=rtol)
     if mismatch:
         return verdict(False, mismatch, nonfinite_ok=False)
+    finite: torch.Tensor | None = None
+    n = c.numel()
     if not (all_finite and math.isfinite(float(f64.sum()))):
         # Where eager or the reference is non-finite, the rule above judged the compiled value.
         finite = torch.isfinite(e) & torch.isfinite(f64)
-        c, e, f64 = c[finite], e[finite], f64[finite]
-    n = c.numel()
+        n = int(finite.sum())
     if n == 0:
         return verdict(True, "")
     eps = torch.finfo(e.dtype).eps
-    s = error_sums(c, e, f64, rtol)
+    s = error_sums(c, e, f64, rtol, finite)
     r_c, r_e, rms = (math.sqrt(x / n) for x in (s.sq_compiled, s.sq_eager, s.sq_exact))
     floor = floor_ulps * eps * rms + torch.finfo(e.dtype).tiny
-    m = multiplier(e.numel(), e.dtype) * reduction
+    m = multiplier(n, e.dtype) * reduction
     allowed_rmse = m * r_e + floor
     ratio = r_c / r_e if r_e > 0 else (1.0 if r_c == 0 else float("inf"))
     # The pointwise bound at the element closest to breaking it: atol + slack * max|eager - fp64| + rtol * |eager|.
@@ -485,14 +502,37 @@ def float64_reference(module: torch.nn.Module, args: Sequence[Any]) -> Any:
         return float64_copy(module)(*to_float64(args))
 
 
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits, NaN equal to NaN (a NaN's payload aside)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        # Identical bits are equal whatever they hold, in one pass (the common case: a tensor left as it was).
+        if a.is_contiguous() and b.is_contiguous() and _same_bits(a, b):
+            return True
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+    return torch.equal(a, b)
+
+
+# The integer dtype of each element size, to compare floating tensors' bits as integers (a byte view compares
+# several times slower).
+_BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether contiguous ``a`` and ``b`` of one floating or complex dtype hold the same bits."""
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    bits = _BITS_OF_SIZE.get(a.element_size())
+    if bits is None or a.numel() == 0:
+        return bits is not None
+    return torch.equal(a.reshape(-1).view(bits), b.reshape(-1).view(bits))
+
+
 def _bitwise_equal(x: Any, y: Any) -> bool:
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         return type(x) is type(y) and x == y
-    if x.shape != y.shape or x.dtype != y.dtype:
-        return False
-    if x.is_floating_point() or x.is_complex():
-        return torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0))
-    return torch.equal(x, y)
+    return bitwise_equal(x, y)
 
 
 def nondeterministic(run: Callable[[], Any]) -> bool:

@@ -115,6 +115,58 @@ def test_error_sums_in_chunks_equal_whole_tensor_figures() -> None:
     assert s.worst_scaled == pytest.approx(1e-3 * abs(float(eager[n - 7])), rel=1e-12)
 
 
+@pytest.mark.parametrize("bump", [0.25, 0.0])
+def test_error_sums_over_kept_elements_equal_those_of_the_kept_elements_alone(bump: float) -> None:
+    """``keep`` leaves elements out as a gather would: the dropped ones count for nothing, even where they hold
+    NaN, inf or the largest difference of the tensor, and even where every kept element lies inside ``rtol``
+    (``bump`` 0: the worst kept element is then one whose excess over ``rtol x |eager|`` is negative, and a
+    dropped element must not take its place)."""
+    n = 2 * CHUNK + 123
+    g = torch.Generator().manual_seed(9)
+    exact = 1.0 + torch.rand(n, generator=g, dtype=torch.float64)  # away from 0: rtol x |eager| >= 1e-3
+    eager, compiled = noisy(exact, 1e-5, 10), noisy(exact, 1e-5, 11)
+    compiled[17] += bump
+    keep = torch.rand(n, generator=g) > 0.2
+    keep[17] = True
+    dropped = (~keep).nonzero().flatten()
+    compiled[dropped[0]], eager[dropped[1]], exact[dropped[2]] = math.nan, math.inf, -math.inf
+    compiled[dropped[-1]] += 100.0
+    s = error_sums(compiled, eager, exact, 1e-3, keep)
+    alone = error_sums(compiled[keep], eager[keep], exact[keep], 1e-3)
+    for field in ("sq_compiled", "sq_eager", "sq_exact"):
+        assert getattr(s, field) == pytest.approx(getattr(alone, field), rel=1e-12)
+    assert (s.max_eager_error, s.max_diff, s.worst_diff, s.worst_scaled) == (
+        alone.max_eager_error,
+        alone.max_diff,
+        alone.worst_diff,
+        alone.worst_scaled,
+    )
+    assert s.worst_scaled > 0.0
+
+
+def test_judging_around_nonfinite_elements_counts_only_finite_ones() -> None:
+    """Where eager and float64 hold NaN at the same places, the RMSE rule's figures are those of the finite
+    elements alone: a wrong finite value is still caught, an honest one passes."""
+    n = CHUNK + 50
+    exact = torch.randn(n, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    eager, honest = noisy(exact, 2e-7, 13), noisy(exact, 2e-7, 14)
+    holes = torch.arange(0, n, 7)
+    for t in (exact, eager, honest):
+        t[holes] = math.nan
+    finite = torch.ones(n, dtype=torch.bool)
+    finite[holes] = False
+    v = judge(honest, eager, exact, atol=1e-5, rtol=1e-5)
+    clean = judge(honest[finite], eager[finite], exact[finite], atol=1e-5, rtol=1e-5)
+    assert v.passed and clean.passed
+    assert v.outputs[0].rmse_compiled == pytest.approx(clean.outputs[0].rmse_compiled, rel=1e-9)
+    assert v.outputs[0].allowed_rmse == pytest.approx(clean.outputs[0].allowed_rmse, rel=1e-9)
+    wrong = honest.clone()
+    wrong[8] += 1e-3
+    caught = judge(wrong, eager, exact, atol=1e-5, rtol=1e-5)
+    assert not caught.passed
+    assert caught.reason == judge(wrong[finite], eager[finite], exact[finite], atol=1e-5, rtol=1e-5).reason
+
+
 @pytest.mark.parametrize("where", [0, CHUNK - 1, CHUNK, 2 * CHUNK + 100])
 def test_large_tensors_are_judged_in_every_chunk(where: int) -> None:
     """A wrong value, a misplaced NaN, or finite values whose float32 sum overflows: each anywhere in a
