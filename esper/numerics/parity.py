@@ -524,9 +524,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.is_complex():
         a, b = torch.view_as_real(a), torch.view_as_real(b)
     bits = _BITS_OF_SIZE.get(a.element_size())
-    if bits is None or a.numel() == 0:
-        return bits is not None
-    return torch.equal(a.reshape(-1).view(bits), b.reshape(-1).view(bits))
+    return bits is not None and torch.equal(a.reshape(-1).view(bits), b.reshape(-1).view(bits))
 
 
 def _bitwise_equal(x: Any, y: Any) -> bool:

@@ -16,6 +16,7 @@ from esper.numerics.parity import (
     Float64Casts,
     NotWidenable,
     ParityStats,
+    bitwise_equal,
     error_sums,
     float64_copy,
     float64_reference,
@@ -165,6 +166,31 @@ def test_judging_around_nonfinite_elements_counts_only_finite_ones() -> None:
     caught = judge(wrong, eager, exact, atol=1e-5, rtol=1e-5)
     assert not caught.passed
     assert caught.reason == judge(wrong[finite], eager[finite], exact[finite], atol=1e-5, rtol=1e-5).reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.complex64, torch.complex128])
+def test_bitwise_equal_sees_one_changed_element_of_a_large_tensor(dtype: torch.dtype) -> None:
+    """Any tensor left as it was is equal (NaN to NaN, whatever its payload; -0.0 to 0.0), contiguous or not;
+    one element changed anywhere in a large tensor is not (the defect: a comparison that reads part of it)."""
+    a = torch.randn(3, 70_001, generator=torch.Generator().manual_seed(1)).to(dtype)
+    a[0, 5] = math.nan
+    assert bitwise_equal(a, a.clone())
+    assert bitwise_equal(a.t(), a.clone().t())
+    payload = a.clone()
+    if not dtype.is_complex:
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[payload.element_size()]
+        payload.view(bits)[0, 5] |= 1  # another NaN
+        assert payload[0, 5].isnan()
+    assert bitwise_equal(a, payload)
+    zeros = torch.zeros(4, dtype=dtype)
+    assert bitwise_equal(zeros, -zeros)
+    for where in [(0, 0), (1, 35_000), (2, 70_000)]:
+        changed = a.clone()
+        changed[where] += 1
+        assert not bitwise_equal(a, changed)
+        assert not bitwise_equal(a.t(), changed.t())
+    assert not bitwise_equal(a, a.clone().reshape(70_001, 3))
+    assert bitwise_equal(torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=dtype))
 
 
 @pytest.mark.parametrize("where", [0, CHUNK - 1, CHUNK, 2 * CHUNK + 100])
