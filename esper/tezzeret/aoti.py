@@ -3,6 +3,9 @@
 Why AOTInductor and not ``torch.compile``: a ``torch.compile`` wrapper cannot be saved, so every process
 would compile again (seconds per blueprint). ``torch._inductor.aoti_compile_and_package`` runs the same
 Inductor backend ahead of time and writes a self-contained package that a process loads in milliseconds.
+
+Compiles share the machine through one slot per Inductor cache (:func:`compile_slot`), and a package's two
+objects build side by side (:func:`wrapper_beside_kernels`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,11 +135,78 @@ class Slot:
 
 def compile_package(ep: ExportedProgram, path: Path, settings: Mapping[str, Any] | None = None) -> Path:
     """Compile ``ep`` into the package file ``path`` with Inductor config overrides ``settings`` (in its
-    :func:`compile_slot`)."""
+    :func:`compile_slot`), the package's wrapper built beside its kernels (:func:`wrapper_beside_kernels`)."""
     import torch._inductor
 
-    with compile_slot(settings):
+    with compile_slot(settings), wrapper_beside_kernels():
         out = torch._inductor.aoti_compile_and_package(
             ep, package_path=str(path), inductor_configs=dict(settings or {})
         )
     return Path(out)
+
+
+# The builds this thread has under way beside its own (None: outside a :func:`wrapper_beside_kernels` block).
+_beside = threading.local()
+# The one object of an AOTInductor package that nothing reads before the package's link.
+WRAPPER_OBJECT = ".wrapper.o"
+
+
+@contextmanager
+def wrapper_beside_kernels(builder: Any = None) -> Iterator[None]:
+    """Build an AOTInductor package's wrapper object in a second ``g++`` while its kernels' object builds.
+
+    AOTInductor builds a package's wrapper object (the model container's C++) and then its kernels' object, one
+    after the other, and links them last. The wrapper takes most of a package's ``g++`` time and the kernels
+    most of the rest, so where a core is free (an autotuning compile runs alone; a unit test compiles one
+    package at a time) building them side by side takes the shorter build off every package. Within this
+    block, a wrapper object's build (``builder.build``; Inductor's ``CppBuilder`` by default) in this thread
+    starts in a second thread and returns at once; any later build that is not an object (the link, a
+    precompiled header, an autotuning candidate's library) first waits for it, as does leaving the block,
+    where its failure is raised as Inductor would have raised it. Builds in other threads, and outside such a
+    block, run as Inductor runs them."""
+    if builder is None:
+        from torch._inductor.cpp_builder import CppBuilder
+
+        builder = CppBuilder
+    _build_beside(builder)
+    if getattr(_beside, "pending", None) is not None:
+        yield
+        return
+    _beside.pending = []
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="esper-wrapper-g++") as executor:
+            _beside.executor = executor
+            yield
+            _wait_beside()
+    finally:
+        # Leaving the executor's block waited for every build (a failure in the block: none outlives it).
+        _beside.pending = _beside.executor = None
+
+
+def _wait_beside() -> None:
+    pending = _beside.pending
+    while pending:
+        pending.pop(0).result()
+
+
+def _build_beside(builder: Any) -> None:
+    """Wrap ``builder.build`` once: in a :func:`wrapper_beside_kernels` block of the calling thread, a wrapper
+    object builds in the block's second thread; elsewhere the build is the original, untouched."""
+    if getattr(builder.build, "esper_beside", False):
+        return
+    build: Callable[[Any], None] = builder.build
+
+    def beside(self: Any) -> None:
+        pending: list[Future[None]] | None = getattr(_beside, "pending", None)
+        if pending is None:
+            return build(self)
+        target = str(self.get_target_file_path())
+        if target.endswith(WRAPPER_OBJECT):
+            pending.append(_beside.executor.submit(build, self))
+            return None
+        if not target.endswith(".o"):
+            _wait_beside()
+        return build(self)
+
+    beside.esper_beside = True  # type: ignore[attr-defined]
+    builder.build = beside
