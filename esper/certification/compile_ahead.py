@@ -131,6 +131,15 @@ def exit_with_parent(parent: int, poll: float = PARENT_POLL_SECONDS) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def start_worker(parent: int) -> None:
+    """Worker initializer: the worker ends with ``parent`` (:func:`exit_with_parent`), and its compiles run
+    among others (:func:`esper.tezzeret.aoti.compiles_among_others`)."""
+    from esper.tezzeret.aoti import compiles_among_others
+
+    compiles_among_others()
+    exit_with_parent(parent)
+
+
 class CompilePool:
     """The session's compile worker processes (spawned, so no parent state leaks in), started on first use."""
 
@@ -144,7 +153,7 @@ class CompilePool:
             if self._executor is None:
                 ctx = multiprocessing.get_context("spawn")
                 self._executor = ProcessPoolExecutor(
-                    max_workers=self.size, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)
+                    max_workers=self.size, mp_context=ctx, initializer=start_worker, initargs=(os.getpid(),)
                 )
             return self._executor.submit(compile_job, job)
 

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,14 +135,37 @@ class Slot:
 
 def compile_package(ep: ExportedProgram, path: Path, settings: Mapping[str, Any] | None = None) -> Path:
     """Compile ``ep`` into the package file ``path`` with Inductor config overrides ``settings`` (in its
-    :func:`compile_slot`), the package's wrapper built beside its kernels (:func:`wrapper_beside_kernels`)."""
+    :func:`compile_slot`), the package's wrapper built beside its kernels (:func:`wrapper_beside_kernels`) where a
+    core is free for it (:func:`builds_beside`)."""
     import torch._inductor
 
-    with compile_slot(settings), wrapper_beside_kernels():
+    builds = wrapper_beside_kernels() if builds_beside(settings) else nullcontext()
+    with compile_slot(settings), builds:
         out = torch._inductor.aoti_compile_and_package(
             ep, package_path=str(path), inductor_configs=dict(settings or {})
         )
     return Path(out)
+
+
+# Whether this process's plain compiles run among others that keep every core busy.
+_among_others = False
+
+
+def compiles_among_others(among: bool = True) -> None:
+    """Say whether this process's plain compiles run among others that keep every core busy (a certification's
+    compile worker: two of them beside the certification's checks on two cores). Their packages then build
+    their objects in turn (:func:`builds_beside`): a second ``g++`` there takes a core from the certification's
+    own checks, which are what a cold certification waits on while plain compiles remain, and a cold
+    certification was no faster with it."""
+    global _among_others
+    _among_others = among
+
+
+def builds_beside(settings: Mapping[str, Any] | None) -> bool:
+    """Whether a compile with these Inductor overrides builds its package's objects side by side: where a core
+    is free for the second build, in an autotuning compile (it runs alone) and in a process whose compiles are
+    not among others (:func:`compiles_among_others`)."""
+    return autotunes(settings) or not _among_others
 
 
 # The builds this thread has under way beside its own (None: outside a :func:`wrapper_beside_kernels` block).

@@ -299,3 +299,15 @@ def test_a_worker_ends_when_the_certification_that_started_it_is_killed(tmp_path
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(pid), "the worker outlived its certification"
+
+
+def test_a_workers_plain_compiles_build_their_objects_in_turn() -> None:
+    """Two workers beside the certification's checks keep both cores busy: a worker's plain package builds
+    its objects one after the other, an autotuning one (run alone) side by side."""
+    worker = (  # its parent, this test's process, lives on: the worker's watch lets it be
+        "import os; from esper.certification.compile_ahead import start_worker; start_worker(os.getppid()); "
+        "from esper.artifacts.variants import get; from esper.tezzeret.aoti import builds_beside; "
+        "print(builds_beside(get('default').settings), builds_beside(get('freezing_autotune_cpp').settings))"
+    )
+    out = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "True"]

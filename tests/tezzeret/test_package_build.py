@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from esper.artifacts import variants
 from esper.artifacts.runtime import CompiledPackage
-from esper.tezzeret.aoti import compile_package, wrapper_beside_kernels
+from esper.tezzeret.aoti import builds_beside, compile_package, compiles_among_others, wrapper_beside_kernels
 
 # Long enough for a build that waits on another to be a failure, never a slow pass.
 PATIENCE_S = 30.0
@@ -111,9 +112,22 @@ def test_a_wrapper_build_never_outlives_its_block() -> None:
         assert events(builder)[-1] == ("m.wrapper.o", "end"), failing
 
 
-@pytest.mark.compiles
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Inductor's own, recorded by Tezzeret where it compiles
-def test_a_real_package_builds_its_wrapper_beside_its_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_package_builds_its_objects_side_by_side_where_a_core_is_free_for_it() -> None:
+    """In turn among a certification's compile workers (their plain compiles and the certification's checks
+    keep every core busy), side by side in an autotuning compile (it runs alone) and everywhere else."""
+    plain, tuned = variants.get("default").settings, variants.get("freezing_autotune_cpp").settings
+    assert builds_beside(plain) and builds_beside(tuned)
+    try:
+        compiles_among_others()
+        assert not builds_beside(plain)
+        assert builds_beside(tuned)
+    finally:
+        compiles_among_others(False)
+    assert builds_beside(plain)
+
+
+def compile_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: int) -> list[tuple[str, int, str]]:
+    """Compile a tiny plain package with :func:`compile_package`, logging every build Inductor runs."""
     from torch._inductor.cpp_builder import CppBuilder
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -127,11 +141,19 @@ def test_a_real_package_builds_its_wrapper_beside_its_kernels(tmp_path: Path, mo
         log.append((target, threading.get_ident(), "end"))
 
     monkeypatch.setattr(CppBuilder, "build", logged)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    model = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU())
     x = torch.randn(4, 8)
-    ep = torch.export.export(model, (x,))
-    package = compile_package(ep, tmp_path / "model.pt2")
+    package = compile_package(torch.export.export(model, (x,)), tmp_path / f"model{width}.pt2")
     torch.testing.assert_close(CompiledPackage(package)((x,)), model(x))
+    return log
+
+
+@pytest.mark.compiles
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Inductor's own, recorded by Tezzeret where it compiles
+def test_a_real_package_builds_its_wrapper_beside_its_kernels_or_in_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = compile_logged(tmp_path, monkeypatch, 8)
     [(wrapper, wrapper_thread)] = {(t, th) for t, th, _ in log if t.endswith(".wrapper.o")}
     [(kernels, kernel_thread)] = {(t, th) for t, th, _ in log if t.endswith(".kernel.o")}
     [library] = [t for t, _, what in log if t.endswith(".so") and what == "start" and "wrapper" in t]
@@ -139,6 +161,15 @@ def test_a_real_package_builds_its_wrapper_beside_its_kernels(tmp_path: Path, mo
     assert wrapper_thread != kernel_thread
     assert order.index((wrapper, "start")) < order.index((kernels, "end"))
     assert order.index((kernels, "start")) < order.index((wrapper, "end")) < order.index((library, "start"))
+    # Among others (a certification's compile worker), the same kind of compile builds in turn in its thread.
+    try:
+        compiles_among_others()
+        log = compile_logged(tmp_path, monkeypatch, 16)
+    finally:
+        compiles_among_others(False)
+    objects = [(t, what) for t, th, what in log if t.endswith((".wrapper.o", ".kernel.o"))]
+    assert [what for _, what in objects] == ["start", "end", "start", "end"]
+    assert {th for t, th, _ in log} == {threading.get_ident()}
 
 
 def test_the_build_is_wrapped_once_however_many_blocks_ran() -> None:
