@@ -5,7 +5,7 @@ would compile again (seconds per blueprint). ``torch._inductor.aoti_compile_and_
 Inductor backend ahead of time and writes a self-contained package that a process loads in milliseconds.
 
 Compiles share the machine through one slot per Inductor cache (:func:`compile_slot`), and a package's two
-objects build side by side (:func:`wrapper_beside_kernels`).
+objects build side by side where a core is free for the second (:func:`builds_beside`).
 """
 
 from __future__ import annotations
