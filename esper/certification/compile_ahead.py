@@ -115,7 +115,7 @@ PARENT_POLL_SECONDS = 1.0
 
 
 def exit_with_parent(parent: int, poll: float = PARENT_POLL_SECONDS) -> None:
-    """Worker initializer: end this process once ``parent`` is gone. A certification killed by a signal runs
+    """End this process once ``parent`` is gone (run by :func:`start_worker`). A certification killed by a signal runs
     no session finish, and its worker would otherwise finish the compile under way as an orphan (measured:
     about a minute of one core, beside whatever ran next). ``os._exit`` runs no exit handler: the packages
     this worker extracted are removed first."""
