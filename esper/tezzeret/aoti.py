@@ -4,8 +4,9 @@ Why AOTInductor and not ``torch.compile``: a ``torch.compile`` wrapper cannot be
 would compile again (seconds per blueprint). ``torch._inductor.aoti_compile_and_package`` runs the same
 Inductor backend ahead of time and writes a self-contained package that a process loads in milliseconds.
 
-Compiles share the machine through one slot per Inductor cache (:func:`compile_slot`), and a package's two
-objects build side by side where a core is free for the second (:func:`builds_beside`).
+Compiles share the machine through one slot per Inductor cache (:func:`compile_slot`), a package's two
+objects build side by side where a core is free for the second (:func:`builds_beside`), and an autotuning
+compile's candidates build against a precompiled header (:func:`candidates_with_precompiled_prefix`).
 """
 
 from __future__ import annotations
@@ -136,11 +137,12 @@ class Slot:
 def compile_package(ep: ExportedProgram, path: Path, settings: Mapping[str, Any] | None = None) -> Path:
     """Compile ``ep`` into the package file ``path`` with Inductor config overrides ``settings`` (in its
     :func:`compile_slot`), the package's wrapper built beside its kernels (:func:`wrapper_beside_kernels`) where a
-    core is free for it (:func:`builds_beside`)."""
+    core is free for it (:func:`builds_beside`), and any autotuning candidate built against the precompiled
+    prefix header (:func:`candidates_with_precompiled_prefix`)."""
     import torch._inductor
 
     builds = wrapper_beside_kernels() if builds_beside(settings) else nullcontext()
-    with compile_slot(settings), builds:
+    with compile_slot(settings), builds, candidates_with_precompiled_prefix():
         out = torch._inductor.aoti_compile_and_package(
             ep, package_path=str(path), inductor_configs=dict(settings or {})
         )
@@ -233,3 +235,60 @@ def _build_beside(builder: Any) -> None:
 
     beside.esper_beside = True  # type: ignore[attr-defined]
     builder.build = beside
+
+
+# The header every C++ kernel of Inductor's CPU backend includes first.
+CPU_PREFIX_HEADER = "torch/csrc/inductor/cpp_prefix.h"
+# How many :func:`candidates_with_precompiled_prefix` blocks are open in this process, in any thread: Inductor
+# may build an op's candidates in a thread pool of its own.
+_prefixed = 0
+_prefixed_lock = threading.Lock()
+
+
+@contextmanager
+def candidates_with_precompiled_prefix(cache: Any = None) -> Iterator[None]:
+    """Build every autotuning candidate against one precompiled copy of the CPU prefix header.
+
+    An autotuning compile times a template GEMM by building it as a library of its own (Inductor's plain
+    ``CppCodeCache``), one op after another, while the compile holds the machine alone. Inductor precompiles the
+    prefix header every CPU kernel starts with for a package's kernels and for ``torch.compile``'s kernels, but
+    its plain code cache names no header to precompile, so each candidate parses and compiles the whole header
+    again. Within this block, the plain cache (``cache``; Inductor's ``CppCodeCache``
+    by default) names that header for the CPU: the first build with a given command line precompiles it (kept
+    by Inductor beside its other precompiled headers, and reused by later processes), the rest include it. The
+    candidate's own code, its flags and so its timing are unchanged. Outside such blocks, and for the caches
+    that name a header of their own, nothing changes."""
+    if cache is None:
+        from torch._inductor.codecache import CppCodeCache
+
+        cache = CppCodeCache
+    _name_prefix_header(cache)
+    global _prefixed
+    with _prefixed_lock:
+        _prefixed += 1
+    try:
+        yield
+    finally:
+        with _prefixed_lock:
+            _prefixed -= 1
+
+
+def _name_prefix_header(cache: Any) -> None:
+    """Wrap ``cache``'s choice of a header to precompile once: inside a block of
+    :func:`candidates_with_precompiled_prefix`, the CPU prefix header where the cache itself names none."""
+    named = cache.__dict__.get("_get_uncompiled_header")
+    choose = getattr(named, "__func__", None)
+    if choose is None:
+        log.debug("%s names no header to precompile here; its candidates build as Inductor builds them", cache)
+        return
+    if getattr(choose, "esper_prefix", False):
+        return
+
+    def header(cls: Any, device: str) -> str | None:
+        chosen: str | None = choose(cls, device)
+        if chosen is None and _prefixed and device.split(":", 1)[0] == "cpu":
+            return CPU_PREFIX_HEADER
+        return chosen
+
+    header.esper_prefix = True  # type: ignore[attr-defined]
+    cache._get_uncompiled_header = classmethod(header)
