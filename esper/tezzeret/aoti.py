@@ -253,11 +253,11 @@ def candidates_with_precompiled_prefix(cache: Any = None) -> Iterator[None]:
     ``CppCodeCache``), one op after another, while the compile holds the machine alone. Inductor precompiles the
     prefix header every CPU kernel starts with for a package's kernels and for ``torch.compile``'s kernels, but
     its plain code cache names no header to precompile, so each candidate parses and compiles the whole header
-    again. Within this block, the plain cache (``cache``; Inductor's ``CppCodeCache``
-    by default) names that header for the CPU: the first build with a given command line precompiles it (kept
-    by Inductor beside its other precompiled headers, and reused by later processes), the rest include it. The
-    candidate's own code, its flags and so its timing are unchanged. Outside such blocks, and for the caches
-    that name a header of their own, nothing changes."""
+    again. Within this block, the plain cache (``cache``; Inductor's ``CppCodeCache`` by default) names that
+    header for the CPU: the first build with a given command line precompiles it (the very file that
+    ``torch.compile``'s CPU kernels include, kept by Inductor beside its other precompiled headers and reused by
+    later processes), the rest include it. The candidate's code and optimization flags, and so its timing, are
+    unchanged. Outside such blocks, and for the caches that name a header of their own, nothing changes."""
     if cache is None:
         from torch._inductor.codecache import CppCodeCache
 
