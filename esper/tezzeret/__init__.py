@@ -8,7 +8,8 @@
   and backward -> two packages in one artifact), with :mod:`~esper.tezzeret.joint` (the traced graphs) and
   :mod:`~esper.tezzeret.joint_plan` (the artifact's layout, a pure function of them);
 - :mod:`~esper.tezzeret.export`, :mod:`~esper.tezzeret.aoti`, :mod:`~esper.tezzeret.content`: torch.export and
-  guards, AOTInductor with its persistent cache, and the content hash.
+  guards, AOTInductor with its persistent cache, and the content hash;
+- :mod:`~esper.tezzeret.object_store`: the objects ``g++`` built for packages, kept for an identical build.
 
 Only this package imports torch's compiler; Kasmina loads what it produced without it.
 """

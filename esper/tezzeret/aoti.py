@@ -5,23 +5,28 @@ would compile again (seconds per blueprint). ``torch._inductor.aoti_compile_and_
 Inductor backend ahead of time and writes a self-contained package that a process loads in milliseconds.
 
 Compiles share the machine through one slot per Inductor cache (:func:`compile_slot`), a package's two
-objects build side by side where a core is free for the second (:func:`builds_beside`), and an autotuning
-compile's candidates build against a precompiled header (:func:`candidates_with_precompiled_prefix`).
+objects build side by side where a core is free for the second (:func:`builds_beside`), an object built
+before from the same recipe is reused (:func:`objects_reused`), and an autotuning compile's candidates build
+against a precompiled header (:func:`candidates_with_precompiled_prefix`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import ReadWriteLock
+
+from esper.tezzeret.object_store import STORE_NAME, ObjectStore, Recipe
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -137,12 +142,13 @@ class Slot:
 def compile_package(ep: ExportedProgram, path: Path, settings: Mapping[str, Any] | None = None) -> Path:
     """Compile ``ep`` into the package file ``path`` with Inductor config overrides ``settings`` (in its
     :func:`compile_slot`), the package's wrapper built beside its kernels (:func:`wrapper_beside_kernels`) where a
-    core is free for it (:func:`builds_beside`), and any autotuning candidate built against the precompiled
-    prefix header (:func:`candidates_with_precompiled_prefix`)."""
+    core is free for it (:func:`builds_beside`), its objects reused where an identical build was kept
+    (:func:`objects_reused`), and any autotuning candidate built against the precompiled prefix header
+    (:func:`candidates_with_precompiled_prefix`)."""
     import torch._inductor
 
     builds = wrapper_beside_kernels() if builds_beside(settings) else nullcontext()
-    with compile_slot(settings), builds, candidates_with_precompiled_prefix():
+    with compile_slot(settings), objects_reused(), builds, candidates_with_precompiled_prefix():
         out = torch._inductor.aoti_compile_and_package(
             ep, package_path=str(path), inductor_configs=dict(settings or {})
         )
@@ -193,7 +199,7 @@ def wrapper_beside_kernels(builder: Any = None) -> Iterator[None]:
         from torch._inductor.cpp_builder import CppBuilder
 
         builder = CppBuilder
-    _build_beside(builder)
+    _wrap_build(builder)
     if getattr(_beside, "pending", None) is not None:
         yield
         return
@@ -214,27 +220,95 @@ def _wait_beside() -> None:
         pending.pop(0).result()
 
 
-def _build_beside(builder: Any) -> None:
+def _wrap_build(builder: Any) -> None:
     """Wrap ``builder.build`` once: in a :func:`wrapper_beside_kernels` block of the calling thread, a wrapper
-    object builds in the block's second thread; elsewhere the build is the original, untouched."""
-    if getattr(builder.build, "esper_beside", False):
+    object builds in the block's second thread, and in an :func:`objects_reused` block an object the store
+    holds is copied instead of built; elsewhere the build is the original, untouched."""
+    if getattr(builder.build, "esper_build", False):
         return
     build: Callable[[Any], None] = builder.build
 
-    def beside(self: Any) -> None:
+    def wrapped(self: Any) -> None:
+        # Decided in the calling thread: the block that asked for reuse is open here, not in the second thread.
+        run = partial(_reuse_or_build, build, self) if _reusing else partial(build, self)
         pending: list[Future[None]] | None = getattr(_beside, "pending", None)
         if pending is None:
-            return build(self)
+            return run()
         target = str(self.get_target_file_path())
         if target.endswith(WRAPPER_OBJECT):
-            pending.append(_beside.executor.submit(build, self))
+            pending.append(_beside.executor.submit(run))
             return None
         if not target.endswith(".o"):
             _wait_beside()
-        return build(self)
+        return run()
 
-    beside.esper_beside = True  # type: ignore[attr-defined]
-    builder.build = beside
+    wrapped.esper_build = True  # type: ignore[attr-defined]
+    builder.build = wrapped
+
+
+# How many :func:`objects_reused` blocks are open in this process, in any thread.
+_reusing = 0
+_reusing_lock = threading.Lock()
+
+
+@contextmanager
+def objects_reused(builder: Any = None) -> Iterator[None]:
+    """Copy a package object from the :class:`~esper.tezzeret.object_store.ObjectStore` of the Inductor cache in
+    use where it holds the same :class:`~esper.tezzeret.object_store.Recipe`, and keep every object built.
+
+    Within this block (in any thread), an object that ``builder`` (Inductor's ``CppBuilder`` by default) compiles
+    from C++ sources is looked up by its recipe before ``g++`` runs. Objects from other sources (a package's
+    constants, assembled and then patched with the weights) and every other build (links, headers, candidate
+    libraries) run as Inductor runs them, as does everything while Inductor's caches are disabled
+    (``TORCHINDUCTOR_FORCE_DISABLE_CACHES``)."""
+    if builder is None:
+        from torch._inductor.cpp_builder import CppBuilder
+
+        builder = CppBuilder
+    _wrap_build(builder)
+    global _reusing
+    with _reusing_lock:
+        _reusing += 1
+    try:
+        yield
+    finally:
+        with _reusing_lock:
+            _reusing -= 1
+
+
+def _reuse_or_build(build: Callable[[Any], None], builder: Any) -> None:
+    recipe = object_recipe(builder)
+    if recipe is None:
+        return build(builder)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    store = ObjectStore(Path(cache_dir()) / STORE_NAME)
+    if store.build(Path(builder.get_target_file_path()), recipe, partial(build, builder)):
+        log.debug("reused %s from %s", builder.get_target_file_path(), store.folder)
+    return None
+
+
+def object_recipe(builder: Any) -> Recipe | None:
+    """The :class:`~esper.tezzeret.object_store.Recipe` of an object ``builder`` compiles from C++ sources, or
+    None where its object is not to be reused (not an object, other sources, caches disabled)."""
+    import torch
+
+    if torch.compiler.config.force_disable_caches or not str(builder.get_target_file_path()).endswith(".o"):
+        return None
+    # Torch's CppBuilder keeps the sources it compiles as one string of paths.
+    sources = getattr(builder, "_sources_args", None)
+    paths = tuple(Path(s) for s in shlex.split(sources)) if isinstance(sources, str) else ()
+    if not paths or any(p.suffix != ".cpp" for p in paths):
+        return None
+    headers = f"torch {torch.__version__} {torch.version.git_version}"
+    return Recipe(builder.get_command_line(), paths, _compiler_report(getattr(builder, "_compiler", "")), headers)
+
+
+@cache
+def _compiler_report(compiler: str) -> str:
+    from torch._inductor.cpp_builder import get_compiler_version_info
+
+    return get_compiler_version_info(compiler) if compiler else ""
 
 
 # The header every C++ kernel of Inductor's CPU backend includes first.

@@ -126,8 +126,11 @@ def test_a_package_builds_its_objects_side_by_side_where_a_core_is_free_for_it()
     assert builds_beside(plain)
 
 
-def compile_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: int) -> list[tuple[str, int, str]]:
-    """Compile a tiny plain package with :func:`compile_package`, logging every build Inductor runs."""
+def compile_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: int, name: str = "model"
+) -> list[tuple[str, int, str]]:
+    """Compile a tiny plain package with :func:`compile_package` (fresh weights each time), logging every build
+    that runs ``g++``."""
     from torch._inductor.cpp_builder import CppBuilder
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -143,7 +146,7 @@ def compile_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: int) 
     monkeypatch.setattr(CppBuilder, "build", logged)
     model = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU())
     x = torch.randn(4, 8)
-    package = compile_package(torch.export.export(model, (x,)), tmp_path / f"model{width}.pt2")
+    package = compile_package(torch.export.export(model, (x,)), tmp_path / f"{name}{width}.pt2")
     torch.testing.assert_close(CompiledPackage(package)((x,)), model(x))
     return log
 
@@ -170,6 +173,13 @@ def test_a_real_package_builds_its_wrapper_beside_its_kernels_or_in_turn(
     objects = [(t, what) for t, th, what in log if t.endswith((".wrapper.o", ".kernel.o"))]
     assert [what for _, what in objects] == ["start", "end", "start", "end"]
     assert {th for t, th, _ in log} == {threading.get_ident()}
+    # The first graph again with other weights: its wrapper object is the one built before (objects_reused; its
+    # kernels' object too, unless Inductor wrote small constants into the kernels' code), and the package computes
+    # with the new weights.
+    built = {
+        t.rsplit(".", 2)[-2] for t, _, what in compile_logged(tmp_path, monkeypatch, 8, "again") if t.endswith(".o")
+    }
+    assert "wrapper" not in built and "weights" in built
 
 
 def test_the_build_is_wrapped_once_however_many_blocks_ran() -> None:
