@@ -1,9 +1,8 @@
 """The pytest plugin in a project that has pytest but neither the certify extra (hypothesis) nor the bench extra
 (pytest-benchmark): it registers, a plain run passes without importing torch, and ``--certify`` says what to install.
 
-Each run is a subprocess whose interpreter first makes the extra's packages look uninstalled, to the import
-system and to its path finder (their pytest plugins are left out with ``-p no:`` as an uninstalled package's
-would be).
+Each run is a subprocess whose interpreter first installs a meta-path finder that makes the extra's packages
+look uninstalled (their pytest plugins are left out with ``-p no:`` as an uninstalled package's would be).
 """
 
 from __future__ import annotations
@@ -17,29 +16,16 @@ from esper.certification.extras import INSTALL, usage_error
 HARNESS_PLUGINS = ("-p", "no:benchmark", "-p", "no:hypothesispytest", "-p", "no:cacheprovider")
 
 WITHOUT_HARNESS = """
-import importlib.machinery
 import sys
-
-HIDDEN = ("hypothesis", "pytest_benchmark", "_hypothesis_pytestplugin")
 
 
 class NotInstalled:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in HIDDEN:
+        if name.partition(".")[0] in ("hypothesis", "pytest_benchmark", "_hypothesis_pytestplugin"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
 
-# pytest's assertion rewriter looks modules up with the path finder itself, past sys.meta_path: an uninstalled
-# package is not on the path either.
-on_path = importlib.machinery.PathFinder.find_spec
-
-
-def find_on_path(cls, name, path=None, target=None):
-    return None if name.partition(".")[0] in HIDDEN else on_path(name, path, target)
-
-
-importlib.machinery.PathFinder.find_spec = classmethod(find_on_path)
 sys.meta_path.insert(0, NotInstalled())
 import pytest
 
