@@ -19,8 +19,6 @@ __all__ = ["PytestCertify"]
 
 # xdist schedules that may split one module's tests across workers (its checks share one process's state).
 SPLITTING_SCHEDULES = ("load", "worksteal", "loadgroup")
-# The name Hypothesis registers its pytest plugin under (its ``pytest11`` entry point).
-HYPOTHESIS_PLUGIN = "hypothesispytest"
 
 
 class PytestCertify:
@@ -95,22 +93,8 @@ class PytestCertify:
         build_dir = str(self.session.build_dir)
         if config.args_source != pytest.Config.ArgsSource.ARGS:
             config.args[:] = [build_dir]
-            self._without_hypothesis_plugin()
         elif build_dir not in config.args:
             config.args.append(build_dir)
-
-    def _without_hypothesis_plugin(self) -> None:
-        """Leave Hypothesis's pytest plugin out of a run of the generated modules alone, unless the user gave it
-        an option. It reports on tests that Hypothesis decorates, and there are none here (the parity checks call
-        Hypothesis inside a plain test), but it imports Hypothesis at the end of every run to look for its
-        reports: an unchanged certification, which draws nothing, would pay for that import and for pytest's
-        rewriting of the asserts in every Hypothesis module."""
-        if any(str(arg).startswith("--hypothesis") for arg in self.config.invocation_params.args):
-            return
-        plugins = self.config.pluginmanager
-        plugin = plugins.get_plugin(HYPOTHESIS_PLUGIN)
-        if plugin is not None:
-            plugins.unregister(plugin)
 
     def _one_worker_per_module(self) -> None:
         """Under pytest-xdist, send each generated module (one blueprint's checks, in order) to one worker."""

@@ -8,7 +8,7 @@ Nothing here imports torch or the harness.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from collections.abc import Callable
 
 INSTALL = "pip install 'esper[certify]'"
@@ -19,14 +19,12 @@ HARNESS = {"hypothesis": "hypothesis"}
 
 
 def importable(module: str) -> bool:
-    """Whether the top-level ``module`` is installed here. Found, not imported: the checks that use it import it,
-    and a certification that runs none of them (an unchanged one) should not pay for the import. Under pytest
-    that is more than the import itself: pytest rewrites the asserts of every module of a plugin's distribution,
-    hypothesis's among them, again each run where bytecode is not written."""
+    """Whether ``module`` imports (a missing or broken install does not)."""
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+        importlib.import_module(module)
+    except ImportError:
         return False
+    return True
 
 
 def missing_library(can_import: Callable[[str], bool] = importable) -> list[str]:

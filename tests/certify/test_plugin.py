@@ -174,26 +174,6 @@ def test_generated_module_is_deterministic_and_reruns_alone(
     assert len(entries(urza_path, "tiny_odd")) == 1
 
 
-def test_an_unchanged_certification_never_imports_hypothesis(
-    certify_run: pytest.RunResult, project: Path, pytester: pytest.Pytester
-) -> None:
-    """Nothing to draw, so nothing imports Hypothesis: not the harness check, not Hypothesis's own pytest plugin
-    (left out of a run of the generated modules alone). Given a Hypothesis option, the plugin stays, and it
-    imports Hypothesis as the run ends."""
-    for blueprint in (project / "bps").iterdir():
-        if blueprint.name != "tiny_mlp.py":
-            blueprint.unlink()  # the rejected ones are checked again on every run, drawing cases
-    pytester.makeconftest(
-        "import sys\nfrom pathlib import Path\n\n\ndef pytest_unconfigure(config):\n"
-        "    Path('hypothesis-imported').write_text(str('hypothesis' in sys.modules))\n"
-    )
-    for extra, imported in (((), "False"), (("--hypothesis-seed=0",), "True")):
-        result = pytester.runpytest_subprocess("--certify", *FAST_BENCH, *extra)
-        assert result.ret == 0, result.outlines[-30:]
-        result.stdout.fnmatch_lines(["tiny_mlp*certified (reused)*"])
-        assert (project / "hypothesis-imported").read_text() == imported, extra
-
-
 def test_plain_pytest_does_not_certify(project: Path, pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
     result = pytester.runpytest_subprocess()
