@@ -246,9 +246,30 @@ def _wrap_build(builder: Any) -> None:
     builder.build = wrapped
 
 
-# How many :func:`objects_reused` blocks are open in this process, in any thread.
-_reusing = 0
-_reusing_lock = threading.Lock()
+class OpenBlocks:
+    """How many blocks of one kind are open in this process, in any thread (true while any is): Inductor may
+    build in threads of its own, so a thread-local flag would miss them."""
+
+    def __init__(self) -> None:
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self._open > 0
+
+    @contextmanager
+    def opened(self) -> Iterator[None]:
+        with self._lock:
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open -= 1
+
+
+# The open :func:`objects_reused` blocks.
+_reusing = OpenBlocks()
 
 
 @contextmanager
@@ -266,14 +287,8 @@ def objects_reused(builder: Any = None) -> Iterator[None]:
 
         builder = CppBuilder
     _wrap_build(builder)
-    global _reusing
-    with _reusing_lock:
-        _reusing += 1
-    try:
+    with _reusing.opened():
         yield
-    finally:
-        with _reusing_lock:
-            _reusing -= 1
 
 
 def _reuse_or_build(build: Callable[[Any], None], builder: Any) -> None:
@@ -313,10 +328,9 @@ def _compiler_report(compiler: str) -> str:
 
 # The header every C++ kernel of Inductor's CPU backend includes first.
 CPU_PREFIX_HEADER = "torch/csrc/inductor/cpp_prefix.h"
-# How many :func:`candidates_with_precompiled_prefix` blocks are open in this process, in any thread: Inductor
-# may build an op's candidates in a thread pool of its own.
-_prefixed = 0
-_prefixed_lock = threading.Lock()
+# The open :func:`candidates_with_precompiled_prefix` blocks: Inductor may build an op's candidates in a thread
+# pool of its own.
+_prefixed = OpenBlocks()
 
 
 @contextmanager
@@ -337,14 +351,8 @@ def candidates_with_precompiled_prefix(cache: Any = None) -> Iterator[None]:
 
         cache = CppCodeCache
     _name_prefix_header(cache)
-    global _prefixed
-    with _prefixed_lock:
-        _prefixed += 1
-    try:
+    with _prefixed.opened():
         yield
-    finally:
-        with _prefixed_lock:
-            _prefixed -= 1
 
 
 def _name_prefix_header(cache: Any) -> None:
